@@ -1,0 +1,118 @@
+"""Public arithmetic on the noise distributions: intervals, suppression margins, cost for accuracy.
+
+Everything here is a function of the mechanism's scale and of public assumptions only; nothing
+reads data. The distributions are the ones OpenDP samples from for integer inputs: the discrete
+Laplace, P(z) proportional to exp(-|z|/scale), and the discrete Gaussian, P(z) proportional to
+exp(-z^2 / (2 scale^2)).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from engine.loss import Accounting
+
+
+@dataclass(frozen=True)
+class NoiseDistribution:
+    accounting: Accounting
+    scale: float
+
+    @property
+    def mechanism(self) -> str:
+        return "discrete_laplace" if self.accounting is Accounting.PURE_DP else "discrete_gaussian"
+
+    def tail(self, t: int) -> float:
+        """P(Z >= t)."""
+        if t <= 0:
+            return 1.0 - self.tail(1 - t)
+        if self.accounting is Accounting.PURE_DP:
+            a = math.exp(-1.0 / self.scale)
+            return a**t / (1.0 + a)
+        support, pmf = _gaussian_pmf(self.scale)
+        return float(pmf[support >= t].sum())
+
+    def within(self, q: int) -> float:
+        """P(|Z| <= q)."""
+        return 1.0 - 2.0 * self.tail(q + 1)
+
+    def quantile_abs(self, level: float) -> int:
+        """The smallest integer q with P(|Z| <= q) >= level."""
+        if self.accounting is Accounting.PURE_DP:
+            a = math.exp(-1.0 / self.scale)
+            # 2 a^(q+1) / (1+a) <= 1 - level
+            q = math.ceil(math.log((1 - level) * (1 + a) / 2) / math.log(a)) - 1
+            q = max(q, 0)
+        else:
+            q = max(int(self.scale * _normal_quantile(level)) - 2, 0)
+        while self.within(q) < level:
+            q += 1
+        while q > 0 and self.within(q - 1) >= level:
+            q -= 1
+        return q
+
+    def suppression_margin(self, beta: float) -> int:
+        """The smallest margin m >= 0 with P(Z >= m + 1) <= beta.
+
+        With tau = k + m, a cell whose true count is at most k - 1 reaches tau only when its noise
+        is at least m + 1, so it is published with probability at most beta.
+        """
+        m = 0
+        while self.tail(m + 1) > beta:
+            m += 1
+        return m
+
+    def publish_probability(self, true_count: int, tau: int) -> float:
+        """P(true_count + Z >= tau): the chance a cell with this count is published."""
+        return self.tail(tau - true_count)
+
+
+@functools.lru_cache(maxsize=64)
+def _gaussian_pmf(scale: float) -> tuple[np.ndarray, np.ndarray]:
+    bound = int(math.ceil(scale * 40)) + 10
+    support = np.arange(-bound, bound + 1)
+    weights = np.exp(-(support.astype(float) ** 2) / (2 * scale * scale))
+    return support, weights / weights.sum()
+
+
+def _normal_quantile(level: float) -> float:
+    """Two-sided standard normal quantile, a starting point refined on the exact pmf."""
+    # Bisection on erf keeps this dependency-free and exact enough for a starting point.
+    lo, hi = 0.0, 40.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if math.erf(mid / math.sqrt(2)) < level:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def bonferroni_level(confidence: float, parts: int) -> float:
+    """The per-part level whose union bound gives `confidence` jointly."""
+    return 1.0 - (1.0 - confidence) / parts
+
+
+def scale_for_share(accounting: Accounting, sensitivity: int, share: Fraction) -> float:
+    """The noise scale at which one component of sensitivity `sensitivity` costs `share`."""
+    if accounting is Accounting.PURE_DP:
+        return sensitivity / float(share)
+    return sensitivity / math.sqrt(2 * float(share))
+
+
+def share_for_scale(accounting: Accounting, sensitivity: int, scale: float) -> float:
+    if accounting is Accounting.PURE_DP:
+        return sensitivity / scale
+    return sensitivity**2 / (2 * scale * scale)
+
+
+def round_up_amount(value: float, digits: int = 3) -> Fraction:
+    """Round a positive amount up to `digits` significant decimal digits, as an exact rational."""
+    exponent = math.floor(math.log10(value)) - digits + 1
+    unit = Fraction(10) ** exponent
+    return math.ceil(Fraction(value) / unit) * unit

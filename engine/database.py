@@ -1,0 +1,43 @@
+"""Creating the restricted data file: the typed records table and its metadata.
+
+Only the loader and the synthetic generator write data files; the query path opens them
+read-only through `engine.backend.DuckDBBackend`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from engine.codebook import Codebook
+from engine.errors import LoadError
+from engine.sql import create_table
+
+
+def create(path: str | Path, codebook: Codebook, *, overwrite: bool = False) -> duckdb.DuckDBPyConnection:
+    """A new DuckDB file holding an empty `records` table typed from `codebook`."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise LoadError(f"{path} exists; pass overwrite to replace it")
+        path.unlink()
+        Path(f"{path}.wal").unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = duckdb.connect(str(path))
+    connection.execute(create_table(codebook))
+    connection.execute("CREATE TABLE veil_metadata (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    return connection
+
+
+def finish(connection: duckdb.DuckDBPyConnection, *, codebook: Codebook, data_version: str) -> None:
+    """Record what the file holds, checkpoint it and close it."""
+    connection.executemany(
+        "INSERT OR REPLACE INTO veil_metadata VALUES (?, ?)",
+        [
+            ["data_version", data_version],
+            ["codebook", codebook.fingerprint_text],
+        ],
+    )
+    connection.execute("CHECKPOINT")
+    connection.close()

@@ -1,0 +1,60 @@
+"""The engine's one error hierarchy.
+
+Every message names what was rejected and why, and never contains a value read from the
+private data: a rejection must reveal nothing about the records. The server maps these classes
+to gRPC status codes in one table.
+"""
+
+from __future__ import annotations
+
+
+class VeilError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class CodebookError(VeilError):
+    """A codebook file is malformed or inconsistent."""
+
+
+class InvalidQueryError(VeilError):
+    """A query does not fit the codebook: unknown variable, value outside its domain, bad shape.
+
+    Raised before any data is touched, so the rejection depends on the codebook only.
+    """
+
+    def __init__(self, message: str, *, variable: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+class LimitExceededError(InvalidQueryError):
+    """A query is well formed but larger than the configured limits (cells, dimensions, depth)."""
+
+
+class InvalidLossError(VeilError):
+    """A privacy-loss amount is not a finite positive number within the allowed range."""
+
+
+class LoadError(VeilError):
+    """A source file cannot be loaded (unreadable, wrong columns, or out-of-domain in strict mode)."""
+
+
+class BudgetExceededError(VeilError):
+    """A charge would take a client, institution or the dataset past its cap."""
+
+    def __init__(self, message: str, *, scope: str, remaining: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.remaining = remaining
+
+
+class LedgerUnavailableError(VeilError):
+    """The ledger cannot durably record a charge; nothing is released."""
+
+
+class RequestConflictError(VeilError):
+    """A request id was reused for a different query."""
+
+
+class QueryCancelledError(VeilError):
+    """The query was cancelled or its deadline passed; its reservation is released."""

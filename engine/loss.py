@@ -1,0 +1,118 @@
+"""Privacy loss as exact values.
+
+A loss is either pure epsilon-DP or rho-zCDP, held as an exact rational so that budgets never
+drift through accumulated float rounding. Inputs written as decimals ("0.1", 0.1) mean the
+decimal the person wrote: 0.1 becomes exactly 1/10, not the binary float nearest to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from enum import Enum
+from fractions import Fraction
+from typing import Union
+
+from engine.errors import InvalidLossError
+
+# Below this a release is pure noise; above it the guarantee is meaningless. Both bounds exist to
+# refuse typos (1e-30, 1e30) with a clear message rather than to express policy.
+MIN_AMOUNT = Fraction(1, 10**6)
+MAX_AMOUNT = Fraction(100)
+
+Number = Union[int, float, str, Decimal, Fraction]
+
+
+class Accounting(Enum):
+    """How a deployment measures and composes privacy loss."""
+
+    PURE_DP = "pure_dp"  # epsilon, basic composition
+    ZCDP = "zcdp"  # rho, additive composition
+
+
+def exact_amount(value: Number, *, what: str = "privacy loss") -> Fraction:
+    """Convert a user-supplied amount to an exact, validated rational."""
+    if isinstance(value, bool):
+        raise InvalidLossError(f"{what} must be a number, not a boolean")
+    try:
+        if isinstance(value, Fraction):
+            amount = value
+        elif isinstance(value, int):
+            amount = Fraction(value)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidLossError(f"{what} must be finite, got {value!r}")
+            amount = Fraction(Decimal(repr(value)))
+        else:
+            decimal = Decimal(str(value).strip())
+            if not decimal.is_finite():
+                raise InvalidLossError(f"{what} must be finite, got {value!r}")
+            amount = Fraction(decimal)
+    except (InvalidOperation, ValueError, TypeError) as exc:
+        raise InvalidLossError(f"{what} must be a decimal number, got {value!r}") from exc
+    if amount <= 0:
+        raise InvalidLossError(f"{what} must be positive, got {value!r}")
+    if amount < MIN_AMOUNT or amount > MAX_AMOUNT:
+        raise InvalidLossError(
+            f"{what} must lie between {float(MIN_AMOUNT)} and {float(MAX_AMOUNT)}, got {value!r}"
+        )
+    return amount
+
+
+def format_amount(amount: Fraction) -> str:
+    """A stable, exact text form: an integer, a terminating decimal, or p/q."""
+    if amount.denominator == 1:
+        return str(amount.numerator)
+    denominator = amount.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    if denominator == 1:
+        text = format(Decimal(amount.numerator) / Decimal(amount.denominator), "f")
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return f"{amount.numerator}/{amount.denominator}"
+
+
+def parse_amount(text: str) -> Fraction:
+    """Inverse of format_amount, without range checks (for stored values)."""
+    if "/" in text:
+        numerator, denominator = text.split("/")
+        return Fraction(int(numerator), int(denominator))
+    return Fraction(Decimal(text))
+
+
+@dataclass(frozen=True)
+class PrivacyLoss:
+    """An exact privacy loss under one accounting: epsilon for pure DP, rho for zCDP."""
+
+    accounting: Accounting
+    amount: Fraction
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.amount, Fraction) or self.amount <= 0:
+            raise InvalidLossError("privacy loss must be a positive exact rational")
+
+    @classmethod
+    def pure(cls, epsilon: Number) -> PrivacyLoss:
+        return cls(Accounting.PURE_DP, exact_amount(epsilon, what="epsilon"))
+
+    @classmethod
+    def zcdp(cls, rho: Number) -> PrivacyLoss:
+        return cls(Accounting.ZCDP, exact_amount(rho, what="rho"))
+
+    @property
+    def symbol(self) -> str:
+        return "epsilon" if self.accounting is Accounting.PURE_DP else "rho"
+
+    def __str__(self) -> str:
+        return f"{self.symbol}={format_amount(self.amount)}"
+
+    def epsilon_at(self, delta: float) -> float:
+        """The (epsilon, delta)-DP equivalent: epsilon itself, or rho + 2 sqrt(rho ln(1/delta))."""
+        if self.accounting is Accounting.PURE_DP:
+            return float(self.amount)
+        if not 0 < delta < 1:
+            raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
+        rho = float(self.amount)
+        return rho + 2 * math.sqrt(rho * math.log(1 / delta))

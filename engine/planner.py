@@ -1,0 +1,366 @@
+"""Compiles a query against a codebook into a plan: validated, canonical, priced.
+
+Nothing here touches data. Every rejection depends on the codebook and the settings alone, so a
+rejection reveals nothing about the records. The plan fixes the public domain of every cell, the
+sensitivity of every count (from the query's shape and the privacy unit, never from a caller),
+the noise mechanism of each, the suppression threshold tau and the canonical fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Union
+
+from engine.codebook import Code, Codebook, Dimension, Kind, Variable
+from engine.errors import InvalidQueryError, LimitExceededError
+from engine.loss import PrivacyLoss, format_amount
+from engine.noise import Mechanism, calibrate
+from engine.query import (
+    And,
+    Count,
+    Eq,
+    Filter,
+    FlagCounts,
+    In,
+    IsMissing,
+    Mean,
+    Not,
+    Or,
+    Proportion,
+    Query,
+    Range,
+    Sum,
+    filter_depth,
+    filter_terms,
+)
+from engine.settings import Settings
+
+# ---- canonical filters ------------------------------------------------------------------------
+#
+# Every leaf predicate becomes the set of a stored variable's codes it admits (plus whether it
+# admits missing). NOT is pushed down onto leaves as a complement, leaves on the same variable
+# merge under AND (intersection) and OR (union), and operands are sorted. Reordered IN lists,
+# reordered or repeated terms, double negation, region filters spelled as country lists and
+# always-true conditions all reach the same form, so they share a fingerprint and a release.
+
+
+@dataclass(frozen=True)
+class Atom:
+    variable: str
+    codes: frozenset[Code]
+    missing: bool
+
+
+@dataclass(frozen=True)
+class AllOf:
+    operands: tuple[CanonicalFilter, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    operands: tuple[CanonicalFilter, ...]
+
+
+@dataclass(frozen=True)
+class Constant:
+    value: bool
+
+
+CanonicalFilter = Union[Atom, AllOf, AnyOf, Constant]
+TRUE, FALSE = Constant(True), Constant(False)
+
+
+def _atom(variable: Variable, codes: frozenset[Code], missing: bool) -> CanonicalFilter:
+    if not codes and not missing:
+        return FALSE
+    if missing and len(codes) == len(variable.codes):
+        return TRUE
+    return Atom(variable.name, codes, missing)
+
+
+def canonical_text(f: CanonicalFilter) -> Any:
+    """A JSON-able, order-stable form of a canonical filter."""
+    if isinstance(f, Constant):
+        return f.value
+    if isinstance(f, Atom):
+        return {"var": f.variable, "in": sorted(f.codes, key=str), "missing": f.missing}
+    key = "and" if isinstance(f, AllOf) else "or"
+    return {key: [canonical_text(o) for o in f.operands]}
+
+
+class _Canonicaliser:
+    def __init__(self, codebook: Codebook) -> None:
+        self.codebook = codebook
+
+    def visit(self, f: Filter, negate: bool = False) -> CanonicalFilter:
+        if isinstance(f, Not):
+            return self.visit(f.operand, not negate)
+        if isinstance(f, (And, Or)):
+            children = [self.visit(o, negate) for o in f.operands]
+            conjunction = isinstance(f, And) != negate  # De Morgan under negation
+            return _combine(children, conjunction=conjunction, codebook=self.codebook)
+        dimension = self.codebook.dimension(f.variable)
+        variable = dimension.variable
+        codes, missing = self._leaf(f, dimension)
+        if negate:
+            codes, missing = frozenset(variable.codes) - codes, not missing
+        return _atom(variable, codes, missing)
+
+    def _leaf(self, f: Filter, dimension: Dimension) -> tuple[frozenset[Code], bool]:
+        if isinstance(f, IsMissing):
+            return frozenset(), True
+        if isinstance(f, Eq):
+            keys = frozenset({dimension.parse_value(f.value)})
+            return dimension.source_codes_for(keys), False
+        if isinstance(f, In):
+            keys = frozenset(dimension.parse_value(v) for v in f.values)
+            return dimension.source_codes_for(keys), False
+        if isinstance(f, Range):
+            variable = dimension.variable
+            if dimension.derived is not None or variable.kind is not Kind.INTEGER:
+                raise InvalidQueryError(
+                    f"{f.variable}: a range needs an integer variable", variable=f.variable
+                )
+            for bound in (f.low, f.high):
+                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+                    raise InvalidQueryError(
+                        f"{f.variable}: range bound {bound!r} is not an integer",
+                        variable=f.variable,
+                    )
+            low = -math.inf if f.low is None else f.low
+            high = math.inf if f.high is None else f.high
+            return frozenset(c for c in variable.codes if low <= int(c) <= high), False
+        raise InvalidQueryError(f"unknown filter {type(f).__name__}")
+
+
+def _combine(
+    children: list[CanonicalFilter], *, conjunction: bool, codebook: Codebook
+) -> CanonicalFilter:
+    absorbing, neutral = (FALSE, TRUE) if conjunction else (TRUE, FALSE)
+    kind = AllOf if conjunction else AnyOf
+    flat: list[CanonicalFilter] = []
+    for child in children:
+        if isinstance(child, kind):
+            flat.extend(child.operands)
+        else:
+            flat.append(child)
+    atoms: dict[str, Atom] = {}
+    others: dict[str, CanonicalFilter] = {}
+    for child in flat:
+        if child == absorbing:
+            return absorbing
+        if child == neutral:
+            continue
+        if isinstance(child, Atom):
+            if child.variable in atoms:
+                prior = atoms[child.variable]
+                if conjunction:
+                    codes, missing = prior.codes & child.codes, prior.missing and child.missing
+                else:
+                    codes, missing = prior.codes | child.codes, prior.missing or child.missing
+                merged = _atom(codebook.variable(child.variable), codes, missing)
+                if merged == absorbing:
+                    return absorbing
+                if merged == neutral:
+                    del atoms[child.variable]
+                    continue
+                assert isinstance(merged, Atom)
+                atoms[child.variable] = merged
+            else:
+                atoms[child.variable] = child
+        else:
+            others[json.dumps(canonical_text(child), sort_keys=True)] = child
+    operands = list(atoms.values()) + list(others.values())
+    if not operands:
+        return neutral
+    if len(operands) == 1:
+        return operands[0]
+    operands.sort(key=lambda o: json.dumps(canonical_text(o), sort_keys=True))
+    return kind(tuple(operands))
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    """One noisy integer vector over the cells: a count, a flag's count, or a clamped sum.
+
+    `thresholded` components are counts that decide suppression; `sensitivity` is the most one
+    privacy unit can change any of its entries in L1, from the query's shape.
+    """
+
+    name: str
+    aggregate: str  # "count", "flag", "count_where", "sum_shifted", "count_present"
+    sensitivity: int
+    thresholded: bool
+    argument: Any = None  # flag variable, canonical condition, or summed variable
+
+
+@dataclass(frozen=True)
+class Plan:
+    codebook: Codebook
+    query: Query
+    dimensions: tuple[Dimension, ...]
+    where: CanonicalFilter
+    components: tuple[Component, ...]
+    mechanisms: tuple[Mechanism, ...]  # one per component
+    loss: PrivacyLoss
+    settings: Settings
+    tau: int
+    canonical: str  # canonical query text (JSON), independent of how the query was written
+    fingerprint: str  # sha256 of the canonical text
+
+    @property
+    def group_cells(self) -> int:
+        return math.prod(d.size for d in self.dimensions)
+
+    @property
+    def flag_names(self) -> tuple[str, ...]:
+        if isinstance(self.query.measure, FlagCounts):
+            return tuple(c.argument for c in self.components)
+        return ()
+
+    @property
+    def cells(self) -> int:
+        """Rows of the release: group cells, times flags for a flag-set measure."""
+        return self.group_cells * max(1, len(self.flag_names))
+
+    @property
+    def measured_loss(self) -> Fraction:
+        """The loss OpenDP's privacy maps state for this plan; never more than `loss`."""
+        return sum((m.loss for m in self.mechanisms), Fraction(0))
+
+    @property
+    def count_mechanism(self) -> Mechanism:
+        return next(m for m, c in zip(self.mechanisms, self.components) if c.thresholded)
+
+
+def _check_limits(query: Query, settings: Settings) -> None:
+    if len(query.by) > settings.max_dimensions:
+        raise LimitExceededError(
+            f"{len(query.by)} group-by dimensions exceed the maximum of {settings.max_dimensions}"
+        )
+    filters = [query.where] if query.where is not None else []
+    if isinstance(query.measure, Proportion):
+        filters.append(query.measure.condition)
+    for f in filters:
+        if filter_depth(f) > settings.max_filter_depth:
+            raise LimitExceededError(
+                f"filter nesting exceeds the maximum depth of {settings.max_filter_depth}"
+            )
+        if filter_terms(f) > settings.max_filter_terms:
+            raise LimitExceededError(
+                f"filter has more than the maximum of {settings.max_filter_terms} terms"
+            )
+
+
+def _numeric(codebook: Codebook, name: str) -> Variable:
+    variable = codebook.dimension(name).variable
+    if codebook.dimension(name).derived is not None or variable.kind is not Kind.INTEGER:
+        raise InvalidQueryError(
+            f"{name}: sums and means need an integer variable with a codebook range",
+            variable=name,
+        )
+    assert variable.low is not None and variable.high is not None
+    if variable.low == variable.high:
+        raise InvalidQueryError(f"{name}: its codebook range holds a single value", variable=name)
+    return variable
+
+
+def _components(query: Query, codebook: Codebook, canon: _Canonaliser) -> list[Component]:
+    unit = codebook.privacy_unit.max_rows_per_person if codebook.privacy_unit.id_column else 1
+    measure = query.measure
+    if isinstance(measure, Count):
+        return [Component("count", "count", unit, True)]
+    if isinstance(measure, FlagCounts):
+        flag_set = codebook.flag_set(measure.flag_set)
+        return [Component(flag, "flag", unit, True, flag) for flag in flag_set.flags]
+    if isinstance(measure, Proportion):
+        condition = canon.visit(measure.condition)
+        return [
+            Component("numerator", "count_where", unit, True, condition),
+            Component("denominator", "count", unit, True),
+        ]
+    variable = _numeric(codebook, measure.variable)
+    assert variable.low is not None and variable.high is not None
+    return [
+        Component("sum", "sum_shifted", unit * (variable.high - variable.low), False, variable),
+        Component("count", "count_present", unit, True, variable),
+    ]
+
+
+def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: PrivacyLoss) -> Plan:
+    """Validate `query` against the codebook and settings and price it at `loss`."""
+    if loss.accounting is not settings.accounting:
+        raise InvalidQueryError(
+            f"this deployment accounts in {settings.accounting.value}; "
+            f"a {loss.symbol} loss cannot be charged"
+        )
+    _check_limits(query, settings)
+    dimensions = tuple(codebook.dimension(name) for name in query.by)
+    canon = _Canonaliser(codebook)
+    components = _components(query, codebook, canon)
+    cells = math.prod(d.size for d in dimensions) * (
+        len(components) if isinstance(query.measure, FlagCounts) else 1
+    )
+    if cells > settings.max_cells:
+        raise LimitExceededError(
+            f"the query spans {cells} cells, more than the maximum of {settings.max_cells}"
+        )
+    where = canon.visit(query.where) if query.where is not None else TRUE
+
+    # Equal shares: each component is one histogram whose L1 sensitivity the shape fixes.
+    share = loss.amount / len(components)
+    mechanisms = tuple(
+        calibrate(loss.accounting, sensitivity=c.sensitivity, budget=share) for c in components
+    )
+    count_mechanism = next(m for m, c in zip(mechanisms, components) if c.thresholded)
+    tau = settings.k + count_mechanism.distribution.suppression_margin(settings.beta)
+
+    canonical = json.dumps(
+        {
+            "codebook": codebook.fingerprint_text,
+            "measure": _canonical_measure(query, components),
+            # Group-by order does not change what is released, only its presentation.
+            "by": sorted(query.by),
+            "where": canonical_text(where),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return Plan(
+        codebook=codebook,
+        query=query,
+        dimensions=tuple(sorted(dimensions, key=lambda d: d.name)),
+        where=where,
+        components=tuple(components),
+        mechanisms=mechanisms,
+        loss=loss,
+        settings=settings,
+        tau=tau,
+        canonical=canonical,
+        fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
+    )
+
+
+def _canonical_measure(query: Query, components: list[Component]) -> Any:
+    measure = query.measure
+    if isinstance(measure, Count):
+        return "count"
+    if isinstance(measure, FlagCounts):
+        return {"flag_counts": measure.flag_set}
+    if isinstance(measure, Proportion):
+        return {"proportion": canonical_text(components[0].argument)}
+    kind = "sum" if isinstance(measure, Sum) else "mean"
+    assert isinstance(measure, (Sum, Mean))
+    return {kind: measure.variable}
+
+
+def describe_loss(plan: Plan) -> str:
+    return f"{plan.loss} (OpenDP map: {format_amount(plan.measured_loss)})"
