@@ -272,7 +272,7 @@ def _numeric(codebook: Codebook, name: str) -> Variable:
     return variable
 
 
-def _components(query: Query, codebook: Codebook, canon: _Canonaliser) -> list[Component]:
+def _components(query: Query, codebook: Codebook, canon: _Canonicaliser) -> list[Component]:
     unit = codebook.privacy_unit.max_rows_per_person if codebook.privacy_unit.id_column else 1
     measure = query.measure
     if isinstance(measure, Count):
@@ -303,7 +303,7 @@ def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: Priva
         )
     _check_limits(query, settings)
     dimensions = tuple(codebook.dimension(name) for name in query.by)
-    canon = _Canonaliser(codebook)
+    canon = _Canonicaliser(codebook)
     components = _components(query, codebook, canon)
     cells = math.prod(d.size for d in dimensions) * (
         len(components) if isinstance(query.measure, FlagCounts) else 1

@@ -1,0 +1,149 @@
+"""The engine's front door: plan, price, measure and release queries in-process.
+
+    engine = Engine(DuckDBBackend("data.duckdb"), codebook=default_codebook())
+    plan = engine.plan(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.5"))
+    release = engine.release(query, loss=..., charger=ledger, client="alice", request_id="r-1")
+
+`plan` and `dry_run` never touch data. `release` touches data only between a durable
+reservation and a durable commit made by the charger.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from engine.accuracy import NoiseDistribution, round_up_amount, share_for_scale
+from engine.backend import Backend
+from engine.codebook import Codebook
+from engine.errors import InvalidLossError
+from engine.loss import PrivacyLoss
+from engine.planner import Plan, plan_query
+from engine.query import Query
+from engine.release import Answer, Charger, Release, build_answer
+from engine.settings import Settings
+from engine.sql import build
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a query would cost and how accurate it would be. Computed without data."""
+
+    loss: PrivacyLoss
+    cells: int
+    mechanism: str
+    noise_scale: float
+    tau: int
+    half_width: int  # of a count's interval at `confidence`
+    confidence: float
+    assumed_count: int
+    expected_suppressed_share: float  # if every cell's true count were `assumed_count`
+    fingerprint: str
+
+
+class Engine:
+    """Plans queries against a codebook and answers them from a backend."""
+
+    def __init__(
+        self, backend: Backend, *, codebook: Codebook, settings: Settings | None = None
+    ) -> None:
+        self.backend = backend
+        self.codebook = codebook
+        self.settings = settings or Settings(k=codebook.min_cell_size)
+        self.data_version = backend.data_version()
+
+    def plan(self, query: Query, *, loss: PrivacyLoss) -> Plan:
+        """Validate and price a query. Raises InvalidQueryError before any data is read."""
+        return plan_query(query, self.codebook, self.settings, loss)
+
+    def loss_for_half_width(self, query: Query, *, half_width: int) -> PrivacyLoss:
+        """The smallest loss (to three significant digits) whose count intervals are this narrow."""
+        if half_width < 1:
+            raise InvalidLossError("target half-width must be at least 1")
+        probe = self.plan(query, loss=self._loss(Fraction(1)))
+        count = next(c for c in probe.components if c.thresholded)
+        parts = len(probe.components)
+        level = self.settings.confidence
+        # Half-width grows with the scale: find the largest scale that still meets the target.
+        low, high = 1e-6, 1e9
+        for _ in range(200):
+            middle = math.sqrt(low * high)
+            q = NoiseDistribution(self.settings.accounting, middle).quantile_abs(level)
+            low, high = (middle, high) if q <= half_width else (low, middle)
+        share = share_for_scale(self.settings.accounting, count.sensitivity, low)
+        return self._loss(round_up_amount(share * parts))
+
+    def dry_run(
+        self,
+        query: Query,
+        *,
+        loss: PrivacyLoss | None = None,
+        half_width: int | None = None,
+        assumed_count: int | None = None,
+    ) -> DryRun:
+        """Cost for a target accuracy, or accuracy and expected suppression for a cost."""
+        if (loss is None) == (half_width is None):
+            raise InvalidLossError("give exactly one of a privacy loss or a target half-width")
+        if loss is None:
+            assert half_width is not None
+            loss = self.loss_for_half_width(query, half_width=half_width)
+        plan = self.plan(query, loss=loss)
+        distribution = plan.count_mechanism.distribution
+        assumed = assumed_count if assumed_count is not None else 2 * self.settings.k
+        return DryRun(
+            loss=loss,
+            cells=plan.cells,
+            mechanism=distribution.mechanism,
+            noise_scale=distribution.scale,
+            tau=plan.tau,
+            half_width=distribution.quantile_abs(self.settings.confidence),
+            confidence=self.settings.confidence,
+            assumed_count=assumed,
+            expected_suppressed_share=1.0 - distribution.publish_probability(assumed, plan.tau),
+            fingerprint=plan.fingerprint,
+        )
+
+    def answer(self, plan: Plan, *, cancel: threading.Event | None = None) -> Answer:
+        """Run the plan's statement, densify over the public domain, add noise, suppress.
+
+        The result is not a release: only a charger's commit turns it into one.
+        """
+        result = self.backend.run(build(plan), cancel=cancel)
+        cells = plan.group_cells
+        index = result["cell"].astype(np.int64)
+        noisy = []
+        for position, mechanism in enumerate(plan.mechanisms):
+            dense = np.zeros(cells, dtype=np.int64)
+            dense[index] = result[f"c{position}"].astype(np.int64)
+            noisy.append(mechanism.release(dense))
+        return build_answer(plan, noisy, data_version=self.data_version)
+
+    def release(
+        self,
+        query: Query,
+        *,
+        loss: PrivacyLoss,
+        charger: Charger,
+        client: str,
+        request_id: str,
+        cancel: threading.Event | None = None,
+    ) -> Release:
+        """Plan, reserve, answer, commit: the only way a release comes into being."""
+        plan = self.plan(query, loss=loss)
+        reservation = charger.reserve(plan, client=client, request_id=request_id)
+        if reservation.stored is not None:
+            return reservation.stored
+        try:
+            answer = self.answer(plan, cancel=cancel)
+        except BaseException:
+            reservation.cancel()
+            raise
+        return reservation.commit(answer)
+
+    def _loss(self, amount: Fraction) -> PrivacyLoss:
+        return PrivacyLoss(self.settings.accounting, amount)
+

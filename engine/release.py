@@ -1,0 +1,229 @@
+"""Releases: what a client receives, and the seam through which every release is charged.
+
+The engine computes an `Answer` (noisy, suppressed, with intervals) but an answer is not handed
+out. Only a `Charger` turns it into a `Release`, after it has durably recorded the charge: a
+`Release` cannot be constructed without a charge id. `Engine.release` drives that sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from engine.accuracy import bonferroni_level
+from engine.codebook import Dimension
+from engine.loss import format_amount
+from engine.planner import Plan
+from engine.query import Count, FlagCounts, Mean, Proportion, Sum
+
+_META_KEY = b"veil.release"
+
+
+@dataclass(frozen=True)
+class ReleaseMetadata:
+    """Everything about a release except its cells. Contains no true value."""
+
+    fingerprint: str
+    canonical_query: str
+    data_version: str
+    codebook: str
+    measure: str
+    mechanism: str
+    accounting: str
+    loss: str  # the exact amount charged
+    measured_loss: str  # the sum of OpenDP's privacy maps, never more than `loss`
+    noise_scale: float  # scale of every count's noise
+    sum_noise_scale: float | None  # scale of a clamped sum's noise, for sums and means
+    tau: int
+    k: int
+    beta: float
+    confidence: float
+    cells: int
+    suppressed_cells: int
+    release_id: str = ""
+    charge_id: str = ""
+    created_at: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A computed, noisy, suppressed table that has not been charged and must not leave."""
+
+    table: pa.Table
+    metadata: ReleaseMetadata
+
+
+@dataclass(frozen=True)
+class Release:
+    """A charged answer: the only thing the engine lets out."""
+
+    table: pa.Table
+    metadata: ReleaseMetadata
+
+    def __post_init__(self) -> None:
+        if not self.metadata.charge_id or not self.metadata.release_id:
+            raise ValueError("a release cannot exist without its charge id and release id")
+
+    @classmethod
+    def from_answer(
+        cls, answer: Answer, *, release_id: str, charge_id: str, created_at: str
+    ) -> Release:
+        metadata = replace(
+            answer.metadata, release_id=release_id, charge_id=charge_id, created_at=created_at
+        )
+        return cls(answer.table, metadata)
+
+    def to_bytes(self) -> bytes:
+        """An Arrow IPC stream carrying the metadata in its schema; stored and sent as is."""
+        meta = json.dumps(asdict(self.metadata), sort_keys=True).encode()
+        table = self.table.replace_schema_metadata({_META_KEY: meta})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return bytes(sink.getvalue().to_pybytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Release:
+        table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+        raw = json.loads((table.schema.metadata or {})[_META_KEY])
+        return cls(table.replace_schema_metadata(None), ReleaseMetadata(**raw))
+
+    def to_pandas(self) -> Any:
+        return self.table.to_pandas()
+
+
+class Reservation(Protocol):
+    """A durable hold on budget for one request."""
+
+    @property
+    def stored(self) -> Release | None:
+        """A release already made for this request or query: returned as is, never recomputed."""
+
+    def commit(self, answer: Answer) -> Release:
+        """Durably record the charge and the release, then return it."""
+
+    def cancel(self) -> None:
+        """Give the held budget back; nothing was released."""
+
+
+class Charger(Protocol):
+    """The ledger's side of the seam."""
+
+    def reserve(self, plan: Plan, *, client: str, request_id: str) -> Reservation: ...
+
+
+# ---- building the table -------------------------------------------------------------------
+
+
+def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> Answer:
+    """Turn noisy component vectors (dense over the plan's cells) into a release table."""
+    measure = plan.query.measure
+    settings = plan.settings
+    count_dist = plan.count_mechanism.distribution
+    tau = plan.tau
+    n = plan.group_cells
+    keys = _key_columns(plan.dimensions, n)
+    sum_scale: float | None = None
+
+    if isinstance(measure, (Count, FlagCounts)):
+        q = count_dist.quantile_abs(settings.confidence)
+        counts = np.concatenate(noisy) if isinstance(measure, FlagCounts) else noisy[0]
+        published = counts >= tau
+        value: pa.Array = pa.array(counts, type=pa.int64(), mask=~published)
+        low = np.maximum(counts - q, 0).astype(float)
+        high = (counts + q).astype(float)
+        if isinstance(measure, FlagCounts):
+            flags = plan.flag_names
+            keys = {name: pa.concat_arrays([col] * len(flags)) for name, col in keys.items()}
+            keys["flag"] = pa.array(np.repeat(np.array(flags, dtype=object), n), type=pa.string())
+    elif isinstance(measure, Proportion):
+        level = bonferroni_level(settings.confidence, 2)
+        q = count_dist.quantile_abs(level)
+        numerator, denominator = noisy
+        published = (numerator >= tau) & (denominator >= tau)
+        safe = np.maximum(denominator, 1).astype(float)
+        ratio = np.clip(numerator / safe, 0.0, 1.0)
+        value = pa.array(ratio, type=pa.float64(), mask=~published)
+        low = np.clip(np.maximum(numerator - q, 0) / (denominator + q).clip(min=1), 0.0, 1.0)
+        shrunk = (denominator - q).astype(float)
+        high = np.where(shrunk > 0, np.clip((numerator + q) / np.maximum(shrunk, 1), 0, 1), 1.0)
+    else:
+        assert isinstance(measure, (Sum, Mean))
+        shifted, present = noisy
+        variable = plan.components[0].argument
+        lo_bound, hi_bound = float(variable.low), float(variable.high)
+        sum_dist = plan.mechanisms[0].distribution
+        sum_scale = sum_dist.scale
+        level = bonferroni_level(settings.confidence, 2)
+        q_sum, q_count = sum_dist.quantile_abs(level), count_dist.quantile_abs(level)
+        published = present >= tau
+        if isinstance(measure, Mean):
+            safe = np.maximum(present, 1).astype(float)
+            estimate = np.clip(lo_bound + shifted / safe, lo_bound, hi_bound)
+            low = np.clip(
+                lo_bound + np.maximum(shifted - q_sum, 0) / (present + q_count).clip(min=1),
+                lo_bound,
+                hi_bound,
+            )
+            shrunk = (present - q_count).astype(float)
+            high = np.where(
+                shrunk > 0,
+                np.clip(lo_bound + (shifted + q_sum) / np.maximum(shrunk, 1), lo_bound, hi_bound),
+                hi_bound,
+            )
+        else:
+            estimate = shifted + lo_bound * present
+            spread = q_sum + abs(lo_bound) * q_count
+            low, high = estimate - spread, estimate + spread
+        value = pa.array(estimate.astype(float), type=pa.float64(), mask=~published)
+
+    mask = ~published
+    columns = dict(keys)
+    columns["value"] = value
+    columns["ci_low"] = pa.array(np.asarray(low, dtype=float), type=pa.float64(), mask=mask)
+    columns["ci_high"] = pa.array(np.asarray(high, dtype=float), type=pa.float64(), mask=mask)
+    columns["suppressed"] = pa.array(mask)
+    table = pa.table(columns)
+    metadata = ReleaseMetadata(
+        fingerprint=plan.fingerprint,
+        canonical_query=plan.canonical,
+        data_version=data_version,
+        codebook=plan.codebook.fingerprint_text,
+        measure=type(measure).__name__,
+        mechanism=count_dist.mechanism,
+        accounting=plan.loss.accounting.value,
+        loss=format_amount(plan.loss.amount),
+        measured_loss=format_amount(plan.measured_loss),
+        noise_scale=count_dist.scale,
+        sum_noise_scale=sum_scale,
+        tau=tau,
+        k=settings.k,
+        beta=settings.beta,
+        confidence=settings.confidence,
+        cells=table.num_rows,
+        suppressed_cells=int(mask.sum()),
+    )
+    return Answer(table, metadata)
+
+
+def _key_columns(dimensions: tuple[Dimension, ...], cells: int) -> dict[str, pa.Array]:
+    """Key columns in row-major order of the dimensions; the missing key is null."""
+    columns: dict[str, pa.Array] = {}
+    stride = cells
+    index = np.arange(cells)
+    for dimension in dimensions:
+        stride //= dimension.size
+        position = (index // stride) % dimension.size
+        if dimension.key_is_integer:
+            keys = np.array([*dimension.keys, 0], dtype=np.int64)
+            columns[dimension.name] = pa.array(
+                keys[position], type=pa.int64(), mask=position == len(dimension.keys)
+            )
+        else:
+            keys = np.array([*dimension.keys, None], dtype=object)
+            columns[dimension.name] = pa.array(keys[position], type=pa.string())
+    return columns
