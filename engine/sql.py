@@ -121,7 +121,9 @@ def build(plan: Plan) -> Statement:
     aggregates = [f"{builder.aggregate(c)} AS c{i}" for i, c in enumerate(plan.components)]
     where = builder.condition(plan.where)
     source = _source(plan.codebook)
-    text = f"SELECT ({cell})::INTEGER AS cell, {', '.join(aggregates)} FROM {source} WHERE {where}"
+    text = f"SELECT ({cell})::INTEGER AS cell, {', '.join(aggregates)} FROM {source}"
+    if where != "TRUE":
+        text += f" WHERE {where}"
     if plan.dimensions:
         text += " GROUP BY ALL"
     return Statement(text, tuple(builder.parameters))

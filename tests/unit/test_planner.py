@@ -1,0 +1,209 @@
+"""Planning: validation before data, canonical fingerprints, sensitivity from shape, tau."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.codebook import default_codebook
+from engine.errors import InvalidLossError, InvalidQueryError, LimitExceededError
+from engine.loss import Accounting, PrivacyLoss
+from engine.planner import Plan, plan_query
+from engine.query import (
+    And,
+    Count,
+    Eq,
+    FlagCounts,
+    In,
+    IsMissing,
+    Mean,
+    Not,
+    Or,
+    Proportion,
+    Query,
+    Range,
+    Sum,
+)
+from engine.settings import Settings
+
+CODEBOOK = default_codebook()
+SETTINGS = Settings()
+EPS = PrivacyLoss.pure("1")
+
+
+def plan(query: Query, *, settings: Settings = SETTINGS, loss: PrivacyLoss = EPS) -> Plan:
+    return plan_query(query, CODEBOOK, settings, loss)
+
+
+# ---- validation names the variable and the reason ----
+
+
+@pytest.mark.parametrize(
+    ("query", "variable", "reason"),
+    [
+        (Query(Count(), by=("nationality",)), "nationality", "unknown variable"),
+        (Query(Count(), where=Eq("gender", "Alien")), "gender", "not in the codebook domain"),
+        (Query(Count(), where=In("citizenship", ["US", "XK"])), "citizenship", "not in the codebook"),
+        (Query(Count(), where=Eq("citizenshipRegion", "Atlantis")), "citizenshipRegion", "not one of"),
+        (Query(Count(), where=Range("gender", 1, 2)), "gender", "needs an integer"),
+        (Query(Sum("gender")), "gender", "integer variable"),
+        (Query(FlagCounts("notASet")), "notASet", "unknown flag set"),
+        (Query(Count(), where=Eq("isSexualExploit", 2)), "isSexualExploit", "not in the codebook"),
+        (Query(Count(), where=Eq("yearOfRegistration", "twenty")), "yearOfRegistration", "not an integer"),
+    ],
+)
+def test_invalid_queries_name_variable_and_reason(query: Query, variable: str, reason: str) -> None:
+    with pytest.raises(InvalidQueryError, match=reason) as info:
+        plan(query)
+    assert info.value.variable == variable
+
+
+def test_too_many_cells_is_rejected_from_the_codebook_alone() -> None:
+    corridor = Query(Count(), by=("citizenship", "CountryOfExploitation"))
+    assert plan(corridor).cells == 251 * 251
+    with pytest.raises(LimitExceededError, match="63001 cells, more than the maximum of 1000"):
+        plan(corridor, settings=Settings(max_cells=1000))
+    # A flag set multiplies the cells by its flags.
+    with pytest.raises(LimitExceededError):
+        plan(Query(FlagCounts("meansOfControl"), by=("citizenship",)), settings=Settings(max_cells=4000))
+
+
+def test_dimension_depth_and_term_limits() -> None:
+    with pytest.raises(LimitExceededError, match="group-by dimensions"):
+        plan(Query(Count(), by=("gender", "ageBroad", "Datasource", "majorityStatus", "isAbduction")))
+    deep: object = Eq("gender", "Male")
+    for _ in range(20):
+        deep = Not(deep)  # type: ignore[arg-type]
+    with pytest.raises(LimitExceededError, match="depth"):
+        plan(Query(Count(), where=deep))  # type: ignore[arg-type]
+    wide = Or(*(Eq("yearOfRegistration", 2002 + i % 20) for i in range(100)))
+    with pytest.raises(LimitExceededError, match="terms"):
+        plan(Query(Count(), where=wide))
+
+
+def test_hostile_nesting_does_not_overflow_the_stack() -> None:
+    deep: object = Eq("gender", "Male")
+    for _ in range(100_000):
+        deep = Not(deep)  # type: ignore[arg-type]
+    with pytest.raises(LimitExceededError):
+        plan(Query(Count(), where=deep))  # type: ignore[arg-type]
+
+
+def test_accounting_must_match_the_deployment() -> None:
+    with pytest.raises(InvalidQueryError, match="accounts in pure_dp"):
+        plan(Query(Count()), loss=PrivacyLoss.zcdp("0.1"))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "0", "1e-30", "1e30", "abc", float("nan")])
+def test_invalid_losses_are_refused(bad: object) -> None:
+    with pytest.raises(InvalidLossError):
+        PrivacyLoss.pure(bad)  # type: ignore[arg-type]
+
+
+def test_losses_are_exact_decimals() -> None:
+    from fractions import Fraction
+
+    assert PrivacyLoss.pure(0.1).amount == Fraction(1, 10)
+    assert PrivacyLoss.pure("0.1").amount * 10 == 1
+
+
+# ---- canonical fingerprints: same meaning, same fingerprint ----
+
+
+def fp(query: Query) -> str:
+    return plan(query).fingerprint
+
+
+def test_fingerprint_ignores_in_list_order_and_duplicates() -> None:
+    a = Query(Count(), by=("gender",), where=In("citizenship", ["US", "PH", "UA"]))
+    b = Query(Count(), by=("gender",), where=In("citizenship", ["UA", "US", "PH", "US"]))
+    assert fp(a) == fp(b)
+
+
+def test_fingerprint_ignores_and_order_and_redundant_terms() -> None:
+    x, y = Eq("gender", "Female"), Eq("majorityStatus", "Minor")
+    base = fp(Query(Count(), where=And(x, y)))
+    assert fp(Query(Count(), where=And(y, x))) == base
+    assert fp(Query(Count(), where=And(y, x, x))) == base
+    assert fp(Query(Count(), where=And(And(y), x))) == base
+    assert fp(Query(Count(), where=And(x, Or(y, y)))) == base
+    assert fp(Query(Count(), where=Not(Not(And(x, y))))) == base
+
+
+def test_fingerprint_sees_through_dummy_conditions() -> None:
+    x = Eq("gender", "Female")
+    always = Or(IsMissing("ageBroad"), Not(IsMissing("ageBroad")))
+    every_year = Or(Range("yearOfRegistration", 2002, 2021), IsMissing("yearOfRegistration"))
+    base = fp(Query(Count(), where=x))
+    assert fp(Query(Count(), where=And(x, always))) == base
+    assert fp(Query(Count(), where=And(x, every_year))) == base
+    assert fp(Query(Count(), where=And(x, Range("yearOfRegistration", 1900, None), every_year))) != base
+
+
+def test_fingerprint_merges_region_and_its_countries() -> None:
+    region = CODEBOOK.dimension("citizenshipRegion")
+    africa = sorted(c for c, r in (region.derived.mapping.items() if region.derived else ()) if r == "Africa")
+    assert fp(Query(Count(), where=Eq("citizenshipRegion", "Africa"))) == fp(
+        Query(Count(), where=In("citizenship", africa))
+    )
+
+
+def test_fingerprint_ignores_group_by_order_but_not_meaning() -> None:
+    assert fp(Query(Count(), by=("gender", "ageBroad"))) == fp(Query(Count(), by=("ageBroad", "gender")))
+    assert fp(Query(Count(), by=("gender",))) != fp(Query(Count(), by=("ageBroad",)))
+    assert fp(Query(Count(), where=Eq("gender", "Male"))) != fp(Query(Count(), where=Eq("gender", "Female")))
+    assert fp(Query(Count())) != fp(Query(FlagCounts("sexType")))
+
+
+def test_negation_is_complement_including_missing() -> None:
+    # NOT (gender = Male) admits Female, Transgender/NonConforming and missing.
+    assert fp(Query(Count(), where=Not(Eq("gender", "Male")))) == fp(
+        Query(Count(), where=Or(In("gender", ["Female", "Transgender/NonConforming"]), IsMissing("gender")))
+    )
+
+
+def test_contradictions_are_constant_false() -> None:
+    contradiction = And(Eq("gender", "Male"), Eq("gender", "Female"))
+    assert plan(Query(Count(), where=contradiction)).canonical.endswith('"where":false}')
+
+
+# ---- sensitivity follows the shape ----
+
+
+def test_sensitivity_and_charge_follow_the_shape() -> None:
+    count = plan(Query(Count(), by=("gender",)))
+    assert [c.sensitivity for c in count.components] == [1]
+    flags = plan(Query(FlagCounts("meansOfControl"), by=("gender",)))
+    assert len(flags.components) == 18 and all(c.sensitivity == 1 for c in flags.components)
+    # 18 histograms share epsilon: each flag's noise is 18 times a lone count's.
+    assert flags.mechanisms[0].scale == pytest.approx(18 * count.mechanisms[0].scale)
+    proportion = plan(Query(Proportion(Eq("isSexualExploit", 1)), by=("gender",)))
+    assert [c.name for c in proportion.components] == ["numerator", "denominator"]
+    mean = plan(Query(Mean("yearOfRegistration")))
+    assert mean.components[0].sensitivity == 2021 - 2002
+    for p in (count, flags, proportion, mean):
+        assert p.measured_loss <= p.loss.amount
+        assert p.measured_loss >= p.loss.amount * (1 - 1e-9)
+
+
+def test_tau_exceeds_k_by_a_margin_set_from_the_noise() -> None:
+    p = plan(Query(Count()))
+    distribution = p.count_mechanism.distribution
+    margin = p.tau - SETTINGS.k
+    assert distribution.tail(margin + 1) <= SETTINGS.beta < distribution.tail(margin)
+    noisier = plan(Query(Count()), loss=PrivacyLoss.pure("0.1"))
+    assert noisier.tau > p.tau
+
+
+def test_k_cannot_go_below_its_floor() -> None:
+    from engine.errors import VeilError
+
+    with pytest.raises(VeilError, match="below the configured floor"):
+        Settings(k=5, k_floor=10)
+    assert plan(Query(Count()), settings=Settings(k=20)).tau >= 20
+
+
+def test_zcdp_plans_use_the_discrete_gaussian() -> None:
+    settings = Settings(accounting=Accounting.ZCDP)
+    p = plan(Query(Count(), by=("gender",)), settings=settings, loss=PrivacyLoss.zcdp("0.05"))
+    assert p.count_mechanism.distribution.mechanism == "discrete_gaussian"
+    assert p.measured_loss <= p.loss.amount

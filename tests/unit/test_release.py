@@ -1,0 +1,128 @@
+"""Answers and releases: densified over the public domain, suppressed on noisy counts, exact shape."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from engine.codebook import default_codebook
+from engine.engine import Engine
+from engine.loss import PrivacyLoss
+from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
+from engine.release import Answer, Release
+
+CODEBOOK = default_codebook()
+# A large epsilon keeps the noise within a few units, so assertions on values are safe: at
+# epsilon = 20 the discrete Laplace scale is 0.05 and P(|noise| >= 1) < 1e-8 per cell.
+SHARP = PrivacyLoss.pure("20")
+
+ROWS = (
+    [{"gender": "Female", "ageBroad": "9--17", "majorityStatus": "Minor", "isSexualExploit": 1,
+      "yearOfRegistration": 2010, "citizenship": "NA"}] * 40
+    + [{"gender": "Male", "ageBroad": "30--38", "majorityStatus": "Adult", "isSexualExploit": 0,
+        "yearOfRegistration": 2020, "citizenship": "00", "meansOfControlDebtBondage": 1}] * 25
+    + [{"gender": "Female", "ageBroad": "18--20", "majorityStatus": "Adult", "isSexualExploit": 1}] * 3
+)
+
+
+@pytest.fixture
+def engine(make_engine: Callable[..., Engine]) -> Engine:
+    return make_engine(ROWS)
+
+
+def answer(engine: Engine, query: Query, loss: PrivacyLoss = SHARP) -> Answer:
+    return engine.answer(engine.plan(query, loss=loss))
+
+
+def cell(table: pa.Table, **keys: Any) -> dict[str, Any]:
+    rows = [r for r in table.to_pylist() if all(r[k] == v for k, v in keys.items())]
+    assert len(rows) == 1, keys
+    return rows[0]
+
+
+def test_every_cell_of_the_domain_is_answered_zero_cells_included(engine: Engine) -> None:
+    table = answer(engine, Query(Count(), by=("gender", "ageBroad"))).table
+    genders = [*CODEBOOK.variable("gender").codes, None]
+    ages = [*CODEBOOK.variable("ageBroad").codes, None]
+    assert table.num_rows == len(genders) * len(ages)
+    assert set(zip(table["ageBroad"].to_pylist(), table["gender"].to_pylist())) == set(
+        itertools.product(ages, genders)
+    )
+    assert table.column_names == ["ageBroad", "gender", "value", "ci_low", "ci_high", "suppressed"]
+
+
+def test_large_cells_publish_near_truth_and_small_ones_are_suppressed(engine: Engine) -> None:
+    table = answer(engine, Query(Count(), by=("gender", "ageBroad"))).table
+    big = cell(table, gender="Female", ageBroad="9--17")
+    assert big["value"] == 40 and not big["suppressed"]
+    assert big["ci_low"] <= 40 <= big["ci_high"]
+    small = cell(table, gender="Female", ageBroad="18--20")  # true count 3 < k
+    assert small["suppressed"] and small["value"] is None and small["ci_low"] is None
+    empty = cell(table, gender="Male", ageBroad="0--8")  # true count 0: suppressed, not zero
+    assert empty["suppressed"] and empty["value"] is None
+
+
+def test_missing_is_its_own_key(engine: Engine) -> None:
+    table = answer(engine, Query(Count(), by=("citizenship",))).table
+    assert cell(table, citizenship=None)["value"] is None  # 3 missing rows: suppressed
+    assert cell(table, citizenship="NA")["value"] == 40  # Namibia, not missing
+    assert cell(table, citizenship="00")["value"] == 25  # unknown country, not missing
+
+
+def test_flag_counts_release_one_cell_per_flag(engine: Engine) -> None:
+    result = answer(engine, Query(FlagCounts("meansOfControl"), by=("gender",)))
+    table = result.table
+    assert table.num_rows == 4 * 18
+    assert table.column_names[:2] == ["gender", "flag"]
+    assert cell(table, gender="Male", flag="meansOfControlDebtBondage")["value"] == 25
+
+
+def test_proportion_needs_numerator_and_denominator_to_pass(engine: Engine) -> None:
+    table = answer(engine, Query(Proportion(Eq("isSexualExploit", 1)), by=("gender",))).table
+    female = cell(table, gender="Female")
+    assert female["value"] == pytest.approx(1.0, abs=0.02) and not female["suppressed"]
+    male = cell(table, gender="Male")  # numerator 0: suppressed even though 25 men
+    assert male["suppressed"] and male["value"] is None
+
+
+def test_mean_and_sum_use_the_group_count(engine: Engine) -> None:
+    table = answer(engine, Query(Mean("yearOfRegistration"), by=("gender",))).table
+    female = cell(table, gender="Female")  # 40 rows with 2010, 3 rows missing the year
+    assert female["value"] == pytest.approx(2010, abs=1.0)
+    assert female["ci_low"] <= female["value"] <= female["ci_high"]
+    total = answer(engine, Query(Sum("yearOfRegistration"), by=("gender",))).table
+    assert cell(total, gender="Male")["value"] == pytest.approx(25 * 2020, rel=0.01)
+
+
+def test_metadata_describes_the_release_without_true_values(engine: Engine) -> None:
+    result = answer(engine, Query(Count(), by=("gender",), where=Eq("majorityStatus", "Adult")))
+    meta = result.metadata
+    assert meta.mechanism == "discrete_laplace" and meta.loss == "20"
+    assert meta.tau >= meta.k == 10
+    assert meta.cells == 4 and meta.suppressed_cells == 3  # Female (3), Trans (0), missing (0)
+    assert meta.data_version == "test" and len(meta.fingerprint) == 64
+    assert not meta.charge_id  # an answer is not charged
+
+
+def test_a_release_needs_a_charge_id(engine: Engine) -> None:
+    result = answer(engine, Query(Count()))
+    with pytest.raises(ValueError, match="charge id"):
+        Release(result.table, result.metadata)
+    release = Release.from_answer(result, release_id="r1", charge_id="c1", created_at="t")
+    again = Release.from_bytes(release.to_bytes())
+    assert again.metadata == release.metadata and again.table.equals(release.table)
+    assert again.to_bytes() == release.to_bytes()
+
+
+def test_dry_run_costs_and_accuracy_need_no_data(engine: Engine) -> None:
+    dry = engine.dry_run(Query(Count(), by=("gender",)), half_width=5)
+    assert dry.half_width <= 5
+    cheaper = engine.dry_run(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure(dry.loss.amount * 0.9))
+    assert cheaper.half_width > 5 or cheaper.loss.amount >= dry.loss.amount
+    noisy = engine.dry_run(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.05"), assumed_count=10)
+    sharp = engine.dry_run(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("5"), assumed_count=200)
+    assert noisy.expected_suppressed_share > 0.5 > sharp.expected_suppressed_share
