@@ -112,15 +112,25 @@ class Engine:
 
         The result is not a release: only a charger's commit turns it into one.
         """
-        result = self.backend.run(build(plan), cancel=cancel)
-        cells = plan.group_cells
-        index = result["cell"].astype(np.int64)
-        noisy = []
-        for position, mechanism in enumerate(plan.mechanisms):
-            dense = np.zeros(cells, dtype=np.int64)
-            dense[index] = result[f"c{position}"].astype(np.int64)
-            noisy.append(mechanism.release(dense))
+        exact = self._true_components(plan, cancel=cancel)
+        noisy = [m.release(v) for m, v in zip(plan.mechanisms, exact, strict=True)]
         return build_answer(plan, noisy, data_version=self.data_version)
+
+    def _true_components(
+        self, plan: Plan, *, cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
+        """Each component's true integer vector over every cell of the public domain.
+
+        True values: they go to the noise mechanisms and nowhere else.
+        """
+        result = self.backend.run(build(plan), cancel=cancel)
+        index = result["cell"].astype(np.int64)
+        vectors = []
+        for position in range(len(plan.components)):
+            dense = np.zeros(plan.group_cells, dtype=np.int64)
+            dense[index] = result[f"c{position}"].astype(np.int64)
+            vectors.append(dense)
+        return vectors
 
     def release(
         self,

@@ -119,6 +119,15 @@ class Charger(Protocol):
 # ---- building the table -------------------------------------------------------------------
 
 
+def publishable(noisy_counts: np.ndarray, tau: int) -> np.ndarray:
+    """The publication rule: a count passes when its NOISY value reaches tau.
+
+    It never reads a true count. Suppressing on the true count would make the pattern of
+    suppressed cells a deterministic function of one person's presence.
+    """
+    return np.asarray(noisy_counts >= tau)
+
+
 def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> Answer:
     """Turn noisy component vectors (dense over the plan's cells) into a release table."""
     measure = plan.query.measure
@@ -132,7 +141,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
     if isinstance(measure, (Count, FlagCounts)):
         q = count_dist.quantile_abs(settings.confidence)
         counts = np.concatenate(noisy) if isinstance(measure, FlagCounts) else noisy[0]
-        published = counts >= tau
+        published = publishable(counts, tau)
         value: pa.Array = pa.array(counts, type=pa.int64(), mask=~published)
         low = np.maximum(counts - q, 0).astype(float)
         high = (counts + q).astype(float)
@@ -144,7 +153,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         level = bonferroni_level(settings.confidence, 2)
         q = count_dist.quantile_abs(level)
         numerator, denominator = noisy
-        published = (numerator >= tau) & (denominator >= tau)
+        published = publishable(numerator, tau) & publishable(denominator, tau)
         safe = np.maximum(denominator, 1).astype(float)
         ratio = np.clip(numerator / safe, 0.0, 1.0)
         value = pa.array(ratio, type=pa.float64(), mask=~published)
@@ -160,7 +169,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         sum_scale = sum_dist.scale
         level = bonferroni_level(settings.confidence, 2)
         q_sum, q_count = sum_dist.quantile_abs(level), count_dist.quantile_abs(level)
-        published = present >= tau
+        published = publishable(present, tau)
         if isinstance(measure, Mean):
             safe = np.maximum(present, 1).astype(float)
             estimate = np.clip(lo_bound + shifted / safe, lo_bound, hi_bound)

@@ -1,0 +1,89 @@
+"""Two-sided tests of the noise: they fail on too little noise and on too much.
+
+Each check compares the sample variance of many draws with the distribution's exact variance,
+and the share of draws inside the stated 95% interval with its exact probability. Tolerances are
+z = 5.3 standard errors, so a correct mechanism fails a single check with probability below
+1.2e-7; with 10 checks in this file the chance of a false failure in a run is below 1e-6.
+A mechanism whose scale is off by 20% in either direction fails them (shown below).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from engine.accuracy import NoiseDistribution, _gaussian_pmf
+from engine.loss import Accounting
+from engine.noise import Mechanism, _measurement, calibrate
+
+Z = 5.3
+DRAWS = 60_000
+
+
+def exact_moments(distribution: NoiseDistribution) -> tuple[float, float]:
+    """Variance and fourth central moment, computed from the exact pmf."""
+    if distribution.accounting is Accounting.PURE_DP:
+        bound = int(distribution.scale * 60) + 10
+        support = np.arange(-bound, bound + 1).astype(float)
+        pmf = np.exp(-np.abs(support) / distribution.scale)
+        pmf /= pmf.sum()
+    else:
+        raw_support, pmf = _gaussian_pmf(distribution.scale)
+        support = raw_support.astype(float)
+    return float((pmf * support**2).sum()), float((pmf * support**4).sum())
+
+
+def scale_is_right(mechanism: Mechanism, distribution: NoiseDistribution) -> bool:
+    """Do draws from `mechanism` match `distribution` (the one the release path claims)?"""
+    draws = mechanism.release(np.zeros(DRAWS, dtype=np.int64)).astype(float)
+    variance, fourth = exact_moments(distribution)
+    variance_se = math.sqrt((fourth - variance**2) / DRAWS)
+    variance_ok = abs(draws.var() - variance) <= Z * variance_se
+    q = distribution.quantile_abs(0.95)
+    p = distribution.within(q)
+    inside = float((np.abs(draws) <= q).mean())
+    coverage_ok = abs(inside - p) <= Z * math.sqrt(p * (1 - p) / DRAWS)
+    return variance_ok and coverage_ok
+
+
+CASES = [
+    (Accounting.PURE_DP, 1, Fraction(1, 2)),
+    (Accounting.PURE_DP, 18, Fraction(3)),
+    (Accounting.ZCDP, 1, Fraction(1, 8)),
+    (Accounting.ZCDP, 1, Fraction(2)),
+]
+
+
+@pytest.mark.parametrize(("accounting", "sensitivity", "budget"), CASES)
+def test_calibrated_noise_has_the_claimed_scale(
+    accounting: Accounting, sensitivity: int, budget: Fraction
+) -> None:
+    mechanism = calibrate(accounting, sensitivity=sensitivity, budget=budget)
+    assert scale_is_right(mechanism, mechanism.distribution)
+
+
+@pytest.mark.parametrize(("accounting", "sensitivity", "budget"), [CASES[0], CASES[2]])
+@pytest.mark.parametrize("factor", [0.8, 1.25])
+def test_a_mechanism_with_the_wrong_scale_fails_the_same_check(
+    accounting: Accounting, sensitivity: int, budget: Fraction, factor: float
+) -> None:
+    claimed = calibrate(accounting, sensitivity=sensitivity, budget=budget)
+    wrong_scale = claimed.scale * factor
+    broken = Mechanism(accounting, wrong_scale, sensitivity, claimed.loss,
+                       _measurement(accounting, wrong_scale))
+    assert not scale_is_right(broken, claimed.distribution)
+
+
+def test_charged_loss_is_at_least_opendps_map() -> None:
+    for accounting, sensitivity, budget in CASES:
+        mechanism = calibrate(accounting, sensitivity=sensitivity, budget=budget)
+        assert Fraction(mechanism.measurement.map(sensitivity)) == mechanism.loss <= budget
+
+
+def test_noise_is_integer_valued() -> None:
+    mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1))
+    out = mechanism.release(np.arange(1000, dtype=np.int64))
+    assert out.dtype == np.int64 and not np.array_equal(out, np.arange(1000))
