@@ -74,7 +74,7 @@ class NoiseDistribution:
 
 @functools.lru_cache(maxsize=64)
 def _gaussian_pmf(scale: float) -> tuple[np.ndarray, np.ndarray]:
-    bound = int(math.ceil(scale * 40)) + 10
+    bound = math.ceil(scale * 40) + 10
     support = np.arange(-bound, bound + 1)
     weights = np.exp(-(support.astype(float) ** 2) / (2 * scale * scale))
     return support, weights / weights.sum()

@@ -21,7 +21,9 @@ from engine.sql import Statement
 class Backend(Protocol):
     """Runs one engine-written statement and returns its columns as integer arrays."""
 
-    def run(self, statement: Statement, *, cancel: threading.Event | None = None) -> dict[str, np.ndarray]: ...
+    def run(
+        self, statement: Statement, *, cancel: threading.Event | None = None
+    ) -> dict[str, np.ndarray]: ...
 
     def data_version(self) -> str: ...
 
@@ -30,7 +32,7 @@ class DuckDBBackend:
     """A read-only DuckDB file (one cursor per call, so calls may run on many threads)."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        config: dict[str, str | bool | int] = {
+        config: dict[str, str | bool | int | float | list[str]] = {
             "access_mode": "READ_ONLY",
             "enable_external_access": False,
             "autoload_known_extensions": False,

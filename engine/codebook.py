@@ -184,9 +184,7 @@ class Dimension:
         """The source variable's codes whose derived key is among `keys`."""
         if self.derived is None:
             return keys
-        return frozenset(
-            code for code, group in self.derived.mapping.items() if group in keys
-        )
+        return frozenset(code for code, group in self.derived.mapping.items() if group in keys)
 
 
 @dataclass(frozen=True)
@@ -221,9 +219,7 @@ class Codebook:
 
     @functools.cached_property
     def _dimensions(self) -> Mapping[str, Dimension]:
-        dimensions = {
-            v.name: Dimension(v.name, v, v.codes) for v in self.variables if v.stored
-        }
+        dimensions = {v.name: Dimension(v.name, v, v.codes) for v in self.variables if v.stored}
         for d in self.derived:
             source = self._variables[d.source]
             group_index = {g: i for i, g in enumerate(d.groups)}
@@ -335,7 +331,9 @@ def _parse_variable(raw: Mapping[str, Any]) -> Variable:
     low = high = None
     if kind is Kind.INTEGER:
         bounds = _require(raw, "range", name)
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(type(b) is int for b in bounds)):
+        if not (
+            isinstance(bounds, list) and len(bounds) == 2 and all(type(b) is int for b in bounds)
+        ):
             raise CodebookError(f"{name}: range must be [low, high] integers")
         low, high = bounds
         if low > high:
@@ -385,7 +383,7 @@ def _derived_mapping(
         else:
             r = regions[str(code)]
             mapping[code] = r.region if kind is DerivedKind.M49_REGION else r.subregion
-    groups = tuple(sorted(set(mapping.values()) - {UNKNOWN_REGION})) + (UNKNOWN_REGION,)
+    groups = (*sorted(set(mapping.values()) - {UNKNOWN_REGION}), UNKNOWN_REGION)
     return groups, mapping
 
 
@@ -402,12 +400,17 @@ def _parse_codebook(raw: Mapping[str, Any]) -> Codebook:
             if flag not in by_name or by_name[flag].kind is not Kind.FLAG:
                 raise CodebookError(f"flag set {f['name']}: {flag!r} is not a flag variable")
         flag_sets.append(
-            FlagSet(str(f["name"]), str(f.get("label", f["name"])), flags, str(f.get("definition", "")))
+            FlagSet(
+                str(f["name"]), str(f.get("label", f["name"])), flags, str(f.get("definition", ""))
+            )
         )
     derived = []
     for d in raw.get("derived", ()) or ():
         source_name = str(_require(d, "source", d.get("name", "derived")))
-        if source_name not in by_name or by_name[source_name].kind not in (Kind.CATEGORY, Kind.COUNTRY):
+        if source_name not in by_name or by_name[source_name].kind not in (
+            Kind.CATEGORY,
+            Kind.COUNTRY,
+        ):
             raise CodebookError(f"derived {d.get('name')}: source must be a category or country")
         try:
             kind = DerivedKind(_require(d, "kind", d["name"]))

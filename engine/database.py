@@ -15,7 +15,9 @@ from engine.errors import LoadError
 from engine.sql import create_table
 
 
-def create(path: str | Path, codebook: Codebook, *, overwrite: bool = False) -> duckdb.DuckDBPyConnection:
+def create(
+    path: str | Path, codebook: Codebook, *, overwrite: bool = False
+) -> duckdb.DuckDBPyConnection:
     """A new DuckDB file holding an empty `records` table typed from `codebook`."""
     path = Path(path)
     if path.exists():

@@ -156,4 +156,3 @@ class Engine:
 
     def _loss(self, amount: Fraction) -> PrivacyLoss:
         return PrivacyLoss(self.settings.accounting, amount)
-

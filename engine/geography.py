@@ -40,7 +40,10 @@ def country_name(code: str) -> str:
 
 @functools.cache
 def _alpha3(code: str) -> str:
-    return str(pycountry.countries.get(alpha_2=code).alpha_3)
+    country = pycountry.countries.get(alpha_2=code)
+    if country is None:
+        raise KeyError(code)
+    return str(country.alpha_3)
 
 
 @functools.cache
@@ -68,8 +71,8 @@ def m49_regions() -> dict[str, CountryRegions]:
     region_of_subregion = {sub: counts.most_common(1)[0][0] for sub, counts in votes.items()}
     result: dict[str, CountryRegions] = {}
     for code in iso_alpha2_codes():
-        row = table.get(_alpha3(code))
-        subregion = row["UNregion"] if row else ""
+        found = table.get(_alpha3(code))
+        subregion = found["UNregion"] if found else ""
         if subregion:
             result[code] = CountryRegions(region_of_subregion[subregion], subregion)
         else:

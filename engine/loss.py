@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from fractions import Fraction
-from typing import Union
 
 from engine.errors import InvalidLossError
 
@@ -21,7 +20,7 @@ from engine.errors import InvalidLossError
 MIN_AMOUNT = Fraction(1, 10**6)
 MAX_AMOUNT = Fraction(100)
 
-Number = Union[int, float, str, Decimal, Fraction]
+Number = int | float | str | Decimal | Fraction
 
 
 class Accounting(Enum):

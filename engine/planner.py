@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Union
+from typing import Any
 
 from engine.codebook import Code, Codebook, Dimension, Kind, Variable
 from engine.errors import InvalidQueryError, LimitExceededError
@@ -70,7 +70,7 @@ class Constant:
     value: bool
 
 
-CanonicalFilter = Union[Atom, AllOf, AnyOf, Constant]
+CanonicalFilter = Atom | AllOf | AnyOf | Constant
 TRUE, FALSE = Constant(True), Constant(False)
 
 
@@ -237,7 +237,9 @@ class Plan:
 
     @property
     def count_mechanism(self) -> Mechanism:
-        return next(m for m, c in zip(self.mechanisms, self.components) if c.thresholded)
+        return next(
+            m for m, c in zip(self.mechanisms, self.components, strict=True) if c.thresholded
+        )
 
 
 def _check_limits(query: Query, settings: Settings) -> None:
@@ -319,7 +321,7 @@ def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: Priva
     mechanisms = tuple(
         calibrate(loss.accounting, sensitivity=c.sensitivity, budget=share) for c in components
     )
-    count_mechanism = next(m for m, c in zip(mechanisms, components) if c.thresholded)
+    count_mechanism = next(m for m, c in zip(mechanisms, components, strict=True) if c.thresholded)
     tau = settings.k + count_mechanism.distribution.suppression_margin(settings.beta)
 
     canonical = json.dumps(

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from engine.errors import InvalidQueryError
 
-Value = Union[str, int]
+Value = str | int
 
 
 # ---- filters ---------------------------------------------------------------------------------
@@ -49,7 +49,9 @@ class Range:
 
     def __post_init__(self) -> None:
         if self.low is None and self.high is None:
-            raise InvalidQueryError(f"{self.variable}: a range needs a bound", variable=self.variable)
+            raise InvalidQueryError(
+                f"{self.variable}: a range needs a bound", variable=self.variable
+            )
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Or:
             raise InvalidQueryError("OR needs at least one operand")
 
 
-Filter = Union[Eq, In, Range, IsMissing, Not, And, Or]
+Filter = Eq | In | Range | IsMissing | Not | And | Or
 
 
 # ---- measures --------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ class Proportion:
     condition: Filter
 
 
-Measure = Union[Count, FlagCounts, Sum, Mean, Proportion]
+Measure = Count | FlagCounts | Sum | Mean | Proportion
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def _measure_to_dict(measure: Measure) -> dict[str, Any]:
 
 
 def _measure_from_dict(raw: Mapping[str, Any]) -> Measure:
-    (kind, arg), = raw.items()
+    ((kind, arg),) = raw.items()
     if kind == "count":
         return Count()
     if kind == "flag_counts":
@@ -204,7 +206,7 @@ def filter_to_dict(f: Filter) -> dict[str, Any]:
 
 
 def filter_from_dict(raw: Mapping[str, Any]) -> Filter:
-    (kind, arg), = raw.items()
+    ((kind, arg),) = raw.items()
     if kind == "eq":
         return Eq(str(arg[0]), arg[1])
     if kind == "in":

@@ -37,7 +37,9 @@ def release_path(plan: Plan, true_count: int) -> list[Outcome]:
     """Many independent releases of one cell, through the engine's mechanism and rule."""
     noisy = plan.count_mechanism.release(np.full(RELEASES, true_count, dtype=np.int64))
     published = publishable(noisy, plan.tau)
-    return [int(v) if p else SUPPRESSED for v, p in zip(noisy.tolist(), published.tolist())]
+    return [
+        int(v) if p else SUPPRESSED for v, p in zip(noisy.tolist(), published.tolist(), strict=True)
+    ]
 
 
 def suppress_on_true_count(plan: Plan, true_count: int) -> list[Outcome]:

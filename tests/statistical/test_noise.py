@@ -72,8 +72,9 @@ def test_a_mechanism_with_the_wrong_scale_fails_the_same_check(
 ) -> None:
     claimed = calibrate(accounting, sensitivity=sensitivity, budget=budget)
     wrong_scale = claimed.scale * factor
-    broken = Mechanism(accounting, wrong_scale, sensitivity, claimed.loss,
-                       _measurement(accounting, wrong_scale))
+    broken = Mechanism(
+        accounting, wrong_scale, sensitivity, claimed.loss, _measurement(accounting, wrong_scale)
+    )
     assert not scale_is_right(broken, claimed.distribution)
 
 

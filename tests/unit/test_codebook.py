@@ -32,8 +32,13 @@ def test_every_variable_has_a_definition_and_a_type() -> None:
 
 @pytest.mark.parametrize(
     ("name", "size"),
-    [("meansOfControl", 18), ("exploitationType", 8), ("labourType", 13), ("sexType", 4),
-     ("recruiterRelation", 5)],
+    [
+        ("meansOfControl", 18),
+        ("exploitationType", 8),
+        ("labourType", 13),
+        ("sexType", 4),
+        ("recruiterRelation", 5),
+    ],
 )
 def test_flag_sets_are_first_class(name: str, size: int) -> None:
     flag_set = default_codebook().flag_set(name)
@@ -55,8 +60,15 @@ def test_m49_regions_come_from_the_maintained_table() -> None:
     codebook = default_codebook()
     region = codebook.dimension("citizenshipRegion")
     subregion = codebook.dimension("citizenshipSubregion")
-    assert set(region.keys) == {"Africa", "Americas", "Asia", "Europe", "Oceania", "Antarctica",
-                                "Unknown"}
+    assert set(region.keys) == {
+        "Africa",
+        "Americas",
+        "Asia",
+        "Europe",
+        "Oceania",
+        "Antarctica",
+        "Unknown",
+    }
     mapping = region.derived.mapping if region.derived else {}
     assert mapping["NA"] == "Africa" and mapping["GB"] == "Europe" and mapping["CO"] == "Americas"
     assert mapping["00"] == "Unknown"
@@ -109,8 +121,10 @@ def _minimal(**overrides: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"variables": [{"name": "a", "type": "flag"}, {"name": "a", "type": "flag"}]},
-         "duplicate variable"),
+        (
+            {"variables": [{"name": "a", "type": "flag"}, {"name": "a", "type": "flag"}]},
+            "duplicate variable",
+        ),
         ({"variables": [{"name": "a", "type": "weird"}]}, "unknown type"),
         ({"variables": [{"name": "a", "type": "integer", "range": [5, 1]}]}, "exceeds"),
         ({"variables": [{"name": "a", "type": "category"}]}, "needs categories"),

@@ -42,13 +42,25 @@ def plan(query: Query, *, settings: Settings = SETTINGS, loss: PrivacyLoss = EPS
     [
         (Query(Count(), by=("nationality",)), "nationality", "unknown variable"),
         (Query(Count(), where=Eq("gender", "Alien")), "gender", "not in the codebook domain"),
-        (Query(Count(), where=In("citizenship", ["US", "XK"])), "citizenship", "not in the codebook"),
-        (Query(Count(), where=Eq("citizenshipRegion", "Atlantis")), "citizenshipRegion", "not one of"),
+        (
+            Query(Count(), where=In("citizenship", ["US", "XK"])),
+            "citizenship",
+            "not in the codebook",
+        ),
+        (
+            Query(Count(), where=Eq("citizenshipRegion", "Atlantis")),
+            "citizenshipRegion",
+            "not one of",
+        ),
         (Query(Count(), where=Range("gender", 1, 2)), "gender", "needs an integer"),
         (Query(Sum("gender")), "gender", "integer variable"),
         (Query(FlagCounts("notASet")), "notASet", "unknown flag set"),
         (Query(Count(), where=Eq("isSexualExploit", 2)), "isSexualExploit", "not in the codebook"),
-        (Query(Count(), where=Eq("yearOfRegistration", "twenty")), "yearOfRegistration", "not an integer"),
+        (
+            Query(Count(), where=Eq("yearOfRegistration", "twenty")),
+            "yearOfRegistration",
+            "not an integer",
+        ),
     ],
 )
 def test_invalid_queries_name_variable_and_reason(query: Query, variable: str, reason: str) -> None:
@@ -64,12 +76,17 @@ def test_too_many_cells_is_rejected_from_the_codebook_alone() -> None:
         plan(corridor, settings=Settings(max_cells=1000))
     # A flag set multiplies the cells by its flags.
     with pytest.raises(LimitExceededError):
-        plan(Query(FlagCounts("meansOfControl"), by=("citizenship",)), settings=Settings(max_cells=4000))
+        plan(
+            Query(FlagCounts("meansOfControl"), by=("citizenship",)),
+            settings=Settings(max_cells=4000),
+        )
 
 
 def test_dimension_depth_and_term_limits() -> None:
     with pytest.raises(LimitExceededError, match="group-by dimensions"):
-        plan(Query(Count(), by=("gender", "ageBroad", "Datasource", "majorityStatus", "isAbduction")))
+        plan(
+            Query(Count(), by=("gender", "ageBroad", "Datasource", "majorityStatus", "isAbduction"))
+        )
     deep: object = Eq("gender", "Male")
     for _ in range(20):
         deep = Not(deep)  # type: ignore[arg-type]
@@ -136,28 +153,40 @@ def test_fingerprint_sees_through_dummy_conditions() -> None:
     base = fp(Query(Count(), where=x))
     assert fp(Query(Count(), where=And(x, always))) == base
     assert fp(Query(Count(), where=And(x, every_year))) == base
-    assert fp(Query(Count(), where=And(x, Range("yearOfRegistration", 1900, None), every_year))) != base
+    assert (
+        fp(Query(Count(), where=And(x, Range("yearOfRegistration", 1900, None), every_year)))
+        != base
+    )
 
 
 def test_fingerprint_merges_region_and_its_countries() -> None:
     region = CODEBOOK.dimension("citizenshipRegion")
-    africa = sorted(c for c, r in (region.derived.mapping.items() if region.derived else ()) if r == "Africa")
+    africa = sorted(
+        c for c, r in (region.derived.mapping.items() if region.derived else ()) if r == "Africa"
+    )
     assert fp(Query(Count(), where=Eq("citizenshipRegion", "Africa"))) == fp(
         Query(Count(), where=In("citizenship", africa))
     )
 
 
 def test_fingerprint_ignores_group_by_order_but_not_meaning() -> None:
-    assert fp(Query(Count(), by=("gender", "ageBroad"))) == fp(Query(Count(), by=("ageBroad", "gender")))
+    assert fp(Query(Count(), by=("gender", "ageBroad"))) == fp(
+        Query(Count(), by=("ageBroad", "gender"))
+    )
     assert fp(Query(Count(), by=("gender",))) != fp(Query(Count(), by=("ageBroad",)))
-    assert fp(Query(Count(), where=Eq("gender", "Male"))) != fp(Query(Count(), where=Eq("gender", "Female")))
+    assert fp(Query(Count(), where=Eq("gender", "Male"))) != fp(
+        Query(Count(), where=Eq("gender", "Female"))
+    )
     assert fp(Query(Count())) != fp(Query(FlagCounts("sexType")))
 
 
 def test_negation_is_complement_including_missing() -> None:
     # NOT (gender = Male) admits Female, Transgender/NonConforming and missing.
     assert fp(Query(Count(), where=Not(Eq("gender", "Male")))) == fp(
-        Query(Count(), where=Or(In("gender", ["Female", "Transgender/NonConforming"]), IsMissing("gender")))
+        Query(
+            Count(),
+            where=Or(In("gender", ["Female", "Transgender/NonConforming"]), IsMissing("gender")),
+        )
     )
 
 

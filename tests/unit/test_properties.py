@@ -23,9 +23,17 @@ from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
 from engine.sql import Statement, create_table
 
 CODEBOOK = default_codebook()
-COLUMNS = ["gender", "ageBroad", "citizenship", "yearOfRegistration", "isSexualExploit",
-           "meansOfControlDebtBondage", "meansOfControlThreats", "meansOfControlOther",
-           "recruiterRelationFamily"]
+COLUMNS = [
+    "gender",
+    "ageBroad",
+    "citizenship",
+    "yearOfRegistration",
+    "isSexualExploit",
+    "meansOfControlDebtBondage",
+    "meansOfControlThreats",
+    "meansOfControlOther",
+    "recruiterRelationFamily",
+]
 
 
 class MemoryBackend:
@@ -40,7 +48,9 @@ class MemoryBackend:
             names = ", ".join(f'"{c}"' for c in COLUMNS)
             self.connection.execute(f"INSERT INTO records ({names}) SELECT {names} FROM incoming")
 
-    def run(self, statement: Statement, *, cancel: threading.Event | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, statement: Statement, *, cancel: threading.Event | None = None
+    ) -> dict[str, np.ndarray]:
         return self.connection.execute(statement.text, list(statement.parameters)).fetchnumpy()
 
     def data_version(self) -> str:
@@ -52,8 +62,11 @@ def value_strategy(name: str) -> st.SearchStrategy[Any]:
     if variable.kind is Kind.INTEGER:
         assert variable.low is not None and variable.high is not None
         # Extreme values: the bounds themselves, and the first and last code.
-        return st.one_of(st.none(), st.sampled_from([variable.low, variable.high]),
-                         st.integers(variable.low, variable.high))
+        return st.one_of(
+            st.none(),
+            st.sampled_from([variable.low, variable.high]),
+            st.integers(variable.low, variable.high),
+        )
     return st.one_of(st.none(), st.sampled_from(list(variable.codes)))
 
 
@@ -70,7 +83,9 @@ QUERIES = [
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.lists(RECORD, max_size=30), extra=RECORD, query_index=st.integers(0, len(QUERIES) - 1))
+@given(
+    rows=st.lists(RECORD, max_size=30), extra=RECORD, query_index=st.integers(0, len(QUERIES) - 1)
+)
 def test_one_record_moves_each_component_by_at_most_its_sensitivity(
     rows: list[dict[str, Any]], extra: dict[str, Any], query_index: int
 ) -> None:

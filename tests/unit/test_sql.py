@@ -23,7 +23,11 @@ def statement(query: Query):  # type: ignore[no-untyped-def]
 
 def test_values_never_appear_in_the_text() -> None:
     s = statement(
-        Query(Count(), by=("gender",), where=And(Eq("Datasource", "Hotline"), In("citizenship", ["US", "NA"])))
+        Query(
+            Count(),
+            by=("gender",),
+            where=And(Eq("Datasource", "Hotline"), In("citizenship", ["US", "NA"])),
+        )
     )
     assert "Hotline" not in s.text and "'US'" not in s.text and "'NA'" not in s.text
     assert "Hotline" in s.parameters and "US" in s.parameters and "NA" in s.parameters

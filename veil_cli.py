@@ -1,0 +1,48 @@
+"""The `veil` command: one entry point that hands each subcommand to the package that owns it.
+
+Subcommand modules are imported only when used, so `veil query` (client) needs neither DuckDB
+nor OpenDP, while `veil load` (engine) needs no gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command -> (module, function that adds the command's parser, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("engine.demo", "add_demo_command"),
+    "load": ("engine.cli", "add_load_command"),
+    "synth": ("engine.synthetic", "add_synth_command"),
+    "ledger": ("engine.ledger_cli", "add_ledger_command"),
+    "serve": ("server.cli", "add_serve_command"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veil", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, adder) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        try:
+            add = getattr(importlib.import_module(module), adder)
+        except (ImportError, AttributeError):
+            continue  # a command whose package is not installed is simply not offered
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    first = args_list[0] if args_list and not args_list[0].startswith("-") else None
+    parser = build_parser(first if first in COMMANDS else None)
+    args = parser.parse_args(args_list)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
