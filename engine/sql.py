@@ -47,7 +47,9 @@ class _Builder:
         missing = len(dimension.keys)
         if dimension.derived is not None:
             lookup = self.bind(list(dimension.source_to_key))
-            return f"coalesce(list_extract({lookup}::INTEGER[], enum_code({column}) + 1), {missing})"
+            return (
+                f"coalesce(list_extract({lookup}::INTEGER[], enum_code({column}) + 1), {missing})"
+            )
         if variable.kind in (Kind.CATEGORY, Kind.COUNTRY):
             return f"coalesce(enum_code({column})::INTEGER, {missing})"
         if variable.kind is Kind.FLAG:
@@ -115,7 +117,7 @@ def build(plan: Plan) -> Statement:
     # Parameters bind in text order: cell index, then aggregates, then the WHERE clause.
     index_terms = [
         f"{builder.key_index(d)} * {s}" if s != 1 else builder.key_index(d)
-        for d, s in zip(plan.dimensions, strides)
+        for d, s in zip(plan.dimensions, strides, strict=False)
     ]
     cell = " + ".join(index_terms) if index_terms else "0"
     aggregates = [f"{builder.aggregate(c)} AS c{i}" for i, c in enumerate(plan.components)]
@@ -149,7 +151,7 @@ def code_literal_type(variable: Variable) -> str:
     if variable.kind is Kind.FLAG:
         return "UTINYINT"
     assert variable.low is not None and variable.high is not None
-    return "SMALLINT" if -(2**15) <= variable.low and variable.high < 2**15 else "INTEGER"
+    return "SMALLINT" if variable.low >= -(2**15) and variable.high < 2**15 else "INTEGER"
 
 
 def _string_literal(value: str) -> str:
@@ -164,3 +166,222 @@ def create_table(codebook: Codebook) -> str:
     )
     return f"CREATE TABLE {TABLE} ({columns})"
 
+
+# ---- load statements ----
+# Statements for `engine.loader`, the custodian's tool that writes a data file. Every source
+# column is read as text and renamed by position (c0, c1, ...), so no header text from a file
+# ever enters SQL. The file path, missing codes and integer bounds are bound parameters; category
+# spellings and ENUM member lists are literals escaped by `_string_literal`. One subquery turns
+# source text into typed values; the check and the insert both read it, so a cell counted as out
+# of the domain is exactly a cell that would be stored as missing.
+
+# An integer as source files write it: optional sign, digits, an all-zero fraction ("2018",
+# "1.0"). DuckDB's own VARCHAR -> BIGINT cast is looser ("1.5" -> 2, "0x10" -> 16, "1_0" -> 10).
+_INTEGER_TEXT = r"[+-]?[0-9]{1,18}(\.0*)?"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A source file as the loader reads it: `width` columns, data after `skip` lines (CSV)."""
+
+    path: str
+    format: str  # "csv" or "parquet"
+    width: int
+    skip: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in ("csv", "parquet"):
+            raise ValueError(f"unknown source format {self.format!r}")
+
+
+@dataclass(frozen=True)
+class LoadColumn:
+    """A stored variable read from the source column at `position`.
+
+    `spellings` maps each accepted source spelling of a category variable to its code.
+    """
+
+    variable: Variable
+    position: int
+    spellings: tuple[tuple[str, str], ...] = ()
+
+
+class _Parameters:
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def bind(self, value: Any) -> str:
+        self.values.append(value)
+        return "?"
+
+
+def source_column(position: int) -> str:
+    """The name the loader gives the source column at `position`."""
+    return f"c{position}"
+
+
+def describe_parquet(path: str) -> Statement:
+    """Column names and types of a Parquet file."""
+    return Statement("DESCRIBE SELECT * FROM read_parquet(?)", (path,))
+
+
+def load_settings() -> tuple[str, ...]:
+    """Settings for the loader's own writable connection: progress is polled, never printed."""
+    return (
+        "SET enable_progress_bar = true",
+        "SET enable_progress_bar_print = false",
+        "SET progress_bar_time = 0",
+    )
+
+
+def load_check(
+    source: SourceFile,
+    columns: tuple[LoadColumn, ...],
+    unknown: tuple[int, ...],
+    missing: tuple[str, ...],
+) -> Statement:
+    """One row: the row count `n`; per listed column k, its numbers of missing cells `m{k}` and
+    of out-of-domain cells `x{k}`; per unknown column position j, its non-empty cells `u{j}`."""
+    parts = ["count(*) AS n"]
+    for k in range(len(columns)):
+        parts.append(f"count(*) FILTER (WHERE m{k}) AS m{k}")
+        parts.append(f"count(*) FILTER (WHERE NOT m{k} AND v{k} IS NULL) AS x{k}")
+    parts.extend(f"count(*) FILTER (WHERE u{j} <> '') AS u{j}" for j in range(len(unknown)))
+    parameters = _Parameters()
+    cells = _load_cells(parameters, source, columns, unknown, missing)
+    return Statement(f"SELECT {', '.join(parts)} FROM {cells}", tuple(parameters.values))
+
+
+def load_out_of_domain(
+    source: SourceFile, columns: tuple[LoadColumn, ...], missing: tuple[str, ...]
+) -> Statement:
+    """Each listed column's out-of-domain source texts and their counts, grouped per column in
+    one scan: a row has its text in x{k} for column k and NULL in the others, then `count`.
+    One row per column has every x NULL (the cells in the domain); skip it."""
+    bad = ", ".join(
+        f"CASE WHEN NOT m{k} AND v{k} IS NULL THEN r{k} END AS x{k}" for k in range(len(columns))
+    )
+    names = [f"x{k}" for k in range(len(columns))]
+    sets = ", ".join(f"({name})" for name in names)
+    parameters = _Parameters()
+    cells = _load_cells(parameters, source, columns, (), missing)
+    text = (
+        f"SELECT {', '.join(names)}, count(*) AS count FROM (SELECT {bad} FROM {cells}) AS bad "
+        f"GROUP BY GROUPING SETS ({sets})"
+    )
+    return Statement(text, tuple(parameters.values))
+
+
+def load_insert(
+    source: SourceFile, columns: tuple[LoadColumn, ...], missing: tuple[str, ...]
+) -> Statement:
+    """Insert every source row into the records table: each listed column's value, NULL when
+    the cell is missing or outside the domain. Stored variables not listed are left NULL."""
+    if not columns:
+        raise ValueError("an insert needs at least one column")
+    names = ", ".join(quote(c.variable.name) for c in columns)
+    values = ", ".join(
+        f"CAST(v{k} AS {code_literal_type(c.variable)})" for k, c in enumerate(columns)
+    )
+    parameters = _Parameters()
+    cells = _load_cells(parameters, source, columns, (), missing)
+    text = f"INSERT INTO {TABLE} ({names}) SELECT {values} FROM {cells}"
+    return Statement(text, tuple(parameters.values))
+
+
+def _load_cells(
+    parameters: _Parameters,
+    source: SourceFile,
+    columns: tuple[LoadColumn, ...],
+    unknown: tuple[int, ...],
+    missing: tuple[str, ...],
+) -> str:
+    """A subquery with, per listed column k: r{k} its source text, m{k} whether it is missing,
+    v{k} its value when it lies in the domain (NULL when missing or outside); per unknown
+    column j: u{j}, its trimmed text ('' when empty)."""
+    # Parameters bind in text order and each level reads the one written after it, so the
+    # levels are written (and bind) from the outermost in.
+    carried = [f"u{j}" for j in range(len(unknown))]
+    levels: list[list[str]] = []
+    # Level 4: range check of parsed integers; other values pass through.
+    level = []
+    for k, c in enumerate(columns):
+        variable = c.variable
+        if variable.kind is Kind.FLAG:
+            level.append(f"r{k}, m{k}, CASE WHEN p{k} IN (0, 1) THEN p{k} END AS v{k}")
+        elif variable.kind is Kind.INTEGER:
+            low, high = parameters.bind(variable.low), parameters.bind(variable.high)
+            in_range = f"CASE WHEN p{k} BETWEEN {low} AND {high} THEN p{k} END"
+            level.append(f"r{k}, m{k}, {in_range} AS v{k}")
+        else:
+            level.append(f"r{k}, m{k}, p{k} AS v{k}")
+    levels.append(level + carried)
+    # Level 3: the value a present cell's text stands for, NULL when it stands for none.
+    level = [
+        f"r{k}, m{k}, CASE WHEN m{k} THEN NULL ELSE {_load_value(c, f't{k}')} END AS p{k}"
+        for k, c in enumerate(columns)
+    ]
+    levels.append(level + carried)
+    # Level 2: whether a cell is missing.
+    level = []
+    for k in range(len(columns)):
+        codes = ", ".join(parameters.bind(code) for code in missing)
+        listed = f" OR t{k} IN ({codes})" if missing else ""
+        level.append(f"r{k}, t{k}, (r{k} IS NULL{listed}) AS m{k}")
+    levels.append(level + carried)
+    # Level 1: each cell's text and its trimmed text.
+    level = []
+    for k, c in enumerate(columns):
+        text = _load_text(source, c.position)
+        level.append(f"{text} AS r{k}, trim({text}) AS t{k}")
+    for j, position in enumerate(unknown):
+        column = quote(source_column(position))
+        level.append(f"trim(coalesce(CAST({column} AS VARCHAR), '')) AS u{j}")
+    levels.append(level)
+    reader = _load_source(parameters, source)
+    text = reader
+    for depth, parts in enumerate(reversed(levels)):
+        text = f"(SELECT {', '.join(parts)} FROM {text}) AS level{depth + 1}"
+    return text
+
+
+def _load_text(source: SourceFile, position: int) -> str:
+    column = quote(source_column(position))
+    if source.format == "csv":
+        return f"coalesce({column}, '')"  # an empty CSV cell is the empty string
+    return f"CAST({column} AS VARCHAR)"  # a Parquet null stays NULL: missing
+
+
+def _load_value(column: LoadColumn, text: str) -> str:
+    variable = column.variable
+    if variable.kind is Kind.CATEGORY:
+        cases = " ".join(
+            f"WHEN {_string_literal(spelling)} THEN {_string_literal(code)}"
+            for spelling, code in column.spellings
+        )
+        return f"CASE {text} {cases} END" if cases else "NULL"
+    if variable.kind is Kind.COUNTRY:
+        return f"TRY_CAST({text} AS {code_literal_type(variable)})"
+    parsed = (
+        f"CASE WHEN regexp_full_match({text}, {_string_literal(_INTEGER_TEXT)}) "
+        f"THEN TRY_CAST(split_part({text}, '.', 1) AS BIGINT) END"
+    )
+    if variable.kind is Kind.FLAG:
+        # Most flag cells are written "0" or "1": skip the pattern for those.
+        return f"CASE {text} WHEN '0' THEN 0 WHEN '1' THEN 1 ELSE {parsed} END"
+    return parsed
+
+
+def _load_source(parameters: _Parameters, source: SourceFile) -> str:
+    names = ", ".join(quote(source_column(i)) for i in range(source.width))
+    if source.format == "parquet":
+        return f"read_parquet({parameters.bind(source.path)}) AS source({names})"
+    # Every column is text and the dialect is fixed, so nothing is guessed from the data; the
+    # header lines are skipped (the loader reads them itself); only an empty cell reads as NULL.
+    path = parameters.bind(source.path)
+    skip = parameters.bind(source.skip)
+    types = parameters.bind({source_column(i): "VARCHAR" for i in range(source.width)})
+    return (
+        f"read_csv({path}, header = false, skip = {skip}, columns = {types}, "
+        f"auto_detect = false, delim = ',', quote = '\"', escape = '\"') AS source({names})"
+    )

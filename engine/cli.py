@@ -1,0 +1,103 @@
+"""The custodian's command-line tools: `veil load`, and more to come.
+
+Each command is one `add_*_command(subparsers)` function that declares its arguments and sets
+its handler; a handler takes the parsed arguments and returns the exit status. Errors the
+engine raises on purpose are printed to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from engine.codebook import load_codebook
+from engine.errors import VeilError
+from engine.loader import load
+
+EXIT_OK = 0
+EXIT_REFUSED = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_load_command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """`veil load SOURCE DATABASE`: load a CSV or Parquet file into a new data file."""
+    parser = subparsers.add_parser(
+        "load",
+        help="load a CSV or Parquet source file into a new data file",
+        description=(
+            "Load a CSV (.csv, .csv.gz) or Parquet file into a new DuckDB data file typed from "
+            "the codebook, and print the load report. Strict mode (the default) refuses a file "
+            "with values outside the codebook domain, a codebook variable missing or an unknown "
+            "column holding data; --lenient stores such values as missing and reports them."
+        ),
+    )
+    parser.add_argument("source", type=Path, help="the source file (.csv, .csv.gz, .parquet)")
+    parser.add_argument("database", type=Path, help="the DuckDB data file to create")
+    parser.add_argument(
+        "--codebook",
+        default="ctdc_v7",
+        help="a shipped codebook name or a codebook YAML path (default: ctdc_v7)",
+    )
+    parser.add_argument(
+        "--lenient",
+        action="store_true",
+        help="store out-of-domain values as missing, load absent variables as missing, and "
+        "ignore unknown columns, reporting all of it",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DATABASE if it exists")
+    parser.add_argument(
+        "--data-version",
+        default=None,
+        help="the data version to record (default: codebook@version:sha256-prefix of SOURCE)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress bars on stderr (default: when stderr is a terminal)",
+    )
+    parser.set_defaults(handler=run_load)
+    return parser
+
+
+def run_load(args: argparse.Namespace) -> int:
+    codebook = load_codebook(args.codebook)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    report = load(
+        args.source,
+        args.database,
+        codebook=codebook,
+        strict=not args.lenient,
+        overwrite=args.overwrite,
+        data_version=args.data_version,
+        progress=progress,
+    )
+    sys.stdout.write(report.render())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veil", description="veil: the custodian's data tools")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_load_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (2 when the engine refuses)."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except VeilError as exc:
+        print(f"veil {args.command}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""The loader: real CTDC file quirks, strict and lenient domain checks, Parquet, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine.backend import DuckDBBackend
+from engine.cli import main
+from engine.codebook import Codebook, Kind, default_codebook, load_codebook
+from engine.errors import LoadError
+from engine.loader import LoadReport, load
+from engine.sql import Statement
+
+EXCERPT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ctdc_global_2020_excerpt.csv"
+CTDC = default_codebook()
+TERMS = (
+    "By using this data, you agree to the CTDC terms of use, including that you will not "
+    'attempt to identify any individual ("re-identification"), and that you will cite the source.'
+)
+
+needs_excerpt = pytest.mark.skipif(
+    not EXCERPT.exists(), reason=f"the CTDC 2020 excerpt fixture is not at {EXCERPT}"
+)
+
+
+# ---- helpers ----
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def ctdc_file(
+    path: Path,
+    rows: Sequence[Mapping[str, str]],
+    *,
+    missing: str = "-99",
+    terms_column: bool = False,
+    rename: Mapping[str, str] | None = None,
+    drop: Sequence[str] = (),
+    extra: Mapping[str, Sequence[str]] | None = None,
+) -> Path:
+    """A CSV with every CTDC v7 column; cells not given are written as `missing`."""
+    names = [v.name for v in CTDC.variables if v.name not in drop]
+    header = [(rename or {}).get(name, name) for name in names]
+    body = [[row.get(name, missing) for name in names] for row in rows]
+    if terms_column:
+        header = [TERMS, *header]
+        body = [["", *cells] for cells in body]
+    for name, cells in (extra or {}).items():
+        header.append(name)
+        body = [[*row, cell] for row, cell in zip(body, cells, strict=True)]
+    return write_csv(path, header, body)
+
+
+def fetch(database: Path, sql: str) -> list[tuple[Any, ...]]:
+    with duckdb.connect(str(database), read_only=True) as connection:
+        return connection.execute(sql).fetchall()
+
+
+def records(database: Path, *columns: str) -> list[tuple[Any, ...]]:
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    return fetch(database, f"SELECT {quoted} FROM records ORDER BY rowid")
+
+
+def null_counts(database: Path, codebook: Codebook) -> dict[str, int]:
+    names = [v.name for v in codebook.stored_variables]
+    row = fetch(
+        database, "SELECT " + ", ".join(f'count(*) - count("{n}")' for n in names) + " FROM records"
+    )[0]
+    return dict(zip(names, row, strict=True))
+
+
+def excerpt_rows() -> list[dict[str, str]]:
+    with EXCERPT.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---- the real 2020 excerpt ----
+
+
+@needs_excerpt
+def test_excerpt_loads_strict_with_exact_counts(tmp_path: Path) -> None:
+    database = tmp_path / "ctdc.duckdb"
+    report = load(EXCERPT, database, codebook=CTDC)
+    rows = excerpt_rows()
+    assert report.rows == len(rows) == 44
+    assert report.strict and not report.out_of_domain and not report.mapped_to_missing
+    assert not report.absent
+
+    citizenship = Counter(r["citizenship"] for r in rows)
+    stored = dict(fetch(database, "SELECT citizenship, count(*) FROM records GROUP BY 1"))
+    assert stored["00"] == citizenship["00"] > 0  # the unknown-country code, kept as a value
+    assert stored["CO"] == citizenship["CO"] > 0
+    females = sum(r["gender"] == "Female" for r in rows)
+    assert fetch(database, "SELECT count(*) FROM records WHERE gender = 'Female'")[0][0] == females
+    young = sum(r["ageBroad"] == "18--20" for r in rows)
+    assert young > 0
+    assert fetch(database, "SELECT count(*) FROM records WHERE ageBroad = '18--20'")[0][0] == young
+    abduction_missing = sum(r["isAbduction"] == "-99" for r in rows)
+    assert report.missing["isAbduction"] == abduction_missing > 0
+    abducted = sum(r["isAbduction"] == "1" for r in rows)
+    assert fetch(database, "SELECT count(*) FROM records WHERE isAbduction = 1")[0][0] == abducted
+
+
+@needs_excerpt
+def test_excerpt_every_column_matches_the_csv(tmp_path: Path) -> None:
+    database = tmp_path / "ctdc.duckdb"
+    report = load(EXCERPT, database, codebook=CTDC)
+    rows = excerpt_rows()
+    nulls = null_counts(database, CTDC)
+    for variable in CTDC.stored_variables:
+        name = variable.name
+        expected_missing = sum(r[name] == "-99" for r in rows)
+        assert report.missing[name] == nulls[name] == expected_missing, name
+        expected = Counter(r[name] for r in rows if r[name] != "-99")
+        found = fetch(
+            database,
+            f'SELECT "{name}", count(*) FROM records WHERE "{name}" IS NOT NULL GROUP BY 1',
+        )
+        assert {str(v): n for v, n in found} == dict(expected), name
+    concatenated = {v.name for v in CTDC.variables if v.kind is Kind.CONCATENATED}
+    assert {s.header for s in report.skipped} == concatenated
+    assert all("concatenated" in s.reason for s in report.skipped)
+
+
+# ---- every quirk of the real files in one crafted file ----
+
+
+def quirky_file(path: Path) -> Path:
+    rows = [
+        {  # 2018/2020 style: -99 for missing, flags written as floats, the codebook's age label
+            "yearOfRegistration": "2018",
+            "Datasource": "Case management",
+            "gender": "Female",
+            "ageBroad": "18\u201320",  # an en dash, as the codebook prints it
+            "citizenship": "NA",
+            "CountryOfExploitation": "00",
+            "isForcedLabour": "1.0",
+            "isSexualExploit": "0.0",
+            "meansOfControlConcatenated": "Threats;Takes earnings",
+        },
+        {  # 2021 style: blank for missing
+            "yearOfRegistration": "2021",
+            "Datasource": "Case Management",
+            "gender": "Male",
+            "ageBroad": "0--8",
+            "citizenship": "00",
+            "CountryOfExploitation": "NA",
+            "isForcedLabour": "0",
+            "isSexualExploit": "1",
+            "majorityStatus": "",
+        },
+        {  # every cell missing, in both spellings
+            "yearOfRegistration": "",
+            "Datasource": "-99",
+            "gender": "",
+            "ageBroad": "-99",
+            "citizenship": "",
+            "CountryOfExploitation": "-99",
+            "isForcedLabour": "",
+            "isSexualExploit": "-99",
+        },
+    ]
+    return ctdc_file(
+        path, rows, terms_column=True, rename={"CountryOfExploitation": "CountryOfExploition"}
+    )
+
+
+def test_every_quirk_loads_strict(tmp_path: Path) -> None:
+    database = tmp_path / "quirks.duckdb"
+    report = load(quirky_file(tmp_path / "quirks.csv"), database, codebook=CTDC)
+    assert report.rows == 3 and not report.out_of_domain
+    assert records(
+        database,
+        "yearOfRegistration",
+        "Datasource",
+        "gender",
+        "ageBroad",
+        "citizenship",
+        "CountryOfExploitation",
+        "isForcedLabour",
+        "isSexualExploit",
+    ) == [
+        (2018, "Case Management", "Female", "18--20", "NA", "00", 1, 0),
+        (2021, "Case Management", "Male", "0--8", "00", "NA", 0, 1),
+        (None, None, None, None, None, None, None, None),
+    ]
+    assert report.renamed == {"CountryOfExploition": "CountryOfExploitation"}
+    skipped = {s.header: s for s in report.skipped}
+    assert skipped[TERMS].position == 0 and "every cell is empty" in skipped[TERMS].reason
+    assert "concatenated" in skipped["meansOfControlConcatenated"].reason
+    assert report.missing["citizenship"] == 1 and report.missing["majorityStatus"] == 3
+    assert report.missing == null_counts(database, CTDC)
+    text = report.render()
+    assert "'CountryOfExploition' -> CountryOfExploitation" in text
+    assert "every cell is empty" in text and "3 rows" in text
+
+
+def test_types_come_from_the_codebook(tmp_path: Path) -> None:
+    database = tmp_path / "quirks.duckdb"
+    load(quirky_file(tmp_path / "quirks.csv"), database, codebook=CTDC)
+    types = dict(
+        fetch(
+            database,
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'records'",
+        )
+    )
+    assert types["yearOfRegistration"] == "SMALLINT"
+    assert types["isForcedLabour"] == "UTINYINT"
+    assert types["gender"].startswith("ENUM(") and types["citizenship"].startswith("ENUM(")
+    assert "meansOfControlConcatenated" not in types
+
+
+def test_byte_order_mark_and_gzip(tmp_path: Path) -> None:
+    plain = quirky_file(tmp_path / "quirks.csv")
+    marked = tmp_path / "marked.csv"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    zipped = tmp_path / "quirks.csv.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    expected = records(load_into(plain, tmp_path / "a.duckdb"), "citizenship", "ageBroad")
+    for source in (marked, zipped):
+        database = load_into(source, tmp_path / f"{source.name}.duckdb")
+        assert records(database, "citizenship", "ageBroad") == expected
+
+
+def load_into(source: Path, database: Path, **options: Any) -> Path:
+    load(source, database, codebook=options.pop("codebook", CTDC), **options)
+    return database
+
+
+def test_integers_and_flags_are_parsed_exactly(tmp_path: Path) -> None:
+    rows = [
+        {"yearOfRegistration": "2018.0", "isAbduction": "1.00"},
+        {"yearOfRegistration": " 2019 ", "isAbduction": "01"},
+        {"yearOfRegistration": "2018.5", "isAbduction": "1.5"},
+        {"yearOfRegistration": "0x7e2", "isAbduction": "true"},
+    ]
+    database = tmp_path / "numbers.duckdb"
+    report = load(ctdc_file(tmp_path / "numbers.csv", rows), database, codebook=CTDC, strict=False)
+    assert records(database, "yearOfRegistration", "isAbduction") == [
+        (2018, 1),
+        (2019, 1),
+        (None, None),
+        (None, None),
+    ]
+    assert report.out_of_domain == {
+        "yearOfRegistration": {"0x7e2": 1, "2018.5": 1},
+        "isAbduction": {"1.5": 1, "true": 1},
+    }
+
+
+# ---- values outside the domain ----
+
+
+def dirty_file(path: Path) -> Path:
+    rows = [
+        {"yearOfRegistration": "2019", "gender": "Alien", "citizenship": "XK", "isAbduction": "1"},
+        {"yearOfRegistration": "1990", "gender": "Alien", "citizenship": "CO", "isAbduction": "2"},
+        {"yearOfRegistration": "2020", "gender": "Female", "citizenship": "XK", "isAbduction": "0"},
+        {
+            "yearOfRegistration": "2020",
+            "gender": "female",
+            "citizenship": "-99",
+            "isAbduction": "-99",
+        },
+    ]
+    return ctdc_file(path, rows)
+
+
+def test_strict_refuses_out_of_domain_values_naming_them(tmp_path: Path) -> None:
+    database = tmp_path / "dirty.duckdb"
+    with pytest.raises(LoadError) as error:
+        load(dirty_file(tmp_path / "dirty.csv"), database, codebook=CTDC)
+    message = str(error.value)
+    for column, value in [
+        ("gender", "'Alien' (2 cells)"),
+        ("gender", "'female'"),
+        ("citizenship", "'XK' (2 cells)"),
+        ("yearOfRegistration", "'1990'"),
+        ("isAbduction", "'2'"),
+    ]:
+        assert column in message and value in message
+    assert not database.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirty.csv"]  # nothing left behind
+
+
+def test_lenient_maps_out_of_domain_values_to_missing_and_counts_them(tmp_path: Path) -> None:
+    database = tmp_path / "dirty.duckdb"
+    report = load(dirty_file(tmp_path / "dirty.csv"), database, codebook=CTDC, strict=False)
+    assert report.rows == 4 and not report.strict
+    assert report.out_of_domain == {
+        "yearOfRegistration": {"1990": 1},
+        "gender": {"Alien": 2, "female": 1},
+        "citizenship": {"XK": 2},
+        "isAbduction": {"2": 1},
+    }
+    assert report.mapped_to_missing == {
+        "yearOfRegistration": 1,
+        "gender": 3,
+        "citizenship": 2,
+        "isAbduction": 1,
+    }
+    assert report.missing["citizenship"] == 1 and report.missing["gender"] == 0
+    assert records(database, "yearOfRegistration", "gender", "citizenship", "isAbduction") == [
+        (2019, None, None, 1),
+        (None, None, "CO", None),
+        (2020, "Female", None, 0),
+        (2020, None, None, None),
+    ]
+    nulls = null_counts(database, CTDC)
+    for name in CTDC.stored_variables:
+        assert nulls[name.name] == report.missing[name.name] + report.mapped_to_missing.get(
+            name.name, 0
+        )
+    text = report.render()
+    assert "gender: 'Alien' (2 cells), 'female' (1 cell)" in text and "lenient" in text
+
+
+def test_strict_refusal_keeps_an_existing_database(tmp_path: Path) -> None:
+    database = tmp_path / "kept.duckdb"
+    first = load(quirky_file(tmp_path / "quirks.csv"), database, codebook=CTDC)
+    with pytest.raises(LoadError):
+        load(dirty_file(tmp_path / "dirty.csv"), database, codebook=CTDC, overwrite=True)
+    assert DuckDBBackend(database).data_version() == first.data_version
+
+
+def test_an_existing_database_needs_overwrite(tmp_path: Path) -> None:
+    source = quirky_file(tmp_path / "quirks.csv")
+    database = load_into(source, tmp_path / "db.duckdb")
+    with pytest.raises(LoadError, match="exists"):
+        load(source, database, codebook=CTDC)
+    report = load(source, database, codebook=CTDC, overwrite=True, data_version="second")
+    assert DuckDBBackend(database).data_version() == report.data_version == "second"
+
+
+# ---- columns: absent, unknown, duplicated ----
+
+
+def test_absent_variable_strict_refuses_lenient_loads_missing(tmp_path: Path) -> None:
+    source = ctdc_file(tmp_path / "short.csv", [{"gender": "Male"}] * 3, drop=["isAbduction"])
+    with pytest.raises(LoadError, match="isAbduction"):
+        load(source, tmp_path / "strict.duckdb", codebook=CTDC)
+    database = tmp_path / "lenient.duckdb"
+    report = load(source, database, codebook=CTDC, strict=False)
+    assert report.absent == ("isAbduction",) and report.missing["isAbduction"] == 3
+    assert null_counts(database, CTDC)["isAbduction"] == 3
+    assert "isAbduction" in report.render()
+
+
+def test_unknown_column_with_data_strict_refuses_lenient_ignores(tmp_path: Path) -> None:
+    source = ctdc_file(
+        tmp_path / "extra.csv",
+        [{"gender": "Male"}, {"gender": "Female"}],
+        extra={"caseNotes": ["met at border", ""], "": ["", ""]},
+    )
+    with pytest.raises(LoadError, match="caseNotes"):
+        load(source, tmp_path / "strict.duckdb", codebook=CTDC)
+    report = load(source, tmp_path / "lenient.duckdb", codebook=CTDC, strict=False)
+    skipped = {s.header: s.reason for s in report.skipped}
+    assert "1 cell with data ignored" in skipped["caseNotes"]
+    assert "every cell is empty" in skipped[""]
+
+
+def test_two_columns_for_one_variable_are_refused(tmp_path: Path) -> None:
+    source = ctdc_file(
+        tmp_path / "twice.csv", [{"gender": "Male"}], extra={"CountryOfExploition": ["US"]}
+    )
+    with pytest.raises(LoadError, match="CountryOfExploitation"):
+        load(source, tmp_path / "db.duckdb", codebook=CTDC, strict=False)
+
+
+def test_unreadable_sources_are_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match=r"expected a \.csv"):
+        load(tmp_path / "data.xlsx", tmp_path / "db.duckdb", codebook=CTDC)
+    with pytest.raises(LoadError, match="does not exist"):
+        load(tmp_path / "absent.csv", tmp_path / "db.duckdb", codebook=CTDC)
+    ragged = write_csv(
+        tmp_path / "ragged.csv",
+        [v.name for v in CTDC.variables],
+        [["2019"] * len(CTDC.variables), ["2019"]],
+    )
+    with pytest.raises(LoadError, match=r"ragged\.csv"):
+        load(ragged, tmp_path / "db.duckdb", codebook=CTDC, strict=False)
+    assert not (tmp_path / "db.duckdb").exists()
+
+
+# ---- Parquet ----
+
+
+def test_parquet_with_text_and_typed_columns(tmp_path: Path) -> None:
+    csv_database = load_into(quirky_file(tmp_path / "quirks.csv"), tmp_path / "csv.duckdb")
+    with (tmp_path / "quirks.csv").open(newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle))
+    header, body = table[0], table[1:]
+    columns: dict[str, pa.Array] = {}
+    for i, name in enumerate(header):
+        cells = [row[i] for row in body]
+        if name == "yearOfRegistration":  # an integer column with a null
+            columns[name] = pa.array([int(c) if c else None for c in cells], pa.int64())
+        elif name == "isForcedLabour":  # a float column, as pandas writes flags with gaps
+            columns[name] = pa.array([float(c) if c else None for c in cells], pa.float64())
+        else:
+            columns[name] = pa.array(cells, pa.string())
+    source = tmp_path / "quirks.parquet"
+    pq.write_table(pa.table(columns), source)
+    database = tmp_path / "parquet.duckdb"
+    report = load(source, database, codebook=CTDC)
+    assert report.rows == 3 and not report.out_of_domain
+    names = [v.name for v in CTDC.stored_variables]
+    assert records(database, *names) == records(csv_database, *names)
+
+
+# ---- the data version and the read-only backend ----
+
+
+def test_default_data_version_and_backend(tmp_path: Path) -> None:
+    source = quirky_file(tmp_path / "quirks.csv")
+    database = tmp_path / "db.duckdb"
+    report = load(source, database, codebook=CTDC)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    assert report.data_version == f"ctdc@7:{digest}"
+    backend = DuckDBBackend(database)
+    try:
+        assert backend.data_version() == report.data_version
+        counts = backend.run(Statement("SELECT count(*) AS n FROM records", ()))
+        assert int(counts["n"][0]) == 3
+    finally:
+        backend.close()
+
+
+# ---- a second codebook ----
+
+
+def test_ics_tip_codebook_with_aliases_and_its_own_missing_codes(tmp_path: Path) -> None:
+    codebook = load_codebook("ics_tip_victims")
+    header = [
+        "dat", "ret", "sxv", "agv", "stv", "civ", "coe",
+        "isSexualExploitation", "isForcedLabour", "isForcedCriminality", "isForcedBegging",
+        "isForcedMarriage", "isOrganRemoval", "isOtherExploitation",
+    ]  # fmt: skip
+    rows = [
+        ["2023", "Police", "Female", "17", "Child", "NA", "ZZ", "1", "0", "0", "0", "0", "0", "0"],
+        ["2024", "Civil society", "Male", "-9", "", "ZZ", "DE", "0", "1.0", "", "", "", "", ""],
+    ]
+    database = tmp_path / "ics.duckdb"
+    report = load(write_csv(tmp_path / "ics.csv", header, rows), database, codebook=codebook)
+    assert report.rows == 2 and report.data_version.startswith("ics_tip_victims@1:")
+    assert records(
+        database, "reportingYear", "reportingEntityType", "ageYears", "citizenship",
+        "countryOfExploitation", "isForcedLabour", "isForcedBegging",
+    ) == [
+        (2023, "Police", 17, "NA", "ZZ", 0, 0),
+        (2024, "CivilSociety", None, "ZZ", "DE", 1, None),
+    ]  # fmt: skip
+    assert report.missing["ageYears"] == 1 and report.missing["isForcedBegging"] == 1
+    assert report.renamed["ret"] == "reportingEntityType"
+    rows[0][5] = "00"  # CTDC's unknown-country code is not this codebook's
+    with pytest.raises(LoadError, match="citizenship: '00'"):
+        load(
+            write_csv(tmp_path / "bad.csv", header, rows),
+            tmp_path / "bad.duckdb",
+            codebook=codebook,
+        )
+
+
+# ---- the command line ----
+
+
+def test_cli_load_prints_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = quirky_file(tmp_path / "quirks.csv")
+    database = tmp_path / "db.duckdb"
+    assert main(["load", str(source), str(database), "--data-version", "v1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Loaded 3 rows" in out and "v1" in out and "strict" in out
+    assert DuckDBBackend(database).data_version() == "v1"
+
+    assert main(["load", str(source), str(database)]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_strict_refusal_and_lenient(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = dirty_file(tmp_path / "dirty.csv")
+    database = tmp_path / "db.duckdb"
+    assert main(["load", str(source), str(database), "--codebook", "ctdc_v7"]) == 2
+    captured = capsys.readouterr()
+    assert "'Alien'" in captured.err and "gender" in captured.err and captured.out == ""
+    assert not database.exists()
+    assert main(["load", str(source), str(database), "--lenient", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "lenient" in out and "'Alien' (2 cells)" in out
+
+
+def test_cli_codebook_path_and_bad_codebook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = quirky_file(tmp_path / "quirks.csv")
+    path = Path(__file__).resolve().parents[2] / "engine" / "codebooks" / "ctdc_v7.yaml"
+    assert main(["load", str(source), str(tmp_path / "a.duckdb"), "--codebook", str(path)]) == 0
+    assert "ctdc@7" in capsys.readouterr().out
+    assert main(["load", str(source), str(tmp_path / "b.duckdb"), "--codebook", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_report_is_frozen(tmp_path: Path) -> None:
+    report: LoadReport = load(
+        quirky_file(tmp_path / "q.csv"), tmp_path / "db.duckdb", codebook=CTDC
+    )
+    with pytest.raises(AttributeError):
+        report.rows = 0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        report.missing["gender"] = 0  # type: ignore[index]
