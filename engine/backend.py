@@ -80,7 +80,8 @@ class DuckDBBackend:
             cursor.close()
         if cancel is not None and cancel.is_set():
             raise QueryCancelledError("the query was cancelled while it ran")
-        return {name: np.asarray(column) for name, column in result.items()}
+        # Masked arrays keep NULL (a missing key) distinct from the code 0.
+        return dict(result)
 
     def close(self) -> None:
         self._connection.close()

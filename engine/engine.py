@@ -19,14 +19,14 @@ import numpy as np
 
 from engine.accuracy import NoiseDistribution, round_up_amount, share_for_scale
 from engine.backend import Backend
-from engine.codebook import Codebook
+from engine.codebook import Codebook, Dimension, Kind
 from engine.errors import InvalidLossError
 from engine.loss import PrivacyLoss
 from engine.planner import Plan, plan_query
 from engine.query import Query
 from engine.release import Answer, Charger, Release, build_answer
 from engine.settings import Settings
-from engine.sql import build
+from engine.sql import build, group_columns
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,16 @@ class Engine:
         True values: they go to the noise mechanisms and nowhere else.
         """
         result = self.backend.run(build(plan), cancel=cancel)
-        index = result["cell"].astype(np.int64)
+        columns = [v.name for v in group_columns(plan)]
+        cell = np.zeros(len(result["c0"]), dtype=np.int64)
+        for dimension in plan.dimensions:
+            raw = result[f"k{columns.index(dimension.variable.name)}"]
+            cell = cell * dimension.size + key_positions(dimension, raw)
         vectors = []
         for position in range(len(plan.components)):
             dense = np.zeros(plan.group_cells, dtype=np.int64)
-            dense[index] = result[f"c{position}"].astype(np.int64)
+            # Several groups land in one cell when a derived dimension merges source codes.
+            np.add.at(dense, cell, np.asarray(result[f"c{position}"], dtype=np.int64))
             vectors.append(dense)
         return vectors
 
@@ -144,7 +149,9 @@ class Engine:
     ) -> Release:
         """Plan, reserve, answer, commit: the only way a release comes into being."""
         plan = self.plan(query, loss=loss)
-        reservation = charger.reserve(plan, client=client, request_id=request_id)
+        reservation = charger.reserve(
+            plan, client=client, request_id=request_id, data_version=self.data_version
+        )
         if reservation.stored is not None:
             return reservation.stored
         try:
@@ -156,3 +163,17 @@ class Engine:
 
     def _loss(self, amount: Fraction) -> PrivacyLoss:
         return PrivacyLoss(self.settings.accounting, amount)
+
+
+def key_positions(dimension: Dimension, raw: np.ndarray) -> np.ndarray:
+    """Positions along `dimension` of raw stored keys; missing (NULL) is the last position."""
+    missing = np.ma.getmaskarray(raw)
+    values = np.ma.getdata(raw).astype(np.int64)
+    variable = dimension.variable
+    if variable.kind is Kind.INTEGER:
+        assert variable.low is not None
+        values = values - variable.low
+    values = np.where(missing, 0, values)
+    if dimension.derived is not None:
+        values = np.asarray(dimension.source_to_key, dtype=np.int64)[values]
+    return np.where(missing, len(dimension.keys), values)

@@ -113,7 +113,9 @@ class Reservation(Protocol):
 class Charger(Protocol):
     """The ledger's side of the seam."""
 
-    def reserve(self, plan: Plan, *, client: str, request_id: str) -> Reservation: ...
+    def reserve(
+        self, plan: Plan, *, client: str, request_id: str, data_version: str
+    ) -> Reservation: ...
 
 
 # ---- building the table -------------------------------------------------------------------

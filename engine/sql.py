@@ -1,9 +1,11 @@
 """The only module that writes SQL text.
 
 One statement per query. Identifiers come from the codebook (checked to be plain names) and every
-value is a bound parameter. The statement returns one row per non-empty cell: the cell's index in
-the row-major order of the plan's public domain, then one integer per component. The engine
-densifies that over the full domain, so the set of rows DuckDB returns never shapes the release.
+value is a bound parameter. The statement groups by the stored columns the plan's dimensions read
+(`group_columns`), as a hand-written GROUP BY would, and returns for each non-empty group the raw
+key of each column (k0, k1, ...: the ENUM's code, the flag, or the integer; NULL for missing) and
+one integer per component (c0, c1, ...). The engine maps keys to cells of the public domain and
+densifies, so the set of rows DuckDB returns never shapes the release.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from engine.codebook import Codebook, Dimension, Kind, Variable
+from engine.codebook import Codebook, Kind, Variable
 from engine.planner import AllOf, AnyOf, Atom, CanonicalFilter, Component, Constant, Plan
 
 TABLE = "records"
@@ -40,21 +42,12 @@ class _Builder:
         self.parameters.append(value)
         return "?"
 
-    def key_index(self, dimension: Dimension) -> str:
-        """The 0-based key index of a row along one dimension; missing is the last key."""
-        variable = dimension.variable
+    def key(self, variable: Variable) -> str:
+        """The raw key of a grouped column: an ENUM's code, or the stored integer."""
         column = quote(variable.name)
-        missing = len(dimension.keys)
-        if dimension.derived is not None:
-            lookup = self.bind(list(dimension.source_to_key))
-            return (
-                f"coalesce(list_extract({lookup}::INTEGER[], enum_code({column}) + 1), {missing})"
-            )
         if variable.kind in (Kind.CATEGORY, Kind.COUNTRY):
-            return f"coalesce(enum_code({column})::INTEGER, {missing})"
-        if variable.kind is Kind.FLAG:
-            return f"coalesce({column}::INTEGER, {missing})"
-        return f"coalesce(({column} - {self.bind(variable.low)})::INTEGER, {missing})"
+            return f"enum_code({column})::INTEGER"
+        return f"{column}::INTEGER"
 
     def condition(self, f: CanonicalFilter) -> str:
         if isinstance(f, Constant):
@@ -87,7 +80,7 @@ class _Builder:
         if component.aggregate == "count":
             return "count(*)"
         if component.aggregate == "flag":
-            return f"count(*) FILTER (WHERE {quote(component.argument)} = 1)"
+            return f"count_if({quote(component.argument)} = 1)"
         if component.aggregate == "count_where":
             return f"count(*) FILTER (WHERE {self.condition(component.argument)})"
         variable: Variable = component.argument
@@ -105,29 +98,27 @@ def _order(variable: Variable) -> Any:
     return lambda code: index[code]
 
 
+def group_columns(plan: Plan) -> tuple[Variable, ...]:
+    """The stored columns a plan groups by, once each (a derived dimension reads its source)."""
+    seen: dict[str, Variable] = {}
+    for dimension in plan.dimensions:
+        seen.setdefault(dimension.variable.name, dimension.variable)
+    return tuple(seen.values())
+
+
 def build(plan: Plan) -> Statement:
-    """The statement that computes every component of `plan` for every non-empty cell."""
+    """The statement that computes every component of `plan` for every non-empty group."""
     builder = _Builder(plan.codebook)
-    strides = []
-    stride = 1
-    for dimension in reversed(plan.dimensions):
-        strides.append(stride)
-        stride *= dimension.size
-    strides.reverse()
-    # Parameters bind in text order: cell index, then aggregates, then the WHERE clause.
-    index_terms = [
-        f"{builder.key_index(d)} * {s}" if s != 1 else builder.key_index(d)
-        for d, s in zip(plan.dimensions, strides, strict=False)
-    ]
-    cell = " + ".join(index_terms) if index_terms else "0"
+    columns = group_columns(plan)
+    # Parameters bind in text order: keys, aggregates, then the WHERE clause.
+    keys = [f"{builder.key(v)} AS k{i}" for i, v in enumerate(columns)]
     aggregates = [f"{builder.aggregate(c)} AS c{i}" for i, c in enumerate(plan.components)]
     where = builder.condition(plan.where)
-    source = _source(plan.codebook)
-    text = f"SELECT ({cell})::INTEGER AS cell, {', '.join(aggregates)} FROM {source}"
+    text = f"SELECT {', '.join([*keys, *aggregates])} FROM {_source(plan.codebook)}"
     if where != "TRUE":
         text += f" WHERE {where}"
-    if plan.dimensions:
-        text += " GROUP BY ALL"
+    if columns:
+        text += " GROUP BY " + ", ".join(quote(v.name) for v in columns)
     return Statement(text, tuple(builder.parameters))
 
 

@@ -34,11 +34,16 @@ def test_values_never_appear_in_the_text() -> None:
     assert s.text.count("?") == len(s.parameters)
 
 
-def test_one_statement_with_cell_index_and_one_column_per_component() -> None:
+def test_one_statement_with_raw_keys_and_one_column_per_component() -> None:
     s = statement(Query(FlagCounts("sexType"), by=("gender", "ageBroad")))
-    assert s.text.startswith("SELECT (")
-    assert len(re.findall(r" AS c\d+\b", s.text)) == 4 and "GROUP BY ALL" in s.text
+    assert re.findall(r" AS (k\d+|c\d+)\b", s.text) == ["k0", "k1", "c0", "c1", "c2", "c3"]
+    assert s.text.endswith('GROUP BY "ageBroad", "gender"')
     assert ";" not in s.text
+
+
+def test_a_derived_dimension_groups_by_its_source_once() -> None:
+    s = statement(Query(Count(), by=("citizenship", "citizenshipRegion")))
+    assert s.text.endswith('GROUP BY "citizenship"')
 
 
 def test_ungrouped_queries_return_one_row() -> None:
