@@ -36,7 +36,7 @@ class InvalidLossError(VeilError):
 
 
 class LoadError(VeilError):
-    """A source file cannot be loaded (unreadable, wrong columns, or out-of-domain in strict mode)."""
+    """A source file cannot be loaded: unreadable, wrong columns, or out of domain when strict."""
 
 
 class BudgetExceededError(VeilError):
@@ -50,6 +50,18 @@ class BudgetExceededError(VeilError):
 
 class LedgerUnavailableError(VeilError):
     """The ledger cannot durably record a charge; nothing is released."""
+
+
+class LedgerIntegrityError(LedgerUnavailableError):
+    """The ledger's audit log or totals fail verification; it serves nothing until checked."""
+
+
+class UnknownClientError(VeilError):
+    """The client is not registered with the ledger, or its registration has been revoked."""
+
+
+class ClientRegistryError(VeilError):
+    """A client, institution or cap change is invalid or conflicts with what is recorded."""
 
 
 class RequestConflictError(VeilError):

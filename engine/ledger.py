@@ -1,0 +1,2174 @@
+"""The privacy-budget ledger: exact, durable, race-free charges, stored releases, an audit log.
+
+The ledger is the only module that writes the ledger database, a SQLite file of its own (WAL
+journal, full sync), apart from the read-only data file. It implements the `Charger` side of the
+release seam:
+
+    ledger = Ledger.open("ledger.sqlite", accounting=Accounting.PURE_DP, dataset_cap="10",
+                         data_version=engine.data_version)
+    ledger.register_client("alice", role="researcher", institution="iom", cap="2")
+    release = engine.release(query, loss=loss, charger=ledger, client="alice", request_id="r-1")
+
+A request goes through `reserve` (check every cap and hold the charge, durably), the engine's
+computation, then `commit` (store the release bytes, turn the hold into a charge and append the
+audit entry, in one transaction); only then is the release handed out. A failure in between
+cancels the hold, and a hold left by a crash is cancelled when the ledger is next opened: nothing
+was handed out, so giving the budget back is safe. Nothing leaves without its charge.
+
+- Budgets are exact rationals, stored as `format_amount` text and compared as `Fraction`. Caps
+  exist per client, per institution (optional) and per data version of the dataset; a held
+  reservation counts against every cap until it is committed or cancelled.
+- Every charge runs in a `BEGIN IMMEDIATE` transaction, so concurrent reservations serialise on
+  the database's write lock (one connection per thread) and a cap can never be overrun.
+- A retry with the same (client, request id) returns the stored release byte for byte with no
+  second charge; the same id with a different query or loss is refused.
+- A query whose canonical fingerprint matches a release already made on the same data version,
+  at a loss at least as large as the one asked for, gets that stored release at zero charge, to
+  any client. While one request for a (fingerprint, data version) is being computed, others for
+  it wait and then replay, so no two fresh draws of one query ever exist side by side.
+- The audit log lives in the same file and is written in the same transactions. Each entry is
+  canonical JSON and is hash-chained to the one before it; `verify` walks the chain, replays the
+  budget movements it records and reconciles them with the totals, the charges and the stored
+  release bytes. Entries hold ids, canonical queries, amounts and hashes, never a true value.
+- One process writes a ledger at a time (an exclusive lock on `<ledger>.lock`); any number may
+  read it with `Ledger.open_readonly`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from engine.errors import (
+    BudgetExceededError,
+    ClientRegistryError,
+    InvalidLossError,
+    LedgerIntegrityError,
+    LedgerUnavailableError,
+    RequestConflictError,
+    UnknownClientError,
+    VeilError,
+)
+from engine.loss import Accounting, Number, exact_amount, format_amount, parse_amount
+from engine.planner import Plan
+from engine.release import Answer, Release
+
+SCHEMA_VERSION = "1"
+GENESIS_HASH = "0" * 64
+ROLES = ("researcher", "auditor", "admin")
+SCOPE_KINDS = ("client", "institution", "dataset")
+HOOK_POINTS = ("after_reserve", "after_compute", "after_commit")
+
+Hooks = Callable[[str], None]
+T = TypeVar("T")
+
+_ZERO = Fraction(0)
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}$")
+_EVENT = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_HASH_TEXT = re.compile(r"^\S{32,512}$")
+
+# Fields of every audit entry, in every entry (null where they do not apply).
+ENTRY_FIELDS = (
+    "seq",
+    "time",
+    "event",
+    "accounting",
+    "client",
+    "request_id",
+    "charge_id",
+    "data_version",
+    "fingerprint",
+    "canonical_query",
+    "outcome",
+    "charge",
+    "release_id",
+    "release_sha256",
+    "budget",
+    "detail",
+)
+# Events the ledger writes itself; `audit` refuses them so that no caller can forge one.
+LEDGER_EVENTS = frozenset(
+    {
+        "create",
+        "open",
+        "reserve",
+        "release",
+        "cancel",
+        "abandon",
+        "replay",
+        "retry",
+        "refused",
+        "register_client",
+        "set_cap",
+        "set_token",
+        "revoke",
+        "set_institution_cap",
+        "set_dataset_cap",
+        "set_delta",
+    }
+)
+
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT",
+    """CREATE TABLE clients (
+        client_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('researcher', 'auditor', 'admin')),
+        institution TEXT,
+        cap TEXT NOT NULL,
+        token_hash TEXT UNIQUE,
+        status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    ) STRICT""",
+    "CREATE TABLE institutions (institution TEXT PRIMARY KEY, cap TEXT NOT NULL) STRICT",
+    "CREATE TABLE dataset_caps (data_version TEXT PRIMARY KEY, cap TEXT NOT NULL) STRICT",
+    """CREATE TABLE totals (
+        kind TEXT NOT NULL, name TEXT NOT NULL, spent TEXT NOT NULL, held TEXT NOT NULL,
+        PRIMARY KEY (kind, name)
+    ) STRICT""",
+    """CREATE TABLE charges (
+        charge_id TEXT PRIMARY KEY,
+        client TEXT NOT NULL REFERENCES clients (client_id),
+        institution TEXT,
+        request_id TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('charge', 'replay')),
+        fingerprint TEXT NOT NULL,
+        canonical_query TEXT NOT NULL,
+        data_version TEXT NOT NULL,
+        requested TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('reserved', 'committed', 'cancelled')),
+        release_id TEXT,
+        reserved_at TEXT NOT NULL,
+        settled_at TEXT,
+        reason TEXT
+    ) STRICT""",
+    # One live charge per request id; a cancelled attempt leaves the id free for its retry.
+    """CREATE UNIQUE INDEX charges_request ON charges (client, request_id)
+        WHERE state != 'cancelled'""",
+    "CREATE INDEX charges_release ON charges (release_id)",
+    """CREATE TABLE releases (
+        release_id TEXT PRIMARY KEY,
+        charge_id TEXT NOT NULL UNIQUE REFERENCES charges (charge_id),
+        client TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        canonical_query TEXT NOT NULL,
+        data_version TEXT NOT NULL,
+        loss TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        bytes BLOB NOT NULL
+    ) STRICT""",
+    "CREATE INDEX releases_query ON releases (fingerprint, data_version)",
+    """CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
+    ) STRICT""",
+    # Guard rails: the log and the releases are append-only, and a charge changes only once,
+    # from reserved to committed or cancelled. (Anyone who can write the file can drop these;
+    # the hash chain and `verify` are what catch that.)
+    """CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    """CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    """CREATE TRIGGER releases_append_only_update BEFORE UPDATE ON releases
+        BEGIN SELECT RAISE(ABORT, 'stored releases are immutable'); END""",
+    """CREATE TRIGGER releases_append_only_delete BEFORE DELETE ON releases
+        BEGIN SELECT RAISE(ABORT, 'stored releases are immutable'); END""",
+    """CREATE TRIGGER charges_no_delete BEFORE DELETE ON charges
+        BEGIN SELECT RAISE(ABORT, 'charges are never deleted'); END""",
+    """CREATE TRIGGER charges_settle_once BEFORE UPDATE ON charges
+        WHEN OLD.state != 'reserved' OR NEW.state = 'reserved'
+            OR NEW.amount IS NOT OLD.amount OR NEW.client IS NOT OLD.client
+            OR NEW.institution IS NOT OLD.institution OR NEW.data_version IS NOT OLD.data_version
+            OR NEW.fingerprint IS NOT OLD.fingerprint OR NEW.request_id IS NOT OLD.request_id
+            OR NEW.kind IS NOT OLD.kind
+        BEGIN SELECT RAISE(ABORT, 'a charge is settled once, from reserved'); END""",
+)
+_TRIGGERS = (
+    "audit_append_only_update",
+    "audit_append_only_delete",
+    "releases_append_only_update",
+    "releases_append_only_delete",
+    "charges_no_delete",
+    "charges_settle_once",
+)
+
+
+# ---- values ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """A registered client. The token hash is stored for the server, which checks tokens."""
+
+    client_id: str
+    role: str
+    institution: str | None
+    cap: Fraction
+    status: str  # "active" or "revoked"
+    token_hash: str | None
+    created_at: str
+    revoked_at: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass(frozen=True)
+class ScopeBudget:
+    """Spending against one cap: a client, an institution or one data version of the dataset.
+
+    `spent` is committed charges; `held` is reservations not yet settled, which count against
+    the cap too. An institution without a cap of its own has `cap` None.
+    """
+
+    kind: str
+    name: str
+    cap: Fraction | None
+    spent: Fraction
+    held: Fraction
+
+    @property
+    def used(self) -> Fraction:
+        return self.spent + self.held
+
+    @property
+    def remaining(self) -> Fraction | None:
+        return None if self.cap is None else max(_ZERO, self.cap - self.used)
+
+    def to_dict(self, accounting: Accounting, delta: float) -> dict[str, Any]:
+        """Exact amounts as text, floats for display, and the (epsilon, delta) equivalents."""
+        remaining = self.remaining
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "name": self.name,
+            "cap": None if self.cap is None else format_amount(self.cap),
+            "spent": format_amount(self.spent),
+            "held": format_amount(self.held),
+            "remaining": None if remaining is None else format_amount(remaining),
+            "cap_float": None if self.cap is None else float(self.cap),
+            "spent_float": float(self.spent),
+            "remaining_float": None if remaining is None else float(remaining),
+        }
+        if accounting is Accounting.ZCDP:
+            out["spent_epsilon"] = epsilon_equivalent(accounting, self.spent, delta)
+            out["cap_epsilon"] = (
+                None if self.cap is None else epsilon_equivalent(accounting, self.cap, delta)
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class LedgerReport:
+    """Spent and remaining budget for every client, institution and data version."""
+
+    accounting: Accounting
+    delta: float
+    clients: tuple[ScopeBudget, ...]
+    institutions: tuple[ScopeBudget, ...]
+    datasets: tuple[ScopeBudget, ...]
+    head_seq: int
+    head_hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        def rows(scopes: tuple[ScopeBudget, ...]) -> list[dict[str, Any]]:
+            return [s.to_dict(self.accounting, self.delta) for s in scopes]
+
+        return {
+            "accounting": self.accounting.value,
+            "unit": "epsilon" if self.accounting is Accounting.PURE_DP else "rho",
+            "delta": self.delta,
+            "clients": rows(self.clients),
+            "institutions": rows(self.institutions),
+            "datasets": rows(self.datasets),
+            "audit_head": f"{self.head_seq}:{self.head_hash}",
+        }
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """One stored release: who paid for it, what it cost, how often it was replayed."""
+
+    release_id: str
+    charge_id: str
+    client: str
+    fingerprint: str
+    canonical_query: str
+    data_version: str
+    loss: Fraction
+    created_at: str
+    sha256: str
+    replays: int
+
+
+@dataclass(frozen=True)
+class ChargeRecord:
+    """One ledger row: a charge (reserved, committed or cancelled) or a free replay."""
+
+    charge_id: str
+    client: str
+    institution: str | None
+    request_id: str
+    kind: str  # "charge" or "replay"
+    fingerprint: str
+    data_version: str
+    requested: Fraction
+    amount: Fraction
+    state: str
+    release_id: str | None
+    reserved_at: str
+    settled_at: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    entry: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of `Ledger.verify`: the first broken or missing entry, and every problem."""
+
+    ok: bool
+    entries: int
+    head_seq: int
+    head_hash: str
+    first_bad_seq: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return (
+                f"ledger verified: {self.entries} audit entries, chain intact, totals, charges "
+                f"and stored releases reconcile; head {self.head_seq}:{self.head_hash}"
+            )
+        return f"ledger verification FAILED: {self.problems[0]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "head": f"{self.head_seq}:{self.head_hash}",
+            "first_bad_seq": self.first_bad_seq,
+            "problems": list(self.problems),
+            "message": self.message,
+        }
+
+
+def epsilon_equivalent(accounting: Accounting, amount: Fraction, delta: float) -> float:
+    """epsilon itself under pure DP; under rho-zCDP, rho + 2 sqrt(rho ln(1/delta))."""
+    if amount <= 0:
+        return 0.0
+    if accounting is Accounting.PURE_DP:
+        return float(amount)
+    rho = float(amount)
+    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+
+
+# ---- internal helpers --------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _chain_hash(prev_hash: str, entry: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + entry).hexdigest()
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+        raise VeilError(
+            f"{what} must be 1 to 128 letters, digits or . _ @ : + / - (starting with a letter "
+            f"or digit), got {value!r}"
+        )
+    return value
+
+
+def _loss_amount(value: Fraction) -> Fraction:
+    return exact_amount(value, what="privacy loss")
+
+
+def _cap_amount(value: Number, what: str) -> Fraction:
+    """A cap: zero (nothing may be spent) or a valid exact amount."""
+    if not isinstance(value, bool):
+        with contextlib.suppress(ArithmeticError, ValueError, TypeError):
+            if isinstance(value, str):
+                if Decimal(value.strip()) == 0:
+                    return _ZERO
+            elif value == 0:
+                return _ZERO
+    return exact_amount(value, what=what)
+
+
+_SQLITE_REASONS = {
+    sqlite3.SQLITE_FULL: "the disk holding the ledger is full",
+    sqlite3.SQLITE_IOERR: "the disk holding the ledger reported an I/O error",
+    sqlite3.SQLITE_READONLY: "the ledger file is read-only",
+    sqlite3.SQLITE_CANTOPEN: "the ledger file cannot be opened",
+    sqlite3.SQLITE_PERM: "permission to write the ledger file was denied",
+    sqlite3.SQLITE_CORRUPT: "the ledger file is damaged",
+    sqlite3.SQLITE_NOTADB: "the file is not a ledger database",
+    sqlite3.SQLITE_PROTOCOL: "the ledger's lock protocol failed",
+}
+
+
+def _unavailable(exc: sqlite3.Error, what: str, *, busy_timeout: float) -> LedgerUnavailableError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        reason = f"the ledger stayed locked for more than {busy_timeout:g} s"
+    elif primary == sqlite3.SQLITE_CONSTRAINT:
+        return LedgerIntegrityError(
+            f"cannot {what}: the ledger refused a change that would break its integrity "
+            f"({exc}); nothing was released"
+        )
+    else:
+        reason = _SQLITE_REASONS.get(primary or -1, f"the ledger database failed ({exc})")
+    return LedgerUnavailableError(f"cannot {what}: {reason} ({name}); nothing was released")
+
+
+@dataclass(frozen=True)
+class _ScopeKey:
+    kind: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass
+class _Outcome:
+    """What a reservation transaction decided. Errors are raised after the refusal is audited."""
+
+    error: VeilError | None = None
+    stored: bytes | None = None
+    charge_id: str | None = None
+    scopes: tuple[_ScopeKey, ...] = ()
+
+
+# ---- the reservation ---------------------------------------------------------------------------
+
+
+class LedgerReservation:
+    """A durable hold on budget for one request (the `Reservation` side of the seam)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        client: str,
+        request_id: str,
+        fingerprint: str,
+        data_version: str,
+        amount: Fraction,
+        charge_id: str | None = None,
+        scopes: tuple[_ScopeKey, ...] = (),
+        keys: tuple[tuple[str, ...], ...] = (),
+        stored: Release | None = None,
+    ) -> None:
+        self._ledger = ledger
+        self.client = client
+        self.request_id = request_id
+        self.fingerprint = fingerprint
+        self.data_version = data_version
+        self.amount = amount
+        self.charge_id = charge_id
+        self._scopes = scopes
+        self._keys = keys
+        self._stored = stored
+        self._state = "stored" if stored is not None else "reserved"
+
+    @property
+    def stored(self) -> Release | None:
+        """The release already made for this request or query; None when one must be computed."""
+        return self._stored
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def commit(self, answer: Answer) -> Release:
+        """Store the release and turn the hold into a charge, in one transaction; then return it."""
+        if self._state == "stored":
+            raise VeilError("this request was answered from a stored release; nothing to commit")
+        if self._state != "reserved":
+            raise VeilError(f"this reservation is already {self._state}")
+        assert self.charge_id is not None
+        try:
+            self._ledger._hook("after_compute")
+            self._check(answer)
+            release_id = _new_id("rel")
+            release = Release.from_answer(
+                answer, release_id=release_id, charge_id=self.charge_id, created_at=_now()
+            )
+            data = release.to_bytes()
+            self._ledger._write(
+                "record the charge and the release",
+                lambda c: self._ledger._commit_in(c, self, release, data),
+            )
+        except BaseException:
+            self._settle("commit_failed")
+            raise
+        self._state = "committed"
+        self._ledger._unclaim(self._keys)
+        self._ledger._hook("after_commit")
+        # Built from the stored bytes, exactly as every retry and replay of it will be.
+        return Release.from_bytes(data)
+
+    def cancel(self) -> None:
+        """Give the held budget back: nothing was released. Safe to call more than once.
+
+        If the ledger cannot be written just now, the hold stays counted against the caps (the
+        safe side) and is released by the next transaction that succeeds, or on the next open.
+        """
+        if self._state == "reserved":
+            self._settle("cancelled")
+
+    def _settle(self, reason: str) -> None:
+        if self._state != "reserved":
+            return
+        self._state = "cancelled"
+        try:
+            assert self.charge_id is not None
+            self._ledger._cancel(self.charge_id, reason)
+        finally:
+            self._ledger._unclaim(self._keys)
+
+    def _check(self, answer: Answer) -> None:
+        meta = answer.metadata
+        if (
+            meta.fingerprint != self.fingerprint
+            or meta.data_version != self.data_version
+            or meta.loss != format_amount(self.amount)
+            or meta.accounting != self._ledger.accounting.value
+        ):
+            raise VeilError(
+                "the answer does not match its reservation (query, data version, loss or "
+                "accounting differ); nothing was released"
+            )
+
+
+# ---- the ledger --------------------------------------------------------------------------------
+
+
+class Ledger:
+    """The durable privacy-budget ledger (the `Charger` side of the seam). Thread-safe."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        accounting: Accounting,
+        delta: float,
+        data_version: str | None,
+        hooks: Hooks | None,
+        readonly: bool,
+        busy_timeout: float,
+        wait_timeout: float,
+        lock_fd: int | None,
+    ) -> None:
+        self.path = path
+        self.accounting = accounting
+        self.delta = delta
+        self.data_version = data_version
+        self.readonly = readonly
+        self._hooks = hooks
+        self._busy_timeout = busy_timeout
+        self._wait_timeout = wait_timeout
+        self._lock_fd = lock_fd
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        self._cond = threading.Condition()
+        self._inflight: set[tuple[str, ...]] = set()
+        self._pending: dict[str, str] = {}  # charge id -> reason: cancels not yet written
+        self._pending_lock = threading.Lock()
+
+    # ---- opening and closing -------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        accounting: Accounting | str,
+        dataset_cap: Number,
+        delta: float = 1e-6,
+        data_version: str | None = None,
+        hooks: Hooks | None = None,
+        busy_timeout: float = 10.0,
+        wait_timeout: float = 600.0,
+    ) -> Ledger:
+        """Open (or create) a ledger for writing; one process at a time.
+
+        `dataset_cap` is the cap of every data version that has no cap of its own (see
+        `set_dataset_cap`). `delta` is the custodian's delta for reporting the (epsilon, delta)
+        equivalent of zCDP budgets. `data_version` is charged when `reserve` is not given one.
+        Reservations left open by a crash are cancelled here, and audited as abandoned.
+        """
+        accounting = Accounting(accounting)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
+        default_cap = _cap_amount(dataset_cap, "dataset cap")
+        if data_version is not None:
+            _check_name(data_version, "data version")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(path)
+        ledger = cls(
+            path,
+            accounting=accounting,
+            delta=float(delta),
+            data_version=data_version,
+            hooks=hooks,
+            readonly=False,
+            busy_timeout=busy_timeout,
+            wait_timeout=wait_timeout,
+            lock_fd=lock_fd,
+        )
+        try:
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            conn = ledger._conn()
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.Error as exc:
+                raise _unavailable(exc, "open the ledger", busy_timeout=busy_timeout) from exc
+            if str(mode).lower() != "wal":
+                raise LedgerUnavailableError(
+                    f"cannot open the ledger: SQLite refused WAL journaling (mode {mode})"
+                )
+            ledger._write("open the ledger", lambda c: ledger._open_in(c, default_cap))
+        except BaseException:
+            ledger.close()
+            raise
+        return ledger
+
+    @classmethod
+    def open_readonly(cls, path: str | Path, *, busy_timeout: float = 10.0) -> Ledger:
+        """Open an existing ledger to verify it or report on it; it cannot charge."""
+        path = Path(path)
+        if not path.is_file():
+            raise LedgerUnavailableError(f"there is no ledger at {path}")
+        ledger = cls(
+            path,
+            accounting=Accounting.PURE_DP,
+            delta=1e-6,
+            data_version=None,
+            hooks=None,
+            readonly=True,
+            busy_timeout=busy_timeout,
+            wait_timeout=0.0,
+            lock_fd=None,
+        )
+        try:
+            with ledger._snapshot("read the ledger") as conn:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as exc:
+            ledger.close()
+            raise _unavailable(exc, "read the ledger", busy_timeout=busy_timeout) from exc
+        except BaseException:
+            ledger.close()
+            raise
+        if "accounting" not in meta:
+            ledger.close()
+            raise LedgerUnavailableError(f"{path} is not a veil ledger")
+        ledger.accounting = Accounting(meta["accounting"])
+        ledger.delta = float(meta["delta"])
+        return ledger
+
+    def close(self) -> None:
+        """Close every connection and release the write lock. Unsettled holds stay held."""
+        self._closed = True
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_in(self, conn: sqlite3.Connection, default_cap: Fraction) -> None:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if not exists:
+            if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                raise LedgerUnavailableError(
+                    f"{self.path} is a database but not a veil ledger; a ledger needs a file of "
+                    f"its own"
+                )
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            created = _now()
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("schema_version", SCHEMA_VERSION),
+                    ("ledger_id", _new_id("ledger")),
+                    ("created_at", created),
+                    ("accounting", self.accounting.value),
+                    ("delta", repr(self.delta)),
+                    ("dataset_cap", format_amount(default_cap)),
+                    ("audit_head", f"0:{GENESIS_HASH}"),
+                ],
+            )
+            self._append(
+                conn,
+                "create",
+                outcome="created",
+                detail={
+                    "accounting": self.accounting.value,
+                    "delta": repr(self.delta),
+                    "dataset_cap": format_amount(default_cap),
+                },
+            )
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise LedgerUnavailableError(
+                f"the ledger has schema version {meta.get('schema_version')!r}; this build "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        if meta["accounting"] != self.accounting.value:
+            raise VeilError(
+                f"the ledger accounts in {meta['accounting']}, not {self.accounting.value}; a "
+                f"ledger's accounting cannot change"
+            )
+        self._check_head(conn)
+        if float(meta["delta"]) != self.delta:
+            self._append(
+                conn,
+                "set_delta",
+                outcome="changed",
+                detail={"before": meta["delta"], "after": repr(self.delta)},
+            )
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'delta'", (repr(self.delta),))
+        if parse_amount(meta["dataset_cap"]) != default_cap:
+            self._set_default_dataset_cap(conn, default_cap)
+        abandoned = conn.execute(
+            "SELECT charge_id FROM charges WHERE state = 'reserved' ORDER BY rowid"
+        ).fetchall()
+        for (charge_id,) in abandoned:
+            self._cancel_in(conn, charge_id, "abandoned")
+        self._append(
+            conn,
+            "open",
+            outcome="opened",
+            detail={"pid": str(os.getpid()), "abandoned": str(len(abandoned))},
+        )
+
+    def _check_head(self, conn: sqlite3.Connection) -> None:
+        """A quick check on open that the log's last entry is the one the ledger recorded."""
+        head_seq, head_hash = self._head(conn)
+        row = conn.execute(
+            "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        last = (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[3]))
+        intact = row is None or _chain_hash(str(row[2]), bytes(row[1])) == row[3]
+        if last != (head_seq, head_hash) or not intact:
+            raise LedgerIntegrityError(
+                f"the ledger's audit log does not end at its recorded head {head_seq}:{head_hash}; "
+                f"run `veil ledger verify {self.path}` before serving from it"
+            )
+
+    # ---- connections and transactions --------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise LedgerUnavailableError("the ledger is closed; nothing was released")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            if self.readonly:
+                uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+                conn = sqlite3.connect(
+                    uri,
+                    uri=True,
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                conn = sqlite3.connect(
+                    str(self.path),
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, "open the ledger", busy_timeout=self._busy_timeout) from exc
+        self._local.conn = conn
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _write(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one BEGIN IMMEDIATE transaction: all of it is durable, or none of it."""
+        if self.readonly:
+            raise LedgerUnavailableError(f"cannot {what}: the ledger was opened read-only")
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+        try:
+            settled = self._settle_pending(conn)
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+            raise
+        if settled:
+            with self._pending_lock:
+                for charge_id in settled:
+                    self._pending.pop(charge_id, None)
+        return result
+
+    @contextlib.contextmanager
+    def _snapshot(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A read transaction: everything read inside it is one consistent state."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+
+    def _read(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
+        with self._snapshot(what) as conn:
+            return work(conn)
+
+    def _hook(self, point: str) -> None:
+        if self._hooks is not None:
+            self._hooks(point)
+
+    # ---- in-flight requests --------------------------------------------------------------
+
+    def _claim(self, keys: tuple[tuple[str, ...], ...]) -> None:
+        deadline = time.monotonic() + self._wait_timeout
+        with self._cond:
+            while any(key in self._inflight for key in keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LedgerUnavailableError(
+                        "another request for the same query, or with the same request id, is "
+                        "still being computed; nothing was released, try again"
+                    )
+                self._cond.wait(left)
+            self._inflight.update(keys)
+
+    def _unclaim(self, keys: tuple[tuple[str, ...], ...]) -> None:
+        if not keys:
+            return
+        with self._cond:
+            self._inflight.difference_update(keys)
+            self._cond.notify_all()
+
+    # ---- the charger ---------------------------------------------------------------------
+
+    def reserve(
+        self, plan: Plan, *, client: str, request_id: str, data_version: str | None = None
+    ) -> LedgerReservation:
+        """Check every cap and durably hold the plan's loss, or find the stored release.
+
+        Raises BudgetExceededError, RequestConflictError, UnknownClientError, InvalidLossError
+        (all audited), or LedgerUnavailableError when the ledger cannot be written.
+        """
+        if self.readonly:
+            raise LedgerUnavailableError("cannot reserve a charge: the ledger was opened read-only")
+        version = data_version if data_version is not None else self.data_version
+        if version is None:
+            raise VeilError("the ledger needs the data version a charge is made against")
+        _check_name(version, "data version")
+        _check_name(client, "client id")
+        if not isinstance(request_id, str) or not 1 <= len(request_id) <= 256:
+            raise VeilError("a request id must be a string of 1 to 256 characters")
+        if not request_id.isprintable():
+            raise VeilError("a request id must contain printable characters only")
+        request = (client, request_id, version)
+        loss_error: VeilError | None = None
+        amount = plan.loss.amount
+        if plan.loss.accounting is not self.accounting:
+            loss_error = InvalidLossError(
+                f"this ledger accounts in {self.accounting.value}; a {plan.loss.symbol} loss "
+                f"cannot be charged"
+            )
+        else:
+            try:
+                amount = _loss_amount(plan.loss.amount)
+            except InvalidLossError as exc:
+                loss_error = exc
+        if loss_error is not None:
+            error = loss_error
+            self._write(
+                "record the refusal",
+                lambda c: self._refuse(c, plan, request, "invalid_loss", str(error)),
+            )
+            raise loss_error
+
+        keys = (("request", client, request_id), ("query", plan.fingerprint, version))
+        self._claim(keys)
+        try:
+            outcome = self._write(
+                "reserve the charge", lambda c: self._reserve_in(c, plan, request, amount)
+            )
+        except BaseException:
+            self._unclaim(keys)
+            raise
+        if outcome.error is not None or outcome.stored is not None:
+            self._unclaim(keys)
+            if outcome.error is not None:
+                raise outcome.error
+            assert outcome.stored is not None
+            return LedgerReservation(
+                self,
+                client=client,
+                request_id=request_id,
+                fingerprint=plan.fingerprint,
+                data_version=version,
+                amount=_ZERO,
+                stored=Release.from_bytes(outcome.stored),
+            )
+        reservation = LedgerReservation(
+            self,
+            client=client,
+            request_id=request_id,
+            fingerprint=plan.fingerprint,
+            data_version=version,
+            amount=amount,
+            charge_id=outcome.charge_id,
+            scopes=outcome.scopes,
+            keys=keys,
+        )
+        try:
+            self._hook("after_reserve")
+        except BaseException:
+            reservation.cancel()
+            raise
+        return reservation
+
+    def _reserve_in(
+        self,
+        conn: sqlite3.Connection,
+        plan: Plan,
+        request: tuple[str, str, str],
+        amount: Fraction,
+    ) -> _Outcome:
+        client_id, request_id, version = request
+        client = _client_row(conn, client_id)
+        if client is None or not client.active:
+            outcome = "unknown_client" if client is None else "revoked_client"
+            why = "is not registered" if client is None else "has been revoked"
+            message = f"client {client_id} {why}; nothing was released"
+            self._refuse(conn, plan, request, outcome, message)
+            return _Outcome(error=UnknownClientError(message))
+
+        requested = format_amount(amount)
+        previous = conn.execute(
+            "SELECT charge_id, fingerprint, requested, state, release_id, data_version "
+            "FROM charges WHERE client = ? AND request_id = ? ORDER BY rowid DESC LIMIT 1",
+            (client_id, request_id),
+        ).fetchone()
+        if previous is not None:
+            charge_id, fingerprint, before, state, release_id, first_version = previous
+            if fingerprint != plan.fingerprint or before != requested:
+                message = (
+                    f"request id {request_id!r} was already used by {client_id} for a different "
+                    f"query or loss; use a new request id for a new request"
+                )
+                self._refuse(conn, plan, request, "request_conflict", message)
+                return _Outcome(error=RequestConflictError(message))
+            if state == "committed":
+                data, digest = _release_bytes(conn, release_id)
+                self._append(
+                    conn,
+                    "retry",
+                    client=client_id,
+                    request_id=request_id,
+                    charge_id=charge_id,
+                    data_version=first_version,
+                    fingerprint=plan.fingerprint,
+                    canonical_query=plan.canonical,
+                    outcome="stored",
+                    charge="0",
+                    release_id=release_id,
+                    release_sha256=digest,
+                    budget=self._budget_items(conn, self._scopes(client, first_version)),
+                )
+                return _Outcome(stored=data)
+            if state == "reserved":
+                # Not in flight in this process (its key is ours), so a cancel is still unwritten.
+                return _Outcome(
+                    error=LedgerUnavailableError(
+                        f"request {request_id!r} is still held by a reservation that could not "
+                        f"be settled; try again shortly"
+                    )
+                )
+
+        scopes = self._scopes(client, version)
+        best = conn.execute(
+            "SELECT release_id, loss FROM releases WHERE fingerprint = ? AND data_version = ?",
+            (plan.fingerprint, version),
+        ).fetchall()
+        if best:
+            release_id, loss = max(best, key=lambda row: parse_amount(row[1]))
+            if parse_amount(loss) >= amount:
+                data, digest = _release_bytes(conn, release_id)
+                charge_id = _new_id("chg")
+                now = _now()
+                conn.execute(
+                    "INSERT INTO charges (charge_id, client, institution, request_id, kind, "
+                    "fingerprint, canonical_query, data_version, requested, amount, state, "
+                    "release_id, reserved_at, settled_at) "
+                    "VALUES (?, ?, ?, ?, 'replay', ?, ?, ?, ?, '0', 'committed', ?, ?, ?)",
+                    (
+                        charge_id,
+                        client_id,
+                        client.institution,
+                        request_id,
+                        plan.fingerprint,
+                        plan.canonical,
+                        version,
+                        requested,
+                        release_id,
+                        now,
+                        now,
+                    ),
+                )
+                self._append(
+                    conn,
+                    "replay",
+                    client=client_id,
+                    request_id=request_id,
+                    charge_id=charge_id,
+                    data_version=version,
+                    fingerprint=plan.fingerprint,
+                    canonical_query=plan.canonical,
+                    outcome="replayed",
+                    charge="0",
+                    release_id=release_id,
+                    release_sha256=digest,
+                    budget=self._budget_items(conn, scopes),
+                    detail={"requested": requested, "release_loss": loss},
+                )
+                return _Outcome(stored=data)
+
+        for scope in scopes:
+            cap = self._cap(conn, scope)
+            if cap is None:
+                continue
+            spent, held = _totals(conn, scope)
+            if spent + held + amount > cap:
+                left = max(_ZERO, cap - spent - held)
+                message = (
+                    f"a charge of {plan.loss} would exceed the {scope.kind} budget of "
+                    f"{scope.name}: {format_amount(left)} of {format_amount(cap)} remains; "
+                    f"nothing was released"
+                )
+                self._refuse(
+                    conn,
+                    plan,
+                    request,
+                    "budget_exceeded",
+                    message,
+                    budget=self._budget_items(conn, scopes),
+                    charge=requested,
+                )
+                return _Outcome(
+                    error=BudgetExceededError(
+                        message, scope=scope.kind, remaining=format_amount(left)
+                    )
+                )
+
+        charge_id = _new_id("chg")
+        conn.execute(
+            "INSERT INTO charges (charge_id, client, institution, request_id, kind, fingerprint, "
+            "canonical_query, data_version, requested, amount, state, reserved_at) "
+            "VALUES (?, ?, ?, ?, 'charge', ?, ?, ?, ?, ?, 'reserved', ?)",
+            (
+                charge_id,
+                client_id,
+                client.institution,
+                request_id,
+                plan.fingerprint,
+                plan.canonical,
+                version,
+                requested,
+                requested,
+                _now(),
+            ),
+        )
+        self._append(
+            conn,
+            "reserve",
+            client=client_id,
+            request_id=request_id,
+            charge_id=charge_id,
+            data_version=version,
+            fingerprint=plan.fingerprint,
+            canonical_query=plan.canonical,
+            outcome="reserved",
+            charge=requested,
+            budget=self._move(conn, scopes, spent=_ZERO, held=amount),
+        )
+        return _Outcome(charge_id=charge_id, scopes=scopes)
+
+    def _refuse(
+        self,
+        conn: sqlite3.Connection,
+        plan: Plan,
+        request: tuple[str, str, str],
+        outcome: str,
+        message: str,
+        *,
+        budget: list[dict[str, Any]] | None = None,
+        charge: str | None = None,
+    ) -> None:
+        client_id, request_id, version = request
+        self._append(
+            conn,
+            "refused",
+            client=client_id,
+            request_id=request_id,
+            data_version=version,
+            fingerprint=plan.fingerprint,
+            canonical_query=plan.canonical,
+            outcome=outcome,
+            charge=charge,
+            budget=budget,
+            detail={"reason": message},
+        )
+
+    def _commit_in(
+        self,
+        conn: sqlite3.Connection,
+        reservation: LedgerReservation,
+        release: Release,
+        data: bytes,
+    ) -> None:
+        charge_id = reservation.charge_id
+        row = conn.execute("SELECT state FROM charges WHERE charge_id = ?", (charge_id,)).fetchone()
+        if row is None or row[0] != "reserved":
+            state = "missing" if row is None else row[0]
+            raise LedgerUnavailableError(
+                f"the reservation {charge_id} is {state}, not held; nothing was released"
+            )
+        meta = release.metadata
+        digest = hashlib.sha256(data).hexdigest()
+        conn.execute(
+            "UPDATE charges SET state = 'committed', release_id = ?, settled_at = ? "
+            "WHERE charge_id = ?",
+            (meta.release_id, meta.created_at, charge_id),
+        )
+        conn.execute(
+            "INSERT INTO releases (release_id, charge_id, client, fingerprint, canonical_query, "
+            "data_version, loss, created_at, sha256, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                meta.release_id,
+                charge_id,
+                reservation.client,
+                meta.fingerprint,
+                meta.canonical_query,
+                meta.data_version,
+                meta.loss,
+                meta.created_at,
+                digest,
+                data,
+            ),
+        )
+        amount = reservation.amount
+        self._append(
+            conn,
+            "release",
+            client=reservation.client,
+            request_id=reservation.request_id,
+            charge_id=charge_id,
+            data_version=meta.data_version,
+            fingerprint=meta.fingerprint,
+            canonical_query=meta.canonical_query,
+            outcome="released",
+            charge=format_amount(amount),
+            release_id=meta.release_id,
+            release_sha256=digest,
+            budget=self._move(conn, reservation._scopes, spent=amount, held=-amount),
+        )
+
+    def _cancel(self, charge_id: str, reason: str) -> None:
+        try:
+            self._write("cancel the reservation", lambda c: self._cancel_in(c, charge_id, reason))
+        except LedgerUnavailableError:
+            # Still held in the file, which is the safe side; written by the next transaction.
+            with self._pending_lock:
+                self._pending[charge_id] = reason
+
+    def _settle_pending(self, conn: sqlite3.Connection) -> list[str]:
+        with self._pending_lock:
+            pending = dict(self._pending)
+        for charge_id, reason in pending.items():
+            self._cancel_in(conn, charge_id, reason)
+        return list(pending)
+
+    def _cancel_in(self, conn: sqlite3.Connection, charge_id: str, reason: str) -> None:
+        row = conn.execute(
+            "SELECT client, institution, data_version, amount, state, request_id, fingerprint, "
+            "canonical_query FROM charges WHERE charge_id = ?",
+            (charge_id,),
+        ).fetchone()
+        if row is None or row[4] != "reserved":
+            return  # already settled (a commit whose outcome was uncertain did land)
+        client, institution, version, amount_text, _, request_id, fingerprint, canonical = row
+        amount = parse_amount(amount_text)
+        scopes = _scope_keys(client, institution, version)
+        conn.execute(
+            "UPDATE charges SET state = 'cancelled', settled_at = ?, reason = ? "
+            "WHERE charge_id = ?",
+            (_now(), reason, charge_id),
+        )
+        self._append(
+            conn,
+            "abandon" if reason == "abandoned" else "cancel",
+            client=client,
+            request_id=request_id,
+            charge_id=charge_id,
+            data_version=version,
+            fingerprint=fingerprint,
+            canonical_query=canonical,
+            outcome=reason,
+            charge="0",
+            budget=self._move(conn, scopes, spent=_ZERO, held=-amount),
+            detail={"released_hold": amount_text},
+        )
+
+    # ---- budgets -------------------------------------------------------------------------
+
+    def _scopes(self, client: ClientRecord, version: str) -> tuple[_ScopeKey, ...]:
+        return _scope_keys(client.client_id, client.institution, version)
+
+    def _cap(self, conn: sqlite3.Connection, scope: _ScopeKey) -> Fraction | None:
+        if scope.kind == "client":
+            row = conn.execute(
+                "SELECT cap FROM clients WHERE client_id = ?", (scope.name,)
+            ).fetchone()
+        elif scope.kind == "institution":
+            row = conn.execute(
+                "SELECT cap FROM institutions WHERE institution = ?", (scope.name,)
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT cap FROM dataset_caps WHERE data_version = ?", (scope.name,)
+            ).fetchone()
+            if row is None:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'dataset_cap'").fetchone()
+        return None if row is None else parse_amount(row[0])
+
+    def _budget_items(
+        self, conn: sqlite3.Connection, scopes: tuple[_ScopeKey, ...]
+    ) -> list[dict[str, Any]]:
+        return self._move(conn, scopes, spent=_ZERO, held=_ZERO)
+
+    def _move(
+        self,
+        conn: sqlite3.Connection,
+        scopes: tuple[_ScopeKey, ...],
+        *,
+        spent: Fraction,
+        held: Fraction,
+        cap_before: dict[_ScopeKey, Fraction | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Add to each scope's running totals; return the audit's before/after for each."""
+        items = []
+        for scope in scopes:
+            spent_before, held_before = _totals(conn, scope)
+            spent_after, held_after = spent_before + spent, held_before + held
+            if spent_after < 0 or held_after < 0:
+                raise LedgerIntegrityError(
+                    f"the {scope.label} totals would go negative; the ledger is inconsistent"
+                )
+            if spent or held:
+                conn.execute(
+                    "INSERT INTO totals (kind, name, spent, held) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (kind, name) DO UPDATE SET spent = excluded.spent, "
+                    "held = excluded.held",
+                    (scope.kind, scope.name, format_amount(spent_after), format_amount(held_after)),
+                )
+            cap = self._cap(conn, scope)
+            item: dict[str, Any] = {
+                "scope": scope.label,
+                "cap": None if cap is None else format_amount(cap),
+                "before": {
+                    "spent": format_amount(spent_before),
+                    "held": format_amount(held_before),
+                },
+                "after": {"spent": format_amount(spent_after), "held": format_amount(held_after)},
+            }
+            if cap_before is not None and scope in cap_before:
+                previous = cap_before[scope]
+                item["cap_before"] = None if previous is None else format_amount(previous)
+            items.append(item)
+        return items
+
+    def _set_cap_checked(
+        self, conn: sqlite3.Connection, scope: _ScopeKey, cap: Fraction | None
+    ) -> dict[_ScopeKey, Fraction | None]:
+        """Refuse a cap below what the scope has already used; return the cap it replaces."""
+        previous = self._cap(conn, scope)
+        spent, held = _totals(conn, scope)
+        if cap is not None and spent + held > cap:
+            raise ClientRegistryError(
+                f"cannot set the {scope.kind} cap of {scope.name} to {format_amount(cap)}: "
+                f"{format_amount(spent + held)} is already spent or held"
+            )
+        return {scope: previous}
+
+    # ---- the audit log -------------------------------------------------------------------
+
+    def _head(self, conn: sqlite3.Connection) -> tuple[int, str]:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+        if row is None:
+            return 0, GENESIS_HASH
+        seq, digest = str(row[0]).split(":")
+        return int(seq), digest
+
+    def _append(self, conn: sqlite3.Connection, event: str, **fields: Any) -> int:
+        unknown = set(fields) - set(ENTRY_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown audit fields {sorted(unknown)}")
+        head_seq, head_hash = self._head(conn)
+        seq = head_seq + 1
+        entry: dict[str, Any] = dict.fromkeys(ENTRY_FIELDS)
+        entry.update(fields)
+        entry.update(seq=seq, time=_now(), event=event, accounting=self.accounting.value)
+        text = _canonical_json(entry)
+        digest = _chain_hash(head_hash, text.encode("ascii"))
+        conn.execute(
+            "INSERT INTO audit (seq, entry, prev_hash, hash) VALUES (?, ?, ?, ?)",
+            (seq, text, head_hash, digest),
+        )
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (f"{seq}:{digest}",))
+        return seq
+
+    def audit(
+        self,
+        event: str,
+        client: str | None,
+        *,
+        outcome: str,
+        request_id: str | None = None,
+        fingerprint: str | None = None,
+        canonical_query: str | None = None,
+        detail: dict[str, str] | None = None,
+    ) -> int:
+        """Append a non-charge event (an authentication failure, a refused query, ...).
+
+        Returns the entry's sequence number. Never pass a value read from the data: only ids,
+        codebook names, canonical queries and reasons belong in the log.
+        """
+        if not isinstance(event, str) or not _EVENT.match(event):
+            raise VeilError(f"an audit event is a lower-case identifier, got {event!r}")
+        if event in LEDGER_EVENTS:
+            raise VeilError(f"the event {event!r} is written by the ledger itself")
+        if detail is not None and not all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in detail.items()
+        ):
+            raise VeilError("audit detail maps names to text")
+        return self._write(
+            "append to the audit log",
+            lambda c: self._append(
+                c,
+                event,
+                client=client,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                canonical_query=canonical_query,
+                outcome=outcome,
+                detail=detail,
+            ),
+        )
+
+    # ---- the client registry --------------------------------------------------------------
+
+    def register_client(
+        self,
+        client_id: str,
+        *,
+        role: str,
+        cap: Number,
+        institution: str | None = None,
+        token_hash: str | None = None,
+    ) -> ClientRecord:
+        """Register a client with its role, cap and (optional) institution and token hash.
+
+        Only a hash of a token is stored; the server hashes what it receives and compares.
+        """
+        _check_name(client_id, "client id")
+        if role not in ROLES:
+            raise ClientRegistryError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if institution is not None:
+            _check_name(institution, "institution")
+        amount = _cap_amount(cap, "client cap")
+        _check_token_hash(token_hash)
+        now = _now()
+
+        def work(conn: sqlite3.Connection) -> None:
+            if _client_row(conn, client_id) is not None:
+                raise ClientRegistryError(f"client {client_id} is already registered")
+            if (
+                token_hash is not None
+                and conn.execute(
+                    "SELECT 1 FROM clients WHERE token_hash = ?", (token_hash,)
+                ).fetchone()
+            ):
+                raise ClientRegistryError("that token hash belongs to another client")
+            conn.execute(
+                "INSERT INTO clients (client_id, role, institution, cap, token_hash, status, "
+                "created_at) VALUES (?, ?, ?, ?, ?, 'active', ?)",
+                (client_id, role, institution, format_amount(amount), token_hash, now),
+            )
+            self._append(
+                conn,
+                "register_client",
+                client=client_id,
+                outcome="registered",
+                budget=self._budget_items(conn, (_ScopeKey("client", client_id),)),
+                detail={
+                    "role": role,
+                    "institution": institution,
+                    "token": "set" if token_hash else "none",
+                },
+            )
+
+        self._write("register the client", work)
+        return self.client(client_id)
+
+    def set_cap(self, client_id: str, cap: Number) -> ClientRecord:
+        """Set a client's cap; never below what it has already spent or holds."""
+        amount = _cap_amount(cap, "client cap")
+        self._write("set the cap", lambda c: self._set_client_cap(c, client_id, lambda _: amount))
+        return self.client(client_id)
+
+    def raise_cap(self, client_id: str, *, by: Number) -> ClientRecord:
+        """Add `by` to a client's cap (read and written in one transaction)."""
+        increase = exact_amount(by, what="cap increase")
+        self._write(
+            "raise the cap",
+            lambda c: self._set_client_cap(c, client_id, lambda old: old + increase),
+        )
+        return self.client(client_id)
+
+    def _set_client_cap(
+        self, conn: sqlite3.Connection, client_id: str, new: Callable[[Fraction], Fraction]
+    ) -> None:
+        client = _client_row(conn, client_id)
+        if client is None:
+            raise UnknownClientError(f"client {client_id} is not registered")
+        cap = new(client.cap)
+        scope = _ScopeKey("client", client_id)
+        previous = self._set_cap_checked(conn, scope, cap)
+        conn.execute(
+            "UPDATE clients SET cap = ? WHERE client_id = ?", (format_amount(cap), client_id)
+        )
+        self._append(
+            conn,
+            "set_cap",
+            client=client_id,
+            outcome="changed",
+            budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+        )
+
+    def set_token_hash(self, client_id: str, token_hash: str | None) -> ClientRecord:
+        """Replace (or clear) a client's token hash, e.g. when its token is rotated."""
+        _check_token_hash(token_hash)
+
+        def work(conn: sqlite3.Connection) -> None:
+            if _client_row(conn, client_id) is None:
+                raise UnknownClientError(f"client {client_id} is not registered")
+            if (
+                token_hash is not None
+                and conn.execute(
+                    "SELECT 1 FROM clients WHERE token_hash = ? AND client_id != ?",
+                    (token_hash, client_id),
+                ).fetchone()
+            ):
+                raise ClientRegistryError("that token hash belongs to another client")
+            conn.execute(
+                "UPDATE clients SET token_hash = ? WHERE client_id = ?", (token_hash, client_id)
+            )
+            self._append(
+                conn, "set_token", client=client_id, outcome="set" if token_hash else "cleared"
+            )
+
+        self._write("set the token hash", work)
+        return self.client(client_id)
+
+    def revoke(self, client_id: str, *, reason: str = "") -> ClientRecord:
+        """Stop serving a client. Its charges and releases stay on the ledger."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            client = _client_row(conn, client_id)
+            if client is None:
+                raise UnknownClientError(f"client {client_id} is not registered")
+            if not client.active:
+                return
+            conn.execute(
+                "UPDATE clients SET status = 'revoked', revoked_at = ? WHERE client_id = ?",
+                (_now(), client_id),
+            )
+            self._append(
+                conn, "revoke", client=client_id, outcome="revoked", detail={"reason": reason}
+            )
+
+        self._write("revoke the client", work)
+        return self.client(client_id)
+
+    def set_institution_cap(self, institution: str, cap: Number | None) -> None:
+        """Cap the clients of an institution together; None removes the institution's cap."""
+        _check_name(institution, "institution")
+        amount = None if cap is None else _cap_amount(cap, "institution cap")
+        scope = _ScopeKey("institution", institution)
+
+        def work(conn: sqlite3.Connection) -> None:
+            previous = self._set_cap_checked(conn, scope, amount)
+            if amount is None:
+                conn.execute("DELETE FROM institutions WHERE institution = ?", (institution,))
+            else:
+                conn.execute(
+                    "INSERT INTO institutions (institution, cap) VALUES (?, ?) "
+                    "ON CONFLICT (institution) DO UPDATE SET cap = excluded.cap",
+                    (institution, format_amount(amount)),
+                )
+            self._append(
+                conn,
+                "set_institution_cap",
+                outcome="changed",
+                budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+            )
+
+        self._write("set the institution cap", work)
+
+    def set_dataset_cap(self, data_version: str, cap: Number) -> None:
+        """Give one data version a cap of its own, replacing the default from `open`."""
+        _check_name(data_version, "data version")
+        amount = _cap_amount(cap, "dataset cap")
+        scope = _ScopeKey("dataset", data_version)
+
+        def work(conn: sqlite3.Connection) -> None:
+            previous = self._set_cap_checked(conn, scope, amount)
+            conn.execute(
+                "INSERT INTO dataset_caps (data_version, cap) VALUES (?, ?) "
+                "ON CONFLICT (data_version) DO UPDATE SET cap = excluded.cap",
+                (data_version, format_amount(amount)),
+            )
+            self._append(
+                conn,
+                "set_dataset_cap",
+                data_version=data_version,
+                outcome="changed",
+                budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+            )
+
+        self._write("set the dataset cap", work)
+
+    def _set_default_dataset_cap(self, conn: sqlite3.Connection, cap: Fraction) -> None:
+        versions = conn.execute(
+            "SELECT name FROM totals WHERE kind = 'dataset' AND name NOT IN "
+            "(SELECT data_version FROM dataset_caps) ORDER BY name"
+        ).fetchall()
+        scopes = tuple(_ScopeKey("dataset", str(v)) for (v,) in versions)
+        previous: dict[_ScopeKey, Fraction | None] = {}
+        for scope in scopes:
+            previous.update(self._set_cap_checked(conn, scope, cap))
+        before = conn.execute("SELECT value FROM meta WHERE key = 'dataset_cap'").fetchone()[0]
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'dataset_cap'", (format_amount(cap),))
+        self._append(
+            conn,
+            "set_dataset_cap",
+            outcome="default_changed",
+            budget=self._move(conn, scopes, spent=_ZERO, held=_ZERO, cap_before=previous),
+            detail={"before": before, "after": format_amount(cap)},
+        )
+
+    def client(self, client_id: str) -> ClientRecord:
+        client = self._read("read the client", lambda c: _client_row(c, client_id))
+        if client is None:
+            raise UnknownClientError(f"client {client_id} is not registered")
+        return client
+
+    def client_for_token_hash(self, token_hash: str) -> ClientRecord | None:
+        """The client holding a token hash (active or not); the server decides what follows."""
+
+        def work(conn: sqlite3.Connection) -> ClientRecord | None:
+            row = conn.execute(
+                "SELECT client_id FROM clients WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+            return None if row is None else _client_row(conn, row[0])
+
+        return self._read("read the client", work)
+
+    def list_clients(self) -> list[ClientRecord]:
+        def work(conn: sqlite3.Connection) -> list[ClientRecord]:
+            ids = conn.execute("SELECT client_id FROM clients ORDER BY client_id").fetchall()
+            return [c for (i,) in ids if (c := _client_row(conn, i)) is not None]
+
+        return self._read("list the clients", work)
+
+    # ---- reports -------------------------------------------------------------------------
+
+    def budget(self, kind: str, name: str) -> ScopeBudget:
+        """Spending against one cap: kind is "client", "institution" or "dataset"."""
+        if kind not in SCOPE_KINDS:
+            raise VeilError(f"a budget scope is one of {', '.join(SCOPE_KINDS)}, got {kind!r}")
+        scope = _ScopeKey(kind, name)
+
+        def work(conn: sqlite3.Connection) -> ScopeBudget:
+            if kind == "client" and _client_row(conn, name) is None:
+                raise UnknownClientError(f"client {name} is not registered")
+            spent, held = _totals(conn, scope)
+            return ScopeBudget(kind, name, self._cap(conn, scope), spent, held)
+
+        return self._read("read the budget", work)
+
+    def spent(self, client: str) -> Fraction:
+        """What a client has been charged (committed charges only)."""
+        return self.budget("client", client).spent
+
+    def remaining(self, client: str, *, data_version: str | None = None) -> Fraction:
+        """What the client may still spend: the least of its own, its institution's and the
+        data version's remaining budgets (holds in flight count as used)."""
+        version = data_version if data_version is not None else self.data_version
+
+        def work(conn: sqlite3.Connection) -> Fraction:
+            record = _client_row(conn, client)
+            if record is None:
+                raise UnknownClientError(f"client {client} is not registered")
+            scopes = _scope_keys(client, record.institution, version)
+            left = []
+            for scope in scopes:
+                cap = self._cap(conn, scope)
+                if cap is not None:
+                    spent, held = _totals(conn, scope)
+                    left.append(max(_ZERO, cap - spent - held))
+            return min(left) if record.active else _ZERO
+
+        return self._read("read the budget", work)
+
+    def report(self) -> LedgerReport:
+        """Every client's, institution's and data version's spent and remaining budget."""
+
+        def work(conn: sqlite3.Connection) -> LedgerReport:
+            clients = [str(r[0]) for r in conn.execute("SELECT client_id FROM clients ORDER BY 1")]
+            institutions = sorted(
+                {
+                    str(r[0])
+                    for r in conn.execute(
+                        "SELECT institution FROM clients WHERE institution IS NOT NULL "
+                        "UNION SELECT institution FROM institutions "
+                        "UNION SELECT name FROM totals WHERE kind = 'institution'"
+                    )
+                }
+            )
+            versions = {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT data_version FROM dataset_caps "
+                    "UNION SELECT name FROM totals WHERE kind = 'dataset'"
+                )
+            }
+            if self.data_version is not None:
+                versions.add(self.data_version)
+
+            def scoped(kind: str, names: list[str]) -> tuple[ScopeBudget, ...]:
+                out = []
+                for name in names:
+                    scope = _ScopeKey(kind, name)
+                    spent, held = _totals(conn, scope)
+                    out.append(ScopeBudget(kind, name, self._cap(conn, scope), spent, held))
+                return tuple(out)
+
+            head_seq, head_hash = self._head(conn)
+            return LedgerReport(
+                accounting=self.accounting,
+                delta=self.delta,
+                clients=scoped("client", clients),
+                institutions=scoped("institution", institutions),
+                datasets=scoped("dataset", sorted(versions)),
+                head_seq=head_seq,
+                head_hash=head_hash,
+            )
+
+        return self._read("report on the ledger", work)
+
+    def releases(
+        self, *, client: str | None = None, data_version: str | None = None
+    ) -> list[ReleaseRecord]:
+        """Every stored release with its charge and the number of free replays it served."""
+        sql = (
+            "SELECT r.release_id, r.charge_id, r.client, r.fingerprint, r.canonical_query, "
+            "r.data_version, r.loss, r.created_at, r.sha256, "
+            "(SELECT count(*) FROM charges c WHERE c.kind = 'replay' "
+            " AND c.release_id = r.release_id) "
+            "FROM releases r WHERE (? IS NULL OR r.client = ?) "
+            "AND (? IS NULL OR r.data_version = ?) ORDER BY r.rowid"
+        )
+
+        def work(conn: sqlite3.Connection) -> list[ReleaseRecord]:
+            rows = conn.execute(sql, (client, client, data_version, data_version)).fetchall()
+            return [
+                ReleaseRecord(
+                    release_id=r[0],
+                    charge_id=r[1],
+                    client=r[2],
+                    fingerprint=r[3],
+                    canonical_query=r[4],
+                    data_version=r[5],
+                    loss=parse_amount(r[6]),
+                    created_at=r[7],
+                    sha256=r[8],
+                    replays=int(r[9]),
+                )
+                for r in rows
+            ]
+
+        return self._read("list the releases", work)
+
+    def release(self, release_id: str) -> Release:
+        """A stored release, byte for byte as it was handed out."""
+
+        def work(conn: sqlite3.Connection) -> bytes:
+            return _release_bytes(conn, release_id)[0]
+
+        return Release.from_bytes(self._read("read the release", work))
+
+    def charges(self, *, client: str | None = None) -> list[ChargeRecord]:
+        """The ledger's rows in the order they were made: charges, holds and free replays."""
+
+        def work(conn: sqlite3.Connection) -> list[ChargeRecord]:
+            rows = conn.execute(
+                "SELECT charge_id, client, institution, request_id, kind, fingerprint, "
+                "data_version, requested, amount, state, release_id, reserved_at, settled_at, "
+                "reason FROM charges WHERE (? IS NULL OR client = ?) ORDER BY rowid",
+                (client, client),
+            ).fetchall()
+            return [
+                ChargeRecord(
+                    charge_id=r[0],
+                    client=r[1],
+                    institution=r[2],
+                    request_id=r[3],
+                    kind=r[4],
+                    fingerprint=r[5],
+                    data_version=r[6],
+                    requested=parse_amount(r[7]),
+                    amount=parse_amount(r[8]),
+                    state=r[9],
+                    release_id=r[10],
+                    reserved_at=r[11],
+                    settled_at=r[12],
+                    reason=r[13],
+                )
+                for r in rows
+            ]
+
+        return self._read("list the charges", work)
+
+    def audit_log(self, *, since: int = 0) -> list[AuditEntry]:
+        """Audit entries after sequence number `since`, parsed (use `verify` to check them)."""
+
+        def work(conn: sqlite3.Connection) -> list[AuditEntry]:
+            rows = conn.execute(
+                "SELECT seq, entry, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq",
+                (since,),
+            ).fetchall()
+            return [AuditEntry(int(r[0]), json.loads(r[1]), r[2], r[3]) for r in rows]
+
+        return self._read("read the audit log", work)
+
+    def head(self) -> str:
+        """The audit log's head, "seq:hash": record it elsewhere to detect a rewritten log."""
+        seq, digest = self._read("read the audit head", self._head)
+        return f"{seq}:{digest}"
+
+    def verify(self, *, expect_head: str | None = None) -> VerifyResult:
+        """Check the hash chain, replay its budget movements and reconcile every table.
+
+        `expect_head` ("seq:hash", from an earlier `head()` kept outside the ledger) also
+        catches a log rewritten from some point on with its hashes recomputed.
+        """
+        return self._read("verify the ledger", lambda c: _verify(c, expect_head))
+
+
+# ---- module helpers ------------------------------------------------------------------------------
+
+
+def _lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LedgerUnavailableError(
+            f"the ledger {path} is open for writing in another process (pid {holder}); one "
+            f"process writes a ledger at a time"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _check_token_hash(token_hash: str | None) -> None:
+    if token_hash is not None and (
+        not isinstance(token_hash, str) or not _HASH_TEXT.match(token_hash)
+    ):
+        raise ClientRegistryError(
+            "a token hash is 32 to 512 characters without spaces (store the hash, never a token)"
+        )
+
+
+def _scope_keys(client: str, institution: str | None, version: str | None) -> tuple[_ScopeKey, ...]:
+    scopes = [_ScopeKey("client", client)]
+    if institution is not None:
+        scopes.append(_ScopeKey("institution", institution))
+    if version is not None:
+        scopes.append(_ScopeKey("dataset", version))
+    return tuple(scopes)
+
+
+def _client_row(conn: sqlite3.Connection, client_id: str) -> ClientRecord | None:
+    row = conn.execute(
+        "SELECT client_id, role, institution, cap, status, token_hash, created_at, revoked_at "
+        "FROM clients WHERE client_id = ?",
+        (client_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return ClientRecord(
+        client_id=row[0],
+        role=row[1],
+        institution=row[2],
+        cap=parse_amount(row[3]),
+        status=row[4],
+        token_hash=row[5],
+        created_at=row[6],
+        revoked_at=row[7],
+    )
+
+
+def _totals(conn: sqlite3.Connection, scope: _ScopeKey) -> tuple[Fraction, Fraction]:
+    row = conn.execute(
+        "SELECT spent, held FROM totals WHERE kind = ? AND name = ?", (scope.kind, scope.name)
+    ).fetchone()
+    if row is None:
+        return _ZERO, _ZERO
+    return parse_amount(row[0]), parse_amount(row[1])
+
+
+def _release_bytes(conn: sqlite3.Connection, release_id: str) -> tuple[bytes, str]:
+    row = conn.execute(
+        "SELECT bytes, sha256 FROM releases WHERE release_id = ?", (release_id,)
+    ).fetchone()
+    if row is None:
+        raise LedgerIntegrityError(f"the stored release {release_id} is missing from the ledger")
+    data = bytes(row[0])
+    if hashlib.sha256(data).hexdigest() != row[1]:
+        raise LedgerIntegrityError(
+            f"the stored release {release_id} does not match its recorded hash; nothing was "
+            f"released"
+        )
+    return data, str(row[1])
+
+
+# ---- verification --------------------------------------------------------------------------------
+
+
+def _verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
+    problems: list[str] = []
+    first_bad: int | None = None
+
+    def broken(seq: int, message: str) -> None:
+        nonlocal first_bad
+        if first_bad is None:
+            first_bad = seq
+        problems.append(f"entry {seq}: {message}")
+
+    tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master")}
+    if "audit" not in tables or "meta" not in tables:
+        return VerifyResult(False, 0, 0, GENESIS_HASH, None, ("this is not a veil ledger",))
+
+    expected_seq, prev = 1, GENESIS_HASH
+    count = 0
+    running: dict[str, tuple[Fraction, Fraction]] = {}
+    by_charge: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    cursor = conn.execute(
+        "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit ORDER BY seq"
+    )
+    for seq, blob, prev_hash, digest in cursor:
+        count += 1
+        data = bytes(blob)
+        if seq != expected_seq:
+            if seq > expected_seq:
+                missing = (
+                    f"entry {expected_seq} is missing"
+                    if seq == expected_seq + 1
+                    else f"entries {expected_seq} to {seq - 1} are missing"
+                )
+                broken(expected_seq, f"{missing} (the log jumps to entry {seq})")
+            else:
+                broken(seq, f"is out of order (after entry {expected_seq - 1})")
+        if prev_hash != prev:
+            broken(seq, "does not bind the entry before it (its prev_hash does not match)")
+        if _chain_hash(str(prev_hash), data) != digest:
+            broken(seq, "has been altered (its hash does not match its content)")
+        entry: dict[str, Any] | None
+        try:
+            parsed = json.loads(data.decode("ascii"))
+            entry = parsed if isinstance(parsed, dict) else None
+        except (UnicodeDecodeError, ValueError):
+            entry = None
+        if entry is None:
+            broken(seq, "is not a readable entry")
+        else:
+            if entry.get("seq") != seq:
+                broken(seq, f"is out of place (its content says it is entry {entry.get('seq')})")
+            if set(entry) != set(ENTRY_FIELDS):
+                broken(seq, "does not have the fields of an audit entry")
+            else:
+                _replay_budget(seq, entry, running, problems)
+                if entry.get("charge_id"):
+                    by_charge[str(entry["charge_id"])].append(entry)
+        prev = str(digest)
+        expected_seq = seq + 1
+
+    last_seq = expected_seq - 1
+    head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+    head_seq, head_hash = (0, GENESIS_HASH)
+    if head is not None:
+        seq_text, _, head_hash = str(head[0]).partition(":")
+        head_seq = int(seq_text) if seq_text.isdigit() else -1
+    if head_seq > last_seq:
+        broken(
+            last_seq + 1,
+            f"is missing: the log ends at entry {last_seq} but the ledger recorded entry "
+            f"{head_seq} as its head (entries were removed from the end)",
+        )
+    elif head_seq < last_seq:
+        broken(head_seq + 1, f"follows the ledger's recorded head {head_seq} (entries were added)")
+    elif head_hash != prev:
+        broken(last_seq, "is not the head the ledger recorded (the log was rewritten)")
+    if expect_head is not None:
+        seq_text, _, want = expect_head.partition(":")
+        row = (
+            conn.execute("SELECT hash FROM audit WHERE seq = ?", (int(seq_text),)).fetchone()
+            if seq_text.isdigit()
+            else None
+        )
+        if row is None or row[0] != want:
+            broken(
+                int(seq_text) if seq_text.isdigit() else 0,
+                f"does not match the expected head {expect_head} (the log was truncated or "
+                f"rewritten since that head was recorded)",
+            )
+
+    try:
+        _reconcile(conn, running, by_charge, problems)
+    except (ArithmeticError, ValueError, TypeError, KeyError) as exc:
+        problems.append(f"the ledger's tables cannot be reconciled: {exc}")
+    for trigger in _TRIGGERS:
+        if trigger not in tables:
+            problems.append(f"the guard trigger {trigger} has been removed")
+    return VerifyResult(
+        ok=not problems,
+        entries=count,
+        head_seq=last_seq,
+        head_hash=prev,
+        first_bad_seq=first_bad,
+        problems=tuple(problems),
+    )
+
+
+def _replay_budget(
+    seq: int,
+    entry: dict[str, Any],
+    running: dict[str, tuple[Fraction, Fraction]],
+    problems: list[str],
+) -> None:
+    """Each budget movement must start where the one before it ended, and stay within its cap."""
+    for item in entry.get("budget") or []:
+        try:
+            scope = str(item["scope"])
+            before = (parse_amount(item["before"]["spent"]), parse_amount(item["before"]["held"]))
+            after = (parse_amount(item["after"]["spent"]), parse_amount(item["after"]["held"]))
+            cap = None if item["cap"] is None else parse_amount(item["cap"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, ArithmeticError):
+            problems.append(f"entry {seq}: its budget record is unreadable")
+            continue
+        if before != running.get(scope, (_ZERO, _ZERO)):
+            problems.append(
+                f"entry {seq}: {scope} starts from a budget the entries before it do not end at"
+            )
+        if min(*before, *after) < 0:
+            problems.append(f"entry {seq}: {scope} records a negative amount")
+        if cap is not None and after[0] + after[1] > cap:
+            problems.append(f"entry {seq}: {scope} is past its cap of {format_amount(cap)}")
+        delta = (after[0] - before[0], after[1] - before[1])
+        charge = entry.get("charge")
+        event = entry.get("event")
+        if event == "reserve" and (charge is None or delta != (_ZERO, parse_amount(charge))):
+            problems.append(f"entry {seq}: {scope} does not hold the reserved charge")
+        if event == "release" and (
+            charge is None or delta != (parse_amount(charge), -parse_amount(charge))
+        ):
+            problems.append(f"entry {seq}: {scope} does not turn the hold into the charge")
+        if event not in ("reserve", "release", "cancel", "abandon") and delta != (_ZERO, _ZERO):
+            problems.append(f"entry {seq}: {scope} changes in an event that spends nothing")
+        running[scope] = after
+
+
+def _reconcile(
+    conn: sqlite3.Connection,
+    running: dict[str, tuple[Fraction, Fraction]],
+    by_charge: dict[str, list[dict[str, Any]]],
+    problems: list[str],
+) -> None:
+    """Totals == the log's replay == the sums of the charges; every charge and release logged."""
+    totals: dict[str, tuple[Fraction, Fraction]] = {}
+    for kind, name, spent, held in conn.execute("SELECT kind, name, spent, held FROM totals"):
+        totals[f"{kind}:{name}"] = (parse_amount(spent), parse_amount(held))
+    sums: dict[str, list[Fraction]] = defaultdict(lambda: [_ZERO, _ZERO])
+    releases = {
+        str(r[0]): r
+        for r in conn.execute(
+            "SELECT release_id, charge_id, client, fingerprint, data_version, loss, sha256, "
+            "bytes FROM releases"
+        )
+    }
+    charged_releases: set[str] = set()
+    rows = conn.execute(
+        "SELECT charge_id, client, institution, data_version, kind, amount, state, release_id "
+        "FROM charges ORDER BY rowid"
+    ).fetchall()
+    for charge_id, client, institution, version, kind, amount_text, state, release_id in rows:
+        amount = parse_amount(amount_text)
+        for scope in _scope_keys(client, institution, version):
+            if state == "committed":
+                sums[scope.label][0] += amount
+            elif state == "reserved":
+                sums[scope.label][1] += amount
+        events = {str(e["event"]): e for e in by_charge.get(charge_id, [])}
+        if kind == "replay":
+            if "replay" not in events:
+                problems.append(f"charge {charge_id}: the replay has no audit entry")
+            if amount != 0:
+                problems.append(f"charge {charge_id}: a replay was charged")
+            if release_id not in releases:
+                problems.append(f"charge {charge_id}: replays a release that is not stored")
+            continue
+        reserve = events.get("reserve")
+        if reserve is None or reserve.get("charge") != amount_text:
+            problems.append(f"charge {charge_id}: its reservation has no matching audit entry")
+        if state == "committed":
+            charged_releases.add(str(release_id))
+            entry = events.get("release")
+            stored = releases.get(str(release_id))
+            if entry is None or entry.get("release_id") != release_id:
+                problems.append(f"charge {charge_id}: its release has no matching audit entry")
+            elif stored is None:
+                problems.append(f"charge {charge_id}: its release {release_id} is not stored")
+            elif entry.get("release_sha256") != stored[6] or entry.get("charge") != amount_text:
+                problems.append(f"charge {charge_id}: its release differs from the audited one")
+        elif state == "cancelled" and not ({"cancel", "abandon"} & set(events)):
+            problems.append(f"charge {charge_id}: its cancellation has no audit entry")
+    known = {str(r[0]) for r in rows}
+    for charge_id in sorted(set(by_charge) - known):
+        problems.append(f"charge {charge_id}: audited but missing from the ledger")
+
+    for release_id, row in releases.items():
+        _, charge_id, _, fingerprint, version, loss, digest, blob = row
+        data = bytes(blob)
+        if hashlib.sha256(data).hexdigest() != digest:
+            problems.append(f"release {release_id}: its stored bytes do not match their hash")
+            continue
+        try:
+            meta = Release.from_bytes(data).metadata
+        except Exception:
+            problems.append(f"release {release_id}: its stored bytes cannot be read")
+            continue
+        if (meta.release_id, meta.charge_id, meta.fingerprint, meta.data_version, meta.loss) != (
+            release_id,
+            charge_id,
+            fingerprint,
+            version,
+            loss,
+        ):
+            problems.append(f"release {release_id}: its content does not match its ledger row")
+        if release_id not in charged_releases:
+            problems.append(f"release {release_id}: stored without a committed charge")
+
+    labels = set(totals) | set(running) | set(sums)
+    for label in sorted(labels):
+        table = totals.get(label, (_ZERO, _ZERO))
+        from_log = running.get(label, (_ZERO, _ZERO))
+        from_charges = tuple(sums[label]) if label in sums else (_ZERO, _ZERO)
+        if table != from_log:
+            problems.append(f"{label}: the totals differ from what the audit log records")
+        if table != from_charges:
+            problems.append(f"{label}: the totals differ from the sum of its charges")

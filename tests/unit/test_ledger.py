@@ -1,0 +1,761 @@
+"""The privacy-budget ledger: exact caps, charge before release, retries, replays, durability."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.backend import DuckDBBackend
+from engine.codebook import default_codebook
+from engine.engine import Engine
+from engine.errors import (
+    BudgetExceededError,
+    ClientRegistryError,
+    InvalidLossError,
+    LedgerUnavailableError,
+    QueryCancelledError,
+    RequestConflictError,
+    UnknownClientError,
+    VeilError,
+)
+from engine.ledger import ENTRY_FIELDS, Ledger
+from engine.ledger_cli import main as ledger_cli
+from engine.loss import Accounting, PrivacyLoss
+from engine.query import Count, Query, Range
+from engine.release import Release
+from tests.conftest import write_database
+
+CODEBOOK = default_codebook()
+# Distinctive true counts: the audit-log test looks for them and must not find them.
+ROWS = [{"gender": "Male", "yearOfRegistration": 2010, "Datasource": "Hotline"}] * 4711 + [
+    {"gender": "Female", "yearOfRegistration": 2015, "ageBroad": "18--20"}
+] * 2903
+EPS = PrivacyLoss.pure("0.1")
+BY = ((), ("gender",), ("ageBroad",), ("Datasource",))
+
+
+def distinct_query(i: int) -> Query:
+    """Up to 80 queries with distinct canonical fingerprints."""
+    return Query(Count(), by=BY[i // 20], where=Range("yearOfRegistration", high=2002 + i % 20))
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = write_database(tmp_path_factory.mktemp("data") / "data.duckdb", ROWS, data_version="v1")
+    return Engine(DuckDBBackend(path), codebook=CODEBOOK)
+
+
+@pytest.fixture
+def open_ledger(tmp_path: Path, engine: Engine) -> Iterator[Callable[..., Ledger]]:
+    opened: list[Ledger] = []
+
+    def build(**options: Any) -> Ledger:
+        settings: dict[str, Any] = {
+            "accounting": Accounting.PURE_DP,
+            "dataset_cap": "10",
+            "data_version": engine.data_version,
+        }
+        settings.update(options)
+        ledger = Ledger.open(settings.pop("path", tmp_path / "ledger.sqlite"), **settings)
+        opened.append(ledger)
+        return ledger
+
+    yield build
+    for ledger in opened:
+        ledger.close()
+
+
+@pytest.fixture
+def ledger(open_ledger: Callable[..., Ledger]) -> Ledger:
+    ledger = open_ledger()
+    ledger.register_client("alice", role="researcher", institution="iom", cap="1")
+    ledger.register_client("bob", role="researcher", institution="iom", cap="1")
+    ledger.register_client("carol", role="researcher", cap="1")
+    return ledger
+
+
+def release(
+    engine: Engine,
+    ledger: Ledger,
+    client: str,
+    request_id: str,
+    query: Query | None = None,
+    loss: PrivacyLoss = EPS,
+) -> Release:
+    return engine.release(
+        query or distinct_query(0), loss=loss, charger=ledger, client=client, request_id=request_id
+    )
+
+
+def assert_verified(ledger: Ledger) -> None:
+    result = ledger.verify()
+    assert result.ok, result.problems
+
+
+# ---- the race --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binding", ["client", "institution", "dataset"])
+def test_race_64_threads_spend_exactly_the_cap(
+    engine: Engine, open_ledger: Callable[..., Ledger], binding: str
+) -> None:
+    """64 threads released at once, 0.1 each against 1.0 left: exactly 10 charges, total 1.0."""
+    ledger = open_ledger(dataset_cap="1" if binding == "dataset" else "100")
+    if binding == "institution":
+        ledger.set_institution_cap("iom", "1")
+    clients = ["solo"] if binding == "client" else [f"c{i}" for i in range(64)]
+    for client in clients:
+        cap = "1" if binding == "client" else "10"
+        ledger.register_client(client, role="researcher", institution="iom", cap=cap)
+
+    barrier = threading.Barrier(64)
+    released: list[Release] = []
+    refused: list[BudgetExceededError] = []
+    other: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        client = clients[i % len(clients)]
+        barrier.wait()
+        try:
+            result = release(engine, ledger, client, f"race-{i}", distinct_query(i))
+        except BudgetExceededError as exc:
+            with lock:
+                refused.append(exc)
+        except BaseException as exc:
+            with lock:
+                other.append(exc)
+        else:
+            with lock:
+                released.append(result)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert other == []
+    assert len(released) == 10
+    assert len(refused) == 54
+    assert {e.scope for e in refused} == {binding}
+    name = {"client": "solo", "institution": "iom", "dataset": "v1"}[binding]
+    budget = ledger.budget(binding, name)
+    assert budget.spent == Fraction(1)  # exactly, not 0.9999999999999999
+    assert budget.held == 0
+    charges = [c for c in ledger.charges() if c.state == "committed"]
+    assert len(charges) == 10
+    assert sum((c.amount for c in charges), Fraction(0)) == Fraction(1)
+    assert sorted(r.metadata.charge_id for r in released) == sorted(c.charge_id for c in charges)
+    assert_verified(ledger)
+
+
+# ---- exact amounts and validation ------------------------------------------------------------
+
+
+def test_amounts_are_exact_rationals(engine: Engine, ledger: Ledger) -> None:
+    third = PrivacyLoss(Accounting.PURE_DP, Fraction(1, 3))
+    for i in range(3):
+        release(engine, ledger, "carol", f"third-{i}", distinct_query(i), third)
+    assert ledger.spent("carol") == Fraction(1)
+    assert ledger.remaining("carol") == 0
+    with pytest.raises(BudgetExceededError) as refused:
+        release(
+            engine, ledger, "carol", "one-more", distinct_query(3), PrivacyLoss.pure("0.000001")
+        )
+    assert refused.value.scope == "client"
+    assert refused.value.remaining == "0"
+    assert "client budget of carol" in str(refused.value)
+    tenth = [
+        release(engine, ledger, "alice", f"tenth-{i}", distinct_query(10 + i)) for i in range(10)
+    ]
+    assert len(tenth) == 10
+    assert ledger.spent("alice") == Fraction(1)
+    assert ledger.budget("client", "alice").to_dict(Accounting.PURE_DP, 1e-6)["spent"] == "1"
+    assert_verified(ledger)
+
+
+@pytest.mark.parametrize(
+    "amount", [float("nan"), float("inf"), -float("inf"), 0, -0.1, "0", "-1", 1e-30, 1e30, "abc"]
+)
+def test_invalid_losses_are_refused(amount: Any) -> None:
+    with pytest.raises(InvalidLossError):
+        PrivacyLoss.pure(amount)
+    with pytest.raises(InvalidLossError):
+        PrivacyLoss.zcdp(amount)
+
+
+def test_ledger_refuses_out_of_range_and_foreign_losses(engine: Engine, ledger: Ledger) -> None:
+    tiny = PrivacyLoss(Accounting.PURE_DP, Fraction(1, 10**9))
+    plan = engine.plan(distinct_query(0), loss=EPS)
+    with pytest.raises(InvalidLossError, match="between"):
+        ledger.reserve(replace(plan, loss=tiny), client="alice", request_id="t")
+    zcdp = replace(plan, loss=PrivacyLoss.zcdp("0.1"))
+    with pytest.raises(InvalidLossError, match="pure_dp"):
+        ledger.reserve(zcdp, client="alice", request_id="z")
+    refusals = [e.entry for e in ledger.audit_log() if e.entry["event"] == "refused"]
+    assert [e["outcome"] for e in refusals] == ["invalid_loss", "invalid_loss"]
+    assert ledger.charges() == []
+
+
+@pytest.mark.parametrize("cap", [float("nan"), float("inf"), -1, "-0.5", 1e-30, 1e30, True, "lots"])
+def test_invalid_caps_are_refused(ledger: Ledger, cap: Any) -> None:
+    with pytest.raises(VeilError):
+        ledger.register_client("dave", role="researcher", cap=cap)
+    with pytest.raises(VeilError):
+        ledger.set_cap("alice", cap)
+    with pytest.raises(VeilError):
+        ledger.set_institution_cap("iom", cap)
+
+
+def test_zero_cap_allows_only_free_replays(engine: Engine, ledger: Ledger) -> None:
+    ledger.register_client("reader", role="auditor", cap=0)
+    with pytest.raises(BudgetExceededError):
+        release(engine, ledger, "reader", "r1")
+    first = release(engine, ledger, "alice", "a1")
+    assert release(engine, ledger, "reader", "r2").to_bytes() == first.to_bytes()
+    assert ledger.spent("reader") == 0
+
+
+def test_invalid_delta_and_accounting_change_are_refused(
+    open_ledger: Callable[..., Ledger], tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidLossError):
+        open_ledger(path=tmp_path / "d.sqlite", delta=0)
+    with pytest.raises(InvalidLossError):
+        open_ledger(path=tmp_path / "d.sqlite", delta=1.5)
+    open_ledger(path=tmp_path / "e.sqlite").close()
+    with pytest.raises(VeilError, match="cannot change"):
+        open_ledger(path=tmp_path / "e.sqlite", accounting=Accounting.ZCDP)
+
+
+# ---- charge before release -------------------------------------------------------------------
+
+
+def test_release_carries_its_charge(engine: Engine, ledger: Ledger) -> None:
+    result = release(engine, ledger, "alice", "r1")
+    (charge,) = ledger.charges()
+    assert result.metadata.charge_id == charge.charge_id
+    assert result.metadata.release_id == charge.release_id
+    assert charge.state == "committed" and charge.amount == Fraction(1, 10)
+    events = [e.entry["event"] for e in ledger.audit_log()]
+    assert events[-2:] == ["reserve", "release"]
+    stored = ledger.release(result.metadata.release_id)
+    assert stored.to_bytes() == result.to_bytes()
+    with pytest.raises(ValueError, match="charge id"):
+        Release(result.table, replace(result.metadata, charge_id=""))
+
+
+def test_failed_computation_cancels_the_reservation(engine: Engine, ledger: Ledger) -> None:
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(QueryCancelledError):
+        engine.release(
+            distinct_query(0),
+            loss=EPS,
+            charger=ledger,
+            client="alice",
+            request_id="r1",
+            cancel=cancelled,
+        )
+    assert ledger.spent("alice") == 0 and ledger.budget("client", "alice").held == 0
+    (charge,) = ledger.charges()
+    assert (charge.state, charge.reason) == ("cancelled", "cancelled")
+    assert ledger.audit_log()[-1].entry["event"] == "cancel"
+    # The request was never answered: its retry computes and is charged once.
+    release(engine, ledger, "alice", "r1")
+    assert ledger.spent("alice") == Fraction(1, 10)
+    assert_verified(ledger)
+
+
+def test_failure_inside_commit_releases_nothing(
+    engine: Engine, open_ledger: Callable[..., Ledger]
+) -> None:
+    failing = {"after_compute"}
+
+    def hooks(point: str) -> None:
+        if point in failing:
+            raise RuntimeError(f"injected failure at {point}")
+
+    ledger = open_ledger(hooks=hooks)
+    ledger.register_client("alice", role="researcher", cap="1")
+    with pytest.raises(RuntimeError, match="after_compute"):
+        release(engine, ledger, "alice", "r1")
+    assert ledger.releases() == [] and ledger.spent("alice") == 0
+    assert ledger.budget("client", "alice").held == 0
+    failing.clear()
+    release(engine, ledger, "alice", "r1")
+    assert ledger.spent("alice") == Fraction(1, 10)
+    assert_verified(ledger)
+
+
+def test_failure_after_commit_serves_the_stored_release_on_retry(
+    engine: Engine, open_ledger: Callable[..., Ledger]
+) -> None:
+    failing = {"after_commit"}
+
+    def hooks(point: str) -> None:
+        if point in failing:
+            raise RuntimeError(f"injected failure at {point}")
+
+    ledger = open_ledger(hooks=hooks)
+    ledger.register_client("alice", role="researcher", cap="1")
+    with pytest.raises(RuntimeError, match="after_commit"):
+        release(engine, ledger, "alice", "r1")
+    (stored,) = ledger.releases()
+    assert ledger.spent("alice") == Fraction(1, 10)
+    failing.clear()
+    retried = release(engine, ledger, "alice", "r1")
+    assert retried.metadata.release_id == stored.release_id
+    assert ledger.spent("alice") == Fraction(1, 10)
+    assert_verified(ledger)
+
+
+def test_reservation_refuses_an_answer_for_another_query(engine: Engine, ledger: Ledger) -> None:
+    reservation = ledger.reserve(
+        engine.plan(distinct_query(0), loss=EPS), client="alice", request_id="r1"
+    )
+    other = engine.answer(engine.plan(distinct_query(1), loss=EPS))
+    with pytest.raises(VeilError, match="does not match"):
+        reservation.commit(other)
+    assert ledger.releases() == [] and ledger.budget("client", "alice").held == 0
+
+
+# ---- retries and replays ---------------------------------------------------------------------
+
+
+def test_retry_returns_the_stored_bytes_without_a_second_charge(
+    engine: Engine, ledger: Ledger
+) -> None:
+    first = release(engine, ledger, "alice", "r1")
+    for _ in range(3):
+        assert release(engine, ledger, "alice", "r1").to_bytes() == first.to_bytes()
+    assert ledger.spent("alice") == Fraction(1, 10)
+    assert [c.kind for c in ledger.charges()] == ["charge"]
+    assert [e.entry["event"] for e in ledger.audit_log()][-3:] == ["retry"] * 3
+
+
+def test_same_request_id_with_another_query_or_loss_is_refused(
+    engine: Engine, ledger: Ledger
+) -> None:
+    release(engine, ledger, "alice", "r1", distinct_query(0))
+    with pytest.raises(RequestConflictError):
+        release(engine, ledger, "alice", "r1", distinct_query(1))
+    with pytest.raises(RequestConflictError):
+        release(engine, ledger, "alice", "r1", distinct_query(0), PrivacyLoss.pure("0.2"))
+    # Request ids belong to their client: bob may use "r1" too.
+    release(engine, ledger, "bob", "r1", distinct_query(1))
+    assert ledger.spent("alice") == Fraction(1, 10)
+    outcomes = [e.entry["outcome"] for e in ledger.audit_log() if e.entry["event"] == "refused"]
+    assert outcomes == ["request_conflict", "request_conflict"]
+
+
+def test_concurrent_retries_of_one_request_share_one_charge(engine: Engine, ledger: Ledger) -> None:
+    barrier = threading.Barrier(8)
+    results: list[bytes] = []
+
+    def run() -> None:
+        barrier.wait()
+        results.append(release(engine, ledger, "alice", "same").to_bytes())
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and len(set(results)) == 1
+    assert ledger.spent("alice") == Fraction(1, 10)
+    assert_verified(ledger)
+
+
+def test_replay_is_free_to_any_client_and_recorded(engine: Engine, ledger: Ledger) -> None:
+    first = release(engine, ledger, "alice", "a1")
+    replayed = release(engine, ledger, "carol", "c1", loss=PrivacyLoss.pure("0.05"))
+    assert replayed.to_bytes() == first.to_bytes()
+    assert ledger.spent("carol") == 0
+    (record,) = ledger.releases()
+    assert record.replays == 1 and record.client == "alice"
+    replay = ledger.charges(client="carol")[0]
+    assert (replay.kind, replay.release_id) == ("replay", record.release_id)
+    assert replay.amount == 0
+    assert ledger.audit_log()[-1].entry["event"] == "replay"
+    # A retry of the replaying request returns the same bytes again.
+    again = release(engine, ledger, "carol", "c1", loss=PrivacyLoss.pure("0.05"))
+    assert again.to_bytes() == first.to_bytes()
+    assert_verified(ledger)
+
+
+def test_a_more_accurate_request_is_charged_and_then_wins(engine: Engine, ledger: Ledger) -> None:
+    coarse = release(engine, ledger, "alice", "a1")
+    fine = release(engine, ledger, "bob", "b1", loss=PrivacyLoss.pure("0.2"))
+    assert fine.to_bytes() != coarse.to_bytes()
+    assert ledger.spent("bob") == Fraction(2, 10)
+    later = release(engine, ledger, "carol", "c1")
+    assert later.to_bytes() == fine.to_bytes()
+    assert ledger.spent("carol") == 0
+
+
+def test_concurrent_requests_for_a_new_query_draw_noise_once(
+    engine: Engine, open_ledger: Callable[..., Ledger]
+) -> None:
+    ledger = open_ledger()
+    for i in range(8):
+        ledger.register_client(f"c{i}", role="researcher", cap="1")
+    barrier = threading.Barrier(8)
+    results: list[bytes] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results.append(release(engine, ledger, f"c{i}", f"r{i}").to_bytes())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and len(set(results)) == 1
+    assert len(ledger.releases()) == 1
+    assert sum((c.amount for c in ledger.charges()), Fraction(0)) == Fraction(1, 10)
+    assert_verified(ledger)
+
+
+def test_no_replay_across_data_versions_and_caps_per_version(
+    engine: Engine, ledger: Ledger, tmp_path: Path
+) -> None:
+    ledger.set_dataset_cap("v2", "0.1")
+    v2 = Engine(
+        DuckDBBackend(write_database(tmp_path / "v2.duckdb", ROWS[:100], data_version="v2")),
+        codebook=CODEBOOK,
+    )
+    first = release(engine, ledger, "alice", "a1")
+    plan = v2.plan(distinct_query(0), loss=EPS)
+    reservation = ledger.reserve(plan, client="alice", request_id="a2", data_version="v2")
+    assert reservation.stored is None
+    second = reservation.commit(v2.answer(plan))
+    assert second.to_bytes() != first.to_bytes()
+    assert second.metadata.data_version == "v2"
+    assert ledger.spent("alice") == Fraction(2, 10)
+    assert ledger.budget("dataset", "v1").spent == Fraction(1, 10)
+    assert ledger.budget("dataset", "v2").spent == Fraction(1, 10)
+    with pytest.raises(BudgetExceededError) as refused:
+        ledger.reserve(
+            v2.plan(distinct_query(1), loss=EPS), client="bob", request_id="b", data_version="v2"
+        )
+    assert refused.value.scope == "dataset"
+    # The committed answer must be for the reservation's data version.
+    held = ledger.reserve(engine.plan(distinct_query(5), loss=EPS), client="bob", request_id="x")
+    with pytest.raises(VeilError, match="does not match"):
+        held.commit(v2.answer(v2.plan(distinct_query(5), loss=EPS)))
+    assert_verified(ledger)
+
+
+# ---- durability ------------------------------------------------------------------------------
+
+
+def test_ledger_file_is_wal_with_full_sync(ledger: Ledger) -> None:
+    conn = sqlite3.connect(ledger.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    # Every connection the ledger writes through syncs fully (2 = FULL).
+    assert ledger._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_abandoned_reservations_are_cancelled_on_open(
+    engine: Engine, ledger: Ledger, open_ledger: Callable[..., Ledger]
+) -> None:
+    ledger.reserve(engine.plan(distinct_query(0), loss=EPS), client="alice", request_id="r1")
+    assert ledger.budget("client", "alice").held == Fraction(1, 10)
+    assert ledger.remaining("alice") == Fraction(9, 10)
+    ledger.close()  # as if the process died: the hold is never settled
+    reopened = open_ledger()
+    (charge,) = reopened.charges()
+    assert (charge.state, charge.reason) == ("cancelled", "abandoned")
+    assert reopened.budget("client", "alice").held == 0
+    assert [e.entry["event"] for e in reopened.audit_log()][-2:] == ["abandon", "open"]
+    assert_verified(reopened)
+    release(engine, reopened, "alice", "r1")
+    assert reopened.spent("alice") == Fraction(1, 10)
+
+
+def test_a_ledger_needs_a_file_of_its_own(engine: Engine, tmp_path: Path) -> None:
+    other = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerUnavailableError, match="not a veil ledger"):
+        Ledger.open(other, accounting="pure_dp", dataset_cap=1)
+    assert isinstance(engine.backend, DuckDBBackend)
+    with pytest.raises(LedgerUnavailableError, match="not a ledger database"):
+        Ledger.open(engine.backend.path, accounting="pure_dp", dataset_cap=1)  # the data file
+    with pytest.raises(LedgerUnavailableError, match="no ledger"):
+        Ledger.open_readonly(tmp_path / "missing.sqlite")
+
+
+def test_one_writer_at_a_time_and_readers_alongside(
+    engine: Engine, ledger: Ledger, open_ledger: Callable[..., Ledger]
+) -> None:
+    with pytest.raises(LedgerUnavailableError, match="another process"):
+        open_ledger()
+    release(engine, ledger, "alice", "r1")
+    with Ledger.open_readonly(ledger.path) as reader:
+        assert reader.spent("alice") == Fraction(1, 10)
+        assert reader.verify().ok
+        with pytest.raises(LedgerUnavailableError, match="read-only"):
+            reader.reserve(engine.plan(distinct_query(1), loss=EPS), client="alice", request_id="x")
+    ledger.close()
+    with pytest.raises(LedgerUnavailableError, match="closed"):
+        release(engine, ledger, "alice", "r2")
+
+
+def test_a_full_disk_releases_nothing_and_service_resumes(engine: Engine, ledger: Ledger) -> None:
+    big = Query(Count(), by=("citizenship", "gender"))  # a release of several pages
+    conn = ledger._conn()  # the connection this thread writes through
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(LedgerUnavailableError, match=r"disk holding the ledger is full"):
+        release(engine, ledger, "alice", "full", big)
+    assert ledger.releases() == []
+    assert ledger.spent("alice") == 0
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    result = release(engine, ledger, "alice", "full", big)
+    assert ledger.spent("alice") == Fraction(1, 10)
+    assert ledger.budget("client", "alice").held == 0
+    assert result.metadata.charge_id
+    assert_verified(ledger)
+
+
+def fill_ledger(ledger: Ledger) -> None:
+    """Cap the ledger file at its current size, then use up its free space."""
+    conn = ledger._conn()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(LedgerUnavailableError, match="full"):
+        for i in range(100_000):
+            ledger.audit("filler", None, outcome="filler", detail={"n": str(i)})
+
+
+def test_a_full_disk_at_reservation_or_at_cancel(engine: Engine, ledger: Ledger) -> None:
+    conn = ledger._conn()
+    fill_ledger(ledger)
+    with pytest.raises(LedgerUnavailableError, match="cannot reserve the charge: the disk"):
+        release(engine, ledger, "alice", "r1")
+    assert ledger.charges() == [] and ledger.spent("alice") == 0
+    conn.execute("PRAGMA max_page_count = 1073741823")
+
+    # Held, then the disk fills: the commit and its cancel both fail. The hold stays counted
+    # against the caps (the safe side) until a later transaction can write the cancel.
+    plan = engine.plan(distinct_query(1), loss=EPS)
+    reservation = ledger.reserve(plan, client="alice", request_id="r2")
+    answer = engine.answer(plan)
+    fill_ledger(ledger)
+    with pytest.raises(LedgerUnavailableError, match="full"):
+        reservation.commit(answer)
+    assert ledger.releases() == []
+    assert ledger.budget("client", "alice").held == Fraction(1, 10)
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    release(engine, ledger, "alice", "r2", distinct_query(1))
+    assert ledger.budget("client", "alice").held == 0
+    assert ledger.spent("alice") == Fraction(1, 10)
+    cancelled = [c for c in ledger.charges() if c.state == "cancelled"]
+    assert [c.reason for c in cancelled] == ["commit_failed"]
+    assert_verified(ledger)
+
+
+def test_a_locked_ledger_is_reported_unavailable(engine: Engine, tmp_path: Path) -> None:
+    ledger = Ledger.open(
+        tmp_path / "l.sqlite",
+        accounting="pure_dp",
+        dataset_cap=1,
+        data_version="v1",
+        busy_timeout=0.2,
+    )
+    ledger.register_client("alice", role="researcher", cap="1")
+    other = sqlite3.connect(ledger.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LedgerUnavailableError, match="locked"):
+            release(engine, ledger, "alice", "r1")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert ledger.releases() == []
+    release(engine, ledger, "alice", "r1")
+    ledger.close()
+
+
+# ---- clients, caps and reports ---------------------------------------------------------------
+
+
+def test_client_registry(engine: Engine, ledger: Ledger) -> None:
+    with pytest.raises(ClientRegistryError, match="already"):
+        ledger.register_client("alice", role="researcher", cap="1")
+    with pytest.raises(ClientRegistryError, match="role"):
+        ledger.register_client("eve", role="superuser", cap="1")
+    with pytest.raises(VeilError):
+        ledger.register_client("bad id; drop", role="researcher", cap="1")
+    with pytest.raises(ClientRegistryError, match="token hash"):
+        ledger.register_client("eve", role="researcher", cap="1", token_hash="plain")
+    digest = "a" * 64
+    ledger.register_client("eve", role="admin", cap=0, token_hash=digest)
+    found = ledger.client_for_token_hash(digest)
+    assert found is not None and found.client_id == "eve" and found.role == "admin"
+    with pytest.raises(ClientRegistryError, match="another client"):
+        ledger.set_token_hash("alice", digest)
+    assert [c.client_id for c in ledger.list_clients()] == ["alice", "bob", "carol", "eve"]
+
+    with pytest.raises(UnknownClientError):
+        release(engine, ledger, "mallory", "m1")
+    release(engine, ledger, "alice", "a1")
+    with pytest.raises(ClientRegistryError, match="already spent"):
+        ledger.set_cap("alice", "0.05")
+    assert ledger.raise_cap("alice", by="0.5").cap == Fraction(3, 2)
+    assert ledger.set_cap("alice", "0.1").cap == Fraction(1, 10)
+    with pytest.raises(BudgetExceededError):
+        release(engine, ledger, "alice", "a2", distinct_query(1))
+    ledger.revoke("bob", reason="left the project")
+    with pytest.raises(UnknownClientError, match="revoked"):
+        release(engine, ledger, "bob", "b1")
+    assert ledger.remaining("bob") == 0
+    outcomes = [e.entry["outcome"] for e in ledger.audit_log() if e.entry["event"] == "refused"]
+    assert outcomes == ["unknown_client", "budget_exceeded", "revoked_client"]
+    assert_verified(ledger)
+
+
+def test_institution_cap_binds_across_its_clients(engine: Engine, ledger: Ledger) -> None:
+    ledger.set_institution_cap("iom", "0.15")
+    release(engine, ledger, "alice", "a1", distinct_query(0))
+    with pytest.raises(BudgetExceededError) as refused:
+        release(engine, ledger, "bob", "b1", distinct_query(1))
+    assert refused.value.scope == "institution" and refused.value.remaining == "0.05"
+    release(engine, ledger, "carol", "c1", distinct_query(1))  # not in the institution
+    with pytest.raises(ClientRegistryError):
+        ledger.set_institution_cap("iom", "0.05")
+    ledger.set_institution_cap("iom", None)
+    release(engine, ledger, "bob", "b1", distinct_query(1))  # a replay now: free
+    release(engine, ledger, "bob", "b2", distinct_query(2))
+    assert ledger.remaining("bob") == Fraction(9, 10)
+    assert_verified(ledger)
+
+
+def test_dataset_default_cap_changes_on_open_are_audited(
+    engine: Engine, ledger: Ledger, open_ledger: Callable[..., Ledger]
+) -> None:
+    release(engine, ledger, "alice", "a1")
+    ledger.close()
+    with pytest.raises(ClientRegistryError, match="already spent"):
+        open_ledger(dataset_cap="0.05")
+    reopened = open_ledger(dataset_cap="20")
+    assert reopened.budget("dataset", "v1").cap == 20
+    events = [e.entry for e in reopened.audit_log() if e.entry["event"] == "set_dataset_cap"]
+    assert events[-1]["detail"] == {"before": "10", "after": "20"}
+    assert_verified(reopened)
+
+
+def test_report_per_client_institution_and_dataset(engine: Engine, ledger: Ledger) -> None:
+    ledger.set_institution_cap("iom", "1.5")
+    release(engine, ledger, "alice", "a1", distinct_query(0))
+    release(engine, ledger, "bob", "b1", distinct_query(1), PrivacyLoss.pure("0.25"))
+    release(engine, ledger, "carol", "c1", distinct_query(0))  # replay
+    report = ledger.report().to_dict()
+    clients = {c["name"]: c for c in report["clients"]}
+    assert clients["alice"]["spent"] == "0.1" and clients["alice"]["remaining"] == "0.9"
+    assert clients["bob"]["spent"] == "0.25" and clients["bob"]["remaining_float"] == 0.75
+    assert clients["carol"]["spent"] == "0"
+    (iom,) = report["institutions"]
+    assert (iom["cap"], iom["spent"], iom["remaining"]) == ("1.5", "0.35", "1.15")
+    (dataset,) = report["datasets"]
+    assert (dataset["name"], dataset["spent"], dataset["remaining"]) == ("v1", "0.35", "9.65")
+    assert report["audit_head"] == ledger.head()
+    assert ledger.remaining("alice") == Fraction(9, 10)
+    releases = ledger.releases()
+    assert [(r.client, r.loss, r.replays) for r in releases] == [
+        ("alice", Fraction(1, 10), 1),
+        ("bob", Fraction(1, 4), 0),
+    ]
+
+
+def test_zcdp_report_gives_the_epsilon_delta_equivalent(
+    engine: Engine, open_ledger: Callable[..., Ledger], tmp_path: Path
+) -> None:
+    from engine.settings import Settings
+
+    zengine = Engine(
+        engine.backend, codebook=CODEBOOK, settings=Settings(accounting=Accounting.ZCDP)
+    )
+    ledger = open_ledger(path=tmp_path / "z.sqlite", accounting=Accounting.ZCDP, delta=1e-7)
+    ledger.register_client("alice", role="researcher", cap="0.5")
+    zengine.release(
+        distinct_query(0),
+        loss=PrivacyLoss.zcdp("0.02"),
+        charger=ledger,
+        client="alice",
+        request_id="r1",
+    )
+    report = ledger.report().to_dict()
+    alice = report["clients"][0]
+    assert report["accounting"] == "zcdp" and report["delta"] == 1e-7
+    assert alice["spent"] == "0.02"
+    assert alice["spent_epsilon"] == pytest.approx(0.02 + 2 * math.sqrt(0.02 * math.log(1e7)))
+    assert alice["cap_epsilon"] == pytest.approx(0.5 + 2 * math.sqrt(0.5 * math.log(1e7)))
+    with pytest.raises(InvalidLossError, match="zcdp"):
+        release(engine, ledger, "alice", "r2")
+
+
+# ---- the audit log ---------------------------------------------------------------------------
+
+
+def test_audit_entries_have_fixed_fields_and_no_true_values(engine: Engine, ledger: Ledger) -> None:
+    release(engine, ledger, "alice", "a1", Query(Count(), by=("gender",)))
+    release(engine, ledger, "carol", "c1", Query(Count(), by=("gender",)))
+    with pytest.raises(BudgetExceededError):
+        release(engine, ledger, "bob", "b1", distinct_query(1), PrivacyLoss.pure("5"))
+    seq = ledger.audit(
+        "authentication_failed", "unknown", outcome="refused", detail={"reason": "unknown token"}
+    )
+    assert ledger.audit_log()[-1].seq == seq
+    with pytest.raises(VeilError, match="written by the ledger"):
+        ledger.audit("release", "alice", outcome="forged")
+    conn = sqlite3.connect(ledger.path)
+    texts = [row[0] for row in conn.execute("SELECT entry FROM audit")]
+    conn.close()
+    for text in texts:
+        entry = json.loads(text)
+        assert tuple(sorted(entry)) == tuple(sorted(ENTRY_FIELDS))
+        # 4711 and 2903 are the true counts of the data; no entry may carry them.
+        assert not re.search(r"(?<![0-9a-f])(4711|2903)(?![0-9a-f])", text), text
+    release_entry = next(json.loads(t) for t in texts if '"event":"release"' in t)
+    stored = ledger.releases()[0]
+    assert release_entry["release_sha256"] == stored.sha256
+    assert release_entry["budget"][0]["scope"] == "client:alice"
+    assert release_entry["budget"][0]["before"] == {"spent": "0", "held": "0.1"}
+    assert release_entry["budget"][0]["after"] == {"spent": "0.1", "held": "0"}
+
+
+def test_cli_verify_and_report(
+    engine: Engine, ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    release(engine, ledger, "alice", "a1")
+    path = str(ledger.path)
+    assert ledger_cli(["ledger", "verify", path]) == 0
+    assert "ledger verified" in capsys.readouterr().out
+    assert ledger_cli(["ledger", "verify", path, "--expect-head", ledger.head()]) == 0
+    capsys.readouterr()
+    assert ledger_cli(["ledger", "report", path, "--json", "--releases"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["clients"][0]["spent"] == "0.1" and len(data["releases"]) == 1
+    assert ledger_cli(["ledger", "report", path, "--releases"]) == 0
+    text = capsys.readouterr().out
+    assert "alice" in text and "releases (1)" in text
+    assert ledger_cli(["ledger", "verify", str(ledger.path.with_name("none.sqlite"))]) == 2
+    assert "no ledger" in capsys.readouterr().err
