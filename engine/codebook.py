@@ -8,6 +8,7 @@ Nothing here ever reads the private data.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,6 +22,9 @@ from engine.errors import CodebookError, InvalidQueryError
 from engine.geography import UNKNOWN_REGION, country_name, iso_alpha2_codes, m49_regions
 
 Code = str | int
+
+# ASCII digits only, and short: str.isdigit() admits "²" and int() of a huge string is slow.
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,18}")
 
 
 class Kind(Enum):
@@ -91,23 +95,31 @@ class Variable:
         if self.kind in (Kind.INTEGER, Kind.FLAG):
             if isinstance(value, bool):
                 value = int(value)
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
                 value = int(value.strip())
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             if not isinstance(value, int):
                 raise InvalidQueryError(
-                    f"{self.name}: value {value!r} is not an integer", variable=self.name
+                    f"{self.name}: value {_shown(value)} is not an integer", variable=self.name
                 )
         elif not isinstance(value, str):
-            raise InvalidQueryError(f"{self.name}: value {value!r} is not text", variable=self.name)
+            raise InvalidQueryError(
+                f"{self.name}: value {_shown(value)} is not text", variable=self.name
+            )
         if value not in self.code_index:
             raise InvalidQueryError(
-                f"{self.name}: value {value!r} is not in the codebook domain "
+                f"{self.name}: value {_shown(value)} is not in the codebook domain "
                 f"({_describe_domain(self)})",
                 variable=self.name,
             )
         return value
+
+
+def _shown(value: object) -> str:
+    """A query value as an error message quotes it: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _describe_domain(variable: Variable) -> str:
@@ -174,7 +186,7 @@ class Dimension:
             return self.variable.parse_value(value)
         if not isinstance(value, str) or value not in self.keys:
             raise InvalidQueryError(
-                f"{self.name}: value {value!r} is not one of "
+                f"{self.name}: value {_shown(value)} is not one of "
                 + ", ".join(repr(k) for k in self.keys),
                 variable=self.name,
             )

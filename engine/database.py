@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from engine.codebook import Codebook
 from engine.errors import LoadError
-from engine.sql import create_table
+from engine.sql import append_records, create_table
 
 
 def create(
@@ -30,6 +31,15 @@ def create(
     connection.execute(create_table(codebook))
     connection.execute("CREATE TABLE veil_metadata (key VARCHAR PRIMARY KEY, value VARCHAR)")
     return connection
+
+
+def append(connection: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
+    """Append an Arrow table whose columns are the records table's, in order."""
+    connection.register("veil_incoming", batch)
+    try:
+        connection.execute(append_records("veil_incoming"))
+    finally:
+        connection.unregister("veil_incoming")
 
 
 def finish(connection: duckdb.DuckDBPyConnection, *, codebook: Codebook, data_version: str) -> None:

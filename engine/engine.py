@@ -20,7 +20,7 @@ import numpy as np
 from engine.accuracy import NoiseDistribution, round_up_amount, share_for_scale
 from engine.backend import Backend
 from engine.codebook import Codebook, Dimension, Kind
-from engine.errors import InvalidLossError
+from engine.errors import InvalidLossError, QueryCancelledError
 from engine.loss import PrivacyLoss
 from engine.planner import Plan, plan_query
 from engine.query import Query
@@ -156,6 +156,9 @@ class Engine:
             return reservation.stored
         try:
             answer = self.answer(plan, cancel=cancel)
+            if cancel is not None and cancel.is_set():
+                # The caller has gone: an answer nobody receives must not be charged or stored.
+                raise QueryCancelledError("the query was cancelled; nothing was charged")
         except BaseException:
             reservation.cancel()
             raise

@@ -409,7 +409,7 @@ def _chain_hash(prev_hash: str, entry: bytes) -> str:
 
 
 def _check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise VeilError(
             f"{what} must be 1 to 128 letters, digits or . _ @ : + / - (starting with a letter "
             f"or digit), got {value!r}"

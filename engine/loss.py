@@ -42,11 +42,26 @@ def exact_amount(value: Number, *, what: str = "privacy loss") -> Fraction:
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise InvalidLossError(f"{what} must be finite, got {value!r}")
+            if value == 0 or not 1e-12 <= abs(value) <= 1e6:
+                raise InvalidLossError(
+                    f"{what} must lie between {float(MIN_AMOUNT)} and {float(MAX_AMOUNT)}, "
+                    f"got {value!r}"
+                )
             amount = Fraction(Decimal(repr(value)))
         else:
-            decimal = Decimal(str(value).strip())
+            text = str(value).strip()
+            if len(text) > 64:
+                raise InvalidLossError(f"{what} must be a decimal of at most 64 characters")
+            decimal = Decimal(text)
             if not decimal.is_finite():
                 raise InvalidLossError(f"{what} must be finite, got {value!r}")
+            # Refuse absurd exponents before building the exact rational, which for
+            # "1e-99999999" would take unbounded time and memory.
+            if not -12 <= decimal.adjusted() <= 6:
+                raise InvalidLossError(
+                    f"{what} must lie between {float(MIN_AMOUNT)} and {float(MAX_AMOUNT)}, "
+                    f"got {value!r}"
+                )
             amount = Fraction(decimal)
     except (InvalidOperation, ValueError, TypeError) as exc:
         raise InvalidLossError(f"{what} must be a decimal number, got {value!r}") from exc

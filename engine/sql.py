@@ -150,6 +150,11 @@ def _string_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def append_records(view: str) -> str:
+    """Append every row of a registered view whose columns match the records table."""
+    return f"INSERT INTO {TABLE} SELECT * FROM {quote(view)}"
+
+
 def create_table(codebook: Codebook) -> str:
     """DDL for the records table, typed from the codebook."""
     columns = ", ".join(

@@ -37,7 +37,6 @@ from tqdm import tqdm
 from engine import database as data_file
 from engine.codebook import Codebook, Kind, Variable, default_codebook, load_codebook
 from engine.errors import CodebookError, LoadError, VeilError
-from engine.sql import TABLE
 
 CHUNK_ROWS = 1 << 20
 MEMORY_LIMIT = "512MB"  # DuckDB's while writing; the process peaks near 0.7 GB at any size
@@ -286,12 +285,17 @@ _FLAG_COLUMNS = (
 _YEAR = "yearOfRegistration"
 
 
+# Part of every data version: change it whenever the generator's parameters change, so stored
+# releases made on the old records are never replayed as answers about the new ones.
+GENERATOR = "gen-1"
+
+
 def data_version(codebook: Codebook, *, rows: int, seed: int) -> str:
-    """The data_version a generated file records, e.g. `synthetic:ctdc@7:rows-200000:seed-0`.
+    """The data_version a generated file records, e.g. `synthetic:ctdc@7:gen-1:rows-200000:seed-0`.
 
     Written with `-` rather than `=` so that it is a valid name for the ledger.
     """
-    return f"synthetic:{codebook.fingerprint_text}:rows-{rows}:seed-{seed}"
+    return f"synthetic:{codebook.fingerprint_text}:{GENERATOR}:rows-{rows}:seed-{seed}"
 
 
 def generate(
@@ -323,16 +327,13 @@ def generate(
         # DuckDB caches written blocks up to its memory limit (most of RAM by default); a small
         # limit keeps a 100M-row run at the footprint of a 1M-row one, at no cost in speed.
         connection.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-        insert = f"INSERT INTO {TABLE} SELECT * FROM veil_synthetic_chunk"
         with tqdm(
             total=rows, unit="rows", unit_scale=True, file=sys.stderr, disable=not progress
         ) as bar:
             # The next chunk is drawn on a worker thread while DuckDB writes this one (both
             # release the GIL); rows are inserted in chunk order, so the content is fixed.
             for chunk in _prefetched(_chunks(world, rows=rows, seed=seed)):
-                connection.register("veil_synthetic_chunk", chunk)
-                connection.execute(insert)
-                connection.unregister("veil_synthetic_chunk")
+                data_file.append(connection, chunk)
                 bar.update(chunk.num_rows)
         data_file.finish(connection, codebook=codebook, data_version=version)
     except BaseException:

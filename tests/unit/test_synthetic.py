@@ -58,7 +58,7 @@ def test_same_seed_gives_the_same_records_and_another_seed_differs(tmp_path: Pat
     first = synthetic.generate(tmp_path / "a.duckdb", rows=5_000, seed=7)
     second = synthetic.generate(tmp_path / "b.duckdb", rows=5_000, seed=7)
     synthetic.generate(tmp_path / "c.duckdb", rows=5_000, seed=8)
-    assert first == second == "synthetic:ctdc@7:rows-5000:seed-7"
+    assert first == second == "synthetic:ctdc@7:gen-1:rows-5000:seed-7"
     a, b, c = (rows_of(tmp_path / f"{name}.duckdb") for name in "abc")
     assert a == b
     assert a != c
@@ -80,7 +80,7 @@ def test_chunks_are_written_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_row_count_and_data_version(tmp_path: Path, rows: int) -> None:
     path = tmp_path / "data.duckdb"
     version = synthetic.generate(path, rows=rows, seed=1)
-    assert version == f"synthetic:ctdc@7:rows-{rows}:seed-1"
+    assert version == f"synthetic:ctdc@7:gen-1:rows-{rows}:seed-1"
     with duckdb.connect(str(path), read_only=True) as connection:
         assert one(connection, "SELECT count(*) FROM records") == (rows,)
         metadata = dict(connection.execute("SELECT key, value FROM veil_metadata").fetchall())
@@ -129,7 +129,7 @@ def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     path = tmp_path / "data.duckdb"
     args = parser.parse_args(["synth", str(path), "--rows", "300", "--seed", "2"])
     assert args.handler(args) == 0
-    assert capsys.readouterr().out.startswith("synthetic:ctdc@7:rows-300:seed-2 (")
+    assert capsys.readouterr().out.startswith("synthetic:ctdc@7:gen-1:rows-300:seed-2 (")
     assert args.handler(args) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
     args = parser.parse_args(["synth", str(path), "--rows", "1_000", "--overwrite"])
