@@ -1,0 +1,243 @@
+"""The server's view of the ledger: clients, tokens, budgets, releases and the audit log.
+
+`Accounts` is what the servicers and the interceptor need; `LedgerAccounts` adapts
+`engine.ledger.Ledger` to it and converts the ledger's records to protobuf. Tokens reach the
+ledger only as hashes (`server.auth.hash_token`).
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+from engine.errors import ClientRegistryError, LedgerUnavailableError
+from engine.ledger import ClientRecord, Ledger
+from engine.loss import parse_amount
+from engine.release import Charger
+from engine.settings import Settings
+from protos.veil.v1 import veil_pb2 as pb
+from server.auth import Identity, Role, hash_token
+from server.config import Caps
+from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
+
+
+class Accounts(Protocol):
+    @property
+    def charger(self) -> Charger: ...
+
+    # -- authentication (the interceptor) --
+    def identify(self, token_hash: str) -> Identity | None: ...
+
+    def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None: ...
+
+    # -- researchers --
+    def is_released(self, fingerprint: str, loss: Fraction | None = None) -> bool:
+        """Whether a release of this query (at a loss at least `loss`) exists to be reused."""
+        ...
+
+    def budget(self, identity: Identity) -> pb.Budget: ...
+
+    # -- administrators --
+    def register(
+        self, client: str, *, role: Role, institution: str, cap: Fraction | None, token: str,
+        by: Identity,
+    ) -> pb.ClientInfo:
+        """Register a client; `cap` None takes the deployment's default client cap."""
+        ...
+
+    def set_cap(self, client: str, cap: Fraction, *, by: Identity) -> pb.ClientInfo: ...
+
+    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo: ...
+
+    def clients(self) -> list[pb.ClientInfo]: ...
+
+    def rotate(self, client: str, *, token: str, by: Identity) -> None: ...
+
+    # -- auditors --
+    def report(self) -> pb.LedgerReportResponse: ...
+
+    def releases(self, client: str | None, *, limit: int) -> list[pb.ReleaseSummary]: ...
+
+    def verify(self) -> pb.VerifyAuditLogResponse: ...
+
+    def close(self) -> None: ...
+
+
+class LedgerAccounts:
+    """`Accounts` backed by the durable ledger (`engine.ledger.Ledger`)."""
+
+    def __init__(self, ledger: Ledger, *, data_version: str, default_cap: Fraction) -> None:
+        self.ledger = ledger
+        self.data_version = data_version
+        self.default_cap = default_cap
+
+    @classmethod
+    def open(
+        cls, path: Path, *, settings: Settings, data_version: str, caps: Caps,
+        wait_timeout: float,
+    ) -> LedgerAccounts:
+        """Open (or create) the ledger and apply the config's dataset and institution caps."""
+        if caps.dataset is None:
+            raise LedgerUnavailableError(
+                "the ledger needs a dataset-wide cap: set caps.dataset in the config"
+            )
+        ledger = Ledger.open(
+            path,
+            accounting=settings.accounting,
+            dataset_cap=caps.dataset,
+            data_version=data_version,
+            wait_timeout=wait_timeout,
+        )
+        try:
+            for institution, cap in caps.institutions.items():
+                if ledger.budget("institution", institution).cap != parse_amount(cap):
+                    ledger.set_institution_cap(institution, cap)
+        except BaseException:
+            ledger.close()
+            raise
+        return cls(ledger, data_version=data_version, default_cap=parse_amount(caps.client))
+
+    @property
+    def charger(self) -> Charger:
+        return self.ledger
+
+    # -- authentication --
+    def identify(self, token_hash: str) -> Identity | None:
+        record = self.ledger.client_for_token_hash(token_hash)
+        if record is None or not record.active:
+            return None
+        return Identity(record.client_id, Role(record.role), record.institution or "")
+
+    def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
+        self.ledger.audit(
+            "auth_denied",
+            client,
+            outcome="refused",
+            detail={"method": method[:200], "reason": reason[:200], "peer": peer[:200]},
+        )
+
+    # -- researchers --
+    def is_released(self, fingerprint: str, loss: Fraction | None = None) -> bool:
+        return any(
+            r.fingerprint == fingerprint and (loss is None or r.loss >= loss)
+            for r in self.ledger.releases(data_version=self.data_version)
+        )
+
+    def budget(self, identity: Identity) -> pb.Budget:
+        own = self.ledger.budget("client", identity.client_id)
+        out = pb.Budget(
+            client_id=identity.client_id,
+            role=ROLE_TO_PB[identity.role],
+            institution=identity.institution,
+            accounting=ACCOUNTING_TO_PB[self.ledger.accounting],
+            cap=amount_text(own.cap),
+            spent=amount_text(own.spent),
+            reserved=amount_text(own.held),
+            remaining=amount_text(self.ledger.remaining(identity.client_id)),
+        )
+        if identity.institution:
+            institution = self.ledger.budget("institution", identity.institution)
+            out.institution_cap = amount_text(institution.cap)
+            out.institution_remaining = amount_text(institution.remaining)
+        dataset = self.ledger.budget("dataset", self.data_version)
+        out.dataset_remaining = amount_text(dataset.remaining)
+        return out
+
+    # -- administrators --
+    def _info(self, record: ClientRecord) -> pb.ClientInfo:
+        scope = self.ledger.budget("client", record.client_id)
+        return pb.ClientInfo(
+            client_id=record.client_id,
+            role=ROLE_TO_PB[Role(record.role)],
+            institution=record.institution or "",
+            cap=amount_text(record.cap),
+            spent=amount_text(scope.spent),
+            remaining=amount_text(scope.remaining),
+            revoked=not record.active,
+            created_at=record.created_at,
+            revoked_at=record.revoked_at or "",
+        )
+
+    def register(
+        self, client: str, *, role: Role, institution: str, cap: Fraction | None, token: str,
+        by: Identity,
+    ) -> pb.ClientInfo:
+        record = self.ledger.register_client(
+            client,
+            role=role.value,
+            cap=self.default_cap if cap is None else cap,
+            institution=institution or None,
+            token_hash=hash_token(token),
+        )
+        return self._info(record)
+
+    def set_cap(self, client: str, cap: Fraction, *, by: Identity) -> pb.ClientInfo:
+        return self._info(self.ledger.set_cap(client, cap))
+
+    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo:
+        if client == by.client_id:
+            raise ClientRegistryError("an administrator cannot revoke its own registration")
+        return self._info(self.ledger.revoke(client, reason=f"{reason} (by {by.client_id})"))
+
+    def clients(self) -> list[pb.ClientInfo]:
+        return [self._info(record) for record in self.ledger.list_clients()]
+
+    def rotate(self, client: str, *, token: str, by: Identity) -> None:
+        record = self.ledger.client(client)
+        if not record.active:
+            raise ClientRegistryError(f"client {client} is revoked; register a new client instead")
+        self.ledger.set_token_hash(client, hash_token(token))
+
+    # -- auditors --
+    def report(self) -> pb.LedgerReportResponse:
+        report = self.ledger.report()
+        counts: dict[str, int] = {}
+        for record in self.ledger.releases():
+            counts[record.client] = counts.get(record.client, 0) + 1
+        rows = [
+            pb.SpendingRow(
+                scope=scope.kind,
+                name=scope.name,
+                cap=amount_text(scope.cap),
+                spent=amount_text(scope.spent),
+                remaining=amount_text(scope.remaining),
+                releases=counts.get(scope.name, 0) if scope.kind == "client" else 0,
+            )
+            for scope in (*report.clients, *report.institutions, *report.datasets)
+        ]
+        return pb.LedgerReportResponse(
+            accounting=ACCOUNTING_TO_PB[report.accounting],
+            rows=rows,
+            report_json=json.dumps(report.to_dict(), sort_keys=True),
+        )
+
+    def releases(self, client: str | None, *, limit: int) -> list[pb.ReleaseSummary]:
+        records = self.ledger.releases(client=client)
+        charges = {c.charge_id: c for c in self.ledger.charges(client=client)}
+        out = []
+        for record in records[-limit:]:
+            charge = charges.get(record.charge_id)
+            out.append(
+                pb.ReleaseSummary(
+                    release_id=record.release_id,
+                    charge_id=record.charge_id,
+                    client_id=record.client,
+                    request_id=charge.request_id if charge else "",
+                    fingerprint=record.fingerprint,
+                    canonical_query=record.canonical_query,
+                    loss=amount_text(record.loss),
+                    created_at=record.created_at,
+                )
+            )
+        return out
+
+    def verify(self) -> pb.VerifyAuditLogResponse:
+        result = self.ledger.verify()
+        return pb.VerifyAuditLogResponse(
+            ok=result.ok, entries=result.entries, problem="" if result.ok else result.message
+        )
+
+    def close(self) -> None:
+        self.ledger.close()

@@ -1,0 +1,251 @@
+"""Build, start and stop veil's gRPC server: services, limits, health, reflection, TLS, signals.
+
+    running = start(config)          # listening; running.port is the bound port
+    running.stop()                   # drain calls in flight, then close the ledger and the data
+    serve(config)                    # start, then block until SIGTERM or SIGINT, then stop
+
+Stopping drains: the health status turns NOT_SERVING, new calls are refused, calls in flight get
+`grace_seconds` to finish, queries still running after that are interrupted (their reservations
+are released, nothing is charged), and the ledger is closed only once no call is running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from engine.backend import DuckDBBackend
+from engine.codebook import load_codebook
+from engine.engine import Engine
+from protos.veil.v1 import veil_pb2 as pb
+from server.accounts import Accounts
+from server.auth import AuthInterceptor
+from server.config import ServerConfig
+from server.servicer import Services, generic_handlers
+
+log = logging.getLogger("veil.server")
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+# Bytes of a release per cell, at most (keys, value, interval, flag): used to check at start
+# that the largest release a query may ask for fits in one response.
+_BYTES_PER_CELL = 256
+
+
+# ---- logging -----------------------------------------------------------------------------------
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and the record's `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                entry[key] = value
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def configure_logging(level: str = "info", file: Path | None = None,
+                      stream: TextIO | None = None) -> logging.Handler:
+    """Send veil's server log to `file` (or `stream`, default standard error) as JSON lines."""
+    handler: logging.Handler
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    for name in ("veil", "grpc"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(level.upper() if name == "veil" else "WARNING")
+    return handler
+
+
+# ---- health ------------------------------------------------------------------------------------
+
+
+class _Health(health.HealthServicer):
+    """Check and List only: Watch would hold a slot of the concurrency cap for as long as any
+    unauthenticated caller keeps it open."""
+
+    def Watch(self, request: Any, context: Any, send_response_callback: Any = None) -> Any:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "use Check; Watch is not offered")
+
+
+# ---- the running server ------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    server: grpc.Server
+    port: int
+    services: Services
+    health: health.HealthServicer
+    grace_seconds: float
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def accounts(self) -> Accounts:
+        return self.services.accounts
+
+    @property
+    def engine(self) -> Engine:
+        return self.services.engine
+
+    def stop(self, grace: float | None = None, *, drain_timeout: float = 30.0) -> bool:
+        """Drain and stop. True when every call finished and the ledger closed cleanly."""
+        if self._stopped.is_set():
+            return True
+        self._stopped.set()
+        grace = self.grace_seconds if grace is None else grace
+        in_flight = self.services.in_flight
+        log.info("stopping", extra={"event": "stopping", "grace_s": grace,
+                                    "calls_in_flight": in_flight.calls})
+        self.health.enter_graceful_shutdown()
+        done = self.server.stop(grace)
+        # Calls that finish within the grace period finish normally; the rest are interrupted.
+        if not in_flight.wait_idle(grace):
+            in_flight.cancel_all()
+        done.wait(grace + 5)
+        clean = in_flight.wait_idle(drain_timeout)
+        if not clean:
+            log.error("calls still running after the drain timeout; the ledger is closed anyway",
+                      extra={"event": "drain_timeout", "calls_in_flight": in_flight.calls})
+        self.accounts.close()
+        backend = self.engine.backend
+        if isinstance(backend, DuckDBBackend):
+            backend.close()
+        log.info("stopped", extra={"event": "stopped", "clean": clean})
+        return clean
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+def build_engine(config: ServerConfig) -> Engine:
+    codebook = load_codebook(config.codebook)
+    backend = DuckDBBackend(config.data)
+    return Engine(
+        backend,
+        codebook=codebook,
+        settings=config.engine_settings(min_cell_size=codebook.min_cell_size),
+    )
+
+
+def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Running:
+    """Start serving `engine` and `accounts` as `config` says; returns once listening."""
+    limits = config.limits
+    if engine.settings.max_cells * _BYTES_PER_CELL > limits.max_response_bytes:
+        raise ValueError(
+            f"limits.max_response_bytes ({limits.max_response_bytes}) is too small for a release "
+            f"of limits.max_cells ({engine.settings.max_cells}) cells; raise it to at least "
+            f"{engine.settings.max_cells * _BYTES_PER_CELL}"
+        )
+    services = Services(
+        engine=engine,
+        accounts=accounts,
+        max_query_seconds=limits.max_query_seconds,
+        max_request_bytes=limits.max_request_bytes,
+        max_response_bytes=limits.max_response_bytes,
+        max_list_releases=limits.max_list_releases,
+    )
+    interceptor = AuthInterceptor(
+        accounts, rate_per_second=limits.rate_per_second, rate_burst=limits.rate_burst
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="veil-call"),
+        handlers=generic_handlers(services),
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", limits.max_request_bytes),
+            ("grpc.max_send_message_length", limits.max_response_bytes),
+            ("grpc.max_metadata_size", 16 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=limits.max_concurrent_calls,
+    )
+    health_servicer = _Health()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    if config.tls is not None:
+        tls = config.tls
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.mutual,
+        )
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
+    if not port:
+        raise OSError(f"cannot listen on {config.listen}")
+    server.start()
+    log.info(
+        "serving",
+        extra={
+            "event": "serving",
+            "listen": config.listen,
+            "port": port,
+            "tls": "mutual" if config.tls and config.tls.mutual else bool(config.tls),
+            "reflection": config.reflection,
+            "data_version": engine.data_version,
+            "codebook": engine.codebook.fingerprint_text,
+            "accounting": engine.settings.accounting.value,
+            "k": engine.settings.k,
+            "max_concurrent_calls": limits.max_concurrent_calls,
+        },
+    )
+    return Running(server, port, services, health_servicer, config.grace_seconds)
+
+
+def serve(running: Running, *, ready: TextIO | None = None) -> int:
+    """Block until SIGTERM or SIGINT, then drain and stop. Returns the process exit code."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if ready is not None:
+            ready.write(f"listening on port {running.port}\n")
+            ready.flush()
+        while not stop.wait(0.5):
+            pass
+        log.info("signal received", extra={"event": "signal",
+                                           "signal": signal.Signals(received[0]).name})
+        clean = running.stop()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0 if clean else 1

@@ -1,0 +1,295 @@
+"""Who is calling, and may they: bearer tokens, roles, rate limits, and the interceptor.
+
+A caller presents `authorization: Bearer <token>` in its call metadata. The server keeps only a
+hash of each token; the hash names the client, and the client's registration gives its role and
+institution. The caller's identity comes from the credential alone, never from a request field.
+
+The interceptor wraps every veil method so that the check runs on the call's worker thread
+(inside the server's concurrency cap, never on the thread that accepts calls): authenticate, check
+the role against `METHOD_ROLES`, apply the client's rate limit, then run the method with the
+identity available through `current_identity()`. Failed attempts are recorded in the audit log
+(at most `audit_failures_per_minute` per peer, so a flood of bad tokens cannot flood the log) and
+in the server log. Health checks and reflection need no credential.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+import grpc
+
+from server.errors import (
+    AuthenticationError,
+    PermissionDeniedError,
+    RateLimitedError,
+    ServerError,
+    abort,
+)
+
+log = logging.getLogger("veil.server")
+
+TOKEN_PREFIX = "veil_"
+_MAX_TOKEN_LENGTH = 256
+
+
+class Role(Enum):
+    RESEARCHER = "researcher"
+    AUDITOR = "auditor"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller, as its credential names it."""
+
+    client_id: str
+    role: Role
+    institution: str = ""
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+def new_token() -> str:
+    """A fresh bearer token: 256 random bits, URL-safe."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """The only form in which a token is stored: SHA-256 of its text, in hex.
+
+    Tokens are 256-bit random strings, so a fast hash is enough: there is nothing to guess.
+    """
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def same_hash(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def bearer_token(metadata: Any) -> str | None:
+    """The token in `authorization: Bearer <token>`, or None when there is none."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        if not isinstance(value, str):
+            return None
+        scheme, _, token = value.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        if len(token) > _MAX_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
+            return None
+        return str(token)
+    return None
+
+
+# ---- roles -------------------------------------------------------------------------------------
+
+_ALL = frozenset(Role)
+_QUERYING = frozenset({Role.RESEARCHER, Role.AUDITOR})
+_AUDITING = frozenset({Role.AUDITOR, Role.ADMIN})
+_ADMIN = frozenset({Role.ADMIN})
+
+# Every method of veil's services and the roles that may call it. A method missing here is
+# refused to everyone. Browsing and pricing touch no data and are open to every role; releasing
+# spends budget and is for researchers and auditors (who probe the live server); administration
+# is the administrator's; the audit trail is for auditors and administrators.
+METHOD_ROLES: Mapping[str, frozenset[Role]] = {
+    "/veil.v1.Research/GetCodebook": _ALL,
+    "/veil.v1.Research/DescribeVariable": _ALL,
+    "/veil.v1.Research/DryRun": _ALL,
+    "/veil.v1.Research/Release": _QUERYING,
+    "/veil.v1.Research/GetBudget": _QUERYING,
+    "/veil.v1.Admin/RegisterClient": _ADMIN,
+    "/veil.v1.Admin/SetBudget": _ADMIN,
+    "/veil.v1.Admin/RevokeClient": _ADMIN,
+    "/veil.v1.Admin/ListClients": _ADMIN,
+    "/veil.v1.Admin/RotateToken": _ADMIN,
+    "/veil.v1.Audit/GetLedgerReport": _AUDITING,
+    "/veil.v1.Audit/ListReleases": _AUDITING,
+    "/veil.v1.Audit/VerifyAuditLog": _AUDITING,
+}
+
+# Services that need no credential.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "veil_identity", default=None
+)
+
+
+def identity_or_none() -> Identity | None:
+    """The authenticated caller of the call running on this thread, if any."""
+    return _identity.get()
+
+
+def current_identity() -> Identity:
+    """The authenticated caller of the call running on this thread."""
+    identity = _identity.get()
+    if identity is None:
+        raise AuthenticationError("this call has no authenticated caller")
+    return identity
+
+
+# ---- the client directory ----------------------------------------------------------------------
+
+
+class Directory(Protocol):
+    """Where the interceptor looks tokens up and records failed attempts (the ledger)."""
+
+    def identify(self, token_hash: str) -> Identity | None:
+        """The active client holding this token hash, or None (unknown or revoked)."""
+
+    def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
+        """Append a failed attempt to the audit log."""
+
+
+# ---- rate limits -------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` calls per second sustained, `burst` at once."""
+
+    def __init__(self, *, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0 if a call may proceed now, else the seconds until it may."""
+        now = self._clock()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            if len(self._buckets) > 100_000:  # forget idle keys rather than grow without bound
+                self._buckets = {
+                    k: v for k, v in self._buckets.items() if now - v[1] < self.burst / self.rate
+                }
+            return (1 - tokens) / self.rate
+
+
+# ---- the interceptor ---------------------------------------------------------------------------
+
+
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates, authorises and rate-limits every veil call."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        *,
+        rate_per_second: float,
+        rate_burst: int,
+        audit_failures_per_minute: int = 60,
+    ) -> None:
+        self.directory = directory
+        self.limiter = RateLimiter(rate=rate_per_second, burst=rate_burst)
+        self.failure_audit = RateLimiter(
+            rate=audit_failures_per_minute / 60.0, burst=audit_failures_per_minute
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],  # type: ignore[type-arg]
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        if handler.unary_unary is None:  # veil's methods are all unary
+            return _refusal(PermissionDeniedError(f"{method} is not a veil method"))
+        behavior = handler.unary_unary
+
+        def authorised(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                identity = self.check(method, context)
+            except Exception as exc:  # a refusal, or a ledger that cannot be read: fail closed
+                abort(context, exc)
+            token = _identity.set(identity)
+            try:
+                return behavior(request, context)
+            finally:
+                _identity.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            authorised,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def check(self, method: str, context: grpc.ServicerContext) -> Identity:
+        """The caller's identity, or an AuthenticationError, PermissionDeniedError or
+        RateLimitedError saying why the call is refused."""
+        peer = context.peer()
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            self._denied(method, "no bearer token in the authorization metadata", None, peer)
+            raise AuthenticationError(
+                "missing credential: send `authorization: Bearer <token>` in the call metadata"
+            )
+        identity = self.directory.identify(hash_token(token))
+        if identity is None:
+            self._denied(method, "unknown or revoked token", None, peer)
+            raise AuthenticationError("the token is not valid: unknown, rotated or revoked")
+        allowed = METHOD_ROLES.get(method, frozenset())
+        if identity.role not in allowed:
+            reason = f"role {identity.role.value} may not call"
+            self._denied(method, reason, identity.client_id, peer)
+            roles = ", ".join(sorted(r.value for r in allowed)) or "no role"
+            raise PermissionDeniedError(
+                f"{method} is for {roles}; client {identity.client_id!r} is {identity.role.value}"
+            )
+        wait = self.limiter.take(identity.client_id)
+        if wait > 0:
+            log.warning(
+                "rate limited",
+                extra={"event": "rate_limited", "method": method, "client": identity.client_id},
+            )
+            raise RateLimitedError(
+                f"client {identity.client_id!r} exceeded its rate limit of "
+                f"{self.limiter.rate:g} calls per second (burst {self.limiter.burst}); "
+                f"retry in {wait:.2f} s",
+                retry_after=wait,
+            )
+        return identity
+
+    def _denied(self, method: str, reason: str, client: str | None, peer: str) -> None:
+        log.warning(
+            "call refused",
+            extra={"event": "auth_denied", "method": method, "reason": reason,
+                   "client": client, "peer": peer},
+        )
+        if self.failure_audit.take(peer.rpartition(":")[0] or peer) > 0:
+            return  # this peer's failures are already being recorded faster than allowed
+        try:
+            self.directory.record_denied(method=method, reason=reason, client=client, peer=peer)
+        except Exception as exc:  # the refusal stands even if the audit write fails
+            log.error(
+                "could not record a refused call",
+                extra={"event": "audit_write_failed", "error_type": type(exc).__name__},
+            )
+
+
+def _refusal(error: ServerError) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        abort(context, error)
+
+    return grpc.unary_unary_rpc_method_handler(refuse)

@@ -1,0 +1,157 @@
+"""`veil serve`: start the server from one config file, or on synthetic data with `--demo`.
+
+    veil serve --config veil.toml                  # the deployment in veil.toml
+    veil serve --config veil.toml --init-admin ops # also register admin `ops`, print its token
+    veil serve --demo                              # synthetic records, demo tokens printed
+
+Logs go to standard error (or the config's log file) as JSON lines; tokens are printed to
+standard output only, once, and never logged. SIGTERM or SIGINT drains calls in flight and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.errors import VeilError
+from server.accounts import LedgerAccounts
+from server.app import Running, build_engine, configure_logging, serve, start
+from server.auth import Role, hash_token, new_token
+from server.config import ConfigError, ServerConfig, config_from_mapping, load_config
+
+DEMO_ROWS = 100_000
+DEMO_CLIENTS = (
+    ("demo-researcher", Role.RESEARCHER, "3"),
+    ("demo-auditor", Role.AUDITOR, "1"),
+    ("demo-admin", Role.ADMIN, "0"),
+)
+
+
+def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `serve` to a `veil` command's subparsers; it sets `handler(args) -> exit status`."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="start the gRPC server",
+        description=(
+            "Start veil's gRPC server from a config file (TOML or YAML), or with --demo on "
+            "synthetic records. SIGTERM or SIGINT drains calls in flight and stops."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, metavar="FILE", help="the deployment's config file")
+    source.add_argument(
+        "--demo", action="store_true",
+        help="serve synthetic records from a temporary directory and print demo tokens",
+    )
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override the listen address")
+    parser.add_argument(
+        "--init-admin", metavar="CLIENT_ID",
+        help="register a new administrator with this id and print its token once",
+    )
+    parser.add_argument(
+        "--rows", type=int, default=DEMO_ROWS,
+        help=f"--demo: synthetic records (default {DEMO_ROWS})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="--demo: synthetic seed (default 0)")
+    parser.set_defaults(handler=run_serve)
+    return parser
+
+
+def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    scratch: Path | None = None
+    try:
+        if args.demo:
+            scratch = Path(tempfile.mkdtemp(prefix="veil-demo-"))
+            config = _demo_config(scratch, rows=args.rows, seed=args.seed, listen=args.listen)
+            configure_logging(config.log_level, config.log_file)
+            running, tokens = _start(config, demo=True)
+        else:
+            config = load_config(args.config)
+            if args.listen:
+                config = replace(config, listen=args.listen)
+            configure_logging(config.log_level, config.log_file)
+            running, tokens = _start(config, init_admin=args.init_admin)
+    except (VeilError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return 2
+    try:
+        print(f"veil is listening on {_shown_address(config.listen, running.port)}", file=out)
+        for client, token in tokens.items():
+            print(f"token for {client}: {token}", file=out)
+        if tokens:
+            print("send it as call metadata `authorization: Bearer <token>`; "
+                  "it is shown only now", file=out)
+        out.flush()
+        return serve(running)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _start(
+    config: ServerConfig, *, demo: bool = False, init_admin: str | None = None
+) -> tuple[Running, dict[str, str]]:
+    if not config.data.is_file():
+        raise ConfigError(f"no data file at {config.data}")
+    engine = build_engine(config)
+    accounts = LedgerAccounts.open(
+        config.ledger,
+        settings=engine.settings,
+        data_version=engine.data_version,
+        caps=config.caps,
+        wait_timeout=config.limits.max_query_seconds,
+    )
+    tokens: dict[str, str] = {}
+    try:
+        registered = {c.client_id for c in accounts.ledger.list_clients()}
+        wanted = list(DEMO_CLIENTS) if demo else []
+        if init_admin:
+            wanted.append((init_admin, Role.ADMIN, "0"))
+        for client, role, cap in wanted:
+            if client in registered:
+                raise ConfigError(
+                    f"client {client} is already registered; rotate its token instead"
+                )
+            token = new_token()
+            accounts.ledger.register_client(
+                client, role=role.value, cap=cap, token_hash=hash_token(token)
+            )
+            tokens[client] = token
+        running = start(config, engine=engine, accounts=accounts)
+    except BaseException:
+        accounts.close()
+        raise
+    return running, tokens
+
+
+def _write_demo_data(path: Path, *, rows: int, seed: int) -> None:
+    """The embedded synthetic dataset."""
+    from engine import synthetic
+
+    synthetic.generate(path, rows=rows, seed=seed, overwrite=True)
+
+
+def _demo_config(directory: Path, *, rows: int, seed: int, listen: str | None) -> ServerConfig:
+    data = directory / "synthetic.duckdb"
+    _write_demo_data(data, rows=rows, seed=seed)
+    return config_from_mapping(
+        {
+            "data": str(data),
+            "ledger": str(directory / "ledger.sqlite"),
+            "caps": {"dataset": "10", "client": "1"},
+            "server": {"listen": listen or "127.0.0.1:50051", "grace_seconds": 5},
+        }
+    )
+
+
+def _shown_address(listen: str, port: int) -> str:
+    host = listen.rpartition(":")[0]
+    return f"{host}:{port}"

@@ -1,0 +1,341 @@
+"""One config file for one deployment: data, codebook, privacy settings, caps, listener, limits.
+
+The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`). Relative paths are read relative to the
+file. Unknown keys are refused, so a misspelt limit cannot silently fall back to its default.
+
+    data = "ctdc.duckdb"          # the restricted data file (written by the loader)
+    codebook = "ctdc_v7"          # a shipped codebook name or a path to a codebook YAML
+    ledger = "ledger"             # where the budget ledger and audit log live
+
+    [privacy]
+    accounting = "pure_dp"        # or "zcdp"
+    k = 10                        # minimum cell size (never below k_floor)
+    beta = 0.05                   # largest chance a cell below k is published
+    confidence = 0.95
+
+    [caps]                        # exact decimals
+    dataset = "20"                # total loss the dataset may incur, all clients together
+    client = "1"                  # default cap of a newly registered researcher
+    institutions = { IOM = "5" }  # per-institution caps
+
+    [server]
+    listen = "127.0.0.1:50051"
+    reflection = false
+    grace_seconds = 10            # how long SIGTERM waits for calls in flight
+
+    [tls]                         # absent: plaintext (only for loopback)
+    cert = "server.crt"
+    key = "server.key"
+    client_ca = "clients-ca.crt"  # present: mutual TLS, every client needs a certificate
+
+    [limits]
+    max_request_bytes = 1048576
+    max_response_bytes = 67108864
+    max_concurrent_calls = 16
+    workers = 16
+    rate_per_second = 10.0        # per client, sustained
+    rate_burst = 20               # per client, at once
+    max_query_seconds = 60        # a query still running after this is interrupted
+    max_cells = 100000
+    max_dimensions = 4
+    max_filter_depth = 8
+    max_filter_terms = 64
+
+    [log]
+    level = "info"
+    file = ""                     # empty: standard error
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import VeilError
+from engine.loss import Accounting, exact_amount, format_amount
+from engine.settings import Settings
+
+
+class ConfigError(VeilError):
+    """The config file cannot be read or holds a value out of range."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: clients must present a certificate signed by it
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca is not None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 1 << 20
+    max_response_bytes: int = 64 << 20
+    max_concurrent_calls: int = 16
+    workers: int = 16
+    rate_per_second: float = 10.0
+    rate_burst: int = 20
+    max_query_seconds: float = 60.0
+    max_cells: int = 100_000
+    max_dimensions: int = 4
+    max_filter_depth: int = 8
+    max_filter_terms: int = 64
+    max_list_releases: int = 1000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"limits.{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"limits.{f.name} must be positive, got {value!r}")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("limits.max_request_bytes must be at least 1024")
+
+
+@dataclass(frozen=True)
+class Caps:
+    dataset: str | None = None  # exact decimal text; None: no dataset-wide cap
+    client: str = "1"  # default cap of a new researcher when none is given
+    institutions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data: Path
+    codebook: str = "ctdc_v7"
+    ledger: Path = Path("ledger")
+    settings: Settings = field(default_factory=Settings)
+    k_given: bool = False  # False: k is the codebook's min_cell_size
+    caps: Caps = field(default_factory=Caps)
+    listen: str = "127.0.0.1:50051"
+    reflection: bool = False
+    grace_seconds: float = 10.0
+    tls: TLSConfig | None = None
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "info"
+    log_file: Path | None = None
+
+    def engine_settings(self, *, min_cell_size: int) -> Settings:
+        """The engine's settings with this config's limits applied.
+
+        Without an explicit k, k is the codebook's minimum cell size (never below k_floor).
+        """
+        k = self.settings.k if self.k_given else max(min_cell_size, self.settings.k_floor)
+        return replace(
+            self.settings,
+            k=k,
+            max_cells=self.limits.max_cells,
+            max_dimensions=self.limits.max_dimensions,
+            max_filter_depth=self.limits.max_filter_depth,
+            max_filter_terms=self.limits.max_filter_terms,
+        )
+
+
+_TOP = {"data", "codebook", "ledger", "privacy", "caps", "server", "tls", "limits", "log"}
+_PRIVACY = {"accounting", "k", "k_floor", "beta", "confidence"}
+_CAPS = {"dataset", "client", "institutions"}
+_SERVER = {"listen", "reflection", "grace_seconds"}
+_TLS = {"cert", "key", "client_ca"}
+_LOG = {"level", "file"}
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    """Read and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    if path.suffix == ".toml":
+        try:
+            raw: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    else:
+        raise ConfigError(f"config {path} must end in .toml, .yaml or .yml")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config {path} must be a mapping of settings")
+    return config_from_mapping(raw, base=path.parent)
+
+
+def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> ServerConfig:
+    """Build a config from plain data; relative paths are taken relative to `base`."""
+    _known(raw, _TOP, "")
+    if "data" not in raw:
+        raise ConfigError("config needs `data`, the path of the data file")
+    privacy = _section(raw, "privacy", _PRIVACY)
+    caps = _section(raw, "caps", _CAPS)
+    server = _section(raw, "server", _SERVER)
+    limits = _section(raw, "limits", {f.name for f in fields(Limits)})
+    logging = _section(raw, "log", _LOG)
+    tls = _section(raw, "tls", _TLS) if raw.get("tls") is not None else None
+
+    try:
+        accounting = Accounting(privacy.get("accounting", Accounting.PURE_DP.value))
+    except ValueError:
+        raise ConfigError(
+            f"privacy.accounting must be one of {[a.value for a in Accounting]}, "
+            f"got {privacy.get('accounting')!r}"
+        ) from None
+    settings_arguments: dict[str, Any] = {"accounting": accounting}
+    for name in ("k", "k_floor"):
+        if name in privacy:
+            settings_arguments[name] = _integer(privacy[name], f"privacy.{name}")
+    for name in ("beta", "confidence"):
+        if name in privacy:
+            settings_arguments[name] = _number(privacy[name], f"privacy.{name}")
+    try:
+        settings = Settings(**settings_arguments)
+    except VeilError as exc:
+        raise ConfigError(f"privacy: {exc}") from exc
+
+    institutions = caps.get("institutions") or {}
+    if not isinstance(institutions, Mapping):
+        raise ConfigError("caps.institutions must map institution names to caps")
+    caps_value = Caps(
+        dataset=_cap(caps["dataset"], "caps.dataset") if caps.get("dataset") is not None else None,
+        client=_cap(caps.get("client", "1"), "caps.client", allow_zero=True),
+        institutions={
+            str(name): _cap(cap, f"caps.institutions.{name}") for name, cap in institutions.items()
+        },
+    )
+
+    limits_value = Limits(**dict(limits))
+    listen = str(server.get("listen", "127.0.0.1:50051"))
+    _check_address(listen)
+    tls_value = None
+    if tls is not None:
+        if "cert" not in tls or "key" not in tls:
+            raise ConfigError("tls needs both `cert` and `key`")
+        tls_value = TLSConfig(
+            cert=_path(tls["cert"], base),
+            key=_path(tls["key"], base),
+            client_ca=_path(tls["client_ca"], base) if tls.get("client_ca") else None,
+        )
+        for name in ("cert", "key", "client_ca"):
+            file = getattr(tls_value, name)
+            if file is not None and not file.is_file():
+                raise ConfigError(f"tls.{name}: no such file {file}")
+    elif not _is_loopback(listen):
+        raise ConfigError(
+            f"listening on {listen} without TLS would send tokens in clear text; "
+            "configure [tls] or listen on a loopback address"
+        )
+    level = str(logging.get("level", "info")).lower()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"log.level must be one of {sorted(_LOG_LEVELS)}, got {level!r}")
+    grace = _number(server.get("grace_seconds", 10.0), "server.grace_seconds")
+    if grace < 0:
+        raise ConfigError("server.grace_seconds must not be negative")
+    reflection = server.get("reflection", False)
+    if not isinstance(reflection, bool):
+        raise ConfigError("server.reflection must be true or false")
+    return ServerConfig(
+        data=_path(raw["data"], base),
+        codebook=_codebook_source(raw.get("codebook", "ctdc_v7"), base),
+        ledger=_path(raw.get("ledger", "ledger"), base),
+        settings=settings,
+        k_given="k" in privacy,
+        caps=caps_value,
+        listen=listen,
+        reflection=reflection,
+        grace_seconds=grace,
+        tls=tls_value,
+        limits=limits_value,
+        log_level=level,
+        log_file=_path(logging["file"], base) if logging.get("file") else None,
+    )
+
+
+def _known(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if unknown:
+        place = f"[{where}]" if where else "the top level"
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} in {place}; "
+            f"known: {', '.join(sorted(allowed))}"
+        )
+
+
+def _section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}] must be a table of settings")
+    _known(value, allowed, name)
+    return value
+
+
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _cap(value: Any, what: str, *, allow_zero: bool = False) -> str:
+    if allow_zero and str(value).strip() in ("0", "0.0"):
+        return "0"
+    try:
+        return format_amount(exact_amount(value if not isinstance(value, float) else str(value),
+                                          what=what))
+    except VeilError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _path(value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"a path must be a non-empty string, got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _codebook_source(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("codebook must be a shipped codebook name or a path")
+    if value.endswith((".yaml", ".yml")) or "/" in value:
+        return str(_path(value, base))
+    return value
+
+
+def _host(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"server.listen must be host:port, got {address!r}")
+    return host.strip("[]")
+
+
+def _check_address(address: str) -> None:
+    _host(address)
+
+
+def _is_loopback(address: str) -> bool:
+    host = _host(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,462 @@
+"""The three veil services. Thin: check and convert the request, call the engine or the ledger,
+convert back.
+
+`generic_handlers` registers them with gRPC. Requests arrive as raw bytes and are parsed here, so
+that bytes which are not a valid message, or a message carrying fields this server does not know,
+get INVALID_ARGUMENT with a plain reason (gRPC's own parser would answer INTERNAL). Every error is
+turned into a status by the one table in `server.errors`; every call is logged as one JSON line
+with no data value in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import message as protobuf_message
+from google.protobuf.descriptor import ServiceDescriptor
+
+from engine.engine import Engine
+from engine.errors import QueryCancelledError
+from engine.planner import Plan
+from engine.release import Answer, Charger, Release, Reservation
+from protos.veil.v1 import veil_pb2 as pb
+from protos.veil.v1 import veil_pb2_grpc as pb_grpc
+from server import convert
+from server.accounts import Accounts
+from server.auth import Identity, current_identity, identity_or_none, new_token
+from server.errors import (
+    CallCancelledError,
+    CallDeadlineError,
+    MalformedRequestError,
+    ServerError,
+    ServerStoppingError,
+    abort,
+    status_code_for,
+)
+
+log = logging.getLogger("veil.server")
+
+# grpc reports "no deadline" as a time remaining of about 2**63 ns.
+_NO_DEADLINE = 1e9
+
+
+# ---- calls in flight ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class CallWatch:
+    """Cancels one call's engine work when its deadline passes, its caller cancels, or the
+    server stops; remembers which, so the caller is told the right status."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fire(self, reason: str) -> None:
+        with self._lock:
+            if not self.event.is_set():
+                self.reason = reason
+                self.event.set()
+
+    def error(self, limit: float) -> ServerError:
+        if self.reason == "deadline":
+            return CallDeadlineError(
+                "the call's deadline passed before the query finished; nothing was charged"
+            )
+        if self.reason == "limit":
+            return CallDeadlineError(
+                f"the query ran longer than the server's limit of {limit:g} s and was stopped; "
+                "nothing was charged"
+            )
+        if self.reason == "shutdown":
+            return ServerStoppingError("the server is stopping; nothing was charged, retry later")
+        return CallCancelledError("the call was cancelled; nothing was charged")
+
+
+class InFlight:
+    """Counts running calls and holds the watches of running queries, for a clean stop."""
+
+    def __init__(self) -> None:
+        self._calls = 0
+        self.peak = 0  # the most calls ever running at once
+        self._watches: set[CallWatch] = set()
+        self._condition = threading.Condition()
+        self.stopping = False
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        with self._condition:
+            self._calls += 1
+            self.peak = max(self.peak, self._calls)
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._calls -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def watch(self, context: grpc.ServicerContext, *, limit: float) -> Iterator[CallWatch]:
+        watch = CallWatch()
+        remaining = context.time_remaining()
+        deadline = remaining if remaining is not None and remaining < _NO_DEADLINE else None
+        timers = [threading.Timer(limit, watch.fire, args=("limit",))]
+        if deadline is not None and deadline < limit:
+            timers = [threading.Timer(deadline, watch.fire, args=("deadline",))]
+        for timer in timers:
+            timer.daemon = True
+            timer.start()
+        context.add_callback(lambda: watch.fire("deadline" if _expired(context) else "cancelled"))
+        with self._condition:
+            self._watches.add(watch)
+            if self.stopping:
+                watch.fire("shutdown")
+        try:
+            yield watch
+        finally:
+            for timer in timers:
+                timer.cancel()
+            with self._condition:
+                self._watches.discard(watch)
+
+    @property
+    def calls(self) -> int:
+        with self._condition:
+            return self._calls
+
+    def cancel_all(self) -> None:
+        """Interrupt every running query (their reservations are released, nothing charged)."""
+        with self._condition:
+            self.stopping = True
+            watches = list(self._watches)
+        for watch in watches:
+            watch.fire("shutdown")
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is running; False if some still are after `timeout` seconds."""
+        end = time.monotonic() + timeout
+        with self._condition:
+            while self._calls:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._condition.wait(left)
+        return True
+
+
+class _WatchedCharger:
+    """The ledger's charger, refusing to commit once the call has ended.
+
+    The engine interrupts DuckDB when the watch fires, but the noise and the commit that follow
+    the statement are not interruptible. A release committed for a call whose caller has gone
+    would be charged and never received; instead the hold is released and nothing is charged.
+    """
+
+    def __init__(self, inner: Charger, watch: CallWatch) -> None:
+        self.inner = inner
+        self.watch = watch
+
+    def reserve(
+        self, plan: Plan, *, client: str, request_id: str, data_version: str
+    ) -> Reservation:
+        if self.watch.event.is_set():
+            raise QueryCancelledError("the call ended before its charge was reserved")
+        reservation = self.inner.reserve(
+            plan, client=client, request_id=request_id, data_version=data_version
+        )
+        return _WatchedReservation(reservation, self.watch)
+
+
+class _WatchedReservation:
+    def __init__(self, inner: Reservation, watch: CallWatch) -> None:
+        self.inner = inner
+        self.watch = watch
+
+    @property
+    def stored(self) -> Release | None:
+        return self.inner.stored
+
+    def commit(self, answer: Answer) -> Release:
+        if self.watch.event.is_set():
+            self.inner.cancel()
+            raise QueryCancelledError("the call ended before its release was recorded")
+        return self.inner.commit(answer)
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+
+def _expired(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0.001
+
+
+# ---- the services ------------------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    """What the servicers share: the engine, the ledger and the limits."""
+
+    engine: Engine
+    accounts: Accounts
+    max_query_seconds: float
+    max_request_bytes: int
+    max_response_bytes: int
+    max_list_releases: int = 1000
+    in_flight: InFlight = field(default_factory=InFlight)
+
+
+class ResearchServicer(pb_grpc.ResearchServicer):
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def GetCodebook(self, request: pb.GetCodebookRequest, context: Any) -> pb.GetCodebookResponse:
+        engine = self.s.engine
+        return pb.GetCodebookResponse(
+            codebook=convert.codebook_to_pb(engine.codebook),
+            deployment=convert.deployment_to_pb(
+                engine.settings,
+                data_version=engine.data_version,
+                max_request_bytes=self.s.max_request_bytes,
+                max_response_bytes=self.s.max_response_bytes,
+            ),
+        )
+
+    def DescribeVariable(
+        self, request: pb.DescribeVariableRequest, context: Any
+    ) -> pb.DescribeVariableResponse:
+        return convert.describe(self.s.engine.codebook, request.name)
+
+    def DryRun(self, request: pb.DryRunRequest, context: Any) -> pb.DryRunResponse:
+        engine = self.s.engine
+        query = convert.query_from_pb(request.query, engine.settings)
+        target = request.WhichOneof("target")
+        if target is None:
+            raise MalformedRequestError("give a target: a loss, or a half_width")
+        assumed = request.assumed_count if request.HasField("assumed_count") else None
+        if assumed is not None and not 0 <= assumed <= 10**12:
+            raise MalformedRequestError("assumed_count must lie between 0 and 10^12")
+        if target == "loss":
+            dry = engine.dry_run(
+                query, loss=convert.loss(request.loss, engine.settings), assumed_count=assumed
+            )
+        else:
+            if not 1 <= request.half_width <= 10**9:
+                raise MalformedRequestError("half_width must lie between 1 and 10^9")
+            dry = engine.dry_run(query, half_width=request.half_width, assumed_count=assumed)
+        return convert.dry_run_to_pb(
+            dry, already_released=self.s.accounts.is_released(dry.fingerprint, dry.loss.amount)
+        )
+
+    def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        engine = self.s.engine
+        identity = current_identity()
+        request_id = convert.request_id(request.request_id)
+        query = convert.query_from_pb(request.query, engine.settings)
+        loss = convert.loss(request.loss, engine.settings)
+        limit = self.s.max_query_seconds
+        with self.s.in_flight.watch(context, limit=limit) as watch:
+            try:
+                release = engine.release(
+                    query,
+                    loss=loss,
+                    charger=_WatchedCharger(self.s.accounts.charger, watch),
+                    client=identity.client_id,
+                    request_id=request_id,
+                    cancel=watch.event,
+                )
+            except QueryCancelledError as exc:
+                raise watch.error(limit) from exc
+        _note(request_id=request_id, fingerprint=release.metadata.fingerprint,
+              release_id=release.metadata.release_id)
+        return convert.release_to_pb(release)
+
+    def GetBudget(self, request: pb.GetBudgetRequest, context: Any) -> pb.Budget:
+        return self.s.accounts.budget(current_identity())
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def RegisterClient(
+        self, request: pb.RegisterClientRequest, context: Any
+    ) -> pb.RegisterClientResponse:
+        client = convert.client_id(request.client_id)
+        role = convert.role_from_pb(request.role)
+        institution = convert.institution(request.institution)
+        cap = convert.amount(request.budget, "budget", allow_zero=True) if request.budget else None
+        token = new_token()
+        info = self.s.accounts.register(
+            client, role=role, institution=institution, cap=cap, token=token,
+            by=current_identity(),
+        )
+        return pb.RegisterClientResponse(client=info, token=token)
+
+    def SetBudget(self, request: pb.SetBudgetRequest, context: Any) -> pb.SetBudgetResponse:
+        client = convert.client_id(request.client_id)
+        cap = convert.amount(request.budget, "budget", allow_zero=True)
+        info = self.s.accounts.set_cap(client, cap, by=current_identity())
+        return pb.SetBudgetResponse(client=info)
+
+    def RevokeClient(
+        self, request: pb.RevokeClientRequest, context: Any
+    ) -> pb.RevokeClientResponse:
+        client = convert.client_id(request.client_id)
+        reason = convert.text(request.reason, "reason", limit=512)
+        info = self.s.accounts.revoke(client, reason=reason, by=current_identity())
+        return pb.RevokeClientResponse(client=info)
+
+    def ListClients(self, request: pb.ListClientsRequest, context: Any) -> pb.ListClientsResponse:
+        return pb.ListClientsResponse(clients=self.s.accounts.clients())
+
+    def RotateToken(self, request: pb.RotateTokenRequest, context: Any) -> pb.RotateTokenResponse:
+        client = convert.client_id(request.client_id)
+        token = new_token()
+        self.s.accounts.rotate(client, token=token, by=current_identity())
+        return pb.RotateTokenResponse(token=token)
+
+
+class AuditServicer(pb_grpc.AuditServicer):
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def GetLedgerReport(
+        self, request: pb.LedgerReportRequest, context: Any
+    ) -> pb.LedgerReportResponse:
+        return self.s.accounts.report()
+
+    def ListReleases(
+        self, request: pb.ListReleasesRequest, context: Any
+    ) -> pb.ListReleasesResponse:
+        client = convert.client_id(request.client_id) if request.client_id else None
+        if request.limit < 0:
+            raise MalformedRequestError("limit must not be negative")
+        limit = min(request.limit or 100, self.s.max_list_releases)
+        return pb.ListReleasesResponse(releases=self.s.accounts.releases(client, limit=limit))
+
+    def VerifyAuditLog(
+        self, request: pb.VerifyAuditLogRequest, context: Any
+    ) -> pb.VerifyAuditLogResponse:
+        return self.s.accounts.verify()
+
+
+# ---- registration: raw bytes in, checked messages to the servicers -----------------------------
+
+_call_notes: Any = threading.local()
+
+
+def _note(**fields: str) -> None:
+    """Add fields (identifiers, never values) to this call's log line."""
+    notes = getattr(_call_notes, "fields", None)
+    if notes is not None:
+        notes.update(fields)
+
+
+def parse(data: bytes, message_class: type[protobuf_message.Message]) -> Any:
+    """A request message from untrusted bytes, or MalformedRequestError saying why not."""
+    name = message_class.DESCRIPTOR.full_name
+    try:
+        request = message_class.FromString(data)
+    except protobuf_message.DecodeError:
+        raise MalformedRequestError(
+            f"the request is not a valid {name} message (malformed, truncated or too deeply nested)"
+        ) from None
+    known = message_class()
+    known.CopyFrom(request)
+    known.DiscardUnknownFields()
+    if known.ByteSize() != request.ByteSize():
+        raise MalformedRequestError(
+            f"the request carries fields that {name} does not define; "
+            "the client may be newer than this server"
+        )
+    return request
+
+
+def _guarded(
+    full_method: str,
+    behavior: Callable[[Any, grpc.ServicerContext], Any],
+    request_class: type[protobuf_message.Message],
+    in_flight: InFlight,
+) -> Callable[[bytes, grpc.ServicerContext], Any]:
+    def handle(data: bytes, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        identity: Identity | None = identity_or_none()
+        _call_notes.fields = {}
+        code = grpc.StatusCode.OK
+        try:
+            with in_flight.call():
+                try:
+                    return behavior(parse(data, request_class), context)
+                except Exception as exc:
+                    code = status_code_for(exc)
+                    abort(context, exc)
+        finally:
+            fields = dict(_call_notes.fields)
+            _call_notes.fields = None
+            log.info(
+                "call",
+                extra={
+                    "event": "call",
+                    "method": full_method,
+                    "client": identity.client_id if identity else None,
+                    "code": code.name,
+                    "ms": round((time.perf_counter() - start) * 1000, 2),
+                    **fields,
+                },
+            )
+
+    return handle
+
+
+def generic_handlers(services: Services) -> list[grpc.GenericRpcHandler]:  # type: ignore[type-arg]
+    """One generic handler per service, with every method guarded as above."""
+    servicers: list[tuple[ServiceDescriptor, Any]] = [
+        (pb.DESCRIPTOR.services_by_name["Research"], ResearchServicer(services)),
+        (pb.DESCRIPTOR.services_by_name["Admin"], AdminServicer(services)),
+        (pb.DESCRIPTOR.services_by_name["Audit"], AuditServicer(services)),
+    ]
+    handlers = []
+    for service, servicer in servicers:
+        methods = {}
+        for method in service.methods:
+            request_class = _message_class(method.input_type.name)
+            response_class = _message_class(method.output_type.name)
+            methods[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guarded(
+                    f"/{service.full_name}/{method.name}",
+                    getattr(servicer, method.name),
+                    request_class,
+                    services.in_flight,
+                ),
+                request_deserializer=None,  # raw bytes: parsed and checked by `parse`
+                response_serializer=response_class.SerializeToString,
+            )
+        handlers.append(grpc.method_handlers_generic_handler(service.full_name, methods))
+    return handlers
+
+
+def _message_class(name: str) -> type[protobuf_message.Message]:
+    cls = getattr(pb, name)
+    assert isinstance(cls, type) and issubclass(cls, protobuf_message.Message)
+    return cls
+
+
+__all__ = [
+    "AdminServicer",
+    "AuditServicer",
+    "CallWatch",
+    "InFlight",
+    "ResearchServicer",
+    "Services",
+    "generic_handlers",
+    "parse",
+]

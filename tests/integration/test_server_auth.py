@@ -1,0 +1,279 @@
+"""Authentication and roles through a real channel: tokens, revocation, roles, audit, TLS."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos.veil.v1 import veil_pb2 as pb
+from protos.veil.v1 import veil_pb2_grpc as pb_grpc
+from server.auth import METHOD_ROLES
+from tests.server_harness import LiveServer, bearer, count_query, start_live, stubs
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveServer]:
+    server = start_live(tmp_path)
+    yield server
+    server.stop()
+
+
+def denied_entries(live: LiveServer) -> list[dict[str, object]]:
+    return [e.entry for e in live.ledger.audit_log() if e.entry["event"] == "auth_denied"]
+
+
+def code_of(call, request, metadata):  # type: ignore[no-untyped-def]
+    try:
+        call(request, metadata=metadata, timeout=10)
+    except grpc.RpcError as error:
+        return error.code(), error.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_no_token_wrong_token_and_bad_scheme(live: LiveServer) -> None:
+    with stubs(live.port) as s:
+        cases = [
+            ((), "missing credential"),
+            (bearer("veil_not-a-real-token"), "not valid"),
+            ((("authorization", f"Basic {live.tokens['alice']}"),), "missing credential"),
+            ((("authorization", "Bearer"),), "missing credential"),
+            ((("authorization", "Bearer " + "x" * 300),), "missing credential"),
+        ]
+        for metadata, says in cases:
+            code, details = code_of(s.research.GetCodebook, pb.GetCodebookRequest(), metadata)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and says in details
+            code, _ = code_of(
+                s.research.Release,
+                pb.ReleaseRequest(request_id="r", query=count_query("gender"), loss="0.5"),
+                metadata,
+            )
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+    entries = denied_entries(live)
+    assert len(entries) == 2 * len(cases)
+    assert all(e["outcome"] == "refused" for e in entries)
+    assert {e["detail"]["method"] for e in entries} == {  # type: ignore[index]
+        "/veil.v1.Research/GetCodebook",
+        "/veil.v1.Research/Release",
+    }
+    # No token, and nothing about any token, is written to the audit log.
+    assert all(live.tokens["alice"] not in str(e) for e in entries)
+    assert live.ledger.charges() == []
+
+
+def test_revoked_and_rotated_tokens(live: LiveServer) -> None:
+    with stubs(live.port) as s:
+        alice = live.auth("alice")
+        assert code_of(s.research.GetBudget, pb.GetBudgetRequest(), alice)[0] == grpc.StatusCode.OK
+        live.ledger.revoke("alice", reason="test")
+        code, details = code_of(s.research.GetBudget, pb.GetBudgetRequest(), alice)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details
+
+        bob = live.auth("bob")
+        rotated = s.admin.RotateToken(
+            pb.RotateTokenRequest(client_id="bob"), metadata=live.auth("root")
+        )
+        assert (
+            code_of(s.research.GetBudget, pb.GetBudgetRequest(), bob)[0]
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert (
+            code_of(s.research.GetBudget, pb.GetBudgetRequest(), bearer(rotated.token))[0]
+            == grpc.StatusCode.OK
+        )
+    assert len(denied_entries(live)) == 2
+
+
+def test_roles_decide_the_calls(live: LiveServer) -> None:
+    requests = {
+        "/veil.v1.Research/GetCodebook": pb.GetCodebookRequest(),
+        "/veil.v1.Research/DescribeVariable": pb.DescribeVariableRequest(name="gender"),
+        "/veil.v1.Research/DryRun": pb.DryRunRequest(query=count_query("gender"), loss="0.5"),
+        "/veil.v1.Research/Release": pb.ReleaseRequest(
+            request_id="roles", query=count_query("gender"), loss="0.25"
+        ),
+        "/veil.v1.Research/GetBudget": pb.GetBudgetRequest(),
+        "/veil.v1.Admin/ListClients": pb.ListClientsRequest(),
+        "/veil.v1.Admin/SetBudget": pb.SetBudgetRequest(client_id="bob", budget="1"),
+        "/veil.v1.Audit/GetLedgerReport": pb.LedgerReportRequest(),
+        "/veil.v1.Audit/ListReleases": pb.ListReleasesRequest(),
+        "/veil.v1.Audit/VerifyAuditLog": pb.VerifyAuditLogRequest(),
+    }
+    roles = {"alice": "researcher", "audra": "auditor", "root": "admin"}
+    with stubs(live.port) as s:
+        for client, role in roles.items():
+            for method, request in requests.items():
+                call = s.channel.unary_unary(
+                    method,
+                    request_serializer=type(request).SerializeToString,
+                    response_deserializer=lambda b: b,
+                )
+                code, details = code_of(call, request, live.auth(client))
+                allowed = role in {r.value for r in METHOD_ROLES[method]}
+                if allowed:
+                    assert code == grpc.StatusCode.OK, (client, method, details)
+                else:
+                    assert code == grpc.StatusCode.PERMISSION_DENIED, (client, method, code)
+                    assert method in details and role in details
+    refused = denied_entries(live)
+    assert refused and all(e["client"] in roles for e in refused)
+    assert any(
+        e["client"] == "alice" and e["detail"]["method"] == "/veil.v1.Admin/ListClients"  # type: ignore[index]
+        for e in refused
+    )
+
+
+def test_identity_comes_from_the_credential_only(live: LiveServer) -> None:
+    # No request of the researcher's service names its caller.
+    for service in ("Research",):
+        for method in pb.DESCRIPTOR.services_by_name[service].methods:
+            names = {f.name for f in method.input_type.fields}
+            assert not any("client" in n or "user" in n or "role" in n for n in names), method.name
+    with stubs(live.port) as s:
+        spoofed = (
+            *live.auth("bob"),
+            ("x-client-id", "alice"),
+            ("x-veil-client", "root"),
+            ("x-role", "admin"),
+        )
+        assert s.research.GetBudget(pb.GetBudgetRequest(), metadata=spoofed).client_id == "bob"
+        code, _ = code_of(s.admin.ListClients, pb.ListClientsRequest(), spoofed)
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        s.research.Release(
+            pb.ReleaseRequest(request_id="who", query=count_query("ageBroad"), loss="0.25"),
+            metadata=spoofed,
+        )
+    assert live.ledger.spent("bob") == 0.25 and live.ledger.spent("alice") == 0
+
+
+def test_refused_attempts_are_audited_at_a_bounded_rate(live: LiveServer) -> None:
+    start = time.monotonic()
+    with stubs(live.port) as s:
+        for _ in range(90):
+            code_of(s.research.GetCodebook, pb.GetCodebookRequest(), bearer("veil_guess"))
+    elapsed = time.monotonic() - start
+    # Every attempt is refused; the audit log records them at up to 60 a minute per peer
+    # (a burst of 60, then one a second).
+    assert 60 <= len(denied_entries(live)) <= 61 + elapsed
+    assert live.ledger.verify().ok
+
+
+def test_health_and_unknown_methods_without_a_token(live: LiveServer) -> None:
+    with stubs(live.port) as s:
+        call = s.channel.unary_unary("/veil.v1.Research/DropTables")
+        with pytest.raises(grpc.RpcError) as error:
+            call(b"", timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---- TLS -----------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for localhost and a client certificate, made with openssl."""
+    if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=veil test CA",
+        cwd=d,
+    )
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *extra,
+            cwd=d,
+        )
+    return d
+
+
+def _secure_call(port: int, pki: Path, token: str, *, client_cert: bool) -> grpc.StatusCode:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(pki / "ca.crt").read_bytes(),
+        private_key=(pki / "client.key").read_bytes() if client_cert else None,
+        certificate_chain=(pki / "client.crt").read_bytes() if client_cert else None,
+    )
+    with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+        stub = pb_grpc.ResearchStub(channel)
+        try:
+            stub.GetBudget(pb.GetBudgetRequest(), metadata=bearer(token), timeout=5)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_tls_and_mutual_tls(tmp_path: Path, certificates: Path) -> None:
+    tls = {"cert": str(certificates / "server.crt"), "key": str(certificates / "server.key")}
+    server = start_live(tmp_path / "tls", tls=tls)
+    try:
+        assert (
+            _secure_call(server.port, certificates, server.tokens["alice"], client_cert=False)
+            == grpc.StatusCode.OK
+        )
+        with stubs(server.port) as s:  # plaintext to a TLS port fails
+            with pytest.raises(grpc.RpcError) as error:
+                s.research.GetBudget(
+                    pb.GetBudgetRequest(), metadata=server.auth("alice"), timeout=3
+                )
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+    mutual = start_live(tmp_path / "mtls", tls={**tls, "client_ca": str(certificates / "ca.crt")})
+    try:
+        token = mutual.tokens["alice"]
+        assert (
+            _secure_call(mutual.port, certificates, token, client_cert=True) == grpc.StatusCode.OK
+        )
+        assert (
+            _secure_call(mutual.port, certificates, token, client_cert=False)
+            == grpc.StatusCode.UNAVAILABLE
+        )
+    finally:
+        mutual.stop()

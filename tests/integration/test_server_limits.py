@@ -1,0 +1,212 @@
+"""Limits through a real channel: message size, cells, concurrency, rate, deadlines.
+
+The slow query (see `tests.server_harness.slow_query`) keeps DuckDB busy for seconds on eight
+million records; a deadline must interrupt it, release its reservation and charge nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engine.backend import DuckDBBackend
+from engine.codebook import default_codebook
+from engine.engine import Engine
+from engine.errors import QueryCancelledError
+from engine.loss import PrivacyLoss
+from engine.sql import build
+from protos.veil.v1 import veil_pb2 as pb
+from server.convert import query_from_pb
+from tests.server_harness import (
+    LiveServer,
+    build_slow_data,
+    charges_settled,
+    count_query,
+    slow_query,
+    start_live,
+    stubs,
+)
+
+
+@pytest.fixture(scope="module")
+def slow_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = build_slow_data(tmp_path_factory.mktemp("slow") / "slow.duckdb", rows=8_000_000)
+    # The query must still be running after 1.5 s when nothing stops it; otherwise the
+    # deadline tests below would prove nothing.
+    engine = Engine(DuckDBBackend(path), codebook=default_codebook())
+    try:
+        plan = engine.plan(query_from_pb(slow_query(), engine.settings), loss=PrivacyLoss.pure("1"))
+        cancel = threading.Event()
+        timer = threading.Timer(1.5, cancel.set)
+        timer.start()
+        with pytest.raises(QueryCancelledError):
+            engine.backend.run(build(plan), cancel=cancel)
+    finally:
+        assert isinstance(engine.backend, DuckDBBackend)
+        engine.backend.close()
+    return path
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveServer]:
+    server = start_live(tmp_path, limits={"max_request_bytes": 65536})
+    yield server
+    server.stop()
+
+
+def wait_idle(server: LiveServer, within: float) -> float:
+    """Seconds until no call is running on the server (fails after `within`)."""
+    start = time.monotonic()
+    assert server.running.services.in_flight.wait_idle(within), "calls still running"
+    return time.monotonic() - start
+
+
+def test_oversized_request(live: LiveServer) -> None:
+    big = pb.ReleaseRequest(
+        request_id="big",
+        loss="0.5",
+        query=count_query(
+            "gender",
+            where=pb.Filter(
+                in_set=pb.InSet(variable="citizenship", values=[pb.Value(text="PH")] * 30_000)
+            ),
+        ),
+    )
+    assert big.ByteSize() > 65536
+    with stubs(live.port) as s:
+        with pytest.raises(grpc.RpcError) as error:
+            s.research.Release(big, metadata=live.auth("alice"), timeout=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert s.research.GetCodebook(pb.GetCodebookRequest(), metadata=live.auth("alice"))
+    assert live.ledger.charges() == []
+
+
+def test_too_many_cells_is_rejected_fast_and_uncharged(live: LiveServer) -> None:
+    huge = count_query("citizenship", "CountryOfExploitation", "ageBroad")
+    entries = len(live.ledger.audit_log())
+    with stubs(live.port) as s:
+        s.research.GetCodebook(pb.GetCodebookRequest(), metadata=live.auth("alice"))  # warm up
+        for method, request in (
+            (s.research.Release, pb.ReleaseRequest(request_id="huge", query=huge, loss="1")),
+            (s.research.DryRun, pb.DryRunRequest(query=huge, loss="1")),
+        ):
+            start = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as error:
+                method(request, metadata=live.auth("alice"), timeout=10)
+            elapsed = time.perf_counter() - start
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "cells, more than the maximum of 100000" in (error.value.details() or "")
+            assert elapsed < 0.5, elapsed
+    # Rejected from the codebook alone: no charge, no reservation, not even a refusal entry.
+    assert live.ledger.charges() == []
+    assert len(live.ledger.audit_log()) == entries
+
+
+def test_rate_limit_per_client(tmp_path: Path) -> None:
+    server = start_live(tmp_path, limits={"rate_per_second": 0.1, "rate_burst": 3})
+    try:
+        with stubs(server.port) as s:
+            codes = []
+            for _ in range(5):
+                try:
+                    s.research.GetBudget(pb.GetBudgetRequest(), metadata=server.auth("alice"))
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+                    limited = error
+            assert codes[:3] == [grpc.StatusCode.OK] * 3
+            assert codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+            assert "rate limit" in (limited.details() or "")
+            assert float(dict(limited.trailing_metadata() or ())["retry-after"]) > 0
+            # Another client has a bucket of its own.
+            assert s.research.GetBudget(pb.GetBudgetRequest(), metadata=server.auth("bob"))
+    finally:
+        server.stop()
+
+
+def test_deadline_interrupts_a_slow_query(tmp_path: Path, slow_data: Path) -> None:
+    server = start_live(tmp_path, data=slow_data)
+    try:
+        request = pb.ReleaseRequest(request_id="slow-1", query=slow_query(), loss="0.5")
+        with stubs(server.port) as s:
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as error:
+                s.research.Release(request, metadata=server.auth("alice"), timeout=0.2)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - start < 0.5
+            # The server's DuckDB work stops soon after the deadline, not when the scan ends
+            # (which would take more than 1.5 s: see the fixture).
+            assert wait_idle(server, 1.2) < 1.2
+        ledger = server.ledger
+        assert ledger.spent("alice") == 0 and ledger.budget("client", "alice").held == 0
+        assert charges_settled(ledger)
+        assert [c.state for c in ledger.charges()] == ["cancelled"]
+        assert ledger.releases() == []
+        # Nothing was stored, so nothing can be handed out later; the request id is free again.
+        with stubs(server.port) as s:
+            with pytest.raises(grpc.RpcError) as again:
+                s.research.Release(request, metadata=server.auth("alice"), timeout=0.2)
+            assert again.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_idle(server, 1.2)
+        assert [c.state for c in ledger.charges()] == ["cancelled", "cancelled"]
+    finally:
+        server.stop()
+
+
+def test_server_limit_on_query_time(tmp_path: Path, slow_data: Path) -> None:
+    server = start_live(tmp_path, data=slow_data, limits={"max_query_seconds": 0.3})
+    try:
+        request = pb.ReleaseRequest(request_id="slow-2", query=slow_query(), loss="0.5")
+        with stubs(server.port) as s, pytest.raises(grpc.RpcError) as error:
+            s.research.Release(request, metadata=server.auth("alice"), timeout=30)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "server's limit of 0.3 s" in (error.value.details() or "")
+        assert server.ledger.spent("alice") == 0 and charges_settled(server.ledger)
+    finally:
+        server.stop()
+
+
+def test_flood_beyond_the_concurrency_cap(tmp_path: Path, slow_data: Path) -> None:
+    server = start_live(
+        tmp_path,
+        data=slow_data,
+        limits={"max_concurrent_calls": 2, "workers": 2, "rate_burst": 100},
+    )
+    try:
+        query = slow_query()
+        requests = [
+            pb.ReleaseRequest(request_id=f"flood-{i}", query=query, loss="0.5") for i in range(12)
+        ]
+        start = threading.Barrier(12)
+        with stubs(server.port) as s:
+
+            def call(request: pb.ReleaseRequest) -> grpc.StatusCode:
+                start.wait()
+                try:
+                    s.research.Release(request, metadata=server.auth("alice"), timeout=1.0)
+                except grpc.RpcError as error:
+                    return error.code()  # type: ignore[no-any-return]
+                return grpc.StatusCode.OK
+
+            with futures.ThreadPoolExecutor(12) as pool:
+                codes = list(pool.map(call, requests))
+            exhausted = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            # Refused at once by the cap; the two admitted ran out of time on the slow query.
+            assert exhausted >= 8, codes
+            assert set(codes) <= {
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            }
+            assert server.running.services.in_flight.peak <= 2
+            wait_idle(server, 5)
+            # The server keeps serving once the flood has passed.
+            assert s.research.GetCodebook(pb.GetCodebookRequest(), metadata=server.auth("bob"))
+        assert server.ledger.spent("alice") == 0 and charges_settled(server.ledger)
+    finally:
+        server.stop()

@@ -1,0 +1,104 @@
+"""`veil serve` config files: TOML and YAML, strict keys, safe defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.loss import Accounting
+from server.config import ConfigError, config_from_mapping, load_config
+
+TOML = """
+data = "data/ctdc.duckdb"
+codebook = "ctdc_v7"
+ledger = "var/ledger.sqlite"
+
+[privacy]
+accounting = "zcdp"
+k = 12
+beta = 0.01
+
+[caps]
+dataset = "20"
+client = "0.5"
+institutions = { IOM = "5" }
+
+[server]
+listen = "127.0.0.1:6000"
+reflection = true
+
+[limits]
+max_cells = 5000
+max_concurrent_calls = 4
+rate_per_second = 2.5
+
+[log]
+level = "debug"
+"""
+
+
+def test_toml(tmp_path: Path) -> None:
+    path = tmp_path / "veil.toml"
+    path.write_text(TOML)
+    config = load_config(path)
+    assert config.data == tmp_path / "data/ctdc.duckdb"
+    assert config.ledger == tmp_path / "var/ledger.sqlite"
+    assert config.settings.accounting is Accounting.ZCDP and config.settings.k == 12
+    assert config.caps.dataset == "20" and config.caps.client == "0.5"
+    assert config.caps.institutions == {"IOM": "5"}
+    assert config.reflection and config.listen == "127.0.0.1:6000"
+    assert config.limits.max_concurrent_calls == 4 and config.limits.rate_per_second == 2.5
+    settings = config.engine_settings(min_cell_size=10)
+    assert settings.max_cells == 5000 and settings.k == 12 and settings.beta == 0.01
+
+
+def test_yaml_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "veil.yaml"
+    path.write_text("data: d.duckdb\ncaps:\n  dataset: 10\n")
+    config = load_config(path)
+    assert config.settings.accounting is Accounting.PURE_DP
+    assert config.listen == "127.0.0.1:50051" and config.tls is None and not config.reflection
+    assert config.engine_settings(min_cell_size=11).k == 11  # the codebook's k by default
+    assert config.limits.max_request_bytes == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ({}, "needs `data`"),
+        ({"data": "d", "limit": {}}, "unknown setting(s) limit"),
+        ({"data": "d", "limits": {"max_cels": 1}}, "max_cels"),
+        ({"data": "d", "limits": {"max_cells": 0}}, "positive"),
+        ({"data": "d", "limits": {"max_cells": True}}, "number"),
+        ({"data": "d", "limits": {"rate_per_second": float("nan")}}, "positive"),
+        ({"data": "d", "privacy": {"accounting": "renyi"}}, "accounting"),
+        ({"data": "d", "privacy": {"k": 5}}, "below the configured floor"),
+        ({"data": "d", "privacy": {"beta": 0.7}}, "beta"),
+        ({"data": "d", "caps": {"dataset": "-1"}}, "positive"),
+        ({"data": "d", "caps": {"dataset": "NaN"}}, "finite"),
+        ({"data": "d", "server": {"listen": "0.0.0.0:50051"}}, "without TLS"),
+        ({"data": "d", "server": {"listen": "nohost"}}, "host:port"),
+        ({"data": "d", "tls": {"cert": "c.pem"}}, "both"),
+        ({"data": "d", "tls": {"cert": "c.pem", "key": "k.pem"}}, "no such file"),
+        ({"data": "d", "log": {"level": "loud"}}, "log.level"),
+        ({"data": "d", "server": {"reflection": "yes"}}, "true or false"),
+    ],
+)
+def test_refused(raw: dict[str, object], says: str) -> None:
+    with pytest.raises(ConfigError, match=None) as error:
+        config_from_mapping(raw)
+    assert says in str(error.value)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "veil.toml"
+    bad.write_text("data = [")
+    with pytest.raises(ConfigError, match="TOML"):
+        load_config(bad)
+    other = tmp_path / "veil.ini"
+    other.write_text("x")
+    with pytest.raises(ConfigError, match=r"\.toml"):
+        load_config(other)

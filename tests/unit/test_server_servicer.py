@@ -1,0 +1,101 @@
+"""The servicer's own machinery: parsing untrusted bytes, watching calls, refusing late commits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.backend import DuckDBBackend
+from engine.codebook import default_codebook
+from engine.engine import Engine
+from engine.errors import QueryCancelledError
+from engine.loss import PrivacyLoss
+from engine.query import Count, Query
+from protos.veil.v1 import veil_pb2 as pb
+from server.auth import Role
+from server.errors import MalformedRequestError
+from server.servicer import CallWatch, InFlight, _WatchedCharger, parse
+from tests.conftest import write_database
+from tests.server_harness import MemoryAccounts
+
+
+def test_parse_refuses_garbage_and_unknown_fields() -> None:
+    good = pb.ReleaseRequest(request_id="r", loss="1").SerializeToString()
+    assert parse(good, pb.ReleaseRequest).request_id == "r"
+    with pytest.raises(MalformedRequestError, match=r"not a valid veil\.v1\.ReleaseRequest"):
+        parse(b"\xff\xff\xff", pb.ReleaseRequest)
+    with pytest.raises(MalformedRequestError, match="does not define"):
+        parse(good + b"\xf8\x06\x01", pb.ReleaseRequest)
+    with pytest.raises(MalformedRequestError):
+        parse(b"\x0a\x02\xff\xfe", pb.ReleaseRequest)  # a string field that is not UTF-8
+
+
+class FakeContext:
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+        self.callbacks: list[object] = []
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    def add_callback(self, callback: object) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+
+def test_watch_fires_on_deadline_limit_cancel_and_stop() -> None:
+    in_flight = InFlight()
+    with in_flight.watch(FakeContext(0.05), limit=10) as watch:  # type: ignore[arg-type]
+        assert watch.event.wait(1) and watch.reason == "deadline"
+        assert isinstance(watch.error(10), Exception) and "deadline" in str(watch.error(10))
+    with in_flight.watch(FakeContext(None), limit=0.05) as watch:  # type: ignore[arg-type]
+        assert watch.event.wait(1) and watch.reason == "limit"
+        assert "limit of 0.05 s" in str(watch.error(0.05))
+    context = FakeContext(5.0)
+    with in_flight.watch(context, limit=10) as watch:  # type: ignore[arg-type]
+        context.callbacks[0]()  # type: ignore[operator]
+        assert watch.reason == "cancelled"
+    with in_flight.watch(FakeContext(5.0), limit=10) as watch:  # type: ignore[arg-type]
+        in_flight.cancel_all()
+        assert watch.reason == "shutdown"
+
+
+def test_in_flight_waits_for_calls() -> None:
+    in_flight = InFlight()
+    with in_flight.call():
+        assert not in_flight.wait_idle(0.01)
+    assert in_flight.wait_idle(0.01)
+
+
+def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
+    data = write_database(tmp_path / "d.duckdb", [{"gender": "Female"}] * 20)
+    engine = Engine(DuckDBBackend(data), codebook=default_codebook())
+    accounts = MemoryAccounts()
+    accounts.add("alice", Role.RESEARCHER)
+    watch = CallWatch()
+
+    class SlowBackend:
+        def __init__(self, inner: DuckDBBackend) -> None:
+            self.inner = inner
+
+        def run(self, statement, *, cancel=None):  # type: ignore[no-untyped-def]
+            result = self.inner.run(statement, cancel=cancel)
+            watch.fire("deadline")  # the deadline passes after DuckDB, before the commit
+            return result
+
+        def data_version(self) -> str:
+            return self.inner.data_version()
+
+    engine.backend = SlowBackend(engine.backend)  # type: ignore[assignment]
+    with pytest.raises(QueryCancelledError):
+        engine.release(
+            Query(Count(), by=("gender",)),
+            loss=PrivacyLoss.pure("0.5"),
+            charger=_WatchedCharger(accounts, watch),
+            client="alice",
+            request_id="r-1",
+        )
+    assert [e["event"] for e in accounts.log] == ["reserve", "cancel"]
+    assert accounts.total_spent() == 0 and accounts.total_reserved() == 0
+    assert accounts.releases_by_request == {}
