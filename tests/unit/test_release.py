@@ -156,3 +156,26 @@ def test_dry_run_costs_and_accuracy_need_no_data(engine: Engine) -> None:
         Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("5"), assumed_count=200
     )
     assert noisy.expected_suppressed_share > 0.5 > sharp.expected_suppressed_share
+
+
+def test_the_engine_answers_another_codebook(make_engine: Callable[..., Engine]) -> None:
+    from engine.codebook import load_codebook
+
+    ics = load_codebook("ics_tip_victims")
+    rows = [
+        {"sex": "Female", "ageYears": 15, "isForcedBegging": 1, "countryOfExploitation": "NG"}
+    ] * 30
+    rows += [
+        {"sex": "Male", "ageYears": 40, "isForcedLabour": 1, "countryOfExploitation": "TH"}
+    ] * 30
+    engine = make_engine(rows, codebook=ics)
+    mean = answer(engine, Query(Mean("ageYears"), by=("sex",))).table
+    assert cell(mean, sex="Female")["value"] == pytest.approx(15, abs=3)
+    assert cell(mean, sex="Male")["value"] == pytest.approx(40, abs=3)
+    forms = answer(
+        engine, Query(FlagCounts("formOfExploitation"), by=("countryOfExploitationRegion",))
+    )
+    table = forms.table
+    assert set(table["flag"].to_pylist()) == set(ics.flag_set("formOfExploitation").flags)
+    africa = cell(table, countryOfExploitationRegion="Africa", flag="isForcedBegging")
+    assert africa["value"] == pytest.approx(30, abs=10)
