@@ -381,3 +381,88 @@ def _load_source(parameters: _Parameters, source: SourceFile) -> str:
         f"read_csv({path}, header = false, skip = {skip}, columns = {types}, "
         f"auto_detect = false, delim = ',', quote = '\"', escape = '\"') AS source({names})"
     )
+
+
+# ---- risk statements ----
+# Statements for `engine.risk`, the custodian's disclosure-risk report on a data file (or on a
+# file about to be published). They read the records table on the report's own read-only
+# connection and return equivalence-class statistics, never a row. Column names come from the
+# codebook and are checked by `quote`; the minimum class size k is a bound parameter.
+
+
+def risk_sizes(qis: tuple[str, ...]) -> Statement:
+    """The frequency of each class size: one row per size `n` with its number of `classes`.
+
+    A class is the set of records sharing one combination of the quasi-identifiers; a missing
+    value is a value of its own (GROUP BY puts NULLs together)."""
+    columns = ", ".join(quote(name) for name in qis)
+    inner = f"SELECT count(*) AS n FROM {TABLE}" + (f" GROUP BY {columns}" if qis else "")
+    return Statement(
+        f"SELECT n, count(*) AS classes FROM ({inner}) AS sizes GROUP BY n ORDER BY n", ()
+    )
+
+
+def risk_subsets(qis: tuple[str, ...], subsets: tuple[tuple[str, ...], ...], k: int) -> Statement:
+    """Class statistics for several subsets of `qis` in one scan (GROUPING SETS).
+
+    One row per subset: `g`, the GROUPING() bit mask of the columns left out (bit i set when
+    qis[len - 1 - i] is not in the subset, as DuckDB numbers them), `classes`, the smallest class
+    `k_min`, the records in classes smaller than k `at_risk`, the classes smaller than k `small`,
+    and the records alone in their class `uniques`."""
+    if not qis or not subsets or any(not s for s in subsets):
+        raise ValueError("risk subsets need quasi-identifiers and non-empty subsets")
+    columns = ", ".join(quote(name) for name in qis)
+    sets = ", ".join("(" + ", ".join(quote(name) for name in s) + ")" for s in subsets)
+    parameters = _Parameters()
+    below = parameters.bind(k)
+    below_again = parameters.bind(k)
+    text = (
+        f"SELECT g, count(*) AS classes, min(n) AS k_min, "
+        f"coalesce(sum(n) FILTER (WHERE n < {below}), 0) AS at_risk, "
+        f"count(*) FILTER (WHERE n < {below_again}) AS small, "
+        f"count(*) FILTER (WHERE n = 1) AS uniques "
+        f"FROM (SELECT GROUPING({columns}) AS g, count(*) AS n FROM {TABLE} "
+        f"GROUP BY GROUPING SETS ({sets})) AS classes GROUP BY g ORDER BY g"
+    )
+    return Statement(text, tuple(parameters.values))
+
+
+def risk_diversity(qis: tuple[str, ...], sensitive: tuple[str, ...], k: int) -> Statement:
+    """Distinct l-diversity of each sensitive variable over the classes of `qis`.
+
+    Per sensitive variable j: `l{j}` the fewest distinct values in any class (missing counts as
+    a value), `h{j}` the classes holding a single value, `r{j}` the records in them, and `rk{j}`
+    the records in such classes of at least k records (k-anonymous, yet every member's value is
+    known)."""
+    if not sensitive:
+        raise ValueError("l-diversity needs at least one sensitive variable")
+    inner = ["count(*) AS n"]
+    outer = []
+    parameters = _Parameters()
+    for j, name in enumerate(sensitive):
+        column = quote(name)
+        inner.append(
+            f"count(DISTINCT {column}) + max(CASE WHEN {column} IS NULL THEN 1 ELSE 0 END) AS d{j}"
+        )
+        at_least = parameters.bind(k)
+        outer.append(
+            f"min(d{j}) AS l{j}, count(*) FILTER (WHERE d{j} = 1) AS h{j}, "
+            f"coalesce(sum(n) FILTER (WHERE d{j} = 1), 0) AS r{j}, "
+            f"coalesce(sum(n) FILTER (WHERE d{j} = 1 AND n >= {at_least}), 0) AS rk{j}"
+        )
+    group = (" GROUP BY " + ", ".join(quote(name) for name in qis)) if qis else ""
+    text = (
+        f"SELECT {', '.join(outer)} FROM "
+        f"(SELECT {', '.join(inner)} FROM {TABLE}{group}) AS classes"
+    )
+    return Statement(text, tuple(parameters.values))
+
+
+def risk_profile(names: tuple[str, ...]) -> Statement:
+    """The record count `rows`, and per variable j its distinct non-missing values `v{j}` and
+    missing cells `m{j}`."""
+    parts = ["count(*) AS rows"]
+    for j, name in enumerate(names):
+        column = quote(name)
+        parts.append(f"count(DISTINCT {column}) AS v{j}, count(*) - count({column}) AS m{j}")
+    return Statement(f"SELECT {', '.join(parts)} FROM {TABLE}", ())

@@ -1,0 +1,755 @@
+"""The auditor's evidence from a ledger: tables of spending and releases, and a one-page report.
+
+    with Ledger.open_readonly("ledger.sqlite") as ledger:
+        tables = build_tables(ledger)
+    tables.write_csv(Path("audit-tables/"))          # one CSV per table, plus summary.json
+    Path("report.html").write_text(render_html(tables))
+
+Tables (Arrow; `veil audit tables` writes them as CSV, the Audit service sends them as Arrow IPC):
+
+- budgets: per client, institution and data version: cap, spent, held, remaining, and the highest
+  chance an attacker holding everything released against that scope has of guessing any one
+  person's yes/no attribute (`guess_bound`, see `engine.risk.binary_guess_bound`).
+- spending: one row per committed charge and scope it counts against (client, institution, data
+  version), in time order, with the scope's cumulative spending and remaining budget after it:
+  spending over time.
+- releases: every stored release with its query, charge, mechanism, noise scale, tau, cells and
+  the share of cells suppressed, read from the release's stored metadata (never its values).
+- queries: per query fingerprint and data version, how many independent releases were drawn
+  (a query released again at a larger loss gets a fresh draw, and the losses add), their total
+  loss, the clients and the free replays.
+- replays: every request answered from a stored release at no charge.
+- refusals: audit-log entries for refused requests (budget exceeded, request conflicts, unknown
+  clients) and refused credentials.
+- verification: the result of walking the audit log's hash chain and reconciling the ledger.
+
+Nothing here reads the data file; the ledger holds no true value, only noisy releases, and the
+report shows none of those either.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+from engine.ledger import Ledger, ScopeBudget, epsilon_equivalent
+from engine.loss import Accounting, format_amount, parse_amount
+from engine.risk import binary_guess_bound
+
+TABLE_NAMES = (
+    "budgets",
+    "spending",
+    "releases",
+    "queries",
+    "replays",
+    "refusals",
+    "verification",
+)
+_SUMMARY_KEY = b"veil.audit"
+_REFUSAL_EVENTS = ("refused", "auth_denied")
+
+
+@dataclass(frozen=True)
+class AuditTables:
+    """The auditor's tables and what they were built from (`summary`: ledger, accounting, ...)."""
+
+    summary: Mapping[str, str]
+    tables: Mapping[str, pa.Table] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> pa.Table:
+        return self.tables[name]
+
+    @property
+    def accounting(self) -> Accounting:
+        return Accounting(self.summary["accounting"])
+
+    @property
+    def unit(self) -> str:
+        return "epsilon" if self.accounting is Accounting.PURE_DP else "rho"
+
+    # -- export --
+
+    def write_csv(self, directory: Path) -> list[Path]:
+        """One CSV per table and summary.json; returns the paths written."""
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, table in self.tables.items():
+            path = directory / f"{name}.csv"
+            pa_csv.write_csv(table, path)
+            written.append(path)
+        path = directory / "summary.json"
+        path.write_text(json.dumps(dict(self.summary), indent=2, sort_keys=True) + "\n")
+        written.append(path)
+        return written
+
+    def to_ipc(self, names: Sequence[str] | None = None) -> dict[str, bytes]:
+        """Each table as an Arrow IPC stream, the summary in its schema metadata."""
+        out = {}
+        meta = json.dumps(dict(self.summary), sort_keys=True).encode()
+        for name in names or list(self.tables):
+            table = self.tables[name].replace_schema_metadata({_SUMMARY_KEY: meta})
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            out[name] = bytes(sink.getvalue().to_pybytes())
+        return out
+
+    @classmethod
+    def from_ipc(cls, streams: Mapping[str, bytes]) -> AuditTables:
+        tables: dict[str, pa.Table] = {}
+        summary: dict[str, str] = {}
+        for name, data in streams.items():
+            table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+            raw = (table.schema.metadata or {}).get(_SUMMARY_KEY)
+            if raw is not None:
+                summary = {str(k): str(v) for k, v in json.loads(raw).items()}
+            tables[name] = table.replace_schema_metadata(None)
+        return cls(summary, tables)
+
+
+# ---- building the tables -------------------------------------------------------------------------
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+_TIME = pa.timestamp("us", tz="UTC")
+
+
+def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> AuditTables:
+    """Every auditor table named in `names`, from one ledger (open it read-only)."""
+    unknown = set(names) - set(TABLE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown audit tables {sorted(unknown)}; known: {', '.join(TABLE_NAMES)}")
+    accounting = ledger.accounting
+    delta = ledger.delta
+    report = ledger.report()
+    records = ledger.releases()
+    charges = ledger.charges()
+    wanted = set(names)
+    verification = ledger.verify() if "verification" in wanted else None
+
+    dataset = max(report.datasets, key=lambda s: s.spent, default=None)
+    summary = {
+        "ledger": str(ledger.path),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "accounting": accounting.value,
+        "unit": "epsilon" if accounting is Accounting.PURE_DP else "rho",
+        "delta": repr(delta),
+        "audit_head": f"{report.head_seq}:{report.head_hash}",
+        "clients": str(len(report.clients)),
+        "releases": str(len(records)),
+        "replays": str(sum(1 for c in charges if c.kind == "replay")),
+        "dataset": dataset.name if dataset else "",
+        "dataset_spent": format_amount(dataset.spent) if dataset else "0",
+        "dataset_cap": "" if dataset is None or dataset.cap is None else format_amount(dataset.cap),
+        "dataset_guess_bound": repr(
+            binary_guess_bound(accounting, float(dataset.spent)) if dataset else 0.5
+        ),
+    }
+    if verification is not None:
+        summary["verified"] = "true" if verification.ok else "false"
+        summary["verification"] = verification.message
+
+    tables: dict[str, pa.Table] = {}
+    release_counts: dict[str, int] = defaultdict(int)
+    for record in records:
+        release_counts[record.client] += 1
+    if "budgets" in wanted:
+        scopes = (*report.clients, *report.institutions, *report.datasets)
+        tables["budgets"] = _budgets(scopes, accounting, delta, release_counts)
+    if "spending" in wanted:
+        tables["spending"] = _spending(ledger, charges, accounting, delta)
+    if "releases" in wanted or "queries" in wanted:
+        releases = _releases(ledger, records, charges)
+        if "releases" in wanted:
+            tables["releases"] = releases
+        if "queries" in wanted:
+            tables["queries"] = _queries(releases)
+    if "replays" in wanted:
+        tables["replays"] = _replays(charges)
+    if "refusals" in wanted:
+        tables["refusals"] = _refusals(ledger)
+    if verification is not None:
+        tables["verification"] = pa.table(
+            {
+                "ok": pa.array([verification.ok]),
+                "entries": pa.array([verification.entries], type=pa.int64()),
+                "head": pa.array([f"{verification.head_seq}:{verification.head_hash}"]),
+                "first_bad_seq": pa.array([verification.first_bad_seq], type=pa.int64()),
+                "problems": pa.array(["; ".join(verification.problems)]),
+                "message": pa.array([verification.message]),
+            }
+        )
+    summary["refusals"] = str(tables["refusals"].num_rows) if "refusals" in tables else ""
+    return AuditTables(summary, {n: tables[n] for n in TABLE_NAMES if n in tables})
+
+
+def _budgets(
+    scopes: Sequence[ScopeBudget],
+    accounting: Accounting,
+    delta: float,
+    release_counts: Mapping[str, int],
+) -> pa.Table:
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for s in scopes:
+        remaining = s.remaining
+        rows["kind"].append(s.kind)
+        rows["name"].append(s.name)
+        rows["cap"].append(None if s.cap is None else format_amount(s.cap))
+        rows["spent"].append(format_amount(s.spent))
+        rows["held"].append(format_amount(s.held))
+        rows["remaining"].append(None if remaining is None else format_amount(remaining))
+        rows["cap_value"].append(None if s.cap is None else float(s.cap))
+        rows["spent_value"].append(float(s.spent))
+        rows["used_share"].append(float(s.used / s.cap) if s.cap else None)
+        rows["spent_epsilon"].append(epsilon_equivalent(accounting, s.spent, delta))
+        rows["guess_bound"].append(binary_guess_bound(accounting, float(s.spent)))
+        rows["releases"].append(release_counts.get(s.name, 0) if s.kind == "client" else None)
+    schema = pa.schema(
+        [
+            ("kind", pa.string()),
+            ("name", pa.string()),
+            ("cap", pa.string()),
+            ("spent", pa.string()),
+            ("held", pa.string()),
+            ("remaining", pa.string()),
+            ("cap_value", pa.float64()),
+            ("spent_value", pa.float64()),
+            ("used_share", pa.float64()),
+            ("spent_epsilon", pa.float64()),
+            ("guess_bound", pa.float64()),
+            ("releases", pa.int64()),
+        ]
+    )
+    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+
+
+def _spending(
+    ledger: Ledger, charges: Sequence[Any], accounting: Accounting, delta: float
+) -> pa.Table:
+    """Cumulative spending of every scope, one row per committed charge and scope."""
+    report = ledger.report()
+    caps = {
+        (s.kind, s.name): s.cap for s in (*report.clients, *report.institutions, *report.datasets)
+    }
+    committed = sorted(
+        (c for c in charges if c.kind == "charge" and c.state == "committed"),
+        key=lambda c: (c.settled_at or c.reserved_at),
+    )
+    running: dict[tuple[str, str], Fraction] = defaultdict(Fraction)
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for charge in committed:
+        scopes = [("client", charge.client)]
+        if charge.institution:
+            scopes.append(("institution", charge.institution))
+        scopes.append(("dataset", charge.data_version))
+        for kind, name in scopes:
+            running[(kind, name)] += charge.amount
+            cap = caps.get((kind, name))
+            rows["time"].append(_time(charge.settled_at or charge.reserved_at))
+            rows["kind"].append(kind)
+            rows["name"].append(name)
+            rows["client"].append(charge.client)
+            rows["charge_id"].append(charge.charge_id)
+            rows["release_id"].append(charge.release_id)
+            rows["amount"].append(format_amount(charge.amount))
+            rows["cumulative"].append(format_amount(running[(kind, name)]))
+            rows["amount_value"].append(float(charge.amount))
+            rows["cumulative_value"].append(float(running[(kind, name)]))
+            rows["cumulative_epsilon"].append(
+                epsilon_equivalent(accounting, running[(kind, name)], delta)
+            )
+            rows["cap_value"].append(None if cap is None else float(cap))
+            rows["remaining_value"].append(
+                None if cap is None else float(max(Fraction(0), cap - running[(kind, name)]))
+            )
+    schema = pa.schema(
+        [
+            ("time", _TIME),
+            ("kind", pa.string()),
+            ("name", pa.string()),
+            ("client", pa.string()),
+            ("charge_id", pa.string()),
+            ("release_id", pa.string()),
+            ("amount", pa.string()),
+            ("cumulative", pa.string()),
+            ("amount_value", pa.float64()),
+            ("cumulative_value", pa.float64()),
+            ("cumulative_epsilon", pa.float64()),
+            ("cap_value", pa.float64()),
+            ("remaining_value", pa.float64()),  # the cap less what was spent up to this charge
+        ]
+    )
+    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+
+
+def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) -> pa.Table:
+    by_charge = {c.charge_id: c for c in charges}
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for record in records:
+        meta = ledger.release(record.release_id).metadata  # metadata only; values are not read
+        charge = by_charge.get(record.charge_id)
+        rows["created_at"].append(_time(record.created_at))
+        rows["release_id"].append(record.release_id)
+        rows["charge_id"].append(record.charge_id)
+        rows["client"].append(record.client)
+        rows["institution"].append(charge.institution if charge else None)
+        rows["request_id"].append(charge.request_id if charge else None)
+        rows["data_version"].append(record.data_version)
+        rows["fingerprint"].append(record.fingerprint)
+        rows["canonical_query"].append(record.canonical_query)
+        rows["query"].append(describe_query(record.canonical_query))
+        rows["measure"].append(meta.measure)
+        rows["mechanism"].append(meta.mechanism)
+        rows["accounting"].append(meta.accounting)
+        rows["loss"].append(format_amount(record.loss))
+        rows["loss_value"].append(float(record.loss))
+        rows["measured_loss"].append(meta.measured_loss)
+        rows["noise_scale"].append(meta.noise_scale)
+        rows["tau"].append(meta.tau)
+        rows["k"].append(meta.k)
+        rows["beta"].append(meta.beta)
+        rows["cells"].append(meta.cells)
+        rows["suppressed_cells"].append(meta.suppressed_cells)
+        rows["suppressed_share"].append(meta.suppressed_cells / meta.cells if meta.cells else 0.0)
+        rows["replays"].append(record.replays)
+        rows["sha256"].append(record.sha256)
+    schema = pa.schema(
+        [
+            ("created_at", _TIME),
+            ("release_id", pa.string()),
+            ("charge_id", pa.string()),
+            ("client", pa.string()),
+            ("institution", pa.string()),
+            ("request_id", pa.string()),
+            ("data_version", pa.string()),
+            ("fingerprint", pa.string()),
+            ("canonical_query", pa.string()),
+            ("query", pa.string()),
+            ("measure", pa.string()),
+            ("mechanism", pa.string()),
+            ("accounting", pa.string()),
+            ("loss", pa.string()),
+            ("loss_value", pa.float64()),
+            ("measured_loss", pa.string()),
+            ("noise_scale", pa.float64()),
+            ("tau", pa.int64()),
+            ("k", pa.int64()),
+            ("beta", pa.float64()),
+            ("cells", pa.int64()),
+            ("suppressed_cells", pa.int64()),
+            ("suppressed_share", pa.float64()),
+            ("replays", pa.int64()),
+            ("sha256", pa.string()),
+        ]
+    )
+    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+
+
+def _queries(releases: pa.Table) -> pa.Table:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in releases.to_pylist():
+        groups[(row["fingerprint"], row["data_version"])].append(row)
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for (fingerprint, version), items in groups.items():
+        total = sum((parse_amount(r["loss"]) for r in items), Fraction(0))
+        rows["fingerprint"].append(fingerprint)
+        rows["data_version"].append(version)
+        rows["query"].append(items[0]["query"])
+        rows["releases"].append(len(items))
+        rows["total_loss"].append(format_amount(total))
+        rows["total_loss_value"].append(float(total))
+        rows["clients"].append(", ".join(sorted({r["client"] for r in items})))
+        rows["replays"].append(sum(r["replays"] for r in items))
+        rows["first"].append(min(r["created_at"] for r in items))
+        rows["last"].append(max(r["created_at"] for r in items))
+    schema = pa.schema(
+        [
+            ("fingerprint", pa.string()),
+            ("data_version", pa.string()),
+            ("query", pa.string()),
+            ("releases", pa.int64()),
+            ("total_loss", pa.string()),
+            ("total_loss_value", pa.float64()),
+            ("clients", pa.string()),
+            ("replays", pa.int64()),
+            ("first", _TIME),
+            ("last", _TIME),
+        ]
+    )
+    table = pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+    return table.sort_by([("releases", "descending"), ("total_loss_value", "descending")])
+
+
+def _replays(charges: Sequence[Any]) -> pa.Table:
+    items = [c for c in charges if c.kind == "replay"]
+    return pa.table(
+        {
+            "time": pa.array([_time(c.settled_at or c.reserved_at) for c in items], type=_TIME),
+            "client": pa.array([c.client for c in items], type=pa.string()),
+            "request_id": pa.array([c.request_id for c in items], type=pa.string()),
+            "release_id": pa.array([c.release_id for c in items], type=pa.string()),
+            "fingerprint": pa.array([c.fingerprint for c in items], type=pa.string()),
+            "requested": pa.array([format_amount(c.requested) for c in items], type=pa.string()),
+        }
+    )
+
+
+def _refusals(ledger: Ledger) -> pa.Table:
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for entry in ledger.audit_log():
+        e = entry.entry
+        if e.get("event") not in _REFUSAL_EVENTS:
+            continue
+        detail = e.get("detail") or {}
+        rows["seq"].append(entry.seq)
+        rows["time"].append(_time(e.get("time")))
+        rows["event"].append(e.get("event"))
+        rows["client"].append(e.get("client"))
+        rows["outcome"].append(e.get("outcome"))
+        rows["fingerprint"].append(e.get("fingerprint"))
+        rows["charge"].append(e.get("charge"))
+        rows["reason"].append(str(detail.get("reason", ""))[:300])
+        rows["method"].append(detail.get("method"))
+    schema = pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("time", _TIME),
+            ("event", pa.string()),
+            ("client", pa.string()),
+            ("outcome", pa.string()),
+            ("fingerprint", pa.string()),
+            ("charge", pa.string()),
+            ("reason", pa.string()),
+            ("method", pa.string()),
+        ]
+    )
+    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+
+
+# ---- describing a canonical query ----------------------------------------------------------------
+
+
+def describe_query(canonical: str, *, width: int = 160) -> str:
+    """A short human form of a canonical query: "count by gender, ageBroad where ..."."""
+    try:
+        raw = json.loads(canonical)
+    except ValueError:
+        return canonical[:width]
+    measure = raw.get("measure")
+    if isinstance(measure, dict):
+        ((kind, argument),) = measure.items()
+        if kind == "proportion":
+            text = f"proportion({_describe_filter(argument)})"
+        else:
+            text = f"{kind}({argument})"
+    else:
+        text = str(measure)
+    if raw.get("by"):
+        text += " by " + ", ".join(raw["by"])
+    where = raw.get("where")
+    if where is not True and where is not None:
+        text += " where " + _describe_filter(where)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _describe_filter(f: Any) -> str:
+    if f is True or f is False:
+        return str(f).lower()
+    if not isinstance(f, dict):
+        return str(f)
+    if "var" in f:
+        codes = [str(c) for c in f.get("in", [])]
+        shown = ", ".join(codes[:6]) + (f", ... ({len(codes)} values)" if len(codes) > 6 else "")
+        text = f"{f['var']} in {{{shown}}}"
+        return f"({text} or missing)" if f.get("missing") else text
+    for key, joiner in (("and", " and "), ("or", " or ")):
+        if key in f:
+            return "(" + joiner.join(_describe_filter(o) for o in f[key]) + ")"
+    return json.dumps(f)
+
+
+# ---- the one-page report -------------------------------------------------------------------------
+
+
+def spending_figure_png(tables: AuditTables) -> bytes | None:
+    """Cumulative spending over time (per client, and the dataset against its cap) and each
+    client's spent and remaining budget, as one PNG; None when nothing was spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    spending = tables.tables.get("spending")
+    budgets = tables.tables.get("budgets")
+    if spending is None or budgets is None or spending.num_rows == 0:
+        return None
+    rows = spending.to_pylist()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6), width_ratios=(3, 2))
+    series: dict[tuple[str, str], list[tuple[datetime, float]]] = defaultdict(list)
+    caps: dict[tuple[str, str], float | None] = {}
+    for row in rows:
+        series[(row["kind"], row["name"])].append((row["time"], row["cumulative_value"]))
+        caps[(row["kind"], row["name"])] = row["cap_value"]
+    for (kind, name), points in series.items():
+        if kind == "institution":
+            continue
+        times = [p[0] for p in points]
+        values = [p[1] for p in points]
+        style: dict[str, Any] = {"where": "post", "linewidth": 1.4}
+        if kind == "dataset":
+            style.update(color="black", linewidth=2.2)
+        line = left.step(times, values, label=f"{kind} {name}"[:40], **style)[0]
+        cap = caps[(kind, name)]
+        if cap is not None and kind == "dataset":
+            left.axhline(cap, color=line.get_color(), linestyle="--", linewidth=1,
+                         label=f"dataset cap {cap:g}")
+    locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
+    left.xaxis.set_major_locator(locator)
+    left.xaxis.set_major_formatter(
+        mdates.ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]
+    )
+    left.set_title(f"Cumulative privacy loss ({tables.unit}) over time", fontsize=10)
+    left.set_ylabel(tables.unit)
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    left.grid(alpha=0.3)
+    left.tick_params(labelsize=8)
+
+    clients = [r for r in budgets.to_pylist() if r["kind"] == "client"]
+    names = [r["name"] for r in clients]
+    spent = [r["spent_value"] for r in clients]
+    caps_list = [r["cap_value"] or 0.0 for r in clients]
+    right.barh(names, caps_list, color="#dddddd", label="cap")
+    right.barh(names, spent, color="#c0392b", label="spent")
+    right.set_title(f"Spent against each client's cap ({tables.unit})", fontsize=10)
+    right.legend(fontsize=7, loc="lower right")
+    right.invert_yaxis()
+    right.tick_params(labelsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px;
+       color: #222; max-width: 1100px; font-size: 13px; }
+h1 { font-size: 20px; margin: 0 0 4px 0; } h2 { font-size: 15px; margin: 18px 0 6px 0; }
+.sub { color: #666; margin-bottom: 12px; }
+.banner { padding: 8px 12px; border-radius: 4px; font-weight: 600; margin: 8px 0; }
+.ok { background: #e6f4ea; color: #1e7e34; } .bad { background: #fdecea; color: #b71c1c; }
+.figures { display: flex; gap: 10px; flex-wrap: wrap; margin: 10px 0; }
+.figure { border: 1px solid #ddd; border-radius: 4px; padding: 6px 10px; min-width: 130px; }
+.figure b { display: block; font-size: 17px; }
+table { border-collapse: collapse; width: 100%; margin-bottom: 4px; }
+th, td { border-bottom: 1px solid #eee; padding: 3px 6px; text-align: left; font-size: 12px; }
+th { background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.flag { color: #b71c1c; font-weight: 600; } .note { color: #666; font-size: 11px; }
+img { max-width: 100%; }
+"""
+
+
+def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
+    """The one-page report: verification, key figures, spending plots, budgets, recent releases,
+    repeated queries and refusals. Long tables show their last `max_rows` rows."""
+    s = tables.summary
+    unit = tables.unit
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>veil audit report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>veil audit report</h1>",
+        f"<div class='sub'>ledger {esc(s.get('ledger', ''))} &middot; generated "
+        f"{esc(s.get('generated_at', ''))} &middot; accounting {esc(s.get('accounting', ''))} "
+        f"({esc(unit)}{'' if unit == 'epsilon' else ', delta ' + esc(s.get('delta', ''))})"
+        f" &middot; audit head {esc(s.get('audit_head', '')[:24])}&hellip;</div>",
+    ]
+    if "verified" in s:
+        good = s["verified"] == "true"
+        parts.append(
+            f"<div class='banner {'ok' if good else 'bad'}'>"
+            f"{'&#10004;' if good else '&#10008;'} {esc(s.get('verification', ''))}</div>"
+        )
+    releases = tables.tables.get("releases")
+    refusals = tables.tables.get("refusals")
+    queries = tables.tables.get("queries")
+    repeated = (
+        [q for q in queries.to_pylist() if q["releases"] > 1] if queries is not None else []
+    )
+    mostly_suppressed = (
+        sum(1 for r in releases.to_pylist() if r["suppressed_share"] > 0.5) if releases else 0
+    )
+    budget_refusals = (
+        sum(1 for r in refusals.to_pylist() if r["outcome"] == "budget_exceeded")
+        if refusals is not None
+        else 0
+    )
+    denied = (
+        sum(1 for r in refusals.to_pylist() if r["event"] == "auth_denied")
+        if refusals is not None
+        else 0
+    )
+    cap = s.get("dataset_cap") or "no cap"
+    bound = float(s.get("dataset_guess_bound", "0.5"))
+    figures = [
+        (f"{s.get('dataset_spent', '0')} / {cap}", f"dataset {unit} spent / cap"),
+        (f"{bound:.3f}", "highest chance to guess one person's yes/no attribute"),
+        (s.get("clients", "0"), "clients"),
+        (s.get("releases", "0"), "releases"),
+        (s.get("replays", "0"), "free replays"),
+        (str(len(repeated)), "queries drawn more than once"),
+        (str(mostly_suppressed), "releases over half suppressed"),
+        (str(budget_refusals), "refused: budget exceeded"),
+        (str(denied), "refused credentials"),
+    ]
+    parts.append("<div class='figures'>")
+    parts.extend(
+        f"<div class='figure'><b>{esc(value)}</b>{esc(label)}</div>" for value, label in figures
+    )
+    parts.append("</div>")
+    png = spending_figure_png(tables)
+    if png is not None:
+        encoded = base64.b64encode(png).decode("ascii")
+        parts.append(f"<img alt='spending over time' src='data:image/png;base64,{encoded}'>")
+    else:
+        parts.append("<p class='note'>Nothing has been spent yet.</p>")
+
+    budgets = tables.tables.get("budgets")
+    if budgets is not None:
+        parts.append(f"<h2>Budgets ({esc(unit)})</h2>")
+        columns = [
+            ("kind", "scope", None),
+            ("name", "name", None),
+            ("cap", "cap", "num"),
+            ("spent", "spent", "num"),
+            ("held", "held", "num"),
+            ("remaining", "remaining", "num"),
+            ("used_share", "used", "pct"),
+            ("guess_bound", "guess bound", "fixed"),
+            ("releases", "releases", "num"),
+        ]
+        if unit == "rho":
+            columns.insert(6, ("spent_epsilon", "spent (eps at delta)", "fixed"))
+        parts.append(_html_table(budgets.to_pylist(), columns, flag=_over_nine_tenths))
+    if releases is not None:
+        rows = releases.to_pylist()
+        parts.append(f"<h2>Releases ({len(rows)}; the last {min(len(rows), max_rows)})</h2>")
+        parts.append(
+            _html_table(
+                rows[-max_rows:],
+                [
+                    ("created_at", "time", "time"),
+                    ("client", "client", None),
+                    ("query", "query", None),
+                    ("mechanism", "mechanism", None),
+                    ("loss", "charge", "num"),
+                    ("noise_scale", "scale", "fixed"),
+                    ("tau", "tau", "num"),
+                    ("cells", "cells", "num"),
+                    ("suppressed_share", "suppressed", "pct"),
+                    ("replays", "replays", "num"),
+                    ("fingerprint", "fingerprint", "short"),
+                ],
+                flag=lambda r: r["suppressed_share"] > 0.5,
+            )
+        )
+    if repeated:
+        parts.append("<h2>Queries drawn more than once (their losses add up)</h2>")
+        parts.append(
+            _html_table(
+                repeated[:max_rows],
+                [
+                    ("query", "query", None),
+                    ("releases", "draws", "num"),
+                    ("total_loss", f"total {unit}", "num"),
+                    ("clients", "clients", None),
+                    ("fingerprint", "fingerprint", "short"),
+                ],
+            )
+        )
+    if refusals is not None and refusals.num_rows:
+        rows = refusals.to_pylist()
+        parts.append(f"<h2>Refusals ({len(rows)}; the last {min(len(rows), max_rows)})</h2>")
+        parts.append(
+            _html_table(
+                rows[-max_rows:],
+                [
+                    ("time", "time", "time"),
+                    ("event", "event", None),
+                    ("client", "client", None),
+                    ("outcome", "outcome", None),
+                    ("reason", "reason", None),
+                ],
+            )
+        )
+    parts.append(
+        "<p class='note'>Read from the ledger only: no data value, true or noisy, appears here. "
+        "The suppressed share of a release is read from its stored metadata. The guess bound is "
+        "the highest chance that anyone holding every release charged to a scope guesses one "
+        "person's yes/no attribute correctly (against 0.5 for a coin toss). All tables are "
+        "available as CSV with <code>veil audit tables</code>.</p>"
+    )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _over_nine_tenths(row: Mapping[str, Any]) -> bool:
+    share = row.get("used_share")
+    return share is not None and share > 0.9
+
+
+def _html_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[tuple[str, str, str | None]],
+    *,
+    flag: Any = None,
+) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(title)}</th>" for _, title, _ in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, kind in columns:
+            value = row.get(key)
+            if value is None:
+                text = ""
+            elif kind == "pct":
+                text = f"{100 * float(value):.0f}%"
+            elif kind == "fixed":
+                text = f"{float(value):.3g}"
+            elif kind == "time" and isinstance(value, datetime):
+                text = value.strftime("%Y-%m-%d %H:%M:%S")
+            elif kind == "short":
+                text = str(value)[:12]
+            else:
+                text = str(value)
+            css = " class='num'" if kind in ("num", "pct", "fixed") else ""
+            cells.append(f"<td{css}>{esc(text)}</td>")
+        marked = " class='flag'" if flag is not None and flag(row) else ""
+        body.append(f"<tr{marked}>{''.join(cells)}</tr>")
+    if not body:
+        return "<p class='note'>none</p>"
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+__all__ = ["TABLE_NAMES", "AuditTables", "build_tables", "describe_query", "render_html"]
