@@ -18,6 +18,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("engine.synthetic", "add_synth_command"),
     "ledger": ("engine.ledger_cli", "add_ledger_command"),
     "serve": ("server.cli", "add_serve_command"),
+    "query": ("client.cli", "add_query_command"),
+    "dry-run": ("client.cli", "add_dry_run_command"),
+    "codebook": ("client.cli", "add_codebook_command"),
+    "budget": ("client.cli", "add_budget_command"),
+    "releases": ("client.cli", "add_releases_command"),
+    "risk": ("engine.risk", "add_risk_command"),
+    "audit": ("audit.cli", "add_audit_command"),
+    "attack": ("audit.cli", "add_attack_command"),
 }
 
 

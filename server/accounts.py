@@ -12,15 +12,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
 
+from engine.audit_report import TABLE_NAMES, build_tables
 from engine.errors import ClientRegistryError, LedgerUnavailableError
-from engine.ledger import ClientRecord, Ledger
+from engine.ledger import ChargeRecord, ClientRecord, Ledger
 from engine.loss import parse_amount
-from engine.release import Charger
+from engine.release import Charger, Release
 from engine.settings import Settings
 from protos.veil.v1 import veil_pb2 as pb
 from server.auth import Identity, Role, hash_token
 from server.config import Caps
 from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
+from server.errors import NotFoundError
 
 
 class Accounts(Protocol):
@@ -38,6 +40,14 @@ class Accounts(Protocol):
         ...
 
     def budget(self, identity: Identity) -> pb.Budget: ...
+
+    def received(self, identity: Identity, *, limit: int) -> list[pb.MyRelease]:
+        """The last `limit` releases the caller received (paid for or reused), oldest first."""
+        ...
+
+    def received_release(self, identity: Identity, release_id: str) -> Release:
+        """A release the caller received; NotFoundError when it received no such release."""
+        ...
 
     # -- administrators --
     def register(
@@ -61,6 +71,10 @@ class Accounts(Protocol):
     def releases(self, client: str | None, *, limit: int) -> list[pb.ReleaseSummary]: ...
 
     def verify(self) -> pb.VerifyAuditLogResponse: ...
+
+    def audit_tables(self, names: list[str]) -> list[pb.AuditTable]:
+        """The auditor's tables (`engine.audit_report`) as Arrow IPC; empty names: all."""
+        ...
 
     def close(self) -> None: ...
 
@@ -145,6 +159,41 @@ class LedgerAccounts:
         out.dataset_remaining = amount_text(dataset.remaining)
         return out
 
+    def _received_charges(self, client: str) -> list[ChargeRecord]:
+        return [
+            c for c in self.ledger.charges(client=client)
+            if c.state == "committed" and c.release_id
+        ]
+
+    def received(self, identity: Identity, *, limit: int) -> list[pb.MyRelease]:
+        charges = self._received_charges(identity.client_id)[-limit:]
+        records = {r.release_id: r for r in self.ledger.releases()}
+        out = []
+        for charge in charges:
+            release_id = charge.release_id or ""
+            record = records.get(release_id)
+            out.append(
+                pb.MyRelease(
+                    release_id=release_id,
+                    request_id=charge.request_id,
+                    fingerprint=charge.fingerprint,
+                    canonical_query=record.canonical_query if record else "",
+                    charged=amount_text(charge.amount),
+                    release_loss=amount_text(record.loss) if record else "",
+                    received_at=charge.settled_at or charge.reserved_at,
+                    reused=charge.kind == "replay",
+                    data_version=charge.data_version,
+                )
+            )
+        return out
+
+    def received_release(self, identity: Identity, release_id: str) -> Release:
+        if not any(c.release_id == release_id for c in self._received_charges(identity.client_id)):
+            raise NotFoundError(
+                f"client {identity.client_id!r} has received no release {release_id!r}"
+            )
+        return self.ledger.release(release_id)
+
     # -- administrators --
     def _info(self, record: ClientRecord) -> pb.ClientInfo:
         scope = self.ledger.budget("client", record.client_id)
@@ -219,6 +268,7 @@ class LedgerAccounts:
         out = []
         for record in records[-limit:]:
             charge = charges.get(record.charge_id)
+            meta = self.ledger.release(record.release_id).metadata  # metadata, never values
             out.append(
                 pb.ReleaseSummary(
                     release_id=record.release_id,
@@ -229,6 +279,15 @@ class LedgerAccounts:
                     canonical_query=record.canonical_query,
                     loss=amount_text(record.loss),
                     created_at=record.created_at,
+                    data_version=record.data_version,
+                    measure=meta.measure,
+                    mechanism=meta.mechanism,
+                    noise_scale=meta.noise_scale,
+                    tau=meta.tau,
+                    cells=meta.cells,
+                    suppressed_cells=meta.suppressed_cells,
+                    suppressed_share=meta.suppressed_cells / meta.cells if meta.cells else 0.0,
+                    replays=record.replays,
                 )
             )
         return out
@@ -238,6 +297,10 @@ class LedgerAccounts:
         return pb.VerifyAuditLogResponse(
             ok=result.ok, entries=result.entries, problem="" if result.ok else result.message
         )
+
+    def audit_tables(self, names: list[str]) -> list[pb.AuditTable]:
+        tables = build_tables(self.ledger, names=names or TABLE_NAMES)
+        return [pb.AuditTable(name=n, arrow_ipc=data) for n, data in tables.to_ipc().items()]
 
     def close(self) -> None:
         self.ledger.close()

@@ -111,6 +111,8 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     "/veil.v1.Research/DryRun": _ALL,
     "/veil.v1.Research/Release": _QUERYING,
     "/veil.v1.Research/GetBudget": _QUERYING,
+    "/veil.v1.Research/ListMyReleases": _QUERYING,
+    "/veil.v1.Research/GetRelease": _QUERYING,
     "/veil.v1.Admin/RegisterClient": _ADMIN,
     "/veil.v1.Admin/SetBudget": _ADMIN,
     "/veil.v1.Admin/RevokeClient": _ADMIN,
@@ -119,6 +121,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     "/veil.v1.Audit/GetLedgerReport": _AUDITING,
     "/veil.v1.Audit/ListReleases": _AUDITING,
     "/veil.v1.Audit/VerifyAuditLog": _AUDITING,
+    "/veil.v1.Audit/GetAuditTables": _AUDITING,
 }
 
 # Services that need no credential.

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
+from engine.audit_report import TABLE_NAMES
 from engine.codebook import Codebook, DerivedDimension, FlagSet, Kind, Variable
 from engine.engine import DryRun
 from engine.errors import InvalidQueryError, LimitExceededError
@@ -105,6 +106,15 @@ def request_id(value: str) -> str:
     return value
 
 
+def release_id(value: str) -> str:
+    if not _IDENTIFIER.fullmatch(value):
+        raise MalformedRequestError(
+            "release_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - "
+            f"(starting with a letter or digit), got {_shown(value)}"
+        )
+    return value
+
+
 def client_id(value: str, field: str = "client_id") -> str:
     if not _CLIENT_ID.fullmatch(value):
         raise MalformedRequestError(
@@ -120,6 +130,15 @@ def institution(value: str) -> str:
         raise MalformedRequestError(
             "institution must be 1 to 128 characters from A-Z a-z 0-9 . _ @ : + / - "
             f"(starting with a letter or digit), got {_shown(value)}"
+        )
+    return value
+
+
+def audit_table(value: str) -> str:
+    """The name of one of the auditor's tables."""
+    if value not in TABLE_NAMES:
+        raise MalformedRequestError(
+            f"tables: {_shown(value)} is not an audit table; known: {', '.join(TABLE_NAMES)}"
         )
     return value
 
@@ -382,7 +401,9 @@ def describe(codebook: Codebook, item: str) -> pb.DescribeVariableResponse:
     for derived in codebook.derived:
         if derived.name == item:
             return pb.DescribeVariableResponse(derived=derived_to_pb(derived))
-    raise InvalidQueryError(f"unknown variable, flag set or derived dimension {_shown(item)}")
+    raise InvalidQueryError(
+        f"unknown variable, flag set or derived dimension {_shown(item)}", variable=item
+    )
 
 
 def deployment_to_pb(

@@ -40,6 +40,7 @@ QUOTA_FAILURE_TYPE_URL = "type.googleapis.com/google.rpc.QuotaFailure"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 BUDGET_SCOPE_KEY = "veil-budget-scope"
 BUDGET_REMAINING_KEY = "veil-budget-remaining"
+VARIABLE_KEY = "veil-variable"
 RETRY_AFTER_KEY = "retry-after"
 
 
@@ -170,6 +171,8 @@ def status_for(error: BaseException) -> Status:
         trailers.extend(_quota_trailers(code, message, error.scope, error.remaining))
     if isinstance(error, RateLimitedError):
         trailers.append((RETRY_AFTER_KEY, f"{error.retry_after:.3f}"))
+    if isinstance(error, InvalidQueryError) and error.variable:
+        trailers.append((VARIABLE_KEY, _ascii(error.variable[:128])))
     return Status(code, message, tuple(trailers))
 
 

@@ -282,6 +282,22 @@ class ResearchServicer(pb_grpc.ResearchServicer):
     def GetBudget(self, request: pb.GetBudgetRequest, context: Any) -> pb.Budget:
         return self.s.accounts.budget(current_identity())
 
+    def ListMyReleases(
+        self, request: pb.ListMyReleasesRequest, context: Any
+    ) -> pb.ListMyReleasesResponse:
+        if request.limit < 0:
+            raise MalformedRequestError("limit must not be negative")
+        limit = min(request.limit or 100, self.s.max_list_releases)
+        return pb.ListMyReleasesResponse(
+            releases=self.s.accounts.received(current_identity(), limit=limit)
+        )
+
+    def GetRelease(self, request: pb.GetReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        release_id = convert.release_id(request.release_id)
+        release = self.s.accounts.received_release(current_identity(), release_id)
+        _note(release_id=release_id)
+        return convert.release_to_pb(release)
+
 
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, services: Services) -> None:
@@ -347,6 +363,12 @@ class AuditServicer(pb_grpc.AuditServicer):
         self, request: pb.VerifyAuditLogRequest, context: Any
     ) -> pb.VerifyAuditLogResponse:
         return self.s.accounts.verify()
+
+    def GetAuditTables(
+        self, request: pb.GetAuditTablesRequest, context: Any
+    ) -> pb.GetAuditTablesResponse:
+        names = [convert.audit_table(name) for name in request.tables]
+        return pb.GetAuditTablesResponse(tables=self.s.accounts.audit_tables(names))
 
 
 # ---- registration: raw bytes in, checked messages to the servicers -----------------------------

@@ -179,6 +179,22 @@ class MemoryAccounts:
             remaining=format_amount(c.cap - c.spent - c.reserved),
         )
 
+    def received(self, identity: Identity, *, limit: int) -> list[pb.MyRelease]:
+        return [
+            pb.MyRelease(release_id=r.metadata.release_id, request_id=q,
+                         fingerprint=r.metadata.fingerprint, charged=r.metadata.loss)
+            for (c, q), r in self.releases_by_request.items()
+            if c == identity.client_id
+        ][-limit:]
+
+    def received_release(self, identity: Identity, release_id: str) -> Release:
+        from server.errors import NotFoundError
+
+        for (c, _), r in self.releases_by_request.items():
+            if c == identity.client_id and r.metadata.release_id == release_id:
+                return r
+        raise NotFoundError(f"client {identity.client_id!r} has received no release")
+
     def _info(self, c: _Client) -> pb.ClientInfo:
         return pb.ClientInfo(
             client_id=c.client_id,

@@ -17,10 +17,12 @@ what a person writes is what is charged, exactly.
 
 Errors are gRPC status codes with a message that says what was rejected and why:
   INVALID_ARGUMENT    the request does not fit this contract or the codebook, or a limit that
-                      depends on the codebook only (cells, dimensions, filter depth)
+                      depends on the codebook only (cells, dimensions, filter depth); when one
+                      variable is at fault, the trailer veil-variable names it
   FAILED_PRECONDITION a request id reused for a different query or loss; a client id already
                       registered; a cap set below what a client has spent
-  NOT_FOUND           an administrator named a client that is not registered
+  NOT_FOUND           an administrator named a client that is not registered, or a caller
+                      a release it has not received
   RESOURCE_EXHAUSTED  a budget would be exceeded (the grpc-status-details-bin trailer carries
                       a google.rpc.Status with a google.rpc.QuotaFailure, and the trailers
                       veil-budget-scope and veil-budget-remaining repeat it in plain text),
@@ -1237,6 +1239,118 @@ class Budget(_message.Message):
 Global___Budget: _TypeAlias = Budget  # noqa: Y015
 
 @_typing.final
+class ListMyReleasesRequest(_message.Message):
+    """The releases the caller has received, oldest first: those it paid for and those served to it
+    free because the same query had been released before.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """the most recent `limit`; 0: the server's default; at most 1000"""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMyReleasesRequest: _TypeAlias = ListMyReleasesRequest  # noqa: Y015
+
+@_typing.final
+class MyRelease(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    CANONICAL_QUERY_FIELD_NUMBER: _builtins.int
+    CHARGED_FIELD_NUMBER: _builtins.int
+    RELEASE_LOSS_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
+    DATA_VERSION_FIELD_NUMBER: _builtins.int
+    release_id: _builtins.str
+    request_id: _builtins.str
+    """the caller's request id that received it"""
+    fingerprint: _builtins.str
+    canonical_query: _builtins.str
+    charged: _builtins.str
+    """what the caller paid: the release's loss, or "0" when reused"""
+    release_loss: _builtins.str
+    """the loss the release was made with"""
+    received_at: _builtins.str
+    reused: _builtins.bool
+    """served from a release made for an earlier request, free"""
+    data_version: _builtins.str
+    def __init__(
+        self,
+        *,
+        release_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        canonical_query: _builtins.str = ...,
+        charged: _builtins.str = ...,
+        release_loss: _builtins.str = ...,
+        received_at: _builtins.str = ...,
+        reused: _builtins.bool = ...,
+        data_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical_query", b"canonical_query", "charged", b"charged", "data_version", b"data_version", "fingerprint", b"fingerprint", "received_at", b"received_at", "release_id", b"release_id", "release_loss", b"release_loss", "request_id", b"request_id", "reused", b"reused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MyRelease: _TypeAlias = MyRelease  # noqa: Y015
+
+@_typing.final
+class ListMyReleasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def releases(self) -> _containers.RepeatedCompositeFieldContainer[Global___MyRelease]: ...
+    def __init__(
+        self,
+        *,
+        releases: _abc.Iterable[Global___MyRelease] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["releases", b"releases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMyReleasesResponse: _TypeAlias = ListMyReleasesResponse  # noqa: Y015
+
+@_typing.final
+class GetReleaseRequest(_message.Message):
+    """A release the caller has received, byte for byte as it was first sent, at no charge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    release_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        release_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["release_id", b"release_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReleaseRequest: _TypeAlias = GetReleaseRequest  # noqa: Y015
+
+@_typing.final
 class ClientInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1607,6 +1721,15 @@ class ReleaseSummary(_message.Message):
     CANONICAL_QUERY_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    DATA_VERSION_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    NOISE_SCALE_FIELD_NUMBER: _builtins.int
+    TAU_FIELD_NUMBER: _builtins.int
+    CELLS_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_CELLS_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_SHARE_FIELD_NUMBER: _builtins.int
+    REPLAYS_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     charge_id: _builtins.str
     client_id: _builtins.str
@@ -1615,6 +1738,20 @@ class ReleaseSummary(_message.Message):
     canonical_query: _builtins.str
     loss: _builtins.str
     created_at: _builtins.str
+    data_version: _builtins.str
+    """From the release's stored metadata (never its values):"""
+    measure: _builtins.str
+    mechanism: _builtins.str
+    """"discrete_laplace" or "discrete_gaussian" """
+    noise_scale: _builtins.float
+    tau: _builtins.int
+    """a cell was published when its noisy count reached tau"""
+    cells: _builtins.int
+    suppressed_cells: _builtins.int
+    suppressed_share: _builtins.float
+    """suppressed_cells / cells"""
+    replays: _builtins.int
+    """requests served this release again, free"""
     def __init__(
         self,
         *,
@@ -1626,10 +1763,19 @@ class ReleaseSummary(_message.Message):
         canonical_query: _builtins.str = ...,
         loss: _builtins.str = ...,
         created_at: _builtins.str = ...,
+        data_version: _builtins.str = ...,
+        measure: _builtins.str = ...,
+        mechanism: _builtins.str = ...,
+        noise_scale: _builtins.float = ...,
+        tau: _builtins.int = ...,
+        cells: _builtins.int = ...,
+        suppressed_cells: _builtins.int = ...,
+        suppressed_share: _builtins.float = ...,
+        replays: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical_query", b"canonical_query", "charge_id", b"charge_id", "client_id", b"client_id", "created_at", b"created_at", "fingerprint", b"fingerprint", "loss", b"loss", "release_id", b"release_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical_query", b"canonical_query", "cells", b"cells", "charge_id", b"charge_id", "client_id", b"client_id", "created_at", b"created_at", "data_version", b"data_version", "fingerprint", b"fingerprint", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "release_id", b"release_id", "replays", b"replays", "request_id", b"request_id", "suppressed_cells", b"suppressed_cells", "suppressed_share", b"suppressed_share", "tau", b"tau"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1695,3 +1841,73 @@ class VerifyAuditLogResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyAuditLogResponse: _TypeAlias = VerifyAuditLogResponse  # noqa: Y015
+
+@_typing.final
+class GetAuditTablesRequest(_message.Message):
+    """The auditor's tables, as `veil audit tables` writes them from the ledger file: budgets,
+    spending (cumulative, one row per charge and scope, in time order), releases, queries,
+    replays, refusals and verification. Each is an Arrow IPC stream whose schema metadata key
+    "veil.audit" holds the summary (ledger, accounting, audit head, ...) as JSON.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty: every table"""
+
+    def __init__(
+        self,
+        *,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditTablesRequest: _TypeAlias = GetAuditTablesRequest  # noqa: Y015
+
+@_typing.final
+class AuditTable(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARROW_IPC_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    arrow_ipc: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        arrow_ipc: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_ipc", b"arrow_ipc", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditTable: _TypeAlias = AuditTable  # noqa: Y015
+
+@_typing.final
+class GetAuditTablesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditTable]: ...
+    def __init__(
+        self,
+        *,
+        tables: _abc.Iterable[Global___AuditTable] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditTablesResponse: _TypeAlias = GetAuditTablesResponse  # noqa: Y015

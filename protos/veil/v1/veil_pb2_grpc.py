@@ -61,6 +61,16 @@ class ResearchStub:
                 request_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.Budget.FromString,
                 _registered_method=True)
+        self.ListMyReleases = channel.unary_unary(
+                '/veil.v1.Research/ListMyReleases',
+                request_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.ListMyReleasesRequest.SerializeToString,
+                response_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.ListMyReleasesResponse.FromString,
+                _registered_method=True)
+        self.GetRelease = channel.unary_unary(
+                '/veil.v1.Research/GetRelease',
+                request_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetReleaseRequest.SerializeToString,
+                response_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class ResearchServicer:
@@ -98,6 +108,19 @@ class ResearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMyReleases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRelease(self, request, context):
+        """NOT_FOUND unless received
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +148,16 @@ def add_ResearchServicer_to_server(servicer, server):
                     servicer.GetBudget,
                     request_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetBudgetRequest.FromString,
                     response_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.Budget.SerializeToString,
+            ),
+            'ListMyReleases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMyReleases,
+                    request_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.ListMyReleasesRequest.FromString,
+                    response_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.ListMyReleasesResponse.SerializeToString,
+            ),
+            'GetRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRelease,
+                    request_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetReleaseRequest.FromString,
+                    response_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +297,60 @@ class Research:
             '/veil.v1.Research/GetBudget',
             protos_dot_veil_dot_v1_dot_veil__pb2.GetBudgetRequest.SerializeToString,
             protos_dot_veil_dot_v1_dot_veil__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMyReleases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.v1.Research/ListMyReleases',
+            protos_dot_veil_dot_v1_dot_veil__pb2.ListMyReleasesRequest.SerializeToString,
+            protos_dot_veil_dot_v1_dot_veil__pb2.ListMyReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.v1.Research/GetRelease',
+            protos_dot_veil_dot_v1_dot_veil__pb2.GetReleaseRequest.SerializeToString,
+            protos_dot_veil_dot_v1_dot_veil__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -543,6 +630,11 @@ class AuditStub:
                 request_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.VerifyAuditLogRequest.SerializeToString,
                 response_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.VerifyAuditLogResponse.FromString,
                 _registered_method=True)
+        self.GetAuditTables = channel.unary_unary(
+                '/veil.v1.Audit/GetAuditTables',
+                request_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetAuditTablesRequest.SerializeToString,
+                response_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetAuditTablesResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -566,6 +658,12 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditTables(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -583,6 +681,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.VerifyAuditLog,
                     request_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.VerifyAuditLogRequest.FromString,
                     response_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.VerifyAuditLogResponse.SerializeToString,
+            ),
+            'GetAuditTables': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditTables,
+                    request_deserializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetAuditTablesRequest.FromString,
+                    response_serializer=protos_dot_veil_dot_v1_dot_veil__pb2.GetAuditTablesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -666,6 +769,33 @@ class Audit:
             '/veil.v1.Audit/VerifyAuditLog',
             protos_dot_veil_dot_v1_dot_veil__pb2.VerifyAuditLogRequest.SerializeToString,
             protos_dot_veil_dot_v1_dot_veil__pb2.VerifyAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditTables(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.v1.Audit/GetAuditTables',
+            protos_dot_veil_dot_v1_dot_veil__pb2.GetAuditTablesRequest.SerializeToString,
+            protos_dot_veil_dot_v1_dot_veil__pb2.GetAuditTablesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,10 +17,12 @@ what a person writes is what is charged, exactly.
 
 Errors are gRPC status codes with a message that says what was rejected and why:
   INVALID_ARGUMENT    the request does not fit this contract or the codebook, or a limit that
-                      depends on the codebook only (cells, dimensions, filter depth)
+                      depends on the codebook only (cells, dimensions, filter depth); when one
+                      variable is at fault, the trailer veil-variable names it
   FAILED_PRECONDITION a request id reused for a different query or loss; a client id already
                       registered; a cap set below what a client has spent
-  NOT_FOUND           an administrator named a client that is not registered
+  NOT_FOUND           an administrator named a client that is not registered, or a caller
+                      a release it has not received
   RESOURCE_EXHAUSTED  a budget would be exceeded (the grpc-status-details-bin trailer carries
                       a google.rpc.Status with a google.rpc.QuotaFailure, and the trailers
                       veil-budget-scope and veil-budget-remaining repeat it in plain text),
@@ -69,6 +71,9 @@ class ResearchStub:
     DryRun: _grpc.UnaryUnaryMultiCallable[_veil_pb2.DryRunRequest, _veil_pb2.DryRunResponse]
     Release: _grpc.UnaryUnaryMultiCallable[_veil_pb2.ReleaseRequest, _veil_pb2.ReleaseResponse]
     GetBudget: _grpc.UnaryUnaryMultiCallable[_veil_pb2.GetBudgetRequest, _veil_pb2.Budget]
+    ListMyReleases: _grpc.UnaryUnaryMultiCallable[_veil_pb2.ListMyReleasesRequest, _veil_pb2.ListMyReleasesResponse]
+    GetRelease: _grpc.UnaryUnaryMultiCallable[_veil_pb2.GetReleaseRequest, _veil_pb2.ReleaseResponse]
+    """NOT_FOUND unless received"""
 
 @_typing.type_check_only
 class ResearchAsyncStub(ResearchStub):
@@ -80,6 +85,9 @@ class ResearchAsyncStub(ResearchStub):
     DryRun: _aio.UnaryUnaryMultiCallable[_veil_pb2.DryRunRequest, _veil_pb2.DryRunResponse]  # type: ignore[assignment]
     Release: _aio.UnaryUnaryMultiCallable[_veil_pb2.ReleaseRequest, _veil_pb2.ReleaseResponse]  # type: ignore[assignment]
     GetBudget: _aio.UnaryUnaryMultiCallable[_veil_pb2.GetBudgetRequest, _veil_pb2.Budget]  # type: ignore[assignment]
+    ListMyReleases: _aio.UnaryUnaryMultiCallable[_veil_pb2.ListMyReleasesRequest, _veil_pb2.ListMyReleasesResponse]  # type: ignore[assignment]
+    GetRelease: _aio.UnaryUnaryMultiCallable[_veil_pb2.GetReleaseRequest, _veil_pb2.ReleaseResponse]  # type: ignore[assignment]
+    """NOT_FOUND unless received"""
 
 class ResearchServicer(metaclass=_abc_1.ABCMeta):
     """---- services ----------------------------------------------------------------------------------"""
@@ -118,6 +126,21 @@ class ResearchServicer(metaclass=_abc_1.ABCMeta):
         request: _veil_pb2.GetBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_veil_pb2.Budget, _abc.Awaitable[_veil_pb2.Budget]]: ...
+
+    @_abc_1.abstractmethod
+    def ListMyReleases(
+        self,
+        request: _veil_pb2.ListMyReleasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_veil_pb2.ListMyReleasesResponse, _abc.Awaitable[_veil_pb2.ListMyReleasesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRelease(
+        self,
+        request: _veil_pb2.GetReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_veil_pb2.ReleaseResponse, _abc.Awaitable[_veil_pb2.ReleaseResponse]]:
+        """NOT_FOUND unless received"""
 
 def add_ResearchServicer_to_server(servicer: ResearchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -187,6 +210,7 @@ class AuditStub:
     GetLedgerReport: _grpc.UnaryUnaryMultiCallable[_veil_pb2.LedgerReportRequest, _veil_pb2.LedgerReportResponse]
     ListReleases: _grpc.UnaryUnaryMultiCallable[_veil_pb2.ListReleasesRequest, _veil_pb2.ListReleasesResponse]
     VerifyAuditLog: _grpc.UnaryUnaryMultiCallable[_veil_pb2.VerifyAuditLogRequest, _veil_pb2.VerifyAuditLogResponse]
+    GetAuditTables: _grpc.UnaryUnaryMultiCallable[_veil_pb2.GetAuditTablesRequest, _veil_pb2.GetAuditTablesResponse]
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -194,6 +218,7 @@ class AuditAsyncStub(AuditStub):
     GetLedgerReport: _aio.UnaryUnaryMultiCallable[_veil_pb2.LedgerReportRequest, _veil_pb2.LedgerReportResponse]  # type: ignore[assignment]
     ListReleases: _aio.UnaryUnaryMultiCallable[_veil_pb2.ListReleasesRequest, _veil_pb2.ListReleasesResponse]  # type: ignore[assignment]
     VerifyAuditLog: _aio.UnaryUnaryMultiCallable[_veil_pb2.VerifyAuditLogRequest, _veil_pb2.VerifyAuditLogResponse]  # type: ignore[assignment]
+    GetAuditTables: _aio.UnaryUnaryMultiCallable[_veil_pb2.GetAuditTablesRequest, _veil_pb2.GetAuditTablesResponse]  # type: ignore[assignment]
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -216,5 +241,12 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         request: _veil_pb2.VerifyAuditLogRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_veil_pb2.VerifyAuditLogResponse, _abc.Awaitable[_veil_pb2.VerifyAuditLogResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetAuditTables(
+        self,
+        request: _veil_pb2.GetAuditTablesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_veil_pb2.GetAuditTablesResponse, _abc.Awaitable[_veil_pb2.GetAuditTablesResponse]]: ...
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,485 @@
+"""`veil query`, `veil dry-run`, `veil codebook`, `veil budget`, `veil releases`: the client
+in the shell.
+
+    export VEIL_SERVER=localhost:50051 VEIL_TOKEN=veil_...
+    veil codebook                       # every variable; `veil codebook gender` for one
+    veil query "SELECT gender, COUNT(*) FROM victims GROUP BY gender" --epsilon 0.5
+    veil query --count --by gender,ageBroad --where majorityStatus=Minor --epsilon 0.5 -f csv
+    veil dry-run --flag-counts meansOfControl --by majorityStatus --half-width 25
+    veil budget
+    veil releases                       # `veil releases REL_ID` prints one again, free
+
+Results go to standard output as an aligned table, or as CSV or JSON (`--format`); progress,
+timing and retries go to standard error. Exit status: 0 success, 1 other error, 2 invalid query
+or usage, 3 budget exhausted, 4 authentication or permission, 5 server unavailable or timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+from client import errors
+from client.connection import (
+    ADDRESS_ENV,
+    CA_CERT_ENV,
+    DEFAULT_ADDRESS,
+    TLS,
+    TOKEN_ENV,
+    Client,
+    Retry,
+)
+from client.query import Filter, In, Query, conditions
+from client.results import Release
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+_SIMPLE_WHERE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([^'\"=<>!()\s][^'\"=<>!()]*)$")
+
+
+# ---- the commands' parsers ----------------------------------------------------------------------
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    group.add_argument(
+        "--server", metavar="HOST:PORT",
+        help=f"the veil server (default ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--token", help=f"bearer token (default ${TOKEN_ENV}; prefer the variable or --token-file)"
+    )
+    group.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
+    tls = group.add_mutually_exclusive_group()
+    tls.add_argument("--tls", dest="tls", action="store_true", default=None,
+                     help="use TLS (the default for every host but a loopback one)")
+    tls.add_argument("--no-tls", dest="tls", action="store_false",
+                     help="plaintext (only loopback servers accept it)")
+    group.add_argument("--ca-cert", type=Path, metavar="PEM",
+                       help=f"CA certificate of the server (default ${CA_CERT_ENV})")
+    group.add_argument("--client-cert", type=Path, metavar="PEM", help="for mutual TLS")
+    group.add_argument("--client-key", type=Path, metavar="PEM", help="for mutual TLS")
+    group.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="deadline of each call (default 120)")
+    group.add_argument("--retries", type=int, default=5, metavar="N",
+                       help="tries in all when the server is unavailable (default 5)")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress or timing on standard error")
+    return parent
+
+
+def _query_options(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
+    parser.add_argument(
+        "sql", nargs="?", metavar="SQL",
+        help="a SELECT in veil's SQL subset (or build the query with the options below)",
+    )
+    measure = parser.add_argument_group("the query, without SQL").add_mutually_exclusive_group()
+    measure.add_argument("--count", action="store_true", help="records in each cell")
+    measure.add_argument("--flag-counts", metavar="FLAG_SET",
+                         help="records with each flag of a flag set")
+    measure.add_argument("--sum", metavar="VARIABLE", help="sum of an integer variable")
+    measure.add_argument("--mean", metavar="VARIABLE", help="mean of an integer variable")
+    measure.add_argument("--proportion", metavar="CONDITION",
+                         help="share of records satisfying CONDITION (as --where)")
+    parser.add_argument("--by", action="append", default=[], metavar="DIM[,DIM...]",
+                        help="group-by dimensions (repeat or separate with commas)")
+    parser.add_argument(
+        "--where", action="append", default=[], metavar="CONDITION",
+        help="NAME=VALUE (VALUE,VALUE... for IN) or a SQL condition such as "
+        "\"ageBroad IN ('0--8', '9--17')\"; repeated conditions are ANDed",
+    )
+    loss = parser.add_argument_group("privacy loss").add_mutually_exclusive_group(required=True)
+    loss.add_argument("--epsilon", metavar="X", help="pure-DP loss, as a decimal")
+    loss.add_argument("--rho", metavar="X", help="zCDP loss, as a decimal")
+    loss.add_argument("--loss", metavar="X", help="the loss in this server's accounting")
+    loss.add_argument("--half-width", type=int, metavar="N",
+                      help="pay what makes count intervals at most N on each side")
+    if dry_run:
+        parser.add_argument("--assumed-count", type=int, metavar="N",
+                            help="true count assumed for the expected suppressed share")
+    else:
+        parser.add_argument("--request-id", metavar="ID",
+                            help="reuse the id of an interrupted release to get it free")
+        parser.add_argument("-o", "--output", type=Path, metavar="FILE",
+                            help="write the result to FILE instead of standard output")
+
+
+def _format_option(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
+    parser.add_argument("-f", "--format", choices=choices, default="table",
+                        help=f"output format (default table; one of {', '.join(choices)})")
+
+
+def add_query_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "query", parents=[_connection_options()],
+        help="release a table (charged to your budget)",
+        description="Release one aggregate table with its confidence intervals. Give SQL in "
+        "veil's subset, or build the query with --count/--flag-counts/--sum/--mean/--proportion, "
+        "--by and --where. A query released before comes back free.",
+        epilog=errors.SUPPORTED_SQL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _query_options(parser, dry_run=False)
+    _format_option(parser, ("table", "csv", "json"))
+    parser.set_defaults(handler=run_query)
+    return parser
+
+
+def add_dry_run_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "dry-run", parents=[_connection_options()],
+        help="price a query without releasing it (free)",
+        description="What a release would cost (for --half-width) or how accurate it would be "
+        "(for a loss), its suppression threshold, and whether it is already released.",
+        epilog=errors.SUPPORTED_SQL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _query_options(parser, dry_run=True)
+    _format_option(parser, ("table", "json"))
+    parser.set_defaults(handler=run_dry_run)
+    return parser
+
+
+def add_codebook_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "codebook", parents=[_connection_options()],
+        help="browse the codebook: variables, domains, flag sets",
+        description="List the codebook's variables, flag sets and derived dimensions, or "
+        "describe one of them.",
+    )
+    parser.add_argument("name", nargs="?", help="a variable, flag set or derived dimension")
+    parser.add_argument("--search", metavar="TEXT",
+                        help="only items whose name, definition or labels mention TEXT")
+    _format_option(parser, ("table", "csv", "json"))
+    parser.set_defaults(handler=run_codebook)
+    return parser
+
+
+def add_budget_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "budget", parents=[_connection_options()], help="your privacy budget: spent and left",
+    )
+    _format_option(parser, ("table", "json"))
+    parser.set_defaults(handler=run_budget)
+    return parser
+
+
+def add_releases_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "releases", parents=[_connection_options()],
+        help="the releases you received; one of them again, free",
+    )
+    parser.add_argument("release_id", nargs="?", metavar="RELEASE_ID",
+                        help="print this release's table again (free)")
+    parser.add_argument("--limit", type=int, default=100, help="the most recent N (default 100)")
+    _format_option(parser, ("table", "csv", "json"))
+    parser.set_defaults(handler=run_releases)
+    return parser
+
+
+# ---- running them -------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = args.token
+    if args.token_file is not None:
+        token = args.token_file.expanduser().read_text(encoding="utf-8").strip()
+    tls: bool | TLS | None = args.tls
+    ca = args.ca_cert or (Path(os.environ[CA_CERT_ENV]) if os.environ.get(CA_CERT_ENV) else None)
+    if tls is not False and (ca or args.client_cert or args.client_key):
+        tls = TLS(ca_cert=ca, client_cert=args.client_cert, client_key=args.client_key)
+    retry = Retry(attempts=max(1, args.retries))
+    client = Client(args.server, token=token, tls=tls, timeout=args.timeout, retry=retry)
+    if not args.quiet:
+        client.on_retry = _report_retry
+    return client
+
+
+def _report_retry(method: str, attempt: int, wait: float, reason: str) -> None:
+    sys.stderr.write(f"\rveil: {method} failed ({reason}); retry {attempt} in {wait:.1f} s\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def progress(label: str, *, quiet: bool, stream: TextIO | None = None) -> Iterator[None]:
+    """Elapsed time on standard error: a spinner while the call runs (when it is a terminal),
+    then one line with the time taken."""
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+    done = threading.Event()
+    spinner: threading.Thread | None = None
+    if not quiet and stream.isatty():
+
+        def spin() -> None:
+            frames = "|/-\\"
+            i = 0
+            while not done.wait(0.1):
+                elapsed = time.perf_counter() - start
+                stream.write(f"\r{frames[i % 4]} {label} {elapsed:5.1f} s")
+                stream.flush()
+                i += 1
+            stream.write("\r" + " " * (len(label) + 12) + "\r")
+            stream.flush()
+
+        spinner = threading.Thread(target=spin, daemon=True)
+        spinner.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if spinner is not None:
+            spinner.join()
+        if not quiet:
+            stream.write(f"veil: {label} took {time.perf_counter() - start:.2f} s\n")
+            stream.flush()
+
+
+def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
+    """Connect, run `body`, and turn the client's errors into messages and exit statuses."""
+    try:
+        with _client(args) as client:
+            return body(client)
+    except errors.UnsupportedSQL as exc:
+        print(f"veil: unsupported SQL: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except errors.InvalidQuery as exc:
+        where = f" (variable {exc.variable})" if exc.variable else ""
+        print(f"veil: invalid query{where}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except errors.BudgetExhausted as exc:
+        left = f"; {exc.remaining_text} left in the {exc.scope} budget" if (
+            exc.remaining_text is not None and exc.scope
+        ) else ""
+        print(f"veil: budget exhausted: {exc}{left}", file=sys.stderr)
+        return EXIT_BUDGET
+    except (errors.AuthenticationError, errors.PermissionDenied) as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return EXIT_AUTH
+    except (errors.ServerUnavailable, errors.QueryTimeout) as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except errors.VeilError as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, TypeError, ValueError) as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return EXIT_INVALID if isinstance(exc, (TypeError, ValueError)) else EXIT_ERROR
+
+
+def _condition(text: str) -> Filter:
+    """A --where or --proportion argument: NAME=VALUE[,VALUE...] or a SQL condition."""
+    simple = _SIMPLE_WHERE.fullmatch(text)
+    if simple:
+        name, raw = simple.group(1), simple.group(2).strip()
+        values = [v.strip() for v in raw.split(",")]
+        if all(values):
+            condition = conditions([], {name: values[0]}) if len(values) == 1 else In(name, values)
+            assert condition is not None
+            return condition
+    from client.sql import parse_condition
+
+    return parse_condition(text)
+
+
+def build_query(args: argparse.Namespace, client: Client) -> Query:
+    """The query the command line describes: SQL, or the measure options with --by/--where."""
+    measures = [args.count, args.flag_counts, args.sum, args.mean, args.proportion]
+    chosen = any(m not in (None, False) for m in measures)
+    if args.sql is not None:
+        if chosen or args.by or args.where:
+            raise errors.InvalidQuery(
+                "give SQL, or build the query with options, not both (put --by and --where "
+                "into the SQL as GROUP BY and WHERE)"
+            )
+        from client.sql import parse_sql
+
+        return parse_sql(args.sql).bind(client)
+    if args.flag_counts:
+        query = client.flag_counts(args.flag_counts)
+    elif args.sum:
+        query = client.sum(args.sum)
+    elif args.mean:
+        query = client.mean(args.mean)
+    elif args.proportion:
+        query = client.proportion(_condition(args.proportion))
+    elif args.count:
+        query = client.count()
+    else:
+        raise errors.InvalidQuery(
+            "give a query: SQL text, or one of --count, --flag-counts SET, --sum VAR, "
+            "--mean VAR, --proportion CONDITION"
+        )
+    if args.by:
+        query = query.by(*args.by)
+    for text in args.where:
+        query = query.where(_condition(text))
+    return query
+
+
+def _loss(args: argparse.Namespace) -> dict[str, Any]:
+    return {"epsilon": args.epsilon, "rho": args.rho, "loss": args.loss,
+            "half_width": args.half_width}
+
+
+def _emit(text: str, output: Path | None = None) -> None:
+    if output is not None:
+        output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        return
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+def _release_text(release: Release, fmt: str) -> str:
+    if fmt == "json":
+        return release.to_json()
+    if fmt == "csv":
+        return release.to_csv()
+    return f"{release.to_text()}\n\n{release.summary()}"
+
+
+def run_query(args: argparse.Namespace) -> int:
+    def body(client: Client) -> int:
+        query = build_query(args, client)
+        with progress("release", quiet=args.quiet):
+            release = client.release(query, request_id=args.request_id, **_loss(args))
+        _emit(_release_text(release, args.format), args.output)
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def run_dry_run(args: argparse.Namespace) -> int:
+    def body(client: Client) -> int:
+        query = build_query(args, client)
+        with progress("dry run", quiet=args.quiet):
+            dry = client.dry_run(query, assumed_count=args.assumed_count, **_loss(args))
+        _emit(json.dumps(dry.to_dict(), indent=2) if args.format == "json" else repr(dry))
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def run_codebook(args: argparse.Namespace) -> int:
+    def body(client: Client) -> int:
+        with progress("codebook", quiet=args.quiet):
+            book = client.codebook()
+            item = client.variable(args.name) if args.name else None
+        if item is not None:
+            if args.format == "json":
+                _emit(json.dumps(asdict(item), indent=2, ensure_ascii=False))
+            elif args.format == "csv":
+                _emit(_csv([["code", "label", "description"]]
+                           + [[str(c) for c in code_row] for code_row in _codes(item)]))
+            else:
+                _emit(repr(item))
+            return EXIT_OK
+        rows = book.rows()
+        if args.search:
+            found = {i.name for i in book.search(args.search)}
+            rows = [r for r in rows if r["name"] in found]
+        if args.format == "json":
+            _emit(json.dumps(
+                {"codebook": {"name": book.name, "version": book.version, "title": book.title,
+                              "min_cell_size": book.min_cell_size,
+                              "privacy_unit": book.privacy_unit},
+                 "deployment": asdict(book.deployment), "items": rows},
+                indent=2, ensure_ascii=False))
+        elif args.format == "csv":
+            names = ["name", "kind", "queryable", "flag_set", "domain", "definition"]
+            _emit(_csv([names] + [[_cell(r[n]) for n in names] for r in rows]))
+        else:
+            from client.display import shorten, text_table
+
+            width = max(60, _terminal_width() - 90)
+            table = text_table(
+                ["name", "kind", "values", "definition"],
+                [[r["name"], r["kind"], shorten(r["domain"], 42), shorten(r["definition"], width)]
+                 for r in rows],
+            )
+            _emit(f"{book.header()}\n{book.deployment!r}\n\n{table}")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def _codes(item: Any) -> list[list[Any]]:
+    categories = getattr(item, "categories", None)
+    if categories:
+        return [[c.code, c.label, c.description] for c in categories]
+    return [[code, "", ""] for code in getattr(item, "codes", getattr(item, "flags", []))]
+
+
+def run_budget(args: argparse.Namespace) -> int:
+    def body(client: Client) -> int:
+        with progress("budget", quiet=args.quiet):
+            budget = client.budget()
+        _emit(json.dumps(budget.to_dict(), indent=2) if args.format == "json" else repr(budget))
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def run_releases(args: argparse.Namespace) -> int:
+    def body(client: Client) -> int:
+        if args.release_id:
+            with progress("fetch release", quiet=args.quiet):
+                release = client.get_release(args.release_id)
+            _emit(_release_text(release, args.format))
+            return EXIT_OK
+        with progress("releases", quiet=args.quiet):
+            found = client.releases(limit=args.limit)
+        if args.format == "json":
+            _emit(json.dumps({"releases": [r.to_dict() for r in found]}, indent=2))
+        elif args.format == "csv":
+            dicts = [r.to_dict() for r in found]
+            names = list(dicts[0]) if dicts else ["release_id"]
+            _emit(_csv([names] + [[_cell(d[n]) for n in names] for d in dicts]))
+        else:
+            _emit(repr(found))
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _csv(rows: list[list[str]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError):
+        return 160
+
+
+__all__ = [
+    "add_budget_command",
+    "add_codebook_command",
+    "add_dry_run_command",
+    "add_query_command",
+    "add_releases_command",
+    "build_query",
+]

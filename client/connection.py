@@ -1,0 +1,451 @@
+"""The connection to a veil server: channel, token, retries, and one method per call.
+
+    import client
+    veil_client = client.connect("veil.example.org:443", token="veil_...")   # TLS
+    veil_client = client.connect("localhost:50051", token="veil_...")         # plaintext, loopback
+
+The address defaults to $VEIL_SERVER (else localhost:50051) and the token to $VEIL_TOKEN.
+`tls=None` uses TLS for every host but a loopback one (the server refuses plaintext elsewhere);
+`tls=True` forces it, `tls=False` turns it off, and a path (or `TLS(...)`) names the CA
+certificate that signed the server's certificate, plus a client certificate for mutual TLS.
+
+Every release gets a fresh request id (a UUID) unless the caller gives one. A call that fails
+with UNAVAILABLE (server restarting, a connection reset, a ledger that could not write) or that
+was rate-limited is retried with bounded exponential backoff and the same request id, so the
+server returns the release it stored instead of charging again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from client import query as q
+from client.codebook import Codebook, Deployment, Item, item_from_pb
+from client.errors import (
+    InvalidQuery,
+    VeilError,
+    from_rpc_error,
+    is_budget_error,
+    retry_after,
+    status_of,
+)
+from client.results import Budget, DryRun, ReceivedRelease, Release, ReleaseList
+from protos.veil.v1 import veil_pb2 as pb
+from protos.veil.v1 import veil_pb2_grpc as pb_grpc
+
+log = logging.getLogger("veil.client")
+
+DEFAULT_ADDRESS = "localhost:50051"
+ADDRESS_ENV = "VEIL_SERVER"
+TOKEN_ENV = "VEIL_TOKEN"
+CA_CERT_ENV = "VEIL_CA_CERT"
+_MAX_MESSAGE = 256 * 1024 * 1024
+
+T = TypeVar("T")
+Amount = q.Amount
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How transient failures are retried: at most `attempts` tries in all, waiting
+    `initial_backoff` seconds, then `multiplier` times longer each time up to `max_backoff`,
+    each wait stretched by up to `jitter` (a fraction) at random."""
+
+    attempts: int = 5
+    initial_backoff: float = 0.25
+    max_backoff: float = 8.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return base * (1 + self.jitter * random.random())
+
+
+NO_RETRY = Retry(attempts=1)
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS settings. `ca_cert`: the certificate (PEM path or bytes) that signed the server's,
+    None for the system's roots. `client_cert` and `client_key`: for servers that require mutual
+    TLS. `server_name`: the name to check in the server's certificate, when it differs from the
+    address's host."""
+
+    ca_cert: str | Path | bytes | None = None
+    client_cert: str | Path | bytes | None = None
+    client_key: str | Path | bytes | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.ca_cert),
+            private_key=_pem(self.client_key),
+            certificate_chain=_pem(self.client_cert),
+        )
+
+
+def _pem(value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).expanduser().read_bytes()
+
+
+def _is_loopback(address: str) -> bool:
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def connect(
+    address: str | None = None,
+    *,
+    token: str | None = None,
+    tls: bool | str | Path | TLS | None = None,
+    timeout: float = 120.0,
+    retry: Retry | None = None,
+) -> Client:
+    """A client of the veil server at `address` (default $VEIL_SERVER, else localhost:50051),
+    authenticated by `token` (default $VEIL_TOKEN). No call is made until one is needed."""
+    return Client(address, token=token, tls=tls, timeout=timeout, retry=retry)
+
+
+class Client:
+    """A researcher's connection to veil. Build queries from it (`count()`, `flag_counts()`,
+    `sum()`, `mean()`, `proportion()`, `sql()`), then `release` or `dry_run` them."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        tls: bool | str | Path | TLS | None = None,
+        timeout: float = 120.0,
+        retry: Retry | None = None,
+    ) -> None:
+        self.address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        if not token:
+            raise VeilError(
+                f"no token: pass token=... or set {TOKEN_ENV} to the token the custodian issued"
+            )
+        self._token = token.strip()
+        if tls is None and os.environ.get(CA_CERT_ENV):
+            tls = TLS(ca_cert=os.environ[CA_CERT_ENV])
+        if tls is None:
+            tls = not _is_loopback(self.address)
+        if isinstance(tls, (str, Path)):
+            tls = TLS(ca_cert=tls)
+        elif tls is True:
+            tls = TLS()
+        self.tls: TLS | None = tls if isinstance(tls, TLS) else None
+        self.timeout = timeout
+        self.retry = retry or Retry()
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.primary_user_agent", "veil-client-python/0.1"),
+            ("grpc.enable_retries", 0),  # retries are this client's, with one request id
+        ]
+        if self.tls is not None:
+            if self.tls.server_name:
+                options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+            self._channel = grpc.secure_channel(self.address, self.tls.credentials(), options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options)
+        self._stub = pb_grpc.ResearchStub(self._channel)
+        self._codebook: Codebook | None = None
+        self.on_retry: Callable[[str, int, float, str], None] | None = None
+
+    # -- lifecycle --
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        security = "TLS" if self.tls is not None else "plaintext"
+        return f"<veil Client {self.address} ({security})>"
+
+    # -- calls --
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Any:
+        """One unary call, retried on transient failures; errors become VeilError."""
+        stub_method = getattr(self._stub, method)
+        metadata = (("authorization", f"Bearer {self._token}"),)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return stub_method(request, metadata=metadata, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                wait = self._transient(exc, attempt)
+                if wait is None:
+                    raise from_rpc_error(
+                        exc, address=self.address, tls=self.tls is not None,
+                        request_id=request_id,
+                    ) from None
+                code, details, _ = status_of(exc)
+                log.warning(
+                    "%s: %s (%s); retrying in %.2f s (attempt %d of %d)%s",
+                    method, code.name, details, wait, attempt + 1, self.retry.attempts,
+                    f" with request id {request_id}" if request_id else "",
+                )
+                if self.on_retry is not None:
+                    self.on_retry(method, attempt + 1, wait, f"{code.name}: {details}")
+                time.sleep(wait)
+
+    def _transient(self, error: grpc.RpcError, attempt: int) -> float | None:
+        """Seconds to wait before retrying, or None when the failure is not transient."""
+        if attempt >= self.retry.attempts:
+            return None
+        code, details, trailers = status_of(error)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return self.retry.delay(attempt)
+        if code == grpc.StatusCode.INTERNAL and any(
+            s in details for s in ("RST_STREAM", "Connection reset", "Stream removed")
+        ):
+            return self.retry.delay(attempt)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_budget_error(trailers):
+            wait = retry_after(trailers)
+            if wait is None:  # the server's concurrency cap
+                return self.retry.delay(attempt)
+            return wait if wait <= self.retry.max_backoff * 4 else None
+        return None
+
+    # -- the codebook --
+    def codebook(self, *, refresh: bool = False) -> Codebook:
+        """The codebook and this deployment's settings (fetched once, then cached)."""
+        if self._codebook is None or refresh:
+            self._codebook = Codebook.from_pb(self._call("GetCodebook", pb.GetCodebookRequest()))
+        return self._codebook
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.codebook().deployment
+
+    def variable(self, name: str) -> Item:
+        """One variable, flag set or derived dimension, as the server describes it."""
+        return item_from_pb(
+            self._call("DescribeVariable", pb.DescribeVariableRequest(name=name))
+        )
+
+    # -- building queries --
+    def count(self) -> q.Query:
+        """Records in each cell."""
+        return q.Query(q.Count(), client=self)
+
+    def flag_counts(self, flag_set: str) -> q.Query:
+        """Records with each flag of `flag_set` (one release for every flag of the set)."""
+        return q.Query(q.FlagCounts(flag_set), client=self)
+
+    def sum(self, variable: str) -> q.Query:
+        """Sum of an integer variable, clamped to its codebook range."""
+        return q.Query(q.Sum(variable), client=self)
+
+    def mean(self, variable: str) -> q.Query:
+        """Mean of an integer variable over the records where it is present."""
+        return q.Query(q.Mean(variable), client=self)
+
+    def proportion(self, *conditions: q.Filter, **equals: Any) -> q.Query:
+        """Share of each cell's records satisfying the condition:
+        `proportion(isSexualExploit=1)`, `proportion(In("ageBroad", [...]))`."""
+        return q.proportion(*conditions, **equals).bind(self)
+
+    def sql(
+        self,
+        text: str,
+        *,
+        epsilon: Amount | None = None,
+        rho: Amount | None = None,
+        loss: Amount | None = None,
+        half_width: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The query a SQL SELECT (in veil's subset) describes; released at once when a privacy
+        loss or a half-width is given, otherwise returned for `.release()` or `.dry_run()`.
+        SQL outside the subset raises UnsupportedSQL, which lists what is supported."""
+        from client.sql import parse_sql
+
+        query = parse_sql(text).bind(self)
+        if epsilon is None and rho is None and loss is None and half_width is None:
+            return query
+        return self.release(
+            query, epsilon=epsilon, rho=rho, loss=loss, half_width=half_width,
+            request_id=request_id, timeout=timeout,
+        )
+
+    # -- pricing and releasing --
+    def _prepare(self, query: q.Query) -> q.Query:
+        if not isinstance(query, q.Query):
+            raise TypeError(f"expected a veil query, got {type(query).__name__}")
+        return query.normalized(self.codebook()).bind(self)
+
+    def _loss_text(
+        self, epsilon: Amount | None, rho: Amount | None, loss: Amount | None
+    ) -> str | None:
+        given = {k: v for k, v in (("epsilon", epsilon), ("rho", rho), ("loss", loss))
+                 if v is not None}
+        if len(given) > 1:
+            raise TypeError(f"give one privacy loss, not {' and '.join(given)}")
+        if not given:
+            return None
+        (name, value), = given.items()
+        deployment = self.deployment
+        if name != "loss" and name != deployment.loss_name:
+            raise InvalidQuery(
+                f"this server accounts privacy loss as {deployment.loss_name} "
+                f"({deployment.accounting}); pass {deployment.loss_name}=... instead of {name}="
+            )
+        return decimal_text(value, name)
+
+    def dry_run(
+        self,
+        query: q.Query,
+        *,
+        epsilon: Amount | None = None,
+        rho: Amount | None = None,
+        loss: Amount | None = None,
+        half_width: int | None = None,
+        assumed_count: int | None = None,
+        timeout: float | None = None,
+    ) -> DryRun:
+        """What releasing `query` would cost (for a half-width) or how accurate it would be (for
+        a loss), the suppression threshold, and whether it is already released. Charges nothing.
+        """
+        query = self._prepare(query)
+        text = self._loss_text(epsilon, rho, loss)
+        if (text is None) == (half_width is None):
+            raise TypeError(
+                f"give a privacy loss ({self.deployment.loss_name}=...) or a target half_width=..."
+            )
+        request = pb.DryRunRequest(query=query.to_pb())
+        if text is not None:
+            request.loss = text
+        else:
+            request.half_width = _half_width(half_width)
+        if assumed_count is not None:
+            request.assumed_count = assumed_count
+        return DryRun.from_pb(self._call("DryRun", request, timeout=timeout), query)
+
+    def release(
+        self,
+        query: q.Query,
+        *,
+        epsilon: Amount | None = None,
+        rho: Amount | None = None,
+        loss: Amount | None = None,
+        half_width: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Release:
+        """Release `query`, charged `epsilon`/`rho`/`loss`, or the least loss whose count
+        intervals are at most `half_width` on each side. A query released before (by anyone,
+        at a loss at least this one) comes back free, with the same noise.
+
+        `request_id` (default: a fresh UUID) identifies this release: retrying with it never
+        charges twice. Transient failures are retried with it automatically.
+        """
+        query = self._prepare(query)
+        text = self._loss_text(epsilon, rho, loss)
+        if (text is None) == (half_width is None):
+            raise TypeError(
+                f"give a privacy loss ({self.deployment.loss_name}=...) or a target half_width=..."
+            )
+        request_id = request_id or str(uuid.uuid4())
+        if text is None:
+            request = pb.DryRunRequest(query=query.to_pb(), half_width=_half_width(half_width))
+            text = self._call("DryRun", request, timeout=timeout).loss
+        response = self._call(
+            "Release",
+            pb.ReleaseRequest(request_id=request_id, query=query.to_pb(), loss=text),
+            timeout=timeout,
+            request_id=request_id,
+        )
+        return Release.from_pb(response, query=query, request_id=request_id)
+
+    # -- the caller's account --
+    def budget(self) -> Budget:
+        """The caller's budget: cap, spent, held, remaining (and institution, dataset)."""
+        return Budget.from_pb(self._call("GetBudget", pb.GetBudgetRequest()))
+
+    def releases(self, limit: int = 100) -> ReleaseList:
+        """The last `limit` releases the caller received, oldest first."""
+        response = self._call("ListMyReleases", pb.ListMyReleasesRequest(limit=limit))
+        return ReleaseList(ReceivedRelease.from_pb(m, self) for m in response.releases)
+
+    def get_release(self, release_id: str) -> Release:
+        """A release the caller received before, as first sent; free."""
+        response = self._call("GetRelease", pb.GetReleaseRequest(release_id=release_id))
+        return Release.from_pb(response)
+
+
+def _half_width(value: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidQuery(f"half_width must be a positive integer, got {value!r}")
+    return value
+
+
+def decimal_text(value: Any, name: str = "loss") -> str:
+    """A privacy loss as exact decimal text, as the wire carries it: 0.1 stays "0.1"."""
+    if isinstance(value, bool):
+        raise InvalidQuery(f"{name} must be a number, not {value!r}")
+    try:
+        if isinstance(value, int):
+            decimal = Decimal(value)
+        elif isinstance(value, float):
+            decimal = Decimal(repr(value))
+        elif isinstance(value, Decimal):
+            decimal = value
+        elif isinstance(value, Fraction):
+            decimal = Decimal(value.numerator) / Decimal(value.denominator)
+            if Fraction(decimal) != value:
+                raise InvalidQuery(
+                    f"{name} must be an exact decimal; {value} is not (write it as a decimal)"
+                )
+        elif isinstance(value, str):
+            decimal = Decimal(value.strip())
+        else:
+            raise InvalidQuery(f"{name} must be a number, got {type(value).__name__}")
+    except InvalidOperation:
+        raise InvalidQuery(f"{name} must be a decimal number such as 0.5, got {value!r}") from None
+    if not decimal.is_finite() or decimal <= 0:
+        raise InvalidQuery(f"{name} must be a positive, finite number, got {value!r}")
+    text = format(decimal, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+__all__ = ["DEFAULT_ADDRESS", "TLS", "Client", "Retry", "connect", "decimal_text"]

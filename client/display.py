@@ -1,0 +1,109 @@
+"""Plain-text and HTML tables for the terminal, the REPL and Jupyter."""
+
+from __future__ import annotations
+
+import html
+import textwrap
+from collections.abc import Sequence
+
+MISSING_KEY = "(missing)"
+
+
+def text_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    right: Sequence[bool] | None = None,
+    max_rows: int | None = None,
+    gap: str = "  ",
+) -> str:
+    """An aligned table; columns flagged in `right` are right-aligned (numbers)."""
+    right = list(right) if right is not None else [False] * len(headers)
+    shown: list[Sequence[str] | None] = list(rows)
+    if max_rows is not None and len(rows) > max_rows:
+        head = max_rows // 2 + max_rows % 2
+        tail = max_rows // 2
+        shown = [*rows[:head], None, *(rows[len(rows) - tail :] if tail else [])]
+    widths = [len(h) for h in headers]
+    for row in shown:
+        if row is not None:
+            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            c.rjust(w) if r else c.ljust(w)
+            for c, w, r in zip(cells, widths, right, strict=True)
+        ]
+        return gap.join(parts).rstrip()
+
+    out = [line(headers), gap.join("-" * w for w in widths)]
+    for row in shown:
+        if row is None:
+            out.append(f"... {len(rows) - (max_rows or 0)} more rows ...")
+        else:
+            out.append(line(row))
+    return "\n".join(out)
+
+
+def html_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    right: Sequence[bool] | None = None,
+    muted: Sequence[bool] | None = None,
+    caption: str = "",
+    footer: str = "",
+    max_rows: int | None = None,
+) -> str:
+    """An HTML table for Jupyter; rows flagged in `muted` are greyed (suppressed cells)."""
+    right = list(right) if right is not None else [False] * len(headers)
+    muted = list(muted) if muted is not None else [False] * len(rows)
+    indices: list[int | None] = list(range(len(rows)))
+    if max_rows is not None and len(rows) > max_rows:
+        head = max_rows // 2 + max_rows % 2
+        tail = max_rows // 2
+        indices = [*range(head), None, *range(len(rows) - tail, len(rows))]
+    esc = html.escape
+    parts = ['<div class="veil">', '<table class="veil-table" style="border-collapse:collapse">']
+    if caption:
+        parts.append(f'<caption style="text-align:left;font-weight:bold">{esc(caption)}</caption>')
+    parts.append("<thead><tr>")
+    for header, r in zip(headers, right, strict=True):
+        align = "right" if r else "left"
+        parts.append(f'<th style="text-align:{align};padding:2px 8px">{esc(header)}</th>')
+    parts.append("</tr></thead><tbody>")
+    for index in indices:
+        if index is None:
+            skipped = len(rows) - (max_rows or 0)
+            parts.append(
+                f'<tr><td colspan="{len(headers)}" style="text-align:center;color:#888">'
+                f"&hellip; {skipped} more rows &hellip;</td></tr>"
+            )
+            continue
+        style = "color:#999;font-style:italic" if muted[index] else ""
+        parts.append(f'<tr style="{style}">')
+        for cell, r in zip(rows[index], right, strict=True):
+            align = "right" if r else "left"
+            parts.append(f'<td style="text-align:{align};padding:2px 8px">{esc(cell)}</td>')
+        parts.append("</tr>")
+    parts.append("</tbody></table>")
+    if footer:
+        parts.append(f'<p style="color:#666;font-size:90%">{esc(footer)}</p>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def key_text(value: object) -> str:
+    """A key as shown: the missing key is "(missing)"."""
+    return MISSING_KEY if value is None else str(value)
+
+
+def wrap(text: str, width: int = 96, indent: str = "  ") -> str:
+    return textwrap.fill(
+        " ".join(text.split()), width=width, initial_indent=indent, subsequent_indent=indent
+    )
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: max(0, width - 3)].rstrip() + "..."

@@ -1,0 +1,298 @@
+"""The client's errors: one hierarchy, each class a thing a researcher can act on.
+
+    try:
+        veil_client.count().by("gender").release(epsilon=0.5)
+    except BudgetExhausted as error:
+        print(f"only {error.remaining} left in the {error.scope} budget")
+    except InvalidQuery as error:
+        print(f"{error.variable}: {error}")
+
+Every error raised because of a server's answer carries the gRPC status name (`code`) and, for a
+release, the request id that was used, so that a retry after a timeout can reuse it and is never
+charged twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any
+
+import grpc
+
+from protos.veil.v1 import status_pb2
+
+QUOTA_FAILURE_TYPE_URL = "type.googleapis.com/google.rpc.QuotaFailure"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+BUDGET_SCOPE_KEY = "veil-budget-scope"
+BUDGET_REMAINING_KEY = "veil-budget-remaining"
+VARIABLE_KEY = "veil-variable"
+RETRY_AFTER_KEY = "retry-after"
+
+
+class VeilError(Exception):
+    """Base of every error the client raises."""
+
+    def __init__(
+        self, message: str, *, code: str | None = None, request_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code  # the gRPC status name, when the server (or the channel) sent one
+        self.request_id = request_id  # the release's request id: reuse it to retry for free
+
+
+class InvalidQuery(VeilError, ValueError):
+    """The query (or its privacy loss) does not fit the codebook or the server's limits.
+
+    `variable` names the variable at fault when the server (or the client) knows it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        variable: str | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, request_id=request_id)
+        self.variable = variable
+
+
+SUPPORTED_SQL = """\
+veil's SQL subset (parsed on your machine into a typed query; no SQL reaches the server):
+  SELECT [dimension, ...,] <one aggregate> FROM <any one table name>
+    [WHERE <condition>] [GROUP BY <the selected dimensions>]
+  aggregates:  COUNT(*)                 records in each cell
+               SUM(x), AVG(x)           of an integer variable, clamped to its codebook range
+               PROPORTION(<condition>)  share of each cell's records satisfying it
+               AVG(CASE WHEN <condition> THEN 1 ELSE 0 END)   the same, spelled in plain SQL
+               FLAG_COUNTS(flag_set)    records with each flag of a flag set
+  conditions:  =  <>  !=  <  <=  >  >=  IN (...)  NOT IN (...)  BETWEEN a AND b
+               IS NULL  IS NOT NULL  AND  OR  NOT  (parentheses)
+               comparing a variable with a literal ('text', 12, TRUE/FALSE)
+  not supported: SELECT *, joins, subqueries, WITH, UNION, HAVING, ORDER BY, LIMIT, DISTINCT,
+               window functions, other functions, several statements"""
+
+
+class UnsupportedSQL(InvalidQuery):
+    """SQL text outside the subset the client understands; the message says what is supported."""
+
+    supported = SUPPORTED_SQL
+
+    def __init__(self, reason: str, *, variable: str | None = None) -> None:
+        super().__init__(f"{reason}\n\n{SUPPORTED_SQL}", variable=variable)
+        self.reason = reason
+
+
+class BudgetExhausted(VeilError):
+    """The release would exceed a budget. `scope` says which ("client", "institution",
+    "dataset"); `remaining` is what is left in it (exact), `remaining_text` as the server wrote it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        scope: str | None,
+        remaining: str | None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, request_id=request_id)
+        self.scope = scope
+        self.remaining_text = remaining
+        self.remaining: Fraction | None = parse_amount(remaining)
+
+
+class RateLimited(VeilError):
+    """Too many calls in a short time; `retry_after` is the seconds the server asks to wait."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class AuthenticationError(VeilError):
+    """No token, an unknown, rotated or revoked token."""
+
+
+class PermissionDenied(VeilError):
+    """The token's role may not make this call."""
+
+
+class ServerUnavailable(VeilError):
+    """The server could not be reached, is stopping, or could not record a charge. Nothing was
+    charged; the call may be retried (a release with the same request id)."""
+
+
+class QueryTimeout(VeilError):
+    """The call's deadline passed. Nothing was charged; retry with the same `request_id`."""
+
+
+class Cancelled(VeilError):
+    """The call was cancelled. Nothing was charged."""
+
+
+class RequestConflict(VeilError):
+    """The request id was already used for a different query or privacy loss."""
+
+
+class NotFound(VeilError, LookupError):
+    """The named release (or other item) does not exist for this caller."""
+
+
+class ServerFault(VeilError):
+    """The server failed; its message holds a reference for the custodian's log."""
+
+
+# ---- from a gRPC error -------------------------------------------------------------------------
+
+
+def parse_amount(text: str | None) -> Fraction | None:
+    """An exact amount from the server's text ("0.5", "1/3"); None when empty or unreadable."""
+    if not text:
+        return None
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/", 1)
+            return Fraction(int(numerator), int(denominator))
+        return Fraction(Decimal(text))
+    except (ValueError, ZeroDivisionError, InvalidOperation):
+        return None
+
+
+def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str | bytes]]:
+    """The status code, message and trailing metadata of a failed call."""
+    code_method = getattr(error, "code", None)
+    code = code_method() if callable(code_method) else grpc.StatusCode.UNKNOWN
+    details_method = getattr(error, "details", None)
+    details = (details_method() if callable(details_method) else None) or str(error)
+    trailers_method = getattr(error, "trailing_metadata", None)
+    trailers = (trailers_method() if callable(trailers_method) else None) or ()
+    return code, details, _trailers(trailers)
+
+
+def _trailers(items: Iterable[Any]) -> dict[str, str | bytes]:
+    out: dict[str, str | bytes] = {}
+    for item in items:
+        key, value = item[0], item[1]
+        out[str(key).lower()] = value
+    return out
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
+def quota_violations(trailers: dict[str, str | bytes]) -> list[tuple[str, str]]:
+    """The (subject, description) pairs of a google.rpc.QuotaFailure in the status details."""
+    raw = trailers.get(STATUS_DETAILS_KEY)
+    if not isinstance(raw, bytes):
+        return []
+    try:
+        status = status_pb2.RpcStatus.FromString(raw)
+        out: list[tuple[str, str]] = []
+        for detail in status.details:
+            if detail.type_url == QUOTA_FAILURE_TYPE_URL:
+                failure = status_pb2.QuotaFailure.FromString(detail.value)
+                out.extend((v.subject, v.description) for v in failure.violations)
+        return out
+    except Exception:  # a malformed detail never hides the status itself
+        return []
+
+
+def is_budget_error(trailers: dict[str, str | bytes]) -> bool:
+    return BUDGET_SCOPE_KEY in trailers or bool(quota_violations(trailers))
+
+
+def retry_after(trailers: dict[str, str | bytes]) -> float | None:
+    text = _text(trailers.get(RETRY_AFTER_KEY))
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def from_rpc_error(
+    error: grpc.RpcError, *, address: str = "", tls: bool = False, request_id: str | None = None
+) -> VeilError:
+    """The client error for a failed call, with a message a researcher can act on."""
+    code, details, trailers = status_of(error)
+    kw: dict[str, Any] = {"code": code.name, "request_id": request_id}
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidQuery(details, variable=_text(trailers.get(VARIABLE_KEY)), **kw)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if is_budget_error(trailers):
+            scope = _text(trailers.get(BUDGET_SCOPE_KEY))
+            remaining = _text(trailers.get(BUDGET_REMAINING_KEY))
+            if scope is None:
+                violations = quota_violations(trailers)
+                scope = violations[0][0] if violations else None
+            return BudgetExhausted(details, scope=scope, remaining=remaining, **kw)
+        wait = retry_after(trailers)
+        hint = f"; retry in {wait:.2f} s" if wait is not None and "retry in" not in details else ""
+        return RateLimited(f"{details}{hint}", retry_after=wait, **kw)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(
+            f"{details} (pass token=..., or set VEIL_TOKEN, with the token the custodian issued)",
+            **kw,
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(details, **kw)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        retry = f"; retry with request_id={request_id!r} to be charged at most once" if (
+            request_id
+        ) else ""
+        return QueryTimeout(f"{details}{retry}", **kw)
+    if code == grpc.StatusCode.CANCELLED:
+        return Cancelled(details, **kw)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return RequestConflict(details, **kw)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details, **kw)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerUnavailable(_unavailable_message(details, address, tls, request_id), **kw)
+    return ServerFault(details, **kw)
+
+
+def _unavailable_message(details: str, address: str, tls: bool, request_id: str | None) -> str:
+    lowered = details.lower()
+    where = f" at {address}" if address else ""
+    if any(s in lowered for s in ("failed to connect", "connection refused", "dns resolution")):
+        message = f"cannot reach the veil server{where}: {details}"
+    else:
+        message = f"the veil server{where} is unavailable: {details}"
+    if tls and any(s in lowered for s in ("ssl", "handshake", "tls", "certificate")):
+        message += (
+            " (the TLS handshake failed: check the CA certificate, or connect with tls=False "
+            "if this server does not use TLS)"
+        )
+    elif not tls and any(s in lowered for s in ("socket closed", "connection reset", "eof")):
+        message += " (if this server uses TLS, connect with tls=True)"
+    if request_id:
+        message += f"; nothing was charged, retry with request_id={request_id!r}"
+    return message
+
+
+__all__ = [
+    "SUPPORTED_SQL",
+    "AuthenticationError",
+    "BudgetExhausted",
+    "Cancelled",
+    "InvalidQuery",
+    "NotFound",
+    "PermissionDenied",
+    "QueryTimeout",
+    "RateLimited",
+    "RequestConflict",
+    "ServerFault",
+    "ServerUnavailable",
+    "UnsupportedSQL",
+    "VeilError",
+    "from_rpc_error",
+]

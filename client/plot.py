@@ -1,0 +1,155 @@
+"""A bar chart of a release: one bar per cell, error bars for its interval, suppressed cells
+marked where their bar would be (never drawn as zero). Needs matplotlib.
+
+    release.plot()                           # x: the first key, colours: the second
+    release.plot(x="flag", hue="majorityStatus", ax=ax, horizontal=True)
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+from client.display import key_text
+
+if TYPE_CHECKING:
+    from client.results import Release
+
+SUPPRESSED_COLOR = "#9a9a9a"
+
+
+def plot_release(
+    release: Release,
+    *,
+    x: str | None = None,
+    hue: str | None = None,
+    ax: Any = None,
+    title: str | None = None,
+    horizontal: bool = False,
+    show_suppressed: bool = True,
+) -> Any:
+    """Draw `release` as grouped bars on `ax` (a new figure when None); returns the axes.
+
+    `x` is the key along the axis (default: `flag` for flag counts, else the first dimension),
+    `hue` the key that splits each position into coloured bars (default: the next key). Other
+    keys, if any, are joined into the axis labels. Suppressed cells are marked with a hatched
+    outline and the word "suppressed".
+    """
+    try:
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError("plot() needs matplotlib: pip install matplotlib") from exc
+
+    keys = release.keys
+    rows = release.table.to_pylist()
+    if x is None:
+        x = "flag" if "flag" in keys else (keys[0] if keys else None)
+    if hue is None:
+        rest = [k for k in keys if k != x]
+        hue = rest[0] if rest else None
+    for name in (x, hue):
+        if name is not None and name not in keys:
+            raise ValueError(f"{name!r} is not a key of this release (keys: {', '.join(keys)})")
+    others = [k for k in keys if k not in (x, hue)]
+
+    def position_label(row: dict[str, Any]) -> str:
+        parts = [key_text(row[k]) for k in ([x] if x else []) + others]
+        return " / ".join(parts) if parts else "all records"
+
+    positions: list[str] = []
+    groups: list[str] = []
+    for row in rows:
+        label = position_label(row)
+        if label not in positions:
+            positions.append(label)
+        group = key_text(row[hue]) if hue else ""
+        if group not in groups:
+            groups.append(group)
+
+    if ax is None:
+        bars = len(positions) * max(1, len(groups))
+        if horizontal:
+            size = (8.0, min(40.0, max(3.5, 0.22 * bars + 0.3 * len(positions) + 1.5)))
+        else:
+            size = (min(40.0, max(6.0, 0.3 * bars + 0.3 * len(positions) + 2)), 4.8)
+        _, ax = plt.subplots(figsize=size)
+    width = 0.8 / max(1, len(groups))
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    top = 0.0
+    marks: list[tuple[float, int]] = []
+    for g, group in enumerate(groups):
+        centres, values, low_err, high_err = [], [], [], []
+        for row in rows:
+            if (key_text(row[hue]) if hue else "") != group:
+                continue
+            centre = positions.index(position_label(row)) + (g - (len(groups) - 1) / 2) * width
+            if row["suppressed"] or row["value"] is None:
+                marks.append((centre, g))
+                continue
+            value = float(row["value"])
+            centres.append(centre)
+            values.append(value)
+            low_err.append(max(0.0, value - float(row["ci_low"])))
+            high_err.append(max(0.0, float(row["ci_high"]) - value))
+            top = max(top, float(row["ci_high"]))
+        color = colors[g % len(colors)]
+        bar = ax.barh if horizontal else ax.bar
+        kwargs: dict[str, Any] = {"height" if horizontal else "width": width}
+        err = {"xerr" if horizontal else "yerr": [low_err, high_err]}
+        bar(centres, values, color=color, label=group if hue else None, capsize=3,
+            error_kw={"elinewidth": 1, "ecolor": "#333333"}, **kwargs, **err)
+
+    if show_suppressed and marks:
+        stub = (top or 1.0) * 0.06
+        for centre, _ in marks:
+            if horizontal:
+                ax.barh([centre], [stub], height=width, fill=False, hatch="///",
+                        edgecolor=SUPPRESSED_COLOR, linewidth=0.8)
+                ax.text(stub * 1.2, centre, "suppressed", va="center", ha="left", fontsize=7,
+                        color=SUPPRESSED_COLOR)
+            else:
+                ax.bar([centre], [stub], width=width, fill=False, hatch="///",
+                       edgecolor=SUPPRESSED_COLOR, linewidth=0.8)
+                ax.text(centre, stub * 1.2, "suppressed", rotation=90, va="bottom",
+                        ha="center", fontsize=7, color=SUPPRESSED_COLOR)
+
+    ticks = list(range(len(positions)))
+    m = release.metadata
+    label = (f"{_value_label(release)}\n({m.loss_name} {m.loss}; error bars: "
+             f"{100 * m.confidence:g}% intervals of the noise)")
+    if horizontal:
+        ax.set_yticks(ticks, positions)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_xlim(left=0)
+    else:
+        crowded = len(positions) > 4 or sum(len(p) for p in positions) > 8 * len(positions) + 8
+        ax.set_xticks(ticks, positions, rotation=30 if crowded else 0,
+                      ha="right" if crowded else "center")
+        ax.set_ylabel(label, fontsize=9)
+        ax.set_ylim(bottom=0)
+    if m.measure == "Proportion":
+        from matplotlib.ticker import PercentFormatter
+
+        (ax.xaxis if horizontal else ax.yaxis).set_major_formatter(PercentFormatter(1.0))
+    handles, labels = ax.get_legend_handles_labels()
+    if show_suppressed and marks:
+        handles.append(Patch(fill=False, hatch="///", edgecolor=SUPPRESSED_COLOR))
+        labels.append("suppressed")
+    if hue or (show_suppressed and marks):
+        ax.legend(handles, labels, title=hue, fontsize=8)
+    heading = title if title is not None else str(release.query or m.measure)
+    ax.set_title(textwrap.fill(heading, 70), fontsize=10)
+    ax.figure.tight_layout()
+    return ax
+
+
+def _value_label(release: Release) -> str:
+    return {
+        "Count": "records",
+        "FlagCounts": "records with the flag",
+        "Proportion": "share of records",
+        "Mean": "mean",
+        "Sum": "sum",
+    }.get(release.metadata.measure, "value")

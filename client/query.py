@@ -1,0 +1,618 @@
+"""Queries built on the researcher's machine: filters, measures and an immutable, fluent `Query`.
+
+    veil_client.count().by("gender", "ageBroad").where(majorityStatus="Minor").release(epsilon=0.5)
+    veil_client.flag_counts("meansOfControl").by("majorityStatus").dry_run(half_width=20)
+    veil_client.proportion(isSexualExploit=1).by("gender").where(In("ageBroad", ["0--8", "9--17"]))
+
+Conditions mirror the wire's filters: keyword arguments are equalities (a list means IN, None
+means the value is missing), and `Eq`, `In`, `Range`, `Missing`, `Not`, `And`, `Or` build the
+rest; `&`, `|` and `~` combine them. Names are codebook names and values are codebook values;
+nothing here is SQL, and each method returns a new query.
+
+`Not(...)` follows veil's rule: it keeps the records where the variable is missing (the complement
+of a set of codebook values includes "missing"). SQL's `<>` and `NOT IN` drop them; the SQL
+subset (`client.sql`) translates them so that they mean what they mean in SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from client.errors import InvalidQuery
+from protos.veil.v1 import veil_pb2 as pb
+
+if TYPE_CHECKING:
+    from client.codebook import Codebook
+    from client.connection import Client
+    from client.results import DryRun, Release
+
+Value = str | int
+Amount = int | float | str | Decimal | Fraction  # a privacy loss, as the caller writes it
+
+
+def _value(value: Any, variable: str) -> Value:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "item") and not isinstance(value, (list, tuple)):  # numpy scalars
+        return _value(value.item(), variable)
+    raise InvalidQuery(
+        f"{variable}: a value must be text (a category or country code) or an integer, "
+        f"got {type(value).__name__} {value!r}",
+        variable=variable,
+    )
+
+
+def _quote(value: Value) -> str:
+    return repr(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
+
+
+# ---- filters ------------------------------------------------------------------------------------
+
+
+class Filter:
+    """A condition on records. Combine with `&` (and), `|` (or) and `~` (not)."""
+
+    def __and__(self, other: Filter) -> Filter:
+        return And(self, other)
+
+    def __or__(self, other: Filter) -> Filter:
+        return Or(self, other)
+
+    def __invert__(self) -> Filter:
+        return Not(self)
+
+    def to_pb(self) -> pb.Filter:
+        raise NotImplementedError
+
+    def variables(self) -> list[str]:
+        raise NotImplementedError
+
+    def map(self, fix: Any) -> Filter:
+        """The same filter with `fix(leaf)` applied to every leaf (used to normalise names)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, repr=False)
+class Eq(Filter):
+    """variable = value."""
+
+    variable: str
+    value: Value
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", _value(self.value, self.variable))
+
+    def to_pb(self) -> pb.Filter:
+        return pb.Filter(equals=pb.Equals(variable=self.variable, value=_value_pb(self.value)))
+
+    def variables(self) -> list[str]:
+        return [self.variable]
+
+    def map(self, fix: Any) -> Filter:
+        result: Filter = fix(self)
+        return result
+
+    def __repr__(self) -> str:
+        return f"Eq({self.variable!r}, {self.value!r})"
+
+    def __str__(self) -> str:
+        return f"{self.variable} = {_quote(self.value)}"
+
+
+@dataclass(frozen=True, repr=False)
+class In(Filter):
+    """variable is one of values."""
+
+    variable: str
+    values: tuple[Value, ...]
+
+    def __init__(self, variable: str, values: Iterable[Any]) -> None:
+        if isinstance(values, (str, bytes)):
+            values = [values]
+        object.__setattr__(self, "variable", variable)
+        object.__setattr__(self, "values", tuple(_value(v, variable) for v in values))
+        if not self.values:
+            raise InvalidQuery(f"{variable}: IN needs at least one value", variable=variable)
+
+    def to_pb(self) -> pb.Filter:
+        return pb.Filter(
+            in_set=pb.InSet(variable=self.variable, values=[_value_pb(v) for v in self.values])
+        )
+
+    def variables(self) -> list[str]:
+        return [self.variable]
+
+    def map(self, fix: Any) -> Filter:
+        result: Filter = fix(self)
+        return result
+
+    def __repr__(self) -> str:
+        return f"In({self.variable!r}, {list(self.values)!r})"
+
+    def __str__(self) -> str:
+        return f"{self.variable} IN ({', '.join(_quote(v) for v in self.values)})"
+
+
+@dataclass(frozen=True, repr=False)
+class Range(Filter):
+    """low <= variable <= high on an integer variable; either bound may be None (open)."""
+
+    variable: str
+    low: int | None = None
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.low is None and self.high is None:
+            raise InvalidQuery(f"{self.variable}: a range needs a bound", variable=self.variable)
+        for bound in (self.low, self.high):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+                raise InvalidQuery(
+                    f"{self.variable}: range bounds must be integers, got {bound!r}",
+                    variable=self.variable,
+                )
+
+    def to_pb(self) -> pb.Filter:
+        return pb.Filter(between=pb.Between(variable=self.variable, low=self.low, high=self.high))
+
+    def variables(self) -> list[str]:
+        return [self.variable]
+
+    def map(self, fix: Any) -> Filter:
+        result: Filter = fix(self)
+        return result
+
+    def __repr__(self) -> str:
+        return f"Range({self.variable!r}, low={self.low!r}, high={self.high!r})"
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{self.variable} BETWEEN {self.low} AND {self.high}"
+        if self.low is not None:
+            return f"{self.variable} >= {self.low}"
+        return f"{self.variable} <= {self.high}"
+
+
+@dataclass(frozen=True, repr=False)
+class Missing(Filter):
+    """The variable's value is missing (null)."""
+
+    variable: str
+
+    def to_pb(self) -> pb.Filter:
+        return pb.Filter(is_missing=pb.IsMissing(variable=self.variable))
+
+    def variables(self) -> list[str]:
+        return [self.variable]
+
+    def map(self, fix: Any) -> Filter:
+        result: Filter = fix(self)
+        return result
+
+    def __repr__(self) -> str:
+        return f"Missing({self.variable!r})"
+
+    def __str__(self) -> str:
+        return f"{self.variable} IS NULL"
+
+
+@dataclass(frozen=True, repr=False)
+class Not(Filter):
+    """Records the operand does not admit (including those where its variable is missing)."""
+
+    operand: Filter
+
+    def to_pb(self) -> pb.Filter:
+        return pb.Filter(negation=pb.Negation(operand=self.operand.to_pb()))
+
+    def variables(self) -> list[str]:
+        return self.operand.variables()
+
+    def map(self, fix: Any) -> Filter:
+        return Not(self.operand.map(fix))
+
+    def __repr__(self) -> str:
+        return f"Not({self.operand!r})"
+
+    def __str__(self) -> str:
+        if isinstance(self.operand, Missing):
+            return f"{self.operand.variable} IS NOT NULL"
+        return f"NOT ({self.operand})"
+
+
+@dataclass(frozen=True, repr=False)
+class And(Filter):
+    """Every operand holds."""
+
+    operands: tuple[Filter, ...]
+
+    def __init__(self, *operands: Filter) -> None:
+        flat: list[Filter] = []
+        for operand in operands:
+            _check_filter(operand)
+            flat.extend(operand.operands if isinstance(operand, And) else [operand])
+        if not flat:
+            raise InvalidQuery("And needs at least one condition")
+        object.__setattr__(self, "operands", tuple(flat))
+
+    def to_pb(self) -> pb.Filter:
+        return pb.Filter(all_of=pb.AllOf(operands=[o.to_pb() for o in self.operands]))
+
+    def variables(self) -> list[str]:
+        return [v for o in self.operands for v in o.variables()]
+
+    def map(self, fix: Any) -> Filter:
+        return And(*(o.map(fix) for o in self.operands))
+
+    def __repr__(self) -> str:
+        return f"And({', '.join(repr(o) for o in self.operands)})"
+
+    def __str__(self) -> str:
+        return " AND ".join(f"({o})" if isinstance(o, Or) else str(o) for o in self.operands)
+
+
+@dataclass(frozen=True, repr=False)
+class Or(Filter):
+    """At least one operand holds."""
+
+    operands: tuple[Filter, ...]
+
+    def __init__(self, *operands: Filter) -> None:
+        flat: list[Filter] = []
+        for operand in operands:
+            _check_filter(operand)
+            flat.extend(operand.operands if isinstance(operand, Or) else [operand])
+        if not flat:
+            raise InvalidQuery("Or needs at least one condition")
+        object.__setattr__(self, "operands", tuple(flat))
+
+    def to_pb(self) -> pb.Filter:
+        return pb.Filter(any_of=pb.AnyOf(operands=[o.to_pb() for o in self.operands]))
+
+    def variables(self) -> list[str]:
+        return [v for o in self.operands for v in o.variables()]
+
+    def map(self, fix: Any) -> Filter:
+        return Or(*(o.map(fix) for o in self.operands))
+
+    def __repr__(self) -> str:
+        return f"Or({', '.join(repr(o) for o in self.operands)})"
+
+    def __str__(self) -> str:
+        return " OR ".join(f"({o})" if isinstance(o, And) else str(o) for o in self.operands)
+
+
+def Present(variable: str) -> Filter:
+    """The variable's value is not missing."""
+    return Not(Missing(variable))
+
+
+def _check_filter(value: Any) -> None:
+    if not isinstance(value, Filter):
+        raise TypeError(
+            f"expected a condition (Eq, In, Range, Missing, Not, And, Or), got {value!r}"
+        )
+
+
+def _value_pb(value: Value) -> pb.Value:
+    return pb.Value(integer=value) if isinstance(value, int) else pb.Value(text=value)
+
+
+def conditions(positional: Sequence[Any], equals: Mapping[str, Any]) -> Filter | None:
+    """One filter from positional conditions and keyword equalities (list: IN; None: missing)."""
+    parts: list[Filter] = []
+    for condition in positional:
+        _check_filter(condition)
+        parts.append(condition)
+    for variable, value in equals.items():
+        if value is None:
+            parts.append(Missing(variable))
+        elif isinstance(value, Filter):
+            raise TypeError(
+                f"{variable}=...: give a value, or pass the condition positionally"
+            )
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            values = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+            parts.append(In(variable, values))
+        else:
+            parts.append(Eq(variable, value))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else And(*parts)
+
+
+# ---- measures -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Count:
+    """Records in each cell."""
+
+    def to_pb(self) -> pb.Measure:
+        return pb.Measure(count=pb.CountMeasure())
+
+    def __str__(self) -> str:
+        return "count"
+
+
+@dataclass(frozen=True)
+class FlagCounts:
+    """Records with each flag of a flag set, in each cell."""
+
+    flag_set: str
+
+    def to_pb(self) -> pb.Measure:
+        return pb.Measure(flag_counts=pb.FlagCountsMeasure(flag_set=self.flag_set))
+
+    def __str__(self) -> str:
+        return f"flag counts of {self.flag_set}"
+
+
+@dataclass(frozen=True)
+class Sum:
+    """Sum of an integer variable, each value clamped to its codebook range."""
+
+    variable: str
+
+    def to_pb(self) -> pb.Measure:
+        return pb.Measure(sum=pb.SumMeasure(variable=self.variable))
+
+    def __str__(self) -> str:
+        return f"sum of {self.variable}"
+
+
+@dataclass(frozen=True)
+class Mean:
+    """Mean of an integer variable over records where it is present, clamped to its range."""
+
+    variable: str
+
+    def to_pb(self) -> pb.Measure:
+        return pb.Measure(mean=pb.MeanMeasure(variable=self.variable))
+
+    def __str__(self) -> str:
+        return f"mean of {self.variable}"
+
+
+@dataclass(frozen=True)
+class Proportion:
+    """Share of each cell's records satisfying `condition`."""
+
+    condition: Filter
+
+    def to_pb(self) -> pb.Measure:
+        return pb.Measure(proportion=pb.ProportionMeasure(condition=self.condition.to_pb()))
+
+    def __str__(self) -> str:
+        return f"proportion with {self.condition}"
+
+
+Measure = Count | FlagCounts | Sum | Mean | Proportion
+
+
+# ---- the query ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    """One aggregate: a measure, group-by dimensions and an optional filter. Immutable: `by` and
+    `where` return new queries. Bound to a client (when built from one) so that `release` and
+    `dry_run` can be called on it directly."""
+
+    measure: Measure
+    dimensions: tuple[str, ...] = ()
+    filter: Filter | None = None
+    client: Client | None = field(default=None, compare=False, repr=False)
+
+    def by(self, *dimensions: str | Iterable[str]) -> Query:
+        """Group by these dimensions (added to any already given). "a, b" is split at commas."""
+        names = list(self.dimensions)
+        for item in dimensions:
+            parts = item.split(",") if isinstance(item, str) else list(item)
+            for part in parts:
+                if not isinstance(part, str):
+                    raise TypeError(f"a dimension is a codebook name, got {part!r}")
+                name = part.strip()
+                if not name:
+                    continue
+                if name in names:
+                    raise InvalidQuery(f"{name} appears twice in by", variable=name)
+                names.append(name)
+        return replace(self, dimensions=tuple(names))
+
+    def where(self, *conditions_: Filter, **equals: Any) -> Query:
+        """Keep the records satisfying every condition (added to any filter already given).
+
+        `where(majorityStatus="Minor")` is an equality, `where(ageBroad=["0--8", "9--17"])` an IN,
+        `where(gender=None)` keeps records whose gender is missing; positional arguments are
+        conditions built with Eq, In, Range, Missing, Not, And, Or.
+        """
+        condition = conditions(conditions_, equals)
+        if condition is None:
+            return self
+        combined = condition if self.filter is None else And(self.filter, condition)
+        return replace(self, filter=combined)
+
+    def bind(self, client: Client) -> Query:
+        return replace(self, client=client)
+
+    # -- running it --
+    def release(
+        self,
+        *,
+        epsilon: Amount | None = None,
+        rho: Amount | None = None,
+        loss: Amount | None = None,
+        half_width: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Release:
+        """Release this query, paying `epsilon` (pure DP), `rho` (zCDP) or `loss` (either), or
+        the least loss whose count intervals are at most `half_width` wide on each side."""
+        return self._client().release(
+            self, epsilon=epsilon, rho=rho, loss=loss, half_width=half_width,
+            request_id=request_id, timeout=timeout,
+        )
+
+    def dry_run(
+        self,
+        *,
+        epsilon: Amount | None = None,
+        rho: Amount | None = None,
+        loss: Amount | None = None,
+        half_width: int | None = None,
+        assumed_count: int | None = None,
+        timeout: float | None = None,
+    ) -> DryRun:
+        """What releasing would cost and how accurate it would be; charges nothing."""
+        return self._client().dry_run(
+            self, epsilon=epsilon, rho=rho, loss=loss, half_width=half_width,
+            assumed_count=assumed_count, timeout=timeout,
+        )
+
+    def _client(self) -> Client:
+        if self.client is None:
+            raise TypeError(
+                "this query is not bound to a client: build it from one "
+                "(veil_client.count()...), or call veil_client.release(query, ...)"
+            )
+        return self.client
+
+    # -- the wire --
+    def to_pb(self) -> pb.Query:
+        out = pb.Query(measure=self.measure.to_pb(), by=list(self.dimensions))
+        if self.filter is not None:
+            out.where.CopyFrom(self.filter.to_pb())
+        return out
+
+    def variables(self) -> list[str]:
+        """Every codebook name the query mentions."""
+        names = list(self.dimensions)
+        if isinstance(self.measure, FlagCounts):
+            names.append(self.measure.flag_set)
+        elif isinstance(self.measure, (Sum, Mean)):
+            names.append(self.measure.variable)
+        elif isinstance(self.measure, Proportion):
+            names.extend(self.measure.condition.variables())
+        if self.filter is not None:
+            names.extend(self.filter.variables())
+        return names
+
+    def normalized(self, codebook: Codebook) -> Query:
+        """Names spelled as the codebook spells them (matched without regard to case, as SQL
+        does) and values of the codebook's type: "1" for a flag becomes 1, 2015 for a category
+        becomes "2015". Names the codebook does not know are left for the server to refuse."""
+        resolve = codebook.resolve_name
+
+        def fix(leaf: Filter) -> Filter:
+            if isinstance(leaf, Eq):
+                name = resolve(leaf.variable)
+                return Eq(name, codebook.coerce(name, leaf.value))
+            if isinstance(leaf, In):
+                name = resolve(leaf.variable)
+                return In(name, [codebook.coerce(name, v) for v in leaf.values])
+            if isinstance(leaf, Range):
+                return Range(resolve(leaf.variable), leaf.low, leaf.high)
+            if isinstance(leaf, Missing):
+                return Missing(resolve(leaf.variable))
+            return leaf
+
+        measure: Measure = self.measure
+        if isinstance(measure, FlagCounts):
+            measure = FlagCounts(resolve(measure.flag_set))
+        elif isinstance(measure, Sum):
+            measure = Sum(resolve(measure.variable))
+        elif isinstance(measure, Mean):
+            measure = Mean(resolve(measure.variable))
+        elif isinstance(measure, Proportion):
+            measure = Proportion(measure.condition.map(fix))
+        return replace(
+            self,
+            measure=measure,
+            dimensions=tuple(resolve(d) for d in self.dimensions),
+            filter=None if self.filter is None else self.filter.map(fix),
+        )
+
+    def __str__(self) -> str:
+        text = str(self.measure)
+        if self.dimensions:
+            text += f" by {', '.join(self.dimensions)}"
+        if self.filter is not None:
+            text += f" where {self.filter}"
+        return text
+
+    def __repr__(self) -> str:
+        measure = self.measure
+        if isinstance(measure, Count):
+            text = "count()"
+        elif isinstance(measure, FlagCounts):
+            text = f"flag_counts({measure.flag_set!r})"
+        elif isinstance(measure, Sum):
+            text = f"sum({measure.variable!r})"
+        elif isinstance(measure, Mean):
+            text = f"mean({measure.variable!r})"
+        else:
+            text = f"proportion({measure.condition!r})"
+        if self.dimensions:
+            text += f".by({', '.join(repr(d) for d in self.dimensions)})"
+        if self.filter is not None:
+            text += f".where({self.filter!r})"
+        return f"<veil query {text}>"
+
+
+def count() -> Query:
+    """An unbound count query (bind it with `veil_client.release(query, ...)`)."""
+    return Query(Count())
+
+
+def flag_counts(flag_set: str) -> Query:
+    return Query(FlagCounts(flag_set))
+
+
+def sum_of(variable: str) -> Query:
+    return Query(Sum(variable))
+
+
+def mean(variable: str) -> Query:
+    return Query(Mean(variable))
+
+
+def proportion(*conditions_: Filter, **equals: Any) -> Query:
+    condition = conditions(conditions_, equals)
+    if condition is None:
+        raise InvalidQuery(
+            "a proportion needs a condition, e.g. proportion(isSexualExploit=1)"
+        )
+    return Query(Proportion(condition))
+
+
+__all__ = [
+    "And",
+    "Count",
+    "Eq",
+    "Filter",
+    "FlagCounts",
+    "In",
+    "Mean",
+    "Measure",
+    "Missing",
+    "Not",
+    "Or",
+    "Present",
+    "Proportion",
+    "Query",
+    "Range",
+    "Sum",
+    "count",
+    "flag_counts",
+    "mean",
+    "proportion",
+    "sum_of",
+]

@@ -1,0 +1,653 @@
+"""What the server sends back: releases, dry runs, budgets and the list of one's releases.
+
+A `Release` holds its cells as an Arrow table, one row per cell of the public domain: a column
+per group-by dimension (null is the "missing" key), `flag` for flag-set counts, then `value`,
+`ci_low`, `ci_high` and `suppressed`. A suppressed cell's value and interval are null and its
+`suppressed` is true: suppressed is never shown as zero.
+
+    release.table           # pyarrow.Table (also release.arrow(), and any Arrow consumer)
+    release.to_pandas()     # pandas.DataFrame (also release.df()), nullable integers
+    release.metadata        # mechanism, scale, tau, charge, ids, interval level
+    release.plot()          # bar chart with error bars, suppressed cells marked
+    release.to_json()       # the JSON document `veil query --format json` prints
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from client.codebook import ACCOUNTING_NAMES, LOSS_SYMBOL
+from client.display import html_table, key_text, shorten, text_table
+from client.errors import parse_amount
+from protos.veil.v1 import veil_pb2 as pb
+
+if TYPE_CHECKING:
+    from client.connection import Client
+    from client.query import Query
+
+VALUE_COLUMNS = ("value", "ci_low", "ci_high", "suppressed")
+_META_KEY = b"veil.release"
+JSON_FORMAT = "veil.release/1"
+
+
+def amount(text: str) -> Fraction:
+    """An exact amount from the server's text ("0.5", "1/3"); 0 for empty."""
+    return parse_amount(text) or Fraction(0)
+
+
+# ---- releases -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseMetadata:
+    """Everything about a release but its cells. `loss` is what the release was made with (a
+    caller served a stored release pays nothing); `measured_loss` what OpenDP's maps state."""
+
+    release_id: str
+    charge_id: str
+    created_at: str
+    fingerprint: str
+    canonical_query: str
+    data_version: str
+    codebook: str
+    measure: str
+    mechanism: str
+    accounting: str  # "pure_dp" (epsilon) or "zcdp" (rho)
+    loss: str
+    measured_loss: str
+    noise_scale: float
+    sum_noise_scale: float | None
+    tau: int
+    k: int
+    beta: float
+    confidence: float
+    cells: int
+    suppressed_cells: int
+
+    @classmethod
+    def from_pb(cls, m: pb.ReleaseMetadata) -> ReleaseMetadata:
+        return cls(
+            release_id=m.release_id,
+            charge_id=m.charge_id,
+            created_at=m.created_at,
+            fingerprint=m.fingerprint,
+            canonical_query=m.canonical_query,
+            data_version=m.data_version,
+            codebook=m.codebook,
+            measure=m.measure,
+            mechanism=m.mechanism,
+            accounting=ACCOUNTING_NAMES.get(m.accounting, "unspecified"),
+            loss=m.loss,
+            measured_loss=m.measured_loss,
+            noise_scale=m.noise_scale,
+            sum_noise_scale=m.sum_noise_scale if m.HasField("sum_noise_scale") else None,
+            tau=m.tau,
+            k=m.k,
+            beta=m.beta,
+            confidence=m.confidence,
+            cells=m.cells,
+            suppressed_cells=m.suppressed_cells,
+        )
+
+    @property
+    def loss_name(self) -> str:
+        return LOSS_SYMBOL.get(self.accounting, "loss")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell: its keys by dimension name (and "flag"), value and interval, suppressed."""
+
+    keys: dict[str, Any]
+    value: float | int | None
+    ci_low: float | None
+    ci_high: float | None
+    suppressed: bool
+
+
+class Release:
+    """A released table. Immutable; everything in it is already paid for."""
+
+    def __init__(
+        self,
+        table: pa.Table,
+        metadata: ReleaseMetadata,
+        *,
+        query: Query | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.table = table
+        self.metadata = metadata
+        self.query = query
+        self.request_id = request_id
+
+    @classmethod
+    def from_pb(
+        cls, response: pb.ReleaseResponse, *, query: Query | None = None,
+        request_id: str | None = None,
+    ) -> Release:
+        table = pa.ipc.open_stream(pa.py_buffer(response.arrow_ipc)).read_all()
+        schema_meta = dict(table.schema.metadata or {})
+        schema_meta.pop(_META_KEY, None)
+        table = table.replace_schema_metadata(schema_meta or None)
+        if query is not None:
+            table = arrange(table, query.dimensions)
+        if response.metadata.measure in ("Count", "FlagCounts"):
+            table = _integer_bounds(table)
+        return cls(table, ReleaseMetadata.from_pb(response.metadata), query=query,
+                   request_id=request_id)
+
+    # -- shape --
+    @property
+    def keys(self) -> list[str]:
+        """The key columns: the group-by dimensions, then `flag` for flag-set counts."""
+        return [name for name in self.table.column_names if name not in VALUE_COLUMNS]
+
+    @property
+    def dimensions(self) -> list[str]:
+        """The group-by dimensions (the keys without `flag`)."""
+        flagged = self.metadata.measure == "FlagCounts"
+        return [name for name in self.keys if not (flagged and name == "flag")]
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    @property
+    def cells(self) -> list[Cell]:
+        keys = self.keys
+        out = []
+        for row in self.table.to_pylist():
+            out.append(
+                Cell(
+                    keys={k: row[k] for k in keys},
+                    value=row["value"],
+                    ci_low=row["ci_low"],
+                    ci_high=row["ci_high"],
+                    suppressed=bool(row["suppressed"]),
+                )
+            )
+        return out
+
+    def __iter__(self) -> Iterator[Cell]:
+        return iter(self.cells)
+
+    def cell(self, **keys: Any) -> Cell:
+        """The one cell with these keys (None for the missing key)."""
+        found = [c for c in self.cells if all(c.keys.get(k) == v for k, v in keys.items())]
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} cells have keys {keys}")
+        return found[0]
+
+    # -- conversions --
+    def arrow(self) -> pa.Table:
+        """The cells as an Arrow table (as DuckDB's `.arrow()`)."""
+        return self.table
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        """Arrow's C stream interface: polars, DuckDB and others read a release directly."""
+        return self.table.__arrow_c_stream__(requested_schema)
+
+    def to_pandas(self) -> Any:
+        """The cells as a pandas DataFrame; integer counts stay integers (nullable `Int64`) and
+        a suppressed cell's value is <NA>, never 0."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from exc
+        mapping = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+        return self.table.to_pandas(types_mapper=mapping.get)
+
+    def df(self) -> Any:
+        """The cells as a pandas DataFrame (as DuckDB's `.df()`)."""
+        return self.to_pandas()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document: metadata, dimensions and cells (see README, "For researchers")."""
+        return {
+            "format": JSON_FORMAT,
+            "metadata": self.metadata.to_dict(),
+            "request": {
+                "request_id": self.request_id,
+                "query": None if self.query is None else str(self.query),
+            },
+            "dimensions": self.dimensions,
+            "cells": [
+                {
+                    "keys": cell.keys,
+                    "value": cell.value,
+                    "ci_low": cell.ci_low,
+                    "ci_high": cell.ci_high,
+                    "suppressed": cell.suppressed,
+                }
+                for cell in self.cells
+            ],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """The cells as CSV (keys, value, ci_low, ci_high, suppressed); nulls are empty fields.
+        Written to `path` when given; the text is returned either way."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        names = [*self.keys, *VALUE_COLUMNS]
+        writer.writerow(names)
+        for row in self.table.to_pylist():
+            writer.writerow(
+                [
+                    "" if row[n] is None else ("true" if row[n] else "false")
+                    if isinstance(row[n], bool) else row[n]
+                    for n in names
+                ]
+            )
+        text = buffer.getvalue()
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    # -- display --
+    def _format_value(self, value: float | None) -> str:
+        if value is None:
+            return "-"
+        measure = self.metadata.measure
+        if measure == "Proportion":
+            return f"{100 * value:.1f}%"
+        if measure == "Mean":
+            return f"{value:,.2f}"
+        return f"{value:,.0f}"
+
+    def _interval(self, low: float | None, high: float | None) -> str:
+        if low is None or high is None:
+            return ""
+        return f"[{self._format_value(low)}, {self._format_value(high)}]"
+
+    @property
+    def interval_label(self) -> str:
+        return f"{100 * self.metadata.confidence:g}% CI"
+
+    def display_rows(self) -> tuple[list[str], list[list[str]], list[bool]]:
+        """Headers, formatted rows and which rows are suppressed: the readable table."""
+        keys = self.keys
+        headers = [*keys, "value", self.interval_label, "suppressed"]
+        rows: list[list[str]] = []
+        suppressed: list[bool] = []
+        for row in self.table.to_pylist():
+            hidden = bool(row["suppressed"])
+            rows.append(
+                [
+                    *(key_text(row[k]) for k in keys),
+                    "-" if hidden else self._format_value(row["value"]),
+                    "" if hidden else self._interval(row["ci_low"], row["ci_high"]),
+                    "yes" if hidden else "",
+                ]
+            )
+            suppressed.append(hidden)
+        return headers, rows, suppressed
+
+    def summary(self) -> str:
+        """One line: what was asked, what it cost, how it was protected."""
+        m = self.metadata
+        asked = str(self.query) if self.query is not None else m.measure
+        scale = f"scale {m.noise_scale:.3g}"
+        if m.sum_noise_scale is not None:
+            scale += f" (sum {m.sum_noise_scale:.3g})"
+        return (
+            f"{asked}: {m.loss_name} {m.loss}, {m.mechanism} {scale}, tau {m.tau} (k {m.k}); "
+            f"{m.suppressed_cells} of {m.cells} cells suppressed; release {m.release_id}"
+        )
+
+    def to_text(self, max_rows: int | None = None) -> str:
+        headers, rows, _ = self.display_rows()
+        right = [False] * len(self.keys) + [True, True, False]
+        return text_table(headers, rows, right=right, max_rows=max_rows)
+
+    def __repr__(self) -> str:
+        return f"{self.to_text(max_rows=40)}\n{self.summary()}"
+
+    def _repr_html_(self) -> str:
+        headers, rows, suppressed = self.display_rows()
+        right = [False] * len(self.keys) + [True, True, False]
+        return html_table(
+            headers, rows, right=right, muted=suppressed, caption=shorten(str(self.query or ""),
+                                                                          200),
+            footer=self.summary(), max_rows=200,
+        )
+
+    def plot(self, **kwargs: Any) -> Any:
+        """A bar chart with error bars; suppressed cells marked. See `client.plot.plot_release`."""
+        from client.plot import plot_release
+
+        return plot_release(self, **kwargs)
+
+
+def _integer_bounds(table: pa.Table) -> pa.Table:
+    """A count's interval bounds are whole numbers: typed as integers, like its value."""
+    for name in ("ci_low", "ci_high"):
+        column = table.column(name)
+        if pa.types.is_floating(column.type):
+            values = column.to_pylist()
+            if all(v is None or float(v).is_integer() for v in values):
+                index = table.column_names.index(name)
+                table = table.set_column(index, name, pa.array(
+                    [None if v is None else int(v) for v in values], type=pa.int64()))
+    return table
+
+
+def arrange(table: pa.Table, dimensions: tuple[str, ...] | list[str]) -> pa.Table:
+    """The cells with the key columns in the order the query named its dimensions (`flag`
+    first for flag counts) and the rows sorted the same way, each key in its codebook order.
+
+    The server orders dimensions its own way (the order is not part of a query's identity, so a
+    stored release may come back in the order its first requester used)."""
+    names = table.column_names
+    wanted = [d for d in dimensions if d in names]
+    keys = [n for n in names if n not in VALUE_COLUMNS]
+    if sorted(wanted) != sorted(k for k in keys if k != "flag") or not keys:
+        return table
+    order = (["flag"] if "flag" in keys else []) + wanted
+    if order == keys:
+        return table
+    ranks = []
+    for name in order:
+        first_seen: dict[Any, int] = {}
+        for value in table.column(name).to_pylist():
+            first_seen.setdefault(value, len(first_seen))
+        ranks.append([first_seen[v] for v in table.column(name).to_pylist()])
+    rows = sorted(range(table.num_rows), key=lambda i: tuple(r[i] for r in ranks))
+    return table.select([*order, *VALUE_COLUMNS]).take(pa.array(rows, type=pa.int64()))
+
+
+# ---- dry runs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a release would cost and how accurate it would be. Charges nothing."""
+
+    loss: str  # exact decimal (or p/q)
+    accounting: str
+    cells: int
+    mechanism: str
+    noise_scale: float
+    tau: int  # a cell is published when its noisy count reaches tau
+    half_width: int  # of a count's interval at `confidence`
+    confidence: float
+    assumed_count: int
+    expected_suppressed_share: float  # for cells whose true count is `assumed_count`
+    fingerprint: str
+    already_released: bool  # releasing it would return the stored release, free
+    query: Query | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_pb(cls, m: pb.DryRunResponse, query: Query | None = None) -> DryRun:
+        return cls(
+            loss=m.loss, accounting=ACCOUNTING_NAMES.get(m.accounting, "unspecified"),
+            cells=m.cells, mechanism=m.mechanism, noise_scale=m.noise_scale, tau=m.tau,
+            half_width=m.half_width, confidence=m.confidence, assumed_count=m.assumed_count,
+            expected_suppressed_share=m.expected_suppressed_share, fingerprint=m.fingerprint,
+            already_released=m.already_released, query=query,
+        )
+
+    @property
+    def loss_name(self) -> str:
+        return LOSS_SYMBOL.get(self.accounting, "loss")
+
+    @property
+    def cost(self) -> Fraction:
+        """What releasing would charge now: 0 when the query was already released."""
+        return Fraction(0) if self.already_released else amount(self.loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "query"}
+        out["query"] = None if self.query is None else str(self.query)
+        return {**out, "loss_name": self.loss_name, "cost": _fraction_text(self.cost)}
+
+    def __repr__(self) -> str:
+        free = " (already released: it would be returned free)" if self.already_released else ""
+        asked = f"{self.query}\n" if self.query is not None else ""
+        return (
+            f"{asked}Dry run: {self.loss_name} {self.loss}{free}\n"
+            f"  cells: {self.cells:,}; {self.mechanism}, scale {self.noise_scale:.4g}\n"
+            f"  count intervals: +/- {self.half_width} at {100 * self.confidence:g}%\n"
+            f"  published when the noisy count reaches tau = {self.tau}; a cell of "
+            f"{self.assumed_count} records is suppressed with probability "
+            f"{self.expected_suppressed_share:.1%}\n"
+            f"  fingerprint {self.fingerprint[:16]}"
+        )
+
+
+def _fraction_text(value: Fraction) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    d = value.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    if d == 1:
+        from decimal import Decimal
+
+        text = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
+        return text.rstrip("0").rstrip(".")
+    return f"{value.numerator}/{value.denominator}"
+
+
+# ---- budgets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The caller's privacy budget, exactly. Amounts are Fractions (compare them with numbers;
+    `str()` gives the server's exact text)."""
+
+    client_id: str
+    role: str
+    institution: str
+    accounting: str
+    cap: Fraction
+    spent: Fraction
+    reserved: Fraction  # held by releases in progress
+    remaining: Fraction
+    institution_cap: Fraction | None
+    institution_remaining: Fraction | None
+    dataset_remaining: Fraction | None
+
+    @classmethod
+    def from_pb(cls, m: pb.Budget) -> Budget:
+        roles = {pb.ROLE_RESEARCHER: "researcher", pb.ROLE_AUDITOR: "auditor",
+                 pb.ROLE_ADMIN: "admin"}
+        return cls(
+            client_id=m.client_id,
+            role=roles.get(m.role, "unspecified"),
+            institution=m.institution,
+            accounting=ACCOUNTING_NAMES.get(m.accounting, "unspecified"),
+            cap=amount(m.cap),
+            spent=amount(m.spent),
+            reserved=amount(m.reserved),
+            remaining=amount(m.remaining),
+            institution_cap=parse_amount(m.institution_cap),
+            institution_remaining=parse_amount(m.institution_remaining),
+            dataset_remaining=parse_amount(m.dataset_remaining),
+        )
+
+    @property
+    def loss_name(self) -> str:
+        return LOSS_SYMBOL.get(self.accounting, "loss")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = _fraction_text(value) if isinstance(value, Fraction) else value
+        out["loss_name"] = self.loss_name
+        return out
+
+    def __repr__(self) -> str:
+        d = self.to_dict()
+        lines = [
+            f"Budget of {self.client_id} ({self.role}"
+            + (f", {self.institution}" if self.institution else "")
+            + f"), {self.loss_name} ({self.accounting})",
+            f"  cap {d['cap']}, spent {d['spent']}, reserved {d['reserved']}, "
+            f"remaining {d['remaining']}",
+        ]
+        if self.institution_cap is not None:
+            lines.append(
+                f"  institution {self.institution}: cap {d['institution_cap']}, "
+                f"remaining {d['institution_remaining']}"
+            )
+        if self.dataset_remaining is not None:
+            lines.append(f"  dataset: remaining {d['dataset_remaining']}")
+        return "\n".join(lines)
+
+
+# ---- the caller's releases ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedRelease:
+    """One release the caller received: paid for, or served free because it existed already."""
+
+    release_id: str
+    request_id: str
+    fingerprint: str
+    canonical_query: str
+    charged: Fraction  # what the caller paid
+    release_loss: Fraction  # the loss the release was made with
+    received_at: str
+    reused: bool
+    data_version: str
+    client: Client | None = None
+
+    @classmethod
+    def from_pb(cls, m: pb.MyRelease, client: Client | None = None) -> ReceivedRelease:
+        return cls(
+            release_id=m.release_id, request_id=m.request_id, fingerprint=m.fingerprint,
+            canonical_query=m.canonical_query, charged=amount(m.charged),
+            release_loss=amount(m.release_loss), received_at=m.received_at, reused=m.reused,
+            data_version=m.data_version, client=client,
+        )
+
+    @property
+    def query(self) -> str:
+        """The query, as one readable line."""
+        return describe_canonical(self.canonical_query)
+
+    def fetch(self) -> Release:
+        """The release's cells, as first sent, at no charge."""
+        if self.client is None:
+            raise TypeError("this record is not bound to a client")
+        return self.client.get_release(self.release_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "release_id": self.release_id, "request_id": self.request_id,
+            "fingerprint": self.fingerprint, "canonical_query": self.canonical_query,
+            "charged": _fraction_text(self.charged),
+            "release_loss": _fraction_text(self.release_loss),
+            "received_at": self.received_at, "reused": self.reused,
+            "data_version": self.data_version, "query": self.query,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ReceivedRelease({self.release_id}, charged {_fraction_text(self.charged)}, "
+            f"{'reused' if self.reused else 'new'}, {self.received_at})"
+        )
+
+
+class ReleaseList(list[ReceivedRelease]):
+    """The caller's releases, oldest first; prints as a table."""
+
+    _headers = ("received_at", "release_id", "charged", "reused", "query")
+
+    def _rows(self) -> list[list[str]]:
+        return [
+            [r.received_at, r.release_id, _fraction_text(r.charged), "yes" if r.reused else "",
+             shorten(r.query, 80)]
+            for r in self
+        ]
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame([r.to_dict() for r in self])
+
+    def __repr__(self) -> str:
+        if not self:
+            return "no releases yet"
+        return text_table(self._headers, self._rows())
+
+    def _repr_html_(self) -> str:
+        return html_table(self._headers, self._rows())
+
+
+def describe_canonical(canonical: str) -> str:
+    """A server's canonical query (JSON) as one readable line: "count by gender where ..."."""
+    try:
+        data = json.loads(canonical)
+        measure = data["measure"]
+        if measure == "count":
+            text = "count"
+        elif "flag_counts" in measure:
+            text = f"flag counts of {measure['flag_counts']}"
+        elif "proportion" in measure:
+            text = f"proportion with {_canonical_filter(measure['proportion'])}"
+        else:
+            (kind, variable), = measure.items()
+            text = f"{kind} of {variable}"
+        if data.get("by"):
+            text += " by " + ", ".join(str(b) for b in data["by"])
+        if data.get("where") is not True and data.get("where") is not None:
+            text += f" where {_canonical_filter(data['where'])}"
+        return text
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return canonical
+
+
+def _canonical_filter(node: Any, nested: bool = False) -> str:
+    if node is True or node is False:
+        return "TRUE" if node else "FALSE"
+    if "var" in node:
+        codes = ", ".join(str(c) for c in node["in"])
+        text = f"{node['var']} IN ({codes})" if node["in"] else ""
+        if node.get("missing"):
+            text = f"{text} OR {node['var']} IS NULL" if text else f"{node['var']} IS NULL"
+            return f"({text})" if nested and " OR " in text else text
+        return text or "FALSE"
+    key = "and" if "and" in node else "or"
+    text = f" {key.upper()} ".join(_canonical_filter(o, True) for o in node[key])
+    return f"({text})" if nested else text
+
+
+def cells_from_json(document: dict[str, Any]) -> list[Cell]:
+    """The cells of a JSON document written by `Release.to_json` (for reading it back)."""
+    return [
+        Cell(c["keys"], c["value"], c["ci_low"], c["ci_high"], c["suppressed"])
+        for c in document["cells"]
+    ]
+
+
+__all__ = [
+    "JSON_FORMAT",
+    "Budget",
+    "Cell",
+    "DryRun",
+    "ReceivedRelease",
+    "Release",
+    "ReleaseList",
+    "ReleaseMetadata",
+    "cells_from_json",
+]

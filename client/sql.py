@@ -1,0 +1,440 @@
+"""A small SELECT subset, parsed on the researcher's machine into the typed query.
+
+    parse_sql("SELECT gender, ageBroad, COUNT(*) FROM victims "
+              "WHERE majorityStatus = 'Minor' GROUP BY gender, ageBroad")
+    # == count().by("gender", "ageBroad").where(majorityStatus="Minor")
+
+The text is parsed with sqlglot (DuckDB's dialect) and walked into `client.query` objects; only
+the typed query goes to the server, never SQL. Conditions keep SQL's meaning: `x <> 'a'`,
+`x NOT IN (...)` and `NOT (...)` drop the records where x is missing, as they do in DuckDB (a
+comparison with a missing value is not true). Anything outside the subset raises UnsupportedSQL,
+whose message says what was refused and lists what is supported (`client.errors.SUPPORTED_SQL`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+
+from client.errors import UnsupportedSQL
+from client.query import (
+    And,
+    Count,
+    Eq,
+    Filter,
+    FlagCounts,
+    In,
+    Mean,
+    Measure,
+    Missing,
+    Not,
+    Or,
+    Proportion,
+    Query,
+    Range,
+    Sum,
+    Value,
+)
+
+_CLAUSES = {
+    "having": "HAVING",
+    "order": "ORDER BY",
+    "limit": "LIMIT",
+    "offset": "OFFSET",
+    "joins": "JOIN (one table only)",
+    "laterals": "LATERAL",
+    "distinct": "DISTINCT",
+    "with": "WITH",
+    "with_": "WITH",
+    "qualify": "QUALIFY",
+    "windows": "WINDOW",
+    "sample": "TABLESAMPLE",
+    "pivots": "PIVOT",
+    "into": "INTO",
+    "locks": "FOR UPDATE",
+    "connect": "CONNECT BY",
+    "prewhere": "PREWHERE",
+    "cluster": "CLUSTER BY",
+    "distribute": "DISTRIBUTE BY",
+    "sort": "SORT BY",
+    "match": "MATCH_RECOGNIZE",
+}
+_ALLOWED = {"expressions", "from", "from_", "where", "group", "kind"}
+_FLIPPED: dict[type[Node], type[Node]] = {
+    exp.EQ: exp.EQ, exp.NEQ: exp.NEQ, exp.LT: exp.GT, exp.GT: exp.LT,
+    exp.LTE: exp.GTE, exp.GTE: exp.LTE,
+}
+_COMPARISONS = (exp.EQ, exp.NEQ, exp.LT, exp.LTE, exp.GT, exp.GTE)
+# A parsed SQL node. sqlglot's own base class has changed name across releases (Expression,
+# Expr), so nodes are checked with isinstance at each step rather than typed statically.
+Node = Any
+
+
+def parse_sql(text: str) -> Query:
+    """The typed query one SELECT in veil's subset describes (not bound to a client)."""
+    if not isinstance(text, str) or not text.strip():
+        raise UnsupportedSQL("the SQL text is empty")
+    try:
+        statements = [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
+    except (ParseError, TokenError) as exc:
+        raise UnsupportedSQL(f"the SQL could not be parsed: {_first_line(exc)}") from None
+    if len(statements) != 1:
+        raise UnsupportedSQL(f"give one SELECT statement, not {len(statements)}")
+    return _Translator().select(statements[0])
+
+
+def parse_condition(text: str) -> Filter:
+    """A WHERE condition alone, in the same subset: "majorityStatus = 'Minor' AND ..."."""
+    if not isinstance(text, str) or not text.strip():
+        raise UnsupportedSQL("the condition is empty")
+    try:
+        statements = sqlglot.parse(f"SELECT COUNT(*) FROM t WHERE {text}", read="duckdb")
+    except (ParseError, TokenError) as exc:
+        raise UnsupportedSQL(f"the condition could not be parsed: {_first_line(exc)}") from None
+    if len(statements) != 1 or not isinstance(statements[0], exp.Select):
+        raise UnsupportedSQL("give one condition")
+    query = _Translator().select(statements[0])
+    assert query.filter is not None
+    return query.filter
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _sql(node: Node) -> str:
+    try:
+        text = str(node.sql(dialect="duckdb"))
+    except Exception:  # printing is for the message only
+        text = type(node).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Translator:
+    def __init__(self) -> None:
+        self.table: str | None = None
+        self.alias: str | None = None
+
+    # -- the statement --
+    def select(self, statement: Node) -> Query:
+        if isinstance(statement, (exp.Union, exp.Intersect, exp.Except)):
+            raise UnsupportedSQL(f"{type(statement).__name__.upper()} is not supported")
+        if not isinstance(statement, exp.Select):
+            raise UnsupportedSQL(
+                f"only SELECT is supported, got {statement.key.upper()}"
+            )
+        for key, value in statement.args.items():
+            if key in _ALLOWED or not value:
+                continue
+            clause = _CLAUSES.get(key, key.upper())
+            raise UnsupportedSQL(f"{clause} is not supported")
+        self._from(statement.args.get("from_") or statement.args.get("from"))
+
+        dimensions: list[str] = []
+        measures: list[Measure] = []
+        for item in statement.expressions:
+            node = item.this if isinstance(item, exp.Alias) else item
+            if isinstance(node, exp.Star):
+                raise UnsupportedSQL(
+                    "SELECT * is not supported: veil releases aggregates, never rows; "
+                    "select dimensions and one aggregate"
+                )
+            if isinstance(node, exp.Column):
+                if isinstance(item, exp.Alias):
+                    raise UnsupportedSQL(
+                        f"an alias on a dimension ({_sql(item)}) is not supported: results are "
+                        "keyed by codebook names"
+                    )
+                name = self._column(node)
+                if name in dimensions:
+                    raise UnsupportedSQL(f"{name} is selected twice", variable=name)
+                dimensions.append(name)
+            else:
+                measures.append(self._aggregate(node))
+        if len(measures) != 1:
+            raise UnsupportedSQL(
+                f"select exactly one aggregate, got {len(measures)}"
+                + ("" if measures else " (a SELECT of dimensions only would release rows)")
+            )
+
+        group = statement.args.get("group")
+        if group is not None:
+            if group.args.get("all"):
+                grouped = list(dimensions)
+            else:
+                extra = [k for k in group.args if k != "expressions" and group.args.get(k)]
+                if extra:
+                    raise UnsupportedSQL(f"GROUP BY {extra[0].upper()} is not supported")
+                grouped = []
+                for node in group.expressions:
+                    if not isinstance(node, exp.Column):
+                        raise UnsupportedSQL(
+                            f"GROUP BY takes dimension names, got {_sql(node)}"
+                        )
+                    grouped.append(self._column(node))
+            if sorted(grouped) != sorted(dimensions):
+                raise UnsupportedSQL(
+                    "GROUP BY must list exactly the selected dimensions "
+                    f"(selected: {', '.join(dimensions) or 'none'}; "
+                    f"grouped: {', '.join(grouped) or 'none'})"
+                )
+        elif dimensions:
+            raise UnsupportedSQL(
+                f"selected dimensions ({', '.join(dimensions)}) need a GROUP BY listing them"
+            )
+
+        where = statement.args.get("where")
+        condition = self.true(where.this) if where is not None else None
+        return Query(measures[0], tuple(dimensions), condition)
+
+    def _from(self, clause: Any) -> None:
+        if clause is None:
+            raise UnsupportedSQL("a FROM clause is needed: FROM any one table name")
+        table = clause.this
+        if not isinstance(table, exp.Table):
+            raise UnsupportedSQL(
+                f"FROM takes one table name, not {_sql(table)} (subqueries are not supported)"
+            )
+        if any(table.args.get(k) for k in ("joins", "laterals", "pivots", "sample")):
+            raise UnsupportedSQL("FROM takes one table name, nothing more")
+        if not isinstance(table.this, exp.Identifier):
+            raise UnsupportedSQL(f"FROM takes one table name, not {_sql(table)}")
+        self.table = table.name
+        self.alias = table.alias or None
+
+    def _column(self, node: exp.Column) -> str:
+        qualifier = node.table
+        if qualifier and qualifier not in (self.table, self.alias):
+            raise UnsupportedSQL(
+                f"{_sql(node)} names table {qualifier!r}; only the FROM table may be used"
+            )
+        if node.args.get("db") or node.args.get("catalog"):
+            raise UnsupportedSQL(f"{_sql(node)}: qualified names are not supported")
+        if not isinstance(node.this, exp.Identifier):
+            raise UnsupportedSQL(f"{_sql(node)} is not a variable name")
+        return str(node.name)
+
+    # -- the aggregate --
+    def _aggregate(self, node: Node) -> Measure:
+        if isinstance(node, exp.Count):
+            if isinstance(node.this, exp.Star):
+                return Count()
+            raise UnsupportedSQL(
+                f"{_sql(node)} is not supported: use COUNT(*) (add WHERE x IS NOT NULL to count "
+                "records where x is present)"
+            )
+        if isinstance(node, exp.Sum):
+            return Sum(self._argument(node, "SUM"))
+        if isinstance(node, exp.Avg):
+            inner = node.this
+            if isinstance(inner, exp.Paren):
+                inner = inner.this
+            if isinstance(inner, (exp.Case, exp.If)):
+                return Proportion(self._indicator(inner))
+            return Mean(self._argument(node, "AVG"))
+        if isinstance(node, exp.Anonymous):
+            name = str(node.this).upper()
+            args = list(node.expressions)
+            if name == "PROPORTION":
+                if len(args) != 1:
+                    raise UnsupportedSQL("PROPORTION takes one condition")
+                return Proportion(self.true(args[0]))
+            if name == "FLAG_COUNTS":
+                if len(args) != 1 or not isinstance(args[0], exp.Column):
+                    raise UnsupportedSQL("FLAG_COUNTS takes the name of one flag set")
+                return FlagCounts(self._column(args[0]))
+            if name == "MEAN":
+                if len(args) != 1 or not isinstance(args[0], exp.Column):
+                    raise UnsupportedSQL("MEAN takes one variable")
+                return Mean(self._column(args[0]))
+        if isinstance(node, exp.Window):
+            raise UnsupportedSQL(f"window functions are not supported ({_sql(node)})")
+        if isinstance(node, exp.Func):
+            raise UnsupportedSQL(f"the function in {_sql(node)} is not supported")
+        if isinstance(node, (exp.Subquery, exp.Select)):
+            raise UnsupportedSQL("subqueries are not supported")
+        raise UnsupportedSQL(
+            f"{_sql(node)} is not supported in SELECT: select dimension names and one aggregate"
+        )
+
+    def _argument(self, node: Node, name: str) -> str:
+        argument = node.this
+        if isinstance(argument, exp.Distinct):
+            raise UnsupportedSQL(f"{name}(DISTINCT ...) is not supported")
+        if not isinstance(argument, exp.Column):
+            raise UnsupportedSQL(f"{name} takes one integer variable, got {_sql(node)}")
+        return self._column(argument)
+
+    def _indicator(self, node: Node) -> Filter:
+        """AVG(CASE WHEN c THEN 1 ELSE 0 END) and AVG(IF(c, 1, 0)) are proportions of c."""
+        if isinstance(node, exp.Case):
+            ifs = node.args.get("ifs") or []
+            if node.this is not None or len(ifs) != 1:
+                raise UnsupportedSQL(
+                    "use AVG(CASE WHEN <condition> THEN 1 ELSE 0 END), with one WHEN"
+                )
+            condition, then, otherwise = ifs[0].this, ifs[0].args.get("true"), node.args.get(
+                "default"
+            )
+        else:
+            condition, then, otherwise = node.this, node.args.get("true"), node.args.get("false")
+        if _number(then) != 1 or _number(otherwise) != 0:
+            raise UnsupportedSQL(
+                "a proportion is AVG(CASE WHEN <condition> THEN 1 ELSE 0 END); other values "
+                "are not supported (an ELSE NULL would change the denominator)"
+            )
+        return self.true(condition)
+
+    # -- conditions, with SQL's meaning --
+    def true(self, node: Node) -> Filter:
+        """The records for which the SQL condition is TRUE (not FALSE, not NULL)."""
+        return self._condition(node, positive=True)
+
+    def _condition(self, node: Node, *, positive: bool) -> Filter:
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, exp.Not):
+            return self._condition(node.this, positive=not positive)
+        if isinstance(node, (exp.And, exp.Or)):
+            left = self._condition(node.left, positive=positive)
+            right = self._condition(node.right, positive=positive)
+            # NOT (a AND b) is TRUE when either is FALSE: De Morgan, with SQL's three values.
+            conjunction = isinstance(node, exp.And) == positive
+            return _and(left, right) if conjunction else _or(left, right)
+        if isinstance(node, exp.Is):
+            name = self._operand_column(node.this, node)
+            if not isinstance(node.expression, exp.Null):
+                raise UnsupportedSQL(f"{_sql(node)}: only IS NULL and IS NOT NULL are supported")
+            return Missing(name) if positive else Not(Missing(name))
+        if isinstance(node, exp.In):
+            if node.args.get("query") is not None or node.args.get("unnest") is not None:
+                raise UnsupportedSQL("IN takes a list of literals; subqueries are not supported")
+            name = self._operand_column(node.this, node)
+            values = [self._literal(v, node) for v in node.expressions]
+            if not values:
+                raise UnsupportedSQL(f"{_sql(node)}: IN needs at least one value")
+            leaf: Filter = Eq(name, values[0]) if len(values) == 1 else In(name, values)
+            return leaf if positive else _absent(leaf, name)
+        if isinstance(node, exp.Between):
+            name = self._operand_column(node.this, node)
+            low = self._integer(node.args["low"], node)
+            high = self._integer(node.args["high"], node)
+            leaf = Range(name, low, high)
+            return leaf if positive else _absent(leaf, name)
+        if isinstance(node, _COMPARISONS):
+            return self._comparison(node, positive=positive)
+        if isinstance(node, exp.Column):
+            # A flag alone, as DuckDB reads an integer as a boolean: TRUE when 1, FALSE when 0.
+            name = self._column(node)
+            return Eq(name, 1 if positive else 0)
+        if isinstance(node, (exp.Like, exp.ILike, exp.RegexpLike, exp.SimilarTo)):
+            raise UnsupportedSQL(f"{_sql(node)}: pattern matching is not supported; use IN")
+        if isinstance(node, (exp.Subquery, exp.Select, exp.Exists)):
+            raise UnsupportedSQL("subqueries are not supported")
+        if isinstance(node, exp.Func):
+            raise UnsupportedSQL(f"functions are not supported in conditions ({_sql(node)})")
+        raise UnsupportedSQL(f"the condition {_sql(node)} is not supported")
+
+    def _comparison(self, node: Node, *, positive: bool) -> Filter:
+        left, right = node.this, node.expression
+        kind: type[Node] = type(node)
+        if not isinstance(left, exp.Column) and isinstance(right, exp.Column):
+            left, right, kind = right, left, _FLIPPED[kind]
+        name = self._operand_column(left, node)
+        if isinstance(right, exp.Null):
+            raise UnsupportedSQL(
+                f"{_sql(node)} is never true in SQL; write {name} IS NULL or IS NOT NULL",
+                variable=name,
+            )
+        if kind is exp.NEQ:
+            return self._comparison(exp.EQ(this=left, expression=right), positive=not positive)
+        if kind is exp.EQ:
+            leaf: Filter = Eq(name, self._literal(right, node))
+        else:
+            bound = self._integer(right, node)
+            if kind is exp.LT:
+                leaf = Range(name, None, bound - 1)
+            elif kind is exp.LTE:
+                leaf = Range(name, None, bound)
+            elif kind is exp.GT:
+                leaf = Range(name, bound + 1, None)
+            else:
+                leaf = Range(name, bound, None)
+        return leaf if positive else _absent(leaf, name)
+
+    def _operand_column(self, node: Node, context: Node) -> str:
+        if not isinstance(node, exp.Column):
+            raise UnsupportedSQL(
+                f"{_sql(context)}: compare a variable with literals (a variable name on one side)"
+            )
+        return self._column(node)
+
+    def _literal(self, node: Node, context: Node) -> Value:
+        if isinstance(node, exp.Boolean):
+            return 1 if node.this else 0
+        if isinstance(node, exp.Literal):
+            if node.is_string:
+                return str(node.this)
+            return self._integer(node, context)
+        if isinstance(node, exp.Neg):
+            return self._integer(node, context)
+        if isinstance(node, exp.Null):
+            raise UnsupportedSQL(f"{_sql(context)}: NULL is not a value; use IS NULL")
+        raise UnsupportedSQL(
+            f"{_sql(context)}: values must be literals ('text', integers, TRUE, FALSE), "
+            f"got {_sql(node)}"
+        )
+
+    def _integer(self, node: Any, context: Node) -> int:
+        value = _number(node)
+        if value is None or value != int(value):
+            raise UnsupportedSQL(
+                f"{_sql(context)}: <, <=, >, >= and BETWEEN compare integer variables with "
+                f"integers, got {_sql(node) if node is not None else 'nothing'}"
+            )
+        return int(value)
+
+
+def _number(node: Any) -> float | None:
+    negative = False
+    while isinstance(node, (exp.Neg, exp.Paren)):
+        negative ^= isinstance(node, exp.Neg)
+        node = node.this
+    if isinstance(node, exp.Literal) and not node.is_string:
+        try:
+            value = float(node.this)
+        except ValueError:
+            return None
+        return -value if negative else value
+    if isinstance(node, exp.Boolean) and not negative:
+        return 1.0 if node.this else 0.0
+    return None
+
+
+def _absent(leaf: Filter, name: str) -> Filter:
+    """Where `leaf` is FALSE in SQL: the variable is present and the leaf does not hold."""
+    return And(Not(leaf), Not(Missing(name)))
+
+
+def _unique(filters: list[Filter]) -> list[Filter]:
+    out: list[Filter] = []
+    for f in filters:
+        if f not in out:
+            out.append(f)
+    return out
+
+
+def _and(left: Filter, right: Filter) -> Filter:
+    parts = _unique(list(And(left, right).operands))
+    return parts[0] if len(parts) == 1 else And(*parts)
+
+
+def _or(left: Filter, right: Filter) -> Filter:
+    parts = _unique(list(Or(left, right).operands))
+    return parts[0] if len(parts) == 1 else Or(*parts)
+
+
+__all__ = ["parse_condition", "parse_sql"]

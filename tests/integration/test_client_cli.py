@@ -1,0 +1,219 @@
+"""`veil query`, `veil dry-run`, `veil codebook`, `veil budget`, `veil releases` against a real
+server on port 0: tables for people, CSV and JSON that parse back, exit statuses for errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+import client
+import veil_cli
+from tests.client_harness import add_researcher, address, start_server
+from tests.server_harness import LiveServer
+
+ROOT = Path(__file__).resolve().parents[2]
+SQL = (
+    "SELECT gender, ageBroad, COUNT(*) FROM victims WHERE majorityStatus = 'Minor' "
+    "GROUP BY gender, ageBroad"
+)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = start_server(tmp_path_factory.mktemp("client-cli"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh researcher, named by VEIL_SERVER and VEIL_TOKEN; returns its token."""
+    _, token = add_researcher(live, cap="5")
+    monkeypatch.setenv("VEIL_SERVER", address(live))
+    monkeypatch.setenv("VEIL_TOKEN", token)
+    return token
+
+
+def veil(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = veil_cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_query_table_is_aligned_and_timed(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = veil(capsys, "query", SQL, "--epsilon", "0.5")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["gender", "ageBroad", "value", "95%", "CI", "suppressed"]
+    assert set(lines[1]) <= {"-", " "}
+    value_end = lines[0].index("value") + len("value")
+    rows = [line for line in lines[2:] if line and not line.startswith("count by")]
+    assert len(rows) == 40
+    assert all(line[value_end - 1] in "0123456789-" for line in rows)  # right-aligned values
+    assert any(line.rstrip().endswith("yes") for line in rows)
+    assert "epsilon 0.5" in out and "release rel_" in out
+    assert "veil: release took" in err
+
+
+def test_query_json_parses_back(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    adults = SQL.replace("'Minor'", "'Adult'")
+    code, out, _ = veil(capsys, "query", adults, "--epsilon", "0.25", "--format", "json", "-q")
+    assert code == 0
+    document = json.loads(out)
+    assert document["format"] == "veil.release/1"
+    assert document["dimensions"] == ["gender", "ageBroad"]
+    metadata = document["metadata"]
+    assert metadata["loss"] == "0.25" and metadata["accounting"] == "pure_dp"
+    assert {"release_id", "charge_id", "mechanism", "noise_scale", "tau", "k", "beta",
+            "confidence", "cells", "suppressed_cells", "fingerprint", "data_version"} <= set(
+        metadata)
+    cells = document["cells"]
+    assert len(cells) == metadata["cells"] == 40
+    assert sum(c["suppressed"] for c in cells) == metadata["suppressed_cells"]
+    for cell in cells:
+        assert set(cell) == {"keys", "value", "ci_low", "ci_high", "suppressed"}
+        assert set(cell["keys"]) == {"gender", "ageBroad"}
+        if cell["suppressed"]:
+            assert cell["value"] is None and cell["ci_low"] is None and cell["ci_high"] is None
+        else:
+            assert cell["ci_low"] <= cell["value"] <= cell["ci_high"]
+    # The same cells as the release the client fetches by id.
+    with client.connect(token=env) as veil_client:
+        fetched = veil_client.get_release(metadata["release_id"])
+    by_keys = {tuple(sorted(c.keys.items(), key=str)): c for c in fetched}
+    for cell in cells:
+        same = by_keys[tuple(sorted(cell["keys"].items(), key=str))]
+        assert (same.value, same.ci_low, same.ci_high, same.suppressed) == (
+            cell["value"], cell["ci_low"], cell["ci_high"], cell["suppressed"])
+    assert document["request"]["query"].startswith("count by gender, ageBroad")
+
+
+def test_query_csv_from_options_parses_back(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = veil(
+        capsys, "query", "--flag-counts", "meansOfControl", "--by", "majorityStatus",
+        "--where", "majorityStatus=Minor,Adult", "--epsilon", "0.5", "--format", "csv", "-q",
+    )
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["flag", "majorityStatus", "value", "ci_low", "ci_high",
+                             "suppressed"]
+    assert len(rows) == 18 * 4
+    for row in rows:
+        assert row["suppressed"] in ("true", "false")
+        if row["suppressed"] == "true":
+            assert row["value"] == row["ci_low"] == row["ci_high"] == ""
+        else:
+            assert int(row["ci_low"]) <= int(row["value"]) <= int(row["ci_high"])
+    assert {r["majorityStatus"] for r in rows} == {"Minor", "Adult", "Unknown", ""}
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.read_csv(io.StringIO(out))
+    assert frame["value"].isna().sum() == sum(r["suppressed"] == "true" for r in rows)
+
+
+def test_query_options_and_sql_conditions(env: str, capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    target = tmp_path / "share.json"
+    code, out, _ = veil(
+        capsys, "query", "--proportion", "isSexualExploit = 1", "--by", "gender",
+        "--where", "ageBroad IN ('0--8', '9--17')", "--where", "citizenship IS NOT NULL",
+        "--epsilon", "0.2", "-f", "json", "-o", str(target), "-q",
+    )
+    assert code == 0 and out == ""
+    document = json.loads(target.read_text())
+    assert document["metadata"]["measure"] == "Proportion"
+    assert all(0 <= c["value"] <= 1 for c in document["cells"] if not c["suppressed"])
+
+
+def test_dry_run_budget_and_releases(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = veil(capsys, "dry-run", "--count", "--by", "gender", "--half-width", "20",
+                        "-f", "json", "-q")
+    assert code == 0
+    priced = json.loads(out)
+    assert priced["half_width"] <= 20 and priced["already_released"] is False
+    assert priced["query"] == "count by gender"
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"  # a dry run is free
+
+    code, out, _ = veil(capsys, "query", "--count", "--by", "gender", "--loss", priced["loss"],
+                        "-q")
+    assert code == 0
+    code, out, _ = veil(capsys, "budget", "-q")
+    assert code == 0 and f"spent {priced['loss']}" in out and "remaining" in out
+    code, out, _ = veil(capsys, "dry-run", "--count", "--by", "gender", "--loss", priced["loss"],
+                        "-q")
+    assert "already released" in out
+
+    code, out, _ = veil(capsys, "releases", "-f", "json", "-q")
+    (listed,) = json.loads(out)["releases"]
+    assert listed["charged"] == priced["loss"] and listed["query"] == "count by gender"
+    code, out, _ = veil(capsys, "releases", "-f", "csv", "-q")
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row["release_id"] == listed["release_id"] and row["reused"] == "false"
+    code, out, _ = veil(capsys, "releases", "-q")
+    assert listed["release_id"] in out and "count by gender" in out
+    code, out, _ = veil(capsys, "releases", listed["release_id"], "-f", "json", "-q")
+    assert json.loads(out)["metadata"]["release_id"] == listed["release_id"]
+    assert Fraction(json.loads(out)["metadata"]["loss"]) == Fraction(priced["loss"])
+
+
+def test_codebook(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = veil(capsys, "codebook", "-q")
+    assert code == 0 and "gender" in out and "meansOfControl" in out and "accounting" in out
+    code, out, _ = veil(capsys, "codebook", "--search", "recruit", "-f", "json", "-q")
+    names = {item["name"] for item in json.loads(out)["items"]}
+    assert "recruiterRelation" in names and "gender" not in names
+    code, out, _ = veil(capsys, "codebook", "gender", "-q")
+    assert "Transgender/NonConforming" in out and "missing" in out
+    code, out, _ = veil(capsys, "codebook", "ageBroad", "-f", "csv", "-q")
+    assert [r["code"] for r in csv.DictReader(io.StringIO(out))][:2] == ["0--8", "9--17"]
+    code, out, _ = veil(capsys, "codebook", "sexType", "-f", "json", "-q")
+    assert len(json.loads(out)["flags"]) == 4
+
+
+def test_errors_have_messages_and_exit_statuses(
+    live: LiveServer, env: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code, out, err = veil(capsys, "query", "SELECT * FROM victims", "--epsilon", "0.1")
+    assert code == 2 and out == ""
+    assert "SELECT * is not supported" in err and "FLAG_COUNTS" in err
+    code, _, err = veil(capsys, "query", "--count", "--by", "nope", "--epsilon", "0.1")
+    assert code == 2 and "variable nope" in err
+    code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "9")
+    assert code == 3 and "budget exhausted" in err and "5 left in the client budget" in err
+    code, _, err = veil(capsys, "query", "--epsilon", "0.1")
+    assert code == 2 and "give a query" in err
+    code, _, err = veil(capsys, "query", SQL, "--by", "gender", "--epsilon", "0.1")
+    assert code == 2 and "not both" in err
+    code, _, err = veil(capsys, "budget", "--token", "veil_wrong")
+    assert code == 4 and "token" in err
+    monkeypatch.setenv("VEIL_SERVER", "127.0.0.1:1")
+    code, _, err = veil(capsys, "budget", "--timeout", "2", "--retries", "2")
+    assert code == 5 and "127.0.0.1:1" in err
+    with pytest.raises(SystemExit):  # argparse: a loss is required
+        veil_cli.main(["query", SQL])
+
+
+def test_token_file_and_the_real_command(live: LiveServer, tmp_path: Path) -> None:
+    _, token = add_researcher(live)
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    result = subprocess.run(
+        [sys.executable, "veil_cli.py", "query", SQL.replace("ageBroad", "Datasource"),
+         "--epsilon", "0.3", "-f", "json",
+         "--server", address(live), "--token-file", str(token_file)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("VEIL_TOKEN", "VEIL_SERVER")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["metadata"]["loss"] == "0.3"  # stdout holds only the JSON
+    assert "took" in result.stderr

@@ -1,0 +1,178 @@
+"""The client's query builder: immutable, fluent, and the wire form it sends."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+
+import client
+from client import And, Eq, In, Missing, Not, Or, Present, Range
+from client.codebook import Codebook
+from client.connection import _is_loopback, decimal_text
+from client.query import Count, FlagCounts, Proportion, Query, count, flag_counts, proportion
+from engine.codebook import default_codebook
+from protos.veil.v1 import veil_pb2 as pb
+from server.convert import codebook_to_pb
+
+
+@pytest.fixture(scope="module")
+def book() -> Codebook:
+    response = pb.GetCodebookResponse(
+        codebook=codebook_to_pb(default_codebook()),
+        deployment=pb.Deployment(accounting=pb.ACCOUNTING_PURE_DP, k=10, confidence=0.95),
+    )
+    return Codebook.from_pb(response)
+
+
+def test_builder_is_immutable_and_accumulates() -> None:
+    base = count()
+    grouped = base.by("gender")
+    both = grouped.by("ageBroad").where(majorityStatus="Minor").where(isSexualExploit=1)
+    assert base.dimensions == () and grouped.dimensions == ("gender",)
+    assert both.dimensions == ("gender", "ageBroad")
+    assert both.filter == And(Eq("majorityStatus", "Minor"), Eq("isSexualExploit", 1))
+    assert count().by("gender, ageBroad") == count().by("gender", "ageBroad")
+    assert count().by(["gender", "ageBroad"]) == count().by("gender").by("ageBroad")
+    with pytest.raises(client.InvalidQuery) as error:
+        count().by("gender").by("gender")
+    assert error.value.variable == "gender"
+
+
+def test_keyword_conditions() -> None:
+    query = count().where(
+        ageBroad=["0--8", "9--17"], gender=None, isForcedLabour=True, citizenship="PH"
+    )
+    assert query.filter == And(
+        In("ageBroad", ["0--8", "9--17"]),
+        Missing("gender"),
+        Eq("isForcedLabour", 1),
+        Eq("citizenship", "PH"),
+    )
+    assert count().where() == count()
+    with pytest.raises(TypeError):
+        count().where(gender=Eq("gender", "Male"))
+    with pytest.raises(TypeError):
+        count().where("gender = 'Male'")  # type: ignore[arg-type]
+
+
+def test_operators_and_helpers() -> None:
+    a, b = Eq("gender", "Male"), Range("yearOfRegistration", 2010, 2015)
+    assert a & b == And(a, b)
+    assert a | b == Or(a, b)
+    assert ~a == Not(a)
+    assert Present("gender") == Not(Missing("gender"))
+    assert And(And(a, b), a).operands == (a, b, a)  # nested ANDs flatten
+    assert str(Range("yearOfRegistration", low=2010)) == "yearOfRegistration >= 2010"
+    assert str(Not(Missing("gender"))) == "gender IS NOT NULL"
+    assert repr(In("ageBroad", ["0--8"])) == "In('ageBroad', ['0--8'])"
+    with pytest.raises(client.InvalidQuery):
+        Range("yearOfRegistration")
+    with pytest.raises(client.InvalidQuery):
+        In("gender", [])
+    with pytest.raises(client.InvalidQuery):
+        Eq("gender", 1.5)  # type: ignore[arg-type]
+
+
+def test_wire_form() -> None:
+    query = (
+        flag_counts("meansOfControl")
+        .by("majorityStatus")
+        .where(In("majorityStatus", ["Minor", "Adult"]) | Missing("gender"))
+    )
+    message = query.to_pb()
+    assert message.measure.flag_counts.flag_set == "meansOfControl"
+    assert list(message.by) == ["majorityStatus"]
+    operands = message.where.any_of.operands
+    assert [v.text for v in operands[0].in_set.values] == ["Minor", "Adult"]
+    assert operands[1].is_missing.variable == "gender"
+
+    share = proportion(isSexualExploit=1).by("gender").to_pb()
+    assert share.measure.proportion.condition.equals.value.integer == 1
+    between = count().where(Range("yearOfRegistration", None, 2015)).to_pb()
+    assert not between.where.between.HasField("low") and between.where.between.high == 2015
+    assert client.Query(client.Sum("yearOfRegistration")).to_pb().measure.sum.variable
+    assert client.Query(client.Mean("yearOfRegistration")).to_pb().measure.mean.variable
+    with pytest.raises(client.InvalidQuery):
+        proportion()
+
+
+def test_text_forms() -> None:
+    query = count().by("gender").where(majorityStatus="Minor", ageBroad=["0--8", "9--17"])
+    assert str(query) == (
+        "count by gender where majorityStatus = 'Minor' AND ageBroad IN ('0--8', '9--17')"
+    )
+    assert repr(query).startswith("<veil query count().by('gender').where(")
+    assert str(Query(Proportion(Eq("isSexualExploit", 1)))) == (
+        "proportion with isSexualExploit = 1"
+    )
+    assert str(Query(FlagCounts("sexType"))) == "flag counts of sexType"
+
+
+def test_unbound_queries_say_how_to_run_them() -> None:
+    with pytest.raises(TypeError, match="not bound to a client"):
+        count().release(epsilon=0.5)
+    with pytest.raises(TypeError, match="not bound to a client"):
+        count().dry_run(epsilon=0.5)
+
+
+def test_normalised_names_and_values(book: Codebook) -> None:
+    query = (
+        count()
+        .by("GENDER")
+        .where(majoritystatus="Minor", isSexualExploit="1", yearOfRegistration="2015")
+        .where(In("citizenshipregion", ["Asia"]))
+    )
+    fixed = query.normalized(book)
+    assert fixed.dimensions == ("gender",)
+    assert fixed.filter == And(
+        Eq("majorityStatus", "Minor"),
+        Eq("isSexualExploit", 1),
+        Eq("yearOfRegistration", 2015),
+        In("citizenshipRegion", ["Asia"]),
+    )
+    # Unknown names are left for the server to refuse, with the variable named.
+    assert count().by("nope").normalized(book).dimensions == ("nope",)
+    # A category value written as an integer becomes text.
+    assert count().where(gender=3).normalized(book).filter == Eq("gender", "3")
+    assert Query(Count()).normalized(book) == Query(Count())
+
+
+def test_codebook_browsing(book: Codebook) -> None:
+    gender = book["gender"]
+    assert isinstance(gender, client.Variable) and gender.kind == "category"
+    assert gender.codes == ["Male", "Female", "Transgender/NonConforming"]
+    assert book["Gender"] is gender
+    assert isinstance(book["meansOfControl"], client.FlagSet)
+    assert isinstance(book["citizenshipRegion"], client.DerivedDimension)
+    assert "gender" in book and "nope" not in book
+    with pytest.raises(KeyError, match="did you mean gender"):
+        book["gendr"]
+    assert {item.name for item in book.search("recruit")} >= {
+        "recruiterRelation", "recruiterRelationFamily"
+    }
+    assert "meansOfControl" in repr(book) and "<table" in book._repr_html_()
+    assert "Transgender/NonConforming" in repr(gender)
+    frame = book.to_pandas()
+    assert {"name", "kind", "domain", "definition"} <= set(frame.columns)
+    assert book.deployment.loss_name == "epsilon"
+
+
+def test_losses_travel_as_exact_decimals() -> None:
+    assert decimal_text(0.1) == "0.1"
+    assert decimal_text(1e-5) == "0.00001"
+    assert decimal_text(2) == "2"
+    assert decimal_text("0.50") == "0.5"
+    assert decimal_text(Decimal("0.125")) == "0.125"
+    assert decimal_text(Fraction(1, 4)) == "0.25"
+    for bad in (Fraction(1, 3), 0, -1, float("nan"), float("inf"), "abc", True, None):
+        with pytest.raises(client.InvalidQuery):
+            decimal_text(bad)
+
+
+def test_loopback_detection_decides_the_default_tls() -> None:
+    for address in ("localhost:50051", "127.0.0.1:1", "[::1]:50051", "unix:/tmp/veil.sock"):
+        assert _is_loopback(address), address
+    for address in ("veil.example.org:443", "10.0.0.1:50051", "[2001:db8::1]:50051"):
+        assert not _is_loopback(address), address

@@ -1,0 +1,233 @@
+"""Release objects: Arrow and pandas, the readable table, JSON and CSV, the plot; and errors
+decoded from a server's status."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from fractions import Fraction
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import pytest
+
+import client
+from client.errors import from_rpc_error
+from client.query import count, flag_counts
+from client.results import Budget, DryRun, Release, describe_canonical
+from protos.veil.v1 import status_pb2
+from protos.veil.v1 import veil_pb2 as pb
+
+
+def response(table: pa.Table, measure: str = "Count", **meta: Any) -> pb.ReleaseResponse:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    metadata = pb.ReleaseMetadata(
+        release_id="rel_1", charge_id="chg_1", measure=measure, mechanism="discrete_laplace",
+        accounting=pb.ACCOUNTING_PURE_DP, loss="0.5", measured_loss="0.5", noise_scale=2.0,
+        tau=15, k=10, beta=0.05, confidence=0.95, cells=table.num_rows,
+        suppressed_cells=sum(table.column("suppressed").to_pylist()), **meta,
+    )
+    return pb.ReleaseResponse(metadata=metadata, arrow_ipc=sink.getvalue().to_pybytes())
+
+
+def count_table() -> pa.Table:
+    """As the server sends it: its own dimension order (ageBroad, then gender), row-major."""
+    ages = ["0--8", "0--8", "0--8", None, None, None]
+    genders = ["Male", "Female", None, "Male", "Female", None]
+    values = [120, None, 30, None, 45, None]
+    suppressed = [v is None for v in values]
+    low = [None if v is None else float(max(v - 6, 0)) for v in values]
+    high = [None if v is None else float(v + 6) for v in values]
+    return pa.table({
+        "ageBroad": pa.array(ages, pa.string()),
+        "gender": pa.array(genders, pa.string()),
+        "value": pa.array(values, pa.int64()),
+        "ci_low": pa.array(low, pa.float64()),
+        "ci_high": pa.array(high, pa.float64()),
+        "suppressed": pa.array(suppressed),
+    })
+
+
+@pytest.fixture
+def release() -> Release:
+    query = count().by("gender", "ageBroad").where(majorityStatus="Minor")
+    return Release.from_pb(response(count_table()), query=query, request_id="req-1")
+
+
+def test_cells_follow_the_requested_dimension_order(release: Release) -> None:
+    assert release.table.column_names == [
+        "gender", "ageBroad", "value", "ci_low", "ci_high", "suppressed"
+    ]
+    assert release.table.column("gender").to_pylist() == [
+        "Male", "Male", "Female", "Female", None, None
+    ]
+    assert release.keys == ["gender", "ageBroad"] and release.dimensions == release.keys
+    assert release.cell(gender="Female", ageBroad=None).value == 45
+    assert len(release) == 6
+
+
+def test_suppressed_is_null_with_a_flag_never_zero(release: Release) -> None:
+    frame = release.to_pandas()
+    hidden = frame[frame["suppressed"]]
+    assert len(hidden) == 3 and hidden["value"].isna().all() and hidden["ci_low"].isna().all()
+    assert str(frame["value"].dtype) == "Int64"  # counts stay integers
+    assert str(frame["ci_low"].dtype) == "Int64"  # and so do their bounds
+    assert (frame["value"].fillna(-1) != 0).all()
+    assert release.df().equals(frame)
+    assert release.arrow() is release.table
+    assert pa.table(release).num_rows == 6  # the Arrow C stream interface
+
+
+def test_readable_table_and_html(release: Release) -> None:
+    text = repr(release)
+    header = text.splitlines()[0]
+    assert header.split() == ["gender", "ageBroad", "value", "95%", "CI", "suppressed"]
+    assert "[114, 126]" in text and "(missing)" in text and "yes" in text
+    assert "epsilon 0.5" in text and "3 of 6 cells suppressed" in text
+    html = release._repr_html_()
+    assert "<table" in html and "font-style:italic" in html and "95% CI" in html
+
+
+def test_json_document(release: Release) -> None:
+    document = json.loads(release.to_json())
+    assert document["format"] == "veil.release/1"
+    assert document["dimensions"] == ["gender", "ageBroad"]
+    assert document["metadata"]["loss"] == "0.5" and document["metadata"]["tau"] == 15
+    assert document["request"]["request_id"] == "req-1"
+    first, second = document["cells"][:2]
+    assert first == {"keys": {"gender": "Male", "ageBroad": "0--8"}, "value": 120,
+                     "ci_low": 114, "ci_high": 126, "suppressed": False}
+    assert second["keys"] == {"gender": "Male", "ageBroad": None}
+    assert second["value"] is None and second["suppressed"] is True
+    assert client.results.cells_from_json(document) == release.cells
+
+
+def test_csv(release: Release, tmp_path: Any) -> None:
+    text = release.to_csv(tmp_path / "cells.csv")
+    assert (tmp_path / "cells.csv").read_text() == text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == ["gender", "ageBroad", "value", "ci_low", "ci_high", "suppressed"]
+    assert rows[0]["value"] == "120" and rows[0]["suppressed"] == "false"
+    assert rows[1]["value"] == "" and rows[1]["suppressed"] == "true"
+    assert rows[4]["gender"] == ""  # the missing key
+
+
+def test_flag_counts_put_the_flag_first() -> None:
+    table = pa.table({
+        "majorityStatus": ["Minor", "Adult", "Minor", "Adult"],
+        "flag": ["a", "a", "b", "b"],
+        "value": pa.array([20, 30, None, 40], pa.int64()),
+        "ci_low": [10.0, 20.0, None, 30.0],
+        "ci_high": [30.0, 40.0, None, 50.0],
+        "suppressed": [False, False, True, False],
+    })
+    release = Release.from_pb(response(table, "FlagCounts"),
+                              query=flag_counts("x").by("majorityStatus"))
+    assert release.keys == ["flag", "majorityStatus"]
+    assert release.dimensions == ["majorityStatus"]
+
+
+def test_plot_marks_suppressed_cells(release: Release) -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax = release.plot()
+    try:
+        texts = [t.get_text() for t in ax.texts]
+        assert texts.count("suppressed") == 3
+        drawn = [p for p in ax.patches if p.get_fill()]
+        assert sorted(round(p.get_height()) for p in drawn) == [30, 45, 120]
+        assert "suppressed" in [t.get_text() for t in ax.get_legend().get_texts()]
+        with pytest.raises(ValueError, match="not a key"):
+            release.plot(x="nope")
+    finally:
+        plt.close("all")
+
+
+def test_dry_run_budget_and_canonical_text() -> None:
+    dry = DryRun.from_pb(pb.DryRunResponse(
+        loss="0.25", accounting=pb.ACCOUNTING_PURE_DP, cells=4, mechanism="discrete_laplace",
+        noise_scale=4, tau=19, half_width=12, confidence=0.95, assumed_count=20,
+        expected_suppressed_share=0.3, fingerprint="ab" * 32, already_released=True,
+    ))
+    assert dry.cost == 0 and "already released" in repr(dry)
+    assert json.loads(json.dumps(dry.to_dict()))["cost"] == "0"
+    budget = Budget.from_pb(pb.Budget(
+        client_id="alice", role=pb.ROLE_RESEARCHER, accounting=pb.ACCOUNTING_PURE_DP,
+        cap="2", spent="1/3", reserved="0", remaining="5/3", dataset_remaining="4.5",
+    ))
+    assert budget.remaining == Fraction(5, 3) and budget.institution_cap is None
+    assert "remaining 5/3" in repr(budget) and budget.to_dict()["dataset_remaining"] == "4.5"
+    canonical = json.dumps({
+        "by": ["gender"], "codebook": "ctdc@7", "measure": {"flag_counts": "sexType"},
+        "where": {"and": [{"in": ["Minor"], "missing": False, "var": "majorityStatus"},
+                          {"in": [], "missing": True, "var": "gender"}]},
+    })
+    assert describe_canonical(canonical) == (
+        "flag counts of sexType by gender where majorityStatus IN (Minor) AND gender IS NULL"
+    )
+    assert describe_canonical("not json") == "not json"
+
+
+# ---- errors from a status -----------------------------------------------------------------------
+
+
+class FakeError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailers: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._trailers
+
+
+def test_errors_a_researcher_can_read() -> None:
+    failure = status_pb2.QuotaFailure(violations=[
+        status_pb2.QuotaFailure.Violation(subject="institution", description="0.1 remains")
+    ])
+    status = status_pb2.RpcStatus(code=8, message="over budget")
+    detail = status.details.add()
+    detail.type_url = "type.googleapis.com/google.rpc.QuotaFailure"
+    detail.value = failure.SerializeToString()
+    budget = from_rpc_error(FakeError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "over budget",
+        (("grpc-status-details-bin", status.SerializeToString()),
+         ("veil-budget-remaining", "0.1")),
+    ))
+    assert isinstance(budget, client.BudgetExhausted)
+    assert budget.scope == "institution" and budget.remaining == Fraction(1, 10)
+
+    invalid = from_rpc_error(FakeError(grpc.StatusCode.INVALID_ARGUMENT, "gender: no",
+                                       (("veil-variable", "gender"),)))
+    assert isinstance(invalid, client.InvalidQuery) and invalid.variable == "gender"
+    limited = from_rpc_error(FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down",
+                                       (("retry-after", "1.500"),)))
+    assert isinstance(limited, client.RateLimited) and limited.retry_after == 1.5
+    timeout = from_rpc_error(FakeError(grpc.StatusCode.DEADLINE_EXCEEDED, "late"),
+                             request_id="req-9")
+    assert isinstance(timeout, client.QueryTimeout) and "req-9" in str(timeout)
+    down = from_rpc_error(FakeError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all "
+                                    "addresses"), address="h:1", tls=False)
+    assert isinstance(down, client.ServerUnavailable) and "cannot reach" in str(down)
+    table = {
+        grpc.StatusCode.UNAUTHENTICATED: client.AuthenticationError,
+        grpc.StatusCode.PERMISSION_DENIED: client.PermissionDenied,
+        grpc.StatusCode.FAILED_PRECONDITION: client.RequestConflict,
+        grpc.StatusCode.NOT_FOUND: client.NotFound,
+        grpc.StatusCode.CANCELLED: client.Cancelled,
+        grpc.StatusCode.INTERNAL: client.ServerFault,
+    }
+    for code, cls in table.items():
+        error = from_rpc_error(FakeError(code, "why"))
+        assert type(error) is cls and error.code == code.name
