@@ -1,0 +1,230 @@
+"""The auditor's commands: `veil audit report|tables` and `veil attack`.
+
+    veil audit report ledger.sqlite --out report.html      # from the ledger file, read-only
+    veil audit report --server HOST:PORT --out report.html # from a live server (auditor token)
+    veil audit tables ledger.sqlite --out audit-tables/    # the same tables as CSV
+    veil attack --server HOST:PORT --truth data.duckdb     # the attack suite against a server
+
+A token is read from --token or, better (it stays out of the shell history), from VEIL_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.audit_report import TABLE_NAMES, AuditTables, build_tables, render_html
+from engine.errors import VeilError
+from engine.ledger import Ledger
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+def _token(args: argparse.Namespace) -> str:
+    token = args.token or os.environ.get("VEIL_TOKEN", "")
+    if not token:
+        raise SystemExit("give the client's token with --token or in VEIL_TOKEN")
+    return str(token)
+
+
+def _connection_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--server", required=required, metavar="HOST:PORT", help="a live veil server"
+    )
+    parser.add_argument("--token", default=None, help="the bearer token (default: $VEIL_TOKEN)")
+    parser.add_argument(
+        "--tls-ca", type=Path, default=None, help="CA certificate of a TLS server (PEM)"
+    )
+
+
+# ---- veil audit ----------------------------------------------------------------------------------
+
+
+def add_audit_command(subparsers: Any) -> argparse.ArgumentParser:
+    """`veil audit report` and `veil audit tables`."""
+    parser = subparsers.add_parser(
+        "audit",
+        help="the auditor's report and tables of spending and releases",
+        description=(
+            "Build the auditor's tables (budgets, spending over time, releases with their "
+            "charge, mechanism, tau and suppressed share, repeated queries, replays, refusals, "
+            "and the audit log's verification) from a ledger file, opened read-only, or from a "
+            "live server with an auditor's token; write them as CSV or as a one-page HTML report."
+        ),
+    )
+    commands = parser.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("report", "a one-page HTML report with plots of spending over time"),
+        ("tables", "every table as CSV, plus summary.json"),
+    ):
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("ledger", nargs="?", type=Path, help="the ledger file")
+        _connection_arguments(command, required=False)
+        command.add_argument(
+            "--out",
+            type=Path,
+            required=True,
+            help="the HTML file to write" if name == "report" else "the directory to write",
+        )
+        if name == "tables":
+            command.add_argument(
+                "--table", action="append", choices=TABLE_NAMES, help="only these tables"
+            )
+        command.set_defaults(handler=run_audit)
+    return parser  # type: ignore[no-any-return]
+
+
+def fetch_tables(
+    server: str, token: str, *, names: list[str] | None = None, tls_ca: Path | None = None
+) -> AuditTables:
+    """The auditor's tables from a live server (Audit.GetAuditTables)."""
+    from audit.wire import Target
+    from protos.veil.v1 import veil_pb2 as pb
+
+    with Target(server, token, root_certificates=tls_ca) as target:
+        response = target._unary(
+            target.audit.GetAuditTables, pb.GetAuditTablesRequest(tables=names or [])
+        )
+    return AuditTables.from_ipc({t.name: t.arrow_ipc for t in response.tables})
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    names = getattr(args, "table", None)
+    try:
+        if (args.ledger is None) == (args.server is None):
+            print("veil audit: give a ledger file or --server, not both", file=sys.stderr)
+            return EXIT_ERROR
+        if args.ledger is not None:
+            with Ledger.open_readonly(args.ledger) as ledger:
+                tables = build_tables(ledger, names=names or TABLE_NAMES)
+        else:
+            from audit.wire import Refused
+
+            try:
+                tables = fetch_tables(args.server, _token(args), names=names, tls_ca=args.tls_ca)
+            except Refused as exc:
+                print(f"veil audit: the server refused: {exc}", file=sys.stderr)
+                return EXIT_ERROR
+    except VeilError as exc:
+        print(f"veil audit: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.audit_command == "report":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render_html(tables), encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        for path in tables.write_csv(args.out):
+            print(f"wrote {path}")
+    verified = tables.summary.get("verified")
+    if verified is not None:
+        print(tables.summary.get("verification", ""))
+    return EXIT_FOUND if verified == "false" else EXIT_OK
+
+
+# ---- veil attack ---------------------------------------------------------------------------------
+
+
+def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
+    """`veil attack --server HOST:PORT`: the attack suite against a live server."""
+    from audit.attacks import ATTACK_NAMES, DEFAULT_ALPHA
+
+    parser = subparsers.add_parser(
+        "attack",
+        help="run the disclosure attack suite against a live server",
+        description=(
+            "Attack a live veil server with one client's token: differencing, averaging, "
+            "reconstruction, suppression membership, key leakage, a budget race and injection "
+            "or denial-of-service probes. Each prints the attacker's success rate next to the "
+            "bound differential privacy allows for the privacy loss spent, with a 95% upper "
+            "margin. The guessing attacks are scored against the data file the server serves "
+            "(--truth), read in-process. The attacks spend the client's budget (reconstruction "
+            "and budget_race all of what remains): use a client registered for auditing. "
+            "Exits 1 when any attack breaches its bound."
+        ),
+    )
+    _connection_arguments(parser, required=True)
+    parser.add_argument(
+        "--truth", type=Path, default=None, help="the server's data file, to score guesses"
+    )
+    parser.add_argument(
+        "--codebook", default="ctdc_v7", help="the codebook of the data file (default ctdc_v7)"
+    )
+    parser.add_argument(
+        "--attack",
+        action="append",
+        choices=ATTACK_NAMES,
+        help="run only these attacks (repeatable; default: all)",
+    )
+    parser.add_argument("--trials", type=int, default=None, help="targets per attack")
+    parser.add_argument("--seed", type=int, default=0, help="the attacker's random seed")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"level of the test that declares a breach (default {DEFAULT_ALPHA:g})",
+    )
+    parser.add_argument("--key", default="citizenship", help="the variable targets are unique on")
+    parser.add_argument(
+        "--cells",
+        default="yearOfRegistration,gender",
+        help="the cells the trackers count in (comma-separated)",
+    )
+    parser.add_argument("--flag", default="isForcedLabour", help="the targets' secret (a flag)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.set_defaults(handler=run_attack)
+    return parser  # type: ignore[no-any-return]
+
+
+def run_attack(args: argparse.Namespace) -> int:
+    from audit.attacks import ATTACK_NAMES, HEADER, AttackResult, Context, run
+    from audit.truth import Truth
+    from audit.wire import Target
+    from engine.codebook import load_codebook
+
+    truth = None
+    if args.truth is not None:
+        try:
+            truth = Truth(args.truth, codebook=load_codebook(args.codebook))
+        except Exception as exc:
+            print(f"veil attack: cannot read {args.truth}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    results: list[AttackResult] = []
+    with Target(args.server, _token(args), root_certificates=args.tls_ca) as target:
+        ctx = Context(
+            target,
+            truth,
+            seed=args.seed,
+            alpha=args.alpha,
+            key=args.key,
+            cells=tuple(c.strip() for c in args.cells.split(",") if c.strip()),
+            flag=args.flag,
+        )
+        if not args.json:
+            print(HEADER)
+
+        def show(result: AttackResult) -> None:
+            if not args.json:
+                print(result.row())
+                print(f"    {result.detail}", flush=True)
+
+        try:
+            results = run(ctx, args.attack or ATTACK_NAMES, trials=args.trials, on_result=show)
+        finally:
+            if truth is not None:
+                truth.close()
+    if args.json:
+        print(json.dumps([{**r.__dict__, "upper": r.upper} for r in results], indent=2))
+    else:
+        print(
+            "\nsuccess: the share of guesses that were right; 95% upper: its one-sided "
+            "Clopper-Pearson limit; DP bound: the highest success differential privacy allows "
+            "for the loss spent about each target (0 where any success is a failure)."
+        )
+    return EXIT_FOUND if any(r.verdict == "BREACH" for r in results) else EXIT_OK
+
+
+__all__ = ["add_attack_command", "add_audit_command", "fetch_tables"]

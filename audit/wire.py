@@ -1,0 +1,263 @@
+"""The attacker's side of the wire: a live veil server reached over gRPC with the generated stubs.
+
+Queries are written as the engine's typed `Query` (so the same query can be asked of the truth
+oracle in `audit.truth`) and sent as their protobuf form. Nothing here imports the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyarrow as pa
+
+from engine.query import (
+    And,
+    Count,
+    Eq,
+    Filter,
+    FlagCounts,
+    In,
+    IsMissing,
+    Mean,
+    Not,
+    Or,
+    Proportion,
+    Query,
+    Range,
+    Sum,
+)
+from protos.veil.v1 import veil_pb2 as pb
+from protos.veil.v1 import veil_pb2_grpc as pb_grpc
+
+Key = tuple[Any, ...]
+
+# How long to wait for the server's rate limit, at most, before giving up on one call.
+_RATE_WAIT_SECONDS = 30.0
+
+
+# ---- typed queries to protobuf -------------------------------------------------------------------
+
+
+def value_to_pb(value: str | int) -> pb.Value:
+    return pb.Value(integer=value) if isinstance(value, int) else pb.Value(text=value)
+
+
+def filter_to_pb(f: Filter) -> pb.Filter:
+    if isinstance(f, Eq):
+        return pb.Filter(equals=pb.Equals(variable=f.variable, value=value_to_pb(f.value)))
+    if isinstance(f, In):
+        return pb.Filter(
+            in_set=pb.InSet(variable=f.variable, values=[value_to_pb(v) for v in f.values])
+        )
+    if isinstance(f, Range):
+        return pb.Filter(between=pb.Between(variable=f.variable, low=f.low, high=f.high))
+    if isinstance(f, IsMissing):
+        return pb.Filter(is_missing=pb.IsMissing(variable=f.variable))
+    if isinstance(f, Not):
+        return pb.Filter(negation=pb.Negation(operand=filter_to_pb(f.operand)))
+    if isinstance(f, And):
+        return pb.Filter(all_of=pb.AllOf(operands=[filter_to_pb(o) for o in f.operands]))
+    assert isinstance(f, Or)
+    return pb.Filter(any_of=pb.AnyOf(operands=[filter_to_pb(o) for o in f.operands]))
+
+
+def query_to_pb(query: Query) -> pb.Query:
+    measure = query.measure
+    if isinstance(measure, Count):
+        m = pb.Measure(count=pb.CountMeasure())
+    elif isinstance(measure, FlagCounts):
+        m = pb.Measure(flag_counts=pb.FlagCountsMeasure(flag_set=measure.flag_set))
+    elif isinstance(measure, Sum):
+        m = pb.Measure(sum=pb.SumMeasure(variable=measure.variable))
+    elif isinstance(measure, Mean):
+        m = pb.Measure(mean=pb.MeanMeasure(variable=measure.variable))
+    else:
+        assert isinstance(measure, Proportion)
+        m = pb.Measure(proportion=pb.ProportionMeasure(condition=filter_to_pb(measure.condition)))
+    out = pb.Query(measure=m, by=list(query.by))
+    if query.where is not None:
+        out.where.CopyFrom(filter_to_pb(query.where))
+    return out
+
+
+# ---- answers and refusals ------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """The server refused a call; `budget` is True when a budget would have been exceeded."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, budget: bool = False) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.budget = budget
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A release as the attacker sees it: cell values (None when suppressed) by key."""
+
+    release_id: str
+    loss: str
+    tau: int
+    cells: Mapping[Key, int | float | None]
+    keys: tuple[str, ...]
+
+    def value(self, key: Key) -> int | float | None:
+        return self.cells.get(key)
+
+    def published(self, key: Key) -> bool:
+        return self.cells.get(key) is not None
+
+
+def answer_from_pb(response: pb.ReleaseResponse, by: tuple[str, ...]) -> Answer:
+    table = pa.ipc.open_stream(pa.py_buffer(response.arrow_ipc)).read_all()
+    columns = {name: table.column(name).to_pylist() for name in by}
+    values = table.column("value").to_pylist()
+    suppressed = table.column("suppressed").to_pylist()
+    cells: dict[Key, int | float | None] = {}
+    for row in range(table.num_rows):
+        key = tuple(columns[name][row] for name in by)
+        cells[key] = None if suppressed[row] else values[row]
+    meta = response.metadata
+    return Answer(meta.release_id, meta.loss, int(meta.tau), cells, by)
+
+
+def _trailers(error: grpc.RpcError) -> dict[str, str]:
+    """A failed call's trailing metadata, text values only."""
+    out: dict[str, str] = {}
+    for item in error.trailing_metadata() or ():
+        key, value = item.key, item.value
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+# ---- the connection ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """The outcome of one raw call: its status, message and duration."""
+
+    code: grpc.StatusCode
+    message: str
+    seconds: float
+
+
+class Target:
+    """A live veil server, as one client (its bearer token) sees it."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        root_certificates: Path | None = None,
+        timeout: float = 60.0,
+        max_receive: int = 256 << 20,
+    ) -> None:
+        options = [("grpc.max_receive_message_length", max_receive)]
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates.read_bytes())
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.address = address
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.timeout = timeout
+        self.research = pb_grpc.ResearchStub(self.channel)
+        self.audit = pb_grpc.AuditStub(self.channel)
+        self._codebook: pb.GetCodebookResponse | None = None
+        self._ids = itertools.count()
+        self._prefix = f"atk-{uuid.uuid4().hex[:10]}"
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    # -- calls --
+
+    def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        """One call, waiting out the server's rate limit and concurrency cap when it says so."""
+        deadline = time.monotonic() + _RATE_WAIT_SECONDS
+        while True:
+            try:
+                return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                trailers = _trailers(exc)
+                budget = "veil-budget-scope" in trailers
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not budget:
+                    wait = float(trailers.get("retry-after", "0.05"))
+                    if time.monotonic() + wait < deadline:
+                        time.sleep(wait)
+                        continue
+                raise Refused(code, exc.details() or "", budget=budget) from None
+
+    def codebook(self) -> pb.GetCodebookResponse:
+        if self._codebook is None:
+            self._codebook = self._unary(self.research.GetCodebook, pb.GetCodebookRequest())
+        return self._codebook
+
+    def budget(self) -> pb.Budget:
+        return self._unary(self.research.GetBudget, pb.GetBudgetRequest())  # type: ignore[no-any-return]
+
+    def release(self, query: Query, *, loss: str, request_id: str | None = None) -> Answer:
+        """Release `query` at `loss`; raises Refused when the server says no."""
+        request = pb.ReleaseRequest(
+            request_id=request_id or self.request_id(), query=query_to_pb(query), loss=loss
+        )
+        response = self._unary(self.research.Release, request)
+        return answer_from_pb(response, query.by)
+
+    def raw(self, method: str, payload: bytes, *, timeout: float | None = None) -> Call:
+        """Send raw request bytes to `/veil.v1.<Service>/<Method>`; never raises for a status."""
+        call = self.channel.unary_unary(
+            method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        deadline = time.monotonic() + _RATE_WAIT_SECONDS
+        while True:
+            start = time.perf_counter()
+            try:
+                call(payload, metadata=self.metadata, timeout=timeout or self.timeout)
+                return Call(grpc.StatusCode.OK, "", time.perf_counter() - start)
+            except grpc.RpcError as exc:
+                seconds = time.perf_counter() - start
+                code, message = exc.code(), exc.details() or ""
+                retry = _trailers(exc).get("retry-after")
+                if (
+                    code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and retry is not None
+                    and time.monotonic() + float(retry) < deadline
+                ):
+                    time.sleep(float(retry))
+                    continue  # the rate limit, not the request, refused it
+                return Call(code, message, seconds)
+
+    def healthy(self) -> bool:
+        """The standard health check says SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,237 @@
+"""Every attack of `audit.attacks`, twice: against an unsafe configuration (one protection
+removed, in this test process only), where it must succeed, and against the real server, where
+it must stay within the bound differential privacy allows for what it spent, or be stopped.
+
+How often these fail by chance:
+- real server, guessing attacks: the verdict is BREACH only when an exact binomial test rejects
+  "success rate <= bound" at level ALPHA = 1e-4; differential privacy guarantees the rate is at
+  most the bound (the targets' secrets are balanced, prior 1/2), so each such test fails by
+  chance with probability at most 1e-4;
+- unsafe configurations: differencing, reconstruction, suppression and key leakage are exact
+  there (success 1 by construction); averaging succeeds per target with probability about
+  0.998 (65 draws of scale 1 averaged), and needs 56 of 60 for a BREACH: it fails by chance
+  with probability below 1e-7; the budget race and the injection probes do not depend on chance
+  beyond thread scheduling (a 50 ms window against 12 concurrent callers).
+The larger runs (--run-slow) repeat the guessing attacks on more targets and fresh servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit import attacks
+from audit.truth import Truth
+from tests.attacks.conftest import Attacker, memory_spent
+
+
+def _print(result: attacks.AttackResult) -> None:
+    print(f"\n{attacks.HEADER}\n{result.row()}\n  {result.detail}")
+
+
+# ---- differencing --------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("noise_off")
+def test_differencing_succeeds_without_noise(attack: Callable[..., Attacker]) -> None:
+    result = attacks.differencing(attack().ctx)
+    _print(result)
+    assert result.trials == 60 and result.success_rate == 1.0
+    assert result.verdict == "BREACH"
+
+
+def test_differencing_fails_within_its_bound(attack: Callable[..., Attacker]) -> None:
+    result = attacks.differencing(attack().ctx)
+    _print(result)
+    assert result.trials == 60
+    assert result.verdict == "defended"
+    assert result.success_rate < 1.0
+
+
+# ---- averaging -----------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fresh_noise_on_replay")
+def test_averaging_succeeds_when_a_replay_draws_fresh_noise(
+    attack: Callable[..., Attacker],
+) -> None:
+    result = attacks.averaging(attack().ctx)
+    _print(result)
+    assert result.success_rate >= 0.9
+    assert result.verdict == "BREACH"
+
+
+def test_averaging_rewrites_reach_one_release(attack: Callable[..., Attacker]) -> None:
+    attacker = attack()
+    result = attacks.averaging(attacker.ctx)
+    _print(result)
+    assert "answered by 1 distinct releases" in result.detail
+    assert result.verdict == "defended"
+    assert result.spent == "epsilon=1"  # 65 requests, one charge
+
+
+# ---- reconstruction ------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("noise_off")
+def test_reconstruction_recovers_every_bit_without_noise(
+    attack: Callable[..., Attacker],
+) -> None:
+    result = attacks.reconstruction(attack(cap="1").ctx)
+    _print(result)
+    assert result.success_rate == 1.0 and result.trials == 40
+    assert result.verdict == "BREACH"
+
+
+def test_reconstruction_is_stopped_by_the_budget_within_its_bound(
+    attack: Callable[..., Attacker],
+) -> None:
+    result = attacks.reconstruction(attack(cap="1").ctx)
+    _print(result)
+    assert "the budget refused more" in result.detail
+    assert result.spent == "epsilon=1"
+    assert result.verdict == "stopped"
+
+
+# ---- suppression membership ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("suppress_on_true_count")
+def test_suppression_membership_succeeds_when_suppressing_on_the_true_count(
+    attack: Callable[..., Attacker],
+) -> None:
+    result = attacks.suppression(attack().ctx)
+    _print(result)
+    assert result.success_rate == 1.0 and result.verdict == "BREACH"
+
+
+def test_suppression_membership_fails_within_its_bound(attack: Callable[..., Attacker]) -> None:
+    result = attacks.suppression(attack().ctx)
+    _print(result)
+    assert result.trials == 60 and result.verdict == "defended"
+
+
+# ---- key leakage ---------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("keys_from_data")
+def test_key_leakage_succeeds_when_keys_come_from_the_data(
+    attack: Callable[..., Attacker],
+) -> None:
+    result = attacks.key_leakage(attack().ctx)
+    _print(result)
+    assert result.success_rate == 1.0 and result.verdict == "BREACH"
+
+
+def test_key_leakage_fails_within_its_bound(attack: Callable[..., Attacker]) -> None:
+    result = attacks.key_leakage(attack().ctx)
+    _print(result)
+    assert "every key of the public domain" in result.detail
+    assert "FOUND" not in result.detail
+    assert result.verdict == "defended"
+
+
+def test_canary_values_are_refused_by_the_codebook(
+    attack: Callable[..., Attacker], monkeypatch: pytest.MonkeyPatch, open_door: Any
+) -> None:
+    """With codebook checks removed, a canary value is no longer refused: the probe sees it."""
+    result = attacks.key_leakage(attack().ctx)
+    _print(result)
+    assert "FOUND" in result.detail and result.verdict == "BREACH"
+
+
+# ---- budget race ---------------------------------------------------------------------------------
+
+
+def test_budget_race_overspends_a_racy_ledger(racy_attack: Callable[..., Attacker]) -> None:
+    attacker = racy_attack(cap="1")
+    result = attacks.budget_race(attacker.ctx)
+    _print(result)
+    assert result.verdict == "BREACH"
+    assert memory_spent(attacker) > 1
+
+
+def test_budget_race_never_passes_the_cap(attack: Callable[..., Attacker]) -> None:
+    attacker = attack(cap="1")
+    result = attacks.budget_race(attacker.ctx)
+    _print(result)
+    assert result.verdict == "defended" and result.success_rate == 0
+    budget = attacker.target.budget()
+    assert budget.remaining == "0" and budget.spent == "1"
+
+
+# ---- injection and denial of service -------------------------------------------------------------
+
+
+def test_injection_gets_through_an_open_door(
+    attack: Callable[..., Attacker], open_door: dict[str, Any]
+) -> None:
+    result = attacks.injection(attack(limits=open_door).ctx)
+    _print(result)
+    assert result.verdict == "BREACH"
+    assert "crosstab" in result.detail and "filter 40 deep: accepted" in result.detail
+    assert "INTERNAL" in result.detail  # unchecked values reach the planner and fault
+
+
+def test_injection_and_oversized_requests_are_refused_cleanly(
+    attack: Callable[..., Attacker],
+) -> None:
+    result = attacks.injection(attack().ctx)
+    _print(result)
+    assert result.verdict == "defended", result.detail
+    assert result.spent == "0"
+
+
+# ---- the whole suite, and larger runs ------------------------------------------------------------
+
+
+def test_run_orders_attacks_and_skips_those_needing_the_truth(
+    attack: Callable[..., Attacker],
+) -> None:
+    attacker = attack()
+    attacker.ctx.truth = None
+    results = attacks.run(attacker.ctx, ("differencing", "injection"))
+    assert [r.name for r in results] == ["injection", "differencing"]
+    assert results[1].verdict == "skipped" and "--truth" in results[1].detail
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["differencing", "averaging", "suppression", "key_leakage"])
+def test_larger_run_stays_within_the_bound(
+    name: str, attack: Callable[..., Attacker], large_population_file: Path
+) -> None:
+    """Five fresh servers each (fresh noise), the larger population: 120 targets where it has
+    them. The pooled successes are tested at level 1e-4, like the default run."""
+    oracle = Truth(large_population_file)
+    try:
+        successes = trials = 0
+        bound = 0.0
+        for seed in range(5):
+            attacker = attack(data=large_population_file, oracle=oracle, seed=seed)
+            result = attacks.ATTACKS[name](attacker.ctx, trials=120)
+            successes, trials, bound = successes + result.successes, trials + result.trials, \
+                result.bound
+            attacker.close()
+        p = attacks.binomial_p_value(successes, trials, bound)
+        print(f"\n{name}: {successes}/{trials} = {successes / trials:.3f}, bound {bound:.3f}, "
+              f"p = {p:.3g}")
+        assert p >= 1e-4
+    finally:
+        oracle.close()
+
+
+@pytest.mark.slow
+def test_larger_reconstruction_with_more_queries_stays_within_the_bound(
+    attack: Callable[..., Attacker], large_population_file: Path
+) -> None:
+    oracle = Truth(large_population_file)
+    try:
+        attacker = attack(cap="2", data=large_population_file, oracle=oracle)
+        result = attacks.reconstruction(attacker.ctx, people=100, loss="0.005", max_queries=1000)
+        _print(result)
+        assert result.verdict == "stopped"
+    finally:
+        oracle.close()
