@@ -127,11 +127,15 @@ class Release:
         *,
         query: Query | None = None,
         request_id: str | None = None,
+        charged: str | None = None,
     ) -> None:
         self.table = table
         self.metadata = metadata
         self.query = query
         self.request_id = request_id
+        # What the call that returned this release cost: "0" for a stored release (a retry, or a
+        # query already released); None when the server did not say (a release fetched again).
+        self.charged = charged
 
     @classmethod
     def from_pb(
@@ -147,7 +151,7 @@ class Release:
         if response.metadata.measure in ("Count", "FlagCounts"):
             table = _integer_bounds(table)
         return cls(table, ReleaseMetadata.from_pb(response.metadata), query=query,
-                   request_id=request_id)
+                   request_id=request_id, charged=response.charged or None)
 
     # -- shape --
     @property

@@ -66,11 +66,25 @@ _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+_workers = 1
+
+
+def use_worker_processes(workers: int | None = None) -> None:
+    """Noise large tables in `workers` processes (default: one per core, at most 4).
+
+    Off by default: worker processes are spawned, and spawning re-imports the program's main
+    module, which is only safe for programs whose main module is guarded (`veil serve` is).
+    The environment variable VEIL_NOISE_WORKERS overrides this setting.
+    """
+    global _workers
+    _workers = max(1, workers if workers is not None else min(os.cpu_count() or 1, 4))
+
+
 def _pool_size() -> int:
     configured = os.environ.get("VEIL_NOISE_WORKERS")
     if configured is not None:
         return max(1, int(configured))
-    return min(os.cpu_count() or 1, 4)
+    return _workers
 
 
 def _worker_pool(workers: int) -> ProcessPoolExecutor:

@@ -35,7 +35,7 @@ class ReleaseMetadata:
     mechanism: str
     accounting: str
     loss: str  # the exact amount charged
-    measured_loss: str  # the sum of OpenDP's privacy maps, never more than `loss`
+    measured_loss: str  # the sum of OpenDP's privacy maps (a float), never more than `loss`
     noise_scale: float  # scale of every count's noise
     sum_noise_scale: float | None  # scale of a clamped sum's noise, for sums and means
     tau: int
@@ -208,7 +208,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         mechanism=count_dist.mechanism,
         accounting=plan.loss.accounting.value,
         loss=format_amount(plan.loss.amount),
-        measured_loss=format_amount(plan.measured_loss),
+        measured_loss=repr(float(plan.measured_loss)),
         noise_scale=count_dist.scale,
         sum_noise_scale=sum_scale,
         tau=tau,

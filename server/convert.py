@@ -444,7 +444,7 @@ def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
     )
 
 
-def release_to_pb(release: Release) -> pb.ReleaseResponse:
+def release_to_pb(release: Release, *, charged: str = "") -> pb.ReleaseResponse:
     m = release.metadata
     metadata = pb.ReleaseMetadata(
         release_id=m.release_id,
@@ -469,7 +469,7 @@ def release_to_pb(release: Release) -> pb.ReleaseResponse:
     )
     if m.sum_noise_scale is not None:
         metadata.sum_noise_scale = m.sum_noise_scale
-    return pb.ReleaseResponse(metadata=metadata, arrow_ipc=release.to_bytes())
+    return pb.ReleaseResponse(metadata=metadata, arrow_ipc=release.to_bytes(), charged=charged)
 
 
 def amount_text(value: Fraction | str | None) -> str:

@@ -162,6 +162,7 @@ class _WatchedCharger:
     def __init__(self, inner: Charger, watch: CallWatch) -> None:
         self.inner = inner
         self.watch = watch
+        self.served_stored = False  # a stored release came back: this call was not charged
 
     def reserve(
         self, plan: Plan, *, client: str, request_id: str, data_version: str
@@ -171,6 +172,7 @@ class _WatchedCharger:
         reservation = self.inner.reserve(
             plan, client=client, request_id=request_id, data_version=data_version
         )
+        self.served_stored = reservation.stored is not None
         return _WatchedReservation(reservation, self.watch)
 
 
@@ -264,11 +266,12 @@ class ResearchServicer(pb_grpc.ResearchServicer):
         loss = convert.loss(request.loss, engine.settings)
         limit = self.s.max_query_seconds
         with self.s.in_flight.watch(context, limit=limit) as watch:
+            charger = _WatchedCharger(self.s.accounts.charger, watch)
             try:
                 release = engine.release(
                     query,
                     loss=loss,
-                    charger=_WatchedCharger(self.s.accounts.charger, watch),
+                    charger=charger,
                     client=identity.client_id,
                     request_id=request_id,
                     cancel=watch.event,
@@ -277,7 +280,8 @@ class ResearchServicer(pb_grpc.ResearchServicer):
                 raise watch.error(limit) from exc
         _note(request_id=request_id, fingerprint=release.metadata.fingerprint,
               release_id=release.metadata.release_id)
-        return convert.release_to_pb(release)
+        charged = "0" if charger.served_stored else release.metadata.loss
+        return convert.release_to_pb(release, charged=charged)
 
     def GetBudget(self, request: pb.GetBudgetRequest, context: Any) -> pb.Budget:
         return self.s.accounts.budget(current_identity())

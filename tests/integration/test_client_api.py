@@ -445,3 +445,13 @@ def test_tls(tmp_path: Path) -> None:
             untrusted.budget()
     finally:
         server.stop()
+
+
+def test_a_replayed_release_says_it_charged_nothing(alice: tuple[str, client.Client]) -> None:
+    _, veil_client = alice
+    query = veil_client.count().by("Datasource", "isAbduction")
+    first = query.release(epsilon="0.25")
+    again = query.release(epsilon="0.25")
+    assert first.charged == "0.25"
+    assert again.charged == "0"
+    assert again.metadata.release_id == first.metadata.release_id

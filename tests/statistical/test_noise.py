@@ -3,7 +3,7 @@
 Each check compares the sample variance of many draws with the distribution's exact variance,
 and the share of draws inside the stated 95% interval with its exact probability. Tolerances are
 z = 5.3 standard errors, so a correct mechanism fails a single check with probability below
-1.2e-7; with 10 checks in this file the chance of a false failure in a run is below 1e-6.
+1.2e-7; with 11 checks in this file the chance of a false failure in a run is below 1e-6.
 A mechanism whose scale is off by 20% in either direction fails them (shown below).
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from engine.accuracy import NoiseDistribution, _gaussian_pmf
 from engine.loss import Accounting
-from engine.noise import Mechanism, _measurement, calibrate
+from engine.noise import PARALLEL_THRESHOLD, Mechanism, _measurement, calibrate
 
 Z = 5.3
 DRAWS = 60_000
@@ -88,3 +88,11 @@ def test_noise_is_integer_valued() -> None:
     mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1))
     out = mechanism.release(np.arange(1000, dtype=np.int64))
     assert out.dtype == np.int64 and not np.array_equal(out, np.arange(1000))
+
+
+def test_worker_processes_draw_the_same_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same two-sided check, on the path that splits a large vector across worker processes.
+    monkeypatch.setenv("VEIL_NOISE_WORKERS", "2")
+    mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1, 2))
+    assert DRAWS >= PARALLEL_THRESHOLD
+    assert scale_is_right(mechanism, mechanism.distribution)

@@ -1149,11 +1149,17 @@ class ReleaseResponse(_message.Message):
 
     METADATA_FIELD_NUMBER: _builtins.int
     ARROW_IPC_FIELD_NUMBER: _builtins.int
+    CHARGED_FIELD_NUMBER: _builtins.int
     arrow_ipc: _builtins.bytes
     """The cells as an Arrow IPC stream, one row per cell of the public domain: one column per
     group-by dimension (null is the missing key), `flag` for flag-set measures, `value`, `ci_low`,
     `ci_high` (null when suppressed) and `suppressed`. The schema metadata key "veil.release"
     repeats the metadata above as JSON.
+    """
+    charged: _builtins.str
+    """What this call cost the caller: the release's loss when it was made for this call, "0" when
+    a stored release was returned (a retry, or a query already released to anyone). Empty when
+    the response re-sends a release the caller already holds (GetRelease).
     """
     @_builtins.property
     def metadata(self) -> Global___ReleaseMetadata: ...
@@ -1162,10 +1168,11 @@ class ReleaseResponse(_message.Message):
         *,
         metadata: Global___ReleaseMetadata | None = ...,
         arrow_ipc: _builtins.bytes = ...,
+        charged: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_ipc", b"arrow_ipc", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_ipc", b"arrow_ipc", "charged", b"charged", "metadata", b"metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
