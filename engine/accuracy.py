@@ -34,6 +34,11 @@ class NoiseDistribution:
         if self.accounting is Accounting.PURE_DP:
             a = math.exp(-1.0 / self.scale)
             return a**t / (1.0 + a)
+        if self.scale > _EXACT_GAUSSIAN_UP_TO:
+            # The pmf would be too long to sum. exp(-x^2 / 2s^2) decreases for x >= 0, so the sum
+            # over z >= t is at most the integral from t - 1; the normaliser is s sqrt(2 pi) to
+            # within exp(-2 pi^2 s^2). An upper bound keeps margins and intervals conservative.
+            return min(1.0, 0.5 * math.erfc((t - 1) / (self.scale * math.sqrt(2))) * (1 + 1e-9))
         support, pmf = _gaussian_pmf(self.scale)
         return float(pmf[support >= t].sum())
 
@@ -70,6 +75,9 @@ class NoiseDistribution:
     def publish_probability(self, true_count: int, tau: int) -> float:
         """P(true_count + Z >= tau): the chance a cell with this count is published."""
         return self.tail(tau - true_count)
+
+
+_EXACT_GAUSSIAN_UP_TO = 1000.0
 
 
 @functools.lru_cache(maxsize=64)

@@ -60,17 +60,24 @@ class Engine:
         """Validate and price a query. Raises InvalidQueryError before any data is read."""
         return plan_query(query, self.codebook, self.settings, loss)
 
-    def loss_for_half_width(self, query: Query, *, half_width: int) -> PrivacyLoss:
-        """The smallest loss (to three significant digits) whose count intervals are this narrow."""
+    def loss_for_half_width(
+        self, query: Query, *, half_width: int, confidence: float | None = None
+    ) -> PrivacyLoss:
+        """The smallest loss (to three significant digits) whose count intervals are this narrow.
+
+        `confidence` is the intervals' level (default: the deployment's, 0.95).
+        """
         if half_width < 1:
             raise InvalidLossError("target half-width must be at least 1")
+        level = self.settings.confidence if confidence is None else confidence
+        if not 0.5 <= level < 1:
+            raise InvalidLossError(f"confidence must lie in [0.5, 1), got {level!r}")
         probe = self.plan(query, loss=self._loss(Fraction(1)))
         count = next(c for c in probe.components if c.thresholded)
         parts = len(probe.components)
-        level = self.settings.confidence
         # Half-width grows with the scale: find the largest scale that still meets the target.
         low, high = 1e-6, 1e9
-        for _ in range(200):
+        for _ in range(80):
             middle = math.sqrt(low * high)
             q = NoiseDistribution(self.settings.accounting, middle).quantile_abs(level)
             low, high = (middle, high) if q <= half_width else (low, middle)

@@ -179,3 +179,23 @@ def test_the_engine_answers_another_codebook(make_engine: Callable[..., Engine])
     assert set(table["flag"].to_pylist()) == set(ics.flag_set("formOfExploitation").flags)
     africa = cell(table, countryOfExploitationRegion="Africa", flag="isForcedBegging")
     assert africa["value"] == pytest.approx(30, abs=10)
+
+
+@pytest.mark.parametrize("accounting", ["pure_dp", "zcdp"])
+def test_loss_for_half_width_is_the_smallest_that_reaches_it(
+    make_engine: Callable[..., Engine], accounting: str
+) -> None:
+    from engine.loss import Accounting
+    from engine.settings import Settings
+
+    settings = Settings(accounting=Accounting(accounting))
+    engine = make_engine(ROWS, settings=settings)
+    query = Query(Count(), by=("gender",))
+    for half_width, confidence in [(3, 0.95), (50, 0.95), (20, 0.99), (5000, 0.9)]:
+        loss = engine.loss_for_half_width(query, half_width=half_width, confidence=confidence)
+        plan = engine.plan(query, loss=loss)
+        distribution = plan.count_mechanism.distribution
+        assert distribution.quantile_abs(confidence) <= half_width
+        # Three significant digits: 2% less loss misses the target.
+        smaller = engine.plan(query, loss=PrivacyLoss(loss.accounting, loss.amount * 98 / 100))
+        assert smaller.count_mechanism.distribution.quantile_abs(confidence) > half_width
