@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -48,18 +49,7 @@ class NoiseDistribution:
 
     def quantile_abs(self, level: float) -> int:
         """The smallest integer q with P(|Z| <= q) >= level."""
-        if self.accounting is Accounting.PURE_DP:
-            a = math.exp(-1.0 / self.scale)
-            # 2 a^(q+1) / (1+a) <= 1 - level
-            q = math.ceil(math.log((1 - level) * (1 + a) / 2) / math.log(a)) - 1
-            q = max(q, 0)
-        else:
-            q = max(int(self.scale * _normal_quantile(level)) - 2, 0)
-        while self.within(q) < level:
-            q += 1
-        while q > 0 and self.within(q - 1) >= level:
-            q -= 1
-        return q
+        return _smallest(lambda q: self.within(q) >= level)
 
     def suppression_margin(self, beta: float) -> int:
         """The smallest margin m >= 0 with P(Z >= m + 1) <= beta.
@@ -67,10 +57,7 @@ class NoiseDistribution:
         With tau = k + m, a cell whose true count is at most k - 1 reaches tau only when its noise
         is at least m + 1, so it is published with probability at most beta.
         """
-        m = 0
-        while self.tail(m + 1) > beta:
-            m += 1
-        return m
+        return _smallest(lambda m: self.tail(m + 1) <= beta)
 
     def publish_probability(self, true_count: int, tau: int) -> float:
         """P(true_count + Z >= tau): the chance a cell with this count is published."""
@@ -80,25 +67,28 @@ class NoiseDistribution:
 _EXACT_GAUSSIAN_UP_TO = 1000.0
 
 
+def _smallest(holds: Callable[[int], bool]) -> int:
+    """The smallest integer n >= 0 for which a monotone predicate holds (it must hold somewhere).
+
+    Galloping then bisection: a few dozen evaluations whatever the noise scale.
+    """
+    if holds(0):
+        return 0
+    low, high = 0, 1  # holds(low) is false
+    while not holds(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if holds(middle) else (middle, high)
+    return high
+
+
 @functools.lru_cache(maxsize=64)
 def _gaussian_pmf(scale: float) -> tuple[np.ndarray, np.ndarray]:
     bound = math.ceil(scale * 40) + 10
     support = np.arange(-bound, bound + 1)
     weights = np.exp(-(support.astype(float) ** 2) / (2 * scale * scale))
     return support, weights / weights.sum()
-
-
-def _normal_quantile(level: float) -> float:
-    """Two-sided standard normal quantile, a starting point refined on the exact pmf."""
-    # Bisection on erf keeps this dependency-free and exact enough for a starting point.
-    lo, hi = 0.0, 40.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if math.erf(mid / math.sqrt(2)) < level:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 def bonferroni_level(confidence: float, parts: int) -> float:
