@@ -127,12 +127,14 @@ def _measurement(accounting: Accounting, scale: float) -> Any:
     return dp.m.make_gaussian(_INPUT_DOMAIN, dp.l2_distance(T="i64"), scale=scale)
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate(accounting: Accounting, *, sensitivity: int, budget: Fraction) -> Mechanism:
     """The least-noisy mechanism whose privacy map at `sensitivity` is at most `budget`.
 
     The analytic scale is a float; OpenDP's map rounds conservatively, so the scale is nudged up
     until the map, read exactly, does not exceed the budget. The budget is what is charged, and
-    it is never less than what OpenDP says the release costs.
+    it is never less than what OpenDP says the release costs. Cached: a flag-set plan asks for
+    the same mechanism once per flag, and a mechanism holds no state between draws.
     """
     if sensitivity < 1:
         raise ValueError("sensitivity must be a positive integer")
