@@ -1,0 +1,1 @@
+"""Reproducible performance runs of veil against raw DuckDB, OpenDP and SmartNoise SQL."""

@@ -1,0 +1,68 @@
+"""A tiny run of the benchmark, so that it keeps working between full runs.
+
+The full run (`python3 -m benchmarks.run`, see benchmarks/README.md) takes the better part of an
+hour and is not part of the default test command. This one runs the same command on 2,000 rows,
+once per query, with the systems that need nothing beyond veil's own dependencies: raw DuckDB,
+veil's engine and veil over gRPC, with a short throughput run and the memory run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.workload import workload
+from engine.codebook import default_codebook
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_benchmark_runs_end_to_end_and_reports_every_query(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "benchmarks.run",
+        "--rows", "2000",
+        "--repeats", "1",
+        "--systems", "raw_duckdb,veil_engine,veil_grpc",
+        "--data-dir", str(tmp_path / "data"),
+        "--out", str(out),
+        "--target-rows", "2000",
+        "--throughput-rows", "2000",
+        "--concurrency", "1,2",
+        "--throughput-seconds", "0.2",
+        "--floor-calls", "5",
+        "--memory-rows", "2000",
+    ]
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    markdown = (out / "RESULTS.md").read_text(encoding="utf-8")
+    assert done.stdout.strip() == markdown.strip()  # the report is printed too
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    queries = workload(default_codebook())
+    for query in queries:
+        assert f"`{query.key}`" in markdown
+        for system in ("raw_duckdb", "veil_answer", "veil_release", "veil_replay", "veil_grpc",
+                       "grpc_floor", "opendp_sampler"):
+            (record,) = [
+                r for r in results["timings"] if r["query"] == query.key and r["system"] == system
+            ]
+            assert record["error"] is None, record
+            assert len(record["runs"]) == 1 and record["runs"][0] > 0
+    for section in ("## Targets", "## Latency at 2,000 rows", "## Transport floor and throughput",
+                    "## Memory"):
+        assert section in markdown
+    (throughput,) = results["throughput"]
+    assert [r["clients"] for r in throughput["fresh"]] == [1, 2]
+    assert all(r["releases"] > 0 and not r["errors"] for r in throughput["fresh"])
+    assert all(r["releases"] > 0 and not r["errors"] for r in throughput["replay"])
+    assert results["memory"]["server"]["VmHWM"] > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "latency.png").stat().st_size > 0
+    else:
+        assert "plot: skipped" in markdown
