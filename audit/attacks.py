@@ -53,11 +53,12 @@ import grpc
 import numpy as np
 
 from audit.truth import Knowledge, Person, Truth, knowledge
-from audit.wire import Answer, Call, Refused, Target, filter_to_pb, query_to_pb
+from audit.wire import Answer, Call, Refused, Target
 from engine.loss import Accounting, format_amount, parse_amount
 from engine.query import And, Count, Eq, Filter, In, IsMissing, Not, Or, Query
 from engine.risk import binary_guess_bound
 from protos.veil.v1 import veil_pb2 as pb
+from server.convert import filter_to_pb, query_to_pb
 
 T = TypeVar("T")
 DEFAULT_ALPHA = 1e-3

@@ -18,23 +18,11 @@ import grpc
 import pyarrow as pa
 
 from engine.query import (
-    And,
-    Count,
-    Eq,
-    Filter,
-    FlagCounts,
-    In,
-    IsMissing,
-    Mean,
-    Not,
-    Or,
-    Proportion,
     Query,
-    Range,
-    Sum,
 )
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
+from server.convert import query_to_pb
 
 Key = tuple[Any, ...]
 
@@ -45,46 +33,7 @@ _RATE_WAIT_SECONDS = 30.0
 # ---- typed queries to protobuf -------------------------------------------------------------------
 
 
-def value_to_pb(value: str | int) -> pb.Value:
-    return pb.Value(integer=value) if isinstance(value, int) else pb.Value(text=value)
-
-
-def filter_to_pb(f: Filter) -> pb.Filter:
-    if isinstance(f, Eq):
-        return pb.Filter(equals=pb.Equals(variable=f.variable, value=value_to_pb(f.value)))
-    if isinstance(f, In):
-        return pb.Filter(
-            in_set=pb.InSet(variable=f.variable, values=[value_to_pb(v) for v in f.values])
-        )
-    if isinstance(f, Range):
-        return pb.Filter(between=pb.Between(variable=f.variable, low=f.low, high=f.high))
-    if isinstance(f, IsMissing):
-        return pb.Filter(is_missing=pb.IsMissing(variable=f.variable))
-    if isinstance(f, Not):
-        return pb.Filter(negation=pb.Negation(operand=filter_to_pb(f.operand)))
-    if isinstance(f, And):
-        return pb.Filter(all_of=pb.AllOf(operands=[filter_to_pb(o) for o in f.operands]))
-    assert isinstance(f, Or)
-    return pb.Filter(any_of=pb.AnyOf(operands=[filter_to_pb(o) for o in f.operands]))
-
-
-def query_to_pb(query: Query) -> pb.Query:
-    measure = query.measure
-    if isinstance(measure, Count):
-        m = pb.Measure(count=pb.CountMeasure())
-    elif isinstance(measure, FlagCounts):
-        m = pb.Measure(flag_counts=pb.FlagCountsMeasure(flag_set=measure.flag_set))
-    elif isinstance(measure, Sum):
-        m = pb.Measure(sum=pb.SumMeasure(variable=measure.variable))
-    elif isinstance(measure, Mean):
-        m = pb.Measure(mean=pb.MeanMeasure(variable=measure.variable))
-    else:
-        assert isinstance(measure, Proportion)
-        m = pb.Measure(proportion=pb.ProportionMeasure(condition=filter_to_pb(measure.condition)))
-    out = pb.Query(measure=m, by=list(query.by))
-    if query.where is not None:
-        out.where.CopyFrom(filter_to_pb(query.where))
-    return out
+# The engine's typed queries go on the wire exactly as the server's own converter writes them.
 
 
 # ---- answers and refusals ------------------------------------------------------------------------
