@@ -87,10 +87,11 @@ class Limits:
     rate_per_second: float = 10.0
     rate_burst: int = 20
     max_query_seconds: float = 60.0
-    max_cells: int = 100_000
-    max_dimensions: int = 4
-    max_filter_depth: int = 8
-    max_filter_terms: int = 64
+    # The query-shape limits default to the engine's own, which remain their one source.
+    max_cells: int = Settings().max_cells
+    max_dimensions: int = Settings().max_dimensions
+    max_filter_depth: int = Settings().max_filter_depth
+    max_filter_terms: int = Settings().max_filter_terms
     max_list_releases: int = 1000
 
     def __post_init__(self) -> None:
