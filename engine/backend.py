@@ -7,7 +7,9 @@ could not read another file, attach a database or turn those settings back on.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -18,11 +20,66 @@ from engine.errors import QueryCancelledError
 from engine.sql import Statement
 
 
+class Cancellation:
+    """A one-way switch a running query watches: once set, its statement is interrupted.
+
+    Setting it calls what is registered at once, so no thread per running query has to poll a
+    flag to interrupt it (the server holds many calls at a time).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._callbacks: dict[int, Callable[[], object]] = {}
+        self._next_key = 0
+
+    def set(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks = list(self._callbacks.values())
+            self._callbacks.clear()
+        for callback in callbacks:
+            callback()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until this is set or `timeout` seconds pass; whether it is set."""
+        return self._event.wait(timeout)
+
+    def watch(self, callback: Callable[[], object]) -> int:
+        """Call `callback` when this is set (at once if it already is); a key to unwatch."""
+        with self._lock:
+            key = self._next_key
+            self._next_key += 1
+            if not self._event.is_set():
+                self._callbacks[key] = callback
+                return key
+        callback()
+        return key
+
+    def unwatch(self, key: int) -> None:
+        with self._lock:
+            self._callbacks.pop(key, None)
+
+    @contextlib.contextmanager
+    def calling(self, callback: Callable[[], object]) -> Iterator[None]:
+        """Call `callback` if this is set while the block runs (at once if it already is)."""
+        key = self.watch(callback)
+        try:
+            yield
+        finally:
+            self.unwatch(key)
+
+
 class Backend(Protocol):
     """Runs one engine-written statement and returns its columns as integer arrays."""
 
     def run(
-        self, statement: Statement, *, cancel: threading.Event | None = None
+        self, statement: Statement, *, cancel: Cancellation | None = None
     ) -> dict[str, np.ndarray]: ...
 
     def data_version(self) -> str: ...
@@ -52,31 +109,21 @@ class DuckDBBackend:
         return self._data_version
 
     def run(
-        self, statement: Statement, *, cancel: threading.Event | None = None
+        self, statement: Statement, *, cancel: Cancellation | None = None
     ) -> dict[str, np.ndarray]:
         cursor = self._connection.cursor()
-        watcher = None
-        if cancel is not None:
-            # A deadline or cancellation interrupts DuckDB mid-scan rather than waiting for it.
-            done = threading.Event()
-
-            def watch() -> None:
-                while not done.wait(0.01):
-                    if cancel.is_set():
-                        cursor.interrupt()
-                        return
-
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
         try:
             if cancel is not None and cancel.is_set():
                 raise QueryCancelledError("the query was cancelled before it ran")
-            result = cursor.execute(statement.text, list(statement.parameters)).fetchnumpy()
+            # A deadline or cancellation interrupts DuckDB mid-scan rather than waiting for it.
+            # (Set in the instant before the statement starts, the interrupt is lost; the check
+            # after the statement still refuses its result.)
+            interrupt = cancel.calling(cursor.interrupt) if cancel else contextlib.nullcontext()
+            with interrupt:
+                result = cursor.execute(statement.text, list(statement.parameters)).fetchnumpy()
         except duckdb.InterruptException as exc:
             raise QueryCancelledError("the query was cancelled while it ran") from exc
         finally:
-            if watcher is not None:
-                done.set()
             cursor.close()
         if cancel is not None and cancel.is_set():
             raise QueryCancelledError("the query was cancelled while it ran")

@@ -11,14 +11,13 @@ reservation and a durable commit made by the charger.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
 from engine.accuracy import NoiseDistribution, round_up_amount, share_for_scale
-from engine.backend import Backend
+from engine.backend import Backend, Cancellation
 from engine.codebook import Codebook, Dimension, Kind
 from engine.errors import InvalidLossError, QueryCancelledError
 from engine.loss import PrivacyLoss
@@ -114,7 +113,7 @@ class Engine:
             fingerprint=plan.fingerprint,
         )
 
-    def answer(self, plan: Plan, *, cancel: threading.Event | None = None) -> Answer:
+    def answer(self, plan: Plan, *, cancel: Cancellation | None = None) -> Answer:
         """Run the plan's statement, densify over the public domain, add noise, suppress.
 
         The result is not a release: only a charger's commit turns it into one.
@@ -124,7 +123,7 @@ class Engine:
         return build_answer(plan, noisy, data_version=self.data_version)
 
     def _true_components(
-        self, plan: Plan, *, cancel: threading.Event | None = None
+        self, plan: Plan, *, cancel: Cancellation | None = None
     ) -> list[np.ndarray]:
         """Each component's true integer vector over every cell of the public domain.
 
@@ -152,7 +151,7 @@ class Engine:
         charger: Charger,
         client: str,
         request_id: str,
-        cancel: threading.Event | None = None,
+        cancel: Cancellation | None = None,
     ) -> Release:
         """Plan, reserve, answer, commit: the only way a release comes into being."""
         plan = self.plan(query, loss=loss)

@@ -10,6 +10,8 @@ with no data value in it.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -22,6 +24,7 @@ import grpc
 from google.protobuf import message as protobuf_message
 from google.protobuf.descriptor import ServiceDescriptor
 
+from engine.backend import Cancellation
 from engine.engine import Engine
 from engine.errors import QueryCancelledError
 from engine.planner import Plan
@@ -55,8 +58,9 @@ class CallWatch:
     """Cancels one call's engine work when its deadline passes, its caller cancels, or the
     server stops; remembers which, so the caller is told the right status."""
 
-    event: threading.Event = field(default_factory=threading.Event)
+    event: Cancellation = field(default_factory=Cancellation)
     reason: str = ""
+    ended: bool = False  # the call has returned; a limit that comes due now is moot
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fire(self, reason: str) -> None:
@@ -80,6 +84,41 @@ class CallWatch:
         return CallCancelledError("the call was cancelled; nothing was charged")
 
 
+class Watchdog:
+    """Fires calls' time limits from one thread, instead of a timer thread per call."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, CallWatch, str]] = []  # a heap, soonest first
+        self._order = itertools.count()
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def fire_after(self, seconds: float, watch: CallWatch, reason: str) -> None:
+        when = time.monotonic() + seconds
+        with self._condition:
+            heapq.heappush(self._due, (when, next(self._order), watch, reason))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="veil-watchdog", daemon=True)
+                self._thread.start()
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            due = []
+            with self._condition:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    due.append(heapq.heappop(self._due))
+                if not due:
+                    # Ended calls stay in the heap until their time; firing them does nothing.
+                    wait = self._due[0][0] - now if self._due else None
+                    self._condition.wait(wait)
+                    continue
+            for _, _, watch, reason in due:
+                if not watch.ended:
+                    watch.fire(reason)
+
+
 class InFlight:
     """Counts running calls and holds the watches of running queries, for a clean stop."""
 
@@ -88,6 +127,7 @@ class InFlight:
         self.peak = 0  # the most calls ever running at once
         self._watches: set[CallWatch] = set()
         self._condition = threading.Condition()
+        self._watchdog = Watchdog()
         self.stopping = False
 
     @contextmanager
@@ -107,12 +147,10 @@ class InFlight:
         watch = CallWatch()
         remaining = context.time_remaining()
         deadline = remaining if remaining is not None and remaining < _NO_DEADLINE else None
-        timers = [threading.Timer(limit, watch.fire, args=("limit",))]
         if deadline is not None and deadline < limit:
-            timers = [threading.Timer(deadline, watch.fire, args=("deadline",))]
-        for timer in timers:
-            timer.daemon = True
-            timer.start()
+            self._watchdog.fire_after(deadline, watch, "deadline")
+        else:
+            self._watchdog.fire_after(limit, watch, "limit")
         context.add_callback(lambda: watch.fire("deadline" if _expired(context) else "cancelled"))
         with self._condition:
             self._watches.add(watch)
@@ -121,8 +159,7 @@ class InFlight:
         try:
             yield watch
         finally:
-            for timer in timers:
-                timer.cancel()
+            watch.ended = True
             with self._condition:
                 self._watches.discard(watch)
 

@@ -16,7 +16,6 @@ None of these is an option of the product.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from audit.attacks import Context
 from audit.truth import Truth
 from audit.wire import Target
 from engine import engine as engine_module
+from engine.backend import Cancellation
 from engine.codebook import Variable
 from engine.errors import BudgetExceededError
 from engine.loss import format_amount
@@ -140,7 +140,7 @@ def _patch_answer(
     monkeypatch: pytest.MonkeyPatch, rewrite: Callable[[Plan, Answer, list[np.ndarray]], Answer]
 ) -> None:
     def answer(
-        self: engine_module.Engine, plan: Plan, *, cancel: threading.Event | None = None
+        self: engine_module.Engine, plan: Plan, *, cancel: Cancellation | None = None
     ) -> Answer:
         exact = self._true_components(plan, cancel=cancel)
         noisy = [m.release(v) for m, v in zip(plan.mechanisms, exact, strict=True)]

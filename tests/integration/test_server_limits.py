@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine.backend import DuckDBBackend
+from engine.backend import Cancellation, DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.errors import QueryCancelledError
@@ -42,7 +42,7 @@ def slow_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     engine = Engine(DuckDBBackend(path), codebook=default_codebook())
     try:
         plan = engine.plan(query_from_pb(slow_query(), engine.settings), loss=PrivacyLoss.pure("1"))
-        cancel = threading.Event()
+        cancel = Cancellation()
         timer = threading.Timer(1.5, cancel.set)
         timer.start()
         with pytest.raises(QueryCancelledError):

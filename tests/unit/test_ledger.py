@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from engine.backend import DuckDBBackend
+from engine.backend import Cancellation, DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.errors import (
@@ -257,7 +257,7 @@ def test_release_carries_its_charge(engine: Engine, ledger: Ledger) -> None:
 
 
 def test_failed_computation_cancels_the_reservation(engine: Engine, ledger: Ledger) -> None:
-    cancelled = threading.Event()
+    cancelled = Cancellation()
     cancelled.set()
     with pytest.raises(QueryCancelledError):
         engine.release(

@@ -99,3 +99,13 @@ def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
     assert [e["event"] for e in accounts.log] == ["reserve", "cancel"]
     assert accounts.total_spent() == 0 and accounts.total_reserved() == 0
     assert accounts.releases_by_request == {}
+
+
+def test_the_watchdog_leaves_ended_calls_alone() -> None:
+    in_flight = InFlight()
+    with in_flight.watch(FakeContext(None), limit=0.05) as ended:  # type: ignore[arg-type]
+        pass
+    with in_flight.watch(FakeContext(None), limit=0.1) as running:  # type: ignore[arg-type]
+        # The ended call's limit came due first; only the running call's fires.
+        assert running.event.wait(5) and running.reason == "limit"
+    assert not ended.event.is_set() and ended.reason == ""

@@ -1,0 +1,46 @@
+"""The backend's cancellation: what watches it is called once, when it is set."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine.backend import Cancellation, DuckDBBackend
+from engine.errors import QueryCancelledError
+from engine.sql import Statement
+from tests.conftest import write_database
+
+
+def test_cancellation_calls_what_watches_it_once() -> None:
+    cancel = Cancellation()
+    calls: list[str] = []
+    key = cancel.watch(lambda: calls.append("a"))
+    with cancel.calling(lambda: calls.append("b")):
+        pass  # left before the set: not called
+    removed = cancel.watch(lambda: calls.append("c"))
+    cancel.unwatch(removed)
+    cancel.set()
+    cancel.set()
+    assert calls == ["a"] and cancel.is_set() and cancel.wait(0)
+    cancel.unwatch(key)  # harmless after the set
+    cancel.watch(lambda: calls.append("late"))  # already set: called at once
+    assert calls == ["a", "late"]
+
+
+def test_a_set_cancellation_interrupts_a_running_statement(tmp_path: Path) -> None:
+    backend = DuckDBBackend(write_database(tmp_path / "d.duckdb", [{"gender": "Female"}]))
+    cancel = Cancellation()
+    # A statement that runs for minutes unless interrupted (no table data in it).
+    endless = Statement("SELECT count(*) AS c0 FROM range(1000000000000) t(i) WHERE i % 7 = 3", ())
+    timer = threading.Timer(0.2, cancel.set)
+    timer.start()
+    try:
+        with pytest.raises(QueryCancelledError, match="while it ran"):
+            backend.run(endless, cancel=cancel)
+        with pytest.raises(QueryCancelledError, match="before it ran"):
+            backend.run(endless, cancel=cancel)
+    finally:
+        timer.cancel()
+        backend.close()
