@@ -54,7 +54,7 @@ def process_memory(pid: int) -> dict[str, int]:
 
 
 def children(pid: int) -> list[int]:
-    """The processes `pid` started (the engine's noise workers, for a server)."""
+    """The processes `pid` started (a server starts none today; counted should one appear)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -201,9 +201,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             "stricter, counting only the memory each process adds once its libraries are "
             "loaded: the server's <= 1.5x DuckDB's",
             f"x{own / theirs:.2f}: server {own / 2**20:.0f} MiB over its "
-            f"{memory['python_baseline']['VmHWM'] / 2**20:.0f} MiB of libraries (and "
-            f"{memory['server']['children_VmHWM'] / 2**20:.0f} MiB in "
-            f"{memory['server']['children']} noise worker processes), DuckDB "
+            f"{memory['python_baseline']['VmHWM'] / 2**20:.0f} MiB of libraries"
+            f"{_children_text(memory['server'])}, DuckDB "
             f"{theirs / 2**20:.0f} MiB over {memory['duckdb_baseline']['VmHWM'] / 2**20:.0f} MiB",
             own <= 1.5 * theirs,
         )
@@ -396,7 +395,7 @@ def _memory_section(results: dict[str, Any]) -> list[str]:
     rows = (
         ("veil server, idle after start", memory["server_idle"], None),
         ("veil server, after the workload twice", memory["server"], None),
-        ("its noise workers (processes it started), added up", {
+        ("processes the server started, added up", {
             "VmHWM": memory["server"]["children_VmHWM"],
             "VmRSS": memory["server"]["children_VmRSS"],
         }, None),
@@ -510,3 +509,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _children_text(server: dict[str, Any]) -> str:
+    """The server's child processes, if it started any (it draws noise on threads)."""
+    if not server.get("children"):
+        return ""
+    return (
+        f" (and {server['children_VmHWM'] / 2**20:.0f} MiB in {server['children']} child "
+        f"processes)"
+    )

@@ -79,10 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "size run is used)")
     parser.add_argument("--target-rows", type=int, default=1_000_000,
                         help="size at which the latency targets are judged (default 1000000)")
-    parser.add_argument("--noise-workers", type=int, default=None,
-                        help="worker processes the in-process engine and server draw large "
-                             "tables' noise in (default: as `veil serve` sets it, one per core; "
-                             "1: in this process only)")
+    parser.add_argument("--noise-threads", type=int, default=None,
+                        help="threads the in-process engine draws a large table's noise on "
+                             "(default: one per core, as the server does; 1: one core only)")
     parser.add_argument("--no-throughput", action="store_true", help="skip floor and throughput")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory run")
     args = parser.parse_args(argv)
@@ -141,17 +140,12 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _configure_noise(workers: int | None) -> int | None:
-    """Draw large tables' noise the way `veil serve` does (worker processes), when the engine
-    offers it; this program's main module is guarded, so spawned workers are safe."""
+def _configure_noise(threads: int | None) -> int:
+    """The threads the in-process engine draws a large table's noise on."""
     from engine import noise
 
-    use = getattr(noise, "use_worker_processes", None)
-    if use is None:
-        return None
-    use(workers)
-    size = getattr(noise, "_pool_size", lambda: workers or 1)()  # what the engine will use
-    return int(size)
+    noise.set_noise_threads(threads)
+    return noise.noise_threads()
 
 
 def _git() -> str:
@@ -279,12 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix="veil-bench-")
     notes: list[str] = []
-    noise_workers = _configure_noise(args.noise_workers)
-    if noise_workers is not None:
-        notes.append(
-            f"the in-process engine and server draw the noise of large tables in {noise_workers} "
-            f"worker process(es), as `veil serve` does (--noise-workers to change)"
-        )
+    noise_threads = _configure_noise(args.noise_threads)
+    notes.append(
+        f"the in-process engine draws the noise of large tables on {noise_threads} thread(s) "
+        f"(--noise-threads to change); the server on one per core"
+    )
     options = Options(epsilon=args.epsilon, repeats=args.repeats, work=work, notes=notes)
     systems: list[System] = []
     for name in args.system_names:
@@ -304,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "epsilon": args.epsilon,
             "seed": args.seed,
             "target_rows": nearest(args.sizes, args.target_rows),
-            "noise_workers": noise_workers,
+            "noise_threads": noise_threads,
         },
         "systems": {s.name: {"label": s.label, "reference": s.reference} for s in systems},
         "queries": [{"key": q.key, "title": q.title} for q in queries],

@@ -122,7 +122,7 @@ class ServerProcess:
 
     def memory(self) -> dict[str, int]:
         """The server's memory (see `benchmarks.memory.tree_memory`): its own, and its
-        children's (the engine's noise workers), in bytes."""
+        children's, in bytes."""
         return tree_memory(self.process.pid)
 
     def stop(self) -> None:

@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine import noise
 from engine.errors import VeilError
 from server.accounts import LedgerAccounts
 from server.app import Running, build_engine, configure_logging, serve, start
@@ -65,8 +64,6 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    # `veil serve` is a guarded console script, so spawned noise workers are safe here.
-    noise.use_worker_processes()
     scratch: Path | None = None
     try:
         if args.demo:

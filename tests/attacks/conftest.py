@@ -185,7 +185,6 @@ def keys_from_data(monkeypatch: pytest.MonkeyPatch) -> None:
 def open_door(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Values reach the planner unchecked; the returned limits lift the size limits."""
     monkeypatch.setattr(Variable, "parse_value", lambda self, value: value)
-    monkeypatch.setenv("VEIL_NOISE_WORKERS", "1")  # the oversized crosstab, noised in-process
     return {"max_cells": 400_000, "max_filter_depth": 64, "max_filter_terms": 100_000,
             "max_response_bytes": 128 << 20}
 

@@ -3,7 +3,8 @@
 Each check compares the sample variance of many draws with the distribution's exact variance,
 and the share of draws inside the stated 95% interval with its exact probability. Tolerances are
 z = 5.3 standard errors, so a correct mechanism fails a single check with probability below
-1.2e-7; with 11 checks in this file the chance of a false failure in a run is below 1e-6.
+1.2e-7; with 14 such checks in this file (7 draws, two checks each) the chance of a false
+failure in a run is below 2e-6.
 A mechanism whose scale is off by 20% in either direction fails them (shown below).
 """
 
@@ -15,9 +16,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from engine import noise
 from engine.accuracy import NoiseDistribution, _gaussian_pmf
 from engine.loss import Accounting
-from engine.noise import PARALLEL_THRESHOLD, Mechanism, _measurement, calibrate
+from engine.noise import PARALLEL_PART, Mechanism, _measurement, calibrate
 
 Z = 5.3
 DRAWS = 60_000
@@ -90,9 +92,26 @@ def test_noise_is_integer_valued() -> None:
     assert out.dtype == np.int64 and not np.array_equal(out, np.arange(1000))
 
 
-def test_worker_processes_draw_the_same_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The same two-sided check, on the path that splits a large vector across worker processes.
-    monkeypatch.setenv("VEIL_NOISE_WORKERS", "2")
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_a_vector_drawn_in_parts_has_the_same_distribution(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    # The same two-sided check, on one thread and on the path that splits a large vector into
+    # parts drawn on several threads.
+    monkeypatch.setattr(noise, "_threads", threads)
+    monkeypatch.setattr(noise, "_pool", None)
     mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1, 2))
-    assert DRAWS >= PARALLEL_THRESHOLD
+    assert threads * PARALLEL_PART <= DRAWS
     assert scale_is_right(mechanism, mechanism.distribution)
+
+
+def test_parts_come_back_in_order_and_are_not_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(noise, "_threads", 4)
+    monkeypatch.setattr(noise, "_pool", None)
+    mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1))
+    true = np.arange(4 * PARALLEL_PART, dtype=np.int64) * 1000
+    noisy = mechanism.release(true)
+    # Scale 1: a part out of place would be off by thousands; a P(|noise| >= 500) is ~e^-500.
+    assert noisy.shape == true.shape and np.abs(noisy - true).max() < 500
+    parts = np.split(noisy - true, 4)
+    assert not any(np.array_equal(parts[0], other) for other in parts[1:])
