@@ -7,6 +7,7 @@ decimal the person wrote: 0.1 becomes exactly 1/10, not the binary float nearest
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -88,8 +89,13 @@ def format_amount(amount: Fraction) -> str:
     return f"{amount.numerator}/{amount.denominator}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_amount(text: str) -> Fraction:
-    """Inverse of format_amount, without range checks (for stored values)."""
+    """Inverse of format_amount, without range checks (for stored values).
+
+    Cached: the ledger reads the same few amounts (caps, totals, losses) again and again, and
+    a Fraction is immutable.
+    """
     if "/" in text:
         numerator, denominator = text.split("/")
         return Fraction(int(numerator), int(denominator))

@@ -7,8 +7,9 @@ out. Only a `Charger` turns it into a `Release`, after it has durably recorded t
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -63,6 +64,9 @@ class Release:
 
     table: pa.Table
     metadata: ReleaseMetadata
+    # The bytes this release was read from, sent as they are instead of encoded again. Not an
+    # init field, so that `dataclasses.replace` cannot carry stale bytes to a changed release.
+    _data: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.metadata.charge_id or not self.metadata.release_id:
@@ -79,6 +83,8 @@ class Release:
 
     def to_bytes(self) -> bytes:
         """An Arrow IPC stream carrying the metadata in its schema; stored and sent as is."""
+        if self._data is not None:
+            return self._data
         meta = json.dumps(asdict(self.metadata), sort_keys=True).encode()
         table = self.table.replace_schema_metadata({_META_KEY: meta})
         sink = pa.BufferOutputStream()
@@ -90,7 +96,9 @@ class Release:
     def from_bytes(cls, data: bytes) -> Release:
         table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
         raw = json.loads((table.schema.metadata or {})[_META_KEY])
-        return cls(table.replace_schema_metadata(None), ReleaseMetadata(**raw))
+        release = cls(table.replace_schema_metadata(None), ReleaseMetadata(**raw))
+        object.__setattr__(release, "_data", data)
+        return release
 
     def to_pandas(self) -> Any:
         return self.table.to_pandas()
@@ -223,6 +231,13 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
 
 def _key_columns(dimensions: tuple[Dimension, ...], cells: int) -> dict[str, pa.Array]:
     """Key columns in row-major order of the dimensions; the missing key is null."""
+    return dict(_cached_key_columns(dimensions, cells))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_key_columns(dimensions: tuple[Dimension, ...], cells: int) -> dict[str, pa.Array]:
+    # Public keys only, the same for every release over these dimensions; Arrow arrays are
+    # immutable, and the dict is copied before use.
     columns: dict[str, pa.Array] = {}
     stride = cells
     index = np.arange(cells)
