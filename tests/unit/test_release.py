@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -140,6 +141,17 @@ def test_a_release_needs_a_charge_id(engine: Engine) -> None:
     again = Release.from_bytes(release.to_bytes())
     assert again.metadata == release.metadata and again.table.equals(release.table)
     assert again.to_bytes() == release.to_bytes()
+
+
+def test_a_release_sends_the_bytes_it_was_read_from_and_no_stale_ones(engine: Engine) -> None:
+    result = answer(engine, Query(Count()))
+    data = Release.from_answer(result, release_id="r1", charge_id="c1", created_at="t").to_bytes()
+    stored = Release.from_bytes(data)
+    assert stored.to_bytes() is data  # sent as stored, not encoded again
+    changed = dataclasses.replace(
+        stored, metadata=dataclasses.replace(stored.metadata, release_id="r2")
+    )
+    assert Release.from_bytes(changed.to_bytes()).metadata.release_id == "r2"
 
 
 def test_dry_run_costs_and_accuracy_need_no_data(engine: Engine) -> None:
