@@ -209,14 +209,17 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     for throughput in results.get("throughput") or []:
         fresh = {r["clients"]: r for r in throughput["fresh"]}
         replay = {r["clients"]: r for r in throughput["replay"]}
+        alone = {r["clients"]: r for r in throughput.get("duckdb_alone", [])}
         if 8 in fresh:
             rate = fresh[8]["per_second"]
             replays = replay.get(8, {}).get("per_second")
+            bound = alone.get(8, {}).get("per_second")
             line(
                 f"throughput, 8 clients, small fresh releases ({throughput['rows']:,} rows) "
                 f">= 200/s",
                 f"{rate:.0f}/s (replays: "
-                f"{'-' if replays is None else f'{replays:.0f}/s'})",
+                f"{'-' if replays is None else f'{replays:.0f}/s'}; DuckDB alone, no privacy: "
+                f"{'-' if bound is None else f'{bound:.0f} statements/s'})",
                 rate >= 200,
             )
     return out
@@ -366,6 +369,11 @@ def _throughput_table(throughput: dict[str, Any]) -> list[str]:
                 f"| {kind} | {run['clients']} | {run['releases']} | {run['per_second']:.0f} | "
                 f"{_ms(run['latency_median'])} | {_ms(run['latency_p95'])} | {errors} |"
             )
+    for run in throughput.get("duckdb_alone", []):
+        lines.append(
+            f"| DuckDB alone (the statements, no privacy, no server) | {run['clients']} | "
+            f"{run['statements']} | {run['per_second']:.0f} | - | - | - |"
+        )
     memory = throughput.get("server_memory")
     if memory:
         lines += [

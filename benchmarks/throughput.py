@@ -12,6 +12,9 @@ a fixed time. Two loads:
   same query would queue on each other by design, not for lack of capacity.
 - replay: the same queries, already released, asked again under new request ids: the ledger
   returns the stored release at no charge.
+
+And, as the bound the machine sets, DuckDB alone in this process: as many threads, each running
+the statement veil runs for its client's query, back to back. No release rate can pass it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from benchmarks.data import Dataset
 from benchmarks.serverproc import ServerProcess
 from benchmarks.stats import median
-from engine.loss import format_amount
+from engine.backend import DuckDBBackend
+from engine.codebook import default_codebook
+from engine.engine import Engine
+from engine.loss import PrivacyLoss, format_amount
 from engine.query import Count, Query, Range
+from engine.sql import build
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 from server.convert import query_to_pb
@@ -145,11 +152,44 @@ class _Load:
         }
 
 
+def raw_load(data: Dataset, clients: int, seconds: float) -> dict[str, Any]:
+    """DuckDB alone, in this process: `clients` threads, each running the statement veil runs
+    for its client's query, for `seconds`. The most releases per second the scans would allow
+    on this machine, with no privacy work at all."""
+    backend = DuckDBBackend(data.path)
+    try:
+        engine = Engine(backend, codebook=default_codebook())
+        statements = [
+            build(engine.plan(client_query(i), loss=PrivacyLoss.pure(BASE_LOSS)))
+            for i in range(clients)
+        ]
+        done = [0] * clients
+        stop_at = time.perf_counter() + seconds
+
+        def client(index: int) -> None:
+            while time.perf_counter() < stop_at:
+                backend.run(statements[index])
+                done[index] += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        begin = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - begin
+    finally:
+        backend.close()
+    return {"clients": clients, "seconds": elapsed, "statements": sum(done),
+            "per_second": sum(done) / elapsed}
+
+
 def measure(
     data: Dataset, work: str, *, concurrency: Sequence[int], seconds: float, floor_calls: int
 ) -> dict[str, Any]:
     from pathlib import Path
 
+    duckdb_alone = [raw_load(data, clients, seconds) for clients in concurrency]
     server = ServerProcess(
         data=data.path, work=Path(work) / f"throughput-{data.rows}", name="throughput"
     )
@@ -162,6 +202,7 @@ def measure(
             "floor": floor(server, tokens[0], calls=floor_calls),
             "fresh": [],
             "replay": [],
+            "duckdb_alone": duckdb_alone,
         }
         for clients in concurrency:
             result["fresh"].append(load.run(clients, seconds, replay=False))

@@ -61,6 +61,9 @@ def test_the_benchmark_runs_end_to_end_and_reports_every_query(tmp_path: Path) -
     assert [r["clients"] for r in throughput["fresh"]] == [1, 2]
     assert all(r["releases"] > 0 and not r["errors"] for r in throughput["fresh"])
     assert all(r["releases"] > 0 and not r["errors"] for r in throughput["replay"])
+    assert [r["clients"] for r in throughput["duckdb_alone"]] == [1, 2]
+    assert all(r["statements"] > 0 for r in throughput["duckdb_alone"])
+    assert "| DuckDB alone (the statements, no privacy, no server) | 2 |" in markdown
     assert results["memory"]["server"]["VmHWM"] > 0
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").stat().st_size > 0
