@@ -50,29 +50,22 @@ class Cancellation:
         """Block until this is set or `timeout` seconds pass; whether it is set."""
         return self._event.wait(timeout)
 
-    def watch(self, callback: Callable[[], object]) -> int:
-        """Call `callback` when this is set (at once if it already is); a key to unwatch."""
-        with self._lock:
-            key = self._next_key
-            self._next_key += 1
-            if not self._event.is_set():
-                self._callbacks[key] = callback
-                return key
-        callback()
-        return key
-
-    def unwatch(self, key: int) -> None:
-        with self._lock:
-            self._callbacks.pop(key, None)
-
     @contextlib.contextmanager
     def calling(self, callback: Callable[[], object]) -> Iterator[None]:
         """Call `callback` if this is set while the block runs (at once if it already is)."""
-        key = self.watch(callback)
+        with self._lock:
+            key = self._next_key
+            self._next_key += 1
+            watching = not self._event.is_set()
+            if watching:
+                self._callbacks[key] = callback
+        if not watching:
+            callback()
         try:
             yield
         finally:
-            self.unwatch(key)
+            with self._lock:
+                self._callbacks.pop(key, None)
 
 
 class Backend(Protocol):

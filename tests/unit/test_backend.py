@@ -16,17 +16,15 @@ from tests.conftest import write_database
 def test_cancellation_calls_what_watches_it_once() -> None:
     cancel = Cancellation()
     calls: list[str] = []
-    key = cancel.watch(lambda: calls.append("a"))
-    with cancel.calling(lambda: calls.append("b")):
-        pass  # left before the set: not called
-    removed = cancel.watch(lambda: calls.append("c"))
-    cancel.unwatch(removed)
-    cancel.set()
-    cancel.set()
-    assert calls == ["a"] and cancel.is_set() and cancel.wait(0)
-    cancel.unwatch(key)  # harmless after the set
-    cancel.watch(lambda: calls.append("late"))  # already set: called at once
-    assert calls == ["a", "late"]
+    with cancel.calling(lambda: calls.append("before")):
+        pass  # left before the set: never called
+    with cancel.calling(lambda: calls.append("a")), cancel.calling(lambda: calls.append("b")):
+        cancel.set()
+        cancel.set()  # a second set calls nothing again
+    assert sorted(calls) == ["a", "b"] and cancel.is_set() and cancel.wait(0)
+    with cancel.calling(lambda: calls.append("late")):  # already set: called at once
+        assert calls[-1] == "late"
+    assert len(calls) == 3
 
 
 def test_a_set_cancellation_interrupts_a_running_statement(tmp_path: Path) -> None:
