@@ -100,7 +100,8 @@ class Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="veil-watchdog", daemon=True)
                 self._thread.start()
-            self._condition.notify()
+            if self._due[0][2] is watch:  # sooner than what the thread waits for: wake it
+                self._condition.notify()
 
     def _run(self) -> None:
         while True:
