@@ -759,3 +759,40 @@ def test_cli_verify_and_report(
     assert "alice" in text and "releases (1)" in text
     assert ledger_cli(["ledger", "verify", str(ledger.path.with_name("none.sqlite"))]) == 2
     assert "no ledger" in capsys.readouterr().err
+
+
+def _query_plans(path: Path, statements: list[str]) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [
+            " ".join(
+                str(row[-1])
+                for row in conn.execute("EXPLAIN QUERY PLAN " + text, ("x",) * text.count("?"))
+            )
+            for text in statements
+        ]
+
+
+def test_every_reservation_reads_the_charges_through_an_index(
+    engine: Engine, open_ledger: Callable[..., Ledger]
+) -> None:
+    """A reservation looks its request id up among all attempts; read by a scan, that lookup
+    would grow with the ledger. A ledger made before the index existed gets it on opening."""
+    ledger = open_ledger()
+    ledger.register_client("alice", role="researcher", cap="1")
+    statements: list[str] = []
+    ledger._conn().set_trace_callback(statements.append)
+    release(engine, ledger, "alice", "r1")
+    ledger._conn().set_trace_callback(None)
+    path = ledger.path
+    ledger.close()
+    reads = [t for t in statements if "FROM charges WHERE" in t and t.startswith("SELECT")]
+    assert reads, statements
+    plans = _query_plans(path, reads)
+    assert all("SCAN charges" not in plan for plan in plans), plans
+    assert any("charges_by_request" in plan for plan in plans), plans
+
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX charges_by_request")
+    assert any("SCAN charges" in plan for plan in _query_plans(path, reads))  # the cost without it
+    open_ledger().close()
+    assert all("SCAN charges" not in plan for plan in _query_plans(path, reads))
