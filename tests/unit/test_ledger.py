@@ -796,3 +796,17 @@ def test_every_reservation_reads_the_charges_through_an_index(
     assert any("SCAN charges" in plan for plan in _query_plans(path, reads))  # the cost without it
     open_ledger().close()
     assert all("SCAN charges" not in plan for plan in _query_plans(path, reads))
+
+
+def test_a_writer_that_waits_too_long_in_this_process_is_refused_cleanly(
+    engine: Engine, open_ledger: Callable[..., Ledger]
+) -> None:
+    ledger = open_ledger(busy_timeout=0.05)
+    ledger.register_client("alice", role="researcher", cap="1")
+    # Another thread of this process is writing and does not finish.
+    refused = pytest.raises(LedgerUnavailableError, match=r"locked for more than 0\.05 s")
+    with ledger._write_lock, refused:
+        release(engine, ledger, "alice", "r1")
+    assert ledger.spent("alice") == 0 and ledger.charges() == []
+    release(engine, ledger, "alice", "r1")  # once the writer is done, the request goes through
+    assert ledger.spent("alice") == Fraction(1, 10)
