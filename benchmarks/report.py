@@ -423,9 +423,9 @@ def _memory_section(results: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"The server's figure in the targets is its own peak plus its {server['children']} "
-        f"worker(s)' peaks: {mib(server['total_VmHWM'])}. Resident sizes count the pages of "
-        f"shared libraries (OpenDP's is {mib(OPENDP_LIBRARY)} on disk) in every process that "
-        f"maps them; counted once (PSS), the server and its workers hold "
+        f"child process(es)' peaks: {mib(server['total_VmHWM'])}. Resident sizes count the "
+        f"pages of shared libraries (OpenDP's is {mib(OPENDP_LIBRARY)} on disk) in every "
+        f"process that maps them; counted once (PSS), the server and its children hold "
         f"{mib(server['total_Pss'])} at the end.",
     ]
     return lines
@@ -515,10 +515,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _children_text(server: dict[str, Any]) -> str:
     """The server's child processes, if it started any (it draws noise on threads)."""
     if not server.get("children"):
@@ -527,3 +523,8 @@ def _children_text(server: dict[str, Any]) -> str:
         f" (and {server['children_VmHWM'] / 2**20:.0f} MiB in {server['children']} child "
         f"processes)"
     )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -65,6 +65,13 @@ def test_the_benchmark_runs_end_to_end_and_reports_every_query(tmp_path: Path) -
     assert all(r["statements"] > 0 for r in throughput["duckdb_alone"])
     assert "| DuckDB alone (the statements, no privacy, no server) | 2 |" in markdown
     assert results["memory"]["server"]["VmHWM"] > 0
+    # The report can be written again from the saved results alone.
+    again = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(out / "results.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "RESULTS.md").read_text(encoding="utf-8") == markdown
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").stat().st_size > 0
     else:
