@@ -152,7 +152,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         q = count_dist.quantile_abs(settings.confidence)
         counts = np.concatenate(noisy) if isinstance(measure, FlagCounts) else noisy[0]
         published = publishable(counts, tau)
-        value: pa.Array = pa.array(counts, type=pa.int64(), mask=~published)
+        value: pa.Array = _withheld(counts, published, pa.int64())
         low = np.maximum(counts - q, 0).astype(float)
         high = (counts + q).astype(float)
         if isinstance(measure, FlagCounts):
@@ -166,7 +166,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         published = publishable(numerator, tau) & publishable(denominator, tau)
         safe = np.maximum(denominator, 1).astype(float)
         ratio = np.clip(numerator / safe, 0.0, 1.0)
-        value = pa.array(ratio, type=pa.float64(), mask=~published)
+        value = _withheld(ratio, published, pa.float64())
         low = np.clip(np.maximum(numerator - q, 0) / (denominator + q).clip(min=1), 0.0, 1.0)
         shrunk = (denominator - q).astype(float)
         high = np.where(shrunk > 0, np.clip((numerator + q) / np.maximum(shrunk, 1), 0, 1), 1.0)
@@ -198,13 +198,13 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
             estimate = shifted + lo_bound * present
             spread = q_sum + abs(lo_bound) * q_count
             low, high = estimate - spread, estimate + spread
-        value = pa.array(estimate.astype(float), type=pa.float64(), mask=~published)
+        value = _withheld(estimate.astype(float), published, pa.float64())
 
     mask = ~published
     columns = dict(keys)
     columns["value"] = value
-    columns["ci_low"] = pa.array(np.asarray(low, dtype=float), type=pa.float64(), mask=mask)
-    columns["ci_high"] = pa.array(np.asarray(high, dtype=float), type=pa.float64(), mask=mask)
+    columns["ci_low"] = _withheld(np.asarray(low, dtype=float), published, pa.float64())
+    columns["ci_high"] = _withheld(np.asarray(high, dtype=float), published, pa.float64())
     columns["suppressed"] = pa.array(mask)
     table = pa.table(columns)
     metadata = ReleaseMetadata(
@@ -227,6 +227,15 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         suppressed_cells=int(mask.sum()),
     )
     return Answer(table, metadata)
+
+
+def _withheld(values: np.ndarray, published: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """A column whose unpublished cells are null AND zero underneath.
+
+    Arrow's null mask alone leaves the value in the data buffer, where any reader of the IPC
+    bytes would find the suppressed cell's noisy count.
+    """
+    return pa.array(np.where(published, values, 0), type=kind, mask=~published)
 
 
 def _key_columns(dimensions: tuple[Dimension, ...], cells: int) -> dict[str, pa.Array]:

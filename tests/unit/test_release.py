@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -211,3 +212,30 @@ def test_loss_for_half_width_is_the_smallest_that_reaches_it(
         # Three significant digits: 2% less loss misses the target.
         smaller = engine.plan(query, loss=PrivacyLoss(loss.accounting, loss.amount * 98 / 100))
         assert smaller.count_mechanism.distribution.quantile_abs(confidence) > half_width
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        Query(Count(), by=("gender", "majorityStatus")),
+        Query(FlagCounts("meansOfControl"), by=("majorityStatus",)),
+        Query(Proportion(Eq("isSexualExploit", 1)), by=("gender",)),
+        Query(Mean("yearOfRegistration"), by=("gender",)),
+    ],
+)
+def test_suppressed_cells_carry_nothing_under_their_null(engine: Engine, query: Query) -> None:
+    """A reader of the stored or sent bytes finds zeros under every null, not the noisy value a
+    null mask alone would leave in the data buffer."""
+    result = answer(engine, query)
+    release = Release.from_answer(result, release_id="r1", charge_id="c1", created_at="t")
+    sent = Release.from_bytes(release.to_bytes()).table
+    suppressed = np.asarray(sent.column("suppressed").to_numpy(zero_copy_only=False))
+    assert suppressed.any()  # the 3-row and empty cells are withheld
+    for name in ("value", "ci_low", "ci_high"):
+        column = sent.column(name).combine_chunks()
+        width = column.type.bit_width // 8
+        kind = np.int64 if pa.types.is_integer(column.type) else np.float64
+        data = np.frombuffer(column.buffers()[1], dtype=kind)[
+            column.offset : column.offset + len(column)
+        ]
+        assert width == 8 and not data[suppressed].any(), name
