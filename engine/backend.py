@@ -111,7 +111,9 @@ class DuckDBBackend:
             # A deadline or cancellation interrupts DuckDB mid-scan rather than waiting for it.
             # (Set in the instant before the statement starts, the interrupt is lost; the check
             # after the statement still refuses its result.)
-            interrupt = cancel.calling(cursor.interrupt) if cancel else contextlib.nullcontext()
+            interrupt = (
+                cancel.calling(lambda: _interrupt(cursor)) if cancel else contextlib.nullcontext()
+            )
             with interrupt:
                 result = cursor.execute(statement.text, list(statement.parameters)).fetchnumpy()
         except duckdb.InterruptException as exc:
@@ -125,3 +127,9 @@ class DuckDBBackend:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def _interrupt(cursor: duckdb.DuckDBPyConnection) -> None:
+    # Set as the statement ends, the interrupt may find the cursor closed: nothing is left to stop.
+    with contextlib.suppress(duckdb.Error):
+        cursor.interrupt()

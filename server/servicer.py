@@ -117,7 +117,11 @@ class Watchdog:
                     continue
             for _, _, watch, reason in due:
                 if not watch.ended:
-                    watch.fire(reason)
+                    try:
+                        watch.fire(reason)
+                    except Exception as exc:  # one failure must not end every call's limit
+                        log.error("watchdog", extra={"event": "watchdog_error",
+                                                     "error": type(exc).__name__})
 
 
 class InFlight:
@@ -152,7 +156,11 @@ class InFlight:
             self._watchdog.fire_after(deadline, watch, "deadline")
         else:
             self._watchdog.fire_after(limit, watch, "limit")
-        context.add_callback(lambda: watch.fire("deadline" if _expired(context) else "cancelled"))
+        def on_end() -> None:
+            watch.fire("deadline" if _expired(context) else "cancelled")
+
+        if not context.add_callback(on_end):
+            on_end()  # the call had already ended: its work must not go on
         with self._condition:
             self._watches.add(watch)
             if self.stopping:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.backend import Cancellation, DuckDBBackend
+from engine.backend import Cancellation, DuckDBBackend, _interrupt
 from engine.errors import QueryCancelledError
 from engine.sql import Statement
 from tests.conftest import write_database
@@ -41,4 +41,14 @@ def test_a_set_cancellation_interrupts_a_running_statement(tmp_path: Path) -> No
             backend.run(endless, cancel=cancel)
     finally:
         timer.cancel()
+        backend.close()
+
+
+def test_an_interrupt_that_comes_as_the_statement_ends_is_harmless(tmp_path: Path) -> None:
+    backend = DuckDBBackend(write_database(tmp_path / "d.duckdb", [{"gender": "Female"}]))
+    cursor = backend._connection.cursor()
+    cursor.close()
+    try:
+        _interrupt(cursor)  # the cursor is closed: nothing to stop, and nothing raised
+    finally:
         backend.close()

@@ -109,3 +109,25 @@ def test_the_watchdog_leaves_ended_calls_alone() -> None:
         # The ended call's limit came due first; only the running call's fires.
         assert running.event.wait(5) and running.reason == "limit"
     assert not ended.event.is_set() and ended.reason == ""
+
+
+def test_a_failing_interrupt_does_not_end_the_watchdog() -> None:
+    in_flight = InFlight()
+
+    def broken() -> None:
+        raise RuntimeError("the statement's cursor is gone")
+
+    watching = in_flight.watch(FakeContext(None), limit=0.05)  # type: ignore[arg-type]
+    with watching as first, first.event.calling(broken):
+        assert first.event.wait(5)
+    with in_flight.watch(FakeContext(None), limit=0.05) as second:  # type: ignore[arg-type]
+        assert second.event.wait(5) and second.reason == "limit"  # limits still fire
+
+
+def test_a_call_that_ended_before_it_was_watched_is_cancelled_at_once() -> None:
+    class EndedContext(FakeContext):
+        def add_callback(self, callback: object) -> bool:
+            return False  # what gRPC answers once the call has ended
+
+    with InFlight().watch(EndedContext(5.0), limit=10) as watch:  # type: ignore[arg-type]
+        assert watch.event.is_set() and watch.reason == "cancelled"
