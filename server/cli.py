@@ -14,7 +14,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -74,7 +73,7 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         else:
             config = load_config(args.config)
             if args.listen:
-                config = replace(config, listen=args.listen)
+                config = config.listening_on(args.listen)
             configure_logging(config.log_level, config.log_file)
             running, tokens = _start(config, init_admin=args.init_admin)
     except (VeilError, OSError, ValueError) as exc:

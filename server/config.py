@@ -128,6 +128,11 @@ class ServerConfig:
     log_level: str = "info"
     log_file: Path | None = None
 
+    def listening_on(self, listen: str) -> ServerConfig:
+        """This config with another listen address, checked as the config file's is."""
+        _check_listen(listen, self.tls)
+        return replace(self, listen=listen)
+
     def engine_settings(self, *, min_cell_size: int) -> Settings:
         """The engine's settings with this config's limits applied.
 
@@ -221,7 +226,6 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
 
     limits_value = Limits(**dict(limits))
     listen = str(server.get("listen", "127.0.0.1:50051"))
-    _check_address(listen)
     tls_value = None
     if tls is not None:
         if "cert" not in tls or "key" not in tls:
@@ -235,11 +239,7 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
             file = getattr(tls_value, name)
             if file is not None and not file.is_file():
                 raise ConfigError(f"tls.{name}: no such file {file}")
-    elif not _is_loopback(listen):
-        raise ConfigError(
-            f"listening on {listen} without TLS would send tokens in clear text; "
-            "configure [tls] or listen on a loopback address"
-        )
+    _check_listen(listen, tls_value)
     level = str(logging.get("level", "info")).lower()
     if level not in _LOG_LEVELS:
         raise ConfigError(f"log.level must be one of {sorted(_LOG_LEVELS)}, got {level!r}")
@@ -328,8 +328,14 @@ def _host(address: str) -> str:
     return host.strip("[]")
 
 
-def _check_address(address: str) -> None:
-    _host(address)
+def _check_listen(listen: str, tls: TLSConfig | None) -> None:
+    """A host:port, and one that only a loopback address may serve without TLS."""
+    _host(listen)
+    if tls is None and not _is_loopback(listen):
+        raise ConfigError(
+            f"listening on {listen} without TLS would send tokens in clear text; "
+            "configure [tls] or listen on a loopback address"
+        )
 
 
 def _is_loopback(address: str) -> bool:

@@ -102,3 +102,12 @@ def test_unreadable_files(tmp_path: Path) -> None:
     other.write_text("x")
     with pytest.raises(ConfigError, match=r"\.toml"):
         load_config(other)
+
+
+def test_a_listen_override_is_checked_as_the_file_is() -> None:
+    config = config_from_mapping({"data": "d.duckdb", "caps": {"dataset": 10}})
+    assert config.listening_on("127.0.0.1:0").listen == "127.0.0.1:0"
+    with pytest.raises(ConfigError, match="clear text"):
+        config.listening_on("0.0.0.0:50051")  # no [tls]: tokens would travel in clear text
+    with pytest.raises(ConfigError, match="host:port"):
+        config.listening_on("nowhere")
