@@ -77,6 +77,10 @@ class Backend(Protocol):
 
     def data_version(self) -> str: ...
 
+    def codebook(self) -> str | None:
+        """The codebook (name@version) the data was loaded with, when the data records it."""
+        ...
+
 
 class DuckDBBackend:
     """A read-only DuckDB file (one cursor per call, so calls may run on many threads)."""
@@ -93,13 +97,19 @@ class DuckDBBackend:
         config["lock_configuration"] = True
         self.path = Path(path)
         self._connection = duckdb.connect(str(self.path), read_only=True, config=config)
-        row = self._connection.execute(
-            "SELECT value FROM veil_metadata WHERE key = 'data_version'"
-        ).fetchone()
-        self._data_version = str(row[0]) if row else "unversioned"
+        recorded = dict(
+            self._connection.execute(
+                "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook')"
+            ).fetchall()
+        )
+        self._data_version = str(recorded.get("data_version", "unversioned"))
+        self._codebook = recorded.get("codebook")
 
     def data_version(self) -> str:
         return self._data_version
+
+    def codebook(self) -> str | None:
+        return None if self._codebook is None else str(self._codebook)
 
     def run(
         self, statement: Statement, *, cancel: Cancellation | None = None

@@ -19,7 +19,7 @@ import numpy as np
 from engine.accuracy import NoiseDistribution, round_up_amount, share_for_scale
 from engine.backend import Backend, Cancellation
 from engine.codebook import Codebook, Dimension, Kind
-from engine.errors import InvalidLossError, QueryCancelledError
+from engine.errors import CodebookError, InvalidLossError, QueryCancelledError
 from engine.loss import PrivacyLoss
 from engine.planner import Plan, plan_query
 from engine.query import Query
@@ -50,6 +50,13 @@ class Engine:
     def __init__(
         self, backend: Backend, *, codebook: Codebook, settings: Settings | None = None
     ) -> None:
+        loaded_with = backend.codebook()
+        if loaded_with is not None and loaded_with != codebook.fingerprint_text:
+            # Cells are placed by the codebook's codes: another codebook would mislabel them.
+            raise CodebookError(
+                f"the data was loaded with codebook {loaded_with}, not "
+                f"{codebook.fingerprint_text}; serve it with the codebook it was loaded with"
+            )
         self.backend = backend
         self.codebook = codebook
         self.settings = settings or Settings(k=codebook.min_cell_size)

@@ -56,6 +56,9 @@ class MemoryBackend:
     def data_version(self) -> str:
         return "memory"
 
+    def codebook(self) -> str | None:
+        return None  # rows written here from CODEBOOK itself
+
 
 def value_strategy(name: str) -> st.SearchStrategy[Any]:
     variable = CODEBOOK.variable(name)

@@ -13,6 +13,7 @@ import pytest
 
 from engine.codebook import default_codebook
 from engine.engine import Engine
+from engine.errors import CodebookError
 from engine.loss import PrivacyLoss
 from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
 from engine.release import Answer, Release
@@ -192,6 +193,10 @@ def test_the_engine_answers_another_codebook(make_engine: Callable[..., Engine])
     assert set(table["flag"].to_pylist()) == set(ics.flag_set("formOfExploitation").flags)
     africa = cell(table, countryOfExploitationRegion="Africa", flag="isForcedBegging")
     assert africa["value"] == pytest.approx(30, abs=10)
+    # The same file served with another codebook would place its codes in the wrong cells.
+    backend = engine.backend
+    with pytest.raises(CodebookError, match="loaded with codebook ics_tip_victims"):
+        Engine(backend, codebook=default_codebook())
 
 
 @pytest.mark.parametrize("accounting", ["pure_dp", "zcdp"])

@@ -87,6 +87,9 @@ def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
         def data_version(self) -> str:
             return self.inner.data_version()
 
+        def codebook(self) -> str | None:
+            return self.inner.codebook()
+
     engine.backend = SlowBackend(engine.backend)  # type: ignore[assignment]
     with pytest.raises(QueryCancelledError):
         engine.release(
