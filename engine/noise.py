@@ -79,7 +79,10 @@ _pool_lock = threading.Lock()
 
 
 def set_noise_threads(threads: int | None = None) -> None:
-    """Draw a large vector's noise on at most `threads` threads (default: one per core)."""
+    """Draw a large vector's noise on at most `threads` threads (default: one per core).
+
+    A setting for start-up: a draw already running on the old pool when it is replaced fails.
+    """
     global _threads, _pool
     with _pool_lock:
         _threads = max(1, threads if threads is not None else os.cpu_count() or 1)

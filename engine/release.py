@@ -243,7 +243,7 @@ def _key_columns(dimensions: tuple[Dimension, ...], cells: int) -> dict[str, pa.
     return dict(_cached_key_columns(dimensions, cells))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)  # an entry may hold up to max_cells keys per dimension
 def _cached_key_columns(dimensions: tuple[Dimension, ...], cells: int) -> dict[str, pa.Array]:
     # Public keys only, the same for every release over these dimensions; Arrow arrays are
     # immutable, and the dict is copied before use.
