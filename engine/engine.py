@@ -4,8 +4,8 @@
     plan = engine.plan(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.5"))
     release = engine.release(query, loss=..., charger=ledger, client="alice", request_id="r-1")
 
-`plan` and `dry_run` never touch data. `release` touches data only between a durable
-reservation and a durable commit made by the charger.
+`plan` and `dry_run` never touch data. `release` touches data only between a reservation and a
+durable commit made by the charger.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from engine.backend import Backend, Cancellation
 from engine.codebook import Codebook, Dimension, Kind
 from engine.errors import CodebookError, InvalidLossError, QueryCancelledError
 from engine.loss import PrivacyLoss
+from engine.noise import NoiseAhead
 from engine.planner import Plan, plan_query
 from engine.query import Query
 from engine.release import Answer, Charger, Release, build_answer
@@ -125,8 +126,8 @@ class Engine:
 
         The result is not a release: only a charger's commit turns it into one.
         """
-        exact = self._true_components(plan, cancel=cancel)
-        noisy = [m.release(v) for m, v in zip(plan.mechanisms, exact, strict=True)]
+        noise = NoiseAhead(plan.mechanisms, plan.group_cells)
+        noisy = noise.add_to(self._true_components(plan, cancel=cancel))
         return build_answer(plan, noisy, data_version=self.data_version)
 
     def _true_components(

@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -43,24 +44,52 @@ class Mechanism:
 
     def release(self, values: np.ndarray) -> np.ndarray:
         """True integer values in, noisy integer values out."""
-        values = np.ascontiguousarray(values, dtype=np.int64)
-        if values.size == 0:
-            return values
-        parts = min(_threads, values.size // PARALLEL_PART)
+        noisy: np.ndarray = np.ascontiguousarray(values, dtype=np.int64) + self.noise(values.size)
+        return noisy
+
+    def noise(self, size: int) -> np.ndarray:
+        """`size` independent draws of this mechanism's noise, by its OpenDP measurement.
+
+        OpenDP's integer mechanisms are additive: coordinate x comes out as x + Z, with Z drawn
+        independently of x (then saturated to int64). Applied to zeros, the measurement returns
+        the Z themselves, so noise can be drawn before the data is read and added to it after.
+        Counts and clamped sums are nowhere near int64's bounds, so the sum never saturates.
+        """
+        zeros = np.zeros(size, dtype=np.int64)
+        parts = min(_threads, size // PARALLEL_PART)
         if parts > 1:
-            return self._release_in_parts(values, parts)
-        return self._draw(values)
+            return self._draw_in_parts(zeros, parts)
+        return self._draw(zeros)
 
-    def _draw(self, values: np.ndarray) -> np.ndarray:
+    def _draw(self, zeros: np.ndarray) -> np.ndarray:
         # OpenDP takes an int64 numpy vector as it is, without a Python int per value.
-        return np.asarray(self.measurement(values), dtype=np.int64)
+        return np.asarray(self.measurement(zeros), dtype=np.int64)
 
-    def _release_in_parts(self, values: np.ndarray, parts: int) -> np.ndarray:
-        split = np.array_split(values, parts)
+    def _draw_in_parts(self, zeros: np.ndarray, parts: int) -> np.ndarray:
+        split = np.array_split(zeros, parts)
         pool = _thread_pool()
         others = [pool.submit(self._draw, part) for part in split[1:]]
         first = self._draw(split[0])
         return np.concatenate([first, *(other.result() for other in others)])
+
+
+class NoiseAhead:
+    """The noise of one answer, drawn on another thread while the backend reads its data.
+
+    Noise does not depend on the data, so it need not wait for it: DuckDB leaves part of the
+    cores idle on a short scan, and the sampler, not the scan, is what a table of hundreds of
+    cells waits for. Each draw is used once, by the answer it was started for.
+    """
+
+    def __init__(self, mechanisms: Sequence[Mechanism], size: int) -> None:
+        self._future = _ahead_pool().submit(lambda: [m.noise(size) for m in mechanisms])
+
+    def add_to(self, exact: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each true vector plus its mechanism's noise (waiting for the draw to end)."""
+        noise = self._future.result()
+        return [
+            np.ascontiguousarray(v, dtype=np.int64) + z for v, z in zip(exact, noise, strict=True)
+        ]
 
 
 # ---- every core for large tables ----------------------------------------------------------------
@@ -74,7 +103,9 @@ class Mechanism:
 
 PARALLEL_PART = 256  # values; a smaller part costs more to hand to a thread than it saves
 _threads = os.cpu_count() or 1
+AHEAD_THREADS = 64  # at most this many answers draw their noise at once; more queue
 _pool: ThreadPoolExecutor | None = None
+_ahead: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
@@ -94,6 +125,16 @@ def set_noise_threads(threads: int | None = None) -> None:
 def noise_threads() -> int:
     """The most threads a large vector's noise is drawn on."""
     return _threads
+
+
+def _ahead_pool() -> ThreadPoolExecutor:
+    global _ahead
+    with _pool_lock:
+        if _ahead is None:
+            # A thread per request being answered (idle ones are reused), so a large table's
+            # draw never holds up a small table's.
+            _ahead = ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="veil-noise-ahead")
+        return _ahead
 
 
 def _thread_pool() -> ThreadPoolExecutor:
