@@ -9,11 +9,12 @@ release seam:
     ledger.register_client("alice", role="researcher", institution="iom", cap="2")
     release = engine.release(query, loss=loss, charger=ledger, client="alice", request_id="r-1")
 
-A request goes through `reserve` (check every cap and hold the charge, durably), the engine's
-computation, then `commit` (store the release bytes, turn the hold into a charge and append the
-audit entry, in one transaction); only then is the release handed out. A failure in between
-cancels the hold, and a hold left by a crash is cancelled when the ledger is next opened: nothing
-was handed out, so giving the budget back is safe. Nothing leaves without its charge.
+A request goes through `reserve` (check every cap and hold the charge), the engine's computation,
+then `commit` (store the release bytes, turn the hold into a charge and append the audit entry,
+in one transaction, synced to disk); only then is the release handed out. A failure in between
+cancels the hold, and a hold left by a crash (or lost to a power cut: holds are not synced on
+their own) is cancelled when the ledger is next opened: nothing was handed out, so giving the
+budget back is safe. Nothing leaves without its charge on disk.
 
 - Budgets are exact rationals, stored as `format_amount` text and compared as `Fraction`. Caps
   exist per client, per institution (optional) and per data version of the dataset; a held
@@ -493,7 +494,7 @@ class _Outcome:
 
 
 class LedgerReservation:
-    """A durable hold on budget for one request (the `Reservation` side of the seam)."""
+    """A hold on budget for one request (the `Reservation` side of the seam)."""
 
     def __init__(
         self,
@@ -864,8 +865,16 @@ class Ledger:
             self._connections.append(conn)
         return conn
 
-    def _write(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in one BEGIN IMMEDIATE transaction: all of it is durable, or none of it."""
+    def _write(
+        self, what: str, work: Callable[[sqlite3.Connection], T], *, synced: bool = True
+    ) -> T:
+        """Run `work` in one BEGIN IMMEDIATE transaction: all of it is durable, or none of it.
+
+        `synced=False` leaves the transaction in the operating system's cache (SQLite's NORMAL
+        sync in WAL mode): a process crash keeps it, a power cut may take it back, whole, with
+        no later transaction surviving without it. The next synced transaction, or `_sync`,
+        makes it durable, since both flush the write-ahead log that holds it.
+        """
         if self.readonly:
             raise LedgerUnavailableError(f"cannot {what}: the ledger was opened read-only")
         conn = self._conn()
@@ -875,9 +884,30 @@ class Ledger:
                 "in this process; nothing was released"
             )
         try:
-            return self._write_locked(conn, what, work)
+            if synced:
+                return self._write_locked(conn, what, work)
+            try:
+                conn.execute("PRAGMA synchronous = NORMAL")
+            except sqlite3.Error as exc:
+                raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+            try:
+                return self._write_locked(conn, what, work)
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA synchronous = FULL")
         finally:
             self._write_lock.release()
+
+    def _sync(self, what: str) -> None:
+        """Make every transaction written so far durable, as a synced commit would."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise LedgerUnavailableError(f"cannot {what}: {exc.strerror or exc}") from exc
 
     def _write_locked(
         self, conn: sqlite3.Connection, what: str, work: Callable[[sqlite3.Connection], T]
@@ -955,7 +985,7 @@ class Ledger:
     def reserve(
         self, plan: Plan, *, client: str, request_id: str, data_version: str | None = None
     ) -> LedgerReservation:
-        """Check every cap and durably hold the plan's loss, or find the stored release.
+        """Check every cap and hold the plan's loss, or find the stored release.
 
         Raises BudgetExceededError, RequestConflictError, UnknownClientError, InvalidLossError
         (all audited), or LedgerUnavailableError when the ledger cannot be written.
@@ -995,9 +1025,17 @@ class Ledger:
         keys = (("request", client, request_id), ("query", plan.fingerprint, version))
         self._claim(keys)
         try:
+            # A hold releases nothing, so it need not reach the disk before the query runs: a
+            # hold lost to a power cut is a hold a crash would have left, and nothing was
+            # handed out under it. The commit's sync flushes it with the charge. What is handed
+            # out at once (a stored release, a refusal) is synced first.
             outcome = self._write(
-                "reserve the charge", lambda c: self._reserve_in(c, plan, request, amount)
+                "reserve the charge",
+                lambda c: self._reserve_in(c, plan, request, amount),
+                synced=False,
             )
+            if outcome.error is not None or outcome.stored is not None:
+                self._sync("record the answer to the request")
         except BaseException:
             self._unclaim(keys)
             raise

@@ -105,7 +105,7 @@ class Release:
 
 
 class Reservation(Protocol):
-    """A durable hold on budget for one request."""
+    """A hold on budget for one request, counted against every cap until settled."""
 
     @property
     def stored(self) -> Release | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import sqlite3
 import threading
@@ -467,6 +469,40 @@ def test_ledger_file_is_wal_with_full_sync(ledger: Ledger) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
     # Every connection the ledger writes through syncs fully (2 = FULL).
+    assert ledger._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def _commit_sync_levels(statements: list[str]) -> list[str]:
+    """The sync level each traced transaction committed at."""
+    level, levels = "FULL", []
+    for statement in statements:
+        if statement.startswith("PRAGMA synchronous = "):
+            level = statement.rsplit(" ", 1)[1]
+        elif statement == "COMMIT":
+            levels.append(level)
+    return levels
+
+
+def test_only_a_hold_is_left_unsynced(
+    engine: Engine, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements: list[str] = []
+    ledger._conn().set_trace_callback(statements.append)
+    walsyncs: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (walsyncs.append(fd), fsync(fd))[1])
+
+    # A fresh release: the hold rides on the commit's sync, which makes both durable.
+    release(engine, ledger, "alice", "a1")
+    assert _commit_sync_levels(statements) == ["NORMAL", "FULL"] and not walsyncs
+    # What is handed out straight from the reservation is synced before it leaves.
+    for client, request, loss in [("bob", "b1", EPS), ("carol", "c1", PrivacyLoss.pure("2"))]:
+        statements.clear()
+        with contextlib.suppress(BudgetExceededError):
+            release(engine, ledger, client, request, loss=loss)
+        assert _commit_sync_levels(statements) == ["NORMAL"] and len(walsyncs) == 1
+        walsyncs.clear()
+    assert [e.entry["event"] for e in ledger.audit_log()[-2:]] == ["replay", "refused"]
     assert ledger._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
