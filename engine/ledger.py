@@ -1130,12 +1130,9 @@ class Ledger:
                 )
 
         scopes = self._scopes(client, version)
-        best = conn.execute(
-            "SELECT release_id, loss FROM releases WHERE fingerprint = ? AND data_version = ?",
-            (plan.fingerprint, version),
-        ).fetchall()
-        if best:
-            release_id, loss = max(best, key=lambda row: parse_amount(row[1]))
+        best = _best_release(conn, plan.fingerprint, version)
+        if best is not None:
+            release_id, loss = best
             if parse_amount(loss) >= amount:
                 data, digest = _release_bytes(conn, release_id)
                 charge_id = _new_id("chg")
@@ -1854,6 +1851,18 @@ class Ledger:
 
         return self._read("list the releases", work)
 
+    def best_release_loss(self, fingerprint: str, data_version: str) -> Fraction | None:
+        """The largest loss a query (by fingerprint) was released at on a data version, if any.
+
+        A request for that query at no more than this loss is answered by replaying the release.
+        """
+
+        def work(conn: sqlite3.Connection) -> Fraction | None:
+            best = _best_release(conn, fingerprint, data_version)
+            return None if best is None else parse_amount(best[1])
+
+        return self._read("look up the query's releases", work)
+
     def release(self, release_id: str) -> Release:
         """A stored release, byte for byte as it was handed out."""
 
@@ -1985,6 +1994,18 @@ def _totals(conn: sqlite3.Connection, scope: _ScopeKey) -> tuple[Fraction, Fract
     if row is None:
         return _ZERO, _ZERO
     return parse_amount(row[0]), parse_amount(row[1])
+
+
+def _best_release(
+    conn: sqlite3.Connection, fingerprint: str, version: str
+) -> tuple[str, str] | None:
+    """The stored release of a query on a data version with the largest loss: (id, loss text)."""
+    rows = conn.execute(
+        "SELECT release_id, loss FROM releases WHERE fingerprint = ? AND data_version = ?",
+        (fingerprint, version),
+    ).fetchall()
+    # Losses are exact rationals stored as text, so the largest is found here, not by SQLite.
+    return max(rows, key=lambda row: parse_amount(row[1])) if rows else None
 
 
 def _release_bytes(conn: sqlite3.Connection, release_id: str) -> tuple[bytes, str]:

@@ -134,10 +134,8 @@ class LedgerAccounts:
 
     # -- researchers --
     def is_released(self, fingerprint: str, loss: Fraction | None = None) -> bool:
-        return any(
-            r.fingerprint == fingerprint and (loss is None or r.loss >= loss)
-            for r in self.ledger.releases(data_version=self.data_version)
-        )
+        best = self.ledger.best_release_loss(fingerprint, self.data_version)
+        return best is not None and (loss is None or best >= loss)
 
     def budget(self, identity: Identity) -> pb.Budget:
         own = self.ledger.budget("client", identity.client_id)

@@ -397,6 +397,22 @@ def test_replay_is_free_to_any_client_and_recorded(engine: Engine, ledger: Ledge
     assert_verified(ledger)
 
 
+def test_best_release_loss_is_the_largest_loss_of_the_query_on_its_version(
+    engine: Engine, ledger: Ledger
+) -> None:
+    query = distinct_query(3)
+    fingerprint = engine.plan(query, loss=EPS).fingerprint
+    assert ledger.best_release_loss(fingerprint, engine.data_version) is None
+    # As text "1/7" sorts after "0.15"; as numbers it is the smaller.
+    release(engine, ledger, "alice", "a1", query, loss=PrivacyLoss.pure(Fraction(1, 7)))
+    release(engine, ledger, "bob", "b1", query, loss=PrivacyLoss.pure("0.15"))
+    assert len(ledger.releases()) == 2
+    release(engine, ledger, "carol", "c1", distinct_query(4), loss=PrivacyLoss.pure("0.5"))
+    release(engine, ledger, "carol", "c2", query, loss=PrivacyLoss.pure("0.12"))  # a replay
+    assert ledger.best_release_loss(fingerprint, engine.data_version) == Fraction(15, 100)
+    assert ledger.best_release_loss(fingerprint, "another-version") is None
+
+
 def test_a_more_accurate_request_is_charged_and_then_wins(engine: Engine, ledger: Ledger) -> None:
     coarse = release(engine, ledger, "alice", "a1")
     fine = release(engine, ledger, "bob", "b1", loss=PrivacyLoss.pure("0.2"))
