@@ -287,6 +287,24 @@ class ScopeBudget:
 
 
 @dataclass(frozen=True)
+class ClientBudget:
+    """A client's budgets read at one instant: its own, its institution's, the data version's."""
+
+    active: bool
+    scopes: tuple[ScopeBudget, ...]
+
+    def scope(self, kind: str) -> ScopeBudget | None:
+        return next((s for s in self.scopes if s.kind == kind), None)
+
+    @property
+    def remaining(self) -> Fraction:
+        """What the client may still spend: the least remaining of its capped scopes (zero
+        once revoked); holds in flight count as used."""
+        left = [s.remaining for s in self.scopes if s.remaining is not None]
+        return min(left) if self.active and left else _ZERO
+
+
+@dataclass(frozen=True)
 class LedgerReport:
     """Spent and remaining budget for every client, institution and data version."""
 
@@ -1755,20 +1773,21 @@ class Ledger:
     def remaining(self, client: str, *, data_version: str | None = None) -> Fraction:
         """What the client may still spend: the least of its own, its institution's and the
         data version's remaining budgets (holds in flight count as used)."""
+        return self.client_budget(client, data_version=data_version).remaining
+
+    def client_budget(self, client: str, *, data_version: str | None = None) -> ClientBudget:
+        """The client's own, its institution's and the data version's budgets, read together."""
         version = data_version if data_version is not None else self.data_version
 
-        def work(conn: sqlite3.Connection) -> Fraction:
+        def work(conn: sqlite3.Connection) -> ClientBudget:
             record = _client_row(conn, client)
             if record is None:
                 raise UnknownClientError(f"client {client} is not registered")
-            scopes = _scope_keys(client, record.institution, version)
-            left = []
-            for scope in scopes:
-                cap = self._cap(conn, scope)
-                if cap is not None:
-                    spent, held = _totals(conn, scope)
-                    left.append(max(_ZERO, cap - spent - held))
-            return min(left) if record.active else _ZERO
+            scopes = tuple(
+                ScopeBudget(scope.kind, scope.name, self._cap(conn, scope), *_totals(conn, scope))
+                for scope in _scope_keys(client, record.institution, version)
+            )
+            return ClientBudget(record.active, scopes)
 
         return self._read("read the budget", work)
 

@@ -138,7 +138,9 @@ class LedgerAccounts:
         return best is not None and (loss is None or best >= loss)
 
     def budget(self, identity: Identity) -> pb.Budget:
-        own = self.ledger.budget("client", identity.client_id)
+        budget = self.ledger.client_budget(identity.client_id, data_version=self.data_version)
+        own, institution, dataset = (budget.scope(k) for k in ("client", "institution", "dataset"))
+        assert own is not None and dataset is not None
         out = pb.Budget(
             client_id=identity.client_id,
             role=ROLE_TO_PB[identity.role],
@@ -147,14 +149,12 @@ class LedgerAccounts:
             cap=amount_text(own.cap),
             spent=amount_text(own.spent),
             reserved=amount_text(own.held),
-            remaining=amount_text(self.ledger.remaining(identity.client_id)),
+            remaining=amount_text(budget.remaining),
+            dataset_remaining=amount_text(dataset.remaining),
         )
-        if identity.institution:
-            institution = self.ledger.budget("institution", identity.institution)
+        if institution is not None:
             out.institution_cap = amount_text(institution.cap)
             out.institution_remaining = amount_text(institution.remaining)
-        dataset = self.ledger.budget("dataset", self.data_version)
-        out.dataset_remaining = amount_text(dataset.remaining)
         return out
 
     def _received_charges(self, client: str) -> list[ChargeRecord]:

@@ -735,6 +735,18 @@ def test_report_per_client_institution_and_dataset(engine: Engine, ledger: Ledge
         ("alice", Fraction(1, 10), 1),
         ("bob", Fraction(1, 4), 0),
     ]
+    # One client's three budgets, read together; its remaining is the least of them.
+    ledger.set_institution_cap("iom", "1.2")
+    alice = ledger.client_budget("alice")
+    assert [(s.kind, s.name, s.spent) for s in alice.scopes] == [
+        ("client", "alice", Fraction(1, 10)),
+        ("institution", "iom", Fraction(35, 100)),
+        ("dataset", "v1", Fraction(35, 100)),
+    ]
+    assert alice.remaining == Fraction(85, 100) == ledger.remaining("alice")
+    assert ledger.client_budget("carol").scope("institution") is None
+    ledger.revoke("bob")
+    assert ledger.client_budget("bob").remaining == 0
 
 
 def test_zcdp_report_gives_the_epsilon_delta_equivalent(
