@@ -40,7 +40,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import sqlite3
@@ -67,7 +66,14 @@ from engine.errors import (
     UnknownClientError,
     VeilError,
 )
-from engine.loss import Accounting, Number, exact_amount, format_amount, parse_amount
+from engine.loss import (
+    Accounting,
+    Number,
+    epsilon_equivalent,
+    exact_amount,
+    format_amount,
+    parse_amount,
+)
 from engine.planner import Plan
 from engine.release import Answer, Release
 
@@ -385,16 +391,6 @@ class VerifyResult:
             "problems": list(self.problems),
             "message": self.message,
         }
-
-
-def epsilon_equivalent(accounting: Accounting, amount: Fraction, delta: float) -> float:
-    """epsilon itself under pure DP; under rho-zCDP, rho + 2 sqrt(rho ln(1/delta))."""
-    if amount <= 0:
-        return 0.0
-    if accounting is Accounting.PURE_DP:
-        return float(amount)
-    rho = float(amount)
-    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
 
 
 # ---- internal helpers --------------------------------------------------------------------------

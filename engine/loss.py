@@ -30,6 +30,11 @@ class Accounting(Enum):
     PURE_DP = "pure_dp"  # epsilon, basic composition
     ZCDP = "zcdp"  # rho, additive composition
 
+    @property
+    def unit(self) -> str:
+        """What an amount under this accounting is called: "epsilon" or "rho"."""
+        return "epsilon" if self is Accounting.PURE_DP else "rho"
+
 
 def exact_amount(value: Number, *, what: str = "privacy loss") -> Fraction:
     """Convert a user-supplied amount to an exact, validated rational."""
@@ -102,6 +107,23 @@ def parse_amount(text: str) -> Fraction:
     return Fraction(Decimal(text))
 
 
+def epsilon_equivalent(accounting: Accounting, amount: float | Fraction, delta: float) -> float:
+    """The epsilon of the (epsilon, delta)-DP guarantee that `amount` under `accounting` gives.
+
+    Under pure DP that is the amount itself. Under rho-zCDP it is rho + 2 sqrt(rho ln(1/delta))
+    (Bun and Steinke 2016, Proposition 1.3). No loss (zero or less) is zero. Raises
+    InvalidLossError when delta is not in (0, 1).
+    """
+    if isinstance(delta, bool) or not 0 < delta < 1:
+        raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
+    if amount <= 0:
+        return 0.0
+    if accounting is Accounting.PURE_DP:
+        return float(amount)
+    rho = float(amount)
+    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+
+
 @dataclass(frozen=True)
 class PrivacyLoss:
     """An exact privacy loss under one accounting: epsilon for pure DP, rho for zCDP."""
@@ -115,24 +137,19 @@ class PrivacyLoss:
 
     @classmethod
     def pure(cls, epsilon: Number) -> PrivacyLoss:
-        return cls(Accounting.PURE_DP, exact_amount(epsilon, what="epsilon"))
+        return cls(Accounting.PURE_DP, exact_amount(epsilon, what=Accounting.PURE_DP.unit))
 
     @classmethod
     def zcdp(cls, rho: Number) -> PrivacyLoss:
-        return cls(Accounting.ZCDP, exact_amount(rho, what="rho"))
+        return cls(Accounting.ZCDP, exact_amount(rho, what=Accounting.ZCDP.unit))
 
     @property
     def symbol(self) -> str:
-        return "epsilon" if self.accounting is Accounting.PURE_DP else "rho"
+        return self.accounting.unit
 
     def __str__(self) -> str:
         return f"{self.symbol}={format_amount(self.amount)}"
 
     def epsilon_at(self, delta: float) -> float:
-        """The (epsilon, delta)-DP equivalent: epsilon itself, or rho + 2 sqrt(rho ln(1/delta))."""
-        if self.accounting is Accounting.PURE_DP:
-            return float(self.amount)
-        if not 0 < delta < 1:
-            raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
-        rho = float(self.amount)
-        return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+        """The (epsilon, delta)-DP equivalent of this loss (see `epsilon_equivalent`)."""
+        return epsilon_equivalent(self.accounting, self.amount, delta)
