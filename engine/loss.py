@@ -149,7 +149,3 @@ class PrivacyLoss:
 
     def __str__(self) -> str:
         return f"{self.symbol}={format_amount(self.amount)}"
-
-    def epsilon_at(self, delta: float) -> float:
-        """The (epsilon, delta)-DP equivalent of this loss (see `epsilon_equivalent`)."""
-        return epsilon_equivalent(self.accounting, self.amount, delta)
