@@ -169,13 +169,9 @@ def _value(message: pb.Value, variable: str) -> str | int:
     if kind == "integer":
         return int(message.integer)
     if kind == "text":
-        value = text(message.text, f"value of {variable}", limit=MAX_VALUE_LENGTH)
-        if any(c.isdigit() and not c.isascii() for c in value):
-            raise InvalidQueryError(
-                f"{variable}: value {_shown(value)} is not in the codebook domain",
-                variable=variable,
-            )
-        return value
+        # Whether the text is a code ("²" is not an integer) is the codebook's rule, applied
+        # to every value when the query is planned.
+        return text(message.text, f"value of {variable}", limit=MAX_VALUE_LENGTH)
     raise MalformedRequestError(f"a value of {variable} is empty: set text or integer")
 
 
