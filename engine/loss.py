@@ -7,6 +7,7 @@ decimal the person wrote: 0.1 becomes exactly 1/10, not the binary float nearest
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -78,6 +79,22 @@ def exact_amount(value: Number, *, what: str = "privacy loss") -> Fraction:
             f"{what} must lie between {float(MIN_AMOUNT)} and {float(MAX_AMOUNT)}, got {value!r}"
         )
     return amount
+
+
+def exact_cap(value: Number, *, what: str = "cap") -> Fraction:
+    """A budget cap as an exact rational: zero (nothing may be spent) or a valid amount.
+
+    Zero may be written any way that means zero ("0", "0.00", 0, 0.0); anything else must pass
+    `exact_amount`, whose errors name `what`.
+    """
+    if not isinstance(value, bool):
+        with contextlib.suppress(ArithmeticError, ValueError, TypeError):
+            if isinstance(value, str):
+                if Decimal(value.strip()) == 0:
+                    return Fraction(0)
+            elif value == 0:
+                return Fraction(0)
+    return exact_amount(value, what=what)
 
 
 def format_amount(amount: Fraction) -> str:

@@ -18,7 +18,14 @@ from engine.audit_report import TABLE_NAMES
 from engine.codebook import Codebook, DerivedDimension, FlagSet, Kind, Variable
 from engine.engine import DryRun
 from engine.errors import InvalidQueryError, LimitExceededError
-from engine.loss import Accounting, PrivacyLoss, exact_amount, format_amount, parse_amount
+from engine.loss import (
+    Accounting,
+    PrivacyLoss,
+    exact_amount,
+    exact_cap,
+    format_amount,
+    parse_amount,
+)
 from engine.query import (
     And,
     Count,
@@ -152,9 +159,7 @@ def amount(value: str, field: str, *, allow_zero: bool = False) -> Fraction:
             f"{field} must be a plain positive decimal number such as 0.5 "
             f"(no sign, exponent, NaN or infinity), got {_shown(value)}"
         )
-    if allow_zero and Fraction(value) == 0:
-        return Fraction(0)
-    return exact_amount(value, what=field)
+    return exact_cap(value, what=field) if allow_zero else exact_amount(value, what=field)
 
 
 def loss(value: str, settings: Settings, field: str = "loss") -> PrivacyLoss:
