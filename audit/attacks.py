@@ -201,7 +201,7 @@ class Context:
 
     @property
     def unit(self) -> str:
-        return "epsilon" if self.accounting is Accounting.PURE_DP else "rho"
+        return self.accounting.unit
 
     def bound(self, amount: Fraction) -> float:
         return binary_guess_bound(self.accounting, float(amount))

@@ -17,9 +17,7 @@ from typing import Any
 import grpc
 import pyarrow as pa
 
-from engine.query import (
-    Query,
-)
+from engine.query import Query
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 from server.convert import query_to_pb
@@ -28,12 +26,6 @@ Key = tuple[Any, ...]
 
 # How long to wait for the server's rate limit, at most, before giving up on one call.
 _RATE_WAIT_SECONDS = 30.0
-
-
-# ---- typed queries to protobuf -------------------------------------------------------------------
-
-
-# The engine's typed queries go on the wire exactly as the server's own converter writes them.
 
 
 # ---- answers and refusals ------------------------------------------------------------------------

@@ -13,11 +13,13 @@ Every object prints readably and shows as a table in Jupyter.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from client.display import html_table, shorten, text_table, wrap
+from client.errors import InvalidQuery
 from protos.veil.v1 import veil_pb2 as pb
 
 _KINDS = {
@@ -33,6 +35,11 @@ ACCOUNTING_NAMES = {
     pb.ACCOUNTING_UNSPECIFIED: "unspecified",
 }
 LOSS_SYMBOL = {"pure_dp": "epsilon", "zcdp": "rho"}
+
+# Integer text as the server reads it: ASCII digits, short. int() also takes Arabic-Indic and
+# fullwidth digits (sending a number nobody typed) and str.isdigit() takes superscripts, which
+# int() then refuses with an error that names no variable.
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -301,10 +308,20 @@ class Codebook:
         return name if item is None else item.name
 
     def coerce(self, name: str, value: str | int) -> str | int:
-        """`value` in the type the codebook gives `name` (digits for a flag become an integer)."""
+        """`value` in the type the codebook gives `name` (digits for a flag become an integer).
+
+        Text for an integer or flag variable must be ASCII digits 0-9, with a leading minus for a
+        negative number; other text raises InvalidQuery naming the variable.
+        """
         item = self.find(name)
         if isinstance(item, Variable) and item.kind in ("integer", "flag"):
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            if isinstance(value, str):
+                if not _INTEGER_TEXT.fullmatch(value.strip()):
+                    raise InvalidQuery(
+                        f"{item.name}: {shorten(repr(value), 40)} is not an integer; write it "
+                        "with the digits 0-9 (at most 18, and a leading - if negative)",
+                        variable=item.name,
+                    )
                 return int(value.strip())
         elif isinstance(item, (DerivedDimension, Variable)) and isinstance(value, int):
             return str(value)

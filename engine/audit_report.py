@@ -44,8 +44,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from engine.ledger import Ledger, ScopeBudget, epsilon_equivalent
-from engine.loss import Accounting, format_amount, parse_amount
+from engine.ledger import Ledger, ScopeBudget
+from engine.loss import Accounting, epsilon_equivalent, format_amount, parse_amount
 from engine.risk import binary_guess_bound
 
 TABLE_NAMES = (
@@ -77,7 +77,7 @@ class AuditTables:
 
     @property
     def unit(self) -> str:
-        return "epsilon" if self.accounting is Accounting.PURE_DP else "rho"
+        return self.accounting.unit
 
     # -- export --
 
@@ -149,7 +149,7 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
         "ledger": str(ledger.path),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "accounting": accounting.value,
-        "unit": "epsilon" if accounting is Accounting.PURE_DP else "rho",
+        "unit": accounting.unit,
         "delta": repr(delta),
         "audit_head": f"{report.head_seq}:{report.head_hash}",
         "clients": str(len(report.clients)),
@@ -573,6 +573,7 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
     repeated queries and refusals. Long tables show their last `max_rows` rows."""
     s = tables.summary
     unit = tables.unit
+    zcdp = tables.accounting is Accounting.ZCDP
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -581,7 +582,7 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
         "<h1>veil audit report</h1>",
         f"<div class='sub'>ledger {esc(s.get('ledger', ''))} &middot; generated "
         f"{esc(s.get('generated_at', ''))} &middot; accounting {esc(s.get('accounting', ''))} "
-        f"({esc(unit)}{'' if unit == 'epsilon' else ', delta ' + esc(s.get('delta', ''))})"
+        f"({esc(unit)}{', delta ' + esc(s.get('delta', '')) if zcdp else ''})"
         f" &middot; audit head {esc(s.get('audit_head', '')[:24])}&hellip;</div>",
     ]
     if "verified" in s:
@@ -648,7 +649,7 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
             ("guess_bound", "guess bound", "fixed"),
             ("releases", "releases", "num"),
         ]
-        if unit == "rho":
+        if zcdp:
             columns.insert(6, ("spent_epsilon", "spent (eps at delta)", "fixed"))
         parts.append(_html_table(budgets.to_pylist(), columns, flag=_over_nine_tenths))
     if releases is not None:

@@ -20,7 +20,7 @@ from engine.accuracy import NoiseDistribution, round_up_amount, share_for_scale
 from engine.backend import Backend, Cancellation
 from engine.codebook import Codebook, Dimension, Kind
 from engine.errors import CodebookError, InvalidLossError, QueryCancelledError
-from engine.loss import PrivacyLoss
+from engine.loss import MAX_AMOUNT, MIN_AMOUNT, PrivacyLoss
 from engine.noise import NoiseAhead
 from engine.planner import Plan, plan_query
 from engine.query import Query
@@ -70,9 +70,14 @@ class Engine:
     def loss_for_half_width(
         self, query: Query, *, half_width: int, confidence: float | None = None
     ) -> PrivacyLoss:
-        """The smallest loss (to three significant digits) whose count intervals are this narrow.
+        """The smallest accepted loss (to three significant digits) whose count intervals are at
+        most `half_width` on each side.
 
-        `confidence` is the intervals' level (default: the deployment's, 0.95).
+        `confidence` is the intervals' level (default: the deployment's, 0.95). A loss is accepted
+        between `engine.loss.MIN_AMOUNT` and `MAX_AMOUNT`. When even the least accepted loss gives
+        narrower intervals than asked, that least loss is returned: it meets the target and no
+        smaller one can be charged. When even the largest cannot make them this narrow,
+        InvalidLossError says so and gives the narrowest half-width that can be had.
         """
         if half_width < 1:
             raise InvalidLossError("target half-width must be at least 1")
@@ -88,8 +93,22 @@ class Engine:
             middle = math.sqrt(low * high)
             q = NoiseDistribution(self.settings.accounting, middle).quantile_abs(level)
             low, high = (middle, high) if q <= half_width else (low, middle)
-        share = share_for_scale(self.settings.accounting, count.sensitivity, low)
-        return self._loss(round_up_amount(share * parts))
+        needed = share_for_scale(self.settings.accounting, count.sensitivity, low) * parts
+        if needed > MAX_AMOUNT:
+            largest = self._loss(MAX_AMOUNT)
+            distribution = self.plan(query, loss=largest).count_mechanism.distribution
+            narrowest = distribution.quantile_abs(level)
+            if narrowest > half_width:
+                raise InvalidLossError(
+                    f"no accepted loss gives this query intervals of +/-{half_width} at "
+                    f"confidence {level}: the largest, {largest}, gives +/-{narrowest}; ask for "
+                    f"a half-width of at least {narrowest}"
+                )
+            return largest
+        # Into the accepted range: the least accepted loss meets any wider target, and rounding
+        # up may pass the largest, which itself meets the target.
+        amount = min(max(round_up_amount(needed), MIN_AMOUNT), MAX_AMOUNT)
+        return self._loss(amount)
 
     def dry_run(
         self,

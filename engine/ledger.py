@@ -41,7 +41,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import sqlite3
@@ -52,7 +51,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,7 +66,15 @@ from engine.errors import (
     UnknownClientError,
     VeilError,
 )
-from engine.loss import Accounting, Number, exact_amount, format_amount, parse_amount
+from engine.loss import (
+    Accounting,
+    Number,
+    epsilon_equivalent,
+    exact_amount,
+    exact_cap,
+    format_amount,
+    parse_amount,
+)
 from engine.planner import Plan
 from engine.release import Answer, Release
 
@@ -322,7 +328,7 @@ class LedgerReport:
 
         return {
             "accounting": self.accounting.value,
-            "unit": "epsilon" if self.accounting is Accounting.PURE_DP else "rho",
+            "unit": self.accounting.unit,
             "delta": self.delta,
             "clients": rows(self.clients),
             "institutions": rows(self.institutions),
@@ -406,16 +412,6 @@ class VerifyResult:
         }
 
 
-def epsilon_equivalent(accounting: Accounting, amount: Fraction, delta: float) -> float:
-    """epsilon itself under pure DP; under rho-zCDP, rho + 2 sqrt(rho ln(1/delta))."""
-    if amount <= 0:
-        return 0.0
-    if accounting is Accounting.PURE_DP:
-        return float(amount)
-    rho = float(amount)
-    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
-
-
 # ---- internal helpers --------------------------------------------------------------------------
 
 
@@ -449,15 +445,7 @@ def _loss_amount(value: Fraction) -> Fraction:
 
 
 def _cap_amount(value: Number, what: str) -> Fraction:
-    """A cap: zero (nothing may be spent) or a valid exact amount."""
-    if not isinstance(value, bool):
-        with contextlib.suppress(ArithmeticError, ValueError, TypeError):
-            if isinstance(value, str):
-                if Decimal(value.strip()) == 0:
-                    return _ZERO
-            elif value == 0:
-                return _ZERO
-    return exact_amount(value, what=what)
+    return exact_cap(value, what=what)
 
 
 _SQLITE_REASONS = {

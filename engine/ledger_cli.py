@@ -126,7 +126,7 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
 
 def format_report(report: LedgerReport) -> str:
     """The report as aligned text, exact amounts first."""
-    unit = "epsilon" if report.accounting is Accounting.PURE_DP else "rho"
+    unit = report.accounting.unit
     zcdp = report.accounting is Accounting.ZCDP
     lines = [f"accounting: {report.accounting.value} (amounts in {unit})"]
     if zcdp:

@@ -7,6 +7,7 @@ decimal the person wrote: 0.1 becomes exactly 1/10, not the binary float nearest
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ class Accounting(Enum):
 
     PURE_DP = "pure_dp"  # epsilon, basic composition
     ZCDP = "zcdp"  # rho, additive composition
+
+    @property
+    def unit(self) -> str:
+        """What an amount under this accounting is called: "epsilon" or "rho"."""
+        return "epsilon" if self is Accounting.PURE_DP else "rho"
 
 
 def exact_amount(value: Number, *, what: str = "privacy loss") -> Fraction:
@@ -75,6 +81,22 @@ def exact_amount(value: Number, *, what: str = "privacy loss") -> Fraction:
     return amount
 
 
+def exact_cap(value: Number, *, what: str = "cap") -> Fraction:
+    """A budget cap as an exact rational: zero (nothing may be spent) or a valid amount.
+
+    Zero may be written any way that means zero ("0", "0.00", 0, 0.0); anything else must pass
+    `exact_amount`, whose errors name `what`.
+    """
+    if not isinstance(value, bool):
+        with contextlib.suppress(ArithmeticError, ValueError, TypeError):
+            if isinstance(value, str):
+                if Decimal(value.strip()) == 0:
+                    return Fraction(0)
+            elif value == 0:
+                return Fraction(0)
+    return exact_amount(value, what=what)
+
+
 def format_amount(amount: Fraction) -> str:
     """A stable, exact text form: an integer, a terminating decimal, or p/q."""
     if amount.denominator == 1:
@@ -102,6 +124,23 @@ def parse_amount(text: str) -> Fraction:
     return Fraction(Decimal(text))
 
 
+def epsilon_equivalent(accounting: Accounting, amount: float | Fraction, delta: float) -> float:
+    """The epsilon of the (epsilon, delta)-DP guarantee that `amount` under `accounting` gives.
+
+    Under pure DP that is the amount itself. Under rho-zCDP it is rho + 2 sqrt(rho ln(1/delta))
+    (Bun and Steinke 2016, Proposition 1.3). No loss (zero or less) is zero. Raises
+    InvalidLossError when delta is not in (0, 1).
+    """
+    if isinstance(delta, bool) or not 0 < delta < 1:
+        raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
+    if amount <= 0:
+        return 0.0
+    if accounting is Accounting.PURE_DP:
+        return float(amount)
+    rho = float(amount)
+    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+
+
 @dataclass(frozen=True)
 class PrivacyLoss:
     """An exact privacy loss under one accounting: epsilon for pure DP, rho for zCDP."""
@@ -115,24 +154,15 @@ class PrivacyLoss:
 
     @classmethod
     def pure(cls, epsilon: Number) -> PrivacyLoss:
-        return cls(Accounting.PURE_DP, exact_amount(epsilon, what="epsilon"))
+        return cls(Accounting.PURE_DP, exact_amount(epsilon, what=Accounting.PURE_DP.unit))
 
     @classmethod
     def zcdp(cls, rho: Number) -> PrivacyLoss:
-        return cls(Accounting.ZCDP, exact_amount(rho, what="rho"))
+        return cls(Accounting.ZCDP, exact_amount(rho, what=Accounting.ZCDP.unit))
 
     @property
     def symbol(self) -> str:
-        return "epsilon" if self.accounting is Accounting.PURE_DP else "rho"
+        return self.accounting.unit
 
     def __str__(self) -> str:
         return f"{self.symbol}={format_amount(self.amount)}"
-
-    def epsilon_at(self, delta: float) -> float:
-        """The (epsilon, delta)-DP equivalent: epsilon itself, or rho + 2 sqrt(rho ln(1/delta))."""
-        if self.accounting is Accounting.PURE_DP:
-            return float(self.amount)
-        if not 0 < delta < 1:
-            raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
-        rho = float(self.amount)
-        return rho + 2 * math.sqrt(rho * math.log(1 / delta))

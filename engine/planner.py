@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.codebook import Code, Codebook, Dimension, Kind, Variable
 from engine.errors import InvalidQueryError, LimitExceededError
-from engine.loss import PrivacyLoss, format_amount
+from engine.loss import PrivacyLoss
 from engine.noise import Mechanism, calibrate
 from engine.query import (
     And,
@@ -363,6 +363,3 @@ def _canonical_measure(query: Query, components: list[Component]) -> Any:
     assert isinstance(measure, (Sum, Mean))
     return {kind: measure.variable}
 
-
-def describe_loss(plan: Plan) -> str:
-    return f"{plan.loss} (OpenDP map: {format_amount(plan.measured_loss)})"

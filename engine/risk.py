@@ -54,7 +54,7 @@ from engine.backend import DuckDBBackend
 from engine.codebook import Codebook, load_codebook
 from engine.errors import VeilError
 from engine.loader import load
-from engine.loss import Accounting
+from engine.loss import Accounting, epsilon_equivalent
 from engine.sql import risk_diversity, risk_profile, risk_sizes, risk_subsets
 
 DEFAULT_QIS = (
@@ -94,7 +94,7 @@ def binary_guess_bound(accounting: Accounting, amount: float) -> float:
     best = 1.0
     for exponent in range(-120, -5):  # delta = 10^-12 ... 10^-0.6
         delta = 10 ** (exponent / 10)
-        epsilon = amount + 2 * math.sqrt(amount * math.log(1 / delta))
+        epsilon = epsilon_equivalent(Accounting.ZCDP, amount, delta)
         # (e^eps + delta) / (1 + e^eps), written to stay finite for large eps
         best = min(best, (1.0 + delta * math.exp(-epsilon)) / (1.0 + math.exp(-epsilon)))
     return best

@@ -59,7 +59,7 @@ from typing import Any
 import yaml
 
 from engine.errors import VeilError
-from engine.loss import Accounting, exact_amount, format_amount
+from engine.loss import Accounting, exact_amount, exact_cap, format_amount
 from engine.settings import Settings
 
 
@@ -297,11 +297,11 @@ def _number(value: Any, what: str) -> float:
 
 
 def _cap(value: Any, what: str, *, allow_zero: bool = False) -> str:
-    if allow_zero and str(value).strip() in ("0", "0.0"):
-        return "0"
+    # Where a zero cap is allowed, zero is read as the ledger reads it (engine.loss.exact_cap).
+    parse = exact_cap if allow_zero else exact_amount
+    text = str(value) if isinstance(value, float) else value
     try:
-        return format_amount(exact_amount(value if not isinstance(value, float) else str(value),
-                                          what=what))
+        return format_amount(parse(text, what=what))
     except VeilError as exc:
         raise ConfigError(str(exc)) from exc
 

@@ -18,7 +18,14 @@ from engine.audit_report import TABLE_NAMES
 from engine.codebook import Codebook, DerivedDimension, FlagSet, Kind, Variable
 from engine.engine import DryRun
 from engine.errors import InvalidQueryError, LimitExceededError
-from engine.loss import Accounting, PrivacyLoss, exact_amount, format_amount, parse_amount
+from engine.loss import (
+    Accounting,
+    PrivacyLoss,
+    exact_amount,
+    exact_cap,
+    format_amount,
+    parse_amount,
+)
 from engine.query import (
     And,
     Count,
@@ -152,9 +159,7 @@ def amount(value: str, field: str, *, allow_zero: bool = False) -> Fraction:
             f"{field} must be a plain positive decimal number such as 0.5 "
             f"(no sign, exponent, NaN or infinity), got {_shown(value)}"
         )
-    if allow_zero and Fraction(value) == 0:
-        return Fraction(0)
-    return exact_amount(value, what=field)
+    return exact_cap(value, what=field) if allow_zero else exact_amount(value, what=field)
 
 
 def loss(value: str, settings: Settings, field: str = "loss") -> PrivacyLoss:
@@ -169,13 +174,9 @@ def _value(message: pb.Value, variable: str) -> str | int:
     if kind == "integer":
         return int(message.integer)
     if kind == "text":
-        value = text(message.text, f"value of {variable}", limit=MAX_VALUE_LENGTH)
-        if any(c.isdigit() and not c.isascii() for c in value):
-            raise InvalidQueryError(
-                f"{variable}: value {_shown(value)} is not in the codebook domain",
-                variable=variable,
-            )
-        return value
+        # Whether the text is a code ("²" is not an integer) is the codebook's rule, applied
+        # to every value when the query is planned.
+        return text(message.text, f"value of {variable}", limit=MAX_VALUE_LENGTH)
     raise MalformedRequestError(f"a value of {variable} is empty: set text or integer")
 
 

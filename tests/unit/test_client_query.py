@@ -139,6 +139,31 @@ def test_normalised_names_and_values(book: Codebook) -> None:
     assert Query(Count()).normalized(book) == Query(Count())
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0662\u0660\u0661\u0665",  # 2015 in Arabic-Indic digits
+        "\uff12\uff10\uff11\uff15",  # 2015 in fullwidth digits
+        "\u00b2",  # SUPERSCRIPT TWO
+        "--5",
+        "2015.0",
+        "1" * 19,
+        "abc",
+    ],
+)
+def test_integer_text_is_ascii_digits_only(book: Codebook, text: str) -> None:
+    for query in (
+        count().where(yearOfRegistration=text),
+        count().where(In("isSexualExploit", [text])),
+    ):
+        with pytest.raises(client.InvalidQuery, match="digits 0-9") as error:
+            query.normalized(book)
+        assert error.value.variable in ("yearOfRegistration", "isSexualExploit")
+    assert count().where(yearOfRegistration=" -7 ").normalized(book).filter == Eq(
+        "yearOfRegistration", -7
+    )
+
+
 def test_codebook_browsing(book: Codebook) -> None:
     gender = book["gender"]
     assert isinstance(gender, client.Variable) and gender.kind == "category"

@@ -13,10 +13,11 @@ import pytest
 
 from engine.codebook import default_codebook
 from engine.engine import Engine
-from engine.errors import CodebookError
-from engine.loss import PrivacyLoss
+from engine.errors import CodebookError, InvalidLossError
+from engine.loss import MAX_AMOUNT, MIN_AMOUNT, Accounting, PrivacyLoss
 from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
 from engine.release import Answer, Release
+from engine.settings import Settings
 
 CODEBOOK = default_codebook()
 # A large epsilon keeps the noise within a few units, so assertions on values are safe: at
@@ -203,9 +204,6 @@ def test_the_engine_answers_another_codebook(make_engine: Callable[..., Engine])
 def test_loss_for_half_width_is_the_smallest_that_reaches_it(
     make_engine: Callable[..., Engine], accounting: str
 ) -> None:
-    from engine.loss import Accounting
-    from engine.settings import Settings
-
     settings = Settings(accounting=Accounting(accounting))
     engine = make_engine(ROWS, settings=settings)
     query = Query(Count(), by=("gender",))
@@ -214,9 +212,33 @@ def test_loss_for_half_width_is_the_smallest_that_reaches_it(
         plan = engine.plan(query, loss=loss)
         distribution = plan.count_mechanism.distribution
         assert distribution.quantile_abs(confidence) <= half_width
+        if loss.amount == MIN_AMOUNT:
+            continue  # no smaller loss is accepted (rho for +/-5000 is below it)
         # Three significant digits: 2% less loss misses the target.
         smaller = engine.plan(query, loss=PrivacyLoss(loss.accounting, loss.amount * 98 / 100))
         assert smaller.count_mechanism.distribution.quantile_abs(confidence) > half_width
+
+
+@pytest.mark.parametrize("accounting", list(Accounting))
+def test_loss_for_half_width_stays_within_the_accepted_losses(
+    make_engine: Callable[..., Engine], accounting: Accounting
+) -> None:
+    engine = make_engine(ROWS, settings=Settings(accounting=accounting))
+    # So wide that the least accepted loss is narrower still: that least loss.
+    query = Query(Count(), by=("gender",))
+    loss = engine.loss_for_half_width(query, half_width=10**9)
+    assert loss.amount == MIN_AMOUNT
+    assert engine.plan(query, loss=loss).count_mechanism.distribution.quantile_abs(0.95) <= 10**9
+    # So narrow that no accepted loss reaches it: refused, with the narrowest that can be had.
+    flags = Query(FlagCounts("meansOfControl"), by=("majorityStatus",))
+    level = 1 - 1e-12
+    with pytest.raises(InvalidLossError, match="no accepted loss") as error:
+        engine.loss_for_half_width(flags, half_width=1, confidence=level)
+    largest = engine.plan(flags, loss=PrivacyLoss(accounting, MAX_AMOUNT))
+    narrowest = largest.count_mechanism.distribution.quantile_abs(level)
+    assert narrowest > 1 and f"at least {narrowest}" in str(error.value)
+    loss = engine.loss_for_half_width(flags, half_width=narrowest, confidence=level)
+    assert MIN_AMOUNT <= loss.amount <= MAX_AMOUNT
 
 
 @pytest.mark.parametrize(

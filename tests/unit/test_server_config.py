@@ -111,3 +111,11 @@ def test_a_listen_override_is_checked_as_the_file_is() -> None:
         config.listening_on("0.0.0.0:50051")  # no [tls]: tokens would travel in clear text
     with pytest.raises(ConfigError, match="host:port"):
         config.listening_on("nowhere")
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, "0", "0.00", " 0 "])
+def test_a_zero_client_cap_is_read_as_the_ledger_reads_it(zero: object) -> None:
+    config = config_from_mapping({"data": "d.duckdb", "caps": {"dataset": 10, "client": zero}})
+    assert config.caps.client == "0"
+    with pytest.raises(ConfigError, match="positive"):
+        config_from_mapping({"data": "d.duckdb", "caps": {"dataset": zero}})

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from engine.codebook import default_codebook
 from engine.errors import InvalidLossError, InvalidQueryError, LimitExceededError, VeilError
-from engine.loss import Accounting
+from engine.loss import Accounting, PrivacyLoss
+from engine.planner import plan_query
 from engine.query import (
     And,
     Count,
@@ -155,12 +156,14 @@ def test_long_values_are_not_echoed() -> None:
     assert "x" * 100 not in str(error.value)
 
 
-def test_non_ascii_digits_are_not_integers() -> None:
-    where = pb.Filter(equals=pb.Equals(variable="yearOfRegistration", value=pb.Value(text="²")))
-    with pytest.raises(InvalidQueryError):
-        convert.query_from_pb(
-            pb.Query(measure=pb.Measure(count=pb.CountMeasure()), where=where), SETTINGS
-        )
+@pytest.mark.parametrize("value", ["²", "\u0661\u0662"])  # SUPERSCRIPT TWO, ARABIC-INDIC 12
+def test_non_ascii_digits_are_not_integers(value: str) -> None:
+    where = pb.Filter(equals=pb.Equals(variable="yearOfRegistration", value=pb.Value(text=value)))
+    query = convert.query_from_pb(
+        pb.Query(measure=pb.Measure(count=pb.CountMeasure()), where=where), SETTINGS
+    )
+    with pytest.raises(InvalidQueryError, match="not an integer"):
+        plan_query(query, CODEBOOK, SETTINGS, PrivacyLoss.pure("0.5"))
 
 
 def test_codebook_round_trip_keeps_every_name_and_domain() -> None:
