@@ -398,19 +398,21 @@ class _Translator:
         return int(value)
 
 
-def _number(node: Any) -> float | None:
+def _number(node: Any) -> int | float | None:
     negative = False
     while isinstance(node, (exp.Neg, exp.Paren)):
         negative ^= isinstance(node, exp.Neg)
         node = node.this
     if isinstance(node, exp.Literal) and not node.is_string:
+        text = str(node.this)
         try:
-            value = float(node.this)
+            # An integer literal is read exactly: a float would round a long one silently.
+            value = int(text) if text.isascii() and text.isdigit() else float(text)
         except ValueError:
             return None
         return -value if negative else value
     if isinstance(node, exp.Boolean) and not negative:
-        return 1.0 if node.this else 0.0
+        return 1 if node.this else 0
     return None
 
 

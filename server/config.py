@@ -323,7 +323,7 @@ def _codebook_source(value: Any, base: Path) -> str:
 
 def _host(address: str) -> str:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"server.listen must be host:port, got {address!r}")
     return host.strip("[]")
 

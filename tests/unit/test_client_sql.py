@@ -82,6 +82,10 @@ ACCEPTED = [
         count().where(And(Not(In("ageBroad", ["0--8", "9--17"])), Not(Missing("ageBroad")))),
     ),
     ("SELECT COUNT(*) FROM victims v WHERE v.gender = 'Male'", count().where(gender="Male")),
+    (  # read exactly, not through a float (which would give ...67168)
+        "SELECT COUNT(*) FROM t WHERE yearOfRegistration >= 12345678901234567891",
+        count().where(Range("yearOfRegistration", 12345678901234567891, None)),
+    ),
 ]
 
 REFUSED = [

@@ -109,8 +109,11 @@ def test_a_listen_override_is_checked_as_the_file_is() -> None:
     assert config.listening_on("127.0.0.1:0").listen == "127.0.0.1:0"
     with pytest.raises(ConfigError, match="clear text"):
         config.listening_on("0.0.0.0:50051")  # no [tls]: tokens would travel in clear text
-    with pytest.raises(ConfigError, match="host:port"):
-        config.listening_on("nowhere")
+    # Only ASCII digits make a port: a superscript two once escaped as a bare ValueError, and
+    # Arabic-Indic "50" was read as port 50.
+    for address in ("nowhere", "127.0.0.1:\u00b2", "127.0.0.1:\u0665\u0660", "127.0.0.1:70000"):
+        with pytest.raises(ConfigError, match="host:port"):
+            config.listening_on(address)
 
 
 @pytest.mark.parametrize("zero", [0, 0.0, "0", "0.00", " 0 "])
