@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine.errors import VeilError
-from server.accounts import LedgerAccounts
+from server.accounts import LOCAL_ACTOR, LedgerAccounts
 from server.app import Running, build_engine, configure_logging, serve, start
 from server.auth import Role, hash_token, new_token
 from server.config import ConfigError, ServerConfig, config_from_mapping, load_config
@@ -121,7 +121,7 @@ def _start(
                 )
             token = new_token()
             accounts.ledger.register_client(
-                client, role=role.value, cap=cap, token_hash=hash_token(token)
+                client, role=role.value, cap=cap, token_hash=hash_token(token), actor=LOCAL_ACTOR
             )
             tokens[client] = token
         running = start(config, engine=engine, accounts=accounts)
