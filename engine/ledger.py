@@ -1522,10 +1522,13 @@ class Ledger:
         cap: Number,
         institution: str | None = None,
         token_hash: str | None = None,
+        actor: str | None = None,
     ) -> ClientRecord:
         """Register a client with its role, cap and (optional) institution and token hash.
 
         Only a hash of a token is stored; the server hashes what it receives and compares.
+        `actor`, here and in the other admin methods, is who asked (an administrator's client
+        id); the audit entry records it in its detail, null when not given.
         """
         _check_name(client_id, "client id")
         if role not in ROLES:
@@ -1534,6 +1537,9 @@ class Ledger:
             _check_name(institution, "institution")
         amount = _cap_amount(cap, "client cap")
         _check_token_hash(token_hash)
+        detail = self._admin_detail(
+            actor, role=role, institution=institution, token="set" if token_hash else "none"
+        )
         now = _now()
 
         def work(conn: sqlite3.Connection) -> None:
@@ -1557,33 +1563,40 @@ class Ledger:
                 client=client_id,
                 outcome="registered",
                 budget=self._budget_items(conn, (_ScopeKey("client", client_id),)),
-                detail={
-                    "role": role,
-                    "institution": institution,
-                    "token": "set" if token_hash else "none",
-                },
+                detail=detail,
             )
 
         self._write("register the client", work)
         return self.client(client_id)
 
-    def set_cap(self, client_id: str, cap: Number) -> ClientRecord:
+    def set_cap(self, client_id: str, cap: Number, *, actor: str | None = None) -> ClientRecord:
         """Set a client's cap; never below what it has already spent or holds."""
         amount = _cap_amount(cap, "client cap")
-        self._write("set the cap", lambda c: self._set_client_cap(c, client_id, lambda _: amount))
+        detail = self._admin_detail(actor)
+        self._write(
+            "set the cap",
+            lambda c: self._set_client_cap(c, client_id, lambda _: amount, detail),
+        )
         return self.client(client_id)
 
-    def raise_cap(self, client_id: str, *, by: Number) -> ClientRecord:
+    def raise_cap(
+        self, client_id: str, *, by: Number, actor: str | None = None
+    ) -> ClientRecord:
         """Add `by` to a client's cap (read and written in one transaction)."""
         increase = exact_amount(by, what="cap increase")
+        detail = self._admin_detail(actor)
         self._write(
             "raise the cap",
-            lambda c: self._set_client_cap(c, client_id, lambda old: old + increase),
+            lambda c: self._set_client_cap(c, client_id, lambda old: old + increase, detail),
         )
         return self.client(client_id)
 
     def _set_client_cap(
-        self, conn: sqlite3.Connection, client_id: str, new: Callable[[Fraction], Fraction]
+        self,
+        conn: sqlite3.Connection,
+        client_id: str,
+        new: Callable[[Fraction], Fraction],
+        detail: dict[str, str | None],
     ) -> None:
         client = _client_row(conn, client_id)
         if client is None:
@@ -1600,11 +1613,15 @@ class Ledger:
             client=client_id,
             outcome="changed",
             budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+            detail=detail,
         )
 
-    def set_token_hash(self, client_id: str, token_hash: str | None) -> ClientRecord:
+    def set_token_hash(
+        self, client_id: str, token_hash: str | None, *, actor: str | None = None
+    ) -> ClientRecord:
         """Replace (or clear) a client's token hash, e.g. when its token is rotated."""
         _check_token_hash(token_hash)
+        detail = self._admin_detail(actor)
 
         def work(conn: sqlite3.Connection) -> None:
             if _client_row(conn, client_id) is None:
@@ -1621,14 +1638,21 @@ class Ledger:
                 "UPDATE clients SET token_hash = ? WHERE client_id = ?", (token_hash, client_id)
             )
             self._append(
-                conn, "set_token", client=client_id, outcome="set" if token_hash else "cleared"
+                conn,
+                "set_token",
+                client=client_id,
+                outcome="set" if token_hash else "cleared",
+                detail=detail,
             )
 
         self._write("set the token hash", work)
         return self.client(client_id)
 
-    def revoke(self, client_id: str, *, reason: str = "") -> ClientRecord:
+    def revoke(
+        self, client_id: str, *, reason: str = "", actor: str | None = None
+    ) -> ClientRecord:
         """Stop serving a client. Its charges and releases stay on the ledger."""
+        detail = self._admin_detail(actor, reason=reason)
 
         def work(conn: sqlite3.Connection) -> None:
             client = _client_row(conn, client_id)
@@ -1640,18 +1664,19 @@ class Ledger:
                 "UPDATE clients SET status = 'revoked', revoked_at = ? WHERE client_id = ?",
                 (_now(), client_id),
             )
-            self._append(
-                conn, "revoke", client=client_id, outcome="revoked", detail={"reason": reason}
-            )
+            self._append(conn, "revoke", client=client_id, outcome="revoked", detail=detail)
 
         self._write("revoke the client", work)
         return self.client(client_id)
 
-    def set_institution_cap(self, institution: str, cap: Number | None) -> None:
+    def set_institution_cap(
+        self, institution: str, cap: Number | None, *, actor: str | None = None
+    ) -> None:
         """Cap the clients of an institution together; None removes the institution's cap."""
         _check_name(institution, "institution")
         amount = None if cap is None else _cap_amount(cap, "institution cap")
         scope = _ScopeKey("institution", institution)
+        detail = self._admin_detail(actor)
 
         def work(conn: sqlite3.Connection) -> None:
             previous = self._set_cap_checked(conn, scope, amount)
@@ -1668,15 +1693,19 @@ class Ledger:
                 "set_institution_cap",
                 outcome="changed",
                 budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+                detail=detail,
             )
 
         self._write("set the institution cap", work)
 
-    def set_dataset_cap(self, data_version: str, cap: Number) -> None:
+    def set_dataset_cap(
+        self, data_version: str, cap: Number, *, actor: str | None = None
+    ) -> None:
         """Give one data version a cap of its own, replacing the default from `open`."""
         _check_name(data_version, "data version")
         amount = _cap_amount(cap, "dataset cap")
         scope = _ScopeKey("dataset", data_version)
+        detail = self._admin_detail(actor)
 
         def work(conn: sqlite3.Connection) -> None:
             previous = self._set_cap_checked(conn, scope, amount)
@@ -1691,9 +1720,18 @@ class Ledger:
                 data_version=data_version,
                 outcome="changed",
                 budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+                detail=detail,
             )
 
         self._write("set the dataset cap", work)
+
+    @staticmethod
+    def _admin_detail(actor: str | None, **fields: str | None) -> dict[str, str | None]:
+        # Who acted goes in the detail, not in a field of its own, so that entries keep the
+        # fields `verify` and the audit tables expect.
+        if actor is not None:
+            _check_name(actor, "acting client")
+        return {**fields, "actor": actor}
 
     def _set_default_dataset_cap(self, conn: sqlite3.Connection, cap: Fraction) -> None:
         versions = conn.execute(

@@ -24,6 +24,11 @@ from server.config import Caps
 from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
 from server.errors import NotFoundError
 
+# The actor recorded for changes made by `veil serve` itself on the ledger's host (the config's
+# caps, --init-admin, the demo's clients), with no authenticated caller behind them. Client ids
+# over the Admin service cannot hold a colon, so this is never taken for an administrator's.
+LOCAL_ACTOR = "local:veil-serve"
+
 
 class Accounts(Protocol):
     @property
@@ -49,7 +54,7 @@ class Accounts(Protocol):
         """A release the caller received; NotFoundError when it received no such release."""
         ...
 
-    # -- administrators --
+    # -- administrators (`by`, the calling administrator, is the audit entry's actor) --
     def register(
         self, client: str, *, role: Role, institution: str, cap: Fraction | None, token: str,
         by: Identity,
@@ -107,7 +112,7 @@ class LedgerAccounts:
         try:
             for institution, cap in caps.institutions.items():
                 if ledger.budget("institution", institution).cap != parse_amount(cap):
-                    ledger.set_institution_cap(institution, cap)
+                    ledger.set_institution_cap(institution, cap, actor=LOCAL_ACTOR)
         except BaseException:
             ledger.close()
             raise
@@ -217,16 +222,17 @@ class LedgerAccounts:
             cap=self.default_cap if cap is None else cap,
             institution=institution or None,
             token_hash=hash_token(token),
+            actor=by.client_id,
         )
         return self._info(record)
 
     def set_cap(self, client: str, cap: Fraction, *, by: Identity) -> pb.ClientInfo:
-        return self._info(self.ledger.set_cap(client, cap))
+        return self._info(self.ledger.set_cap(client, cap, actor=by.client_id))
 
     def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo:
         if client == by.client_id:
             raise ClientRegistryError("an administrator cannot revoke its own registration")
-        return self._info(self.ledger.revoke(client, reason=f"{reason} (by {by.client_id})"))
+        return self._info(self.ledger.revoke(client, reason=reason, actor=by.client_id))
 
     def clients(self) -> list[pb.ClientInfo]:
         return [self._info(record) for record in self.ledger.list_clients()]
@@ -235,7 +241,7 @@ class LedgerAccounts:
         record = self.ledger.client(client)
         if not record.active:
             raise ClientRegistryError(f"client {client} is revoked; register a new client instead")
-        self.ledger.set_token_hash(client, hash_token(token))
+        self.ledger.set_token_hash(client, hash_token(token), actor=by.client_id)
 
     # -- auditors --
     def report(self) -> pb.LedgerReportResponse:

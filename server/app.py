@@ -226,26 +226,51 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
     return Running(server, port, services, health_servicer, config.grace_seconds)
 
 
-def serve(running: Running, *, ready: TextIO | None = None) -> int:
-    """Block until SIGTERM or SIGINT, then drain and stop. Returns the process exit code."""
-    stop = threading.Event()
-    received: list[int] = []
+class StopSignals:
+    """SIGTERM and SIGINT as a request to stop, caught from `install` until `restore`."""
 
-    def on_signal(signum: int, frame: Any) -> None:
-        received.append(signum)
-        stop.set()
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def install(self) -> None:
+        """Catch the signals from now on (once: a second call changes nothing)."""
+        if not self._previous:
+            self._previous = {
+                s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+            }
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced (nothing if it did not run)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        self.requested.set()
+
+
+def serve(
+    running: Running, *, ready: TextIO | None = None, signals: StopSignals | None = None
+) -> int:
+    """Block until SIGTERM or SIGINT, then drain and stop. Returns the process exit code.
+
+    Give `signals`, installed before `start`, to also catch a signal sent while the server was
+    starting: a supervisor may stop it as soon as it logs `serving`.
+    """
+    stop = StopSignals() if signals is None else signals
+    stop.install()
     try:
         if ready is not None:
             ready.write(f"listening on port {running.port}\n")
             ready.flush()
-        while not stop.wait(0.5):
+        while not stop.requested.wait(0.5):
             pass
         log.info("signal received", extra={"event": "signal",
-                                           "signal": signal.Signals(received[0]).name})
+                                           "signal": signal.Signals(stop.received[0]).name})
         clean = running.stop()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        stop.restore()
     return 0 if clean else 1

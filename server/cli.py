@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine.errors import VeilError
-from server.accounts import LedgerAccounts
-from server.app import Running, build_engine, configure_logging, serve, start
+from server.accounts import LOCAL_ACTOR, LedgerAccounts
+from server.app import Running, StopSignals, build_engine, configure_logging, serve, start
 from server.auth import Role, hash_token, new_token
 from server.config import ConfigError, ServerConfig, config_from_mapping, load_config
 
@@ -64,19 +64,25 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     scratch: Path | None = None
+    # Caught from before the server starts: a signal sent as soon as it logs `serving` must
+    # drain and stop it, not kill it with calls in flight.
+    signals = StopSignals()
     try:
         if args.demo:
             scratch = Path(tempfile.mkdtemp(prefix="veil-demo-"))
             config = _demo_config(scratch, rows=args.rows, seed=args.seed, listen=args.listen)
             configure_logging(config.log_level, config.log_file)
+            signals.install()
             running, tokens = _start(config, demo=True)
         else:
             config = load_config(args.config)
             if args.listen:
                 config = config.listening_on(args.listen)
             configure_logging(config.log_level, config.log_file)
+            signals.install()
             running, tokens = _start(config, init_admin=args.init_admin)
     except (VeilError, OSError, ValueError) as exc:
+        signals.restore()
         print(f"error: {exc}", file=sys.stderr)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -89,7 +95,7 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             print("send it as call metadata `authorization: Bearer <token>`; "
                   "it is shown only now", file=out)
         out.flush()
-        return serve(running)
+        return serve(running, signals=signals)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -121,7 +127,7 @@ def _start(
                 )
             token = new_token()
             accounts.ledger.register_client(
-                client, role=role.value, cap=cap, token_hash=hash_token(token)
+                client, role=role.value, cap=cap, token_hash=hash_token(token), actor=LOCAL_ACTOR
             )
             tokens[client] = token
         running = start(config, engine=engine, accounts=accounts)

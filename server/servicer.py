@@ -84,24 +84,59 @@ class CallWatch:
         return CallCancelledError("the call was cancelled; nothing was charged")
 
 
+@dataclass(eq=False)
+class _Timer:
+    """One pending limit: fires `watch` with `reason` unless cancelled first."""
+
+    watch: CallWatch
+    reason: str
+    cancelled: bool = False
+    queued: bool = True  # still in the heap (the thread has not taken it yet)
+
+
+# Compact the heap once cancelled timers are at least this many and outnumber live ones: each
+# compaction is O(n) but follows n/2 cancellations, so a call costs O(log n) amortised.
+_COMPACT_AT = 64
+
+
 class Watchdog:
     """Fires calls' time limits from one thread, instead of a timer thread per call."""
 
     def __init__(self) -> None:
-        self._due: list[tuple[float, int, CallWatch, str]] = []  # a heap, soonest first
+        self._due: list[tuple[float, int, _Timer]] = []  # a heap, soonest first
+        self._cancelled = 0  # timers in the heap whose call has ended
         self._order = itertools.count()
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def fire_after(self, seconds: float, watch: CallWatch, reason: str) -> None:
+    def fire_after(self, seconds: float, watch: CallWatch, reason: str) -> _Timer:
+        """Fire `watch` with `reason` after `seconds`, unless `cancel` is called first."""
+        timer = _Timer(watch, reason)
         when = time.monotonic() + seconds
         with self._condition:
-            heapq.heappush(self._due, (when, next(self._order), watch, reason))
+            heapq.heappush(self._due, (when, next(self._order), timer))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="veil-watchdog", daemon=True)
                 self._thread.start()
-            if self._due[0][2] is watch:  # sooner than what the thread waits for: wake it
+            if self._due[0][2] is timer:  # sooner than what the thread waits for: wake it
                 self._condition.notify()
+        return timer
+
+    def cancel(self, timer: _Timer) -> None:
+        """Drop a timer whose call has ended, so that ended calls do not pile up until their
+        limits pass (at 200 calls/s and a 60 s limit, some 12,000 of them)."""
+        with self._condition:
+            if timer.cancelled:
+                return
+            timer.cancelled = True
+            if not timer.queued:
+                return
+            self._cancelled += 1
+            if self._cancelled >= _COMPACT_AT and 2 * self._cancelled > len(self._due):
+                self._due = [entry for entry in self._due if not entry[2].cancelled]
+                heapq.heapify(self._due)
+                self._cancelled = 0
+                # The soonest limit may have been dropped; the thread's wait is then merely early.
 
     def _run(self) -> None:
         while True:
@@ -109,16 +144,20 @@ class Watchdog:
             with self._condition:
                 now = time.monotonic()
                 while self._due and self._due[0][0] <= now:
-                    due.append(heapq.heappop(self._due))
+                    timer = heapq.heappop(self._due)[2]
+                    timer.queued = False
+                    if timer.cancelled:
+                        self._cancelled -= 1
+                    else:
+                        due.append(timer)
                 if not due:
-                    # Ended calls stay in the heap until their time; firing them does nothing.
                     wait = self._due[0][0] - now if self._due else None
                     self._condition.wait(wait)
                     continue
-            for _, _, watch, reason in due:
-                if not watch.ended:
+            for timer in due:
+                if not timer.watch.ended:  # the call may have ended since it was taken
                     try:
-                        watch.fire(reason)
+                        timer.watch.fire(timer.reason)
                     except Exception as exc:  # one failure must not end every call's limit
                         log.error("watchdog", extra={"event": "watchdog_error",
                                                      "error": type(exc).__name__})
@@ -153,9 +192,9 @@ class InFlight:
         remaining = context.time_remaining()
         deadline = remaining if remaining is not None and remaining < _NO_DEADLINE else None
         if deadline is not None and deadline < limit:
-            self._watchdog.fire_after(deadline, watch, "deadline")
+            timer = self._watchdog.fire_after(deadline, watch, "deadline")
         else:
-            self._watchdog.fire_after(limit, watch, "limit")
+            timer = self._watchdog.fire_after(limit, watch, "limit")
         def on_end() -> None:
             watch.fire("deadline" if _expired(context) else "cancelled")
 
@@ -169,6 +208,7 @@ class InFlight:
             yield watch
         finally:
             watch.ended = True
+            self._watchdog.cancel(timer)
             with self._condition:
                 self._watches.discard(watch)
 

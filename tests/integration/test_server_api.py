@@ -14,11 +14,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine.release import Release
 from protos.veil.v1 import status_pb2
 from protos.veil.v1 import veil_pb2 as pb
+from server.accounts import LOCAL_ACTOR, LedgerAccounts
+from server.cli import _start
 from server.errors import QUOTA_FAILURE_TYPE_URL
+from tests.conftest import write_database
 from tests.server_harness import (
+    ROWS,
     LiveServer,
     charges_settled,
     count_query,
+    live_config,
     start_live,
     stubs,
 )
@@ -245,6 +250,51 @@ def test_admin_lifecycle(live: LiveServer) -> None:
                 pb.RegisterClientRequest(client_id="erin", budget="1"), metadata=admin
             )
         assert role.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_admin_actions_record_the_acting_admin(live: LiveServer) -> None:
+    first = int(live.ledger.head().partition(":")[0])
+    with stubs(live.port) as s:
+        root = live.auth("root")
+        ops = s.admin.RegisterClient(
+            pb.RegisterClientRequest(client_id="ops", role=pb.ROLE_ADMIN), metadata=root
+        )
+        by_ops = (("authorization", f"Bearer {ops.token}"),)
+        s.admin.RegisterClient(
+            pb.RegisterClientRequest(client_id="carol", role=pb.ROLE_RESEARCHER), metadata=by_ops
+        )
+        s.admin.SetBudget(pb.SetBudgetRequest(client_id="carol", budget="2"), metadata=root)
+        s.admin.RotateToken(pb.RotateTokenRequest(client_id="carol"), metadata=by_ops)
+        s.admin.RevokeClient(
+            pb.RevokeClientRequest(client_id="carol", reason="left the project"), metadata=root
+        )
+    entries = [e.entry for e in live.ledger.audit_log(since=first)]
+    assert [(e["event"], e["client"], e["detail"]["actor"]) for e in entries] == [  # type: ignore[index]
+        ("register_client", "ops", "root"),
+        ("register_client", "carol", "ops"),
+        ("set_cap", "carol", "root"),
+        ("set_token", "carol", "ops"),
+        ("revoke", "carol", "root"),
+    ]
+    assert entries[-1]["detail"]["reason"] == "left the project"  # type: ignore[index]
+    assert live.ledger.verify().ok
+
+
+def test_changes_made_by_serve_itself_record_the_local_actor(tmp_path: Path) -> None:
+    data = write_database(tmp_path / "data.duckdb", ROWS)
+    config = live_config(tmp_path, data, caps={"institutions": {"iom": "3"}})
+    running, _ = _start(config, init_admin="ops")
+    try:
+        assert isinstance(running.accounts, LedgerAccounts)
+        entries = [e.entry for e in running.accounts.ledger.audit_log()]
+    finally:
+        running.stop(0)
+    opening = ("create", "open")  # the ledger's own entries
+    acted = [(e["event"], e["detail"]["actor"]) for e in entries if e["event"] not in opening]  # type: ignore[index]
+    assert acted == [
+        ("set_institution_cap", LOCAL_ACTOR),  # from the config
+        ("register_client", LOCAL_ACTOR),  # --init-admin
+    ]
 
 
 def test_auditor_calls(live: LiveServer) -> None:

@@ -24,6 +24,7 @@ from engine.ledger import Ledger
 from engine.loss import Accounting
 from protos.veil.v1 import veil_pb2 as pb
 from server.auth import hash_token, new_token
+from tests.conftest import write_database
 from tests.server_harness import bearer, build_slow_data, count_query, slow_query, stubs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,11 +36,23 @@ SERVE = (
     "args = parser.parse_args(sys.argv[1:])\n"
     "sys.exit(args.handler(args))\n"
 )
+# SERVE, sending itself SIGTERM the moment it logs `serving`, as a supervisor may.
+SERVE_STOPPED_AT_ONCE = (
+    "import logging, os, signal\n"
+    "class StopWhenServing(logging.Filter):\n"
+    "    def filter(self, record):\n"
+    "        if getattr(record, 'event', None) == 'serving':\n"
+    "            os.kill(os.getpid(), signal.SIGTERM)\n"
+    "        return True\n"
+    "logging.getLogger('veil.server').addFilter(StopWhenServing())\n"
+) + SERVE
 
 
-def start_process(config: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
+def start_process(
+    config: Path, script: str = SERVE
+) -> tuple[subprocess.Popen[str], int, list[str]]:
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", "--config", str(config)],
+        [sys.executable, "-c", script, "serve", "--config", str(config)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -147,6 +160,17 @@ def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
         assert set(committed) <= set(received) | set(failed)
         assert ledger.verify().ok
         assert ledger.spent("alice") == sum(c.amount for c in charges if c.state == "committed")
+
+
+def test_a_stop_signal_as_soon_as_serving_is_logged_drains_and_stops(tmp_path: Path) -> None:
+    data = write_database(tmp_path / "data.duckdb", [{"gender": "Female"}] * 20)
+    config = tmp_path / "veil.toml"
+    config.write_text(
+        f'data = "{data}"\nledger = "{tmp_path / "ledger.sqlite"}"\n[caps]\ndataset = "1"\n'
+        '[server]\nlisten = "127.0.0.1:0"\ngrace_seconds = 0.5\n'
+    )
+    process, _, log = start_process(config, SERVE_STOPPED_AT_ONCE)
+    assert process.wait(timeout=30) == 0, "".join(log)
 
 
 @pytest.mark.parametrize("problem", ["missing data", "bad config"])

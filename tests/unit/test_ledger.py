@@ -714,6 +714,36 @@ def test_dataset_default_cap_changes_on_open_are_audited(
     assert_verified(reopened)
 
 
+def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
+    first = int(ledger.head().partition(":")[0])
+    ledger.register_client("dan", role="researcher", cap="1", actor="root")
+    ledger.set_cap("dan", "2", actor="root")
+    ledger.raise_cap("dan", by="1", actor="root")
+    ledger.set_token_hash("dan", "b" * 64, actor="root")
+    ledger.set_institution_cap("iom", "5", actor="root")
+    ledger.set_dataset_cap(engine.data_version, "20", actor="root")
+    ledger.revoke("dan", reason="left the project", actor="root")
+    ledger.set_cap("alice", "3")  # no actor given: recorded as null
+    with pytest.raises(VeilError, match="acting client"):
+        ledger.set_cap("alice", "3", actor="root; drop")
+    entries = [e.entry for e in ledger.audit_log(since=first)]
+    assert [(e["event"], e["detail"]["actor"]) for e in entries] == [
+        ("register_client", "root"),
+        ("set_cap", "root"),
+        ("set_cap", "root"),
+        ("set_token", "root"),
+        ("set_institution_cap", "root"),
+        ("set_dataset_cap", "root"),
+        ("revoke", "root"),
+        ("set_cap", None),
+    ]
+    assert entries[0]["detail"] == {
+        "role": "researcher", "institution": None, "token": "none", "actor": "root"
+    }
+    assert entries[-2]["detail"] == {"reason": "left the project", "actor": "root"}
+    assert_verified(ledger)
+
+
 def test_report_per_client_institution_and_dataset(engine: Engine, ledger: Ledger) -> None:
     ledger.set_institution_cap("iom", "1.5")
     release(engine, ledger, "alice", "a1", distinct_query(0))

@@ -114,6 +114,17 @@ def test_the_watchdog_leaves_ended_calls_alone() -> None:
     assert not ended.event.is_set() and ended.reason == ""
 
 
+def test_ended_calls_leave_the_watchdog() -> None:
+    in_flight = InFlight()
+    with in_flight.watch(FakeContext(None), limit=0.5) as running:  # type: ignore[arg-type]
+        for _ in range(5000):
+            with in_flight.watch(FakeContext(None), limit=60):  # type: ignore[arg-type]
+                pass
+        # Ended calls do not wait out their 60 s limits in the watchdog's heap.
+        assert len(in_flight._watchdog._due) <= 128
+        assert running.event.wait(5) and running.reason == "limit"
+
+
 def test_a_failing_interrupt_does_not_end_the_watchdog() -> None:
     in_flight = InFlight()
 
