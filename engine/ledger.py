@@ -444,10 +444,6 @@ def _loss_amount(value: Fraction) -> Fraction:
     return exact_amount(value, what="privacy loss")
 
 
-def _cap_amount(value: Number, what: str) -> Fraction:
-    return exact_cap(value, what=what)
-
-
 _SQLITE_REASONS = {
     sqlite3.SQLITE_FULL: "the disk holding the ledger is full",
     sqlite3.SQLITE_IOERR: "the disk holding the ledger reported an I/O error",
@@ -664,7 +660,7 @@ class Ledger:
         accounting = Accounting(accounting)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
-        default_cap = _cap_amount(dataset_cap, "dataset cap")
+        default_cap = exact_cap(dataset_cap, what="dataset cap")
         if data_version is not None:
             _check_name(data_version, "data version")
         path = Path(path)
@@ -1136,6 +1132,7 @@ class Ledger:
                 )
 
         scopes = self._scopes(client, version)
+        budgets = self._budgets(conn, scopes)
         best = _best_release(conn, plan.fingerprint, version)
         if best is not None:
             release_id, loss = best
@@ -1175,37 +1172,35 @@ class Ledger:
                     charge="0",
                     release_id=release_id,
                     release_sha256=digest,
-                    budget=self._budget_items(conn, scopes),
+                    budget=self._move(conn, budgets, spent=_ZERO, held=_ZERO),
                     detail={"requested": requested, "release_loss": loss},
                 )
                 return _Outcome(stored=data)
 
-        for scope in scopes:
-            cap = self._cap(conn, scope)
-            if cap is None:
+        for budget in budgets:
+            if budget.cap is None or budget.used + amount <= budget.cap:
                 continue
-            spent, held = _totals(conn, scope)
-            if spent + held + amount > cap:
-                left = max(_ZERO, cap - spent - held)
-                message = (
-                    f"a charge of {plan.loss} would exceed the {scope.kind} budget of "
-                    f"{scope.name}: {format_amount(left)} of {format_amount(cap)} remains; "
-                    f"nothing was released"
+            left = budget.remaining
+            assert left is not None
+            message = (
+                f"a charge of {plan.loss} would exceed the {budget.kind} budget of "
+                f"{budget.name}: {format_amount(left)} of {format_amount(budget.cap)} remains; "
+                f"nothing was released"
+            )
+            self._refuse(
+                conn,
+                plan,
+                request,
+                "budget_exceeded",
+                message,
+                budget=self._move(conn, budgets, spent=_ZERO, held=_ZERO),
+                charge=requested,
+            )
+            return _Outcome(
+                error=BudgetExceededError(
+                    message, scope=budget.kind, remaining=format_amount(left)
                 )
-                self._refuse(
-                    conn,
-                    plan,
-                    request,
-                    "budget_exceeded",
-                    message,
-                    budget=self._budget_items(conn, scopes),
-                    charge=requested,
-                )
-                return _Outcome(
-                    error=BudgetExceededError(
-                        message, scope=scope.kind, remaining=format_amount(left)
-                    )
-                )
+            )
 
         charge_id = _new_id("chg")
         conn.execute(
@@ -1236,7 +1231,7 @@ class Ledger:
             canonical_query=plan.canonical,
             outcome="reserved",
             charge=requested,
-            budget=self._move(conn, scopes, spent=_ZERO, held=amount),
+            budget=self._move(conn, budgets, spent=_ZERO, held=amount),
         )
         return _Outcome(charge_id=charge_id, scopes=scopes)
 
@@ -1317,7 +1312,9 @@ class Ledger:
             charge=format_amount(amount),
             release_id=meta.release_id,
             release_sha256=digest,
-            budget=self._move(conn, reservation._scopes, spent=amount, held=-amount),
+            budget=self._move(
+                conn, self._budgets(conn, reservation._scopes), spent=amount, held=-amount
+            ),
         )
 
     def _cancel(self, charge_id: str, reason: str) -> None:
@@ -1362,7 +1359,7 @@ class Ledger:
             canonical_query=canonical,
             outcome=reason,
             charge="0",
-            budget=self._move(conn, scopes, spent=_ZERO, held=-amount),
+            budget=self._move(conn, self._budgets(conn, scopes), spent=_ZERO, held=-amount),
             detail={"released_hold": amount_text},
         )
 
@@ -1388,25 +1385,43 @@ class Ledger:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'dataset_cap'").fetchone()
         return None if row is None else parse_amount(row[0])
 
-    def _budget_items(
+    def _budget(self, conn: sqlite3.Connection, scope: _ScopeKey) -> ScopeBudget:
+        spent, held = _totals(conn, scope)
+        return ScopeBudget(scope.kind, scope.name, self._cap(conn, scope), spent, held)
+
+    def _budgets(
         self, conn: sqlite3.Connection, scopes: tuple[_ScopeKey, ...]
+    ) -> tuple[ScopeBudget, ...]:
+        return tuple(self._budget(conn, scope) for scope in scopes)
+
+    def _budget_items(
+        self,
+        conn: sqlite3.Connection,
+        scopes: tuple[_ScopeKey, ...],
+        *,
+        cap_before: dict[_ScopeKey, Fraction | None] | None = None,
     ) -> list[dict[str, Any]]:
-        return self._move(conn, scopes, spent=_ZERO, held=_ZERO)
+        """The audit's view of the scopes as they stand, with no movement."""
+        budgets = self._budgets(conn, scopes)
+        return self._move(conn, budgets, spent=_ZERO, held=_ZERO, cap_before=cap_before)
 
     def _move(
         self,
         conn: sqlite3.Connection,
-        scopes: tuple[_ScopeKey, ...],
+        budgets: tuple[ScopeBudget, ...],
         *,
         spent: Fraction,
         held: Fraction,
         cap_before: dict[_ScopeKey, Fraction | None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Add to each scope's running totals; return the audit's before/after for each."""
+        """Add to each scope's running totals; return the audit's before/after for each.
+
+        `budgets` are the scopes as read earlier in the same transaction.
+        """
         items = []
-        for scope in scopes:
-            spent_before, held_before = _totals(conn, scope)
-            spent_after, held_after = spent_before + spent, held_before + held
+        for budget in budgets:
+            scope = _ScopeKey(budget.kind, budget.name)
+            spent_after, held_after = budget.spent + spent, budget.held + held
             if spent_after < 0 or held_after < 0:
                 raise LedgerIntegrityError(
                     f"the {scope.label} totals would go negative; the ledger is inconsistent"
@@ -1418,13 +1433,12 @@ class Ledger:
                     "held = excluded.held",
                     (scope.kind, scope.name, format_amount(spent_after), format_amount(held_after)),
                 )
-            cap = self._cap(conn, scope)
             item: dict[str, Any] = {
                 "scope": scope.label,
-                "cap": None if cap is None else format_amount(cap),
+                "cap": None if budget.cap is None else format_amount(budget.cap),
                 "before": {
-                    "spent": format_amount(spent_before),
-                    "held": format_amount(held_before),
+                    "spent": format_amount(budget.spent),
+                    "held": format_amount(budget.held),
                 },
                 "after": {"spent": format_amount(spent_after), "held": format_amount(held_after)},
             }
@@ -1438,14 +1452,13 @@ class Ledger:
         self, conn: sqlite3.Connection, scope: _ScopeKey, cap: Fraction | None
     ) -> dict[_ScopeKey, Fraction | None]:
         """Refuse a cap below what the scope has already used; return the cap it replaces."""
-        previous = self._cap(conn, scope)
-        spent, held = _totals(conn, scope)
-        if cap is not None and spent + held > cap:
+        current = self._budget(conn, scope)
+        if cap is not None and current.used > cap:
             raise ClientRegistryError(
                 f"cannot set the {scope.kind} cap of {scope.name} to {format_amount(cap)}: "
-                f"{format_amount(spent + held)} is already spent or held"
+                f"{format_amount(current.used)} is already spent or held"
             )
-        return {scope: previous}
+        return {scope: current.cap}
 
     # ---- the audit log -------------------------------------------------------------------
 
@@ -1535,7 +1548,7 @@ class Ledger:
             raise ClientRegistryError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if institution is not None:
             _check_name(institution, "institution")
-        amount = _cap_amount(cap, "client cap")
+        amount = exact_cap(cap, what="client cap")
         _check_token_hash(token_hash)
         detail = self._admin_detail(
             actor, role=role, institution=institution, token="set" if token_hash else "none"
@@ -1571,7 +1584,7 @@ class Ledger:
 
     def set_cap(self, client_id: str, cap: Number, *, actor: str | None = None) -> ClientRecord:
         """Set a client's cap; never below what it has already spent or holds."""
-        amount = _cap_amount(cap, "client cap")
+        amount = exact_cap(cap, what="client cap")
         detail = self._admin_detail(actor)
         self._write(
             "set the cap",
@@ -1612,7 +1625,7 @@ class Ledger:
             "set_cap",
             client=client_id,
             outcome="changed",
-            budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+            budget=self._budget_items(conn, (scope,), cap_before=previous),
             detail=detail,
         )
 
@@ -1674,7 +1687,7 @@ class Ledger:
     ) -> None:
         """Cap the clients of an institution together; None removes the institution's cap."""
         _check_name(institution, "institution")
-        amount = None if cap is None else _cap_amount(cap, "institution cap")
+        amount = None if cap is None else exact_cap(cap, what="institution cap")
         scope = _ScopeKey("institution", institution)
         detail = self._admin_detail(actor)
 
@@ -1692,7 +1705,7 @@ class Ledger:
                 conn,
                 "set_institution_cap",
                 outcome="changed",
-                budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+                budget=self._budget_items(conn, (scope,), cap_before=previous),
                 detail=detail,
             )
 
@@ -1703,7 +1716,7 @@ class Ledger:
     ) -> None:
         """Give one data version a cap of its own, replacing the default from `open`."""
         _check_name(data_version, "data version")
-        amount = _cap_amount(cap, "dataset cap")
+        amount = exact_cap(cap, what="dataset cap")
         scope = _ScopeKey("dataset", data_version)
         detail = self._admin_detail(actor)
 
@@ -1719,7 +1732,7 @@ class Ledger:
                 "set_dataset_cap",
                 data_version=data_version,
                 outcome="changed",
-                budget=self._move(conn, (scope,), spent=_ZERO, held=_ZERO, cap_before=previous),
+                budget=self._budget_items(conn, (scope,), cap_before=previous),
                 detail=detail,
             )
 
@@ -1748,7 +1761,7 @@ class Ledger:
             conn,
             "set_dataset_cap",
             outcome="default_changed",
-            budget=self._move(conn, scopes, spent=_ZERO, held=_ZERO, cap_before=previous),
+            budget=self._budget_items(conn, scopes, cap_before=previous),
             detail={"before": before, "after": format_amount(cap)},
         )
 
@@ -1787,8 +1800,7 @@ class Ledger:
         def work(conn: sqlite3.Connection) -> ScopeBudget:
             if kind == "client" and _client_row(conn, name) is None:
                 raise UnknownClientError(f"client {name} is not registered")
-            spent, held = _totals(conn, scope)
-            return ScopeBudget(kind, name, self._cap(conn, scope), spent, held)
+            return self._budget(conn, scope)
 
         return self._read("read the budget", work)
 
@@ -1809,11 +1821,8 @@ class Ledger:
             record = _client_row(conn, client)
             if record is None:
                 raise UnknownClientError(f"client {client} is not registered")
-            scopes = tuple(
-                ScopeBudget(scope.kind, scope.name, self._cap(conn, scope), *_totals(conn, scope))
-                for scope in _scope_keys(client, record.institution, version)
-            )
-            return ClientBudget(record.active, scopes)
+            scopes = _scope_keys(client, record.institution, version)
+            return ClientBudget(record.active, self._budgets(conn, scopes))
 
         return self._read("read the budget", work)
 
@@ -1843,12 +1852,7 @@ class Ledger:
                 versions.add(self.data_version)
 
             def scoped(kind: str, names: list[str]) -> tuple[ScopeBudget, ...]:
-                out = []
-                for name in names:
-                    scope = _ScopeKey(kind, name)
-                    spent, held = _totals(conn, scope)
-                    out.append(ScopeBudget(kind, name, self._cap(conn, scope), spent, held))
-                return tuple(out)
+                return self._budgets(conn, tuple(_ScopeKey(kind, name) for name in names))
 
             head_seq, head_hash = self._head(conn)
             return LedgerReport(
