@@ -50,7 +50,9 @@ SERVE_STOPPED_AT_ONCE = (
 
 def start_process(
     config: Path, script: str = SERVE
-) -> tuple[subprocess.Popen[str], int, list[str]]:
+) -> tuple[subprocess.Popen[str], int, list[str], threading.Thread]:
+    """The server process, its port, its log so far and the thread reading the rest (join it
+    after the process has exited: its last lines may still be in the pipe)."""
     process = subprocess.Popen(
         [sys.executable, "-c", script, "serve", "--config", str(config)],
         cwd=ROOT,
@@ -79,8 +81,9 @@ def start_process(
         assert process.stderr is not None
         log.extend(process.stderr)
 
-    threading.Thread(target=drain, daemon=True).start()
-    return process, port, log
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    return process, port, log, reader
 
 
 def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
@@ -97,9 +100,11 @@ def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
         '[caps]\ndataset = "100"\n'
         '[server]\nlisten = "127.0.0.1:0"\ngrace_seconds = 0.5\n'
         "[limits]\nrate_per_second = 1000.0\nrate_burst = 1000\n"
-        "max_concurrent_calls = 8\nworkers = 8\n"
+        # Above the 8 callers: gRPC counts a call until its worker is done, a moment after the
+        # response is sent, so a caller's next call can find 8 running and be refused.
+        "max_concurrent_calls = 16\nworkers = 8\n"
     )
-    process, port, log = start_process(config)
+    process, port, log, reader = start_process(config)
 
     def request(i: int) -> pb.ReleaseRequest:
         if i % 4 == 0:
@@ -117,6 +122,7 @@ def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
     received: dict[str, str] = {}
     failed: dict[str, grpc.StatusCode] = {}
     lock = threading.Lock()
+    first_received = threading.Event()
     with stubs(port) as s:
 
         def call(i: int) -> None:
@@ -129,14 +135,18 @@ def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
                 return
             with lock:
                 received[r.request_id] = response.metadata.release_id
+            first_received.set()
 
         with futures.ThreadPoolExecutor(8) as pool:
             calls = [pool.submit(call, i) for i in range(60)]
-            time.sleep(0.6)
+            # Stop once some call has finished, with slow ones running and most still to come,
+            # however long the first calls take on a loaded machine.
+            assert first_received.wait(60), "no call finished"
             process.send_signal(signal.SIGTERM)
             for c in calls:
                 c.result()
     assert process.wait(timeout=30) == 0, "".join(log)
+    reader.join(10)
     events = [json.loads(line).get("event") for line in log]
     assert "signal" in events and "stopped" in events
     assert json.loads(next(x for x in log if '"stopped"' in x))["clean"] is True
@@ -169,8 +179,10 @@ def test_a_stop_signal_as_soon_as_serving_is_logged_drains_and_stops(tmp_path: P
         f'data = "{data}"\nledger = "{tmp_path / "ledger.sqlite"}"\n[caps]\ndataset = "1"\n'
         '[server]\nlisten = "127.0.0.1:0"\ngrace_seconds = 0.5\n'
     )
-    process, _, log = start_process(config, SERVE_STOPPED_AT_ONCE)
+    process, _, log, reader = start_process(config, SERVE_STOPPED_AT_ONCE)
     assert process.wait(timeout=30) == 0, "".join(log)
+    reader.join(10)
+    assert json.loads(next(x for x in log if '"stopped"' in x))["clean"] is True
 
 
 @pytest.mark.parametrize("problem", ["missing data", "bad config"])
