@@ -558,8 +558,8 @@ class LedgerReservation:
         self._state = "committed"
         self._ledger._unclaim(self._keys)
         self._ledger._hook("after_commit")
-        # Built from the stored bytes, exactly as every retry and replay of it will be.
-        return Release.from_bytes(data)
+        # It carries the stored bytes, and sends them as every retry and replay of it will.
+        return release
 
     def cancel(self) -> None:
         """Give the held budget back: nothing was released. Safe to call more than once.

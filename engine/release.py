@@ -90,7 +90,9 @@ class Release:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-        return bytes(sink.getvalue().to_pybytes())
+        data = bytes(sink.getvalue().to_pybytes())
+        object.__setattr__(self, "_data", data)  # encoded once: what is stored is what is sent
+        return data
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Release:

@@ -254,6 +254,8 @@ def test_release_carries_its_charge(engine: Engine, ledger: Ledger) -> None:
     assert events[-2:] == ["reserve", "release"]
     stored = ledger.release(result.metadata.release_id)
     assert stored.to_bytes() == result.to_bytes()
+    # What the caller holds is what the stored bytes say, table and metadata alike.
+    assert stored.table.equals(result.table) and stored.metadata == result.metadata
     with pytest.raises(ValueError, match="charge id"):
         Release(result.table, replace(result.metadata, charge_id=""))
 
