@@ -118,10 +118,10 @@ def attack(
 
 @pytest.fixture
 def noise_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    def exact(self: Mechanism, values: np.ndarray) -> np.ndarray:
-        return values.astype(np.int64)
+    def nothing(self: Mechanism, size: int) -> np.ndarray:
+        return np.zeros(size, dtype=np.int64)
 
-    monkeypatch.setattr(Mechanism, "release", exact)
+    monkeypatch.setattr(Mechanism, "noise", nothing)
 
 
 @pytest.fixture
