@@ -31,8 +31,9 @@ file. Unknown keys are refused, so a misspelt limit cannot silently fall back to
     [limits]
     max_request_bytes = 1048576
     max_response_bytes = 67108864
-    max_concurrent_calls = 16
-    workers = 16
+    max_concurrent_calls = 16     # gRPC counts a call until its worker is free, a moment after
+    workers = 16                  # its answer: a client keeping exactly this many calls open
+                                  # is refused one now and then (RESOURCE_EXHAUSTED)
     rate_per_second = 10.0        # per client, sustained
     rate_burst = 20               # per client, at once
     max_query_seconds = 60        # a query still running after this is interrupted
