@@ -331,6 +331,9 @@ def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: Priva
             # Group-by order does not change what is released, only its presentation.
             "by": sorted(query.by),
             "where": canonical_text(where),
+            # The suppression rule shapes what is published: a release made under another k or
+            # beta (before a custodian raised k, say) is never replayed for this one.
+            "suppression": {"k": settings.k, "beta": settings.beta},
         },
         sort_keys=True,
         separators=(",", ":"),

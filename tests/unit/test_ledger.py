@@ -415,6 +415,23 @@ def test_best_release_loss_is_the_largest_loss_of_the_query_on_its_version(
     assert ledger.best_release_loss(fingerprint, "another-version") is None
 
 
+def test_a_release_made_under_another_suppression_rule_is_not_replayed(
+    engine: Engine, ledger: Ledger
+) -> None:
+    from engine.settings import Settings
+
+    stricter = Engine(engine.backend, codebook=CODEBOOK, settings=Settings(k=20))
+    first = release(engine, ledger, "alice", "a1")
+    # After the custodian raises k, the query is answered afresh under the new rule, and charged.
+    raised = release(stricter, ledger, "bob", "b1")
+    assert raised.metadata.tau > first.metadata.tau
+    assert raised.to_bytes() != first.to_bytes() and ledger.spent("bob") == EPS.amount
+    # Under the first rule, the first release is still the one replayed.
+    again = release(engine, ledger, "carol", "c1")
+    assert again.to_bytes() == first.to_bytes() and ledger.spent("carol") == 0
+    assert_verified(ledger)
+
+
 def test_a_more_accurate_request_is_charged_and_then_wins(engine: Engine, ledger: Ledger) -> None:
     coarse = release(engine, ledger, "alice", "a1")
     fine = release(engine, ledger, "bob", "b1", loss=PrivacyLoss.pure("0.2"))
