@@ -1100,7 +1100,8 @@ class Ledger:
             if fingerprint != plan.fingerprint or before != requested:
                 message = (
                     f"request id {request_id!r} was already used by {client_id} for a different "
-                    f"query or loss; use a new request id for a new request"
+                    f"query or loss (or under another suppression rule); use a new request id "
+                    f"for a new request"
                 )
                 self._refuse(conn, plan, request, "request_conflict", message)
                 return _Outcome(error=RequestConflictError(message))
