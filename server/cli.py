@@ -68,35 +68,37 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     # drain and stop it, not kill it with calls in flight.
     signals = StopSignals()
     try:
-        if args.demo:
-            scratch = Path(tempfile.mkdtemp(prefix="veil-demo-"))
-            config = _demo_config(scratch, rows=args.rows, seed=args.seed, listen=args.listen)
-            configure_logging(config.log_level, config.log_file)
-            signals.install()
-            running, tokens = _start(config, demo=True)
-        else:
-            config = load_config(args.config)
-            if args.listen:
-                config = config.listening_on(args.listen)
-            configure_logging(config.log_level, config.log_file)
-            signals.install()
-            running, tokens = _start(config, init_admin=args.init_admin)
-    except (VeilError, OSError, ValueError) as exc:
-        signals.restore()
-        print(f"error: {exc}", file=sys.stderr)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return 2
-    try:
-        print(f"veil is listening on {_shown_address(config.listen, running.port)}", file=out)
-        for client, token in tokens.items():
-            print(f"token for {client}: {token}", file=out)
-        if tokens:
-            print("send it as call metadata `authorization: Bearer <token>`; "
-                  "it is shown only now", file=out)
-        out.flush()
+        try:
+            if args.demo:
+                scratch = Path(tempfile.mkdtemp(prefix="veil-demo-"))
+                config = _demo_config(scratch, rows=args.rows, seed=args.seed, listen=args.listen)
+                configure_logging(config.log_level, config.log_file)
+                signals.install()
+                running, tokens = _start(config, demo=True)
+            else:
+                config = load_config(args.config)
+                if args.listen:
+                    config = config.listening_on(args.listen)
+                configure_logging(config.log_level, config.log_file)
+                signals.install()
+                running, tokens = _start(config, init_admin=args.init_admin)
+        except (VeilError, OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            print(f"veil is listening on {_shown_address(config.listen, running.port)}", file=out)
+            for client, token in tokens.items():
+                print(f"token for {client}: {token}", file=out)
+            if tokens:
+                print("send it as call metadata `authorization: Bearer <token>`; "
+                      "it is shown only now", file=out)
+            out.flush()
+        except BaseException:
+            running.stop()  # nobody was told where it listens: stop it rather than leave it
+            raise
         return serve(running, signals=signals)
     finally:
+        signals.restore()  # whatever ended the start-up; after `serve` it has nothing to do
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 

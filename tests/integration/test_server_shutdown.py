@@ -7,6 +7,7 @@ and the audit log verifies.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -250,3 +251,23 @@ def test_demo_serves_synthetic_records_with_printed_tokens() -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("gRPC could not bind"), KeyboardInterrupt()])
+def test_a_start_that_fails_any_way_puts_the_signal_handlers_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    from server import cli
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(cli, "_start", failing)
+    parser = argparse.ArgumentParser()
+    cli.add_serve_command(parser.add_subparsers())
+    config = tmp_path / "veil.toml"
+    config.write_text('data = "d.duckdb"\n[caps]\ndataset = "10"\n')
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(type(failure)):
+        cli.run_serve(parser.parse_args(["serve", "--config", str(config)]))
+    assert {s: signal.getsignal(s) for s in before} == before
