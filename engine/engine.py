@@ -10,6 +10,7 @@ durable commit made by the charger.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -146,7 +147,14 @@ class Engine:
         The result is not a release: only a charger's commit turns it into one.
         """
         noise = NoiseAhead(plan.mechanisms, plan.group_cells)
-        noisy = noise.add_to(self._true_components(plan, cancel=cancel))
+        try:
+            exact = self._true_components(plan, cancel=cancel)
+            # A call cancelled while a large draw runs stops the draw, not only the scan.
+            with cancel.calling(noise.discard) if cancel else contextlib.nullcontext():
+                noisy = noise.add_to(exact)
+        except BaseException:
+            noise.discard()
+            raise
         return build_answer(plan, noisy, data_version=self.data_version)
 
     def _true_components(

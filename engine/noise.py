@@ -12,7 +12,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 import opendp.prelude as dp
 
 from engine.accuracy import NoiseDistribution, scale_for_share
+from engine.errors import QueryCancelledError
 from engine.loss import Accounting
 
 dp.enable_features("contrib")
@@ -78,18 +79,47 @@ class NoiseAhead:
 
     Noise does not depend on the data, so it need not wait for it: DuckDB leaves part of the
     cores idle on a short scan, and the sampler, not the scan, is what a table of hundreds of
-    cells waits for. Each draw is used once, by the answer it was started for.
+    cells waits for. Each draw is used once, by the answer it was started for. An answer that
+    will not be made (its scan failed, its call was cancelled) discards its noise, and a large
+    draw stops within one chunk of AHEAD_CHUNK values, so that a cancelled query cannot keep
+    the cores busy drawing noise nobody receives.
     """
 
     def __init__(self, mechanisms: Sequence[Mechanism], size: int) -> None:
-        self._future = _ahead_pool().submit(lambda: [m.noise(size) for m in mechanisms])
+        self._stop = threading.Event()
+        self._taken = False
+        self._future = _ahead_pool().submit(self._draw, tuple(mechanisms), size)
+
+    def _draw(self, mechanisms: tuple[Mechanism, ...], size: int) -> list[np.ndarray]:
+        out = []
+        for mechanism in mechanisms:
+            chunks = []
+            for start in range(0, size, AHEAD_CHUNK):
+                if self._stop.is_set():
+                    raise QueryCancelledError("the answer was abandoned while its noise was drawn")
+                chunks.append(mechanism.noise(min(AHEAD_CHUNK, size - start)))
+            out.append(np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64))
+        return out
 
     def add_to(self, exact: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Each true vector plus its mechanism's noise (waiting for the draw to end)."""
-        noise = self._future.result()
+        """Each true vector plus its mechanism's noise (waiting for the draw to end). Once."""
+        if self._stop.is_set():
+            raise QueryCancelledError("the answer was abandoned; its noise was discarded")
+        if self._taken:
+            raise RuntimeError("this noise was already added to an answer")
+        self._taken = True
+        try:
+            noise = self._future.result()
+        except CancelledError as exc:  # discarded before its draw began
+            raise QueryCancelledError("the answer was abandoned; its noise was discarded") from exc
         return [
             np.ascontiguousarray(v, dtype=np.int64) + z for v, z in zip(exact, noise, strict=True)
         ]
+
+    def discard(self) -> None:
+        """The answer will not be made: stop drawing, and never hand this noise out."""
+        self._stop.set()
+        self._future.cancel()
 
 
 # ---- every core for large tables ----------------------------------------------------------------
@@ -104,6 +134,7 @@ class NoiseAhead:
 PARALLEL_PART = 256  # values; a smaller part costs more to hand to a thread than it saves
 _threads = os.cpu_count() or 1
 AHEAD_THREADS = 64  # at most this many answers draw their noise at once; more queue
+AHEAD_CHUNK = 32768  # values drawn between two looks at whether the answer was abandoned
 _pool: ThreadPoolExecutor | None = None
 _ahead: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()

@@ -11,6 +11,7 @@ A mechanism whose scale is off by 20% in either direction fails them (shown belo
 from __future__ import annotations
 
 import math
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 
 from engine import noise
 from engine.accuracy import NoiseDistribution, _gaussian_pmf
+from engine.errors import QueryCancelledError
 from engine.loss import Accounting
 from engine.noise import PARALLEL_PART, Mechanism, NoiseAhead, _measurement, calibrate
 
@@ -135,3 +137,67 @@ def test_noise_drawn_ahead_is_fresh_additive_noise_of_each_mechanism() -> None:
         assert draws_match(one - values, mechanism.distribution)
         assert draws_match(two - values, mechanism.distribution)
         assert not np.array_equal(one, two)
+
+
+class _Gated:
+    """A stand-in mechanism whose first chunk waits for the test, counting the chunks drawn."""
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def noise(self, size: int) -> np.ndarray:
+        self.chunks += 1
+        self.started.set()
+        self.gate.wait(10)
+        return np.zeros(size, dtype=np.int64)
+
+
+def test_discarded_noise_stops_within_a_chunk_and_is_never_handed_out() -> None:
+    gated = _Gated()
+    ahead = NoiseAhead([gated], 100 * noise.AHEAD_CHUNK)  # type: ignore[list-item]
+    assert gated.started.wait(10)  # the draw is under way
+    ahead.discard()
+    gated.gate.set()
+    with pytest.raises(QueryCancelledError):
+        ahead.add_to([np.zeros(100 * noise.AHEAD_CHUNK, dtype=np.int64)])
+    with pytest.raises(QueryCancelledError):
+        ahead._future.result(timeout=10)
+    assert gated.chunks <= 1  # not the hundred chunks the answer would have needed
+
+
+def test_noise_drawn_ahead_is_added_once() -> None:
+    mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1))
+    ahead = NoiseAhead([mechanism], 8)
+    ahead.add_to([np.zeros(8, dtype=np.int64)])
+    with pytest.raises(RuntimeError, match="already"):
+        ahead.add_to([np.zeros(8, dtype=np.int64)])
+
+
+def test_a_failed_scan_discards_the_noise_drawn_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.codebook import default_codebook
+    from engine.engine import Engine
+    from engine.loss import PrivacyLoss
+    from engine.query import Count, Query
+
+    class FailingBackend:
+        def run(self, statement: object, *, cancel: object = None) -> dict[str, np.ndarray]:
+            raise QueryCancelledError("the query was cancelled while it ran")
+
+        def data_version(self) -> str:
+            return "v1"
+
+        def codebook(self) -> str | None:
+            return None
+
+    discarded: list[NoiseAhead] = []
+    original = NoiseAhead.discard
+    monkeypatch.setattr(
+        NoiseAhead, "discard", lambda self: (discarded.append(self), original(self))
+    )
+    engine = Engine(FailingBackend(), codebook=default_codebook())  # type: ignore[arg-type]
+    plan = engine.plan(Query(Count(), by=("citizenship",)), loss=PrivacyLoss.pure("1"))
+    with pytest.raises(QueryCancelledError):
+        engine.answer(plan)
+    assert len(discarded) == 1 and discarded[0]._stop.is_set()
