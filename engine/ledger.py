@@ -663,7 +663,7 @@ class Ledger:
         default_cap = exact_cap(dataset_cap, what="dataset cap")
         if data_version is not None:
             _check_name(data_version, "data version")
-        path = Path(path)
+        path = Path(path).absolute()  # a later change of directory must not move the ledger
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
         ledger = cls(
@@ -698,7 +698,7 @@ class Ledger:
     @classmethod
     def open_readonly(cls, path: str | Path, *, busy_timeout: float = 10.0) -> Ledger:
         """Open an existing ledger to verify it or report on it; it cannot charge."""
-        path = Path(path)
+        path = Path(path).absolute()
         if not path.is_file():
             raise LedgerUnavailableError(f"there is no ledger at {path}")
         ledger = cls(

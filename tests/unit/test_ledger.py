@@ -541,6 +541,30 @@ def test_only_a_hold_is_left_unsynced(
     assert ledger._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
+def test_a_ledger_opened_by_a_relative_path_stays_put(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ledger = Ledger.open(
+        "relative.sqlite", accounting=Accounting.PURE_DP, dataset_cap="10",
+        data_version=engine.data_version,
+    )
+    try:
+        ledger.register_client("alice", role="researcher", cap="1")
+        release(engine, ledger, "alice", "a1")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        # A replay syncs the write-ahead log; a new thread opens its own connection.
+        replay = threading.Thread(target=release, args=(engine, ledger, "alice", "a2"))
+        replay.start()
+        replay.join()
+        assert [c.kind for c in ledger.charges()] == ["charge", "replay"]
+        assert not list(elsewhere.iterdir())
+    finally:
+        ledger.close()
+
+
 def test_abandoned_reservations_are_cancelled_on_open(
     engine: Engine, ledger: Ledger, open_ledger: Callable[..., Ledger]
 ) -> None:
