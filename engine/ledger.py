@@ -895,8 +895,10 @@ class Ledger:
             try:
                 return self._write_locked(conn, what, work)
             finally:
-                with contextlib.suppress(sqlite3.Error):
+                try:
                     conn.execute("PRAGMA synchronous = FULL")
+                except sqlite3.Error:
+                    self._drop(conn)  # never leave a connection that would commit unsynced
         finally:
             self._write_lock.release()
 
@@ -923,9 +925,7 @@ class Ledger:
             result = work(conn)
             conn.execute("COMMIT")
         except BaseException as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+            self._roll_back(conn)
             if isinstance(exc, sqlite3.Error):
                 raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
             raise
@@ -948,9 +948,28 @@ class Ledger:
         except sqlite3.Error as exc:
             raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
         finally:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+            self._roll_back(conn)
+
+    def _roll_back(self, conn: sqlite3.Connection) -> None:
+        """End a failed transaction; a connection that cannot end it is closed and replaced.
+
+        Left open, its transaction would hold SQLite's lock, and its thread could begin nothing.
+        """
+        if not conn.in_transaction:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            self._drop(conn)
+
+    def _drop(self, conn: sqlite3.Connection) -> None:
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._connections_lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()  # closing rolls back what is left
 
     def _read(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._snapshot(what) as conn:

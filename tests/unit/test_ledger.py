@@ -565,6 +565,39 @@ def test_a_ledger_opened_by_a_relative_path_stays_put(
         ledger.close()
 
 
+class _RollbackFails:
+    """A ledger connection whose next ROLLBACK fails, as a disk error can make it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "ROLLBACK":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_a_connection_that_cannot_roll_back_is_replaced(ledger: Ledger) -> None:
+    stuck = _RollbackFails(ledger._conn())
+    ledger._local.conn = stuck
+
+    def fails(conn: sqlite3.Connection) -> None:
+        raise RuntimeError("the work failed")
+
+    with pytest.raises(RuntimeError):
+        ledger._write("fail", fails, synced=False)
+    # Its transaction (and SQLite's write lock) is gone with it, and the thread carries on, on
+    # a new connection that syncs fully.
+    assert ledger._conn() is not stuck
+    ledger.set_cap("alice", "2")
+    assert ledger.budget("client", "alice").cap == 2
+    assert ledger._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert_verified(ledger)
+
+
 def test_abandoned_reservations_are_cancelled_on_open(
     engine: Engine, ledger: Ledger, open_ledger: Callable[..., Ledger]
 ) -> None:
