@@ -52,7 +52,8 @@ def add_audit_command(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Build the auditor's tables (budgets, spending over time, releases with their "
             "charge, mechanism, tau and suppressed share, repeated queries, replays, refusals, "
-            "and the audit log's verification) from a ledger file, opened read-only, or from a "
+            "administrative changes and who made them, and the audit log's verification) from a "
+            "ledger file, opened read-only, or from a "
             "live server with an auditor's token; write them as CSV or as a one-page HTML report."
         ),
     )

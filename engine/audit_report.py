@@ -21,6 +21,8 @@ Tables (Arrow; `veil audit tables` writes them as CSV, the Audit service sends t
 - replays: every request answered from a stored release at no charge.
 - refusals: audit-log entries for refused requests (budget exceeded, request conflicts, unknown
   clients) and refused credentials.
+- administration: every change to the clients and the caps (registrations, cap changes, token
+  rotations, revocations), with the cap before and after and the administrator who made it.
 - verification: the result of walking the audit log's hash chain and reconciling the ledger.
 
 Nothing here reads the data file; the ledger holds no true value, only noisy releases, and the
@@ -55,10 +57,21 @@ TABLE_NAMES = (
     "queries",
     "replays",
     "refusals",
+    "administration",
     "verification",
 )
 _SUMMARY_KEY = b"veil.audit"
 _REFUSAL_EVENTS = ("refused", "auth_denied")
+# Changes to who may ask and how much: by an administrator over gRPC, or by `veil serve` itself.
+_ADMIN_EVENTS = (
+    "register_client",
+    "set_cap",
+    "set_token",
+    "revoke",
+    "set_institution_cap",
+    "set_dataset_cap",
+    "set_delta",
+)
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,8 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
         tables["replays"] = _replays(charges)
     if "refusals" in wanted:
         tables["refusals"] = _refusals(ledger)
+    if "administration" in wanted:
+        tables["administration"] = _administration(ledger)
     if verification is not None:
         tables["verification"] = pa.table(
             {
@@ -409,6 +424,40 @@ def _replays(charges: Sequence[Any]) -> pa.Table:
             "requested": pa.array([format_amount(c.requested) for c in items], type=pa.string()),
         }
     )
+
+
+def _administration(ledger: Ledger) -> pa.Table:
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for entry in ledger.audit_log():
+        e = entry.entry
+        if e.get("event") not in _ADMIN_EVENTS:
+            continue
+        detail = e.get("detail") or {}
+        other = ", ".join(f"{k}={v}" for k, v in sorted(detail.items()) if k != "actor")
+        for scope in e.get("budget") or [{}]:  # a row per scope the change touched
+            rows["seq"].append(entry.seq)
+            rows["time"].append(_time(e.get("time")))
+            rows["event"].append(e.get("event"))
+            rows["client"].append(e.get("client"))
+            rows["scope"].append(scope.get("scope"))
+            rows["cap_before"].append(scope.get("cap_before"))
+            rows["cap"].append(scope.get("cap"))
+            rows["actor"].append(detail.get("actor"))
+            rows["detail"].append(other[:300])
+    schema = pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("time", _TIME),
+            ("event", pa.string()),
+            ("client", pa.string()),
+            ("scope", pa.string()),
+            ("cap_before", pa.string()),
+            ("cap", pa.string()),
+            ("actor", pa.string()),
+            ("detail", pa.string()),
+        ]
+    )
+    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
 
 
 def _refusals(ledger: Ledger) -> pa.Table:
@@ -700,6 +749,26 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
                     ("client", "client", None),
                     ("outcome", "outcome", None),
                     ("reason", "reason", None),
+                ],
+            )
+        )
+    administration = tables.tables.get("administration")
+    if administration is not None and administration.num_rows:
+        rows = administration.to_pylist()
+        parts.append(
+            f"<h2>Administration ({len(rows)}; the last {min(len(rows), max_rows)})</h2>"
+        )
+        parts.append(
+            _html_table(
+                rows[-max_rows:],
+                [
+                    ("time", "time", "time"),
+                    ("event", "event", None),
+                    ("client", "client", None),
+                    ("scope", "scope", None),
+                    ("cap_before", "cap before", None),
+                    ("cap", "cap", None),
+                    ("actor", "by", None),
                 ],
             )
         )

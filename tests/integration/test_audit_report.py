@@ -50,6 +50,9 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(grpc.RpcError):
             s.research.GetBudget(pb.GetBudgetRequest(), metadata=bearer("veil_not-a-token"))
+        s.admin.SetBudget(
+            pb.SetBudgetRequest(client_id="bob", budget="1.5"), metadata=live.auth("root")
+        )
     yield live
     live.stop()
 
@@ -58,6 +61,18 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def tables(session: LiveServer) -> AuditTables:
     with Ledger.open_readonly(session.config.ledger) as ledger:  # while the server holds it
         return build_tables(ledger)
+
+
+def test_administration_shows_each_change_and_who_made_it(tables: AuditTables) -> None:
+    rows = tables["administration"].to_pylist()
+    registered = [r["client"] for r in rows if r["event"] == "register_client"]
+    assert registered == ["alice", "bob", "audra", "root"]
+    (raised,) = [r for r in rows if r["event"] == "set_cap"]
+    assert (raised["client"], raised["scope"], raised["cap_before"], raised["cap"]) == (
+        "bob", "client:bob", "1", "1.5"
+    )
+    assert raised["actor"] == "root"
+    assert "Administration" in render_html(tables) and ">root<" in render_html(tables)
 
 
 def test_budgets_per_client_institution_and_dataset(tables: AuditTables) -> None:
