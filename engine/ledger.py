@@ -1892,33 +1892,35 @@ class Ledger:
     ) -> list[ReleaseRecord]:
         """Every stored release with its charge and the number of free replays it served."""
         sql = (
-            "SELECT r.release_id, r.charge_id, r.client, r.fingerprint, r.canonical_query, "
-            "r.data_version, r.loss, r.created_at, r.sha256, "
-            "(SELECT count(*) FROM charges c WHERE c.kind = 'replay' "
-            " AND c.release_id = r.release_id) "
-            "FROM releases r WHERE (? IS NULL OR r.client = ?) "
+            f"SELECT {_RELEASE_COLUMNS} FROM releases r WHERE (? IS NULL OR r.client = ?) "
             "AND (? IS NULL OR r.data_version = ?) ORDER BY r.rowid"
         )
 
         def work(conn: sqlite3.Connection) -> list[ReleaseRecord]:
             rows = conn.execute(sql, (client, client, data_version, data_version)).fetchall()
-            return [
-                ReleaseRecord(
-                    release_id=r[0],
-                    charge_id=r[1],
-                    client=r[2],
-                    fingerprint=r[3],
-                    canonical_query=r[4],
-                    data_version=r[5],
-                    loss=parse_amount(r[6]),
-                    created_at=r[7],
-                    sha256=r[8],
-                    replays=int(r[9]),
-                )
-                for r in rows
-            ]
+            return [_release_record(r) for r in rows]
 
         return self._read("list the releases", work)
+
+    def received(
+        self, client: str, *, last: int | None = None, release_id: str | None = None
+    ) -> list[tuple[ChargeRecord, ReleaseRecord]]:
+        """The releases a client received (paid for or replayed), oldest first, each with the
+        client's charge for it: the `last` ones, or the one with `release_id`."""
+        sql = (
+            f"SELECT {_CHARGE_COLUMNS}, {_RELEASE_COLUMNS} FROM charges c "
+            "JOIN releases r ON r.release_id = c.release_id "
+            "WHERE c.client = ? AND c.state = 'committed' AND (? IS NULL OR c.release_id = ?) "
+            "ORDER BY c.rowid DESC LIMIT ?"
+        )
+        width = _CHARGE_COLUMNS.count(",") + 1
+
+        def work(conn: sqlite3.Connection) -> list[tuple[ChargeRecord, ReleaseRecord]]:
+            limit = -1 if last is None else last  # SQLite: a negative limit is none
+            rows = conn.execute(sql, (client, release_id, release_id, limit)).fetchall()
+            return [(_charge_record(r[:width]), _release_record(r[width:])) for r in rows[::-1]]
+
+        return self._read("list the client's releases", work)
 
     def best_release_loss(self, fingerprint: str, data_version: str) -> Fraction | None:
         """The largest loss a query (by fingerprint) was released at on a data version, if any.
@@ -1945,30 +1947,11 @@ class Ledger:
 
         def work(conn: sqlite3.Connection) -> list[ChargeRecord]:
             rows = conn.execute(
-                "SELECT charge_id, client, institution, request_id, kind, fingerprint, "
-                "data_version, requested, amount, state, release_id, reserved_at, settled_at, "
-                "reason FROM charges WHERE (? IS NULL OR client = ?) ORDER BY rowid",
+                f"SELECT {_CHARGE_COLUMNS} FROM charges c WHERE (? IS NULL OR c.client = ?) "
+                "ORDER BY c.rowid",
                 (client, client),
             ).fetchall()
-            return [
-                ChargeRecord(
-                    charge_id=r[0],
-                    client=r[1],
-                    institution=r[2],
-                    request_id=r[3],
-                    kind=r[4],
-                    fingerprint=r[5],
-                    data_version=r[6],
-                    requested=parse_amount(r[7]),
-                    amount=parse_amount(r[8]),
-                    state=r[9],
-                    release_id=r[10],
-                    reserved_at=r[11],
-                    settled_at=r[12],
-                    reason=r[13],
-                )
-                for r in rows
-            ]
+            return [_charge_record(r) for r in rows]
 
         return self._read("list the charges", work)
 
@@ -2063,6 +2046,51 @@ def _totals(conn: sqlite3.Connection, scope: _ScopeKey) -> tuple[Fraction, Fract
     if row is None:
         return _ZERO, _ZERO
     return parse_amount(row[0]), parse_amount(row[1])
+
+
+_CHARGE_COLUMNS = (
+    "c.charge_id, c.client, c.institution, c.request_id, c.kind, c.fingerprint, c.data_version, "
+    "c.requested, c.amount, c.state, c.release_id, c.reserved_at, c.settled_at, c.reason"
+)
+_RELEASE_COLUMNS = (
+    "r.release_id, r.charge_id, r.client, r.fingerprint, r.canonical_query, r.data_version, "
+    "r.loss, r.created_at, r.sha256, (SELECT count(*) FROM charges p WHERE p.kind = 'replay' "
+    "AND p.release_id = r.release_id)"
+)
+
+
+def _charge_record(r: Any) -> ChargeRecord:
+    return ChargeRecord(
+        charge_id=r[0],
+        client=r[1],
+        institution=r[2],
+        request_id=r[3],
+        kind=r[4],
+        fingerprint=r[5],
+        data_version=r[6],
+        requested=parse_amount(r[7]),
+        amount=parse_amount(r[8]),
+        state=r[9],
+        release_id=r[10],
+        reserved_at=r[11],
+        settled_at=r[12],
+        reason=r[13],
+    )
+
+
+def _release_record(r: Any) -> ReleaseRecord:
+    return ReleaseRecord(
+        release_id=r[0],
+        charge_id=r[1],
+        client=r[2],
+        fingerprint=r[3],
+        canonical_query=r[4],
+        data_version=r[5],
+        loss=parse_amount(r[6]),
+        created_at=r[7],
+        sha256=r[8],
+        replays=int(r[9]),
+    )
 
 
 def _best_release(

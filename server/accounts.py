@@ -14,7 +14,7 @@ from typing import Protocol
 
 from engine.audit_report import TABLE_NAMES, build_tables
 from engine.errors import ClientRegistryError, LedgerUnavailableError
-from engine.ledger import ChargeRecord, ClientRecord, Ledger
+from engine.ledger import ClientRecord, Ledger
 from engine.loss import parse_amount
 from engine.release import Charger, Release
 from engine.settings import Settings
@@ -162,36 +162,24 @@ class LedgerAccounts:
             out.institution_remaining = amount_text(institution.remaining)
         return out
 
-    def _received_charges(self, client: str) -> list[ChargeRecord]:
+    def received(self, identity: Identity, *, limit: int) -> list[pb.MyRelease]:
         return [
-            c for c in self.ledger.charges(client=client)
-            if c.state == "committed" and c.release_id
+            pb.MyRelease(
+                release_id=record.release_id,
+                request_id=charge.request_id,
+                fingerprint=charge.fingerprint,
+                canonical_query=record.canonical_query,
+                charged=amount_text(charge.amount),
+                release_loss=amount_text(record.loss),
+                received_at=charge.settled_at or charge.reserved_at,
+                reused=charge.kind == "replay",
+                data_version=charge.data_version,
+            )
+            for charge, record in self.ledger.received(identity.client_id, last=limit)
         ]
 
-    def received(self, identity: Identity, *, limit: int) -> list[pb.MyRelease]:
-        charges = self._received_charges(identity.client_id)[-limit:]
-        records = {r.release_id: r for r in self.ledger.releases()}
-        out = []
-        for charge in charges:
-            release_id = charge.release_id or ""
-            record = records.get(release_id)
-            out.append(
-                pb.MyRelease(
-                    release_id=release_id,
-                    request_id=charge.request_id,
-                    fingerprint=charge.fingerprint,
-                    canonical_query=record.canonical_query if record else "",
-                    charged=amount_text(charge.amount),
-                    release_loss=amount_text(record.loss) if record else "",
-                    received_at=charge.settled_at or charge.reserved_at,
-                    reused=charge.kind == "replay",
-                    data_version=charge.data_version,
-                )
-            )
-        return out
-
     def received_release(self, identity: Identity, release_id: str) -> Release:
-        if not any(c.release_id == release_id for c in self._received_charges(identity.client_id)):
+        if not self.ledger.received(identity.client_id, release_id=release_id):
             raise NotFoundError(
                 f"client {identity.client_id!r} has received no release {release_id!r}"
             )

@@ -432,6 +432,25 @@ def test_a_release_made_under_another_suppression_rule_is_not_replayed(
     assert_verified(ledger)
 
 
+def test_received_lists_a_clients_releases_oldest_first(engine: Engine, ledger: Ledger) -> None:
+    mine = [release(engine, ledger, "alice", f"a{i}", distinct_query(i)) for i in range(3)]
+    replayed = release(engine, ledger, "alice", "a3", distinct_query(30))
+    release(engine, ledger, "bob", "b1", distinct_query(30), loss=PrivacyLoss.pure("0.2"))
+    release(engine, ledger, "alice", "a4", distinct_query(30), loss=PrivacyLoss.pure("0.15"))
+    got = ledger.received("alice")
+    assert [r.release_id for _, r in got] == [
+        *(m.metadata.release_id for m in mine), replayed.metadata.release_id,
+        ledger.releases(client="bob")[0].release_id,
+    ]
+    assert [c.kind for c, _ in got][-1] == "replay" and got[-1][0].amount == 0
+    assert [r.release_id for _, r in ledger.received("alice", last=2)] == [
+        r.release_id for _, r in got[-2:]
+    ]
+    first = mine[0].metadata.release_id
+    assert [r.release_id for _, r in ledger.received("alice", release_id=first)] == [first]
+    assert ledger.received("bob", release_id=first) == []
+
+
 def test_a_more_accurate_request_is_charged_and_then_wins(engine: Engine, ledger: Ledger) -> None:
     coarse = release(engine, ledger, "alice", "a1")
     fine = release(engine, ledger, "bob", "b1", loss=PrivacyLoss.pure("0.2"))
