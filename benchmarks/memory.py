@@ -166,11 +166,9 @@ def _duckdb_table(request: dict[str, Any]) -> dict[str, Any]:
 def _python_baseline(request: dict[str, Any]) -> dict[str, Any]:
     import duckdb  # noqa: F401
     import grpc  # noqa: F401
-    import opendp.prelude  # noqa: F401
     import pyarrow  # noqa: F401
 
-    import engine.engine  # noqa: F401
-    import server.app  # noqa: F401
+    import server.cli  # noqa: F401  (what `veil serve` imports before it opens anything)
 
     return process_memory(os.getpid())
 
