@@ -28,7 +28,7 @@ from engine.errors import QueryCancelledError
 from engine.loss import Accounting
 
 # The modules themselves, not opendp.prelude, which also imports scikit-learn, SciPy and Polars
-# (about 1.3 s and 200 MiB in the server) for extras veil does not use.
+# (about 1.3 s and 100 MiB in the server) for extras veil does not use.
 enable_features("contrib")
 
 _INPUT_DOMAIN = vector_domain(atom_domain(T="i64"))
