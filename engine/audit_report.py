@@ -36,7 +36,7 @@ import html
 import io
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -46,7 +46,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from engine.ledger import Ledger, ScopeBudget
+from engine.ledger import ADMIN_EVENTS, AuditEntry, Ledger, ScopeBudget
 from engine.loss import Accounting, epsilon_equivalent, format_amount, parse_amount
 from engine.risk import binary_guess_bound
 
@@ -61,17 +61,7 @@ TABLE_NAMES = (
     "verification",
 )
 _SUMMARY_KEY = b"veil.audit"
-_REFUSAL_EVENTS = ("refused", "auth_denied")
-# Changes to who may ask and how much: by an administrator over gRPC, or by `veil serve` itself.
-_ADMIN_EVENTS = (
-    "register_client",
-    "set_cap",
-    "set_token",
-    "revoke",
-    "set_institution_cap",
-    "set_dataset_cap",
-    "set_delta",
-)
+_REFUSAL_EVENTS = frozenset({"refused", "auth_denied"})
 
 
 @dataclass(frozen=True)
@@ -196,10 +186,11 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
             tables["queries"] = _queries(releases)
     if "replays" in wanted:
         tables["replays"] = _replays(charges)
+    log = ledger.audit_log() if wanted & {"refusals", "administration"} else []
     if "refusals" in wanted:
-        tables["refusals"] = _refusals(ledger)
+        tables["refusals"] = _refusals(log)
     if "administration" in wanted:
-        tables["administration"] = _administration(ledger)
+        tables["administration"] = _administration(log)
     if verification is not None:
         tables["verification"] = pa.table(
             {
@@ -426,70 +417,61 @@ def _replays(charges: Sequence[Any]) -> pa.Table:
     )
 
 
-def _administration(ledger: Ledger) -> pa.Table:
+def _log_table(
+    log: Sequence[AuditEntry],
+    events: frozenset[str],
+    columns: Sequence[tuple[str, pa.DataType]],
+    rows_of: Callable[[Mapping[str, Any]], Iterable[Mapping[str, Any]]],
+) -> pa.Table:
+    """Rows from the audit-log entries of `events`: each entry's seq, time, event and client,
+    then `columns` as `rows_of(entry)` gives them (one row per mapping it yields)."""
+    schema = pa.schema(
+        [("seq", pa.int64()), ("time", _TIME), ("event", pa.string()), ("client", pa.string()),
+         *columns]
+    )
     rows: dict[str, list[Any]] = defaultdict(list)
-    for entry in ledger.audit_log():
+    for entry in log:
         e = entry.entry
-        if e.get("event") not in _ADMIN_EVENTS:
+        if e.get("event") not in events:
             continue
+        for extra in rows_of(e):
+            row = {"seq": entry.seq, "time": _time(e.get("time")), "event": e.get("event"),
+                   "client": e.get("client"), **extra}
+            for name in schema.names:
+                rows[name].append(row[name])
+    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+
+
+def _administration(log: Sequence[AuditEntry]) -> pa.Table:
+    def rows_of(e: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
         detail = e.get("detail") or {}
         other = ", ".join(f"{k}={v}" for k, v in sorted(detail.items()) if k != "actor")
         for scope in e.get("budget") or [{}]:  # a row per scope the change touched
-            rows["seq"].append(entry.seq)
-            rows["time"].append(_time(e.get("time")))
-            rows["event"].append(e.get("event"))
-            rows["client"].append(e.get("client"))
-            rows["scope"].append(scope.get("scope"))
-            rows["cap_before"].append(scope.get("cap_before"))
-            rows["cap"].append(scope.get("cap"))
-            rows["actor"].append(detail.get("actor"))
-            rows["detail"].append(other[:300])
-    schema = pa.schema(
-        [
-            ("seq", pa.int64()),
-            ("time", _TIME),
-            ("event", pa.string()),
-            ("client", pa.string()),
-            ("scope", pa.string()),
-            ("cap_before", pa.string()),
-            ("cap", pa.string()),
-            ("actor", pa.string()),
-            ("detail", pa.string()),
-        ]
-    )
-    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+            yield {
+                "scope": scope.get("scope"),
+                "cap_before": scope.get("cap_before"),
+                "cap": scope.get("cap"),
+                "actor": detail.get("actor"),
+                "detail": other[:300],
+            }
+
+    columns = [(name, pa.string()) for name in ("scope", "cap_before", "cap", "actor", "detail")]
+    return _log_table(log, ADMIN_EVENTS, columns, rows_of)
 
 
-def _refusals(ledger: Ledger) -> pa.Table:
-    rows: dict[str, list[Any]] = defaultdict(list)
-    for entry in ledger.audit_log():
-        e = entry.entry
-        if e.get("event") not in _REFUSAL_EVENTS:
-            continue
+def _refusals(log: Sequence[AuditEntry]) -> pa.Table:
+    def rows_of(e: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
         detail = e.get("detail") or {}
-        rows["seq"].append(entry.seq)
-        rows["time"].append(_time(e.get("time")))
-        rows["event"].append(e.get("event"))
-        rows["client"].append(e.get("client"))
-        rows["outcome"].append(e.get("outcome"))
-        rows["fingerprint"].append(e.get("fingerprint"))
-        rows["charge"].append(e.get("charge"))
-        rows["reason"].append(str(detail.get("reason", ""))[:300])
-        rows["method"].append(detail.get("method"))
-    schema = pa.schema(
-        [
-            ("seq", pa.int64()),
-            ("time", _TIME),
-            ("event", pa.string()),
-            ("client", pa.string()),
-            ("outcome", pa.string()),
-            ("fingerprint", pa.string()),
-            ("charge", pa.string()),
-            ("reason", pa.string()),
-            ("method", pa.string()),
-        ]
-    )
-    return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+        yield {
+            "outcome": e.get("outcome"),
+            "fingerprint": e.get("fingerprint"),
+            "charge": e.get("charge"),
+            "reason": str(detail.get("reason", ""))[:300],
+            "method": detail.get("method"),
+        }
+
+    names = ("outcome", "fingerprint", "charge", "reason", "method")
+    return _log_table(log, _REFUSAL_EVENTS, [(name, pa.string()) for name in names], rows_of)
 
 
 # ---- describing a canonical query ----------------------------------------------------------------

@@ -111,6 +111,18 @@ ENTRY_FIELDS = (
     "budget",
     "detail",
 )
+# Changes to who may ask and how much: by an administrator, or by the ledger's owner at open.
+ADMIN_EVENTS = frozenset(
+    {
+        "register_client",
+        "set_cap",
+        "set_token",
+        "revoke",
+        "set_institution_cap",
+        "set_dataset_cap",
+        "set_delta",
+    }
+)
 # Events the ledger writes itself; `audit` refuses them so that no caller can forge one.
 LEDGER_EVENTS = frozenset(
     {
@@ -123,13 +135,7 @@ LEDGER_EVENTS = frozenset(
         "replay",
         "retry",
         "refused",
-        "register_client",
-        "set_cap",
-        "set_token",
-        "revoke",
-        "set_institution_cap",
-        "set_dataset_cap",
-        "set_delta",
+        *ADMIN_EVENTS,
     }
 )
 
