@@ -1,8 +1,8 @@
 """The privacy-budget ledger: exact, durable, race-free charges, stored releases, an audit log.
 
 The ledger is the only module that writes the ledger database, a SQLite file of its own (WAL
-journal, full sync), apart from the read-only data file. It implements the `Charger` side of the
-release seam:
+journal; every transaction that must be durable is synced to disk before it returns), apart from
+the read-only data file. It implements the `Charger` side of the release seam:
 
     ledger = Ledger.open("ledger.sqlite", accounting=Accounting.PURE_DP, dataset_cap="10",
                          data_version=engine.data_version)
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -864,7 +865,9 @@ class Ledger:
                     isolation_level=None,
                     check_same_thread=False,
                 )
-                conn.execute("PRAGMA synchronous = FULL")
+                # Durability is the caller's choice per transaction: `_write` syncs the
+                # write-ahead log after a synced commit, outside the write lock (see there).
+                conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
             raise _unavailable(exc, "open the ledger", busy_timeout=self._busy_timeout) from exc
@@ -878,10 +881,12 @@ class Ledger:
     ) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction: all of it is durable, or none of it.
 
-        `synced=False` leaves the transaction in the operating system's cache (SQLite's NORMAL
-        sync in WAL mode): a process crash keeps it, a power cut may take it back, whole, with
-        no later transaction surviving without it. The next synced transaction, or `_sync`,
-        makes it durable, since both flush the write-ahead log that holds it.
+        Every connection commits at SQLite's NORMAL sync (WAL mode): a committed transaction
+        survives a process crash at once and a power cut once the write-ahead log is synced.
+        A synced write returns only after `_sync`, as SQLite's FULL sync would, but syncs
+        after giving the write lock up, so other writers need not wait for the disk. A
+        transaction left unsynced (`synced=False`) is made durable by the next sync, since the
+        log is written in order: a power cut may take it back, whole, and nothing after it.
         """
         if self.readonly:
             raise LedgerUnavailableError(f"cannot {what}: the ledger was opened read-only")
@@ -892,28 +897,19 @@ class Ledger:
                 "in this process; nothing was released"
             )
         try:
-            if synced:
-                return self._write_locked(conn, what, work)
-            try:
-                conn.execute("PRAGMA synchronous = NORMAL")
-            except sqlite3.Error as exc:
-                raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
-            try:
-                return self._write_locked(conn, what, work)
-            finally:
-                try:
-                    conn.execute("PRAGMA synchronous = FULL")
-                except sqlite3.Error:
-                    self._drop(conn)  # never leave a connection that would commit unsynced
+            result = self._write_locked(conn, what, work)
         finally:
             self._write_lock.release()
+        if synced:
+            self._sync(what)
+        return result
 
     def _sync(self, what: str) -> None:
         """Make every transaction written so far durable, as a synced commit would."""
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
             try:
-                os.fsync(fd)
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -1223,9 +1219,7 @@ class Ledger:
                 charge=requested,
             )
             return _Outcome(
-                error=BudgetExceededError(
-                    message, scope=budget.kind, remaining=format_amount(left)
-                )
+                error=BudgetExceededError(message, scope=budget.kind, remaining=format_amount(left))
             )
 
         charge_id = _new_id("chg")
@@ -1295,19 +1289,21 @@ class Ledger:
         data: bytes,
     ) -> None:
         charge_id = reservation.charge_id
-        row = conn.execute("SELECT state FROM charges WHERE charge_id = ?", (charge_id,)).fetchone()
-        if row is None or row[0] != "reserved":
+        meta = release.metadata
+        settled = conn.execute(
+            "UPDATE charges SET state = 'committed', release_id = ?, settled_at = ? "
+            "WHERE charge_id = ? AND state = 'reserved'",
+            (meta.release_id, meta.created_at, charge_id),
+        )
+        if settled.rowcount != 1:
+            row = conn.execute(
+                "SELECT state FROM charges WHERE charge_id = ?", (charge_id,)
+            ).fetchone()
             state = "missing" if row is None else row[0]
             raise LedgerUnavailableError(
                 f"the reservation {charge_id} is {state}, not held; nothing was released"
             )
-        meta = release.metadata
         digest = hashlib.sha256(data).hexdigest()
-        conn.execute(
-            "UPDATE charges SET state = 'committed', release_id = ?, settled_at = ? "
-            "WHERE charge_id = ?",
-            (meta.release_id, meta.created_at, charge_id),
-        )
         conn.execute(
             "INSERT INTO releases (release_id, charge_id, client, fingerprint, canonical_query, "
             "data_version, loss, created_at, sha256, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1394,31 +1390,29 @@ class Ledger:
     def _scopes(self, client: ClientRecord, version: str) -> tuple[_ScopeKey, ...]:
         return _scope_keys(client.client_id, client.institution, version)
 
-    def _cap(self, conn: sqlite3.Connection, scope: _ScopeKey) -> Fraction | None:
-        if scope.kind == "client":
-            row = conn.execute(
-                "SELECT cap FROM clients WHERE client_id = ?", (scope.name,)
-            ).fetchone()
-        elif scope.kind == "institution":
-            row = conn.execute(
-                "SELECT cap FROM institutions WHERE institution = ?", (scope.name,)
-            ).fetchone()
-        else:
-            row = conn.execute(
-                "SELECT cap FROM dataset_caps WHERE data_version = ?", (scope.name,)
-            ).fetchone()
-            if row is None:
-                row = conn.execute("SELECT value FROM meta WHERE key = 'dataset_cap'").fetchone()
-        return None if row is None else parse_amount(row[0])
-
     def _budget(self, conn: sqlite3.Connection, scope: _ScopeKey) -> ScopeBudget:
-        spent, held = _totals(conn, scope)
-        return ScopeBudget(scope.kind, scope.name, self._cap(conn, scope), spent, held)
+        return self._budgets(conn, (scope,))[0]
 
     def _budgets(
         self, conn: sqlite3.Connection, scopes: tuple[_ScopeKey, ...]
     ) -> tuple[ScopeBudget, ...]:
-        return tuple(self._budget(conn, scope) for scope in scopes)
+        """Each scope's cap and running totals, in the order given, read by one statement."""
+        if not scopes:
+            return ()
+        rows = conn.execute(
+            _budgets_sql(len(scopes)),
+            [part for scope in scopes for part in (scope.kind, scope.name)],
+        ).fetchall()
+        return tuple(
+            ScopeBudget(
+                scope.kind,
+                scope.name,
+                None if cap is None else parse_amount(cap),
+                _ZERO if spent is None else parse_amount(spent),
+                _ZERO if held is None else parse_amount(held),
+            )
+            for scope, (cap, spent, held) in zip(scopes, rows, strict=True)
+        )
 
     def _budget_items(
         self,
@@ -1444,7 +1438,7 @@ class Ledger:
 
         `budgets` are the scopes as read earlier in the same transaction.
         """
-        items = []
+        items, rows = [], []
         for budget in budgets:
             scope = _ScopeKey(budget.kind, budget.name)
             spent_after, held_after = budget.spent + spent, budget.held + held
@@ -1452,13 +1446,9 @@ class Ledger:
                 raise LedgerIntegrityError(
                     f"the {scope.label} totals would go negative; the ledger is inconsistent"
                 )
-            if spent or held:
-                conn.execute(
-                    "INSERT INTO totals (kind, name, spent, held) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (kind, name) DO UPDATE SET spent = excluded.spent, "
-                    "held = excluded.held",
-                    (scope.kind, scope.name, format_amount(spent_after), format_amount(held_after)),
-                )
+            rows.append(
+                (scope.kind, scope.name, format_amount(spent_after), format_amount(held_after))
+            )
             item: dict[str, Any] = {
                 "scope": scope.label,
                 "cap": None if budget.cap is None else format_amount(budget.cap),
@@ -1472,6 +1462,14 @@ class Ledger:
                 previous = cap_before[scope]
                 item["cap_before"] = None if previous is None else format_amount(previous)
             items.append(item)
+        if rows and (spent or held):
+            conn.execute(
+                "INSERT INTO totals (kind, name, spent, held) VALUES "
+                + ", ".join(["(?, ?, ?, ?)"] * len(rows))
+                + " ON CONFLICT (kind, name) DO UPDATE SET spent = excluded.spent, "
+                "held = excluded.held",
+                [part for row in rows for part in row],
+            )
         return items
 
     def _set_cap_checked(
@@ -1618,9 +1616,7 @@ class Ledger:
         )
         return self.client(client_id)
 
-    def raise_cap(
-        self, client_id: str, *, by: Number, actor: str | None = None
-    ) -> ClientRecord:
+    def raise_cap(self, client_id: str, *, by: Number, actor: str | None = None) -> ClientRecord:
         """Add `by` to a client's cap (read and written in one transaction)."""
         increase = exact_amount(by, what="cap increase")
         detail = self._admin_detail(actor)
@@ -1687,9 +1683,7 @@ class Ledger:
         self._write("set the token hash", work)
         return self.client(client_id)
 
-    def revoke(
-        self, client_id: str, *, reason: str = "", actor: str | None = None
-    ) -> ClientRecord:
+    def revoke(self, client_id: str, *, reason: str = "", actor: str | None = None) -> ClientRecord:
         """Stop serving a client. Its charges and releases stay on the ledger."""
         detail = self._admin_detail(actor, reason=reason)
 
@@ -1737,9 +1731,7 @@ class Ledger:
 
         self._write("set the institution cap", work)
 
-    def set_dataset_cap(
-        self, data_version: str, cap: Number, *, actor: str | None = None
-    ) -> None:
+    def set_dataset_cap(self, data_version: str, cap: Number, *, actor: str | None = None) -> None:
         """Give one data version a cap of its own, replacing the default from `open`."""
         _check_name(data_version, "data version")
         amount = exact_cap(cap, what="dataset cap")
@@ -2045,13 +2037,23 @@ def _client_row(conn: sqlite3.Connection, client_id: str) -> ClientRecord | None
     )
 
 
-def _totals(conn: sqlite3.Connection, scope: _ScopeKey) -> tuple[Fraction, Fraction]:
-    row = conn.execute(
-        "SELECT spent, held FROM totals WHERE kind = ? AND name = ?", (scope.kind, scope.name)
-    ).fetchone()
-    if row is None:
-        return _ZERO, _ZERO
-    return parse_amount(row[0]), parse_amount(row[1])
+@functools.lru_cache(maxsize=8)
+def _budgets_sql(scopes: int) -> str:
+    """One statement reading the cap and the running totals of `scopes` scopes, in order.
+
+    A scope without totals has spent and held nothing; a data version without a cap of its own
+    has the ledger's default dataset cap.
+    """
+    values = ", ".join(f"({position}, ?, ?)" for position in range(scopes))
+    return (
+        f"WITH s (position, kind, name) AS (VALUES {values}) "
+        "SELECT CASE s.kind "
+        "WHEN 'client' THEN (SELECT cap FROM clients WHERE client_id = s.name) "
+        "WHEN 'institution' THEN (SELECT cap FROM institutions WHERE institution = s.name) "
+        "ELSE coalesce((SELECT cap FROM dataset_caps WHERE data_version = s.name), "
+        "(SELECT value FROM meta WHERE key = 'dataset_cap')) END, t.spent, t.held "
+        "FROM s LEFT JOIN totals t ON t.kind = s.kind AND t.name = s.name ORDER BY s.position"
+    )
 
 
 _CHARGE_COLUMNS = (
