@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
-
 from engine import synthetic
 from engine.codebook import default_codebook
 
@@ -27,24 +25,14 @@ def dataset(directory: Path, *, rows: int, seed: int, log: bool = True) -> Datas
     codebook = default_codebook()
     version = synthetic.data_version(codebook, rows=rows, seed=seed)
     path = directory / f"synthetic-{rows}-seed{seed}.duckdb"
-    if not path.exists() or _recorded_version(path) != version:
+    if not synthetic.is_generated(path, codebook, rows=rows, seed=seed):
         if log:
-            print(f"generating {rows:,} synthetic rows into {path} ...", file=sys.stderr,
-                  flush=True)
+            print(
+                f"generating {rows:,} synthetic rows into {path} ...", file=sys.stderr, flush=True
+            )
         start = time.perf_counter()
         directory.mkdir(parents=True, exist_ok=True)
         synthetic.generate(path, rows=rows, seed=seed, codebook=codebook, overwrite=True)
         if log:
             print(f"  done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return Dataset(path, rows, seed, version, path.stat().st_size)
-
-
-def _recorded_version(path: Path) -> str | None:
-    try:
-        with duckdb.connect(str(path), read_only=True) as connection:
-            row = connection.execute(
-                "SELECT value FROM veil_metadata WHERE key = 'data_version'"
-            ).fetchone()
-    except duckdb.Error:
-        return None
-    return str(row[0]) if row else None

@@ -7,7 +7,10 @@ Nothing here ever reads the private data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -250,7 +253,21 @@ class Codebook:
 
     @property
     def fingerprint_text(self) -> str:
+        """The codebook's name and version, as people cite it: `ctdc@7`."""
         return f"{self.name}@{self.version}"
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """Name, version and a digest of the whole parsed content: `ctdc@7#1f0c...`.
+
+        What a data file records and a release's fingerprint carries. A codebook edited without
+        a new version (a code added, a group moved) has another identity, so the engine will not
+        place cells of a file loaded with the old one by the new codes, and the ledger will not
+        replay releases made under the old one.
+        """
+        content = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+        return f"{self.fingerprint_text}#{digest}"
 
     def variable(self, name: str) -> Variable:
         try:

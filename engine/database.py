@@ -48,8 +48,21 @@ def finish(connection: duckdb.DuckDBPyConnection, *, codebook: Codebook, data_ve
         "INSERT OR REPLACE INTO veil_metadata VALUES (?, ?)",
         [
             ["data_version", data_version],
-            ["codebook", codebook.fingerprint_text],
+            ["codebook", codebook.identity],
         ],
     )
     connection.execute("CHECKPOINT")
     connection.close()
+
+
+def recorded(path: str | Path) -> dict[str, str]:
+    """What a data file records about itself (data version, codebook identity); empty when the
+    file is missing or is not a data file."""
+    try:
+        with duckdb.connect(str(path), read_only=True) as connection:
+            rows = connection.execute(
+                "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook')"
+            ).fetchall()
+    except duckdb.Error:
+        return {}
+    return {str(key): str(value) for key, value in rows}

@@ -85,9 +85,9 @@ def run_demo(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / f"synthetic-{args.rows}-{args.seed}.duckdb"
     version = synthetic.data_version(codebook, rows=args.rows, seed=args.seed)
-    if not data.exists():
+    if not synthetic.is_generated(data, codebook, rows=args.rows, seed=args.seed):
         started = time.perf_counter()
-        synthetic.generate(data, rows=args.rows, seed=args.seed, codebook=codebook)
+        synthetic.generate(data, rows=args.rows, seed=args.seed, codebook=codebook, overwrite=True)
         print(f"generated {args.rows:,} synthetic records in {time.perf_counter() - started:.1f} s")
     engine = Engine(DuckDBBackend(data), codebook=codebook)
     assert engine.data_version == version

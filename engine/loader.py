@@ -475,7 +475,7 @@ def _report(
         source=source.resolve(),
         database=database.resolve(),
         data_version=version,
-        codebook=codebook.fingerprint_text,
+        codebook=codebook.identity,
         strict=strict,
         missing=missing,
         out_of_domain=ordered,

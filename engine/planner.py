@@ -326,7 +326,8 @@ def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: Priva
 
     canonical = json.dumps(
         {
-            "codebook": codebook.fingerprint_text,
+            # Its content, not only its name: an edited codebook never replays older releases.
+            "codebook": codebook.identity,
             "measure": _canonical_measure(query, components),
             # Group-by order does not change what is released, only its presentation.
             "by": sorted(query.by),

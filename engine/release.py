@@ -213,7 +213,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         fingerprint=plan.fingerprint,
         canonical_query=plan.canonical,
         data_version=data_version,
-        codebook=plan.codebook.fingerprint_text,
+        codebook=plan.codebook.identity,
         measure=type(measure).__name__,
         mechanism=count_dist.mechanism,
         accounting=plan.loss.accounting.value,

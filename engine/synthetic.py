@@ -298,6 +298,17 @@ def data_version(codebook: Codebook, *, rows: int, seed: int) -> str:
     return f"synthetic:{codebook.fingerprint_text}:{GENERATOR}:rows-{rows}:seed-{seed}"
 
 
+def is_generated(path: str | Path, codebook: Codebook, *, rows: int, seed: int) -> bool:
+    """Whether `path` is the file `generate` writes for these arguments and this codebook's
+    content (a file made by an older build, or under an edited codebook, is not)."""
+    if not Path(path).exists():
+        return False
+    return data_file.recorded(path) == {
+        "data_version": data_version(codebook, rows=rows, seed=seed),
+        "codebook": codebook.identity,
+    }
+
+
 def generate(
     database: str | Path,
     *,

@@ -217,7 +217,7 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
             "tls": "mutual" if config.tls and config.tls.mutual else bool(config.tls),
             "reflection": config.reflection,
             "data_version": engine.data_version,
-            "codebook": engine.codebook.fingerprint_text,
+            "codebook": engine.codebook.identity,
             "accounting": engine.settings.accounting.value,
             "k": engine.settings.k,
             "max_concurrent_calls": limits.max_concurrent_calls,

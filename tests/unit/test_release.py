@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.errors import CodebookError, InvalidLossError
@@ -198,6 +202,44 @@ def test_the_engine_answers_another_codebook(make_engine: Callable[..., Engine])
     backend = engine.backend
     with pytest.raises(CodebookError, match="loaded with codebook ics_tip_victims"):
         Engine(backend, codebook=default_codebook())
+
+
+def test_a_codebook_edited_under_the_same_version_is_another_codebook(
+    engine: Engine, make_engine: Callable[..., Engine]
+) -> None:
+    ctdc = default_codebook()
+    # The gender codes listed in another order: every gender cell would move.
+    edited = dataclasses.replace(
+        ctdc,
+        variables=tuple(
+            dataclasses.replace(v, categories=tuple(reversed(v.categories)))
+            if v.name == "gender"
+            else v
+            for v in ctdc.variables
+        ),
+    )
+    assert edited.fingerprint_text == ctdc.fingerprint_text
+    assert edited.identity != ctdc.identity
+    assert dataclasses.replace(ctdc).identity == ctdc.identity  # content, not the object
+    with pytest.raises(CodebookError, match="different name, version or content"):
+        Engine(engine.backend, codebook=edited)
+    # A query's fingerprint carries the content, so no release of one is replayed for the other.
+    query = Query(Count(), by=("gender",))
+    other = make_engine([], codebook=edited)
+    assert other.plan(query, loss=SHARP).fingerprint != engine.plan(query, loss=SHARP).fingerprint
+    assert answer(other, query).metadata.codebook == edited.identity
+
+
+def test_a_data_file_that_names_its_codebook_only_must_be_loaded_again(
+    engine: Engine, tmp_path: Path
+) -> None:
+    assert isinstance(engine.backend, DuckDBBackend)
+    path = tmp_path / "named-only.duckdb"
+    shutil.copy(engine.backend.path, path)
+    with duckdb.connect(str(path)) as connection:
+        connection.execute("UPDATE veil_metadata SET value = 'ctdc@7' WHERE key = 'codebook'")
+    with pytest.raises(CodebookError, match=r"by name and version only.*load it again"):
+        Engine(DuckDBBackend(path), codebook=default_codebook())
 
 
 @pytest.mark.parametrize("accounting", ["pure_dp", "zcdp"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,8 +85,24 @@ def test_row_count_and_data_version(tmp_path: Path, rows: int) -> None:
     with duckdb.connect(str(path), read_only=True) as connection:
         assert one(connection, "SELECT count(*) FROM records") == (rows,)
         metadata = dict(connection.execute("SELECT key, value FROM veil_metadata").fetchall())
-    assert metadata == {"data_version": version, "codebook": "ctdc@7"}
+    assert metadata == {"data_version": version, "codebook": default_codebook().identity}
     assert synthetic.generate_arrow(rows, 1).num_rows == rows
+
+
+def test_a_file_is_made_again_unless_it_is_what_generate_would_write(tmp_path: Path) -> None:
+    path = tmp_path / "data.duckdb"
+    assert not synthetic.is_generated(path, CTDC, rows=200, seed=1)
+    synthetic.generate(path, rows=200, seed=1)
+    assert synthetic.is_generated(path, CTDC, rows=200, seed=1)
+    assert not synthetic.is_generated(path, CTDC, rows=200, seed=2)
+    edited = dataclasses.replace(CTDC, title="edited")
+    assert not synthetic.is_generated(path, edited, rows=200, seed=1)
+    # A file from a build that recorded the codebook by name and version only.
+    with duckdb.connect(str(path)) as connection:
+        connection.execute("UPDATE veil_metadata SET value = 'ctdc@7' WHERE key = 'codebook'")
+    assert not synthetic.is_generated(path, CTDC, rows=200, seed=1)
+    path.write_text("not a data file")
+    assert not synthetic.is_generated(path, CTDC, rows=200, seed=1)
 
 
 def test_loads_through_the_read_only_backend(tmp_path: Path) -> None:
