@@ -171,7 +171,10 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
         max_list_releases=limits.max_list_releases,
     )
     interceptor = AuthInterceptor(
-        accounts, rate_per_second=limits.rate_per_second, rate_burst=limits.rate_burst
+        accounts,
+        rate_per_second=limits.rate_per_second,
+        rate_burst=limits.rate_burst,
+        bind_client_ids=config.tls is not None and config.tls.binds_client_ids,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="veil-call"),
@@ -215,6 +218,7 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
             "listen": config.listen,
             "port": port,
             "tls": "mutual" if config.tls and config.tls.mutual else bool(config.tls),
+            "client_ids_bound_to_certificates": bool(config.tls and config.tls.binds_client_ids),
             "reflection": config.reflection,
             "data_version": engine.data_version,
             "codebook": engine.codebook.identity,

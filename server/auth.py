@@ -21,7 +21,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -191,6 +191,18 @@ class RateLimiter:
 # ---- the interceptor ---------------------------------------------------------------------------
 
 
+def certificate_names(context: grpc.ServicerContext) -> set[str]:
+    """The names the caller's verified TLS certificate carries: its common name and subject
+    alternative names. Empty without mutual TLS."""
+    # Each property is a list of values (the grpc-stubs package types it as one bytes value).
+    auth: Mapping[str, Iterable[bytes]] = context.auth_context()  # type: ignore[assignment]
+    names = set()
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        for value in auth.get(key, ()):
+            names.add(value.decode("utf-8", "replace"))
+    return names
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Authenticates, authorises and rate-limits every veil call."""
 
@@ -201,8 +213,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         rate_per_second: float,
         rate_burst: int,
         audit_failures_per_minute: int = 60,
+        bind_client_ids: bool = False,
     ) -> None:
         self.directory = directory
+        # Mutual TLS only: the token's client must be named by the caller's certificate.
+        self.bind_client_ids = bind_client_ids
         self.limiter = RateLimiter(rate=rate_per_second, burst=rate_burst)
         self.failure_audit = RateLimiter(
             rate=audit_failures_per_minute / 60.0, burst=audit_failures_per_minute
@@ -252,6 +267,15 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if identity is None:
             self._denied(method, "unknown or revoked token", None, peer)
             raise AuthenticationError("the token is not valid: unknown, rotated or revoked")
+        if self.bind_client_ids and identity.client_id not in certificate_names(context):
+            self._denied(
+                method, "the client certificate does not name the token's client",
+                identity.client_id, peer,
+            )
+            raise AuthenticationError(
+                "the token does not belong to the client your certificate names (by its common "
+                "name or a subject alternative name); use the token issued to that client"
+            )
         allowed = METHOD_ROLES.get(method, frozenset())
         if identity.role not in allowed:
             reason = f"role {identity.role.value} may not call"

@@ -27,6 +27,8 @@ file. Unknown keys are refused, so a misspelt limit cannot silently fall back to
     cert = "server.crt"
     key = "server.key"
     client_ca = "clients-ca.crt"  # present: mutual TLS, every client needs a certificate
+    bind_client_ids = true        # with client_ca: a token is accepted only over a certificate
+                                  # naming its client id (common name or alternative name)
 
     [limits]
     max_request_bytes = 1048576
@@ -73,10 +75,17 @@ class TLSConfig:
     cert: Path
     key: Path
     client_ca: Path | None = None  # set: clients must present a certificate signed by it
+    # With mutual TLS, a token works only over a certificate that names its client: a token
+    # that leaks is useless without that client's private key too.
+    bind_client_ids: bool = True
 
     @property
     def mutual(self) -> bool:
         return self.client_ca is not None
+
+    @property
+    def binds_client_ids(self) -> bool:
+        return self.mutual and self.bind_client_ids
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ _TOP = {"data", "codebook", "ledger", "privacy", "caps", "server", "tls", "limit
 _PRIVACY = {"accounting", "k", "k_floor", "beta", "confidence"}
 _CAPS = {"dataset", "client", "institutions"}
 _SERVER = {"listen", "reflection", "grace_seconds"}
-_TLS = {"cert", "key", "client_ca"}
+_TLS = {"cert", "key", "client_ca", "bind_client_ids"}
 _LOG = {"level", "file"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 
@@ -235,7 +244,10 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
             cert=_path(tls["cert"], base),
             key=_path(tls["key"], base),
             client_ca=_path(tls["client_ca"], base) if tls.get("client_ca") else None,
+            bind_client_ids=_bool(tls.get("bind_client_ids", True), "tls.bind_client_ids"),
         )
+        if "bind_client_ids" in tls and tls_value.client_ca is None:
+            raise ConfigError("tls.bind_client_ids needs tls.client_ca (mutual TLS)")
         for name in ("cert", "key", "client_ca"):
             file = getattr(tls_value, name)
             if file is not None and not file.is_file():
@@ -247,9 +259,7 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
     grace = _number(server.get("grace_seconds", 10.0), "server.grace_seconds")
     if grace < 0:
         raise ConfigError("server.grace_seconds must not be negative")
-    reflection = server.get("reflection", False)
-    if not isinstance(reflection, bool):
-        raise ConfigError("server.reflection must be true or false")
+    reflection = _bool(server.get("reflection", False), "server.reflection")
     return ServerConfig(
         data=_path(raw["data"], base),
         codebook=_codebook_source(raw.get("codebook", "ctdc_v7"), base),
@@ -282,6 +292,12 @@ def _section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[st
     if not isinstance(value, Mapping):
         raise ConfigError(f"[{name}] must be a table of settings")
     _known(value, allowed, name)
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false")
     return value
 
 

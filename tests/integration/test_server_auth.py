@@ -179,7 +179,8 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for localhost and a client certificate, made with openssl."""
+    """A CA, a server certificate for localhost and client certificates for alice (by common
+    name) and bob (by a subject alternative name), made with openssl."""
     if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
         pytest.skip("openssl is not installed")
     d = tmp_path_factory.mktemp("pki")
@@ -200,7 +201,12 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=d,
     )
     (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+    (d / "bob.ext").write_text("subjectAltName=DNS:bob\n")
+    for name, subject, extra in (
+        ("server", "server", ["-extfile", "server.ext"]),
+        ("alice", "alice", []),
+        ("bob", "a researcher", ["-extfile", "bob.ext"]),
+    ):
         _openssl(
             "req",
             "-newkey",
@@ -211,7 +217,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-out",
             f"{name}.csr",
             "-subj",
-            f"/CN={name}",
+            f"/CN={subject}",
             cwd=d,
         )
         _openssl(
@@ -234,11 +240,12 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _secure_call(port: int, pki: Path, token: str, *, client_cert: bool) -> grpc.StatusCode:
+def _secure_call(port: int, pki: Path, token: str, *, cert: str | None) -> grpc.StatusCode:
+    """A call with `token` over TLS, presenting the client certificate `cert` (or none)."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=(pki / "ca.crt").read_bytes(),
-        private_key=(pki / "client.key").read_bytes() if client_cert else None,
-        certificate_chain=(pki / "client.crt").read_bytes() if client_cert else None,
+        private_key=(pki / f"{cert}.key").read_bytes() if cert else None,
+        certificate_chain=(pki / f"{cert}.crt").read_bytes() if cert else None,
     )
     with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
         stub = pb_grpc.ResearchStub(channel)
@@ -254,7 +261,7 @@ def test_tls_and_mutual_tls(tmp_path: Path, certificates: Path) -> None:
     server = start_live(tmp_path / "tls", tls=tls)
     try:
         assert (
-            _secure_call(server.port, certificates, server.tokens["alice"], client_cert=False)
+            _secure_call(server.port, certificates, server.tokens["alice"], cert=None)
             == grpc.StatusCode.OK
         )
         with stubs(server.port) as s:  # plaintext to a TLS port fails
@@ -267,13 +274,35 @@ def test_tls_and_mutual_tls(tmp_path: Path, certificates: Path) -> None:
         server.stop()
     mutual = start_live(tmp_path / "mtls", tls={**tls, "client_ca": str(certificates / "ca.crt")})
     try:
-        token = mutual.tokens["alice"]
+        alice, bob = mutual.tokens["alice"], mutual.tokens["bob"]
+        # Each token works over its own client's certificate, named by CN or by SAN.
+        assert _secure_call(mutual.port, certificates, alice, cert="alice") == grpc.StatusCode.OK
+        assert _secure_call(mutual.port, certificates, bob, cert="bob") == grpc.StatusCode.OK
         assert (
-            _secure_call(mutual.port, certificates, token, client_cert=True) == grpc.StatusCode.OK
+            _secure_call(mutual.port, certificates, alice, cert=None) == grpc.StatusCode.UNAVAILABLE
+        )
+        # A token that leaked is useless over another client's certificate.
+        assert (
+            _secure_call(mutual.port, certificates, alice, cert="bob")
+            == grpc.StatusCode.UNAUTHENTICATED
         )
         assert (
-            _secure_call(mutual.port, certificates, token, client_cert=False)
-            == grpc.StatusCode.UNAVAILABLE
+            _secure_call(mutual.port, certificates, bob, cert="alice")
+            == grpc.StatusCode.UNAUTHENTICATED
         )
+        refused = denied_entries(mutual)
+        assert [(e["client"], e["detail"]["reason"]) for e in refused] == [  # type: ignore[index]
+            ("alice", "the client certificate does not name the token's client"),
+            ("bob", "the client certificate does not name the token's client"),
+        ]
     finally:
         mutual.stop()
+    unbound = start_live(
+        tmp_path / "unbound",
+        tls={**tls, "client_ca": str(certificates / "ca.crt"), "bind_client_ids": False},
+    )
+    try:
+        token = unbound.tokens["alice"]
+        assert _secure_call(unbound.port, certificates, token, cert="bob") == grpc.StatusCode.OK
+    finally:
+        unbound.stop()

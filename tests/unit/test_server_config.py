@@ -81,6 +81,14 @@ def test_yaml_and_defaults(tmp_path: Path) -> None:
         ({"data": "d", "server": {"listen": "nohost"}}, "host:port"),
         ({"data": "d", "tls": {"cert": "c.pem"}}, "both"),
         ({"data": "d", "tls": {"cert": "c.pem", "key": "k.pem"}}, "no such file"),
+        (
+            {"data": "d", "tls": {"cert": "c", "key": "k", "bind_client_ids": "yes"}},
+            "tls.bind_client_ids must be true or false",
+        ),
+        (
+            {"data": "d", "tls": {"cert": "c", "key": "k", "bind_client_ids": True}},
+            "needs tls.client_ca",
+        ),
         ({"data": "d", "log": {"level": "loud"}}, "log.level"),
         ({"data": "d", "server": {"reflection": "yes"}}, "true or false"),
     ],
