@@ -113,6 +113,8 @@ ENTRY_FIELDS = (
     "detail",
 )
 # Changes to who may ask and how much: by an administrator, or by the ledger's owner at open.
+# Actors that are the custodian's own processes, not registered clients, are named `local:...`.
+LOCAL_ACTOR_PREFIX = "local:"
 ADMIN_EVENTS = frozenset(
     {
         "register_client",
@@ -656,15 +658,19 @@ class Ledger:
         hooks: Hooks | None = None,
         busy_timeout: float = 10.0,
         wait_timeout: float = 600.0,
+        actor: str | None = None,
     ) -> Ledger:
         """Open (or create) a ledger for writing; one process at a time.
 
         `dataset_cap` is the cap of every data version that has no cap of its own (see
         `set_dataset_cap`). `delta` is the custodian's delta for reporting the (epsilon, delta)
         equivalent of zCDP budgets. `data_version` is charged when `reserve` is not given one.
-        Reservations left open by a crash are cancelled here, and audited as abandoned.
+        Reservations left open by a crash are cancelled here, and audited as abandoned. A
+        change of the default dataset cap or of delta is audited with `actor` (who opened it).
         """
         accounting = Accounting(accounting)
+        if actor is not None:
+            _check_name(actor, "acting client")
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise InvalidLossError(f"delta must lie in (0, 1), got {delta!r}")
         default_cap = exact_cap(dataset_cap, what="dataset cap")
@@ -696,7 +702,7 @@ class Ledger:
                 raise LedgerUnavailableError(
                     f"cannot open the ledger: SQLite refused WAL journaling (mode {mode})"
                 )
-            ledger._write("open the ledger", lambda c: ledger._open_in(c, default_cap))
+            ledger._write("open the ledger", lambda c: ledger._open_in(c, default_cap, actor))
         except BaseException:
             ledger.close()
             raise
@@ -755,7 +761,9 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open_in(self, conn: sqlite3.Connection, default_cap: Fraction) -> None:
+    def _open_in(
+        self, conn: sqlite3.Connection, default_cap: Fraction, actor: str | None
+    ) -> None:
         exists = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()
@@ -809,11 +817,11 @@ class Ledger:
                 conn,
                 "set_delta",
                 outcome="changed",
-                detail={"before": meta["delta"], "after": repr(self.delta)},
+                detail=self._admin_detail(actor, before=meta["delta"], after=repr(self.delta)),
             )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'delta'", (repr(self.delta),))
         if parse_amount(meta["dataset_cap"]) != default_cap:
-            self._set_default_dataset_cap(conn, default_cap)
+            self._set_default_dataset_cap(conn, default_cap, actor)
         abandoned = conn.execute(
             "SELECT charge_id FROM charges WHERE state = 'reserved' ORDER BY rowid"
         ).fetchall()
@@ -1568,6 +1576,12 @@ class Ledger:
         id); the audit entry records it in its detail, null when not given.
         """
         _check_name(client_id, "client id")
+        if client_id.startswith(LOCAL_ACTOR_PREFIX):
+            # Kept for the custodian's own processes (`local:veil-serve`), so that an actor in
+            # the audit log is never mistaken for a client.
+            raise ClientRegistryError(
+                f"client ids starting with {LOCAL_ACTOR_PREFIX!r} are reserved for local actors"
+            )
         if role not in ROLES:
             raise ClientRegistryError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if institution is not None:
@@ -1764,7 +1778,9 @@ class Ledger:
             _check_name(actor, "acting client")
         return {**fields, "actor": actor}
 
-    def _set_default_dataset_cap(self, conn: sqlite3.Connection, cap: Fraction) -> None:
+    def _set_default_dataset_cap(
+        self, conn: sqlite3.Connection, cap: Fraction, actor: str | None
+    ) -> None:
         versions = conn.execute(
             "SELECT name FROM totals WHERE kind = 'dataset' AND name NOT IN "
             "(SELECT data_version FROM dataset_caps) ORDER BY name"
@@ -1780,7 +1796,7 @@ class Ledger:
             "set_dataset_cap",
             outcome="default_changed",
             budget=self._budget_items(conn, scopes, cap_before=previous),
-            detail={"before": before, "after": format_amount(cap)},
+            detail=self._admin_detail(actor, before=before, after=format_amount(cap)),
         )
 
     def client(self, client_id: str) -> ClientRecord:

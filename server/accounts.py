@@ -14,7 +14,7 @@ from typing import Protocol
 
 from engine.audit_report import TABLE_NAMES, build_tables
 from engine.errors import ClientRegistryError, LedgerUnavailableError
-from engine.ledger import ClientRecord, Ledger
+from engine.ledger import LOCAL_ACTOR_PREFIX, ClientRecord, Ledger
 from engine.loss import parse_amount
 from engine.release import Charger, Release
 from engine.settings import Settings
@@ -27,7 +27,7 @@ from server.errors import NotFoundError
 # The actor recorded for changes made by `veil serve` itself on the ledger's host (the config's
 # caps, --init-admin, the demo's clients), with no authenticated caller behind them. Client ids
 # over the Admin service cannot hold a colon, so this is never taken for an administrator's.
-LOCAL_ACTOR = "local:veil-serve"
+LOCAL_ACTOR = f"{LOCAL_ACTOR_PREFIX}veil-serve"  # `veil serve` itself, in audit entries
 
 
 class Accounts(Protocol):
@@ -108,6 +108,7 @@ class LedgerAccounts:
             dataset_cap=caps.dataset,
             data_version=data_version,
             wait_timeout=wait_timeout,
+            actor=LOCAL_ACTOR,
         )
         try:
             for institution, cap in caps.institutions.items():

@@ -295,6 +295,15 @@ def test_changes_made_by_serve_itself_record_the_local_actor(tmp_path: Path) -> 
         ("set_institution_cap", LOCAL_ACTOR),  # from the config
         ("register_client", LOCAL_ACTOR),  # --init-admin
     ]
+    # A later start with another dataset cap changes the ledger's default, as serve.
+    config = live_config(tmp_path, data, caps={"dataset": "7", "institutions": {"iom": "3"}})
+    running, _ = _start(config)
+    try:
+        assert isinstance(running.accounts, LedgerAccounts)
+        last = [e.entry for e in running.accounts.ledger.audit_log()][-2]
+    finally:
+        running.stop(0)
+    assert (last["event"], last["detail"]["actor"]) == ("set_dataset_cap", LOCAL_ACTOR)  # type: ignore[index]
 
 
 def test_auditor_calls(live: LiveServer) -> None:

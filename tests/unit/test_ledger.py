@@ -809,11 +809,26 @@ def test_dataset_default_cap_changes_on_open_are_audited(
     ledger.close()
     with pytest.raises(ClientRegistryError, match="already spent"):
         open_ledger(dataset_cap="0.05")
-    reopened = open_ledger(dataset_cap="20")
+    reopened = open_ledger(dataset_cap="20", actor="local:veil-serve")
     assert reopened.budget("dataset", "v1").cap == 20
     events = [e.entry for e in reopened.audit_log() if e.entry["event"] == "set_dataset_cap"]
-    assert events[-1]["detail"] == {"before": "10", "after": "20"}
-    assert_verified(reopened)
+    assert events[-1]["detail"] == {"before": "10", "after": "20", "actor": "local:veil-serve"}
+    reopened.close()
+    again = open_ledger(dataset_cap="30", delta=1e-7)  # who opened it is not known: null
+    changes = [
+        e.entry for e in again.audit_log() if e.entry["event"] in {"set_delta", "set_dataset_cap"}
+    ]
+    assert [(e["event"], e["detail"]["actor"]) for e in changes[-2:]] == [
+        ("set_delta", None),
+        ("set_dataset_cap", None),
+    ]
+    assert_verified(again)
+
+
+def test_local_actor_names_cannot_be_registered_as_clients(ledger: Ledger) -> None:
+    with pytest.raises(ClientRegistryError, match="reserved for local actors"):
+        ledger.register_client("local:veil-serve", role="admin", cap="0")
+    ledger.register_client("locally", role="researcher", cap="1")  # only the prefix is kept
 
 
 def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
