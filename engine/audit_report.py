@@ -719,41 +719,32 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
                 ],
             )
         )
-    if refusals is not None and refusals.num_rows:
-        rows = refusals.to_pylist()
-        parts.append(f"<h2>Refusals ({len(rows)}; the last {min(len(rows), max_rows)})</h2>")
-        parts.append(
-            _html_table(
-                rows[-max_rows:],
-                [
-                    ("time", "time", "time"),
-                    ("event", "event", None),
-                    ("client", "client", None),
-                    ("outcome", "outcome", None),
-                    ("reason", "reason", None),
-                ],
-            )
-        )
-    administration = tables.tables.get("administration")
-    if administration is not None and administration.num_rows:
-        rows = administration.to_pylist()
-        parts.append(
-            f"<h2>Administration ({len(rows)}; the last {min(len(rows), max_rows)})</h2>"
-        )
-        parts.append(
-            _html_table(
-                rows[-max_rows:],
-                [
-                    ("time", "time", "time"),
-                    ("event", "event", None),
-                    ("client", "client", None),
-                    ("scope", "scope", None),
-                    ("cap_before", "cap before", None),
-                    ("cap", "cap", None),
-                    ("actor", "by", None),
-                ],
-            )
-        )
+    parts += _recent(
+        "Refusals",
+        refusals,
+        [
+            ("time", "time", "time"),
+            ("event", "event", None),
+            ("client", "client", None),
+            ("outcome", "outcome", None),
+            ("reason", "reason", None),
+        ],
+        max_rows,
+    )
+    parts += _recent(
+        "Administration",
+        tables.tables.get("administration"),
+        [
+            ("time", "time", "time"),
+            ("event", "event", None),
+            ("client", "client", None),
+            ("scope", "scope", None),
+            ("cap_before", "cap before", None),
+            ("cap", "cap", None),
+            ("actor", "by", None),
+        ],
+        max_rows,
+    )
     parts.append(
         "<p class='note'>Read from the ledger only: no data value, true or noisy, appears here. "
         "The suppressed share of a release is read from its stored metadata. The guess bound is "
@@ -763,6 +754,20 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
     )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _recent(
+    title: str,
+    table: pa.Table | None,
+    columns: Sequence[tuple[str, str, str | None]],
+    max_rows: int,
+) -> list[str]:
+    """A heading and the last `max_rows` rows of a table of audit-log entries; none when empty."""
+    if table is None or not table.num_rows:
+        return []
+    rows = table.to_pylist()
+    heading = f"<h2>{title} ({len(rows)}; the last {min(len(rows), max_rows)})</h2>"
+    return [heading, _html_table(rows[-max_rows:], columns)]
 
 
 def _over_nine_tenths(row: Mapping[str, Any]) -> bool:
