@@ -309,7 +309,7 @@ def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) ->
     by_charge = {c.charge_id: c for c in charges}
     rows: dict[str, list[Any]] = defaultdict(list)
     for record in records:
-        meta = ledger.release(record.release_id).metadata  # metadata only; values are not read
+        meta = ledger.release_metadata(record.release_id)
         charge = by_charge.get(record.charge_id)
         rows["created_at"].append(_time(record.created_at))
         rows["release_id"].append(record.release_id)

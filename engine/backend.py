@@ -78,7 +78,8 @@ class Backend(Protocol):
     def data_version(self) -> str: ...
 
     def codebook(self) -> str | None:
-        """The codebook (name@version) the data was loaded with, when the data records it."""
+        """The identity of the codebook the data was loaded with (`Codebook.identity`), when the
+        data records it."""
         ...
 
 

@@ -77,7 +77,7 @@ from engine.loss import (
     parse_amount,
 )
 from engine.planner import Plan
-from engine.release import Answer, Release
+from engine.release import Answer, Release, ReleaseMetadata
 
 SCHEMA_VERSION = "1"
 GENESIS_HASH = "0" * 64
@@ -915,7 +915,10 @@ class Ledger:
     def _sync(self, what: str) -> None:
         """Make every transaction written so far durable, as a synced commit would."""
         try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            try:
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return  # SQLite removes the log only once all of it is in the synced database
             try:
                 os.fdatasync(fd)
             finally:
@@ -1949,12 +1952,20 @@ class Ledger:
         return self._read("look up the query's releases", work)
 
     def release(self, release_id: str) -> Release:
-        """A stored release, byte for byte as it was handed out."""
+        """A stored release, byte for byte as it was handed out; durable before it is returned.
 
-        def work(conn: sqlite3.Connection) -> bytes:
-            return _release_bytes(conn, release_id)[0]
+        A commit is visible to other connections before its `_write` has synced it, so a release
+        read in that instant (its client listing its releases while the call that made it is
+        still returning) is synced here rather than handed out ahead of its charge.
+        """
+        data = self._read("read the release", lambda c: _release_bytes(c, release_id)[0])
+        self._sync("read the release")
+        return Release.from_bytes(data)
 
-        return Release.from_bytes(self._read("read the release", work))
+    def release_metadata(self, release_id: str) -> ReleaseMetadata:
+        """A stored release's metadata, for the audit tables: no cell, so no sync is needed."""
+        data = self._read("read the release", lambda c: _release_bytes(c, release_id)[0])
+        return Release.from_bytes(data).metadata
 
     def charges(self, *, client: str | None = None) -> list[ChargeRecord]:
         """The ledger's rows in the order they were made: charges, holds and free replays."""

@@ -261,7 +261,7 @@ class LedgerAccounts:
         out = []
         for record in records[-limit:]:
             charge = charges.get(record.charge_id)
-            meta = self.ledger.release(record.release_id).metadata  # metadata, never values
+            meta = self.ledger.release_metadata(record.release_id)
             out.append(
                 pb.ReleaseSummary(
                     release_id=record.release_id,
