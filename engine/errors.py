@@ -60,6 +60,10 @@ class UnknownClientError(VeilError):
     """The client is not registered with the ledger, or its registration has been revoked."""
 
 
+class RevokedClientError(UnknownClientError):
+    """The client asking for a release has been revoked (perhaps while its query ran)."""
+
+
 class ClientRegistryError(VeilError):
     """A client, institution or cap change is invalid or conflicts with what is recorded."""
 

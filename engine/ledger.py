@@ -64,6 +64,7 @@ from engine.errors import (
     LedgerIntegrityError,
     LedgerUnavailableError,
     RequestConflictError,
+    RevokedClientError,
     UnknownClientError,
     VeilError,
 )
@@ -561,6 +562,9 @@ class LedgerReservation:
                 "record the charge and the release",
                 lambda c: self._ledger._commit_in(c, self, release, data),
             )
+        except RevokedClientError:
+            self._settle("client_revoked")
+            raise
         except BaseException:
             self._settle("commit_failed")
             raise
@@ -635,6 +639,8 @@ class Ledger:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        # Why the ledger stopped, after a failed sync: see `_sync`.
+        self._stopped: str | None = None
         self._cond = threading.Condition()
         self._inflight: set[tuple[str, ...]] = set()
         self._pending: dict[str, str] = {}  # charge id -> reason: cancels not yet written
@@ -853,6 +859,8 @@ class Ledger:
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise LedgerUnavailableError("the ledger is closed; nothing was released")
+        if self._stopped is not None:
+            raise LedgerUnavailableError(self._stopped)
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
@@ -913,7 +921,15 @@ class Ledger:
         return result
 
     def _sync(self, what: str) -> None:
-        """Make every transaction written so far durable, as a synced commit would."""
+        """Make every transaction written so far durable, as a synced commit would.
+
+        A failed sync stops the ledger for good (until it is opened again). After a write-back
+        error Linux may drop the dirty pages and report the next fdatasync as a success, so a
+        retry could hand out a release whose charge never reached the disk. Nothing more is
+        read, written or released by this process; reopening reads what the disk really holds.
+        """
+        if self._stopped is not None:
+            raise LedgerUnavailableError(self._stopped)
         try:
             try:
                 fd = os.open(f"{self.path}-wal", os.O_RDONLY)
@@ -924,7 +940,11 @@ class Ledger:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise LedgerUnavailableError(f"cannot {what}: {exc.strerror or exc}") from exc
+            self._stopped = (
+                f"the ledger stopped: a write could not be made durable ({exc.strerror or exc}); "
+                "nothing more is released until the server is restarted and the ledger reopened"
+            )
+            raise LedgerUnavailableError(f"cannot {what}: {self._stopped}") from exc
 
     def _write_locked(
         self, conn: sqlite3.Connection, what: str, work: Callable[[sqlite3.Connection], T]
@@ -1119,7 +1139,8 @@ class Ledger:
             why = "is not registered" if client is None else "has been revoked"
             message = f"client {client_id} {why}; nothing was released"
             self._refuse(conn, plan, request, outcome, message)
-            return _Outcome(error=UnknownClientError(message))
+            error = UnknownClientError if client is None else RevokedClientError
+            return _Outcome(error=error(message))
 
         requested = format_amount(amount)
         previous = conn.execute(
@@ -1301,6 +1322,13 @@ class Ledger:
     ) -> None:
         charge_id = reservation.charge_id
         meta = release.metadata
+        client = _client_row(conn, reservation.client)
+        if client is None or not client.active:
+            # Revoked while the query ran: the hold is cancelled, and nothing goes out.
+            raise RevokedClientError(
+                f"client {reservation.client} was revoked while its query ran; nothing was "
+                "released or charged"
+            )
         settled = conn.execute(
             "UPDATE charges SET state = 'committed', release_id = ?, settled_at = ? "
             "WHERE charge_id = ? AND state = 'reserved'",
@@ -1963,8 +1991,13 @@ class Ledger:
         return Release.from_bytes(data)
 
     def release_metadata(self, release_id: str) -> ReleaseMetadata:
-        """A stored release's metadata, for the audit tables: no cell, so no sync is needed."""
+        """A stored release's metadata, for the audit tables; durable before it is returned.
+
+        Metadata holds no cell, but it does hold noisy statistics of the data (how many cells
+        were suppressed), so it waits for the charge's sync as the cells do.
+        """
         data = self._read("read the release", lambda c: _release_bytes(c, release_id)[0])
+        self._sync("read the release")
         return Release.from_bytes(data).metadata
 
     def charges(self, *, client: str | None = None) -> list[ChargeRecord]:

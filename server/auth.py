@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import hmac
 import logging
 import secrets
 import threading
@@ -71,10 +70,6 @@ def hash_token(token: str) -> str:
     Tokens are 256-bit random strings, so a fast hash is enough: there is nothing to guess.
     """
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def same_hash(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def bearer_token(metadata: Any) -> str | None:

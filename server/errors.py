@@ -30,6 +30,7 @@ from engine.errors import (
     LoadError,
     QueryCancelledError,
     RequestConflictError,
+    RevokedClientError,
     UnknownClientError,
 )
 from protos.veil.v1 import status_pb2
@@ -111,6 +112,7 @@ _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidQueryError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidLossError, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RevokedClientError, grpc.StatusCode.UNAUTHENTICATED),
     (UnknownClientError, grpc.StatusCode.NOT_FOUND),
     (ClientRegistryError, grpc.StatusCode.FAILED_PRECONDITION),
     (LedgerIntegrityError, grpc.StatusCode.UNAVAILABLE),

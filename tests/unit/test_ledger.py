@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from engine.errors import (
     LedgerUnavailableError,
     QueryCancelledError,
     RequestConflictError,
+    RevokedClientError,
     UnknownClientError,
     VeilError,
 )
@@ -570,6 +572,63 @@ def test_only_a_hold_is_left_unsynced(
     (stored,) = ledger.releases()
     ledger.release(stored.release_id)
     assert events == ["sync"]
+    # So is its metadata, for the auditors: it holds noisy statistics (suppressed cells).
+    events.clear()
+    ledger.release_metadata(stored.release_id)
+    assert events == ["sync"]
+
+
+def test_a_failed_sync_stops_the_ledger_until_it_is_reopened(
+    engine: Engine, open_ledger: Callable[..., Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a write-back error Linux may drop the dirty pages and report the next fsync as a
+    # success: a retry must not hand out the release whose charge may never reach the disk.
+    ledger = open_ledger()
+    ledger.register_client("alice", role="researcher", cap="1")
+    fsync = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(LedgerUnavailableError, match="could not be made durable"):
+        release(engine, ledger, "alice", "r1")
+    monkeypatch.setattr(os, "fdatasync", fsync)  # the disk "recovers": the ledger does not
+    for call in (
+        lambda: release(engine, ledger, "alice", "r1"),
+        lambda: ledger.releases(),
+        lambda: ledger.spent("alice"),
+        lambda: ledger.set_cap("alice", "2"),
+    ):
+        with pytest.raises(LedgerUnavailableError, match="restarted and the ledger reopened"):
+            call()
+    ledger.close()
+    # Reopened, it reads what the file holds: here the charge did land, so the retry gets the
+    # stored release at no second charge.
+    reopened = open_ledger()
+    (stored,) = reopened.releases()
+    retried = release(engine, reopened, "alice", "r1")
+    assert retried.metadata.release_id == stored.release_id
+    assert reopened.spent("alice") == Fraction(1, 10)
+    assert_verified(reopened)
+
+
+def test_a_client_revoked_while_its_query_runs_receives_nothing(
+    engine: Engine, open_ledger: Callable[..., Ledger]
+) -> None:
+    def hooks(point: str) -> None:
+        if point == "after_reserve":
+            ledger.revoke("alice", reason="left the project", actor="admin")
+
+    ledger = open_ledger(hooks=hooks)
+    ledger.register_client("alice", role="researcher", cap="1")
+    with pytest.raises(RevokedClientError, match="revoked while its query ran"):
+        release(engine, ledger, "alice", "r1")
+    assert ledger.releases() == [] and ledger.spent("alice") == 0
+    assert ledger.budget("client", "alice").held == 0
+    (charge,) = ledger.charges()
+    assert (charge.state, charge.reason) == ("cancelled", "client_revoked")
+    assert_verified(ledger)
 
 
 def test_a_ledger_opened_by_a_relative_path_stays_put(

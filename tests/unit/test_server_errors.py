@@ -16,6 +16,7 @@ from engine.errors import (
     LimitExceededError,
     QueryCancelledError,
     RequestConflictError,
+    RevokedClientError,
     UnknownClientError,
     VeilError,
 )
@@ -57,6 +58,7 @@ CASES = [
     (RequestConflictError("reused"), grpc.StatusCode.FAILED_PRECONDITION),
     (ClientRegistryError("exists"), grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownClientError("nobody"), grpc.StatusCode.NOT_FOUND),
+    (RevokedClientError("revoked"), grpc.StatusCode.UNAUTHENTICATED),
 ]
 
 
