@@ -454,7 +454,7 @@ def _parse_codebook(raw: Mapping[str, Any]) -> Codebook:
     names = [v.name for v in variables] + [f.name for f in flag_sets] + [d.name for d in derived]
     if len(set(names)) != len(names):
         raise CodebookError(f"{name}: names must be unique across variables, flag sets, derived")
-    unit = raw.get("privacy_unit") or {}
+    unit = _parse_privacy_unit(name, raw.get("privacy_unit") or {}, by_name)
     k = raw.get("min_cell_size", 10)
     if type(k) is not int or k < 1:
         raise CodebookError(f"{name}: min_cell_size must be a positive integer")
@@ -463,14 +463,32 @@ def _parse_codebook(raw: Mapping[str, Any]) -> Codebook:
         version=str(_require(raw, "version", name)),
         title=str(raw.get("title", name)),
         description=" ".join(str(raw.get("description", "")).split()),
-        privacy_unit=PrivacyUnit(
-            description=str(unit.get("description", "one record (one row)")),
-            id_column=unit.get("id_column"),
-            max_rows_per_person=int(unit.get("max_rows_per_person", 1)),
-        ),
+        privacy_unit=unit,
         missing_codes=tuple(str(c) for c in (raw.get("missing") or {}).get("codes", ("",))),
         min_cell_size=k,
         variables=variables,
         flag_sets=tuple(flag_sets),
         derived=tuple(derived),
+    )
+
+
+def _parse_privacy_unit(
+    name: str, raw: Mapping[str, Any], variables: Mapping[str, Variable]
+) -> PrivacyUnit:
+    """Who one person is: a record, or every record sharing a stored id."""
+    id_column = raw.get("id_column")
+    bound = raw.get("max_rows_per_person", 1)
+    if type(bound) is not int or bound < 1:
+        raise CodebookError(f"{name}: privacy_unit.max_rows_per_person must be a positive integer")
+    if id_column is not None:
+        # The id must be a stored column, or the contribution bound would have nothing to read.
+        variable = variables.get(str(id_column))
+        if variable is None or variable.kind is Kind.CONCATENATED:
+            raise CodebookError(
+                f"{name}: privacy_unit.id_column {id_column!r} is not a stored variable"
+            )
+    return PrivacyUnit(
+        description=str(raw.get("description", "one record (one row)")),
+        id_column=None if id_column is None else str(id_column),
+        max_rows_per_person=bound,
     )

@@ -127,10 +127,13 @@ def _source(codebook: Codebook) -> str:
     if unit.id_column is None:
         return TABLE
     # Bound each person's contribution before aggregating: keep at most max_rows_per_person
-    # rows per id, chosen by a fixed hash so the choice does not depend on row order.
+    # rows per id, chosen by a fixed hash so the choice does not depend on row order. A record
+    # with no id is a person of its own: grouped together, the NULL ids would form one
+    # "person" whose kept rows change with any one of them, a change of two rows where the
+    # noise is calibrated for max_rows_per_person.
     column = quote(unit.id_column)
     return (
-        f"(SELECT * FROM {TABLE} QUALIFY row_number() OVER "
+        f"(SELECT * FROM {TABLE} QUALIFY {column} IS NULL OR row_number() OVER "
         f"(PARTITION BY {column} ORDER BY hash({TABLE})) <= {int(unit.max_rows_per_person)})"
     )
 

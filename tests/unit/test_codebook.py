@@ -130,6 +130,9 @@ def _minimal(**overrides: object) -> dict[str, object]:
         ({"variables": [{"name": "a", "type": "category"}]}, "needs categories"),
         ({"flag_sets": [{"name": "s", "flags": ["zzz"]}]}, "not a flag variable"),
         ({"min_cell_size": 0}, "min_cell_size"),
+        ({"privacy_unit": {"id_column": "nobody"}}, "not a stored variable"),
+        ({"privacy_unit": {"max_rows_per_person": 0}}, "max_rows_per_person"),
+        ({"privacy_unit": {"max_rows_per_person": "2"}}, "max_rows_per_person"),
     ],
 )
 def test_malformed_codebooks_are_refused(overrides: dict[str, object], message: str) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import duckdb
 import pytest
 
-from engine.codebook import default_codebook
+from engine.codebook import Codebook, default_codebook
+from engine.engine import Engine
 from engine.loss import PrivacyLoss
 from engine.planner import plan_query
 from engine.query import And, Count, Eq, FlagCounts, In, IsMissing, Mean, Not, Proportion, Query
@@ -87,3 +89,45 @@ def test_every_statement_runs_on_the_typed_table() -> None:
     ]:
         s = statement(query)
         assert connection.execute(s.text, list(s.parameters)).fetchall() in ([], [(0,) + (0,) * 0])
+
+
+def _person_codebook(bound: int) -> Codebook:
+    return Codebook.from_mapping(
+        {
+            "name": "people",
+            "version": "1",
+            "privacy_unit": {"id_column": "personId", "max_rows_per_person": bound},
+            "variables": [
+                {"name": "personId", "type": "integer", "range": [1, 1000]},
+                {
+                    "name": "gender",
+                    "type": "category",
+                    "categories": [{"code": "Male"}, {"code": "Female"}],
+                },
+            ],
+        }
+    )
+
+
+@pytest.mark.parametrize("bound", [1, 2])
+def test_rows_per_person_are_bounded_and_a_record_without_id_is_its_own_person(
+    make_engine: Callable[..., Engine], bound: int
+) -> None:
+    codebook = _person_codebook(bound)
+    rows = (
+        [{"personId": 1, "gender": "Male"}] * 5  # one person, five records
+        + [{"personId": None, "gender": "Male"}] * 40  # forty people, no id recorded
+        + [{"personId": None, "gender": "Female"}] * 3
+    )
+    engine = make_engine(rows, codebook=codebook)
+    plan = engine.plan(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("1"))
+    assert plan.components[0].sensitivity == bound
+    (counts,) = engine._true_components(plan)  # keys: Male, Female, missing
+    assert counts.tolist() == [bound + 40, 3, 0]
+    # Removing one record without an id moves one cell by one, never by more: before the fix
+    # all NULL ids were one "person" and removing one pulled another into its kept rows.
+    fewer = make_engine(rows[:-1], codebook=codebook)
+    (without,) = fewer._true_components(
+        fewer.plan(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("1"))
+    )
+    assert int(abs(counts - without).sum()) == 1
