@@ -27,7 +27,7 @@ from engine.planner import Plan, plan_query
 from engine.query import Query
 from engine.release import Answer, Charger, Release, build_answer
 from engine.settings import Settings
-from engine.sql import build, group_columns
+from engine.sql import build, domain_check, group_columns
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,17 @@ class Engine:
                 f"the data was loaded with codebook {loaded_with}, not {codebook.identity} (a "
                 f"different name, version or content); serve it with the codebook it was "
                 f"loaded with, or load it again"
+            )
+        kept = backend.run(domain_check(codebook))
+        strays = [
+            v.name for i, v in enumerate(codebook.stored_variables) if not bool(kept[f"d{i}"][0])
+        ]
+        if strays:
+            # Names only: which values stray, or how many, is the data's to keep.
+            raise CodebookError(
+                f"the data file does not keep to codebook {codebook.identity}: "
+                f"{', '.join(strays)} {'has' if len(strays) == 1 else 'have'} another type or "
+                f"values outside the codebook's domain; load it again with `veil load`"
             )
         self.backend = backend
         self.codebook = codebook

@@ -138,6 +138,29 @@ def _source(codebook: Codebook) -> str:
     )
 
 
+def domain_check(codebook: Codebook) -> Statement:
+    """One row, one boolean per stored variable (d0, d1, ...): does its column keep to the
+    codebook, in type (an ENUM of exactly the codebook's codes, in order) and in values
+    (integers within the range, flags 0 or 1)?
+
+    Cells are placed by position in the codebook's domain: a value outside it would raise, or
+    wrap into another cell, only when a query happens to read it, and that would itself say
+    something about the data. The engine checks the whole file once, before any query.
+    """
+    parameters: list[Any] = []
+    parts = []
+    for position, variable in enumerate(codebook.stored_variables):
+        column = quote(variable.name)
+        check = f"typeof(any_value({column})) = typeof(CAST(NULL AS {code_literal_type(variable)}))"
+        if variable.kind is Kind.FLAG:
+            check += f" AND coalesce(max({column}) <= 1, TRUE)"
+        elif variable.kind is Kind.INTEGER:
+            check += f" AND coalesce(min({column}) >= ? AND max({column}) <= ?, TRUE)"
+            parameters += [variable.low, variable.high]
+        parts.append(f"({check}) AS d{position}")
+    return Statement(f"SELECT {', '.join(parts)} FROM {TABLE}", tuple(parameters))
+
+
 def code_literal_type(variable: Variable) -> str:
     """The DuckDB type of a stored variable (used by the loader when it creates the table)."""
     if variable.kind in (Kind.CATEGORY, Kind.COUNTRY):

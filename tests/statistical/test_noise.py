@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,11 +176,15 @@ def test_noise_drawn_ahead_is_added_once() -> None:
         ahead.add_to([np.zeros(8, dtype=np.int64)])
 
 
-def test_a_failed_scan_discards_the_noise_drawn_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_scan_discards_the_noise_drawn_for_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from engine.backend import DuckDBBackend
     from engine.codebook import default_codebook
     from engine.engine import Engine
     from engine.loss import PrivacyLoss
     from engine.query import Count, Query
+    from tests.conftest import write_database
 
     class FailingBackend:
         def run(self, statement: object, *, cancel: object = None) -> dict[str, np.ndarray]:
@@ -196,7 +201,9 @@ def test_a_failed_scan_discards_the_noise_drawn_for_it(monkeypatch: pytest.Monke
     monkeypatch.setattr(
         NoiseAhead, "discard", lambda self: (discarded.append(self), original(self))
     )
-    engine = Engine(FailingBackend(), codebook=default_codebook())  # type: ignore[arg-type]
+    data = write_database(tmp_path / "d.duckdb", [])
+    engine = Engine(DuckDBBackend(data), codebook=default_codebook())
+    engine.backend = FailingBackend()  # type: ignore[assignment]
     plan = engine.plan(Query(Count(), by=("citizenship",)), loss=PrivacyLoss.pure("1"))
     with pytest.raises(QueryCancelledError):
         engine.answer(plan)

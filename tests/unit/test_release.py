@@ -22,6 +22,7 @@ from engine.loss import MAX_AMOUNT, MIN_AMOUNT, Accounting, PrivacyLoss
 from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
 from engine.release import Answer, Release
 from engine.settings import Settings
+from tests.conftest import write_database
 
 CODEBOOK = default_codebook()
 # A large epsilon keeps the noise within a few units, so assertions on values are safe: at
@@ -240,6 +241,38 @@ def test_a_data_file_that_names_its_codebook_only_must_be_loaded_again(
         connection.execute("UPDATE veil_metadata SET value = 'ctdc@7' WHERE key = 'codebook'")
     with pytest.raises(CodebookError, match=r"by name and version only.*load it again"):
         Engine(DuckDBBackend(path), codebook=default_codebook())
+
+
+@pytest.mark.parametrize(
+    ("statement", "strays"),
+    [
+        # A value outside its range would have raised, or wrapped into another cell, only when a
+        # query read it: a free signal about the data. The file is refused before any query.
+        (
+            "UPDATE records SET yearOfRegistration = 1990 WHERE gender = 'Male'",
+            "yearOfRegistration",
+        ),
+        ("UPDATE records SET isForcedLabour = 2", "isForcedLabour"),
+        # Cells are placed by ENUM position: members in another order would mislabel them.
+        (
+            "ALTER TABLE records ALTER gender TYPE "
+            "ENUM ('Female', 'Male', 'Transgender/NonConforming')",
+            "gender",
+        ),
+    ],
+)
+def test_a_data_file_outside_its_codebook_is_refused_before_any_query(
+    tmp_path: Path, statement: str, strays: str
+) -> None:
+    path = write_database(tmp_path / "d.duckdb", [{"gender": "Male", "yearOfRegistration": 2010}])
+    Engine(DuckDBBackend(path), codebook=default_codebook())  # as written, it keeps to it
+    with duckdb.connect(str(path)) as connection:
+        connection.execute(statement)
+    with pytest.raises(
+        CodebookError, match=rf"does not keep to codebook .*: {strays} has"
+    ) as error:
+        Engine(DuckDBBackend(path), codebook=default_codebook())
+    assert "1990" not in str(error.value) and "2 " not in str(error.value)
 
 
 @pytest.mark.parametrize("accounting", ["pure_dp", "zcdp"])
