@@ -16,7 +16,7 @@ from typing import Protocol
 import duckdb
 import numpy as np
 
-from engine.errors import QueryCancelledError
+from engine.errors import LoadError, QueryCancelledError
 from engine.sql import Statement
 
 
@@ -97,12 +97,19 @@ class DuckDBBackend:
             config["threads"] = threads
         config["lock_configuration"] = True
         self.path = Path(path)
-        self._connection = duckdb.connect(str(self.path), read_only=True, config=config)
-        recorded = dict(
-            self._connection.execute(
-                "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook')"
-            ).fetchall()
-        )
+        if not self.path.is_file():
+            raise LoadError(f"there is no data file at {self.path} (write one with `veil load`)")
+        try:
+            self._connection = duckdb.connect(str(self.path), read_only=True, config=config)
+            recorded = dict(
+                self._connection.execute(
+                    "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook')"
+                ).fetchall()
+            )
+        except duckdb.Error as exc:
+            raise LoadError(
+                f"{self.path} is not a data file written by `veil load` or `veil synth` ({exc})"
+            ) from exc
         self._data_version = str(recorded.get("data_version", "unversioned"))
         self._codebook = recorded.get("codebook")
 

@@ -66,17 +66,20 @@ def add_load_command(
 
 
 def run_load(args: argparse.Namespace) -> int:
-    codebook = load_codebook(args.codebook)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    report = load(
-        args.source,
-        args.database,
-        codebook=codebook,
-        strict=not args.lenient,
-        overwrite=args.overwrite,
-        data_version=args.data_version,
-        progress=progress,
-    )
+    try:
+        report = load(
+            args.source,
+            args.database,
+            codebook=load_codebook(args.codebook),
+            strict=not args.lenient,
+            overwrite=args.overwrite,
+            data_version=args.data_version,
+            progress=progress,
+        )
+    except VeilError as exc:  # a refused load: the reason, not a traceback
+        print(f"veil load: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     sys.stdout.write(report.render())
     return EXIT_OK
 

@@ -23,7 +23,7 @@ def create(
     path = Path(path)
     if path.exists():
         if not overwrite:
-            raise LoadError(f"{path} exists; pass overwrite to replace it")
+            raise LoadError(f"{path} exists; replace it with --overwrite (overwrite=True)")
         path.unlink()
         Path(f"{path}.wal").unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)

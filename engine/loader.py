@@ -156,7 +156,7 @@ def load(
     if not source.is_file():
         raise LoadError(f"source file {source} does not exist")
     if database.exists() and not overwrite:
-        raise LoadError(f"{database} exists; pass overwrite to replace it")
+        raise LoadError(f"{database} exists; replace it with --overwrite (overwrite=True)")
     if database.exists() and database.resolve() == source.resolve():
         raise LoadError(f"the database path {database} is the source file")
 

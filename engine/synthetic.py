@@ -329,7 +329,7 @@ def generate(
     world = _World(codebook)
     path = Path(database)
     if path.exists() and not overwrite:
-        raise LoadError(f"{path} exists; pass overwrite to replace it")
+        raise LoadError(f"{path} exists; replace it with --overwrite (overwrite=True)")
     partial = path.with_name(path.name + ".partial")
     version = data_version(codebook, rows=rows, seed=seed)
     connection = data_file.create(partial, codebook, overwrite=True)

@@ -5,7 +5,7 @@ file. Unknown keys are refused, so a misspelt limit cannot silently fall back to
 
     data = "ctdc.duckdb"          # the restricted data file (written by the loader)
     codebook = "ctdc_v7"          # a shipped codebook name or a path to a codebook YAML
-    ledger = "ledger"             # where the budget ledger and audit log live
+    ledger = "ledger.sqlite"      # the budget ledger and audit log: one SQLite file
 
     [privacy]
     accounting = "pure_dp"        # or "zcdp"
@@ -263,7 +263,7 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
     return ServerConfig(
         data=_path(raw["data"], base),
         codebook=_codebook_source(raw.get("codebook", "ctdc_v7"), base),
-        ledger=_path(raw.get("ledger", "ledger"), base),
+        ledger=_ledger_path(raw.get("ledger", "ledger"), base),
         settings=settings,
         k_given="k" in privacy,
         caps=caps_value,
@@ -328,6 +328,16 @@ def _path(value: Any, base: Path) -> Path:
         raise ConfigError(f"a path must be a non-empty string, got {value!r}")
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def _ledger_path(value: Any, base: Path) -> Path:
+    path = _path(value, base)
+    if path.is_dir():
+        raise ConfigError(
+            f"ledger is the ledger's own SQLite file, not a directory: {path} is a directory "
+            f"(for example, ledger = \"{Path(str(value)) / 'ledger.sqlite'}\")"
+        )
+    return path
 
 
 def _codebook_source(value: Any, base: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.backend import Cancellation, DuckDBBackend, _interrupt
-from engine.errors import QueryCancelledError
+from engine.errors import LoadError, QueryCancelledError
 from engine.sql import Statement
 from tests.conftest import write_database
 
@@ -52,3 +52,12 @@ def test_an_interrupt_that_comes_as_the_statement_ends_is_harmless(tmp_path: Pat
         _interrupt(cursor)  # the cursor is closed: nothing to stop, and nothing raised
     finally:
         backend.close()
+
+
+def test_a_missing_or_foreign_data_file_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="there is no data file"):
+        DuckDBBackend(tmp_path / "absent.duckdb")
+    csv = tmp_path / "records.csv"
+    csv.write_text("gender\nMale\n")
+    with pytest.raises(LoadError, match="not a data file written by"):
+        DuckDBBackend(csv)

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.backend import DuckDBBackend
-from engine.cli import main
 from engine.codebook import Codebook, Kind, default_codebook, load_codebook
 from engine.errors import LoadError
 from engine.loader import LoadReport, load
 from engine.sql import Statement
+from veil_cli import main  # the `veil` command itself, as custodians run it
 
 EXCERPT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ctdc_global_2020_excerpt.csv"
 CTDC = default_codebook()

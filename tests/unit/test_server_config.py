@@ -130,3 +130,10 @@ def test_a_zero_client_cap_is_read_as_the_ledger_reads_it(zero: object) -> None:
     assert config.caps.client == "0"
     with pytest.raises(ConfigError, match="positive"):
         config_from_mapping({"data": "d.duckdb", "caps": {"dataset": zero}})
+
+
+def test_the_ledger_is_a_file_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "ledger").mkdir()
+    with pytest.raises(ConfigError, match="not a directory"):
+        config_from_mapping({"data": "d", "ledger": "ledger"}, base=tmp_path)
+    assert config_from_mapping({"data": "d", "ledger": "ledger/ledger.sqlite"}, base=tmp_path)
