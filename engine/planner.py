@@ -315,6 +315,13 @@ def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: Priva
             f"the query spans {cells} cells, more than the maximum of {settings.max_cells}"
         )
     where = canon.visit(query.where) if query.where is not None else TRUE
+    if where == FALSE:
+        # Decided by the codebook alone, so refusing says nothing about the data, and spares a
+        # charge for a table that is noise around zero in every cell.
+        raise InvalidQueryError(
+            "the filter admits no record under the codebook (its conditions contradict each "
+            "other), so every cell would be zero; nothing was charged"
+        )
 
     # Equal shares: each component is one histogram whose L1 sensitivity the shape fixes.
     share = loss.amount / len(components)

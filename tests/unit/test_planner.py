@@ -190,9 +190,16 @@ def test_negation_is_complement_including_missing() -> None:
     )
 
 
-def test_contradictions_are_constant_false() -> None:
-    contradiction = And(Eq("gender", "Male"), Eq("gender", "Female"))
-    assert plan(Query(Count(), where=contradiction)).canonical.endswith('"where":false}')
+def test_a_filter_that_admits_no_record_is_refused_before_any_charge() -> None:
+    # Known from the codebook alone: every cell would be noise around zero.
+    for contradiction in (
+        And(Eq("gender", "Male"), Eq("gender", "Female")),
+        And(Eq("majorityStatus", "Minor"), Not(In("majorityStatus", ["Minor"]))),
+    ):
+        with pytest.raises(InvalidQueryError, match="admits no record"):
+            plan(Query(Count(), by=("gender",), where=contradiction))
+    # A proportion's condition may still be one no record meets: its share is then zero.
+    assert plan(Query(Proportion(And(Eq("gender", "Male"), Eq("gender", "Female")))))
 
 
 # ---- sensitivity follows the shape ----
