@@ -308,8 +308,9 @@ def _spending(
 def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) -> pa.Table:
     by_charge = {c.charge_id: c for c in charges}
     rows: dict[str, list[Any]] = defaultdict(list)
+    metadata = ledger.release_metadata(r.release_id for r in records)
     for record in records:
-        meta = ledger.release_metadata(record.release_id)
+        meta = metadata[record.release_id]
         charge = by_charge.get(record.charge_id)
         rows["created_at"].append(_time(record.created_at))
         rows["release_id"].append(record.release_id)

@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -1990,15 +1990,17 @@ class Ledger:
         self._sync("read the release")
         return Release.from_bytes(data)
 
-    def release_metadata(self, release_id: str) -> ReleaseMetadata:
-        """A stored release's metadata, for the audit tables; durable before it is returned.
+    def release_metadata(self, release_ids: Iterable[str]) -> dict[str, ReleaseMetadata]:
+        """Stored releases' metadata, for the audit tables, by release id: read in one
+        transaction and durable before it is returned.
 
         Metadata holds no cell, but it does hold noisy statistics of the data (how many cells
-        were suppressed), so it waits for the charge's sync as the cells do.
+        were suppressed), so it waits for the charges' sync as the cells do.
         """
-        data = self._read("read the release", lambda c: _release_bytes(c, release_id)[0])
-        self._sync("read the release")
-        return Release.from_bytes(data).metadata
+        ids = list(release_ids)
+        blobs = self._read("read the releases", lambda c: [_release_bytes(c, i)[0] for i in ids])
+        self._sync("read the releases")
+        return {i: Release.from_bytes(data).metadata for i, data in zip(ids, blobs, strict=True)}
 
     def charges(self, *, client: str | None = None) -> list[ChargeRecord]:
         """The ledger's rows in the order they were made: charges, holds and free replays."""

@@ -259,9 +259,11 @@ class LedgerAccounts:
         records = self.ledger.releases(client=client)
         charges = {c.charge_id: c for c in self.ledger.charges(client=client)}
         out = []
-        for record in records[-limit:]:
+        shown = records[-limit:]
+        metadata = self.ledger.release_metadata(r.release_id for r in shown)
+        for record in shown:
             charge = charges.get(record.charge_id)
-            meta = self.ledger.release_metadata(record.release_id)
+            meta = metadata[record.release_id]
             out.append(
                 pb.ReleaseSummary(
                     release_id=record.release_id,
