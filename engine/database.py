@@ -16,14 +16,19 @@ from engine.errors import LoadError
 from engine.sql import append_records, create_table
 
 
+def check_free(path: Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing data file unless asked to."""
+    if path.exists() and not overwrite:
+        raise LoadError(f"{path} exists; replace it with --overwrite (overwrite=True)")
+
+
 def create(
     path: str | Path, codebook: Codebook, *, overwrite: bool = False
 ) -> duckdb.DuckDBPyConnection:
     """A new DuckDB file holding an empty `records` table typed from `codebook`."""
     path = Path(path)
+    check_free(path, overwrite=overwrite)
     if path.exists():
-        if not overwrite:
-            raise LoadError(f"{path} exists; replace it with --overwrite (overwrite=True)")
         path.unlink()
         Path(f"{path}.wal").unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -155,8 +155,7 @@ def load(
     source_format = _format_of(source)
     if not source.is_file():
         raise LoadError(f"source file {source} does not exist")
-    if database.exists() and not overwrite:
-        raise LoadError(f"{database} exists; replace it with --overwrite (overwrite=True)")
+    data_file.check_free(database, overwrite=overwrite)
     if database.exists() and database.resolve() == source.resolve():
         raise LoadError(f"the database path {database} is the source file")
 

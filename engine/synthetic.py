@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from engine import database as data_file
 from engine.codebook import Codebook, Kind, Variable, default_codebook, load_codebook
-from engine.errors import CodebookError, LoadError, VeilError
+from engine.errors import CodebookError, VeilError
 
 CHUNK_ROWS = 1 << 20
 MEMORY_LIMIT = "512MB"  # DuckDB's while writing; the process peaks near 0.7 GB at any size
@@ -328,8 +328,7 @@ def generate(
     _check_arguments(rows, seed)
     world = _World(codebook)
     path = Path(database)
-    if path.exists() and not overwrite:
-        raise LoadError(f"{path} exists; replace it with --overwrite (overwrite=True)")
+    data_file.check_free(path, overwrite=overwrite)
     partial = path.with_name(path.name + ".partial")
     version = data_version(codebook, rows=rows, seed=seed)
     connection = data_file.create(partial, codebook, overwrite=True)
