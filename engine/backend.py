@@ -101,15 +101,17 @@ class DuckDBBackend:
             raise LoadError(f"there is no data file at {self.path} (write one with `veil load`)")
         try:
             self._connection = duckdb.connect(str(self.path), read_only=True, config=config)
+        except duckdb.Error as exc:
+            raise _foreign(self.path, exc) from exc
+        try:
             recorded = dict(
                 self._connection.execute(
                     "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook')"
                 ).fetchall()
             )
-        except duckdb.Error as exc:
-            raise LoadError(
-                f"{self.path} is not a data file written by `veil load` or `veil synth` ({exc})"
-            ) from exc
+        except duckdb.Error as exc:  # a DuckDB file, but not one of ours
+            self._connection.close()
+            raise _foreign(self.path, exc) from exc
         self._data_version = str(recorded.get("data_version", "unversioned"))
         self._codebook = recorded.get("codebook")
 
@@ -145,6 +147,10 @@ class DuckDBBackend:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def _foreign(path: Path, exc: duckdb.Error) -> LoadError:
+    return LoadError(f"{path} is not a data file written by `veil load` or `veil synth` ({exc})")
 
 
 def _interrupt(cursor: duckdb.DuckDBPyConnection) -> None:

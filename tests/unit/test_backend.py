@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from engine.backend import Cancellation, DuckDBBackend, _interrupt
@@ -61,3 +62,7 @@ def test_a_missing_or_foreign_data_file_is_refused_clearly(tmp_path: Path) -> No
     csv.write_text("gender\nMale\n")
     with pytest.raises(LoadError, match="not a data file written by"):
         DuckDBBackend(csv)
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).close()  # a DuckDB file without veil's metadata
+    with pytest.raises(LoadError, match="not a data file written by"):
+        DuckDBBackend(other)
