@@ -199,9 +199,11 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        stub: Any = None,
     ) -> Any:
-        """One unary call, retried on transient failures; errors become VeilError."""
-        stub_method = getattr(self._stub, method)
+        """One unary call, retried on transient failures; errors become VeilError. `stub` is
+        another service's stub on this channel (default: Research)."""
+        stub_method = getattr(stub if stub is not None else self._stub, method)
         metadata = (("authorization", f"Bearer {self._token}"),)
         attempt = 0
         while True:
