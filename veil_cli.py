@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "codebook": ("client.cli", "add_codebook_command"),
     "budget": ("client.cli", "add_budget_command"),
     "releases": ("client.cli", "add_releases_command"),
+    "admin": ("client.admin_cli", "add_admin_command"),
     "risk": ("engine.risk", "add_risk_command"),
     "audit": ("audit.cli", "add_audit_command"),
     "attack": ("audit.cli", "add_attack_command"),
