@@ -147,7 +147,7 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
     wanted = set(names)
     verification = ledger.verify() if "verification" in wanted else None
 
-    dataset = max(report.datasets, key=lambda s: s.spent, default=None)
+    dataset = report.dataset
     summary = {
         "ledger": str(ledger.path),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -158,12 +158,10 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
         "clients": str(len(report.clients)),
         "releases": str(len(records)),
         "replays": str(sum(1 for c in charges if c.kind == "replay")),
-        "dataset": dataset.name if dataset else "",
-        "dataset_spent": format_amount(dataset.spent) if dataset else "0",
-        "dataset_cap": "" if dataset is None or dataset.cap is None else format_amount(dataset.cap),
-        "dataset_guess_bound": repr(
-            binary_guess_bound(accounting, float(dataset.spent)) if dataset else 0.5
-        ),
+        "dataset": dataset.name,
+        "dataset_spent": format_amount(dataset.spent),
+        "dataset_cap": "" if dataset.cap is None else format_amount(dataset.cap),
+        "dataset_guess_bound": repr(binary_guess_bound(accounting, float(dataset.spent))),
     }
     if verification is not None:
         summary["verified"] = "true" if verification.ok else "false"
@@ -174,7 +172,7 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
     for record in records:
         release_counts[record.client] += 1
     if "budgets" in wanted:
-        scopes = (*report.clients, *report.institutions, *report.datasets)
+        scopes = (*report.clients, *report.institutions, report.dataset)
         tables["budgets"] = _budgets(scopes, accounting, delta, release_counts)
     if "spending" in wanted:
         tables["spending"] = _spending(ledger, charges, accounting, delta)
@@ -252,7 +250,7 @@ def _spending(
     """Cumulative spending of every scope, one row per committed charge and scope."""
     report = ledger.report()
     caps = {
-        (s.kind, s.name): s.cap for s in (*report.clients, *report.institutions, *report.datasets)
+        (s.kind, s.name): s.cap for s in (*report.clients, *report.institutions, report.dataset)
     }
     committed = sorted(
         (c for c in charges if c.kind == "charge" and c.state == "committed"),
@@ -264,7 +262,7 @@ def _spending(
         scopes = [("client", charge.client)]
         if charge.institution:
             scopes.append(("institution", charge.institution))
-        scopes.append(("dataset", charge.data_version))
+        scopes.append(("dataset", report.dataset.name))
         for kind, name in scopes:
             running[(kind, name)] += charge.amount
             cap = caps.get((kind, name))

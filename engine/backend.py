@@ -16,6 +16,7 @@ from typing import Protocol
 import duckdb
 import numpy as np
 
+from engine import database as data_file
 from engine.errors import LoadError, QueryCancelledError
 from engine.sql import Statement
 
@@ -82,6 +83,11 @@ class Backend(Protocol):
         data records it."""
         ...
 
+    def dataset(self) -> str | None:
+        """The name the data was loaded under, which every version of the same people shares,
+        when the data records it."""
+        ...
+
 
 class DuckDBBackend:
     """A read-only DuckDB file (one cursor per call, so calls may run on many threads)."""
@@ -104,22 +110,22 @@ class DuckDBBackend:
         except duckdb.Error as exc:
             raise _foreign(self.path, exc) from exc
         try:
-            recorded = dict(
-                self._connection.execute(
-                    "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook')"
-                ).fetchall()
-            )
+            recorded = dict(self._connection.execute(data_file.RECORDED).fetchall())
         except duckdb.Error as exc:  # a DuckDB file, but not one of ours
             self._connection.close()
             raise _foreign(self.path, exc) from exc
         self._data_version = str(recorded.get("data_version", "unversioned"))
         self._codebook = recorded.get("codebook")
+        self._dataset = recorded.get("dataset")
 
     def data_version(self) -> str:
         return self._data_version
 
     def codebook(self) -> str | None:
         return None if self._codebook is None else str(self._codebook)
+
+    def dataset(self) -> str | None:
+        return None if self._dataset is None else str(self._dataset)
 
     def run(
         self, statement: Statement, *, cancel: Cancellation | None = None

@@ -56,6 +56,12 @@ def add_load_command(
         help="the data version to record (default: codebook@version:sha256-prefix of SOURCE)",
     )
     parser.add_argument(
+        "--dataset",
+        default=None,
+        help="the dataset the records belong to, the same for every version of them: all its "
+        "versions are paid for from one dataset budget (default: the codebook's name)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -75,6 +81,7 @@ def run_load(args: argparse.Namespace) -> int:
             strict=not args.lenient,
             overwrite=args.overwrite,
             data_version=args.data_version,
+            dataset=args.dataset,
             progress=progress,
         )
     except VeilError as exc:  # a refused load: the reason, not a traceback

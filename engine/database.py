@@ -6,6 +6,7 @@ read-only through `engine.backend.DuckDBBackend`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
@@ -14,6 +15,20 @@ import pyarrow as pa
 from engine.codebook import Codebook
 from engine.errors import LoadError
 from engine.sql import append_records, create_table
+
+# The name under which the ledger keeps the dataset's budget: every data version loaded under
+# one name is paid for from one dataset cap (a subset of the ledger's names).
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_dataset_name(name: str) -> str:
+    """Refuse a dataset name the ledger could not key a budget by."""
+    if not _DATASET_NAME.match(name):
+        raise LoadError(
+            f"a dataset name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+            f"or digit; got {name!r}"
+        )
+    return name
 
 
 def check_free(path: Path, *, overwrite: bool) -> None:
@@ -47,27 +62,41 @@ def append(connection: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
         connection.unregister("veil_incoming")
 
 
-def finish(connection: duckdb.DuckDBPyConnection, *, codebook: Codebook, data_version: str) -> None:
-    """Record what the file holds, checkpoint it and close it."""
+def finish(
+    connection: duckdb.DuckDBPyConnection,
+    *,
+    codebook: Codebook,
+    data_version: str,
+    dataset: str | None = None,
+) -> None:
+    """Record what the file holds, checkpoint it and close it.
+
+    `dataset` names the people the file describes, the same for every version of them; it
+    defaults to the codebook's name.
+    """
     connection.executemany(
         "INSERT OR REPLACE INTO veil_metadata VALUES (?, ?)",
         [
             ["data_version", data_version],
             ["codebook", codebook.identity],
+            ["dataset", check_dataset_name(dataset or codebook.name)],
         ],
     )
     connection.execute("CHECKPOINT")
     connection.close()
 
 
+RECORDED = (
+    "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook', 'dataset')"
+)
+
+
 def recorded(path: str | Path) -> dict[str, str]:
-    """What a data file records about itself (data version, codebook identity); empty when the
-    file is missing or is not a data file."""
+    """What a data file records about itself (data version, codebook identity, dataset name);
+    empty when the file is missing or is not a data file."""
     try:
         with duckdb.connect(str(path), read_only=True) as connection:
-            rows = connection.execute(
-                "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook')"
-            ).fetchall()
+            rows = connection.execute(RECORDED).fetchall()
     except duckdb.Error:
         return {}
     return {str(key): str(value) for key, value in rows}

@@ -91,7 +91,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"generated {args.rows:,} synthetic records in {time.perf_counter() - started:.1f} s")
     engine = Engine(DuckDBBackend(data), codebook=codebook)
     assert engine.data_version == version
-    ledger = Ledger.open(workdir / "ledger.sqlite", accounting=Accounting.PURE_DP, dataset_cap=50)
+    ledger = Ledger.open(
+        workdir / "ledger.sqlite",
+        accounting=Accounting.PURE_DP,
+        dataset_cap=50,
+        dataset=engine.dataset,
+    )
     try:
         if RESEARCHER not in {c.client_id for c in ledger.list_clients()}:
             ledger.register_client(RESEARCHER, role="researcher", cap=20)
@@ -170,6 +175,6 @@ def _format(value: Any, suppressed: bool, proportion: bool) -> str:
 def _print_report(ledger: Ledger) -> None:
     report = ledger.report()
     print("== Budget (epsilon)")
-    for scope in (*report.clients, *report.datasets):
+    for scope in (*report.clients, report.dataset):
         cap = "no cap" if scope.cap is None else f"cap {format_amount(scope.cap)}"
         print(f"   {scope.kind} {scope.name}: spent {format_amount(scope.spent)}, {cap}")

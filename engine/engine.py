@@ -81,6 +81,8 @@ class Engine:
         self.codebook = codebook
         self.settings = settings or Settings(k=codebook.min_cell_size)
         self.data_version = backend.data_version()
+        # Files loaded before datasets were named were loaded under the codebook's name.
+        self.dataset = backend.dataset() or codebook.name
 
     def plan(self, query: Query, *, loss: PrivacyLoss) -> Plan:
         """Validate and price a query. Raises InvalidQueryError before any data is read."""

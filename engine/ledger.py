@@ -5,7 +5,7 @@ journal; every transaction that must be durable is synced to disk before it retu
 the read-only data file. It implements the `Charger` side of the release seam:
 
     ledger = Ledger.open("ledger.sqlite", accounting=Accounting.PURE_DP, dataset_cap="10",
-                         data_version=engine.data_version)
+                         dataset=engine.dataset, data_version=engine.data_version)
     ledger.register_client("alice", role="researcher", institution="iom", cap="2")
     release = engine.release(query, loss=loss, charger=ledger, client="alice", request_id="r-1")
 
@@ -17,8 +17,11 @@ their own) is cancelled when the ledger is next opened: nothing was handed out, 
 budget back is safe. Nothing leaves without its charge on disk.
 
 - Budgets are exact rationals, stored as `format_amount` text and compared as `Fraction`. Caps
-  exist per client, per institution (optional) and per data version of the dataset; a held
-  reservation counts against every cap until it is committed or cancelled.
+  exist per client, per institution (optional) and for the dataset; a held reservation counts
+  against every cap until it is committed or cancelled.
+- A ledger keeps the budget of one dataset, named when the ledger is created (the name its data
+  files record). Every data version served through it (a corrected file, next year's update)
+  is paid for from that one dataset cap: the same people are in each.
 - Every charge runs in a `BEGIN IMMEDIATE` transaction, so concurrent reservations serialise on
   the database's write lock (one connection per thread) and a cap can never be overrun.
 - A retry with the same (client, request id) returns the stored release byte for byte with no
@@ -80,7 +83,8 @@ from engine.loss import (
 from engine.planner import Plan
 from engine.release import Answer, Release, ReleaseMetadata
 
-SCHEMA_VERSION = "1"
+# Version 1 kept a dataset cap per data version; opening such a ledger for writing upgrades it.
+SCHEMA_VERSION = "2"
 GENESIS_HASH = "0" * 64
 ROLES = ("researcher", "auditor", "admin")
 SCOPE_KINDS = ("client", "institution", "dataset")
@@ -163,7 +167,6 @@ _SCHEMA = (
         revoked_at TEXT
     ) STRICT""",
     "CREATE TABLE institutions (institution TEXT PRIMARY KEY, cap TEXT NOT NULL) STRICT",
-    "CREATE TABLE dataset_caps (data_version TEXT PRIMARY KEY, cap TEXT NOT NULL) STRICT",
     """CREATE TABLE totals (
         kind TEXT NOT NULL, name TEXT NOT NULL, spent TEXT NOT NULL, held TEXT NOT NULL,
         PRIMARY KEY (kind, name)
@@ -304,7 +307,7 @@ class ScopeBudget:
 
 @dataclass(frozen=True)
 class ClientBudget:
-    """A client's budgets read at one instant: its own, its institution's, the data version's."""
+    """A client's budgets read at one instant: its own, its institution's, the dataset's."""
 
     active: bool
     scopes: tuple[ScopeBudget, ...]
@@ -322,13 +325,13 @@ class ClientBudget:
 
 @dataclass(frozen=True)
 class LedgerReport:
-    """Spent and remaining budget for every client, institution and data version."""
+    """Spent and remaining budget for every client and institution, and for the dataset."""
 
     accounting: Accounting
     delta: float
     clients: tuple[ScopeBudget, ...]
     institutions: tuple[ScopeBudget, ...]
-    datasets: tuple[ScopeBudget, ...]
+    dataset: ScopeBudget
     head_seq: int
     head_hash: str
 
@@ -342,7 +345,7 @@ class LedgerReport:
             "delta": self.delta,
             "clients": rows(self.clients),
             "institutions": rows(self.institutions),
-            "datasets": rows(self.datasets),
+            "dataset": self.dataset.to_dict(self.accounting, self.delta),
             "audit_head": f"{self.head_seq}:{self.head_hash}",
         }
 
@@ -620,6 +623,7 @@ class Ledger:
         accounting: Accounting,
         delta: float,
         data_version: str | None,
+        dataset: str | None,
         hooks: Hooks | None,
         readonly: bool,
         busy_timeout: float,
@@ -630,6 +634,8 @@ class Ledger:
         self.accounting = accounting
         self.delta = delta
         self.data_version = data_version
+        # Asked for at open, then what the ledger records (see `_open_in`).
+        self.dataset = dataset
         self.readonly = readonly
         self._hooks = hooks
         self._busy_timeout = busy_timeout
@@ -660,6 +666,7 @@ class Ledger:
         accounting: Accounting | str,
         dataset_cap: Number,
         delta: float = 1e-6,
+        dataset: str | None = None,
         data_version: str | None = None,
         hooks: Hooks | None = None,
         busy_timeout: float = 10.0,
@@ -668,11 +675,14 @@ class Ledger:
     ) -> Ledger:
         """Open (or create) a ledger for writing; one process at a time.
 
-        `dataset_cap` is the cap of every data version that has no cap of its own (see
-        `set_dataset_cap`). `delta` is the custodian's delta for reporting the (epsilon, delta)
-        equivalent of zCDP budgets. `data_version` is charged when `reserve` is not given one.
-        Reservations left open by a crash are cancelled here, and audited as abandoned. A
-        change of the default dataset cap or of delta is audited with `actor` (who opened it).
+        `dataset` names the dataset whose budget the ledger keeps (`Engine.dataset`): a new
+        ledger needs it and records it, an existing one refuses another (None reads it).
+        `dataset_cap` is that dataset's cap, over all its data versions. `delta` is the
+        custodian's delta for reporting the (epsilon, delta) equivalent of zCDP budgets.
+        `data_version` is charged when `reserve` is not given one. Reservations left open by a
+        crash are cancelled here, and audited as abandoned. A change of the dataset cap or of
+        delta is audited with `actor` (who opened it). A ledger written by schema version 1 is
+        upgraded here, in one audited transaction (see `_upgrade_in`).
         """
         accounting = Accounting(accounting)
         if actor is not None:
@@ -682,6 +692,8 @@ class Ledger:
         default_cap = exact_cap(dataset_cap, what="dataset cap")
         if data_version is not None:
             _check_name(data_version, "data version")
+        if dataset is not None:
+            _check_name(dataset, "dataset")
         path = Path(path).absolute()  # a later change of directory must not move the ledger
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
@@ -690,6 +702,7 @@ class Ledger:
             accounting=accounting,
             delta=float(delta),
             data_version=data_version,
+            dataset=dataset,
             hooks=hooks,
             readonly=False,
             busy_timeout=busy_timeout,
@@ -725,6 +738,7 @@ class Ledger:
             accounting=Accounting.PURE_DP,
             delta=1e-6,
             data_version=None,
+            dataset=None,
             hooks=None,
             readonly=True,
             busy_timeout=busy_timeout,
@@ -743,6 +757,14 @@ class Ledger:
         if "accounting" not in meta:
             ledger.close()
             raise LedgerUnavailableError(f"{path} is not a veil ledger")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            ledger.close()
+            raise LedgerUnavailableError(
+                f"{path} has schema version {meta.get('schema_version')!r}; this build reads "
+                f"version {SCHEMA_VERSION}. Start the server on it once (it upgrades the ledger "
+                f"in one audited step), then read it again"
+            )
+        ledger.dataset = meta["dataset"]
         ledger.accounting = Accounting(meta["accounting"])
         ledger.delta = float(meta["delta"])
         return ledger
@@ -779,6 +801,8 @@ class Ledger:
                     f"{self.path} is a database but not a veil ledger; a ledger needs a file of "
                     f"its own"
                 )
+            if self.dataset is None:
+                raise VeilError("a new ledger needs the name of the dataset whose budget it keeps")
             for statement in _SCHEMA:
                 conn.execute(statement)
             created = _now()
@@ -790,6 +814,7 @@ class Ledger:
                     ("created_at", created),
                     ("accounting", self.accounting.value),
                     ("delta", repr(self.delta)),
+                    ("dataset", self.dataset),
                     ("dataset_cap", format_amount(default_cap)),
                     ("audit_head", f"0:{GENESIS_HASH}"),
                 ],
@@ -801,10 +826,15 @@ class Ledger:
                 detail={
                     "accounting": self.accounting.value,
                     "delta": repr(self.delta),
+                    "dataset": self.dataset,
                     "dataset_cap": format_amount(default_cap),
                 },
             )
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("schema_version") == "1":
+            self._check_head(conn)
+            self._upgrade_in(conn, default_cap, actor)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise LedgerUnavailableError(
                 f"the ledger has schema version {meta.get('schema_version')!r}; this build "
@@ -818,6 +848,14 @@ class Ledger:
                 f"ledger's accounting cannot change"
             )
         self._check_head(conn)
+        if self.dataset is not None and self.dataset != meta["dataset"]:
+            raise VeilError(
+                f"this ledger keeps the budget of dataset {meta['dataset']!r}, and the data "
+                f"belongs to dataset {self.dataset!r}. Serve a new dataset with a ledger of its "
+                f"own; a new version of the same people must be loaded under the same name "
+                f"(veil load --dataset {meta['dataset']})"
+            )
+        self.dataset = meta["dataset"]
         if float(meta["delta"]) != self.delta:
             self._append(
                 conn,
@@ -827,7 +865,7 @@ class Ledger:
             )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'delta'", (repr(self.delta),))
         if parse_amount(meta["dataset_cap"]) != default_cap:
-            self._set_default_dataset_cap(conn, default_cap, actor)
+            self._set_dataset_cap_in(conn, default_cap, actor)
         abandoned = conn.execute(
             "SELECT charge_id FROM charges WHERE state = 'reserved' ORDER BY rowid"
         ).fetchall()
@@ -1173,7 +1211,7 @@ class Ledger:
                     charge="0",
                     release_id=release_id,
                     release_sha256=digest,
-                    budget=self._budget_items(conn, self._scopes(client, first_version)),
+                    budget=self._budget_items(conn, self._scopes(client)),
                 )
                 return _Outcome(stored=data)
             if state == "reserved":
@@ -1185,7 +1223,7 @@ class Ledger:
                     )
                 )
 
-        scopes = self._scopes(client, version)
+        scopes = self._scopes(client)
         budgets = self._budgets(conn, scopes)
         best = _best_release(conn, plan.fingerprint, version)
         if best is not None:
@@ -1403,7 +1441,7 @@ class Ledger:
             return  # already settled (a commit whose outcome was uncertain did land)
         client, institution, version, amount_text, _, request_id, fingerprint, canonical = row
         amount = parse_amount(amount_text)
-        scopes = _scope_keys(client, institution, version)
+        scopes = _scope_keys(client, institution, self._dataset_scope().name)
         conn.execute(
             "UPDATE charges SET state = 'cancelled', settled_at = ?, reason = ? "
             "WHERE charge_id = ?",
@@ -1426,8 +1464,8 @@ class Ledger:
 
     # ---- budgets -------------------------------------------------------------------------
 
-    def _scopes(self, client: ClientRecord, version: str) -> tuple[_ScopeKey, ...]:
-        return _scope_keys(client.client_id, client.institution, version)
+    def _scopes(self, client: ClientRecord) -> tuple[_ScopeKey, ...]:
+        return _scope_keys(client.client_id, client.institution, self._dataset_scope().name)
 
     def _budget(self, conn: sqlite3.Connection, scope: _ScopeKey) -> ScopeBudget:
         return self._budgets(conn, (scope,))[0]
@@ -1776,30 +1814,13 @@ class Ledger:
 
         self._write("set the institution cap", work)
 
-    def set_dataset_cap(self, data_version: str, cap: Number, *, actor: str | None = None) -> None:
-        """Give one data version a cap of its own, replacing the default from `open`."""
-        _check_name(data_version, "data version")
+    def set_dataset_cap(self, cap: Number, *, actor: str | None = None) -> None:
+        """Change the dataset's cap (over all its data versions) until the ledger is next
+        opened, which sets the cap it is opened with. A cap below what is spent is refused."""
         amount = exact_cap(cap, what="dataset cap")
-        scope = _ScopeKey("dataset", data_version)
-        detail = self._admin_detail(actor)
-
-        def work(conn: sqlite3.Connection) -> None:
-            previous = self._set_cap_checked(conn, scope, amount)
-            conn.execute(
-                "INSERT INTO dataset_caps (data_version, cap) VALUES (?, ?) "
-                "ON CONFLICT (data_version) DO UPDATE SET cap = excluded.cap",
-                (data_version, format_amount(amount)),
-            )
-            self._append(
-                conn,
-                "set_dataset_cap",
-                data_version=data_version,
-                outcome="changed",
-                budget=self._budget_items(conn, (scope,), cap_before=previous),
-                detail=detail,
-            )
-
-        self._write("set the dataset cap", work)
+        if actor is not None:
+            _check_name(actor, "acting client")
+        self._write("set the dataset cap", lambda c: self._set_dataset_cap_in(c, amount, actor))
 
     @staticmethod
     def _admin_detail(actor: str | None, **fields: str | None) -> dict[str, str | None]:
@@ -1809,26 +1830,99 @@ class Ledger:
             _check_name(actor, "acting client")
         return {**fields, "actor": actor}
 
-    def _set_default_dataset_cap(
+    def _set_dataset_cap_in(
         self, conn: sqlite3.Connection, cap: Fraction, actor: str | None
     ) -> None:
-        versions = conn.execute(
-            "SELECT name FROM totals WHERE kind = 'dataset' AND name NOT IN "
-            "(SELECT data_version FROM dataset_caps) ORDER BY name"
-        ).fetchall()
-        scopes = tuple(_ScopeKey("dataset", str(v)) for (v,) in versions)
-        previous: dict[_ScopeKey, Fraction | None] = {}
-        for scope in scopes:
-            previous.update(self._set_cap_checked(conn, scope, cap))
+        scope = self._dataset_scope()
+        previous = self._set_cap_checked(conn, scope, cap)
         before = conn.execute("SELECT value FROM meta WHERE key = 'dataset_cap'").fetchone()[0]
         conn.execute("UPDATE meta SET value = ? WHERE key = 'dataset_cap'", (format_amount(cap),))
         self._append(
             conn,
             "set_dataset_cap",
-            outcome="default_changed",
-            budget=self._budget_items(conn, scopes, cap_before=previous),
+            outcome="changed",
+            budget=self._budget_items(conn, (scope,), cap_before=previous),
             detail=self._admin_detail(actor, before=before, after=format_amount(cap)),
         )
+
+    def _upgrade_in(self, conn: sqlite3.Connection, cap: Fraction, actor: str | None) -> None:
+        """Upgrade a schema-1 ledger: its per-version dataset totals become one dataset's.
+
+        Schema 1 gave every data version a dataset cap of its own, so a new version of the same
+        people started afresh. Their spending is merged into the dataset being opened (the
+        conservative reading: nothing spent is forgotten, though a ledger that once served
+        another dataset then counts that too). A merged total past `cap` is refused, naming
+        the cap that would hold it; per-version caps are dropped and recorded in the entry.
+        """
+        if self.dataset is None:
+            raise VeilError("upgrading a schema-1 ledger needs the name of its dataset")
+        name = self.dataset
+        target = _ScopeKey("dataset", name)
+        rows = conn.execute(
+            "SELECT name, spent, held FROM totals WHERE kind = 'dataset' ORDER BY name"
+        ).fetchall()
+        spent = sum((parse_amount(r[1]) for r in rows), _ZERO)
+        held = sum((parse_amount(r[2]) for r in rows), _ZERO)
+        if spent + held > cap:
+            raise ClientRegistryError(
+                f"cannot upgrade the ledger: its data versions have together used "
+                f"{format_amount(spent + held)}, more than the dataset cap of "
+                f"{format_amount(cap)}; open it with a dataset cap of at least that (nothing "
+                f"more can then be released)"
+            )
+        items = []
+        for version, before_spent, before_held in rows:
+            merged = version == name
+            items.append(
+                {
+                    "scope": _ScopeKey("dataset", str(version)).label,
+                    "cap": format_amount(cap) if merged else None,
+                    "before": {"spent": before_spent, "held": before_held},
+                    "after": {
+                        "spent": format_amount(spent if merged else _ZERO),
+                        "held": format_amount(held if merged else _ZERO),
+                    },
+                }
+            )
+        if name not in {str(r[0]) for r in rows}:
+            items.append(
+                {
+                    "scope": target.label,
+                    "cap": format_amount(cap),
+                    "before": {"spent": "0", "held": "0"},
+                    "after": {"spent": format_amount(spent), "held": format_amount(held)},
+                }
+            )
+        version_caps = conn.execute(
+            "SELECT data_version, cap FROM dataset_caps ORDER BY data_version"
+        ).fetchall()
+        conn.execute("DELETE FROM totals WHERE kind = 'dataset'")
+        conn.execute(
+            "INSERT INTO totals (kind, name, spent, held) VALUES ('dataset', ?, ?, ?)",
+            (name, format_amount(spent), format_amount(held)),
+        )
+        conn.execute("DROP TABLE dataset_caps")
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [("schema_version", SCHEMA_VERSION), ("dataset", name)],
+        )
+        self._append(
+            conn,
+            "upgrade",
+            outcome="upgraded",
+            budget=items,
+            detail=self._admin_detail(
+                actor,
+                schema_before="1",
+                schema_after=SCHEMA_VERSION,
+                dataset=name,
+                version_caps=", ".join(f"{v}={c}" for v, c in version_caps) or None,
+            ),
+        )
+
+    def _dataset_scope(self) -> _ScopeKey:
+        assert self.dataset is not None, "the dataset is known once the ledger is open"
+        return _ScopeKey("dataset", self.dataset)
 
     def client(self, client_id: str) -> ClientRecord:
         client = self._read("read the client", lambda c: _client_row(c, client_id))
@@ -1861,6 +1955,8 @@ class Ledger:
         if kind not in SCOPE_KINDS:
             raise VeilError(f"a budget scope is one of {', '.join(SCOPE_KINDS)}, got {kind!r}")
         scope = _ScopeKey(kind, name)
+        if kind == "dataset" and name != self.dataset:
+            raise VeilError(f"this ledger keeps the budget of dataset {self.dataset}, not {name}")
 
         def work(conn: sqlite3.Connection) -> ScopeBudget:
             if kind == "client" and _client_row(conn, name) is None:
@@ -1873,26 +1969,24 @@ class Ledger:
         """What a client has been charged (committed charges only)."""
         return self.budget("client", client).spent
 
-    def remaining(self, client: str, *, data_version: str | None = None) -> Fraction:
+    def remaining(self, client: str) -> Fraction:
         """What the client may still spend: the least of its own, its institution's and the
-        data version's remaining budgets (holds in flight count as used)."""
-        return self.client_budget(client, data_version=data_version).remaining
+        dataset's remaining budgets (holds in flight count as used)."""
+        return self.client_budget(client).remaining
 
-    def client_budget(self, client: str, *, data_version: str | None = None) -> ClientBudget:
-        """The client's own, its institution's and the data version's budgets, read together."""
-        version = data_version if data_version is not None else self.data_version
+    def client_budget(self, client: str) -> ClientBudget:
+        """The client's own, its institution's and the dataset's budgets, read together."""
 
         def work(conn: sqlite3.Connection) -> ClientBudget:
             record = _client_row(conn, client)
             if record is None:
                 raise UnknownClientError(f"client {client} is not registered")
-            scopes = _scope_keys(client, record.institution, version)
-            return ClientBudget(record.active, self._budgets(conn, scopes))
+            return ClientBudget(record.active, self._budgets(conn, self._scopes(record)))
 
         return self._read("read the budget", work)
 
     def report(self) -> LedgerReport:
-        """Every client's, institution's and data version's spent and remaining budget."""
+        """Every client's and institution's spent and remaining budget, and the dataset's."""
 
         def work(conn: sqlite3.Connection) -> LedgerReport:
             clients = [str(r[0]) for r in conn.execute("SELECT client_id FROM clients ORDER BY 1")]
@@ -1906,15 +2000,6 @@ class Ledger:
                     )
                 }
             )
-            versions = {
-                str(r[0])
-                for r in conn.execute(
-                    "SELECT data_version FROM dataset_caps "
-                    "UNION SELECT name FROM totals WHERE kind = 'dataset'"
-                )
-            }
-            if self.data_version is not None:
-                versions.add(self.data_version)
 
             def scoped(kind: str, names: list[str]) -> tuple[ScopeBudget, ...]:
                 return self._budgets(conn, tuple(_ScopeKey(kind, name) for name in names))
@@ -1925,7 +2010,7 @@ class Ledger:
                 delta=self.delta,
                 clients=scoped("client", clients),
                 institutions=scoped("institution", institutions),
-                datasets=scoped("dataset", sorted(versions)),
+                dataset=self._budget(conn, self._dataset_scope()),
                 head_seq=head_seq,
                 head_hash=head_hash,
             )
@@ -2070,12 +2155,11 @@ def _check_token_hash(token_hash: str | None) -> None:
         )
 
 
-def _scope_keys(client: str, institution: str | None, version: str | None) -> tuple[_ScopeKey, ...]:
+def _scope_keys(client: str, institution: str | None, dataset: str) -> tuple[_ScopeKey, ...]:
     scopes = [_ScopeKey("client", client)]
     if institution is not None:
         scopes.append(_ScopeKey("institution", institution))
-    if version is not None:
-        scopes.append(_ScopeKey("dataset", version))
+    scopes.append(_ScopeKey("dataset", dataset))
     return tuple(scopes)
 
 
@@ -2103,8 +2187,7 @@ def _client_row(conn: sqlite3.Connection, client_id: str) -> ClientRecord | None
 def _budgets_sql(scopes: int) -> str:
     """One statement reading the cap and the running totals of `scopes` scopes, in order.
 
-    A scope without totals has spent and held nothing; a data version without a cap of its own
-    has the ledger's default dataset cap.
+    A scope without totals has spent and held nothing.
     """
     values = ", ".join(f"({position}, ?, ?)" for position in range(scopes))
     return (
@@ -2112,8 +2195,7 @@ def _budgets_sql(scopes: int) -> str:
         "SELECT CASE s.kind "
         "WHEN 'client' THEN (SELECT cap FROM clients WHERE client_id = s.name) "
         "WHEN 'institution' THEN (SELECT cap FROM institutions WHERE institution = s.name) "
-        "ELSE coalesce((SELECT cap FROM dataset_caps WHERE data_version = s.name), "
-        "(SELECT value FROM meta WHERE key = 'dataset_cap')) END, t.spent, t.held "
+        "ELSE (SELECT value FROM meta WHERE key = 'dataset_cap') END, t.spent, t.held "
         "FROM s LEFT JOIN totals t ON t.kind = s.kind AND t.name = s.name ORDER BY s.position"
     )
 
@@ -2305,6 +2387,7 @@ def _replay_budget(
     problems: list[str],
 ) -> None:
     """Each budget movement must start where the one before it ended, and stay within its cap."""
+    moved = (_ZERO, _ZERO)
     for item in entry.get("budget") or []:
         try:
             scope = str(item["scope"])
@@ -2331,9 +2414,14 @@ def _replay_budget(
             charge is None or delta != (parse_amount(charge), -parse_amount(charge))
         ):
             problems.append(f"entry {seq}: {scope} does not turn the hold into the charge")
-        if event not in ("reserve", "release", "cancel", "abandon") and delta != (_ZERO, _ZERO):
+        moves = ("reserve", "release", "cancel", "abandon", "upgrade")
+        if event not in moves and delta != (_ZERO, _ZERO):
             problems.append(f"entry {seq}: {scope} changes in an event that spends nothing")
+        moved = (moved[0] + delta[0], moved[1] + delta[1])
         running[scope] = after
+    if entry.get("event") == "upgrade" and moved != (_ZERO, _ZERO):
+        # An upgrade only moves totals between scopes: what leaves one must arrive in another.
+        problems.append(f"entry {seq}: the upgrade does not carry every amount over")
 
 
 def _reconcile(
@@ -2343,6 +2431,7 @@ def _reconcile(
     problems: list[str],
 ) -> None:
     """Totals == the log's replay == the sums of the charges; every charge and release logged."""
+    (dataset,) = conn.execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
     totals: dict[str, tuple[Fraction, Fraction]] = {}
     for kind, name, spent, held in conn.execute("SELECT kind, name, spent, held FROM totals"):
         totals[f"{kind}:{name}"] = (parse_amount(spent), parse_amount(held))
@@ -2356,12 +2445,12 @@ def _reconcile(
     }
     charged_releases: set[str] = set()
     rows = conn.execute(
-        "SELECT charge_id, client, institution, data_version, kind, amount, state, release_id "
+        "SELECT charge_id, client, institution, kind, amount, state, release_id "
         "FROM charges ORDER BY rowid"
     ).fetchall()
-    for charge_id, client, institution, version, kind, amount_text, state, release_id in rows:
+    for charge_id, client, institution, kind, amount_text, state, release_id in rows:
         amount = parse_amount(amount_text)
-        for scope in _scope_keys(client, institution, version):
+        for scope in _scope_keys(client, institution, str(dataset)):
             if state == "committed":
                 sums[scope.label][0] += amount
             elif state == "reserved":

@@ -50,11 +50,11 @@ def add_ledger_command(subparsers: Any) -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="spent and remaining budget per client, institution and data version",
+        help="spent and remaining budget per client and institution, and the dataset's",
         description=(
-            "Print spent and remaining budget per client, per institution and per data version "
-            "of the dataset (exact amounts, and the (epsilon, delta) equivalent under zCDP), "
-            "and optionally every stored release with its charge."
+            "Print spent and remaining budget per client, per institution and for the dataset "
+            "over all its data versions (exact amounts, and the (epsilon, delta) equivalent "
+            "under zCDP), and optionally every stored release with its charge."
         ),
     )
     report.add_argument("ledger", help="path of the ledger database")
@@ -137,7 +137,7 @@ def format_report(report: LedgerReport) -> str:
     for title, scopes in (
         ("clients", report.clients),
         ("institutions", report.institutions),
-        ("dataset (per data version)", report.datasets),
+        ("dataset (all its data versions)", (report.dataset,)),
     ):
         lines.append("")
         lines.append(title)

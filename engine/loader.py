@@ -77,6 +77,7 @@ class LoadReport:
     source: Path
     database: Path
     data_version: str
+    dataset: str
     codebook: str
     strict: bool
     missing: Mapping[str, int]
@@ -103,6 +104,7 @@ class LoadReport:
             f"Loaded {self.rows:,} row{'' if self.rows == 1 else 's'} from {self.source}",
             f"  into          {self.database}",
             f"  data version  {self.data_version}",
+            f"  dataset       {self.dataset} (its versions share one dataset budget)",
             f"  codebook      {self.codebook} ({mode} mode)",
             f"  columns       {len(self.missing) - len(self.absent)} read, "
             f"{len(self.skipped)} skipped, {len(self.absent)} absent from the file",
@@ -140,6 +142,7 @@ def load(
     strict: bool = True,
     overwrite: bool = False,
     data_version: str | None = None,
+    dataset: str | None = None,
     progress: bool = False,
 ) -> LoadReport:
     """Load a CSV (`.csv`, `.csv.gz`) or Parquet file into a new data file at `database`.
@@ -149,6 +152,9 @@ def load(
     names the columns and values. Lenient mode stores such values as missing, loads an absent
     variable as all-missing, ignores unknown columns, and reports all of it. `data_version`
     defaults to the codebook fingerprint and the first 16 hex digits of the file's SHA-256.
+    `dataset` names the people the file describes and must stay the same across their versions
+    (a corrected file, next year's update): the ledger pays for every version of a dataset from
+    one cap. It defaults to the codebook's name.
     """
     source = Path(source)
     database = Path(database)
@@ -175,6 +181,7 @@ def load(
     elif not data_version.strip():
         raise LoadError("the data version must not be empty")
     version = data_version
+    dataset = data_file.check_dataset_name(codebook.name if dataset is None else dataset)
 
     try:
         database.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +203,9 @@ def load(
             counts = _Counts.of(row, layout)
             dirty = tuple(c for c in layout.columns if counts.out_of_domain[c.variable.name])
             values = _out_of_domain(connection, reader, dirty, missing_codes, progress, source)
-            report = _report(counts, values, source, database, version, codebook, strict, layout)
+            report = _report(
+                counts, values, source, database, codebook, strict, layout, (version, dataset)
+            )
             if strict:
                 _refuse(report, counts.filled, source)
             inserted = _run(
@@ -208,7 +217,9 @@ def load(
             ).fetchone()
             if inserted is None or inserted[0] != report.rows:
                 raise LoadError(f"{source} changed while it was being loaded")
-            data_file.finish(connection, codebook=codebook, data_version=version)
+            data_file.finish(
+                connection, codebook=codebook, data_version=version, dataset=dataset
+            )
         try:
             os.replace(partial, database)
         except OSError as exc:
@@ -450,11 +461,12 @@ def _report(
     out_of_domain: Mapping[str, Mapping[str, int]],
     source: Path,
     database: Path,
-    version: str,
     codebook: Codebook,
     strict: bool,
     layout: _Layout,
+    names: tuple[str, str],
 ) -> LoadReport:
+    version, dataset = names
     rows = counts.rows
     skipped = list(layout.skipped)
     for position, count in counts.filled.items():
@@ -474,6 +486,7 @@ def _report(
         source=source.resolve(),
         database=database.resolve(),
         data_version=version,
+        dataset=dataset,
         codebook=codebook.identity,
         strict=strict,
         missing=missing,

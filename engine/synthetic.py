@@ -298,6 +298,11 @@ def data_version(codebook: Codebook, *, rows: int, seed: int) -> str:
     return f"synthetic:{codebook.fingerprint_text}:{GENERATOR}:rows-{rows}:seed-{seed}"
 
 
+def dataset_name(codebook: Codebook) -> str:
+    """The dataset every generated file belongs to: made-up people, whatever the seed."""
+    return f"synthetic-{codebook.name}"
+
+
 def is_generated(path: str | Path, codebook: Codebook, *, rows: int, seed: int) -> bool:
     """Whether `path` is the file `generate` writes for these arguments and this codebook's
     content (a file made by an older build, or under an edited codebook, is not)."""
@@ -306,6 +311,7 @@ def is_generated(path: str | Path, codebook: Codebook, *, rows: int, seed: int) 
     return data_file.recorded(path) == {
         "data_version": data_version(codebook, rows=rows, seed=seed),
         "codebook": codebook.identity,
+        "dataset": dataset_name(codebook),
     }
 
 
@@ -345,7 +351,9 @@ def generate(
             for chunk in _prefetched(_chunks(world, rows=rows, seed=seed)):
                 data_file.append(connection, chunk)
                 bar.update(chunk.num_rows)
-        data_file.finish(connection, codebook=codebook, data_version=version)
+        data_file.finish(
+            connection, codebook=codebook, data_version=version, dataset=dataset_name(codebook)
+        )
     except BaseException:
         connection.close()
         partial.unlink(missing_ok=True)

@@ -94,7 +94,7 @@ class LedgerAccounts:
 
     @classmethod
     def open(
-        cls, path: Path, *, settings: Settings, data_version: str, caps: Caps,
+        cls, path: Path, *, settings: Settings, dataset: str, data_version: str, caps: Caps,
         wait_timeout: float,
     ) -> LedgerAccounts:
         """Open (or create) the ledger and apply the config's dataset and institution caps."""
@@ -106,6 +106,7 @@ class LedgerAccounts:
             path,
             accounting=settings.accounting,
             dataset_cap=caps.dataset,
+            dataset=dataset,
             data_version=data_version,
             wait_timeout=wait_timeout,
             actor=LOCAL_ACTOR,
@@ -144,7 +145,7 @@ class LedgerAccounts:
         return best is not None and (loss is None or best >= loss)
 
     def budget(self, identity: Identity) -> pb.Budget:
-        budget = self.ledger.client_budget(identity.client_id, data_version=self.data_version)
+        budget = self.ledger.client_budget(identity.client_id)
         own, institution, dataset = (budget.scope(k) for k in ("client", "institution", "dataset"))
         assert own is not None and dataset is not None
         out = pb.Budget(
@@ -247,7 +248,7 @@ class LedgerAccounts:
                 remaining=amount_text(scope.remaining),
                 releases=counts.get(scope.name, 0) if scope.kind == "client" else 0,
             )
-            for scope in (*report.clients, *report.institutions, *report.datasets)
+            for scope in (*report.clients, *report.institutions, report.dataset)
         ]
         return pb.LedgerReportResponse(
             accounting=ACCOUNTING_TO_PB[report.accounting],

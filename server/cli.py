@@ -112,6 +112,7 @@ def _start(
     accounts = LedgerAccounts.open(
         config.ledger,
         settings=engine.settings,
+        dataset=engine.dataset,
         data_version=engine.data_version,
         caps=config.caps,
         wait_timeout=config.limits.max_query_seconds,

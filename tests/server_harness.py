@@ -393,6 +393,7 @@ def start_live(
     accounts = LedgerAccounts.open(
         config.ledger,
         settings=engine.settings,
+        dataset=engine.dataset,
         data_version=engine.data_version,
         caps=config.caps,
         wait_timeout=config.limits.max_query_seconds,

@@ -85,6 +85,7 @@ class Shared:
                 path,
                 accounting=Accounting.PURE_DP,
                 dataset_cap=LEDGER_CAP,
+                dataset=self.engine.dataset,
                 data_version=self.engine.data_version,
             )
             self.ledger.register_client(CLIENT, role="researcher", cap=LEDGER_CAP)

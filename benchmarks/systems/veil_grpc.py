@@ -100,6 +100,7 @@ class LiveServer:
         accounts = LedgerAccounts.open(
             config.ledger,
             settings=engine.settings,
+            dataset=engine.dataset,
             data_version=engine.data_version,
             caps=config.caps,
             wait_timeout=config.limits.max_query_seconds,

@@ -113,6 +113,7 @@ def run(argv: list[str], ready: Callable[[], None]) -> int:
         args.ledger,
         accounting=Accounting.PURE_DP,
         dataset_cap=args.dataset_cap,
+        dataset=engine.dataset,
         data_version=engine.data_version,
         hooks=hook,
     )

@@ -234,8 +234,8 @@ def test_a_zcdp_ledger_reports_rho_with_epsilon_equivalents(
         [{"gender": "Female"}] * 30, settings=Settings(accounting=Accounting.ZCDP)
     )
     path = tmp_path / "zcdp.sqlite"
-    with Ledger.open(path, accounting="zcdp", dataset_cap="1", data_version=engine.data_version,
-                     delta=1e-6) as ledger:
+    with Ledger.open(path, accounting="zcdp", dataset_cap="1", dataset=engine.dataset,
+                     data_version=engine.data_version, delta=1e-6) as ledger:
         ledger.register_client("zoe", role="researcher", cap="0.5")
         for i, by in enumerate((("gender",), ("ageBroad",))):
             engine.release(Query(Count(), by=by), loss=PrivacyLoss.zcdp("0.1"), charger=ledger,

@@ -88,6 +88,7 @@ class Lane:
             self.ledger_path,
             accounting=Accounting.PURE_DP,
             dataset_cap=DATASET_CAP,
+            dataset=self.engine.dataset,
             data_version=self.engine.data_version,
         )
 
@@ -183,7 +184,7 @@ def check_after_restart(lane: Lane, interrupted: int | None) -> None:
         assert result.ok, result.problems
         assert not [c for c in ledger.charges() if c.state == "reserved"]
         report = ledger.report()
-        for scope in (*report.clients, *report.institutions, *report.datasets):
+        for scope in (*report.clients, *report.institutions, report.dataset):
             assert scope.held == 0
             assert scope.spent >= 0
             if scope.cap is not None:
@@ -201,7 +202,7 @@ def check_after_restart(lane: Lane, interrupted: int | None) -> None:
             total += loss
         for client, amount in paid.items():
             assert ledger.spent(client) >= amount
-        assert ledger.budget("dataset", lane.engine.data_version).spent >= total
+        assert ledger.budget("dataset", lane.engine.dataset).spent >= total
 
         if interrupted is not None:
             retry_interrupted(lane, ledger, work[interrupted], interrupted, records)

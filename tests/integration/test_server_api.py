@@ -315,7 +315,7 @@ def test_auditor_calls(live: LiveServer) -> None:
         rows = {(r.scope, r.name): r for r in report.rows}
         assert rows[("client", "alice")].spent == "0.5" and rows[("client", "alice")].releases == 1
         assert rows[("institution", "iom")].spent == "0.5"
-        assert rows[("dataset", "test")].spent == "0.75"
+        assert rows[("dataset", "ctdc")].spent == "0.75"
         assert '"accounting": "pure_dp"' in report.report_json
 
         listed = s.audit.ListReleases(pb.ListReleasesRequest(), metadata=auditor)

@@ -92,7 +92,11 @@ def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.sqlite"
     token = new_token()
     with Ledger.open(
-        ledger_path, accounting=Accounting.PURE_DP, dataset_cap="100", data_version="slow-test-data"
+        ledger_path,
+        accounting=Accounting.PURE_DP,
+        dataset_cap="100",
+        dataset="ctdc",
+        data_version="slow-test-data",
     ) as ledger:
         ledger.register_client("alice", role="researcher", cap="50", token_hash=hash_token(token))
     config = tmp_path / "veil.toml"

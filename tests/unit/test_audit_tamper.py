@@ -33,7 +33,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 
 
 def open_ledger(path: Path) -> Ledger:
-    return Ledger.open(path, accounting=Accounting.PURE_DP, dataset_cap="5", data_version="v1")
+    return Ledger.open(
+        path, accounting=Accounting.PURE_DP, dataset_cap="5", dataset="ctdc", data_version="v1"
+    )
 
 
 @pytest.fixture

@@ -67,6 +67,7 @@ def open_ledger(tmp_path: Path, engine: Engine) -> Iterator[Callable[..., Ledger
         settings: dict[str, Any] = {
             "accounting": Accounting.PURE_DP,
             "dataset_cap": "10",
+            "dataset": engine.dataset,
             "data_version": engine.data_version,
         }
         settings.update(options)
@@ -153,7 +154,7 @@ def test_race_64_threads_spend_exactly_the_cap(
     assert len(released) == 10
     assert len(refused) == 54
     assert {e.scope for e in refused} == {binding}
-    name = {"client": "solo", "institution": "iom", "dataset": "v1"}[binding]
+    name = {"client": "solo", "institution": "iom", "dataset": engine.dataset}[binding]
     budget = ledger.budget(binding, name)
     assert budget.spent == Fraction(1)  # exactly, not 0.9999999999999999
     assert budget.held == 0
@@ -488,14 +489,19 @@ def test_concurrent_requests_for_a_new_query_draw_noise_once(
     assert_verified(ledger)
 
 
-def test_no_replay_across_data_versions_and_caps_per_version(
-    engine: Engine, ledger: Ledger, tmp_path: Path
+def test_every_data_version_of_the_dataset_pays_from_one_cap(
+    engine: Engine, open_ledger: Callable[..., Ledger], tmp_path: Path
 ) -> None:
-    ledger.set_dataset_cap("v2", "0.1")
+    """A new version of the same people (a corrected file) neither replays the old version's
+    releases nor gets a fresh dataset cap: the people in it have already paid."""
+    ledger = open_ledger(dataset_cap="0.25")
+    ledger.register_client("alice", role="researcher", cap="1")
+    ledger.register_client("bob", role="researcher", cap="1")
     v2 = Engine(
         DuckDBBackend(write_database(tmp_path / "v2.duckdb", ROWS[:100], data_version="v2")),
         codebook=CODEBOOK,
     )
+    assert v2.dataset == engine.dataset
     first = release(engine, ledger, "alice", "a1")
     plan = v2.plan(distinct_query(0), loss=EPS)
     reservation = ledger.reserve(plan, client="alice", request_id="a2", data_version="v2")
@@ -504,18 +510,43 @@ def test_no_replay_across_data_versions_and_caps_per_version(
     assert second.to_bytes() != first.to_bytes()
     assert second.metadata.data_version == "v2"
     assert ledger.spent("alice") == Fraction(2, 10)
-    assert ledger.budget("dataset", "v1").spent == Fraction(1, 10)
-    assert ledger.budget("dataset", "v2").spent == Fraction(1, 10)
-    with pytest.raises(BudgetExceededError) as refused:
-        ledger.reserve(
-            v2.plan(distinct_query(1), loss=EPS), client="bob", request_id="b", data_version="v2"
-        )
-    assert refused.value.scope == "dataset"
+    assert ledger.budget("dataset", engine.dataset).spent == Fraction(2, 10)
+    # 0.05 of the dataset's 0.25 is left, whichever version is asked.
+    for version, data in (("v2", v2), ("v1", engine)):
+        with pytest.raises(BudgetExceededError) as refused:
+            ledger.reserve(
+                data.plan(distinct_query(1), loss=EPS), client="bob", request_id=f"b-{version}",
+                data_version=version,
+            )
+        assert refused.value.scope == "dataset"
+    assert ledger.client_budget("bob").remaining == Fraction(5, 100)
     # The committed answer must be for the reservation's data version.
-    held = ledger.reserve(engine.plan(distinct_query(5), loss=EPS), client="bob", request_id="x")
+    held = ledger.reserve(
+        engine.plan(distinct_query(5), loss=PrivacyLoss.pure("0.05")), client="bob",
+        request_id="x",
+    )
     with pytest.raises(VeilError, match="does not match"):
-        held.commit(v2.answer(v2.plan(distinct_query(5), loss=EPS)))
+        held.commit(v2.answer(v2.plan(distinct_query(5), loss=PrivacyLoss.pure("0.05"))))
     assert_verified(ledger)
+
+
+def test_a_ledger_keeps_one_datasets_budget(
+    open_ledger: Callable[..., Ledger], tmp_path: Path
+) -> None:
+    """Data of another dataset is refused before anything is written."""
+    ledger = open_ledger(path=tmp_path / "own.sqlite")
+    assert ledger.dataset == "ctdc"
+    head = ledger.head()
+    ledger.close()
+    with pytest.raises(VeilError, match=r"keeps the budget of dataset 'ctdc'.*'ics'"):
+        open_ledger(path=tmp_path / "own.sqlite", dataset="ics")
+    reopened = open_ledger(path=tmp_path / "own.sqlite", dataset=None)
+    assert reopened.dataset == "ctdc"
+    with pytest.raises(VeilError, match="needs the name of the dataset"):
+        open_ledger(path=tmp_path / "unnamed.sqlite", dataset=None)
+    assert reopened.head().partition(":")[0] == str(int(head.partition(":")[0]) + 1)  # opened
+    with pytest.raises(VeilError, match="dataset"):
+        open_ledger(path=tmp_path / "other.sqlite", dataset="bad name")
 
 
 # ---- durability ------------------------------------------------------------------------------
@@ -639,6 +670,7 @@ def test_a_ledger_opened_by_a_relative_path_stays_put(
         "relative.sqlite",
         accounting=Accounting.PURE_DP,
         dataset_cap="10",
+        dataset=engine.dataset,
         data_version=engine.data_version,
     )
     try:
@@ -796,6 +828,7 @@ def test_a_locked_ledger_is_reported_unavailable(engine: Engine, tmp_path: Path)
         tmp_path / "l.sqlite",
         accounting="pure_dp",
         dataset_cap=1,
+        dataset="ctdc",
         data_version="v1",
         busy_timeout=0.2,
     )
@@ -875,7 +908,9 @@ def test_dataset_default_cap_changes_on_open_are_audited(
     with pytest.raises(ClientRegistryError, match="already spent"):
         open_ledger(dataset_cap="0.05")
     reopened = open_ledger(dataset_cap="20", actor="local:veil-serve")
-    assert reopened.budget("dataset", "v1").cap == 20
+    assert reopened.budget("dataset", engine.dataset).cap == 20
+    with pytest.raises(VeilError, match="keeps the budget of dataset ctdc, not v1"):
+        reopened.budget("dataset", "v1")
     events = [e.entry for e in reopened.audit_log() if e.entry["event"] == "set_dataset_cap"]
     assert events[-1]["detail"] == {"before": "10", "after": "20", "actor": "local:veil-serve"}
     reopened.close()
@@ -903,7 +938,7 @@ def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
     ledger.raise_cap("dan", by="1", actor="root")
     ledger.set_token_hash("dan", "b" * 64, actor="root")
     ledger.set_institution_cap("iom", "5", actor="root")
-    ledger.set_dataset_cap(engine.data_version, "20", actor="root")
+    ledger.set_dataset_cap("20", actor="root")
     ledger.revoke("dan", reason="left the project", actor="root")
     ledger.set_cap("alice", "3")  # no actor given: recorded as null
     with pytest.raises(VeilError, match="acting client"):
@@ -941,8 +976,8 @@ def test_report_per_client_institution_and_dataset(engine: Engine, ledger: Ledge
     assert clients["carol"]["spent"] == "0"
     (iom,) = report["institutions"]
     assert (iom["cap"], iom["spent"], iom["remaining"]) == ("1.5", "0.35", "1.15")
-    (dataset,) = report["datasets"]
-    assert (dataset["name"], dataset["spent"], dataset["remaining"]) == ("v1", "0.35", "9.65")
+    dataset = report["dataset"]
+    assert (dataset["name"], dataset["spent"], dataset["remaining"]) == ("ctdc", "0.35", "9.65")
     assert report["audit_head"] == ledger.head()
     assert ledger.remaining("alice") == Fraction(9, 10)
     releases = ledger.releases()
@@ -956,7 +991,7 @@ def test_report_per_client_institution_and_dataset(engine: Engine, ledger: Ledge
     assert [(s.kind, s.name, s.spent) for s in alice.scopes] == [
         ("client", "alice", Fraction(1, 10)),
         ("institution", "iom", Fraction(35, 100)),
-        ("dataset", "v1", Fraction(35, 100)),
+        ("dataset", "ctdc", Fraction(35, 100)),
     ]
     assert alice.remaining == Fraction(85, 100) == ledger.remaining("alice")
     assert ledger.client_budget("carol").scope("institution") is None

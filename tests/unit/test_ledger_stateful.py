@@ -85,7 +85,7 @@ class Model:
         return (
             [f"client:{client}"]
             + ([f"institution:{institution}"] if institution else [])
-            + ["dataset:v1"]
+            + ["dataset:people"]
         )
 
     def cap(self, scope: str) -> Fraction:
@@ -125,7 +125,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def open(self) -> Ledger:
         return Ledger.open(
-            self.path, accounting=Accounting.PURE_DP, dataset_cap=DATASET_CAP, data_version="v1"
+            self.path,
+            accounting=Accounting.PURE_DP,
+            dataset_cap=DATASET_CAP,
+            dataset="people",
+            data_version="v1",
         )
 
     def teardown(self) -> None:
@@ -303,7 +307,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def budgets_within_caps_and_exact(self) -> None:
         report = self.ledger.report()
-        for scope in (*report.clients, *report.institutions, *report.datasets):
+        for scope in (*report.clients, *report.institutions, report.dataset):
             label = f"{scope.kind}:{scope.name}"
             assert scope.held == 0
             assert scope.spent >= 0
@@ -321,7 +325,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self.ledger.spent(client) >= paid
             held_by_anyone |= received
         total = sum((self.model.loss_of[d] for d in held_by_anyone), Fraction(0))
-        assert self.ledger.budget("dataset", "v1").spent >= total
+        assert self.ledger.budget("dataset", "people").spent >= total
 
     @invariant()
     def ledger_verifies(self) -> None:

@@ -59,6 +59,9 @@ class MemoryBackend:
     def codebook(self) -> str | None:
         return None  # rows written here from CODEBOOK itself
 
+    def dataset(self) -> str | None:
+        return None
+
 
 def value_strategy(name: str) -> st.SearchStrategy[Any]:
     variable = CODEBOOK.variable(name)

@@ -90,6 +90,9 @@ def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
         def codebook(self) -> str | None:
             return self.inner.codebook()
 
+        def dataset(self) -> str | None:
+            return self.inner.dataset()
+
     engine.backend = SlowBackend(engine.backend)  # type: ignore[assignment]
     with pytest.raises(QueryCancelledError):
         engine.release(

@@ -85,7 +85,11 @@ def test_row_count_and_data_version(tmp_path: Path, rows: int) -> None:
     with duckdb.connect(str(path), read_only=True) as connection:
         assert one(connection, "SELECT count(*) FROM records") == (rows,)
         metadata = dict(connection.execute("SELECT key, value FROM veil_metadata").fetchall())
-    assert metadata == {"data_version": version, "codebook": default_codebook().identity}
+    assert metadata == {
+        "data_version": version,
+        "codebook": default_codebook().identity,
+        "dataset": "synthetic-ctdc",
+    }
     assert synthetic.generate_arrow(rows, 1).num_rows == rows
 
 
