@@ -17,6 +17,7 @@ import pytest
 
 from engine.backend import DuckDBBackend
 from engine.codebook import Codebook, Kind, default_codebook, load_codebook
+from engine.engine import Engine
 from engine.errors import LoadError
 from engine.loader import LoadReport, load
 from engine.sql import Statement
@@ -492,6 +493,24 @@ def test_cli_load_prints_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     assert main(["load", str(source), str(database)]) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
+
+
+def test_the_dataset_name_is_recorded_for_the_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every version of the same people is loaded under one dataset name, which the ledger keys
+    the dataset budget by; the default is the codebook's name."""
+    source = quirky_file(tmp_path / "quirks.csv")
+    assert load(source, tmp_path / "default.duckdb", codebook=CTDC).dataset == "ctdc"
+    assert DuckDBBackend(tmp_path / "default.duckdb").dataset() == "ctdc"
+    named = tmp_path / "named.duckdb"
+    assert main(["load", str(source), str(named), "--dataset", "iom-2021", "--no-progress"]) == 0
+    assert "dataset       iom-2021" in capsys.readouterr().out
+    assert Engine(DuckDBBackend(named), codebook=CTDC).dataset == "iom-2021"
+    refused = tmp_path / "refused.duckdb"
+    assert main(["load", str(source), str(refused), "--dataset", "iom 2021"]) == 2
+    assert "a dataset name is" in capsys.readouterr().err
+    assert not refused.exists()
 
 
 def test_cli_strict_refusal_and_lenient(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
