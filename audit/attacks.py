@@ -12,8 +12,12 @@ data file. Each returns an `AttackResult`:
   differential privacy does not cover, where any success is a failure of the server;
 - margin: the one-sided 95% Clopper-Pearson margin above the observed rate;
 - verdict: "BREACH" when the rate is above the bound beyond chance (an exact binomial test at
-  level `alpha`, default 1e-3), "stopped" when the budget cut the attack short and it stayed
-  within the bound, "defended" otherwise, "skipped" when the data offers no target.
+  level `alpha`, default 1e-3); "stopped" when the budget (the server's, or the attack's share of
+  it) cut the attack short and it stayed within the bound; "defended" when it ran in full and
+  stayed within the bound; "inconclusive" when it ran but could not have shown a breach (so few
+  targets that even all of them guessed right would be within chance); "not run" when it could
+  not run at all (no data file, no targets, no budget for its queries, a refused call). Only the
+  first three mean the attack tested something (`AttackResult.ran`).
 
 The attacks, and what each shows:
 
@@ -23,7 +27,8 @@ The attacks, and what each shows:
   negation, always-true and always-false terms, repeated terms) averaged to cancel the noise.
   Canonical fingerprints make them one query, answered by one stored release.
 - reconstruction: random subset counts over a small subpopulation, solved by linear programming
-  (Dinur and Nissim), until the budget refuses more. Noise and the budget bound it.
+  (Dinur and Nissim), until the budget (or its share of it) ends it. Noise and the budget bound
+  it.
 - suppression: whether a cell holds k or k - 1 records, read from whether it is suppressed.
   Deciding suppression on the noisy count bounds it.
 - key_leakage: a category absent from the codebook must be refused and never appear as a key,
@@ -75,6 +80,16 @@ ATTACK_NAMES = (
 )
 NEEDS_TRUTH = frozenset({"key_leakage", "suppression", "differencing", "averaging",
                          "reconstruction"})
+# The attacks that spend budget; `run` gives each a share of what remains (see `run`).
+SPENDS = ("key_leakage", "suppression", "differencing", "averaging", "reconstruction",
+          "budget_race")
+# An attack whose default loss does not fit its share runs at a smaller loss, down to this
+# fraction of the default; below it the attack would show too little, and is not run.
+MIN_LOSS_FRACTION = Fraction(1, 10)
+
+BREACH, DEFENDED, STOPPED = "BREACH", "defended", "stopped"
+INCONCLUSIVE, NOT_RUN = "inconclusive", "not run"
+RAN = frozenset({BREACH, DEFENDED, STOPPED})
 
 
 @dataclass(frozen=True)
@@ -89,18 +104,30 @@ class AttackResult:
     trials: int = 0
     successes: int = 0
     p_value: float | None = None
+    share: str = ""  # the most `run` let it spend, and of what
 
     @property
     def upper(self) -> float:
         return min(1.0, self.success_rate + self.margin)
 
+    @property
+    def ran(self) -> bool:
+        """The attack tested something: its verdict says what the server did against it."""
+        return self.verdict in RAN
+
     def row(self) -> str:
-        rate = "-" if self.verdict == "skipped" else f"{self.success_rate:.3f}"
-        upper = "-" if self.verdict == "skipped" else f"{self.upper:.3f}"
+        scored = self.verdict != NOT_RUN
+        rate = f"{self.success_rate:.3f}" if scored else "-"
+        upper = f"{self.upper:.3f}" if scored else "-"
+        bound = f"{self.bound:.3f}" if scored else "-"
         return (
-            f"{self.name:<15} {rate:>8} {upper:>9} {self.bound:>9.3f} {self.trials:>7} "
-            f"{self.spent:>14}  {self.verdict}"
+            f"{self.name:<15} {rate:>8} {upper:>9} {bound:>9} {self.trials:>7} "
+            f"{self.spent:>14}  {self.verdict.upper() if self.verdict == NOT_RUN else self.verdict}"
         )
+
+
+def not_run(name: str, detail: str, *, spent: str = "0") -> AttackResult:
+    return AttackResult(name, 0.0, 0.5, 0.0, spent, NOT_RUN, detail)
 
 
 HEADER = (
@@ -146,9 +173,19 @@ def _guess_result(
     stopped: bool = False,
 ) -> AttackResult:
     if trials == 0:
-        return AttackResult(name, 0.0, bound, 0.0, spent, "skipped", detail)
+        return AttackResult(name, 0.0, bound, 0.0, spent, NOT_RUN, detail)
     p = binomial_p_value(successes, trials, bound)
-    verdict = "BREACH" if p < alpha else ("stopped" if stopped else "defended")
+    if p < alpha:
+        verdict = BREACH
+    elif binomial_p_value(trials, trials, bound) >= alpha:
+        # Even every guess right would be within chance: the attack could not have found a breach.
+        verdict = INCONCLUSIVE
+        detail += (
+            f"; INCONCLUSIVE: {trials} guesses are too few to show a breach of a bound of "
+            f"{bound:.3f} at level {alpha:g}, even if all were right"
+        )
+    else:
+        verdict = STOPPED if stopped else DEFENDED
     return AttackResult(
         name,
         successes / trials,
@@ -166,7 +203,7 @@ def _guess_result(
 def _count_result(name: str, bad: int, attempts: int, spent: str, detail: str) -> AttackResult:
     """For attacks differential privacy does not cover: any success is a failure."""
     rate = bad / attempts if attempts else 0.0
-    verdict = "BREACH" if bad else ("defended" if attempts else "skipped")
+    verdict = BREACH if bad else (DEFENDED if attempts else NOT_RUN)
     return AttackResult(name, rate, 0.0, 0.0, spent, verdict, detail, attempts, bad)
 
 
@@ -184,6 +221,9 @@ class Context:
     key: str = "citizenship"
     cells: tuple[str, ...] = ("yearOfRegistration", "gender")
     flag: str = "isForcedLabour"
+    # The most the running attack may spend (set by `run`; None: no limit but the server's).
+    share: Fraction | None = None
+    notes: list[str] = field(default_factory=list)  # what the running attack changed to fit it
     rng: random.Random = field(init=False)
     _knowledge: Knowledge | None = field(default=None, init=False)
 
@@ -218,6 +258,75 @@ class Context:
 
     def coin(self) -> int:
         return self.rng.randrange(2)
+
+    def affords(self, amount: Fraction) -> bool:
+        """Whether the running attack may spend `amount` in all, within its share."""
+        return self.share is None or amount <= self.share
+
+    def fit(self, loss: str, releases: int) -> str | None:
+        """The loss per release that lets `releases` releases fit the attack's share: `loss`
+        when it fits, else the most that does (three significant digits, rounded down), but
+        no less than MIN_LOSS_FRACTION of `loss`; None when even that does not fit."""
+        wanted = parse_amount(loss)
+        if self.affords(wanted * releases):
+            return loss
+        assert self.share is not None
+        fitted = _round_down(self.share / releases)
+        if fitted < wanted * MIN_LOSS_FRACTION:
+            return None
+        self.notes.append(
+            f"run at {self.unit}={format_amount(fitted)} per release instead of its default "
+            f"{loss}, to fit its share"
+        )
+        return format_amount(fitted)
+
+    def unaffordable(self, name: str, loss: str, releases: int) -> AttackResult:
+        """The result of an attack whose releases do not fit its share even at the least loss."""
+        least = parse_amount(loss) * MIN_LOSS_FRACTION * releases
+        return not_run(
+            name,
+            f"its {releases} release(s) need at least {self.unit}={format_amount(least)} (a "
+            f"tenth of its default loss of {loss} each), more than its share of the budget: "
+            f"give the client a larger cap, or run fewer attacks (--attack)",
+        )
+
+    def no_targets(self, name: str, *, alone: bool) -> AttackResult:
+        """Not run, for want of targets: says why, and which other --key would offer some.
+        Only variable names are printed (read from the data file the auditor holds), no counts."""
+        which = (
+            "the only record with its value" if alone
+            else "the only record with its value in its cell (--cells)"
+        )
+        detail = (
+            f"no targets: it guesses the --flag ({self.flag}) of records that are {which} of "
+            f"--key ({self.key}), with {self.flag} known, as many with it as without it; this "
+            f"data file has no such records for --key {self.key}. "
+        )
+        candidates = self.key_candidates(alone=alone)
+        if candidates:
+            detail += f"Choose another --key: {', '.join(candidates)} would offer targets"
+        else:
+            detail += "No other category or country variable offers any either"
+        return not_run(name, detail)
+
+    def key_candidates(self, *, alone: bool, limit: int = 5) -> list[str]:
+        """The category and country variables that would offer targets as --key, most first."""
+        if self.truth is None:
+            return []
+        kinds = (pb.VARIABLE_KIND_CATEGORY, pb.VARIABLE_KIND_COUNTRY)
+        names = [
+            v.name for v in self.target.codebook().codebook.variables
+            if v.kind in kinds and v.queryable and v.name not in (self.key, self.flag, *self.cells)
+        ]
+        offered: list[tuple[int, str]] = []
+        for name in names:
+            know = knowledge(self.truth, key=name, cells=self.cells, flag=self.flag)
+            people = [p for p in know.uniques if p.alone or not alone]
+            ones = sum(p.secret for p in people)
+            pairs = min(ones, len(people) - ones)
+            if pairs:
+                offered.append((-pairs, name))
+        return [name for _, name in sorted(offered)[:limit]]
 
 
 def _balanced(people: Sequence[Person], limit: int, rng: random.Random) -> list[Person]:
@@ -271,10 +380,21 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
     """A tracker: count(flag, base + targets) - count(flag, base) is each target's flag."""
     know = ctx.knowledge()
     people = _balanced(_targets(know), trials, ctx.rng)
+    if not people:
+        return ctx.no_targets("differencing", alone=False)
+    batches = _batches(people, know)
+    fitted = ctx.fit(loss, 2 * len(batches))
+    if fitted is None:
+        return ctx.unaffordable("differencing", loss, 2 * len(batches))
+    loss = fitted
     successes = tried = 0
     spent = Fraction(0)
     stopped = False
-    for number, batch in enumerate(_batches(people, know)):
+    ended_by = "the server's budget refused more"
+    for number, batch in enumerate(batches):
+        if not ctx.affords(spent + 2 * parse_amount(loss)):
+            stopped, ended_by = True, "its share of the budget was spent"
+            break
         base = _base(know, number, batch)
         codes = sorted({p.code for p in batch})
         flagged = Eq(know.flag, 1)
@@ -294,11 +414,14 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
             guess = ctx.coin() if a is None or b is None else int(a - b >= 0.5)
             successes += guess == person.secret
             tried += 1
+    if not tried:
+        return not_run("differencing", f"the server's budget refused its first release "
+                                       f"({ctx.unit}={loss})")
     per_target = 2 * parse_amount(loss)
     detail = (
         f"{tried} unique targets, each the only difference between two counts of "
         f"{ctx.unit}={loss} each ({ctx.spent_text(per_target)} about each target)"
-        + (f"; the budget refused more after {tried} of {len(people)}" if stopped else "")
+        + (f"; {ended_by} after {tried} of {len(people)}" if stopped else "")
     )
     return _guess_result(
         "differencing", successes, tried, ctx.bound(per_target), ctx.spent_text(spent), detail,
@@ -365,13 +488,22 @@ def averaging(
     assert ctx.truth is not None
     know = ctx.knowledge()
     people = _balanced(_targets(know), trials, ctx.rng)
+    if not people:
+        return ctx.no_targets("averaging", alone=False)
+    batches = _batches(people, know)
+    # Each batch should cost one release (and one per variant): the rewrites are free replays.
+    fitted = ctx.fit(loss, len(batches) * (1 + variants))
+    if fitted is None:
+        return ctx.unaffordable("averaging", loss, len(batches) * (1 + variants))
+    loss = fitted
     successes = tried = 0
     spent = Fraction(0)
     distinct: set[str] = set()
     asked = 0
     per_target = Fraction(0)
     stopped = False
-    for number, batch in enumerate(_batches(people, know)):
+    ended_by = ""
+    for number, batch in enumerate(batches):
         codes = _base(know, number, batch) + sorted({p.code for p in batch})
         query = Query(Count(), by=know.cells, where=And(Eq(know.flag, 1), In(know.key, codes)))
         exact = ctx.truth.counts(query)
@@ -379,24 +511,30 @@ def averaging(
         extra = [c for c in know.empty if c not in codes][:variants]
         conditions += [And(Eq(know.flag, 1), In(know.key, [*codes, e])) for e in extra]
         answers: list[Answer] = []
+        batch_spent = Fraction(0)
         try:
             for condition in [query.where, *conditions]:
                 assert condition is not None
-                answers.append(
-                    ctx.target.release(Query(Count(), by=know.cells, where=condition), loss=loss)
-                )
+                asking = Query(Count(), by=know.cells, where=condition)
+                # A request that would pass the share if charged is sent only when the server
+                # says it would be a free replay (as every rewrite should be).
+                if not ctx.affords(
+                    spent + batch_spent + parse_amount(loss)
+                ) and not ctx.target.already_released(asking, loss=loss):
+                    stopped, ended_by = True, "its share of the budget was spent"
+                    break
+                answer = ctx.target.release(asking, loss=loss)
+                answers.append(answer)
+                if answer.release_id not in distinct:
+                    distinct.add(answer.release_id)
+                    batch_spent += parse_amount(answer.loss)
         except Refused as exc:
             if not exc.budget:
                 raise
-            stopped = True  # score what was answered, then stop
+            stopped, ended_by = True, "the server's budget refused more"  # score what was answered
         if not answers:
             break
         asked += len(answers)
-        batch_spent = Fraction(0)
-        for answer in answers:
-            if answer.release_id not in distinct:
-                distinct.add(answer.release_id)
-                batch_spent += parse_amount(answer.loss)
         spent += batch_spent
         per_target = max(per_target, batch_spent)
         for person in batch:
@@ -411,11 +549,13 @@ def averaging(
             tried += 1
         if stopped:
             break
+    if not tried:
+        return not_run("averaging", f"{ended_by} before its first release ({ctx.unit}={loss})")
     detail = (
         f"{asked} requests ({repeats} rewrites of each query, {variants} variants with an empty "
         f"country added) were answered by {len(distinct)} distinct releases; "
         f"{ctx.spent_text(per_target)} charged about each target"
-        + ("; the budget refused more" if stopped else "")
+        + (f"; {ended_by}" if stopped else "")
     )
     return _guess_result(
         "averaging", successes, tried, ctx.bound(per_target), ctx.spent_text(spent), detail,
@@ -449,6 +589,10 @@ def reconstruction(
     then every target's flag from a linear program."""
     know = ctx.knowledge()
     group = _balanced([p for p in _targets(know) if p.alone], people, ctx.rng)
+    if not group:
+        return ctx.no_targets("reconstruction", alone=True)
+    if not ctx.affords(parse_amount(loss)):
+        return ctx.unaffordable("reconstruction", loss, 1)
     n = len(group)
     limit = max_queries or 4 * n
     base = list(know.common)
@@ -457,12 +601,16 @@ def reconstruction(
     seen: set[tuple[int, ...]] = set()
     spent = Fraction(0)
     stopped = False
+    ended_by = "the budget refused more"
     asked = 0
-    while n and asked < limit:
+    while asked < limit:
         mask = tuple(ctx.rng.randrange(2) for _ in range(n))
         if mask in seen:
             continue
         seen.add(mask)
+        if not ctx.affords(spent + parse_amount(loss)):
+            stopped, ended_by = True, "its share of the budget was spent"
+            break
         chosen = [p.code for p, bit in zip(group, mask, strict=True) if bit]
         query = Query(Count(), where=And(Eq(know.flag, 1), In(know.key, base + chosen)))
         try:
@@ -478,13 +626,16 @@ def reconstruction(
         if value is not None:
             masks.append(list(mask))
             ys.append(float(value))
+    if not asked:
+        return not_run("reconstruction", f"the server's budget refused its first query "
+                                         f"({ctx.unit}={loss})")
     if masks:
         estimate = solve_subset_sums(np.array(masks, dtype=float), np.array(ys))
         guesses = [int(x >= 0.5) for x in estimate]
     else:
         guesses = [ctx.coin() for _ in group]
     successes = sum(g == p.secret for g, p in zip(guesses, group, strict=True))
-    why = "the budget refused more" if stopped else f"it reached its limit of {limit} queries"
+    why = ended_by if stopped else f"it reached its limit of {limit} queries"
     detail = (
         f"{asked} random subset counts over {n} unique targets ({ctx.unit}={loss} each) before "
         f"{why}; {len(masks)} were published; bits recovered by linear programming"
@@ -524,9 +675,15 @@ def suppression(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> AttackR
     k = int(ctx.deployment.k)
     by, cells = _sized_cells(ctx, know, (k, k - 1), trials)
     if not cells:
-        return _guess_result("suppression", 0, 0, 0.5, "0", "no cells of k and k - 1 records",
-                             alpha=ctx.alpha)
-    answer = ctx.target.release(Query(Count(), by=by), loss=loss)
+        return not_run(
+            "suppression",
+            f"no targets: it needs cells of {k} and of {k - 1} records by --key ({know.key}), "
+            f"alone or with --cells, and this data file has none",
+        )
+    fitted = ctx.fit(loss, 1)
+    if fitted is None:
+        return ctx.unaffordable("suppression", loss, 1)
+    answer = ctx.target.release(Query(Count(), by=by), loss=fitted)
     successes = sum(int(answer.published(p.cell)) == p.secret for p in cells)
     amount = parse_amount(answer.loss)
     detail = (
@@ -564,6 +721,10 @@ def key_leakage(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> AttackR
     """Canary categories must be refused and never be keys; a one-record category must look
     like an empty one."""
     know = ctx.knowledge()
+    fitted = ctx.fit(loss, 1)
+    if fitted is None:
+        return ctx.unaffordable("key_leakage", loss, 1)
+    loss = fitted
     findings: list[str] = []
     codebook = ctx.target.codebook().codebook
     text_variables = [
@@ -614,12 +775,27 @@ def key_leakage(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> AttackR
         "key_leakage", successes, len(sample), ctx.bound(amount), ctx.spent_text(amount), detail,
         alpha=ctx.alpha,
     )
-    if findings and result.verdict != "BREACH":
-        result = AttackResult(**{**result.__dict__, "verdict": "BREACH"})
+    if findings and result.verdict != BREACH:
+        result = AttackResult(**{**result.__dict__, "verdict": BREACH})
+    elif result.verdict == NOT_RUN:
+        # The canaries and the domain check ran; the one-record-or-none guesses did not.
+        result = AttackResult(**{
+            **result.__dict__,
+            "verdict": INCONCLUSIVE,
+            "detail": f"{detail}; INCONCLUSIVE: no cell by {know.key} holds one record or none, "
+                      f"so the one-or-none guesses did not run",
+        })
     return result
 
 
 # ---- budget race ---------------------------------------------------------------------------------
+
+
+def remaining_budget(budget: pb.Budget) -> Fraction:
+    """What the client may still spend: the least of its own, its institution's and the
+    dataset's remaining budget (those the server reports)."""
+    values = [budget.remaining, budget.institution_remaining, budget.dataset_remaining]
+    return min((parse_amount(v) for v in values if v), default=Fraction(0))
 
 
 def _round_down(value: Fraction) -> Fraction:
@@ -634,9 +810,17 @@ def _round_down(value: Fraction) -> Fraction:
 def budget_race(ctx: Context, *, threads: int = 12, factor: int = 3) -> AttackResult:
     """Concurrent releases asking, together, `factor` times the remaining budget."""
     before = ctx.target.budget()
-    remaining = parse_amount(before.remaining or "0")
+    remaining = remaining_budget(before)
     loss = max(_round_down(remaining / 8), Fraction(1, 1000))
     allowed = math.floor(remaining / loss)
+    if allowed == 0:
+        # Every release would be refused whatever the ledger does: a race for nothing tests nothing.
+        return not_run(
+            "budget_race",
+            f"no budget to race for: the client has {ctx.unit}={format_amount(remaining)} left, "
+            f"less than one release of {format_amount(loss)}; run it with budget left (alone, "
+            f"or with a larger cap)",
+        )
     attempts = max(factor * allowed, 2 * threads)
     domain = sorted(c for c in _domain(ctx, ctx.key) if c is not None)
     queries = [Query(Count(), where=Eq(ctx.key, code)) for code in domain[:attempts]]
@@ -879,33 +1063,96 @@ def run(
     trials: int | None = None,
     on_result: Callable[[AttackResult], None] | None = None,
 ) -> list[AttackResult]:
-    """Run the named attacks in the canonical order; `trials` overrides each one's default."""
+    """Run the named attacks in the canonical order; `trials` overrides each one's default.
+
+    The budget is planned so that no attack starves the ones after it: each attack that spends
+    may spend at most an equal share of what the client has left when it starts (what one leaves
+    unspent passes to the next), except budget_race, which runs last and needs all that is
+    left. An attack that cannot run, or runs with nothing to spend, says so ("not run")."""
+    selected = [name for name in ATTACK_NAMES if name in names]
+    runnable = [n for n in selected if n not in NEEDS_TRUTH or ctx.truth is not None]
     results = []
-    for name in ATTACK_NAMES:
-        if name not in names:
-            continue
-        if name in NEEDS_TRUTH and ctx.truth is None:
-            result = AttackResult(name, 0.0, 0.5, 0.0, "0", "skipped",
-                                  "needs the data file to score against (--truth)")
-        else:
-            kwargs: dict[str, Any] = {}
-            if trials is not None and name in ("differencing", "averaging", "suppression",
-                                               "key_leakage"):
-                kwargs["trials"] = trials
-            if trials is not None and name == "reconstruction":
-                kwargs["people"] = trials
-            started = time.perf_counter()
-            try:
-                result = ATTACKS[name](ctx, **kwargs)
-            except Refused as exc:
-                result = AttackResult(name, 0.0, 0.5, 0.0, "0", "stopped",
-                                      f"the server refused the attack: {exc}")
-            result = AttackResult(
-                **{**result.__dict__,
-                   "detail": f"{result.detail} ({time.perf_counter() - started:.1f} s)"}
-            )
+    for name in selected:
+        started = time.perf_counter()
+        ctx.share, ctx.notes = None, []
+        share_text = ""
+        try:
+            if name not in runnable:
+                result = not_run(name, "needs the data file to score against (--truth)")
+            else:
+                if name in SPENDS:
+                    left = remaining_budget(ctx.target.budget())
+                    spenders = [n for n in runnable[runnable.index(name):] if n in SPENDS]
+                    ctx.share = left if name == "budget_race" else left / len(spenders)
+                    share_text = (
+                        f"{ctx.unit}={format_amount(_round_down(ctx.share))} of "
+                        f"{format_amount(left)} left"
+                    )
+                result = _attack(ctx, name, trials)
+        except Refused as exc:
+            # A refusal the attack did not expect: it was not scored, so it tested nothing.
+            why = "it for budget" if exc.budget else "one of its calls"
+            result = not_run(name, f"the server refused {why}: {exc}")
+        except Exception as exc:  # one attack failing must not hide what the others show
+            result = not_run(name, f"it failed: {type(exc).__name__}: {exc}")
+        finally:
+            share, ctx.share = ctx.share, None
+        detail = result.detail
+        if ctx.notes:
+            detail += "; " + "; ".join(ctx.notes)
+        if share is not None:
+            detail += f"; its share: {share_text}"
+        detail += f" ({time.perf_counter() - started:.1f} s)"
+        result = AttackResult(**{**result.__dict__, "detail": detail, "share": share_text})
         results.append(result)
         if on_result is not None:
             on_result(result)
     return results
 
+
+def _attack(ctx: Context, name: str, trials: int | None) -> AttackResult:
+    kwargs: dict[str, Any] = {}
+    if trials is not None and name in ("differencing", "averaging", "suppression", "key_leakage"):
+        kwargs["trials"] = trials
+    if trials is not None and name == "reconstruction":
+        kwargs["people"] = trials
+    return ATTACKS[name](ctx, **kwargs)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """How many of the selected attacks ran, and what they showed."""
+
+    selected: int
+    ran: int
+    breaches: tuple[str, ...]
+    not_run: tuple[str, ...]
+    inconclusive: tuple[str, ...]
+
+    @classmethod
+    def of(cls, results: Sequence[AttackResult]) -> Summary:
+        def named(*verdicts: str) -> tuple[str, ...]:
+            return tuple(r.name for r in results if r.verdict in verdicts)
+
+        return cls(len(results), sum(r.ran for r in results), named(BREACH), named(NOT_RUN),
+                   named(INCONCLUSIVE))
+
+    @property
+    def complete(self) -> bool:
+        return self.ran == self.selected
+
+    def text(self) -> str:
+        line = f"{self.ran} of {self.selected} attacks ran"
+        parts = [f"{len(self.breaches)} found a breach" + (
+            f" ({', '.join(self.breaches)})" if self.breaches else "")]
+        if self.not_run:
+            parts.append(f"{len(self.not_run)} did not run ({', '.join(self.not_run)})")
+        if self.inconclusive:
+            parts.append(
+                f"{len(self.inconclusive)} ran too little to show a breach "
+                f"({', '.join(self.inconclusive)})"
+            )
+        text = f"{line}: {'; '.join(parts)}."
+        if not self.complete:
+            text += " The others could not have shown a breach: see why above."
+        return text

@@ -22,12 +22,15 @@ from engine.errors import VeilError
 from engine.ledger import Ledger
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+# `veil attack`: no breach found, but some selected attack did not run or could not have shown one.
+EXIT_INCOMPLETE = 3
 
 
 def _token(args: argparse.Namespace) -> str:
     token = args.token or os.environ.get("VEIL_TOKEN", "")
     if not token:
-        raise SystemExit("give the client's token with --token or in VEIL_TOKEN")
+        print("give the client's token with --token or in VEIL_TOKEN", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)  # not 1, which says a breach or a failed verification
     return str(token)
 
 
@@ -136,15 +139,33 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "attack",
         help="run the disclosure attack suite against a live server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Attack a live veil server with one client's token: differencing, averaging, "
-            "reconstruction, suppression membership, key leakage, a budget race and injection "
-            "or denial-of-service probes. Each prints the attacker's success rate next to the "
-            "bound differential privacy allows for the privacy loss spent, with a 95% upper "
-            "margin. The guessing attacks are scored against the data file the server serves "
-            "(--truth), read in-process. The attacks spend the client's budget (reconstruction "
-            "and budget_race all of what remains): use a client registered for auditing. "
-            "Exits 1 when any attack breaches its bound."
+            "Attack a live veil server with one client's token: differencing, averaging,\n"
+            "reconstruction, suppression membership, key leakage, a budget race and injection\n"
+            "or denial-of-service probes. Each prints the attacker's success rate next to the\n"
+            "bound differential privacy allows for the privacy loss spent, with a 95% upper\n"
+            "margin. The guessing attacks are scored against the data file the server serves\n"
+            "(--truth), read in-process.\n"
+            "\n"
+            "Budget: the attacks spend the client's budget; use a client registered for\n"
+            "auditing. So that one attack cannot starve the others, each attack that spends\n"
+            "may spend at most an equal share of what the client has left when it starts\n"
+            "(what one leaves unspent passes on); budget_race, last, races for all that is\n"
+            "left. An attack whose default loss does not fit its share runs at a smaller loss,\n"
+            "down to a tenth of the default; each line states its share and the loss spent.\n"
+            "\n"
+            "Verdicts: BREACH (success above the bound beyond chance, at --alpha); defended\n"
+            "(ran in full, within the bound); stopped (the budget or its share ended it early,\n"
+            "within the bound); inconclusive (ran, but too little to show a breach even had\n"
+            "every guess been right); NOT RUN (could not run: no --truth, no targets for\n"
+            "--key, no budget for its queries, a refused call; the line says why). Only the\n"
+            "first three count as run in the summary.\n"
+            "\n"
+            "Exit status: 0 every selected attack ran and none found a breach; 1 an attack\n"
+            "found a breach; 2 an error (an unreadable --truth file, a bad option);\n"
+            f"{EXIT_INCOMPLETE} no breach found, but some attack did not run or was inconclusive: "
+            "the\nrun tested less than was asked."
         ),
     )
     _connection_arguments(parser, required=True)
@@ -181,15 +202,31 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_attack(args: argparse.Namespace) -> int:
-    from audit.attacks import ATTACK_NAMES, HEADER, AttackResult, Context, run
+    from audit.attacks import ATTACK_NAMES, HEADER, AttackResult, Context, Summary, run
     from audit.truth import Truth
     from audit.wire import Target
     from engine.codebook import load_codebook
 
+    cells = tuple(c.strip() for c in args.cells.split(",") if c.strip())
+    if args.key in cells or args.flag in (args.key, *cells):
+        print("veil attack: --key, --cells and --flag must name different variables",
+              file=sys.stderr)
+        return EXIT_ERROR
     truth = None
     if args.truth is not None:
         try:
-            truth = Truth(args.truth, codebook=load_codebook(args.codebook))
+            codebook = load_codebook(args.codebook)
+        except Exception as exc:
+            print(f"veil attack: cannot load the codebook {args.codebook}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        known = {v.name for v in codebook.variables} | {d.name for d in codebook.derived}
+        unknown = [name for name in (args.key, *cells, args.flag) if name not in known]
+        if unknown:
+            print(f"veil attack: not in the codebook {args.codebook}: {', '.join(unknown)}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        try:
+            truth = Truth(args.truth, codebook=codebook)
         except Exception as exc:
             print(f"veil attack: cannot read {args.truth}: {exc}", file=sys.stderr)
             return EXIT_ERROR
@@ -201,7 +238,7 @@ def run_attack(args: argparse.Namespace) -> int:
             seed=args.seed,
             alpha=args.alpha,
             key=args.key,
-            cells=tuple(c.strip() for c in args.cells.split(",") if c.strip()),
+            cells=cells,
             flag=args.flag,
         )
         if not args.json:
@@ -217,15 +254,21 @@ def run_attack(args: argparse.Namespace) -> int:
         finally:
             if truth is not None:
                 truth.close()
+    summary = Summary.of(results)
     if args.json:
-        print(json.dumps([{**r.__dict__, "upper": r.upper} for r in results], indent=2))
+        print(json.dumps(
+            [{**r.__dict__, "upper": r.upper, "ran": r.ran} for r in results], indent=2
+        ))
     else:
         print(
             "\nsuccess: the share of guesses that were right; 95% upper: its one-sided "
             "Clopper-Pearson limit; DP bound: the highest success differential privacy allows "
             "for the loss spent about each target (0 where any success is a failure)."
         )
-    return EXIT_FOUND if any(r.verdict == "BREACH" for r in results) else EXIT_OK
+        print(f"\n{summary.text()}")
+    if summary.breaches:
+        return EXIT_FOUND
+    return EXIT_OK if summary.complete else EXIT_INCOMPLETE
 
 
 __all__ = ["add_attack_command", "add_audit_command", "fetch_tables"]

@@ -167,6 +167,12 @@ class Target:
         response = self._unary(self.research.Release, request)
         return answer_from_pb(response, query.by)
 
+    def already_released(self, query: Query, *, loss: str) -> bool:
+        """Whether a release of `query` at `loss` exists, so asking it again is free (a dry run,
+        which charges nothing)."""
+        request = pb.DryRunRequest(query=query_to_pb(query), loss=loss)
+        return bool(self._unary(self.research.DryRun, request).already_released)
+
     def raw(self, method: str, payload: bytes, *, timeout: float | None = None) -> Call:
         """Send raw request bytes to `/veil.v1.<Service>/<Method>`; never raises for a status."""
         call = self.channel.unary_unary(

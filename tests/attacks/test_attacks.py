@@ -195,7 +195,8 @@ def test_run_orders_attacks_and_skips_those_needing_the_truth(
     attacker.ctx.truth = None
     results = attacks.run(attacker.ctx, ("differencing", "injection"))
     assert [r.name for r in results] == ["injection", "differencing"]
-    assert results[1].verdict == "skipped" and "--truth" in results[1].detail
+    assert results[1].verdict == "not run" and "--truth" in results[1].detail
+    assert not results[1].ran and results[0].ran
 
 
 @pytest.mark.slow
