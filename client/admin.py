@@ -50,6 +50,7 @@ class ClientInfo:
     revoked: bool
     created_at: str
     revoked_at: str | None
+    token_expires_at: str | None = None  # None: the token never expires
 
     @classmethod
     def from_pb(cls, m: pb.ClientInfo) -> ClientInfo:
@@ -63,6 +64,7 @@ class ClientInfo:
             revoked=m.revoked,
             created_at=m.created_at,
             revoked_at=m.revoked_at or None,
+            token_expires_at=m.token_expires_at or None,
         )
 
     @property
@@ -81,8 +83,13 @@ class ClientInfo:
         d = self.to_dict()
         where = f", {self.institution}" if self.institution else ""
         revoked = f", revoked {self.revoked_at}" if self.revoked else ""
+        expires = (
+            f", token expires {self.token_expires_at}"
+            if self.token_expires_at and not self.revoked
+            else ""
+        )
         return (f"{self.client_id} ({self.role}{where}): cap {d['cap']}, spent {d['spent']}, "
-                f"remaining {d['remaining']}{revoked}")
+                f"remaining {d['remaining']}{revoked}{expires}")
 
 
 def budget_text(value: Any) -> str:

@@ -39,7 +39,7 @@ from client.cli import (
 from client.connection import Client
 
 _COLUMNS = ("client_id", "role", "institution", "cap", "spent", "remaining", "revoked",
-            "created_at", "revoked_at")
+            "created_at", "revoked_at", "token_expires_at")
 
 
 def add_admin_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -203,11 +203,12 @@ def clients_text(clients: list[ClientInfo], fmt: str) -> str:
     from client.display import text_table
 
     headers = ["client_id", "role", "institution", "cap", "spent", "remaining", "status",
-               "created_at"]
+               "created_at", "token_expires"]
     table = [
         [r["client_id"], r["role"], r["institution"] or "", r["cap"], r["spent"],
          r["remaining"], f"revoked {_seconds(r['revoked_at'])}" if r["revoked"] else "active",
-         _seconds(r["created_at"])]
+         _seconds(r["created_at"]),
+         _seconds(r["token_expires_at"]) if r["token_expires_at"] else "never"]
         for r in rows
     ]
     right = [h in ("cap", "spent", "remaining") for h in headers]

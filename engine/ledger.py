@@ -162,6 +162,7 @@ _SCHEMA = (
         institution TEXT,
         cap TEXT NOT NULL,
         token_hash TEXT UNIQUE,
+        token_expires_at TEXT,
         status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
         created_at TEXT NOT NULL,
         revoked_at TEXT
@@ -255,10 +256,18 @@ class ClientRecord:
     token_hash: str | None
     created_at: str
     revoked_at: str | None
+    token_expires_at: str | None = None  # None: the token does not expire
 
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+    def token_expired(self, now: datetime | None = None) -> bool:
+        """Whether the client's token has passed its expiry (`now` defaults to the clock)."""
+        if self.token_expires_at is None:
+            return False
+        expiry = datetime.fromisoformat(self.token_expires_at.replace("Z", "+00:00"))
+        return (now or datetime.now(UTC)) >= expiry
 
 
 @dataclass(frozen=True)
@@ -429,7 +438,13 @@ class VerifyResult:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return _timestamp(datetime.now(UTC))
+
+
+def _timestamp(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise VeilError("a time on the ledger must carry its time zone")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _new_id(prefix: str) -> str:
@@ -1636,11 +1651,13 @@ class Ledger:
         cap: Number,
         institution: str | None = None,
         token_hash: str | None = None,
+        token_expires_at: datetime | None = None,
         actor: str | None = None,
     ) -> ClientRecord:
         """Register a client with its role, cap and (optional) institution and token hash.
 
-        Only a hash of a token is stored; the server hashes what it receives and compares.
+        Only a hash of a token is stored; the server hashes what it receives and compares,
+        and refuses it from `token_expires_at` on (None: never).
         `actor`, here and in the other admin methods, is who asked (an administrator's client
         id); the audit entry records it in its detail, null when not given.
         """
@@ -1657,8 +1674,13 @@ class Ledger:
             _check_name(institution, "institution")
         amount = exact_cap(cap, what="client cap")
         _check_token_hash(token_hash)
+        expires = None if token_expires_at is None else _timestamp(token_expires_at)
         detail = self._admin_detail(
-            actor, role=role, institution=institution, token="set" if token_hash else "none"
+            actor,
+            role=role,
+            institution=institution,
+            token="set" if token_hash else "none",
+            token_expires_at=expires,
         )
         now = _now()
 
@@ -1673,9 +1695,9 @@ class Ledger:
             ):
                 raise ClientRegistryError("that token hash belongs to another client")
             conn.execute(
-                "INSERT INTO clients (client_id, role, institution, cap, token_hash, status, "
-                "created_at) VALUES (?, ?, ?, ?, ?, 'active', ?)",
-                (client_id, role, institution, format_amount(amount), token_hash, now),
+                "INSERT INTO clients (client_id, role, institution, cap, token_hash, "
+                "token_expires_at, status, created_at) VALUES (?, ?, ?, ?, ?, ?, 'active', ?)",
+                (client_id, role, institution, format_amount(amount), token_hash, expires, now),
             )
             self._append(
                 conn,
@@ -1735,11 +1757,18 @@ class Ledger:
         )
 
     def set_token_hash(
-        self, client_id: str, token_hash: str | None, *, actor: str | None = None
+        self,
+        client_id: str,
+        token_hash: str | None,
+        *,
+        expires_at: datetime | None = None,
+        actor: str | None = None,
     ) -> ClientRecord:
-        """Replace (or clear) a client's token hash, e.g. when its token is rotated."""
+        """Replace (or clear) a client's token hash, e.g. when its token is rotated; the new
+        token is refused from `expires_at` on (None: never)."""
         _check_token_hash(token_hash)
-        detail = self._admin_detail(actor)
+        expires = None if expires_at is None else _timestamp(expires_at)
+        detail = self._admin_detail(actor, token_expires_at=expires)
 
         def work(conn: sqlite3.Connection) -> None:
             if _client_row(conn, client_id) is None:
@@ -1753,7 +1782,8 @@ class Ledger:
             ):
                 raise ClientRegistryError("that token hash belongs to another client")
             conn.execute(
-                "UPDATE clients SET token_hash = ? WHERE client_id = ?", (token_hash, client_id)
+                "UPDATE clients SET token_hash = ?, token_expires_at = ? WHERE client_id = ?",
+                (token_hash, expires, client_id),
             )
             self._append(
                 conn,
@@ -1902,6 +1932,8 @@ class Ledger:
             (name, format_amount(spent), format_amount(held)),
         )
         conn.execute("DROP TABLE dataset_caps")
+        # Schema 2 also lets a token expire; tokens issued before never do.
+        conn.execute("ALTER TABLE clients ADD COLUMN token_expires_at TEXT")
         conn.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
             [("schema_version", SCHEMA_VERSION), ("dataset", name)],
@@ -2165,7 +2197,8 @@ def _scope_keys(client: str, institution: str | None, dataset: str) -> tuple[_Sc
 
 def _client_row(conn: sqlite3.Connection, client_id: str) -> ClientRecord | None:
     row = conn.execute(
-        "SELECT client_id, role, institution, cap, status, token_hash, created_at, revoked_at "
+        "SELECT client_id, role, institution, cap, status, token_hash, created_at, revoked_at, "
+        "token_expires_at "
         "FROM clients WHERE client_id = ?",
         (client_id,),
     ).fetchone()
@@ -2180,6 +2213,7 @@ def _client_row(conn: sqlite3.Connection, client_id: str) -> ClientRecord | None
         token_hash=row[5],
         created_at=row[6],
         revoked_at=row[7],
+        token_expires_at=row[8],
     )
 
 

@@ -8,6 +8,7 @@ ledger only as hashes (`server.auth.hash_token`).
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +20,7 @@ from engine.loss import parse_amount
 from engine.release import Charger, Release
 from engine.settings import Settings
 from protos.veil.v1 import veil_pb2 as pb
-from server.auth import Identity, Role, hash_token
+from server.auth import ExpiredToken, Identity, Role, hash_token
 from server.config import Caps
 from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
 from server.errors import NotFoundError
@@ -35,7 +36,7 @@ class Accounts(Protocol):
     def charger(self) -> Charger: ...
 
     # -- authentication (the interceptor) --
-    def identify(self, token_hash: str) -> Identity | None: ...
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | None: ...
 
     def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None: ...
 
@@ -68,7 +69,7 @@ class Accounts(Protocol):
 
     def clients(self) -> list[pb.ClientInfo]: ...
 
-    def rotate(self, client: str, *, token: str, by: Identity) -> None: ...
+    def rotate(self, client: str, *, token: str, by: Identity) -> pb.ClientInfo: ...
 
     # -- auditors --
     def report(self) -> pb.LedgerReportResponse: ...
@@ -87,15 +88,23 @@ class Accounts(Protocol):
 class LedgerAccounts:
     """`Accounts` backed by the durable ledger (`engine.ledger.Ledger`)."""
 
-    def __init__(self, ledger: Ledger, *, data_version: str, default_cap: Fraction) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        data_version: str,
+        default_cap: Fraction,
+        token_lifetime: timedelta | None = None,
+    ) -> None:
         self.ledger = ledger
         self.data_version = data_version
         self.default_cap = default_cap
+        self.token_lifetime = token_lifetime
 
     @classmethod
     def open(
         cls, path: Path, *, settings: Settings, dataset: str, data_version: str, caps: Caps,
-        wait_timeout: float,
+        wait_timeout: float, token_lifetime: timedelta | None = None,
     ) -> LedgerAccounts:
         """Open (or create) the ledger and apply the config's dataset and institution caps."""
         if caps.dataset is None:
@@ -118,17 +127,29 @@ class LedgerAccounts:
         except BaseException:
             ledger.close()
             raise
-        return cls(ledger, data_version=data_version, default_cap=parse_amount(caps.client))
+        return cls(
+            ledger,
+            data_version=data_version,
+            default_cap=parse_amount(caps.client),
+            token_lifetime=token_lifetime,
+        )
+
+    def token_expiry(self) -> datetime | None:
+        """When a token issued now expires; None: never."""
+        return None if self.token_lifetime is None else datetime.now(UTC) + self.token_lifetime
 
     @property
     def charger(self) -> Charger:
         return self.ledger
 
     # -- authentication --
-    def identify(self, token_hash: str) -> Identity | None:
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | None:
         record = self.ledger.client_for_token_hash(token_hash)
         if record is None or not record.active:
             return None
+        if record.token_expired():
+            assert record.token_expires_at is not None
+            return ExpiredToken(record.client_id, record.token_expires_at)
         return Identity(record.client_id, Role(record.role), record.institution or "")
 
     def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
@@ -200,6 +221,7 @@ class LedgerAccounts:
             revoked=not record.active,
             created_at=record.created_at,
             revoked_at=record.revoked_at or "",
+            token_expires_at=record.token_expires_at or "",
         )
 
     def register(
@@ -212,6 +234,7 @@ class LedgerAccounts:
             cap=self.default_cap if cap is None else cap,
             institution=institution or None,
             token_hash=hash_token(token),
+            token_expires_at=self.token_expiry(),
             actor=by.client_id,
         )
         return self._info(record)
@@ -227,11 +250,14 @@ class LedgerAccounts:
     def clients(self) -> list[pb.ClientInfo]:
         return [self._info(record) for record in self.ledger.list_clients()]
 
-    def rotate(self, client: str, *, token: str, by: Identity) -> None:
+    def rotate(self, client: str, *, token: str, by: Identity) -> pb.ClientInfo:
         record = self.ledger.client(client)
         if not record.active:
             raise ClientRegistryError(f"client {client} is revoked; register a new client instead")
-        self.ledger.set_token_hash(client, hash_token(token), actor=by.client_id)
+        record = self.ledger.set_token_hash(
+            client, hash_token(token), expires_at=self.token_expiry(), actor=by.client_id
+        )
+        return self._info(record)
 
     # -- auditors --
     def report(self) -> pb.LedgerReportResponse:

@@ -56,6 +56,14 @@ class Identity:
     institution: str = ""
 
 
+@dataclass(frozen=True)
+class ExpiredToken:
+    """A token that named a client until `expired_at` (ISO 8601, UTC)."""
+
+    client_id: str
+    expired_at: str
+
+
 # ---- tokens ------------------------------------------------------------------------------------
 
 
@@ -146,8 +154,9 @@ def current_identity() -> Identity:
 class Directory(Protocol):
     """Where the interceptor looks tokens up and records failed attempts (the ledger)."""
 
-    def identify(self, token_hash: str) -> Identity | None:
-        """The active client holding this token hash, or None (unknown or revoked)."""
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | None:
+        """The active client holding this token hash, ExpiredToken when its token has expired,
+        or None (unknown or revoked)."""
 
     def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
         """Append a failed attempt to the audit log."""
@@ -262,6 +271,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if identity is None:
             self._denied(method, "unknown or revoked token", None, peer)
             raise AuthenticationError("the token is not valid: unknown, rotated or revoked")
+        if isinstance(identity, ExpiredToken):
+            self._denied(method, "expired token", identity.client_id, peer)
+            raise AuthenticationError(
+                f"the token expired at {identity.expired_at}; an administrator can issue a new "
+                f"one (veil admin rotate {identity.client_id})"
+            )
         if self.bind_client_ids and identity.client_id not in certificate_names(context):
             self._denied(
                 method, "the client certificate does not name the token's client",

@@ -116,6 +116,7 @@ def _start(
         data_version=engine.data_version,
         caps=config.caps,
         wait_timeout=config.limits.max_query_seconds,
+        token_lifetime=config.token_lifetime,
     )
     tokens: dict[str, str] = {}
     try:
@@ -130,7 +131,12 @@ def _start(
                 )
             token = new_token()
             accounts.ledger.register_client(
-                client, role=role.value, cap=cap, token_hash=hash_token(token), actor=LOCAL_ACTOR
+                client,
+                role=role.value,
+                cap=cap,
+                token_hash=hash_token(token),
+                token_expires_at=accounts.token_expiry(),
+                actor=LOCAL_ACTOR,
             )
             tokens[client] = token
         running = start(config, engine=engine, accounts=accounts)

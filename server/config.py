@@ -22,6 +22,7 @@ file. Unknown keys are refused, so a misspelt limit cannot silently fall back to
     listen = "127.0.0.1:50051"
     reflection = false
     grace_seconds = 10            # how long SIGTERM waits for calls in flight
+    token_days = 365              # a token issued or rotated is refused after this; 0: never
 
     [tls]                         # absent: plaintext (only for loopback)
     cert = "server.crt"
@@ -56,6 +57,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +135,16 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     reflection: bool = False
     grace_seconds: float = 10.0
+    token_days: int = 365  # 0: tokens never expire
     tls: TLSConfig | None = None
     limits: Limits = field(default_factory=Limits)
     log_level: str = "info"
     log_file: Path | None = None
+
+    @property
+    def token_lifetime(self) -> timedelta | None:
+        """How long a token issued or rotated now stays valid; None: for ever."""
+        return timedelta(days=self.token_days) if self.token_days else None
 
     def listening_on(self, listen: str) -> ServerConfig:
         """This config with another listen address, checked as the config file's is."""
@@ -162,7 +170,7 @@ class ServerConfig:
 _TOP = {"data", "codebook", "ledger", "privacy", "caps", "server", "tls", "limits", "log"}
 _PRIVACY = {"accounting", "k", "k_floor", "beta", "confidence"}
 _CAPS = {"dataset", "client", "institutions"}
-_SERVER = {"listen", "reflection", "grace_seconds"}
+_SERVER = {"listen", "reflection", "grace_seconds", "token_days"}
 _TLS = {"cert", "key", "client_ca", "bind_client_ids"}
 _LOG = {"level", "file"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
@@ -260,6 +268,9 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
     if grace < 0:
         raise ConfigError("server.grace_seconds must not be negative")
     reflection = _bool(server.get("reflection", False), "server.reflection")
+    token_days = _integer(server.get("token_days", 365), "server.token_days")
+    if not 0 <= token_days <= 36500:
+        raise ConfigError("server.token_days must lie between 0 (never expire) and 36500")
     return ServerConfig(
         data=_path(raw["data"], base),
         codebook=_codebook_source(raw.get("codebook", "ctdc_v7"), base),
@@ -270,6 +281,7 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
         listen=listen,
         reflection=reflection,
         grace_seconds=grace,
+        token_days=token_days,
         tls=tls_value,
         limits=limits_value,
         log_level=level,

@@ -427,8 +427,8 @@ class AdminServicer(pb_grpc.AdminServicer):
     def RotateToken(self, request: pb.RotateTokenRequest, context: Any) -> pb.RotateTokenResponse:
         client = convert.client_id(request.client_id)
         token = new_token()
-        self.s.accounts.rotate(client, token=token, by=current_identity())
-        return pb.RotateTokenResponse(token=token)
+        info = self.s.accounts.rotate(client, token=token, by=current_identity())
+        return pb.RotateTokenResponse(token=token, expires_at=info.token_expires_at)
 
 
 class AuditServicer(pb_grpc.AuditServicer):

@@ -27,7 +27,7 @@ from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 from server.accounts import LedgerAccounts
 from server.app import Running, build_engine, start
-from server.auth import Identity, Role, hash_token, new_token
+from server.auth import ExpiredToken, Identity, Role, hash_token, new_token
 from server.config import ServerConfig, config_from_mapping
 from server.convert import ROLE_TO_PB
 
@@ -155,7 +155,7 @@ class MemoryAccounts:
             )
 
     # -- Accounts --
-    def identify(self, token_hash: str) -> Identity | None:
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | None:
         for c in self.records.values():
             if c.token_hash == token_hash and not c.revoked:
                 return Identity(c.client_id, c.role, c.institution)
@@ -236,8 +236,9 @@ class MemoryAccounts:
     def clients(self) -> list[pb.ClientInfo]:
         return [self._info(c) for c in self.records.values()]
 
-    def rotate(self, client: str, *, token: str, by: Identity) -> None:
+    def rotate(self, client: str, *, token: str, by: Identity) -> pb.ClientInfo:
         self.records[client].token_hash = hash_token(token)
+        return self._info(self.records[client])
 
     def report(self) -> pb.LedgerReportResponse:
         return pb.LedgerReportResponse()
@@ -397,6 +398,7 @@ def start_live(
         data_version=engine.data_version,
         caps=config.caps,
         wait_timeout=config.limits.max_query_seconds,
+        token_lifetime=config.token_lifetime,
     )
     tokens = {}
     for client, role, cap, institution in CLIENTS:

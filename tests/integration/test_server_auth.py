@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -12,7 +13,7 @@ import pytest
 
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
-from server.auth import METHOD_ROLES
+from server.auth import METHOD_ROLES, hash_token
 from tests.server_harness import LiveServer, bearer, count_query, start_live, stubs
 
 
@@ -21,6 +22,9 @@ def live(tmp_path: Path) -> Iterator[LiveServer]:
     server = start_live(tmp_path)
     yield server
     server.stop()
+
+
+OK = grpc.StatusCode.OK
 
 
 def denied_entries(live: LiveServer) -> list[dict[str, object]]:
@@ -86,6 +90,37 @@ def test_revoked_and_rotated_tokens(live: LiveServer) -> None:
             == grpc.StatusCode.OK
         )
     assert len(denied_entries(live)) == 2
+
+
+def test_tokens_expire(tmp_path: Path) -> None:
+    """Tokens issued or rotated with `server.token_days` set are refused once expired, with a
+    message that says so and an audited refusal."""
+    live = start_live(tmp_path, server={"token_days": 30})
+    try:
+        with stubs(live.port) as s:
+            root = live.auth("root")
+            before = datetime.now(UTC)
+            rotated = s.admin.RotateToken(pb.RotateTokenRequest(client_id="bob"), metadata=root)
+            expires = datetime.fromisoformat(rotated.expires_at.replace("Z", "+00:00"))
+            assert timedelta(days=30) <= expires - before <= timedelta(days=30, minutes=1)
+            listed = {c.client_id: c for c in s.admin.ListClients(pb.ListClientsRequest(),
+                                                                  metadata=root).clients}
+            assert listed["bob"].token_expires_at == rotated.expires_at
+            assert listed["alice"].token_expires_at == ""  # issued without an expiry
+            fresh = bearer(rotated.token)
+            assert code_of(s.research.GetBudget, pb.GetBudgetRequest(), fresh)[0] == OK
+
+            live.ledger.set_token_hash(
+                "bob", hash_token(rotated.token), expires_at=datetime.now(UTC) - timedelta(0, 1)
+            )
+            code, details = code_of(s.research.GetBudget, pb.GetBudgetRequest(), fresh)
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert "expired at" in details and "veil admin rotate bob" in details
+            assert code_of(s.research.GetBudget, pb.GetBudgetRequest(), live.auth("alice"))[0] == OK
+        (entry,) = denied_entries(live)
+        assert (entry["client"], entry["detail"]["reason"]) == ("bob", "expired token")  # type: ignore[index]
+    finally:
+        live.stop()
 
 
 def test_roles_decide_the_calls(live: LiveServer) -> None:

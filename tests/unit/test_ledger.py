@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -925,6 +926,31 @@ def test_dataset_default_cap_changes_on_open_are_audited(
     assert_verified(again)
 
 
+def test_a_token_expires_at_its_time_and_the_audit_records_when(ledger: Ledger) -> None:
+    at = datetime(2030, 1, 1, 12, tzinfo=UTC)
+    dan = ledger.register_client(
+        "dan", role="researcher", cap="1", token_hash="d" * 64, token_expires_at=at
+    )
+    assert dan.token_expires_at == "2030-01-01T12:00:00.000000Z"
+    assert not dan.token_expired(at - timedelta(microseconds=1))
+    assert dan.token_expired(at)
+    assert not ledger.client("alice").token_expired(at)  # no expiry: never
+    later = ledger.set_token_hash(
+        "dan", "e" * 64, expires_at=datetime(2031, 1, 1, tzinfo=timezone(timedelta(hours=2)))
+    )
+    assert later.token_expires_at == "2030-12-31T22:00:00.000000Z"  # kept in UTC
+    assert ledger.set_token_hash("dan", "f" * 64).token_expires_at is None
+    entries = [e.entry for e in ledger.audit_log() if e.entry["client"] == "dan"]
+    assert [e["detail"]["token_expires_at"] for e in entries] == [
+        "2030-01-01T12:00:00.000000Z",
+        "2030-12-31T22:00:00.000000Z",
+        None,
+    ]
+    with pytest.raises(VeilError, match="time zone"):
+        ledger.set_token_hash("dan", "g" * 64, expires_at=datetime(2030, 1, 1))
+    assert_verified(ledger)
+
+
 def test_local_actor_names_cannot_be_registered_as_clients(ledger: Ledger) -> None:
     with pytest.raises(ClientRegistryError, match="reserved for local actors"):
         ledger.register_client("local:veil-serve", role="admin", cap="0")
@@ -958,6 +984,7 @@ def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
         "role": "researcher",
         "institution": None,
         "token": "none",
+        "token_expires_at": None,
         "actor": "root",
     }
     assert entries[-2]["detail"] == {"reason": "left the project", "actor": "root"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,9 @@ def test_yaml_and_defaults(tmp_path: Path) -> None:
     assert config.listen == "127.0.0.1:50051" and config.tls is None and not config.reflection
     assert config.engine_settings(min_cell_size=11).k == 11  # the codebook's k by default
     assert config.limits.max_request_bytes == 1 << 20
+    assert config.token_lifetime == timedelta(days=365)  # tokens expire unless told otherwise
+    never = config_from_mapping({"data": "d", "server": {"token_days": 0}})
+    assert never.token_lifetime is None
 
 
 @pytest.mark.parametrize(
@@ -91,6 +95,8 @@ def test_yaml_and_defaults(tmp_path: Path) -> None:
         ),
         ({"data": "d", "log": {"level": "loud"}}, "log.level"),
         ({"data": "d", "server": {"reflection": "yes"}}, "true or false"),
+        ({"data": "d", "server": {"token_days": -1}}, "server.token_days must lie between"),
+        ({"data": "d", "server": {"token_days": 1.5}}, "server.token_days"),
     ],
 )
 def test_refused(raw: dict[str, object], says: str) -> None:

@@ -1370,6 +1370,7 @@ class ClientInfo(_message.Message):
     REVOKED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
+    TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     role: Global___Role.ValueType
     institution: _builtins.str
@@ -1379,6 +1380,8 @@ class ClientInfo(_message.Message):
     revoked: _builtins.bool
     created_at: _builtins.str
     revoked_at: _builtins.str
+    token_expires_at: _builtins.str
+    """the token is refused from then on; empty: never"""
     def __init__(
         self,
         *,
@@ -1391,10 +1394,11 @@ class ClientInfo(_message.Message):
         revoked: _builtins.bool = ...,
         created_at: _builtins.str = ...,
         revoked_at: _builtins.str = ...,
+        token_expires_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "client_id", b"client_id", "created_at", b"created_at", "institution", b"institution", "remaining", b"remaining", "revoked", b"revoked", "revoked_at", b"revoked_at", "role", b"role", "spent", b"spent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "client_id", b"client_id", "created_at", b"created_at", "institution", b"institution", "remaining", b"remaining", "revoked", b"revoked", "revoked_at", b"revoked_at", "role", b"role", "spent", b"spent", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1598,16 +1602,20 @@ class RotateTokenResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """the old token stops working now"""
+    expires_at: _builtins.str
+    """the new token is refused from then on; empty: never"""
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
+        expires_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
