@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -196,11 +197,21 @@ def test_list_shows_the_clients(
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["client_id", "role", "institution", "cap", "spent",
-                                "remaining", "status", "created_at"]
+                                "remaining", "status", "created_at", "token_expires"]
     by_id = {line.split()[0]: line for line in lines[2:]}
     assert set(by_id) == set(found)
     assert by_id[active].split()[1:7] == ["researcher", "unodc", "1.5", "0", "1.5", "active"]
     assert "revoked 20" in by_id[revoked]
+    assert by_id["alice"].split()[-1] == "never"  # registered with no expiry
+
+    # A token issued through the server expires after the deployment's token_days.
+    code, _, err = veil(capsys, "admin", "rotate", active)
+    assert code == 0, err
+    code, out, _ = veil(capsys, "admin", "list", "-f", "json")
+    expiry = {c["client_id"]: c["token_expires_at"] for c in json.loads(out)["clients"]}
+    assert expiry["alice"] is None
+    left = datetime.fromisoformat(expiry[active].replace("Z", "+00:00")) - datetime.now(UTC)
+    assert timedelta(days=364) < left <= timedelta(days=365)
 
 
 def test_a_researchers_token_is_refused(
