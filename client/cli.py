@@ -205,9 +205,45 @@ def _client(args: argparse.Namespace) -> Client:
     return client
 
 
+class _StatusLine:
+    """The spinner's line on standard error, shared with the retry reports: a report first
+    clears what the spinner drew, so each retry is one clean line (the spinner redraws below)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stream: TextIO | None = None  # where the spinner draws, while it does
+        self.drawn = 0  # characters the spinner has on its line
+
+    def draw(self, stream: TextIO, text: str) -> None:
+        with self.lock:
+            stream.write("\r" + text.ljust(self.drawn))
+            stream.flush()
+            self.stream, self.drawn = stream, len(text)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._clear()
+            self.stream = None
+
+    def _clear(self) -> None:
+        if self.stream is not None and self.drawn:
+            self.stream.write("\r" + " " * self.drawn + "\r")
+            self.stream.flush()
+        self.drawn = 0
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            stream = self.stream or sys.stderr
+            self._clear()
+            stream.write(text + "\n")
+            stream.flush()
+
+
+_status = _StatusLine()
+
+
 def _report_retry(method: str, attempt: int, wait: float, reason: str) -> None:
-    sys.stderr.write(f"\rveil: {method} failed ({reason}); retry {attempt} in {wait:.1f} s\n")
-    sys.stderr.flush()
+    _status.line(f"veil: {method} failed ({reason}); retry {attempt} in {wait:.1f} s")
 
 
 @contextmanager
@@ -225,11 +261,9 @@ def progress(label: str, *, quiet: bool, stream: TextIO | None = None) -> Iterat
             i = 0
             while not done.wait(0.1):
                 elapsed = time.perf_counter() - start
-                stream.write(f"\r{frames[i % 4]} {label} {elapsed:5.1f} s")
-                stream.flush()
+                _status.draw(stream, f"{frames[i % 4]} {label} {elapsed:5.1f} s")
                 i += 1
-            stream.write("\r" + " " * (len(label) + 12) + "\r")
-            stream.flush()
+            _status.clear()
 
         spinner = threading.Thread(target=spin, daemon=True)
         spinner.start()
@@ -239,9 +273,9 @@ def progress(label: str, *, quiet: bool, stream: TextIO | None = None) -> Iterat
         done.set()
         if spinner is not None:
             spinner.join()
-        if not quiet:
-            stream.write(f"veil: {label} took {time.perf_counter() - start:.2f} s\n")
-            stream.flush()
+    if not quiet:  # only on success: a failure's message is the line that matters
+        stream.write(f"veil: {label} took {time.perf_counter() - start:.2f} s\n")
+        stream.flush()
 
 
 def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:

@@ -218,7 +218,9 @@ class Client:
                         request_id=request_id,
                     ) from None
                 code, details, _ = status_of(exc)
-                log.warning(
+                # A caller that reports retries itself (the CLI) gets one line each, not two.
+                log.log(
+                    logging.DEBUG if self.on_retry is not None else logging.WARNING,
                     "%s: %s (%s); retrying in %.2f s (attempt %d of %d)%s",
                     method, code.name, details, wait, attempt + 1, self.retry.attempts,
                     f" with request id {request_id}" if request_id else "",

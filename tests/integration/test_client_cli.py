@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -217,3 +218,48 @@ def test_token_file_and_the_real_command(live: LiveServer, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["metadata"]["loss"] == "0.3"  # stdout holds only the JSON
     assert "took" in result.stderr
+
+
+def test_each_retry_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "veil_cli.py", "budget", "--server", "127.0.0.1:1", "--token",
+         "veil_x", "--retries", "3", "--timeout", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 5
+    lines = result.stderr.splitlines()
+    retries = [line for line in lines if "retry" in line.lower()]
+    assert len(retries) == 2, result.stderr  # attempts 2 and 3
+    assert all(line.startswith("veil: GetBudget failed (UNAVAILABLE") for line in retries)
+    assert len(lines) == 3 and "cannot reach" in lines[-1], result.stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _screen(text: str) -> list[str]:
+    """What a terminal shows for `text`: a carriage return writes over its line from the left."""
+    shown = []
+    for raw in text.split("\n"):
+        line = ""
+        for part in raw.split("\r"):
+            line = part + line[len(part):]
+        shown.append(line.rstrip())
+    return shown
+
+
+def test_a_retry_during_the_spinner_is_one_clean_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import cli
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with cli.progress("a much longer label than the retry line", quiet=False, stream=terminal):
+        time.sleep(0.35)  # the spinner draws its line
+        cli._report_retry("Release", 2, 0.5, "UNAVAILABLE: down")
+        time.sleep(0.25)
+    screen = [line for line in _screen(terminal.getvalue()) if line]
+    assert screen[0] == "veil: Release failed (UNAVAILABLE: down); retry 2 in 0.5 s"
+    assert screen[1].startswith("veil: a much longer label than the retry line took")
+    assert len(screen) == 2, screen
