@@ -421,10 +421,27 @@ def _half_width(value: int | None) -> int:
     return value
 
 
+# The wire's form of an amount (server/convert.py): plain decimal text, at most 15 digits on each
+# side of the point, no sign or exponent.
+_WIRE_DIGITS = 15
+
+
 def decimal_text(value: Any, name: str = "loss") -> str:
-    """A privacy loss as exact decimal text, as the wire carries it: 0.1 stays "0.1"."""
+    """A privacy loss as exact decimal text, as the wire carries it: 0.1 stays "0.1".
+
+    An int, a float (read as the shortest decimal that prints it, so 0.1 is 1/10), a Decimal, a
+    Fraction with a terminating decimal, or text. Exponent notation ("1e-3", 1e-3) is read as the
+    number it writes and sent in the plain form the server takes ("0.001"). A value that needs
+    more than 15 digits on either side of the point is refused here, with what to pass instead:
+    it is almost always float arithmetic (0.1 + 0.2 is 0.30000000000000004), and charging a
+    rounded amount would charge something nobody asked for.
+    """
     if isinstance(value, bool):
         raise InvalidQuery(f"{name} must be a number, not {value!r}")
+    if isinstance(value, str):
+        instead = f"write it with at most {_WIRE_DIGITS} decimal places, such as '0.3'"
+    else:
+        instead = f"pass the {name} as decimal text such as '0.3' or a Fraction"
     try:
         if isinstance(value, int):
             decimal = Decimal(value)
@@ -436,20 +453,41 @@ def decimal_text(value: Any, name: str = "loss") -> str:
             decimal = Decimal(value.numerator) / Decimal(value.denominator)
             if Fraction(decimal) != value:
                 raise InvalidQuery(
-                    f"{name} must be an exact decimal; {value} is not (write it as a decimal)"
+                    f"{name} {value} is not a decimal of at most {_WIRE_DIGITS} places; "
+                    f"pass the {name} as decimal text such as '0.3'"
                 )
         elif isinstance(value, str):
             decimal = Decimal(value.strip())
         else:
-            raise InvalidQuery(f"{name} must be a number, got {type(value).__name__}")
+            raise InvalidQuery(f"{name} must be a number, got {type(value).__name__}; {instead}")
     except InvalidOperation:
         raise InvalidQuery(f"{name} must be a decimal number such as 0.5, got {value!r}") from None
     if not decimal.is_finite() or decimal <= 0:
         raise InvalidQuery(f"{name} must be a positive, finite number, got {value!r}")
+    if decimal.adjusted() >= _WIRE_DIGITS:
+        raise InvalidQuery(
+            f"{name} {value!r} is too large: the server takes at most {_WIRE_DIGITS} digits "
+            "before the decimal point"
+        )
+    # Counted before formatting: "1e-999999" would otherwise be written out digit by digit.
+    shape = decimal.as_tuple()
+    digits, exponent = list(shape.digits), shape.exponent
+    assert isinstance(exponent, int)  # finite, checked above
+    while exponent < 0 and len(digits) > 1 and digits[-1] == 0:  # "0.50" has one place
+        digits.pop()
+        exponent += 1
+    places = max(0, -exponent)
+    if places > _WIRE_DIGITS:
+        cause = (
+            " (float arithmetic such as 0.1 + 0.2 gives such values)"
+            if isinstance(value, float) and len(digits) > _WIRE_DIGITS else ""
+        )
+        raise InvalidQuery(
+            f"{name} {value!r} has {places} decimal places and the server takes at most "
+            f"{_WIRE_DIGITS}{cause}; {instead}"
+        )
     text = format(decimal, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 __all__ = ["DEFAULT_ADDRESS", "TLS", "Client", "Retry", "connect", "decimal_text"]

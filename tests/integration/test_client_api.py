@@ -455,3 +455,14 @@ def test_a_replayed_release_says_it_charged_nothing(alice: tuple[str, client.Cli
     assert first.charged == "0.25"
     assert again.charged == "0"
     assert again.metadata.release_id == first.metadata.release_id
+
+
+def test_losses_are_refused_or_read_before_anything_is_sent(
+    alice: tuple[str, client.Client],
+) -> None:
+    _, veil_client = alice
+    with pytest.raises(client.InvalidQuery) as error:
+        veil_client.count().by("gender").release(epsilon=0.1 + 0.2)
+    assert "decimal text such as '0.3' or a Fraction" in str(error.value)
+    assert veil_client.count().by("gender").dry_run(epsilon="1e-1").loss == "0.1"
+    assert veil_client.budget().spent == 0

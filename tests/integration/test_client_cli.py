@@ -220,6 +220,23 @@ def test_token_file_and_the_real_command(live: LiveServer, tmp_path: Path) -> No
     assert "took" in result.stderr
 
 
+def _one_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_loss_with_too_many_places_says_what_to_write(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = veil(capsys, "query", "--count", "--epsilon", "0.30000000000000004")
+    line = _one_line(err)
+    assert code == 2 and "at most 15 decimal places, such as '0.3'" in line
+    assert "exponent" not in line
+    code, out, _ = veil(capsys, "dry-run", "--count", "--epsilon", "5e-1", "-f", "json", "-q")
+    assert code == 0 and json.loads(out)["loss"] == "0.5"
+
+
 def test_each_retry_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "veil_cli.py", "budget", "--server", "127.0.0.1:1", "--token",

@@ -201,3 +201,28 @@ def test_loopback_detection_decides_the_default_tls() -> None:
         assert _is_loopback(address), address
     for address in ("veil.example.org:443", "10.0.0.1:50051", "[2001:db8::1]:50051"):
         assert not _is_loopback(address), address
+
+
+def test_a_loss_is_sent_in_the_one_form_the_server_reads() -> None:
+    from server.convert import amount
+
+    # Exponent notation is read as the number it writes; the wire gets plain decimal text.
+    for value, exact in (("1e-1", Fraction(1, 10)), (1e-6, Fraction(1, 10**6)),
+                         ("1E+2", Fraction(100)), (Decimal("2.50E+1"), Fraction(25)),
+                         (Fraction(3, 10), Fraction(3, 10)),
+                         ("0.300000000000000", Fraction(3, 10))):
+        assert amount(decimal_text(value), "loss") == exact, value
+
+
+def test_float_arithmetic_is_refused_with_what_to_pass_instead() -> None:
+    with pytest.raises(client.InvalidQuery) as error:
+        decimal_text(0.1 + 0.2, "epsilon")
+    message = str(error.value)
+    assert "0.30000000000000004" in message and "float arithmetic" in message
+    assert "decimal text such as '0.3' or a Fraction" in message and "exponent" not in message
+    with pytest.raises(client.InvalidQuery, match="at most 15 decimal places"):
+        decimal_text("0.30000000000000004")
+    with pytest.raises(client.InvalidQuery, match="decimal places"):
+        decimal_text("1e-999999999")  # refused before it is written out
+    with pytest.raises(client.InvalidQuery, match="too large"):
+        decimal_text("1e20")
