@@ -44,6 +44,7 @@ from client.results import Release
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 _SIMPLE_WHERE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([^'\"=<>!()\s][^'\"=<>!()]*)$")
+_NO_VALUE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*$")
 
 
 # ---- the commands' parsers ----------------------------------------------------------------------
@@ -284,7 +285,10 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
         with _client(args) as client:
             return body(client)
     except errors.UnsupportedSQL as exc:
-        print(f"veil: unsupported SQL: {exc}", file=sys.stderr)
+        if exc.malformed:  # a typo: the one sentence that names it, not the whole subset
+            print(f"veil: {exc.reason}", file=sys.stderr)
+        else:
+            print(f"veil: unsupported SQL: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except errors.InvalidQuery as exc:
         where = f" (variable {exc.variable})" if exc.variable else ""
@@ -310,19 +314,32 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
         return EXIT_INVALID if isinstance(exc, (TypeError, ValueError)) else EXIT_ERROR
 
 
-def _condition(text: str) -> Filter:
-    """A --where or --proportion argument: NAME=VALUE[,VALUE...] or a SQL condition."""
-    simple = _SIMPLE_WHERE.fullmatch(text)
+def _condition(text: str, option: str = "--where") -> Filter:
+    """A --where or --proportion argument: NAME=VALUE[,VALUE...] or a SQL condition. Errors
+    name the option and the argument."""
+    simple = _SIMPLE_WHERE.fullmatch(text) or _NO_VALUE.fullmatch(text)
     if simple:
-        name, raw = simple.group(1), simple.group(2).strip()
+        name = simple.group(1)
+        raw = simple.group(2).strip() if simple.re is _SIMPLE_WHERE else ""
         values = [v.strip() for v in raw.split(",")]
         if all(values):
             condition = conditions([], {name: values[0]}) if len(values) == 1 else In(name, values)
             assert condition is not None
             return condition
+        missing = "no value after '='" if not raw else "an empty value in the list"
+        raise errors.InvalidQuery(
+            f"{option} {text!r}: {missing}; write {name}=VALUE, {name}=VALUE,VALUE for any of "
+            f"several, or \"{name} IS NULL\" for records where it is missing",
+            variable=name,
+        )
     from client.sql import parse_condition
 
-    return parse_condition(text)
+    try:
+        return parse_condition(text)
+    except errors.UnsupportedSQL as exc:
+        raise errors.UnsupportedSQL(
+            f"{option} {text!r}: {exc.reason}", variable=exc.variable, malformed=exc.malformed
+        ) from None
 
 
 def build_query(args: argparse.Namespace, client: Client) -> Query:
@@ -345,7 +362,7 @@ def build_query(args: argparse.Namespace, client: Client) -> Query:
     elif args.mean:
         query = client.mean(args.mean)
     elif args.proportion:
-        query = client.proportion(_condition(args.proportion))
+        query = client.proportion(_condition(args.proportion, "--proportion"))
     elif args.count:
         query = client.count()
     else:

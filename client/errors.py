@@ -82,9 +82,13 @@ class UnsupportedSQL(InvalidQuery):
 
     supported = SUPPORTED_SQL
 
-    def __init__(self, reason: str, *, variable: str | None = None) -> None:
+    def __init__(
+        self, reason: str, *, variable: str | None = None, malformed: bool = False
+    ) -> None:
         super().__init__(f"{reason}\n\n{SUPPORTED_SQL}", variable=variable)
         self.reason = reason
+        # Not SQL at all (a typo, an unclosed parenthesis): `reason` alone says what to fix.
+        self.malformed = malformed
 
 
 class BudgetExhausted(VeilError):

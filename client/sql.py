@@ -13,6 +13,7 @@ whose message says what was refused and lists what is supported (`client.errors.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import sqlglot
@@ -80,7 +81,9 @@ def parse_sql(text: str) -> Query:
     try:
         statements = [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
     except (ParseError, TokenError) as exc:
-        raise UnsupportedSQL(f"the SQL could not be parsed: {_first_line(exc)}") from None
+        raise UnsupportedSQL(
+            f"the SQL could not be parsed: {_syntax_error(exc, text)}", malformed=True
+        ) from None
     if len(statements) != 1:
         raise UnsupportedSQL(f"give one SELECT statement, not {len(statements)}")
     return _Translator().select(statements[0])
@@ -91,9 +94,12 @@ def parse_condition(text: str) -> Filter:
     if not isinstance(text, str) or not text.strip():
         raise UnsupportedSQL("the condition is empty")
     try:
-        statements = sqlglot.parse(f"SELECT COUNT(*) FROM t WHERE {text}", read="duckdb")
+        statements = sqlglot.parse(_CONDITION_PREFIX + text, read="duckdb")
     except (ParseError, TokenError) as exc:
-        raise UnsupportedSQL(f"the condition could not be parsed: {_first_line(exc)}") from None
+        raise UnsupportedSQL(
+            f"the condition could not be parsed: {_syntax_error(exc, text, _CONDITION_PREFIX)}",
+            malformed=True,
+        ) from None
     if len(statements) != 1 or not isinstance(statements[0], exp.Select):
         raise UnsupportedSQL("give one condition")
     query = _Translator().select(statements[0])
@@ -101,8 +107,60 @@ def parse_condition(text: str) -> Filter:
     return query.filter
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+_CONDITION_PREFIX = "SELECT COUNT(*) FROM t WHERE "
+# sqlglot's "Required keyword: 'x' missing for <class '...EQ'>", by the node that is incomplete.
+_INCOMPLETE = re.compile(r"missing for <class '(?:[\w.]*\.)?(\w+)'>")
+_NEEDS = {
+    "Where": "WHERE needs a condition after it",
+    "And": "AND needs a condition on each side",
+    "Or": "OR needs a condition on each side",
+    "Not": "NOT needs a condition after it",
+    "Between": "BETWEEN needs two bounds: BETWEEN low AND high",
+    "In": "IN needs a list of values in parentheses",
+    "Is": "IS needs NULL or NOT NULL after it",
+    "Group": "GROUP BY needs the selected dimensions after it",
+}
+
+
+def _syntax_error(error: Exception, text: str, prefix: str = "") -> str:
+    """One sentence saying what is wrong with `text` and where, from sqlglot's error (whose
+    own wording names its classes). `prefix` is what was parsed ahead of `text`."""
+    if isinstance(error, TokenError):
+        for quote in ("'", '"'):
+            if text.count(quote) % 2:
+                return f"a {quote} quote is not closed"
+        return f"{_quoted(text)} holds a character that is not SQL"
+    details = getattr(error, "errors", None) or [{}]
+    first = details[0]
+    description = str(first.get("description") or "")
+    highlight = str(first.get("highlight") or "")
+    before = str(first.get("start_context") or "")
+    after = str(first.get("end_context") or "")
+    if prefix and before.startswith(prefix):
+        before = before[len(prefix):]
+    if len(before) > 30:  # the last few words before the fault
+        before = before[-30:].split(" ", 1)[-1]
+    near = (before + highlight).strip()
+    where = f" in {_quoted(near)}" if near else ""
+    if not prefix and text.split() and text.split()[0].upper() not in ("SELECT", "WITH", "("):
+        return f"a query starts with SELECT, not {_quoted(text.split()[0])}"
+    incomplete = _INCOMPLETE.search(description)
+    if incomplete:
+        kind = incomplete.group(1)
+        if kind in _NEEDS:
+            return f"{_NEEDS[kind]}{where}"
+        if highlight and not after.strip():
+            return f"nothing follows {_quoted(highlight)}{where}"
+        return f"{_quoted(highlight)} is incomplete{where}"
+    if description.startswith("Expecting )"):
+        return f"a '(' is not closed{where}"
+    if highlight:
+        return f"unexpected {_quoted(highlight)}{where}"
+    return description or type(error).__name__
+
+
+def _quoted(text: str) -> str:
+    return f"'{text}'" if "'" not in text else f'"{text}"'
 
 
 def _sql(node: Node) -> str:

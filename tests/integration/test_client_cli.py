@@ -226,6 +226,31 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+def test_malformed_conditions_and_sql_get_one_line_naming_the_bad_part(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = veil(capsys, "query", "--count", "--where", "ageBroad=", "--epsilon", "0.1")
+    line = _one_line(err)
+    assert code == 2 and out == ""
+    assert "--where 'ageBroad='" in line and "no value after '='" in line
+    assert '"ageBroad IS NULL"' in line and "took" not in err
+    code, _, err = veil(capsys, "query", "--count", "--where", "ageBroad=0--8,", "--epsilon",
+                        "0.1")
+    assert code == 2 and "an empty value in the list" in _one_line(err)
+    code, _, err = veil(capsys, "query", "--count", "--where", "ageBroad IN ('0--8'",
+                        "--epsilon", "0.1")
+    line = _one_line(err)
+    assert code == 2 and "--where" in line and "'(' is not closed" in line
+    code, _, err = veil(capsys, "dry-run", "--proportion", "(isSexualExploit = 1) OR",
+                        "--epsilon", "0.1")
+    line = _one_line(err)
+    assert code == 2 and "--proportion" in line and "OR needs a condition" in line
+    code, _, err = veil(capsys, "query", "SELECT COUNT(* FROM victims", "--epsilon", "0.1")
+    assert code == 2 and "'(' is not closed in 'SELECT COUNT(* FROM'" in _one_line(err)
+    for internal in ("<class", "Required keyword", "Col:"):
+        assert internal not in err
+
+
 def test_a_loss_with_too_many_places_says_what_to_write(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -224,3 +224,52 @@ def test_conditions_keep_sql_meaning(table: duckdb.DuckDBPyConnection, condition
     translated = parse_condition(condition)
     got = {i for i, a, b in ROWS if veil_holds(translated, {"a": a, "b": b})}
     assert got == expected, (condition, translated)
+
+
+MALFORMED = [
+    # (text, what the one sentence says, the part of the text it quotes)
+    ("SELECT COUNT(* FROM victims", "'(' is not closed", "COUNT(* FROM"),
+    ("SELECT COUNT(*) FROM t WHERE", "WHERE needs a condition", "WHERE"),
+    ("SELECT COUNT(*) FROM t WHERE gender = 'Male' AND", "AND needs a condition", "AND"),
+    ("SELECT gender, COUNT(*) FROM t GROUP gender", "unexpected 'gender'", "GROUP gender"),
+    ("SELECT COUNT(*) FROM t WHERE gender = 'Male", "quote is not closed", ""),
+    ("SELEC COUNT(*) FROM t", "starts with SELECT, not 'SELEC'", "SELEC"),
+]
+
+
+@pytest.mark.parametrize(("text", "says", "names"), MALFORMED, ids=[t for t, _, _ in MALFORMED])
+def test_malformed_sql_gets_one_sentence_naming_the_bad_part(
+    text: str, says: str, names: str
+) -> None:
+    with pytest.raises(client.UnsupportedSQL) as error:
+        parse_sql(text)
+    reason = error.value.reason
+    assert error.value.malformed
+    assert says in reason and names in reason, reason
+    assert "\n" not in reason
+    for internal in ("<class", "sqlglot", "Required keyword", "Col:"):
+        assert internal not in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("ageBroad=", "nothing follows '=' in 'ageBroad='"),
+        ("ageBroad IN ('0--8'", "'(' is not closed in \"ageBroad IN ('0--8'\""),
+        ("yearOfRegistration BETWEEN 2010", "BETWEEN needs two bounds"),
+        ("gender = 'Male' gender = 'Female'", "unexpected 'gender' in \"gender = 'Male' gender\""),
+    ],
+)
+def test_a_malformed_condition_is_named_without_the_wrapper_it_is_parsed_in(
+    text: str, says: str
+) -> None:
+    with pytest.raises(client.UnsupportedSQL) as error:
+        parse_condition(text)
+    assert says in error.value.reason, error.value.reason
+    assert "FROM t WHERE" not in error.value.reason  # the text parsed around the condition
+
+
+def test_sql_outside_the_subset_is_not_called_malformed() -> None:
+    with pytest.raises(client.UnsupportedSQL) as error:
+        parse_sql("SELECT * FROM victims")
+    assert not error.value.malformed
