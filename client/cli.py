@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -374,7 +374,7 @@ def build_query(args: argparse.Namespace, client: Client) -> Query:
         query = query.by(*args.by)
     for text in args.where:
         query = query.where(_condition(text))
-    return query
+    return replace(query, spelling="cli")  # so that a message suggests options, not Python
 
 
 def _loss(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,6 +16,7 @@ subset (`client.sql`) translates them so that they mean what they mean in SQL.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -410,6 +411,9 @@ class Query:
     dimensions: tuple[str, ...] = ()
     filter: Filter | None = None
     client: Client | None = field(default=None, compare=False, repr=False)
+    # How the researcher wrote it ("python", "sql" or "cli"), so that a message can say what to
+    # write instead in the same language.
+    spelling: str = field(default="python", compare=False, repr=False)
 
     def by(self, *dimensions: str | Iterable[str]) -> Query:
         """Group by these dimensions (added to any already given). "a, b" is split at commas."""
@@ -510,6 +514,7 @@ class Query:
         does) and values of the codebook's type: "1" for a flag becomes 1, 2015 for a category
         becomes "2015". Names the codebook does not know are left for the server to refuse."""
         resolve = codebook.resolve_name
+        self._refuse_flag_sets(codebook)
 
         def fix(leaf: Filter) -> Filter:
             if isinstance(leaf, Eq):
@@ -540,6 +545,53 @@ class Query:
             filter=None if self.filter is None else self.filter.map(fix),
         )
 
+    def _refuse_flag_sets(self, codebook: Codebook) -> None:
+        """A flag set where a variable belongs is refused here, naming the flag-set count to ask
+        for instead: the server would only call the name unknown."""
+        from client.codebook import FlagSet
+
+        def flag_set(name: str) -> FlagSet | None:
+            item = codebook.find(name)
+            return item if isinstance(item, FlagSet) else None
+
+        for name in self.dimensions:
+            found = flag_set(name)
+            if found is not None:
+                others = [d for d in self.dimensions if d != name]
+                raise InvalidQuery(
+                    f"{found.name} is a flag set ({len(found.flags)} flags), not a variable, so "
+                    f"it cannot be grouped by; count each of its flags with "
+                    f"{_flag_counts_text(found.name, others, self.spelling)}",
+                    variable=found.name,
+                )
+        instead = functools.partial(
+            _flag_counts_text, dimensions=list(self.dimensions), spelling=self.spelling
+        )
+        measure = self.measure
+        if isinstance(measure, (Sum, Mean)):
+            found = flag_set(measure.variable)
+            if found is not None:
+                raise InvalidQuery(
+                    f"{found.name} is a flag set, not an integer variable; count each of its "
+                    f"flags with {instead(found.name)}",
+                    variable=found.name,
+                )
+        in_conditions = (
+            measure.condition.variables() if isinstance(measure, Proportion) else []
+        )
+        if self.filter is not None:
+            in_conditions += self.filter.variables()
+        for name in in_conditions:
+            found = flag_set(name)
+            if found is not None:
+                example = found.flags[0] if found.flags else "a flag"
+                raise InvalidQuery(
+                    f"{found.name} is a flag set, not a variable; put one of its flags in the "
+                    f"condition (such as {example} = 1), or count each of them with "
+                    f"{instead(found.name)}",
+                    variable=found.name,
+                )
+
     def __str__(self) -> str:
         text = str(self.measure)
         if self.dimensions:
@@ -565,6 +617,19 @@ class Query:
         if self.filter is not None:
             text += f".where({self.filter!r})"
         return f"<veil query {text}>"
+
+
+def _flag_counts_text(flag_set: str, dimensions: list[str], spelling: str) -> str:
+    """The flag-set count by `dimensions`, written as the researcher writes queries."""
+    if spelling == "sql":
+        select = ", ".join([*dimensions, f"FLAG_COUNTS({flag_set})"])
+        group = f" GROUP BY {', '.join(dimensions)}" if dimensions else ""
+        return f"SELECT {select} FROM victims{group}"
+    if spelling == "cli":
+        return f"--flag-counts {flag_set}" + (f" --by {','.join(dimensions)}" if dimensions else "")
+    quoted = ", ".join('"' + d + '"' for d in dimensions)
+    by = f".by({quoted})" if dimensions else ""
+    return f'veil_client.flag_counts("{flag_set}"){by}'
 
 
 def count() -> Query:

@@ -246,7 +246,7 @@ class _Translator:
 
         where = statement.args.get("where")
         condition = self.true(where.this) if where is not None else None
-        return Query(measures[0], tuple(dimensions), condition)
+        return Query(measures[0], tuple(dimensions), condition, spelling="sql")
 
     def _from(self, clause: Any) -> None:
         if clause is None:

@@ -466,3 +466,14 @@ def test_losses_are_refused_or_read_before_anything_is_sent(
     assert "decimal text such as '0.3' or a Fraction" in str(error.value)
     assert veil_client.count().by("gender").dry_run(epsilon="1e-1").loss == "0.1"
     assert veil_client.budget().spent == 0
+
+
+def test_a_flag_set_as_a_dimension_is_refused_before_it_is_sent(
+    alice: tuple[str, client.Client],
+) -> None:
+    _, veil_client = alice
+    with pytest.raises(client.InvalidQuery) as error:
+        veil_client.count().by("meansOfControl").release(epsilon=0.1)
+    assert 'flag_counts("meansOfControl")' in str(error.value)
+    assert error.value.variable == "meansOfControl"
+    assert veil_client.budget().spent == 0

@@ -251,6 +251,20 @@ def test_malformed_conditions_and_sql_get_one_line_naming_the_bad_part(
         assert internal not in err
 
 
+def test_a_flag_set_given_as_a_dimension_points_to_its_flag_counts(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = veil(capsys, "query", "--count", "--by", "gender,meansOfControl", "--epsilon",
+                        "0.1")
+    assert code == 2 and "--flag-counts meansOfControl --by gender" in _one_line(err)
+    assert "took" not in err  # the timing line is for calls that succeed
+    code, _, err = veil(capsys, "query", "SELECT meansOfControl, COUNT(*) FROM victims "
+                        "GROUP BY meansOfControl", "--epsilon", "0.1")
+    assert code == 2 and "SELECT FLAG_COUNTS(meansOfControl) FROM victims" in err
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
+
+
 def test_a_loss_with_too_many_places_says_what_to_write(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -226,3 +226,23 @@ def test_float_arithmetic_is_refused_with_what_to_pass_instead() -> None:
         decimal_text("1e-999999999")  # refused before it is written out
     with pytest.raises(client.InvalidQuery, match="too large"):
         decimal_text("1e20")
+
+
+def test_a_flag_set_where_a_variable_belongs_names_the_flag_set_count(book: Codebook) -> None:
+    with pytest.raises(client.InvalidQuery) as error:
+        count().by("meansOfControl").normalized(book)
+    assert error.value.variable == "meansOfControl"
+    assert 'veil_client.flag_counts("meansOfControl")' in str(error.value)
+    with pytest.raises(client.InvalidQuery) as error:
+        count().by("gender", "MEANSOFCONTROL").normalized(book)
+    assert 'flag_counts("meansOfControl").by("gender")' in str(error.value)
+    with pytest.raises(client.InvalidQuery, match="put one of its flags in the condition"):
+        count().where(meansOfControl=1).normalized(book)
+    with pytest.raises(client.InvalidQuery, match="not an integer variable"):
+        client.query.sum_of("sexType").normalized(book)
+    from dataclasses import replace
+
+    with pytest.raises(client.InvalidQuery, match="--flag-counts meansOfControl --by gender"):
+        replace(count().by("meansOfControl", "gender"), spelling="cli").normalized(book)
+    # A flag of the set is a variable, and stays one.
+    assert count().by("isSexualExploit").normalized(book).dimensions == ("isSexualExploit",)

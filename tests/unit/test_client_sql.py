@@ -273,3 +273,23 @@ def test_sql_outside_the_subset_is_not_called_malformed() -> None:
     with pytest.raises(client.UnsupportedSQL) as error:
         parse_sql("SELECT * FROM victims")
     assert not error.value.malformed
+
+
+def test_a_flag_set_grouped_by_in_sql_is_answered_in_sql() -> None:
+    from client.codebook import Codebook
+    from engine.codebook import default_codebook
+    from protos.veil.v1 import veil_pb2 as pb
+    from server.convert import codebook_to_pb
+
+    book = Codebook.from_pb(pb.GetCodebookResponse(codebook=codebook_to_pb(default_codebook())))
+    query = parse_sql(
+        "SELECT majorityStatus, meansOfControl, COUNT(*) FROM victims "
+        "GROUP BY majorityStatus, meansOfControl"
+    )
+    with pytest.raises(client.InvalidQuery) as error:
+        query.normalized(book)
+    assert error.value.variable == "meansOfControl"
+    assert (
+        "SELECT majorityStatus, FLAG_COUNTS(meansOfControl) FROM victims GROUP BY majorityStatus"
+        in str(error.value)
+    )
