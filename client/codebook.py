@@ -290,10 +290,26 @@ class Codebook:
     def __getitem__(self, name: str) -> Item:
         item = self.find(name)
         if item is None:
-            close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"{name!r} is not in codebook {self.name}{hint}")
+            raise KeyError(self.unknown(name))
         return item
+
+    def suggest(self, name: str, n: int = 3) -> list[str]:
+        """The codebook names closest to `name`, ignoring case as name lookups do."""
+        by_folded: dict[str, list[str]] = {}
+        for known in self.names():
+            by_folded.setdefault(known.lower(), []).append(known)
+        close = difflib.get_close_matches(name.lower(), list(by_folded), n=n, cutoff=0.6)
+        return [known for folded in close for known in by_folded[folded]][:n]
+
+    def unknown(self, name: str) -> str:
+        """What to say of a name the codebook does not know (or knows twice, in two cases)."""
+        twins = [known for known in self.names() if known.lower() == name.lower()]
+        if len(twins) > 1:
+            both = " and ".join(twins)
+            return f"{name!r} matches {both} in codebook {self.name}; spell it exactly"
+        close = self.suggest(name)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"{name!r} is not in codebook {self.name}{hint}"
 
     def _index(self) -> dict[str, Item]:
         cached: dict[str, Item] | None = self.__dict__.get("_cache")

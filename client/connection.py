@@ -259,10 +259,23 @@ class Client:
         return self.codebook().deployment
 
     def variable(self, name: str) -> Item:
-        """One variable, flag set or derived dimension, as the server describes it."""
-        return item_from_pb(
-            self._call("DescribeVariable", pb.DescribeVariableRequest(name=name))
-        )
+        """One variable, flag set or derived dimension, as the server describes it. The name
+        matches regardless of case, as in queries; an unknown one raises InvalidQuery naming the
+        closest."""
+        book = self.codebook()
+        item = book.find(name)
+        request = pb.DescribeVariableRequest(name=name if item is None else item.name)
+        try:
+            response = self._call("DescribeVariable", request)
+        except InvalidQuery as exc:  # the server refuses unknown names; say which are close
+            close = book.suggest(name) if item is None else []
+            if not close:
+                raise
+            raise InvalidQuery(
+                f"{exc.message}; did you mean {', '.join(close)}?",
+                variable=exc.variable, code=exc.code, request_id=exc.request_id,
+            ) from None
+        return item_from_pb(response)
 
     # -- building queries --
     def count(self) -> q.Query:

@@ -477,3 +477,14 @@ def test_a_flag_set_as_a_dimension_is_refused_before_it_is_sent(
     assert 'flag_counts("meansOfControl")' in str(error.value)
     assert error.value.variable == "meansOfControl"
     assert veil_client.budget().spent == 0
+
+
+def test_variables_are_described_by_any_case_of_their_names(
+    alice: tuple[str, client.Client],
+) -> None:
+    _, veil_client = alice
+    gender = veil_client.variable("GENDER")
+    assert isinstance(gender, client.Variable) and gender.name == "gender"
+    with pytest.raises(client.InvalidQuery) as error:
+        veil_client.variable("GENDR")
+    assert error.value.code == "INVALID_ARGUMENT" and "did you mean gender?" in str(error.value)

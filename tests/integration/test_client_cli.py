@@ -265,6 +265,17 @@ def test_a_flag_set_given_as_a_dimension_points_to_its_flag_counts(
     assert json.loads(out)["spent"] == "0"
 
 
+def test_codebook_names_ignore_case_and_unknown_ones_get_suggestions(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = veil(capsys, "codebook", "GENDER", "-q")
+    assert code == 0 and out.startswith("gender  (category)") and "Transgender" in out
+    code, out, _ = veil(capsys, "codebook", "meansofcontrol", "-f", "json", "-q")
+    assert code == 0 and json.loads(out)["name"] == "meansOfControl"
+    code, _, err = veil(capsys, "codebook", "GENDR", "-q")
+    assert code == 2 and "did you mean gender?" in err
+
+
 def test_a_loss_with_too_many_places_says_what_to_write(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

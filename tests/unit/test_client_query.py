@@ -246,3 +246,10 @@ def test_a_flag_set_where_a_variable_belongs_names_the_flag_set_count(book: Code
         replace(count().by("meansOfControl", "gender"), spelling="cli").normalized(book)
     # A flag of the set is a variable, and stays one.
     assert count().by("isSexualExploit").normalized(book).dimensions == ("isSexualExploit",)
+
+
+def test_unknown_names_suggest_the_closest_regardless_of_case(book: Codebook) -> None:
+    with pytest.raises(KeyError, match="did you mean gender"):
+        book["GENDR"]
+    assert book.suggest("AGEBROAD") == ["ageBroad"]
+    assert book.suggest("zzzz") == []
