@@ -36,6 +36,7 @@ from client import query as q
 from client.codebook import Codebook, Deployment, Item, item_from_pb
 from client.errors import (
     InvalidQuery,
+    PermissionDenied,
     VeilError,
     from_rpc_error,
     is_budget_error,
@@ -360,6 +361,10 @@ class Client:
     ) -> DryRun:
         """What releasing `query` would cost (for a half-width) or how accurate it would be (for
         a loss), the suppression threshold, and whether it is already released. Charges nothing.
+
+        It also reads the caller's budget, so that the dry run says whether the cost fits in what
+        remains (`fits_budget`, `remaining_after`, `limiting_scope`); an already released query
+        costs nothing.
         """
         query = self._prepare(query)
         text = self._loss_text(epsilon, rho, loss)
@@ -374,7 +379,12 @@ class Client:
             request.half_width = _half_width(half_width)
         if assumed_count is not None:
             request.assumed_count = assumed_count
-        return DryRun.from_pb(self._call("DryRun", request, timeout=timeout), query)
+        response = self._call("DryRun", request, timeout=timeout)
+        try:
+            budget: Budget | None = self.budget()
+        except PermissionDenied:  # a role without a budget (an administrator) may still price
+            budget = None
+        return DryRun.from_pb(response, query, budget)
 
     def release(
         self,

@@ -394,15 +394,20 @@ class DryRun:
     fingerprint: str
     already_released: bool  # releasing it would return the stored release, free
     query: Query | None = field(default=None, compare=False)
+    # The caller's budget read just after the dry run (None when it could not be read): what
+    # `fits_budget` and `remaining_after` are computed from, on this machine.
+    budget: Budget | None = field(default=None, compare=False)
 
     @classmethod
-    def from_pb(cls, m: pb.DryRunResponse, query: Query | None = None) -> DryRun:
+    def from_pb(
+        cls, m: pb.DryRunResponse, query: Query | None = None, budget: Budget | None = None
+    ) -> DryRun:
         return cls(
             loss=m.loss, accounting=ACCOUNTING_NAMES.get(m.accounting, "unspecified"),
             cells=m.cells, mechanism=m.mechanism, noise_scale=m.noise_scale, tau=m.tau,
             half_width=m.half_width, confidence=m.confidence, assumed_count=m.assumed_count,
             expected_suppressed_share=m.expected_suppressed_share, fingerprint=m.fingerprint,
-            already_released=m.already_released, query=query,
+            already_released=m.already_released, query=query, budget=budget,
         )
 
     @property
@@ -414,10 +419,72 @@ class DryRun:
         """What releasing would charge now: 0 when the query was already released."""
         return Fraction(0) if self.already_released else amount(self.loss)
 
+    @property
+    def fits_budget(self) -> bool | None:
+        """Whether the cost fits in what the caller's budgets had left (None: not known).
+        Releases made after the dry run, by the caller or its institution, can change it."""
+        if self.budget is None:
+            return None
+        return self.cost <= self.budget.remaining
+
+    @property
+    def remaining_after(self) -> Fraction | None:
+        """What the caller could still spend after this release (None: not known or it does
+        not fit)."""
+        if not self.fits_budget:
+            return None
+        assert self.budget is not None
+        return self.budget.remaining - self.cost
+
+    @property
+    def limiting_scope(self) -> str | None:
+        """The budget that would refuse the release ("client", "institution" or "dataset"), or
+        None when it fits or is not known."""
+        if self.budget is None or self.fits_budget:
+            return None
+        left = self.budget.scopes_remaining()
+        short = {scope: value for scope, value in left.items() if value < self.cost}
+        return min(short, key=lambda scope: short[scope]) if short else "client"
+
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "query"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("query", "budget")}
         out["query"] = None if self.query is None else str(self.query)
-        return {**out, "loss_name": self.loss_name, "cost": _fraction_text(self.cost)}
+        remaining = None if self.budget is None else _fraction_text(self.budget.remaining)
+        after = self.remaining_after
+        return {
+            **out, "loss_name": self.loss_name, "cost": _fraction_text(self.cost),
+            "remaining": remaining, "fits_budget": self.fits_budget,
+            "remaining_after": None if after is None else _fraction_text(after),
+            "limiting_scope": self.limiting_scope,
+        }
+
+    def _budget_line(self) -> str:
+        if self.already_released:
+            # The server reports the accuracy of a fresh draw at the requested loss; the stored
+            # release was made at a loss at least as large, so it is at least this accurate.
+            left = "" if self.budget is None else (
+                f"; {_fraction_text(self.budget.remaining)} remains"
+            )
+            return (
+                f"  cost: 0 (the stored release is returned free{left}); it was made at "
+                f"{self.loss_name} {self.loss} or more, so its intervals are no wider than these"
+            )
+        if self.budget is None:
+            return f"  cost: {self.loss_name} {self.loss}; your remaining budget is not known"
+        remaining = _fraction_text(self.budget.remaining)
+        after = self.remaining_after
+        if after is not None:
+            return (
+                f"  cost: {self.loss_name} {self.loss}; it fits: {remaining} remaining now, "
+                f"{_fraction_text(after)} after"
+            )
+        scope = self.limiting_scope
+        short = self.budget.scopes_remaining().get(scope or "client", self.budget.remaining)
+        return (
+            f"  cost: {self.loss_name} {self.loss}; it does NOT fit: the {scope} budget has "
+            f"{_fraction_text(short)} left"
+        )
 
     def __repr__(self) -> str:
         free = " (already released: it would be returned free)" if self.already_released else ""
@@ -429,6 +496,7 @@ class DryRun:
             f"  published when the noisy count reaches tau = {self.tau}; a cell of "
             f"{self.assumed_count} records is suppressed with probability "
             f"{self.expected_suppressed_share:.1%}\n"
+            f"{self._budget_line()}\n"
             f"  fingerprint {self.fingerprint[:16]}"
         )
 
@@ -489,6 +557,16 @@ class Budget:
     @property
     def loss_name(self) -> str:
         return LOSS_SYMBOL.get(self.accounting, "loss")
+
+    def scopes_remaining(self) -> dict[str, Fraction]:
+        """What is left in each budget that caps the caller: its own, its institution's (when
+        capped) and the dataset's. `remaining` is the least of them."""
+        left = {"client": self.cap - self.spent - self.reserved}
+        if self.institution_remaining is not None:
+            left["institution"] = self.institution_remaining
+        if self.dataset_remaining is not None:
+            left["dataset"] = self.dataset_remaining
+        return left
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

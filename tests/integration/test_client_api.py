@@ -457,6 +457,55 @@ def test_a_replayed_release_says_it_charged_nothing(alice: tuple[str, client.Cli
     assert again.metadata.release_id == first.metadata.release_id
 
 
+def test_a_dry_run_says_whether_the_budget_covers_it(live: LiveServer) -> None:
+    _, veil_client = researcher(live, cap="1")
+    query = veil_client.count().by("majorityStatus").where(yearOfRegistration=2005)
+    fits = query.dry_run(epsilon="0.4")
+    assert fits.budget is not None and fits.budget.remaining == 1
+    assert fits.fits_budget is True and fits.remaining_after == Fraction(3, 5)
+    assert fits.limiting_scope is None
+    assert fits.to_dict()["remaining_after"] == "0.6" and "it fits" in repr(fits)
+    too_much = query.dry_run(epsilon="1.5")
+    assert too_much.fits_budget is False and too_much.remaining_after is None
+    assert too_much.limiting_scope == "client" and "does NOT fit" in repr(too_much)
+
+    query.release(epsilon="0.4")
+    again = query.dry_run(epsilon="0.2")
+    assert again.already_released and again.cost == 0
+    assert again.fits_budget is True and again.remaining_after == Fraction(3, 5)
+    assert "stored release is returned free" in repr(again)
+    assert veil_client.budget().spent == Fraction(2, 5)  # dry runs charge nothing
+    veil_client.close()
+
+    # Another researcher, with less left than the stored release's loss, is served it free.
+    _, other = researcher(live, cap="0.3")
+    with other:
+        served = other.dry_run(query, epsilon="0.4")
+    assert served.already_released and served.fits_budget is True
+    assert served.remaining_after == Fraction(3, 10)
+
+
+def test_a_dry_run_names_the_institution_when_its_budget_is_the_short_one(
+    live: LiveServer,
+) -> None:
+    institution = f"inst-{time.monotonic_ns()}"
+    live.ledger.set_institution_cap(institution, "0.3")
+    _, token = add_researcher(live, cap="5", institution=institution)
+    with client.connect(address(live), token=token, retry=FAST) as veil_client:
+        query = veil_client.count().by("gender").where(yearOfRegistration=2003)  # never released
+        priced = query.dry_run(epsilon="0.5")
+        assert priced.fits_budget is False and priced.limiting_scope == "institution"
+        assert "the institution budget has 0.3 left" in repr(priced)
+        assert query.dry_run(epsilon="0.3").remaining_after == 0
+
+
+def test_a_dry_run_by_a_role_without_a_budget_still_prices(live: LiveServer) -> None:
+    with client.connect(address(live), token=live.tokens["root"], retry=FAST) as admin:
+        priced = admin.count().by("gender").where(yearOfRegistration=2004).dry_run(epsilon="0.5")
+    assert priced.loss == "0.5" and priced.budget is None and priced.fits_budget is None
+    assert "not known" in repr(priced)
+
+
 def test_losses_are_refused_or_read_before_anything_is_sent(
     alice: tuple[str, client.Client],
 ) -> None:

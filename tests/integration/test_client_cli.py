@@ -287,6 +287,28 @@ def test_a_loss_with_too_many_places_says_what_to_write(
     assert code == 0 and json.loads(out)["loss"] == "0.5"
 
 
+def test_dry_run_says_whether_the_budget_covers_it(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = veil(capsys, "dry-run", "--count", "--by", "Datasource", "--epsilon", "2",
+                        "-q")
+    assert code == 0 and "cost: epsilon 2; it fits: 5 remaining now, 3 after" in out
+    code, out, _ = veil(capsys, "dry-run", "--count", "--by", "Datasource", "--epsilon", "6",
+                        "-f", "json", "-q")
+    priced = json.loads(out)
+    assert priced["fits_budget"] is False and priced["limiting_scope"] == "client"
+    assert priced["remaining"] == "5" and priced["remaining_after"] is None
+    code, out, _ = veil(capsys, "dry-run", "--count", "--by", "Datasource", "--epsilon", "6",
+                        "-q")
+    assert "it does NOT fit: the client budget has 5 left" in out
+
+    assert veil(capsys, "query", "--count", "--by", "Datasource", "--epsilon", "2", "-q")[0] == 0
+    code, out, _ = veil(capsys, "dry-run", "--count", "--by", "Datasource", "--epsilon", "1",
+                        "-q")
+    assert "cost: 0 (the stored release is returned free; 3 remains)" in out
+    assert "epsilon 1 or more" in out
+
+
 def test_each_retry_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "veil_cli.py", "budget", "--server", "127.0.0.1:1", "--token",
