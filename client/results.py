@@ -461,14 +461,13 @@ class DryRun:
 
     def _budget_line(self) -> str:
         if self.already_released:
-            # The server reports the accuracy of a fresh draw at the requested loss; the stored
-            # release was made at a loss at least as large, so it is at least this accurate.
+            # The server reports the stored release's own loss and accuracy.
             left = "" if self.budget is None else (
                 f"; {_fraction_text(self.budget.remaining)} remains"
             )
             return (
                 f"  cost: 0 (the stored release is returned free{left}); it was made at "
-                f"{self.loss_name} {self.loss} or more, so its intervals are no wider than these"
+                f"{self.loss_name} {self.loss}, with the accuracy shown"
             )
         if self.budget is None:
             return f"  cost: {self.loss_name} {self.loss}; your remaining budget is not known"

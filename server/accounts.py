@@ -41,8 +41,9 @@ class Accounts(Protocol):
     def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None: ...
 
     # -- researchers --
-    def is_released(self, fingerprint: str, loss: Fraction | None = None) -> bool:
-        """Whether a release of this query (at a loss at least `loss`) exists to be reused."""
+    def released_loss(self, fingerprint: str) -> Fraction | None:
+        """The largest loss a stored release of this query was made at on the data served (a
+        request at no more than that gets it back free), or None when there is none."""
         ...
 
     def budget(self, identity: Identity) -> pb.Budget: ...
@@ -161,9 +162,8 @@ class LedgerAccounts:
         )
 
     # -- researchers --
-    def is_released(self, fingerprint: str, loss: Fraction | None = None) -> bool:
-        best = self.ledger.best_release_loss(fingerprint, self.data_version)
-        return best is not None and (loss is None or best >= loss)
+    def released_loss(self, fingerprint: str) -> Fraction | None:
+        return self.ledger.best_release_loss(fingerprint, self.data_version)
 
     def budget(self, identity: Identity) -> pb.Budget:
         budget = self.ledger.client_budget(identity.client_id)

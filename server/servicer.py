@@ -27,6 +27,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from engine.backend import Cancellation
 from engine.engine import Engine
 from engine.errors import QueryCancelledError
+from engine.loss import PrivacyLoss
 from engine.planner import Plan
 from engine.release import Answer, Charger, Release, Reservation
 from protos.veil.v1 import veil_pb2 as pb
@@ -340,9 +341,16 @@ class ResearchServicer(pb_grpc.ResearchServicer):
             if not 1 <= request.half_width <= 10**9:
                 raise MalformedRequestError("half_width must lie between 1 and 10^9")
             dry = engine.dry_run(query, half_width=request.half_width, assumed_count=assumed)
-        return convert.dry_run_to_pb(
-            dry, already_released=self.s.accounts.is_released(dry.fingerprint, dry.loss.amount)
-        )
+        stored = self.s.accounts.released_loss(dry.fingerprint)
+        already = stored is not None and stored >= dry.loss.amount
+        if already and stored != dry.loss.amount:
+            # The stored release is what a release would return: price its loss and accuracy,
+            # not those of a fresh draw at the loss asked for.
+            assert stored is not None
+            dry = engine.dry_run(
+                query, loss=PrivacyLoss(dry.loss.accounting, stored), assumed_count=assumed
+            )
+        return convert.dry_run_to_pb(dry, already_released=already)
 
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         engine = self.s.engine

@@ -20,7 +20,7 @@ import grpc
 
 from engine.errors import BudgetExceededError, LedgerUnavailableError, RequestConflictError
 from engine.ledger import Ledger
-from engine.loss import format_amount
+from engine.loss import format_amount, parse_amount
 from engine.planner import Plan
 from engine.release import Answer, Release
 from protos.veil.v1 import veil_pb2 as pb
@@ -164,8 +164,9 @@ class MemoryAccounts:
     def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
         self.denied.append({"method": method, "reason": reason, "client": client})
 
-    def is_released(self, fingerprint: str, loss: Fraction | None = None) -> bool:
-        return fingerprint in self.releases_by_fingerprint
+    def released_loss(self, fingerprint: str) -> Fraction | None:
+        stored = self.releases_by_fingerprint.get(fingerprint)
+        return None if stored is None else parse_amount(stored.metadata.loss)
 
     def budget(self, identity: Identity) -> pb.Budget:
         c = self.records[identity.client_id]

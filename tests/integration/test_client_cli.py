@@ -306,7 +306,7 @@ def test_dry_run_says_whether_the_budget_covers_it(
     code, out, _ = veil(capsys, "dry-run", "--count", "--by", "Datasource", "--epsilon", "1",
                         "-q")
     assert "cost: 0 (the stored release is returned free; 3 remains)" in out
-    assert "epsilon 1 or more" in out
+    assert "it was made at epsilon 2, with the accuracy shown" in out
 
 
 def test_each_retry_is_one_line(tmp_path: Path) -> None:

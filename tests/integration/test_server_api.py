@@ -130,6 +130,19 @@ def test_release_is_charged_and_replayed(live: LiveServer) -> None:
             pb.DryRunRequest(query=count_query("gender"), loss="0.5"), metadata=live.auth("bob")
         )
         assert dry.already_released
+        # Asked at a smaller loss, the dry run prices the stored release that would be
+        # returned (made at 0.5), not a fresh draw at 0.1.
+        cheaper = s.research.DryRun(
+            pb.DryRunRequest(query=count_query("gender"), loss="0.1"), metadata=live.auth("bob")
+        )
+        assert cheaper.already_released
+        assert (cheaper.loss, cheaper.half_width) == (dry.loss, dry.half_width)
+        assert cheaper.tau == dry.tau
+        assert cheaper.noise_scale == metadata.noise_scale
+        dearer = s.research.DryRun(
+            pb.DryRunRequest(query=count_query("gender"), loss="0.75"), metadata=live.auth("bob")
+        )
+        assert not dearer.already_released and dearer.loss == "0.75"
         budget = s.research.GetBudget(pb.GetBudgetRequest(), metadata=live.auth("alice"))
     assert (budget.client_id, budget.role, budget.institution) == (
         "alice",
