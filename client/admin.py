@@ -17,7 +17,6 @@ returned once and never kept by the server, which stores only its hash.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -95,20 +94,7 @@ class ClientInfo:
 def budget_text(value: Any) -> str:
     """A client's cap as exact decimal text. Unlike a privacy loss, a cap may be 0 (a client
     that only browses, audits or administers)."""
-    if _is_zero(value):
-        return "0"
-    return decimal_text(value, "budget")
-
-
-def _is_zero(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, str):
-        try:
-            return Decimal(value.strip()) == 0
-        except InvalidOperation:  # not a number (or a signalling NaN): decimal_text says so
-            return False
-    return isinstance(value, (int, float, Decimal, Fraction)) and value == 0
+    return decimal_text(value, "budget", allow_zero=True)
 
 
 def _role(value: str) -> Any:

@@ -449,8 +449,10 @@ def _half_width(value: int | None) -> int:
 _WIRE_DIGITS = 15
 
 
-def decimal_text(value: Any, name: str = "loss") -> str:
+def decimal_text(value: Any, name: str = "loss", *, allow_zero: bool = False) -> str:
     """A privacy loss as exact decimal text, as the wire carries it: 0.1 stays "0.1".
+
+    `allow_zero` admits 0, which a cap may be (a client that never queries) and a loss may not.
 
     An int, a float (read as the shortest decimal that prints it, so 0.1 is 1/10), a Decimal, a
     Fraction with a terminating decimal, or text. Exponent notation ("1e-3", 1e-3) is read as the
@@ -485,6 +487,8 @@ def decimal_text(value: Any, name: str = "loss") -> str:
             raise InvalidQuery(f"{name} must be a number, got {type(value).__name__}; {instead}")
     except InvalidOperation:
         raise InvalidQuery(f"{name} must be a decimal number such as 0.5, got {value!r}") from None
+    if decimal.is_finite() and decimal == 0 and allow_zero:
+        return "0"
     if not decimal.is_finite() or decimal <= 0:
         raise InvalidQuery(f"{name} must be a positive, finite number, got {value!r}")
     if decimal.adjusted() >= _WIRE_DIGITS:
