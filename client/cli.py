@@ -43,8 +43,8 @@ from client.query import Filter, In, Query, conditions
 from client.results import Release
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
-_SIMPLE_WHERE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([^'\"=<>!()\s][^'\"=<>!()]*)$")
-_NO_VALUE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*$")
+# NAME=VALUE[,VALUE...]; the value may be missing, so that the message can say what to write.
+_SIMPLE_WHERE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([^'\"=<>!()\s][^'\"=<>!()]*)?$")
 
 
 # ---- the commands' parsers ----------------------------------------------------------------------
@@ -317,10 +317,9 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
 def _condition(text: str, option: str = "--where") -> Filter:
     """A --where or --proportion argument: NAME=VALUE[,VALUE...] or a SQL condition. Errors
     name the option and the argument."""
-    simple = _SIMPLE_WHERE.fullmatch(text) or _NO_VALUE.fullmatch(text)
+    simple = _SIMPLE_WHERE.fullmatch(text)
     if simple:
-        name = simple.group(1)
-        raw = simple.group(2).strip() if simple.re is _SIMPLE_WHERE else ""
+        name, raw = simple.group(1), (simple.group(2) or "").strip()
         values = [v.strip() for v in raw.split(",")]
         if all(values):
             condition = conditions([], {name: values[0]}) if len(values) == 1 else In(name, values)
