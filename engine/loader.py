@@ -204,7 +204,8 @@ def load(
             dirty = tuple(c for c in layout.columns if counts.out_of_domain[c.variable.name])
             values = _out_of_domain(connection, reader, dirty, missing_codes, progress, source)
             report = _report(
-                counts, values, source, database, codebook, strict, layout, (version, dataset)
+                counts, values, source, database, codebook, strict, layout,
+                version=version, dataset=dataset,
             )
             if strict:
                 _refuse(report, counts.filled, source)
@@ -464,9 +465,10 @@ def _report(
     codebook: Codebook,
     strict: bool,
     layout: _Layout,
-    names: tuple[str, str],
+    *,
+    version: str,
+    dataset: str,
 ) -> LoadReport:
-    version, dataset = names
     rows = counts.rows
     skipped = list(layout.skipped)
     for position, count in counts.filled.items():
