@@ -467,9 +467,11 @@ def _refusals(log: Sequence[AuditEntry]) -> pa.Table:
             "charge": e.get("charge"),
             "reason": str(detail.get("reason", ""))[:300],
             "method": detail.get("method"),
+            # Refused credentials the server's audit rate limits left out before this entry.
+            "unrecorded_before": detail.get("unrecorded_before"),
         }
 
-    names = ("outcome", "fingerprint", "charge", "reason", "method")
+    names = ("outcome", "fingerprint", "charge", "reason", "method", "unrecorded_before")
     return _log_table(log, _REFUSAL_EVENTS, [(name, pa.string()) for name in names], rows_of)
 
 
@@ -636,7 +638,11 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
         else 0
     )
     denied = (
-        sum(1 for r in refusals.to_pylist() if r["event"] == "auth_denied")
+        sum(
+            1 + int(r["unrecorded_before"] or 0)
+            for r in refusals.to_pylist()
+            if r["event"] == "auth_denied"
+        )
         if refusals is not None
         else 0
     )

@@ -38,7 +38,9 @@ class Accounts(Protocol):
     # -- authentication (the interceptor) --
     def identify(self, token_hash: str) -> Identity | ExpiredToken | None: ...
 
-    def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None: ...
+    def record_denied(
+        self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
+    ) -> None: ...
 
     # -- researchers --
     def released_loss(self, fingerprint: str) -> Fraction | None:
@@ -153,13 +155,13 @@ class LedgerAccounts:
             return ExpiredToken(record.client_id, record.token_expires_at)
         return Identity(record.client_id, Role(record.role), record.institution or "")
 
-    def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
-        self.ledger.audit(
-            "auth_denied",
-            client,
-            outcome="refused",
-            detail={"method": method[:200], "reason": reason[:200], "peer": peer[:200]},
-        )
+    def record_denied(
+        self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
+    ) -> None:
+        detail = {"method": method[:200], "reason": reason[:200], "peer": peer[:200]}
+        if unrecorded:
+            detail["unrecorded_before"] = str(unrecorded)
+        self.ledger.audit("auth_denied", client, outcome="refused", detail=detail)
 
     # -- researchers --
     def released_loss(self, fingerprint: str) -> Fraction | None:

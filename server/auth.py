@@ -7,9 +7,12 @@ institution. The caller's identity comes from the credential alone, never from a
 The interceptor wraps every veil method so that the check runs on the call's worker thread
 (inside the server's concurrency cap, never on the thread that accepts calls): authenticate, check
 the role against `METHOD_ROLES`, apply the client's rate limit, then run the method with the
-identity available through `current_identity()`. Failed attempts are recorded in the audit log
-(at most `audit_failures_per_minute` per peer, so a flood of bad tokens cannot flood the log) and
-in the server log. Health checks and reflection need no credential.
+identity available through `current_identity()`. Failed attempts are recorded in the server log
+and in the audit log: at most `audit_failures_per_minute` per peer address and
+`audit_failures_total_per_minute` in all, so that a flood of bad tokens, even from many
+addresses, can neither flood the log nor keep the ledger's write lock from the releases. Each
+entry counts the refusals left unrecorded before it, so the log still accounts for every one.
+Health checks and reflection need no credential.
 """
 
 from __future__ import annotations
@@ -158,8 +161,11 @@ class Directory(Protocol):
         """The active client holding this token hash, ExpiredToken when its token has expired,
         or None (unknown or revoked)."""
 
-    def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
-        """Append a failed attempt to the audit log."""
+    def record_denied(
+        self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
+    ) -> None:
+        """Append a failed attempt to the audit log; `unrecorded` refusals before it were left
+        out of the log by its rate limits."""
 
 
 # ---- rate limits -------------------------------------------------------------------------------
@@ -217,6 +223,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         rate_per_second: float,
         rate_burst: int,
         audit_failures_per_minute: int = 60,
+        audit_failures_total_per_minute: int = 600,
         bind_client_ids: bool = False,
     ) -> None:
         self.directory = directory
@@ -226,6 +233,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self.failure_audit = RateLimiter(
             rate=audit_failures_per_minute / 60.0, burst=audit_failures_per_minute
         )
+        # One bucket for all peers: many addresses must not add up to a flood either.
+        self.total_failure_audit = RateLimiter(
+            rate=audit_failures_total_per_minute / 60.0, burst=audit_failures_total_per_minute
+        )
+        self._unrecorded = 0  # refusals left out of the audit log since its last entry
+        self._unrecorded_lock = threading.Lock()
 
     def intercept_service(
         self,
@@ -314,11 +327,21 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             extra={"event": "auth_denied", "method": method, "reason": reason,
                    "client": client, "peer": peer},
         )
-        if self.failure_audit.take(peer.rpartition(":")[0] or peer) > 0:
-            return  # this peer's failures are already being recorded faster than allowed
+        with self._unrecorded_lock:
+            if (
+                self.failure_audit.take(peer.rpartition(":")[0] or peer) > 0
+                or self.total_failure_audit.take("") > 0
+            ):
+                self._unrecorded += 1  # counted in the next entry that is written
+                return
+            unrecorded, self._unrecorded = self._unrecorded, 0
         try:
-            self.directory.record_denied(method=method, reason=reason, client=client, peer=peer)
+            self.directory.record_denied(
+                method=method, reason=reason, client=client, peer=peer, unrecorded=unrecorded
+            )
         except Exception as exc:  # the refusal stands even if the audit write fails
+            with self._unrecorded_lock:
+                self._unrecorded += unrecorded + 1
             log.error(
                 "could not record a refused call",
                 extra={"event": "audit_write_failed", "error_type": type(exc).__name__},

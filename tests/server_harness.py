@@ -161,8 +161,12 @@ class MemoryAccounts:
                 return Identity(c.client_id, c.role, c.institution)
         return None
 
-    def record_denied(self, *, method: str, reason: str, client: str | None, peer: str) -> None:
-        self.denied.append({"method": method, "reason": reason, "client": client})
+    def record_denied(
+        self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
+    ) -> None:
+        self.denied.append(
+            {"method": method, "reason": reason, "client": client, "unrecorded": unrecorded}
+        )
 
     def released_loss(self, fingerprint: str) -> Fraction | None:
         stored = self.releases_by_fingerprint.get(fingerprint)

@@ -250,3 +250,18 @@ def test_a_zcdp_ledger_reports_rho_with_epsilon_equivalents(
     assert {r["mechanism"] for r in tables["releases"].to_pylist()} == {"discrete_gaussian"}
     page = render_html(tables)
     assert "spent (eps at delta)" in page and "Budgets (rho)" in page
+
+
+def test_refused_credentials_count_those_the_rate_limits_left_unrecorded(tmp_path: Path) -> None:
+    with Ledger.open(
+        tmp_path / "ledger.sqlite", accounting="pure_dp", dataset_cap=1, dataset="ctdc"
+    ) as ledger:
+        detail = {"method": "/veil.v1.Research/GetBudget", "reason": "unknown or revoked token"}
+        ledger.audit("auth_denied", None, outcome="refused", detail=detail)
+        ledger.audit(
+            "auth_denied", None, outcome="refused", detail={**detail, "unrecorded_before": "7"}
+        )
+    with Ledger.open_readonly(tmp_path / "ledger.sqlite") as ledger:
+        tables = build_tables(ledger)
+    assert [r["unrecorded_before"] for r in tables["refusals"].to_pylist()] == [None, "7"]
+    assert "<b>9</b>refused credentials" in render_html(tables)

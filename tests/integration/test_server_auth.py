@@ -194,6 +194,13 @@ def test_refused_attempts_are_audited_at_a_bounded_rate(live: LiveServer) -> Non
     # Every attempt is refused; the audit log records them at up to 60 a minute per peer
     # (a burst of 60, then one a second).
     assert 60 <= len(denied_entries(live)) <= 61 + elapsed
+    # One more, once the peer may be recorded again: its entry counts those left out.
+    time.sleep(1.1)
+    with stubs(live.port) as s:
+        code_of(s.research.GetCodebook, pb.GetCodebookRequest(), bearer("veil_guess"))
+    entries = denied_entries(live)
+    counted = [1 + int(dict(e["detail"]).get("unrecorded_before", 0)) for e in entries]  # type: ignore[call-overload]
+    assert sum(counted) == 91 and counted[-1] > 1
     assert live.ledger.verify().ok
 
 

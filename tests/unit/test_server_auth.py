@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
 from protos.veil.v1 import veil_pb2 as pb
-from server.auth import METHOD_ROLES, RateLimiter, Role, bearer_token, hash_token, new_token
+from server.auth import (
+    METHOD_ROLES,
+    AuthInterceptor,
+    RateLimiter,
+    Role,
+    bearer_token,
+    hash_token,
+    new_token,
+)
+from server.errors import AuthenticationError
 
 
 def test_tokens_are_random_and_stored_as_hashes() -> None:
@@ -46,3 +57,63 @@ def test_rate_limiter() -> None:
     now[0] = 0.5
     assert limiter.take("a") == 0.0
     assert limiter.take("a") > 0
+
+
+class _Directory:
+    """Identifies nobody; records the refusals the interceptor chooses to audit."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, int]] = []
+        self.failing = False
+
+    def identify(self, token_hash: str) -> None:
+        return None
+
+    def record_denied(
+        self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
+    ) -> None:
+        if self.failing:
+            raise OSError("disk full")
+        self.entries.append((peer, unrecorded))
+
+
+class _Context:
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", "Bearer veil_guess"),)
+
+
+def test_refusals_from_many_peers_are_audited_at_a_bounded_total_rate() -> None:
+    now = [0.0]
+    directory = _Directory()
+    interceptor = AuthInterceptor(directory, rate_per_second=10, rate_burst=10)
+    interceptor.failure_audit = RateLimiter(rate=2 / 60, burst=2, clock=lambda: now[0])
+    interceptor.total_failure_audit = RateLimiter(rate=5 / 60, burst=5, clock=lambda: now[0])
+
+    def refuse(peer: str) -> None:
+        with pytest.raises(AuthenticationError):
+            interceptor.check("/veil.v1.Research/GetCodebook", _Context(peer))  # type: ignore[arg-type]
+
+    # Forty addresses, three tries each: two per address would pass the per-peer limit, but
+    # only five reach the ledger in all.
+    for attempt in range(3):
+        for host in range(40):
+            refuse(f"ipv4:10.0.0.{host}:{5000 + attempt}")
+    assert len(directory.entries) == 5
+    assert all(unrecorded == 0 for _, unrecorded in directory.entries)
+    # A minute later the next entry says how many went unrecorded: every refusal is counted.
+    now[0] = 60.0
+    refuse("ipv4:10.0.1.1:6000")
+    assert directory.entries[-1] == ("ipv4:10.0.1.1:6000", 115)
+    assert sum(1 + unrecorded for _, unrecorded in directory.entries) == 121
+    # An entry that cannot be written hands its count on to the next one.
+    directory.failing = True
+    refuse("ipv4:10.0.1.2:6000")
+    directory.failing = False
+    refuse("ipv4:10.0.1.3:6000")
+    assert directory.entries[-1] == ("ipv4:10.0.1.3:6000", 1)
