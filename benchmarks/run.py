@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.sizes.append(100_000_000)
     args.sizes.sort()
     args.system_names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [name for name in args.system_names if name not in MODULES]
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(unknown)}; known: {', '.join(MODULES)}")
     if "raw_duckdb" not in args.system_names:
         args.system_names.insert(0, "raw_duckdb")  # every ratio is to raw DuckDB
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {q.strip() for q in args.queries.split(",")}
         unknown = wanted - {q.key for q in queries}
         if unknown:
-            print(f"unknown queries: {', '.join(sorted(unknown))}", file=sys.stderr)
+            known = ", ".join(q.key for q in queries)
+            print(f"unknown queries: {', '.join(sorted(unknown))}; known: {known}", file=sys.stderr)
             return 2
         queries = tuple(q for q in queries if q.key in wanted)
     args.out.mkdir(parents=True, exist_ok=True)

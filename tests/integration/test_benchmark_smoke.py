@@ -76,3 +76,14 @@ def test_the_benchmark_runs_end_to_end_and_reports_every_query(tmp_path: Path) -
         assert (out / "latency.png").stat().st_size > 0
     else:
         assert "plot: skipped" in markdown
+
+
+def test_an_unknown_system_or_query_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    for option, name in (("--systems", "veil_answer"), ("--queries", "gender")):
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.run", option, name, "--out", str(tmp_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert f"unknown {option[2:]}: {name}" in done.stderr and "Traceback" not in done.stderr
+        assert not any(tmp_path.iterdir())
