@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from client.connection import TLS, Client, Retry, decimal_text
-from client.errors import InvalidQuery, RequestConflict
+from client.errors import InvalidQuery, RegistryConflict, RequestConflict
 from client.results import _fraction_text, amount
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
@@ -139,8 +139,8 @@ class AdminClient:
     """Calls of veil's Admin service over a `Client`'s connection (its channel, token, TLS and
     retries). Errors are the client's: `PermissionDenied` for a token that is not an
     administrator's, `InvalidQuery` for a malformed argument, `NotFound` for an unknown client,
-    `RequestConflict` for a change the registry refuses (a client id already taken, a cap below
-    what the client has spent, rotating a revoked client's token)."""
+    `RegistryConflict` (a `RequestConflict`) for a change the registry refuses (a client id
+    already taken, a cap below what the client has spent, rotating a revoked client's token)."""
 
     def __init__(self, connection: Client) -> None:
         self.connection = connection
@@ -161,7 +161,12 @@ class AdminClient:
         return f"<veil AdminClient {self.connection.address} ({security})>"
 
     def _call(self, method: str, request: Any, stub: Any = None) -> Any:
-        return self.connection._call(method, request, stub=stub or self._stub)
+        try:
+            return self.connection._call(method, request, stub=stub or self._stub)
+        except RequestConflict as exc:
+            # FAILED_PRECONDITION from the Admin service is the registry refusing the change;
+            # Admin calls carry no request id that could have been reused.
+            raise RegistryConflict(exc.message, code=exc.code, request_id=exc.request_id) from None
 
     def register(
         self,
@@ -184,10 +189,10 @@ class AdminClient:
         attempts = _Attempts(self._stub)
         try:
             response = self._call("RegisterClient", request, attempts)
-        except RequestConflict as exc:
+        except RegistryConflict as exc:
             if attempts.count > 1 and "already registered" in exc.message:
                 # The first attempt may have registered it and lost the answer on the way back.
-                raise RequestConflict(
+                raise RegistryConflict(
                     f"{exc.message} (the call was retried, so an earlier attempt may have "
                     f"registered it: rotate its token to get one)", code=exc.code,
                 ) from None
@@ -220,4 +225,6 @@ class AdminClient:
         return [ClientInfo.from_pb(m) for m in response.clients]
 
 
-__all__ = ["ROLES", "AdminClient", "ClientInfo", "budget_text", "connect_admin"]
+__all__ = [
+    "ROLES", "AdminClient", "ClientInfo", "RegistryConflict", "budget_text", "connect_admin",
+]

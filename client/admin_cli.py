@@ -26,6 +26,7 @@ from client import errors
 from client.admin import ROLES, AdminClient, ClientInfo
 from client.cli import (
     EXIT_AUTH,
+    EXIT_ERROR,
     EXIT_INVALID,
     EXIT_OK,
     _cell,
@@ -113,8 +114,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _run_admin(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> int:
     """`_run` (connection, errors, exit statuses), with the messages an administrator needs:
-    a refused argument is not an "invalid query", and a refused role is most likely the wrong
-    token."""
+    a refused argument is not an "invalid query", a change the registry refuses left the
+    registry as it was, and a refused role is most likely the wrong token."""
 
     def admin_body(connection: Client) -> int:
         try:
@@ -122,6 +123,9 @@ def _run_admin(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> 
         except errors.InvalidQuery as exc:
             print(f"veil: {exc}", file=sys.stderr)
             return EXIT_INVALID
+        except errors.RegistryConflict as exc:
+            print(f"veil: refused, nothing changed: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         except errors.PermissionDenied as exc:
             print(f"veil: `veil admin` needs an administrator's token ({exc})", file=sys.stderr)
             return EXIT_AUTH

@@ -141,7 +141,17 @@ class Cancelled(VeilError):
 
 
 class RequestConflict(VeilError):
-    """The request id was already used for a different query or privacy loss."""
+    """The request id was already used for a different query or privacy loss.
+
+    Admin calls raise the subclass `RegistryConflict` instead."""
+
+
+# A subclass, not a sibling: `RequestConflict` was what Admin calls raised for these refusals
+# (and what `AdminClient` documented), so callers' `except RequestConflict` keeps catching them.
+class RegistryConflict(RequestConflict):
+    """The client registry refused an administrator's change: a client id already registered, a
+    cap below what the client has spent or holds, a revoked client's token to rotate, an
+    administrator revoking itself. The message is the server's, naming the client and why."""
 
 
 class NotFound(VeilError, LookupError):
@@ -293,6 +303,7 @@ __all__ = [
     "PermissionDenied",
     "QueryTimeout",
     "RateLimited",
+    "RegistryConflict",
     "RequestConflict",
     "ServerFault",
     "ServerUnavailable",

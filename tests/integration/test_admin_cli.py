@@ -23,7 +23,7 @@ import pytest
 
 import client
 import veil_cli
-from client.admin import AdminClient, ClientInfo, connect_admin
+from client.admin import AdminClient, ClientInfo, RegistryConflict, connect_admin
 from engine.ledger import ClientRecord
 from tests.client_harness import add_researcher, address, start_server
 from tests.server_harness import LiveServer
@@ -274,7 +274,7 @@ def test_the_library(live: LiveServer) -> None:
         assert revoked.revoked and revoked.revoked_at
         with pytest.raises(client.NotFound):
             admin.rotate_token(new_id())
-        with pytest.raises(client.RequestConflict, match="already registered"):
+        with pytest.raises(RegistryConflict, match="already registered"):
             admin.register("alice")
         with pytest.raises(client.InvalidQuery):
             admin.register(new_id(), role="owner")
@@ -317,11 +317,46 @@ def test_a_retried_registration_says_how_to_get_a_token(live: LiveServer) -> Non
         flaky = _LosesFirstReply(admin._stub)
         admin._stub = flaky  # type: ignore[assignment]
         client_id = new_id()
-        with pytest.raises(client.RequestConflict, match="rotate its token") as refused:
+        with pytest.raises(RegistryConflict, match="rotate its token") as refused:
             admin.register(client_id)
         assert flaky.calls == 2 and live.ledger.client(client_id).active
         assert refused.value.code == "FAILED_PRECONDITION"
         # Without a retry, "already registered" is only that.
-        with pytest.raises(client.RequestConflict) as plain:
+        with pytest.raises(RegistryConflict) as plain:
             admin.register(client_id)
         assert "rotate" not in str(plain.value)
+
+
+def test_registry_refusals_are_registry_conflicts_with_the_servers_words(
+    live: LiveServer, admin_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FAILED_PRECONDITION from the Admin service is the registry refusing a change, not a
+    reused request id; a caller's `except RequestConflict` still catches it."""
+    client_id, token = add_researcher(live, cap="1")
+    with client.connect(address(live), token=token) as researcher:  # a query no test releases
+        researcher.count().by("majorityStatus").release(epsilon=0.5, request_id=client_id)
+        # A release's reused request id stays a RequestConflict, not a registry refusal.
+        with pytest.raises(client.RequestConflict) as reused:
+            researcher.count().release(epsilon=0.2, request_id=client_id)
+        assert not isinstance(reused.value, RegistryConflict)
+    revoked, _ = add_researcher(live)
+    live.ledger.revoke(revoked, reason="test")
+    refusals = [
+        (lambda a: a.register(client_id), f"client {client_id} is already registered"),
+        (lambda a: a.set_budget(client_id, "0.25"),
+         f"cannot set the client cap of {client_id} to 0.25: 0.5 is already spent or held"),
+        (lambda a: a.rotate_token(revoked),
+         f"client {revoked} is revoked; register a new client instead"),
+        (lambda a: a.revoke("root", "x"), "an administrator cannot revoke its own registration"),
+    ]
+    with connect_admin(address(live), token=live.tokens["root"]) as admin:
+        for call, message in refusals:
+            with pytest.raises(RegistryConflict) as refused:
+                call(admin)
+            assert str(refused.value) == refused.value.message == message
+            assert refused.value.code == "FAILED_PRECONDITION"
+            assert isinstance(refused.value, client.RequestConflict)
+
+    code, out, err = veil(capsys, "admin", "register", client_id, "-q")
+    assert (code, out) == (1, "")
+    assert err == f"veil: refused, nothing changed: client {client_id} is already registered\n"
