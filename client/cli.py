@@ -419,11 +419,22 @@ def run_dry_run(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+class _UnknownName(Exception):
+    """A name `veil codebook NAME` does not find; the message says which names are close."""
+
+
 def run_codebook(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
-        with progress("codebook", quiet=args.quiet):
-            book = client.codebook()
-            item = client.variable(args.name) if args.name else None
+        try:
+            with progress("codebook", quiet=args.quiet):
+                book = client.codebook()
+                if args.name and book.find(args.name) is None:
+                    raise _UnknownName(book.unknown(args.name))
+                item = client.variable(args.name) if args.name else None
+        except _UnknownName as exc:
+            # A name looked up, not a query asked: no "invalid query", and no timing line.
+            print(f"veil: {exc}", file=sys.stderr)
+            return EXIT_INVALID
         if item is not None:
             if args.format == "json":
                 _emit(json.dumps(asdict(item), indent=2, ensure_ascii=False))

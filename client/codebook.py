@@ -309,7 +309,8 @@ class Codebook:
             return f"{name!r} matches {both} in codebook {self.name}; spell it exactly"
         close = self.suggest(name)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"{name!r} is not in codebook {self.name}{hint}"
+        return (f"{name!r} is not a variable, flag set or derived dimension of codebook "
+                f"{self.name}{hint}")
 
     def _index(self) -> dict[str, Item]:
         cached: dict[str, Item] | None = self.__dict__.get("_cache")

@@ -276,6 +276,22 @@ def test_codebook_names_ignore_case_and_unknown_ones_get_suggestions(
     assert code == 2 and "did you mean gender?" in err
 
 
+def test_an_unknown_codebook_name_is_not_called_an_invalid_query(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = veil(capsys, "codebook", "meansOfControll")
+    assert (code, out) == (2, "")
+    assert err == (
+        "veil: 'meansOfControll' is not a variable, flag set or derived dimension of codebook "
+        "ctdc; did you mean meansOfControl, meansOfControlOther, meansOfControlThreats?\n"
+    )
+    code, out, err = veil(capsys, "codebook", "zzqqxx", "-f", "json", "-q")
+    assert (code, out) == (2, "")
+    assert err == (
+        "veil: 'zzqqxx' is not a variable, flag set or derived dimension of codebook ctdc\n"
+    )
+
+
 def test_a_loss_with_too_many_places_says_what_to_write(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
