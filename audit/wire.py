@@ -7,16 +7,19 @@ oracle in `audit.truth`) and sent as their protobuf form. Nothing here imports t
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pyarrow as pa
 
+from engine.loss import parse_amount
 from engine.query import Query
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
@@ -43,13 +46,30 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Answer:
-    """A release as the attacker sees it: cell values (None when suppressed) by key."""
+    """A release as the attacker sees it: cell values (None when suppressed) by key.
+
+    `loss` is the loss the release was made at, which is what the attacker holds; `charged` is
+    what this call cost the caller, as the server reports it: the loss when the release was made
+    for this call, "0" when a stored release was returned (a replay or a retry), empty when the
+    server did not say."""
 
     release_id: str
     loss: str
     tau: int
     cells: Mapping[Key, int | float | None]
     keys: tuple[str, ...]
+    charged: str = ""
+
+    @property
+    def charge(self) -> Fraction:
+        """What this call cost the caller. A server that does not report it is taken to have
+        charged the full loss: a tally that may overstate, never understate, the spending."""
+        return parse_amount(self.charged or self.loss)
+
+    @property
+    def replayed(self) -> bool:
+        """A stored release returned free, though it was made at a loss."""
+        return self.charge == 0 and parse_amount(self.loss) > 0
 
     def value(self, key: Key) -> int | float | None:
         return self.cells.get(key)
@@ -68,7 +88,7 @@ def answer_from_pb(response: pb.ReleaseResponse, by: tuple[str, ...]) -> Answer:
         key = tuple(columns[name][row] for name in by)
         cells[key] = None if suppressed[row] else values[row]
     meta = response.metadata
-    return Answer(meta.release_id, meta.loss, int(meta.tau), cells, by)
+    return Answer(meta.release_id, meta.loss, int(meta.tau), cells, by, response.charged)
 
 
 def _trailers(error: grpc.RpcError) -> dict[str, str]:
@@ -119,6 +139,10 @@ class Target:
         self._codebook: pb.GetCodebookResponse | None = None
         self._ids = itertools.count()
         self._prefix = f"atk-{uuid.uuid4().hex[:10]}"
+        # The server's own account of what each release cost (releases run from many threads).
+        self._tally_lock = threading.Lock()
+        self._charged = Fraction(0)
+        self._replays = 0
 
     def close(self) -> None:
         self.channel.close()
@@ -131,6 +155,19 @@ class Target:
 
     def request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
+
+    @property
+    def charged(self) -> Fraction:
+        """The sum of what the server charged for every release made through `release`, as each
+        response states it (`ReleaseResponse.charged`): what the ledger booked for them."""
+        with self._tally_lock:
+            return self._charged
+
+    @property
+    def replays(self) -> int:
+        """How many releases made through `release` were stored releases returned free."""
+        with self._tally_lock:
+            return self._replays
 
     # -- calls --
 
@@ -165,7 +202,11 @@ class Target:
             request_id=request_id or self.request_id(), query=query_to_pb(query), loss=loss
         )
         response = self._unary(self.research.Release, request)
-        return answer_from_pb(response, query.by)
+        answer = answer_from_pb(response, query.by)
+        with self._tally_lock:
+            self._charged += answer.charge
+            self._replays += answer.replayed
+        return answer
 
     def already_released(self, query: Query, *, loss: str) -> bool:
         """Whether a release of `query` at `loss` exists, so asking it again is free (a dry run,
