@@ -991,6 +991,15 @@ def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
     assert_verified(ledger)
 
 
+def test_revoking_a_revoked_client_writes_nothing(ledger: Ledger) -> None:
+    ledger.register_client("erin", role="researcher", cap="1")
+    first = ledger.revoke("erin", reason="left the project", actor="root")
+    head = ledger.head()
+    again = ledger.revoke("erin", reason="a second time", actor="root")
+    assert ledger.head() == head  # no audit entry: nothing changed
+    assert again == first and again.revoked_at is not None and not again.active
+
+
 def test_report_per_client_institution_and_dataset(engine: Engine, ledger: Ledger) -> None:
     ledger.set_institution_cap("iom", "1.5")
     release(engine, ledger, "alice", "a1", distinct_query(0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,9 @@ from engine.errors import QueryCancelledError
 from engine.loss import PrivacyLoss
 from engine.query import Count, Query
 from protos.veil.v1 import veil_pb2 as pb
-from server.auth import Role
+from server.auth import Identity, Role
 from server.errors import MalformedRequestError
-from server.servicer import CallWatch, InFlight, _WatchedCharger, parse
+from server.servicer import AdminServicer, CallWatch, InFlight, Services, _WatchedCharger, parse
 from tests.conftest import write_database
 from tests.server_harness import MemoryAccounts
 
@@ -148,3 +150,43 @@ def test_a_call_that_ended_before_it_was_watched_is_cancelled_at_once() -> None:
 
     with InFlight().watch(EndedContext(5.0), limit=10) as watch:  # type: ignore[arg-type]
         assert watch.event.is_set() and watch.reason == "cancelled"
+
+
+class _SlowRevokes(MemoryAccounts):
+    """Accounts whose revocations take long enough for a second one to arrive meanwhile."""
+
+    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo:
+        time.sleep(0.2)
+        return super().revoke(client, reason=reason, by=by)
+
+
+def test_only_the_revocation_that_revoked_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two administrators revoke one client at once: one revoked it, the other is told it was
+    already revoked; a later revocation too."""
+    data = write_database(tmp_path / "d.duckdb", [{"gender": "Female"}] * 20)
+    accounts = _SlowRevokes()
+    accounts.add("alice", Role.RESEARCHER)
+    services = Services(
+        Engine(DuckDBBackend(data), codebook=default_codebook()), accounts,
+        max_query_seconds=10, max_request_bytes=1 << 20, max_response_bytes=1 << 20,
+    )
+    admin = AdminServicer(services)
+    monkeypatch.setattr("server.servicer.current_identity", lambda: Identity("root", Role.ADMIN))
+    request = pb.RevokeClientRequest(client_id="alice", reason="left the project")
+    start = threading.Barrier(2)
+    answers: list[pb.RevokeClientResponse] = []
+
+    def revoke() -> None:
+        start.wait()
+        answers.append(admin.RevokeClient(request, None))
+
+    threads = [threading.Thread(target=revoke) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(a.already_revoked for a in answers) == [False, True]
+    assert all(a.client.revoked for a in answers)
+    assert admin.RevokeClient(request, None).already_revoked

@@ -1528,16 +1528,22 @@ class RevokeClientResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENT_FIELD_NUMBER: _builtins.int
+    ALREADY_REVOKED_FIELD_NUMBER: _builtins.int
+    already_revoked: _builtins.bool
+    """The client was revoked before this call (at client.revoked_at): nothing changed, and nothing
+    was written to the audit log. False from a server older than this field.
+    """
     @_builtins.property
     def client(self) -> Global___ClientInfo: ...
     def __init__(
         self,
         *,
         client: Global___ClientInfo | None = ...,
+        already_revoked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_revoked", b"already_revoked", "client", b"client"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
