@@ -91,6 +91,22 @@ class ClientInfo:
                 f"remaining {d['remaining']}{revoked}{expires}")
 
 
+@dataclass(frozen=True)
+class RevokedClient(ClientInfo):
+    """A client's record as `AdminClient.revoke` returns it, with what the call did.
+
+    `already_revoked`: the client had been revoked before (at `revoked_at`), so the call changed
+    nothing and wrote nothing to the audit log. A server too old to say reports False."""
+
+    already_revoked: bool = False
+
+    @classmethod
+    def from_response(cls, m: pb.RevokeClientResponse) -> RevokedClient:
+        info = ClientInfo.from_pb(m.client)
+        values = {f.name: getattr(info, f.name) for f in fields(ClientInfo)}
+        return cls(**values, already_revoked=m.already_revoked)
+
+
 def budget_text(value: Any) -> str:
     """A client's cap as exact decimal text. Unlike a privacy loss, a cap may be 0 (a client
     that only browses, audits or administers)."""
@@ -207,13 +223,14 @@ class AdminClient:
         )
         return ClientInfo.from_pb(response.client)
 
-    def revoke(self, client_id: str, reason: str) -> ClientInfo:
+    def revoke(self, client_id: str, reason: str) -> RevokedClient:
         """Stop serving a client: its token fails from now on. Its charges and releases stay on
-        the ledger; `reason` goes to the audit log. Revoking a revoked client changes nothing."""
+        the ledger; `reason` goes to the audit log. Revoking a revoked client changes nothing
+        and is no error: the result's `already_revoked` says so."""
         response = self._call(
             "RevokeClient", pb.RevokeClientRequest(client_id=client_id, reason=reason)
         )
-        return ClientInfo.from_pb(response.client)
+        return RevokedClient.from_response(response)
 
     def rotate_token(self, client_id: str) -> str:
         """A new token for an active client; its old token stops working now."""
@@ -226,5 +243,6 @@ class AdminClient:
 
 
 __all__ = [
-    "ROLES", "AdminClient", "ClientInfo", "RegistryConflict", "budget_text", "connect_admin",
+    "ROLES", "AdminClient", "ClientInfo", "RegistryConflict", "RevokedClient", "budget_text",
+    "connect_admin",
 ]

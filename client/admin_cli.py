@@ -168,7 +168,12 @@ def run_revoke(args: argparse.Namespace) -> int:
     def body(admin: AdminClient) -> int:
         with progress("revoke", quiet=args.quiet):
             info = admin.revoke(args.client_id, args.reason)
-        _say(args, f"revoked {info}")
+        if info.already_revoked:
+            # Not an error: the client is revoked, as asked; but this call did not revoke it.
+            when = f" at {info.revoked_at}" if info.revoked_at else ""
+            _say(args, f"client {info.client_id} was already revoked{when}; nothing changed")
+        else:
+            _say(args, f"revoked {info}")
         return EXIT_OK
 
     return _run_admin(args, body)

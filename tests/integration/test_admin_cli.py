@@ -160,7 +160,17 @@ def test_revoke_stops_the_token(
     assert out == "" and f"revoked {client_id}" in err
     code, _, err = veil(capsys, "budget", "--token", token)
     assert code == 4 and "token" in err
-    assert not live.ledger.client(client_id).active
+    record = live.ledger.client(client_id)
+    assert not record.active and record.revoked_at
+    # Again: the client is revoked as asked (status 0), but this call changed nothing, and says
+    # so rather than "revoked"; the ledger writes nothing.
+    head = live.ledger.head()
+    code, out, err = veil(capsys, "admin", "revoke", client_id, "--reason", "twice")
+    assert (code, out) == (0, ""), err
+    assert (f"veil: client {client_id} was already revoked at {record.revoked_at}; "
+            "nothing changed\n") in err
+    assert f"revoked {client_id}" not in err
+    assert live.ledger.head() == head and live.ledger.client(client_id) == record
     # A revoked client gets no new token; register a new client instead.
     code, out, err = veil(capsys, "admin", "rotate", client_id)
     assert code == 1 and out == "" and "is revoked" in err
@@ -271,7 +281,10 @@ def test_the_library(live: LiveServer) -> None:
             client.connect(address(live), token=token).budget()
         assert client.connect(address(live), token=new).budget().cap == Fraction(1, 2)
         revoked = admin.revoke(info.client_id, "done")
-        assert revoked.revoked and revoked.revoked_at
+        assert isinstance(revoked, ClientInfo)  # what revoke returned before it said more
+        assert revoked.revoked and revoked.revoked_at and not revoked.already_revoked
+        again = admin.revoke(info.client_id, "done")
+        assert again.already_revoked and again.revoked_at == revoked.revoked_at
         with pytest.raises(client.NotFound):
             admin.rotate_token(new_id())
         with pytest.raises(RegistryConflict, match="already registered"):
