@@ -11,6 +11,12 @@ data file. Each returns an `AttackResult`:
   (`engine.risk.binary_guess_bound`: e^eps / (1 + e^eps) under pure DP); 0 for the attacks that
   differential privacy does not cover, where any success is a failure of the server;
 - margin: the one-sided 95% Clopper-Pearson margin above the observed rate;
+- dp_loss: the privacy loss the bound is computed from: what the releases the attacker holds
+  carry about each target, each release at the loss it was made at, a stored release the server
+  returned free included (empty for the attacks differential privacy does not cover);
+- charged: what the attack cost the client, the sum of the server's own charges: a stored
+  release returned again is free, so this can be less than dp_loss, and it is what the ledger
+  booked;
 - verdict: "BREACH" when the rate is above the bound beyond chance (an exact binomial test at
   level `alpha`, default 1e-3); "stopped" when the budget (the server's, or the attack's share of
   it) cut the attack short and it stayed within the bound; "defended" when it ran in full and
@@ -94,17 +100,20 @@ RAN = frozenset({BREACH, DEFENDED, STOPPED})
 
 @dataclass(frozen=True)
 class AttackResult:
+    """One attack's outcome, scored against its bound (see the module docstring)."""
+
     name: str
     success_rate: float
     bound: float
     margin: float
-    spent: str
+    charged: str
     verdict: str
     detail: str
     trials: int = 0
     successes: int = 0
     p_value: float | None = None
     share: str = ""  # the most `run` let it spend, and of what
+    dp_loss: str = ""
 
     @property
     def upper(self) -> float:
@@ -120,19 +129,21 @@ class AttackResult:
         rate = f"{self.success_rate:.3f}" if scored else "-"
         upper = f"{self.upper:.3f}" if scored else "-"
         bound = f"{self.bound:.3f}" if scored else "-"
+        dp_loss = self.dp_loss if scored and self.dp_loss else "-"
         return (
             f"{self.name:<15} {rate:>8} {upper:>9} {bound:>9} {self.trials:>7} "
-            f"{self.spent:>14}  {self.verdict.upper() if self.verdict == NOT_RUN else self.verdict}"
+            f"{dp_loss:>14} {self.charged:>14}  "
+            f"{self.verdict.upper() if self.verdict == NOT_RUN else self.verdict}"
         )
 
 
-def not_run(name: str, detail: str, *, spent: str = "0") -> AttackResult:
-    return AttackResult(name, 0.0, 0.5, 0.0, spent, NOT_RUN, detail)
+def not_run(name: str, detail: str, *, charged: str = "0") -> AttackResult:
+    return AttackResult(name, 0.0, 0.5, 0.0, charged, NOT_RUN, detail)
 
 
 HEADER = (
     f"{'attack':<15} {'success':>8} {'95% upper':>9} {'DP bound':>9} {'trials':>7} "
-    f"{'loss spent':>14}  verdict"
+    f"{'DP loss':>14} {'charged':>14}  verdict"
 )
 
 
@@ -166,14 +177,16 @@ def _guess_result(
     successes: int,
     trials: int,
     bound: float,
-    spent: str,
+    charged: str,
     detail: str,
     *,
     alpha: float,
+    dp_loss: str,
     stopped: bool = False,
 ) -> AttackResult:
+    """Score `successes` of `trials` guesses against `bound`, the bound for `dp_loss`."""
     if trials == 0:
-        return AttackResult(name, 0.0, bound, 0.0, spent, NOT_RUN, detail)
+        return AttackResult(name, 0.0, bound, 0.0, charged, NOT_RUN, detail, dp_loss=dp_loss)
     p = binomial_p_value(successes, trials, bound)
     if p < alpha:
         verdict = BREACH
@@ -191,20 +204,21 @@ def _guess_result(
         successes / trials,
         bound,
         upper_margin(successes, trials),
-        spent,
+        charged,
         verdict,
         detail,
         trials,
         successes,
         p,
+        dp_loss=dp_loss,
     )
 
 
-def _count_result(name: str, bad: int, attempts: int, spent: str, detail: str) -> AttackResult:
+def _count_result(name: str, bad: int, attempts: int, charged: str, detail: str) -> AttackResult:
     """For attacks differential privacy does not cover: any success is a failure."""
     rate = bad / attempts if attempts else 0.0
     verdict = BREACH if bad else (DEFENDED if attempts else NOT_RUN)
-    return AttackResult(name, rate, 0.0, 0.0, spent, verdict, detail, attempts, bad)
+    return AttackResult(name, rate, 0.0, 0.0, charged, verdict, detail, attempts, bad)
 
 
 # ---- context -------------------------------------------------------------------------------------
@@ -248,6 +262,11 @@ class Context:
 
     def spent_text(self, amount: Fraction) -> str:
         return f"{self.unit}={format_amount(amount)}" if amount else "0"
+
+    def charged_since(self, mark: Fraction) -> str:
+        """What the server has charged for this context's releases since the tally was `mark`
+        (`Target.charged` when the attack started)."""
+        return self.spent_text(self.target.charged - mark)
 
     def knowledge(self) -> Knowledge:
         if self._knowledge is None:
@@ -387,6 +406,7 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
     if fitted is None:
         return ctx.unaffordable("differencing", loss, 2 * len(batches))
     loss = fitted
+    mark = ctx.target.charged
     successes = tried = 0
     spent = Fraction(0)
     stopped = False
@@ -416,7 +436,7 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
             tried += 1
     if not tried:
         return not_run("differencing", f"the server's budget refused its first release "
-                                       f"({ctx.unit}={loss})")
+                                       f"({ctx.unit}={loss})", charged=ctx.charged_since(mark))
     per_target = 2 * parse_amount(loss)
     detail = (
         f"{tried} unique targets, each the only difference between two counts of "
@@ -424,8 +444,8 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
         + (f"; {ended_by} after {tried} of {len(people)}" if stopped else "")
     )
     return _guess_result(
-        "differencing", successes, tried, ctx.bound(per_target), ctx.spent_text(spent), detail,
-        alpha=ctx.alpha, stopped=stopped,
+        "differencing", successes, tried, ctx.bound(per_target), ctx.charged_since(mark), detail,
+        alpha=ctx.alpha, dp_loss=ctx.spent_text(per_target), stopped=stopped,
     )
 
 
@@ -496,6 +516,7 @@ def averaging(
     if fitted is None:
         return ctx.unaffordable("averaging", loss, len(batches) * (1 + variants))
     loss = fitted
+    mark = ctx.target.charged
     successes = tried = 0
     spent = Fraction(0)
     distinct: set[str] = set()
@@ -550,16 +571,17 @@ def averaging(
         if stopped:
             break
     if not tried:
-        return not_run("averaging", f"{ended_by} before its first release ({ctx.unit}={loss})")
+        return not_run("averaging", f"{ended_by} before its first release ({ctx.unit}={loss})",
+                       charged=ctx.charged_since(mark))
     detail = (
         f"{asked} requests ({repeats} rewrites of each query, {variants} variants with an empty "
         f"country added) were answered by {len(distinct)} distinct releases; "
-        f"{ctx.spent_text(per_target)} charged about each target"
+        f"{ctx.spent_text(per_target)} about each target"
         + (f"; {ended_by}" if stopped else "")
     )
     return _guess_result(
-        "averaging", successes, tried, ctx.bound(per_target), ctx.spent_text(spent), detail,
-        alpha=ctx.alpha, stopped=stopped,
+        "averaging", successes, tried, ctx.bound(per_target), ctx.charged_since(mark), detail,
+        alpha=ctx.alpha, dp_loss=ctx.spent_text(per_target), stopped=stopped,
     )
 
 
@@ -596,6 +618,7 @@ def reconstruction(
     n = len(group)
     limit = max_queries or 4 * n
     base = list(know.common)
+    mark = ctx.target.charged
     masks: list[list[int]] = []
     ys: list[float] = []
     seen: set[tuple[int, ...]] = set()
@@ -641,8 +664,8 @@ def reconstruction(
         f"{why}; {len(masks)} were published; bits recovered by linear programming"
     )
     return _guess_result(
-        "reconstruction", successes, n, ctx.bound(spent), ctx.spent_text(spent), detail,
-        alpha=ctx.alpha, stopped=stopped,
+        "reconstruction", successes, n, ctx.bound(spent), ctx.charged_since(mark), detail,
+        alpha=ctx.alpha, dp_loss=ctx.spent_text(spent), stopped=stopped,
     )
 
 
@@ -683,6 +706,7 @@ def suppression(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> AttackR
     fitted = ctx.fit(loss, 1)
     if fitted is None:
         return ctx.unaffordable("suppression", loss, 1)
+    mark = ctx.target.charged
     answer = ctx.target.release(Query(Count(), by=by), loss=fitted)
     successes = sum(int(answer.published(p.cell)) == p.secret for p in cells)
     amount = parse_amount(answer.loss)
@@ -691,8 +715,8 @@ def suppression(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> AttackR
         f"{k} when the cell is published (tau = {answer.tau})"
     )
     return _guess_result(
-        "suppression", successes, len(cells), ctx.bound(amount), ctx.spent_text(amount), detail,
-        alpha=ctx.alpha,
+        "suppression", successes, len(cells), ctx.bound(amount), ctx.charged_since(mark), detail,
+        alpha=ctx.alpha, dp_loss=ctx.spent_text(amount),
     )
 
 
@@ -725,6 +749,7 @@ def key_leakage(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> AttackR
     if fitted is None:
         return ctx.unaffordable("key_leakage", loss, 1)
     loss = fitted
+    mark = ctx.target.charged  # a canary query answered is charged too
     findings: list[str] = []
     codebook = ctx.target.codebook().codebook
     text_variables = [
@@ -772,8 +797,8 @@ def key_leakage(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> AttackR
     if findings:
         detail += ". FOUND: " + "; ".join(findings)
     result = _guess_result(
-        "key_leakage", successes, len(sample), ctx.bound(amount), ctx.spent_text(amount), detail,
-        alpha=ctx.alpha,
+        "key_leakage", successes, len(sample), ctx.bound(amount), ctx.charged_since(mark), detail,
+        alpha=ctx.alpha, dp_loss=ctx.spent_text(amount),
     )
     if findings and result.verdict != BREACH:
         result = AttackResult(**{**result.__dict__, "verdict": BREACH})
@@ -1076,6 +1101,7 @@ def run(
         started = time.perf_counter()
         ctx.share, ctx.notes = None, []
         share_text = ""
+        mark, replays = ctx.target.charged, ctx.target.replays
         try:
             if name not in runnable:
                 result = not_run(name, "needs the data file to score against (--truth)")
@@ -1092,14 +1118,23 @@ def run(
         except Refused as exc:
             # A refusal the attack did not expect: it was not scored, so it tested nothing.
             why = "it for budget" if exc.budget else "one of its calls"
-            result = not_run(name, f"the server refused {why}: {exc}")
+            result = not_run(name, f"the server refused {why}: {exc}",
+                             charged=ctx.charged_since(mark))
         except Exception as exc:  # one attack failing must not hide what the others show
-            result = not_run(name, f"it failed: {type(exc).__name__}: {exc}")
+            result = not_run(name, f"it failed: {type(exc).__name__}: {exc}",
+                             charged=ctx.charged_since(mark))
         finally:
             share, ctx.share = ctx.share, None
         detail = result.detail
         if ctx.notes:
             detail += "; " + "; ".join(ctx.notes)
+        free = ctx.target.replays - replays
+        if free:
+            # Why its charge is less than the loss its bound counts.
+            detail += (
+                "; 1 release was a stored one, returned free" if free == 1
+                else f"; {free} releases were stored ones, returned free"
+            )
         if share is not None:
             detail += f"; its share: {share_text}"
         detail += f" ({time.perf_counter() - started:.1f} s)"

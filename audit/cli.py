@@ -144,16 +144,19 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
             "Attack a live veil server with one client's token: differencing, averaging,\n"
             "reconstruction, suppression membership, key leakage, a budget race and injection\n"
             "or denial-of-service probes. Each prints the attacker's success rate next to the\n"
-            "bound differential privacy allows for the privacy loss spent, with a 95% upper\n"
-            "margin. The guessing attacks are scored against the data file the server serves\n"
-            "(--truth), read in-process.\n"
+            "bound differential privacy allows for the privacy loss of the releases it holds\n"
+            "(DP loss), with a 95% upper margin, and what the attack was charged. The two\n"
+            "differ when the server returns a stored release free: the bound counts it at the\n"
+            "loss it was made at, the ledger books nothing. The guessing attacks are scored\n"
+            "against the data file the server serves (--truth), read in-process.\n"
             "\n"
             "Budget: the attacks spend the client's budget; use a client registered for\n"
             "auditing. So that one attack cannot starve the others, each attack that spends\n"
             "may spend at most an equal share of what the client has left when it starts\n"
             "(what one leaves unspent passes on); budget_race, last, races for all that is\n"
             "left. An attack whose default loss does not fit its share runs at a smaller loss,\n"
-            "down to a tenth of the default; each line states its share and the loss spent.\n"
+            "down to a tenth of the default; each line states its share and what it was\n"
+            "charged.\n"
             "\n"
             "Verdicts: BREACH (success above the bound beyond chance, at --alpha); defended\n"
             "(ran in full, within the bound); stopped (the budget or its share ended it early,\n"
@@ -256,14 +259,19 @@ def run_attack(args: argparse.Namespace) -> int:
                 truth.close()
     summary = Summary.of(results)
     if args.json:
+        # "spent" is the earlier name of "charged", kept for readers of that output.
         print(json.dumps(
-            [{**r.__dict__, "upper": r.upper, "ran": r.ran} for r in results], indent=2
+            [{**r.__dict__, "spent": r.charged, "upper": r.upper, "ran": r.ran} for r in results],
+            indent=2,
         ))
     else:
         print(
             "\nsuccess: the share of guesses that were right; 95% upper: its one-sided "
             "Clopper-Pearson limit; DP bound: the highest success differential privacy allows "
-            "for the loss spent about each target (0 where any success is a failure)."
+            "for the DP loss (0 where any success is a failure); DP loss: the privacy loss about "
+            "each target of the releases the attacker holds, each at the loss it was made at, "
+            "stored releases returned free included; charged: what the attack cost the client, "
+            "the sum of the server's charges, which is what the ledger booked."
         )
         print(f"\n{summary.text()}")
     if summary.breaches:

@@ -109,7 +109,7 @@ def test_a_small_cap_reports_the_attacks_it_cannot_afford_as_not_run(
     assert status == EXIT_INCOMPLETE
     for name in ("key_leakage", "suppression", "differencing", "averaging"):
         row, detail = rows[name]
-        assert row.split()[1:] == ["-", "-", "-", "0", "0", "NOT", "RUN"], row
+        assert row.split()[1:] == ["-", "-", "-", "0", "-", "0", "NOT", "RUN"], row
         assert "more than its share of the budget" in detail and "larger cap" in detail
     for name in ("injection", "reconstruction", "budget_race"):
         assert rows[name][0].split()[-1] in ("defended", "stopped"), rows[name][0]
@@ -138,7 +138,9 @@ def test_each_attack_spends_at_most_its_share(
     assert all(r["ran"] for r in results.values()), results
     differencing = results["differencing"]
     assert differencing["share"] == "epsilon=0.333 of 1 left"
-    assert differencing["spent"] == "epsilon=0.332"  # two releases of 0.166
+    # two releases of 0.166, both made for it
+    assert differencing["charged"] == differencing["dp_loss"] == "epsilon=0.332"
+    assert differencing["spent"] == differencing["charged"]  # the earlier name, still written
     assert "instead of its default 0.5" in differencing["detail"]
     assert results["reconstruction"]["share"] == "epsilon=0.334 of 0.668 left"
     # budget_race raced for the rest (less what its loss, rounded down, leaves over)

@@ -1,6 +1,7 @@
 """Every attack of `audit.attacks`, twice: against an unsafe configuration (one protection
 removed, in this test process only), where it must succeed, and against the real server, where
-it must stay within the bound differential privacy allows for what it spent, or be stopped.
+it must stay within the bound differential privacy allows for the releases it holds, or be
+stopped.
 
 How often these fail by chance:
 - real server, guessing attacks: the verdict is BREACH only when an exact binomial test rejects
@@ -70,7 +71,7 @@ def test_averaging_rewrites_reach_one_release(attack: Callable[..., Attacker]) -
     _print(result)
     assert "answered by 1 distinct releases" in result.detail
     assert result.verdict == "defended"
-    assert result.spent == "epsilon=1"  # 65 requests, one charge
+    assert result.charged == result.dp_loss == "epsilon=1"  # 65 requests, one charge
 
 
 # ---- reconstruction ------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_reconstruction_is_stopped_by_the_budget_within_its_bound(
     result = attacks.reconstruction(attack(cap="1").ctx)
     _print(result)
     assert "the budget refused more" in result.detail
-    assert result.spent == "epsilon=1"
+    assert result.charged == result.dp_loss == "epsilon=1"
     assert result.verdict == "stopped"
 
 
@@ -182,7 +183,7 @@ def test_injection_and_oversized_requests_are_refused_cleanly(
     result = attacks.injection(attack().ctx)
     _print(result)
     assert result.verdict == "defended", result.detail
-    assert result.spent == "0"
+    assert result.charged == "0" and result.dp_loss == ""
 
 
 # ---- the whole suite, and larger runs ------------------------------------------------------------
