@@ -1176,6 +1176,18 @@ class Summary:
     def complete(self) -> bool:
         return self.ran == self.selected
 
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready values: counts, the names behind each, and `text()`."""
+        return {
+            "selected": self.selected,
+            "ran": self.ran,
+            "not_run": list(self.not_run),
+            "inconclusive": list(self.inconclusive),
+            "breaches": list(self.breaches),
+            "complete": self.complete,
+            "text": self.text(),
+        }
+
     def text(self) -> str:
         line = f"{self.ran} of {self.selected} attacks ran"
         parts = [f"{len(self.breaches)} found a breach" + (

@@ -15,11 +15,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.audit_report import TABLE_NAMES, AuditTables, build_tables, render_html
 from engine.errors import VeilError
 from engine.ledger import Ledger
+
+if TYPE_CHECKING:
+    from audit.attacks import Summary
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 # `veil attack`: no breach found, but some selected attack did not run or could not have shown one.
@@ -199,7 +202,12 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
         help="the cells the trackers count in (comma-separated)",
     )
     parser.add_argument("--flag", default="isForcedLabour", help="the targets' secret (a flag)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print the results as one JSON object: "attacks" (one object per attack) and '
+        '"summary" (what ran, what did not, the breaches, and the exit status with its reason)',
+    )
     parser.set_defaults(handler=run_attack)
     return parser  # type: ignore[no-any-return]
 
@@ -258,12 +266,14 @@ def run_attack(args: argparse.Namespace) -> int:
             if truth is not None:
                 truth.close()
     summary = Summary.of(results)
+    status, reason = _exit_status(summary)
     if args.json:
         # "spent" is the earlier name of "charged", kept for readers of that output.
-        print(json.dumps(
-            [{**r.__dict__, "spent": r.charged, "upper": r.upper, "ran": r.ran} for r in results],
-            indent=2,
-        ))
+        attacks = [
+            {**r.__dict__, "spent": r.charged, "upper": r.upper, "ran": r.ran} for r in results
+        ]
+        totals = {**summary.as_dict(), "exit_status": status, "exit_reason": reason}
+        print(json.dumps({"attacks": attacks, "summary": totals}, indent=2))
     else:
         print(
             "\nsuccess: the share of guesses that were right; 95% upper: its one-sided "
@@ -274,9 +284,19 @@ def run_attack(args: argparse.Namespace) -> int:
             "the sum of the server's charges, which is what the ledger booked."
         )
         print(f"\n{summary.text()}")
+    return status
+
+
+def _exit_status(summary: Summary) -> tuple[int, str]:
+    """`veil attack`'s exit status for a run's `audit.attacks.Summary`, and why."""
     if summary.breaches:
-        return EXIT_FOUND
-    return EXIT_OK if summary.complete else EXIT_INCOMPLETE
+        return EXIT_FOUND, "an attack found a breach"
+    if summary.complete:
+        return EXIT_OK, "every selected attack ran and none found a breach"
+    return EXIT_INCOMPLETE, (
+        "no attack found a breach, but some did not run or were inconclusive: the run tested "
+        "less than was asked"
+    )
 
 
 __all__ = ["add_attack_command", "add_audit_command", "fetch_tables"]

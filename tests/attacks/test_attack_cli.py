@@ -63,10 +63,12 @@ def test_veil_attack_prints_rates_next_to_bounds(
     status = veil_cli.main(
         ["attack", "--server", server, "--attack", "differencing", "--json"]
     )
-    (result,) = json.loads(capsys.readouterr().out)
+    output = json.loads(capsys.readouterr().out)
+    (result,) = output["attacks"]
     # No --truth: nothing to score, which is not a pass.
     assert result["verdict"] == "not run" and not result["ran"] and "--truth" in result["detail"]
-    assert status == EXIT_INCOMPLETE
+    assert status == EXIT_INCOMPLETE == output["summary"]["exit_status"]
+    assert output["summary"]["not_run"] == ["differencing"]
 
 
 @pytest.mark.usefixtures("noise_off")
@@ -85,6 +87,61 @@ def test_veil_attack_exits_1_on_a_breach(
     out = capsys.readouterr().out
     assert "BREACH" in out
     assert out.splitlines()[-1] == "2 of 2 attacks ran: 1 found a breach (differencing)."
+
+
+def test_veil_attack_json_ends_with_the_summary_the_text_ends_with(
+    attack: Callable[..., Attacker],
+    population_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same run as text and as JSON: the JSON summary holds the text's last line, what it
+    counts by name, and the exit status with its reason. 4 targets are too few to show a
+    breach of differencing or suppression, so those two are inconclusive."""
+    attacker = attack()
+    argv = ("--attack", "injection", "--attack", "differencing", "--attack", "suppression",
+            "--trials", "4")
+    text_status = _veil_attack(attacker, monkeypatch, *argv, truth=population_file)
+    text = capsys.readouterr().out
+    json_status = _veil_attack(attacker, monkeypatch, *argv, "--json", truth=population_file)
+    output = json.loads(capsys.readouterr().out)
+    assert set(output) == {"attacks", "summary"}
+    assert [r["name"] for r in output["attacks"]] == ["injection", "suppression", "differencing"]
+    summary = output["summary"]
+    assert summary == {
+        "selected": 3,
+        "ran": 1,
+        "not_run": [],
+        "inconclusive": ["suppression", "differencing"],
+        "breaches": [],
+        "complete": False,
+        "text": text.splitlines()[-1],
+        "exit_status": EXIT_INCOMPLETE,
+        "exit_reason": "no attack found a breach, but some did not run or were inconclusive: "
+                       "the run tested less than was asked",
+    }
+    assert text_status == json_status == EXIT_INCOMPLETE
+    # Every field each attack had before the summary was added is still there.
+    for result in output["attacks"]:
+        assert {"name", "success_rate", "bound", "margin", "spent", "verdict", "detail",
+                "trials", "successes", "p_value", "share", "upper", "ran"} <= set(result)
+
+
+@pytest.mark.usefixtures("noise_off")
+def test_veil_attack_json_summary_names_the_breach(
+    attack: Callable[..., Attacker],
+    population_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    status = _veil_attack(
+        attack(), monkeypatch, "--json", "--attack", "differencing", truth=population_file
+    )
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["breaches"] == ["differencing"] and summary["ran"] == summary["selected"] == 1
+    assert status == summary["exit_status"] == 1
+    assert summary["exit_reason"] == "an attack found a breach"
+    assert summary["text"] == "1 of 1 attacks ran: 1 found a breach (differencing)."
 
 
 def test_the_attacker_waits_out_the_rate_limit(attack: Callable[..., Attacker]) -> None:
@@ -133,7 +190,7 @@ def test_each_attack_spends_at_most_its_share(
         attacker, monkeypatch, "--json", "--attack", "differencing", "--attack",
         "reconstruction", "--attack", "budget_race", "--trials", "40", truth=population_file,
     )
-    results = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    results = {r["name"]: r for r in json.loads(capsys.readouterr().out)["attacks"]}
     assert status == 0
     assert all(r["ran"] for r in results.values()), results
     differencing = results["differencing"]
