@@ -204,6 +204,29 @@ def test_each_attack_spends_at_most_its_share(
     assert Fraction(attacker.target.budget().remaining) < Fraction("0.01")
 
 
+def test_reconstruction_in_a_default_run_asks_what_half_of_the_rest_allows(
+    attack: Callable[..., Attacker],
+    population_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`veil attack` with its defaults, for a client with a deployment's default cap of 1.
+    Reconstruction shares what is left with budget_race, so it may spend half of it; it never
+    lowers its loss of 0.01 a query, so it asks as many subset counts as that half allows (at
+    most 4 per target). Here suppression's release is the one key_leakage made, returned free,
+    so 0.418 is left: 20 counts, stopped by its share, within a bound of 0.550."""
+    status = _veil_attack(attack(cap="1"), monkeypatch, truth=population_file)
+    row, detail = _rows(capsys.readouterr().out)["reconstruction"]
+    assert status == 0
+    assert "its share: epsilon=0.209 of 0.418 left" in detail
+    assert detail.startswith(
+        "20 random subset counts over 40 unique targets (epsilon=0.01 each) before its share of "
+        "the budget was spent"
+    )
+    # name, success, 95% upper, DP bound, trials, DP loss, charged, verdict
+    assert row.split()[3:] == ["0.550", "40", "epsilon=0.2", "epsilon=0.2", "stopped"], row
+
+
 def test_budget_race_with_nothing_left_is_not_run(
     attack: Callable[..., Attacker],
     capsys: pytest.CaptureFixture[str],
