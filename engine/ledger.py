@@ -1796,24 +1796,28 @@ class Ledger:
         self._write("set the token hash", work)
         return self.client(client_id)
 
-    def revoke(self, client_id: str, *, reason: str = "", actor: str | None = None) -> ClientRecord:
-        """Stop serving a client. Its charges and releases stay on the ledger."""
+    def revoke(self, client_id: str, *, reason: str = "", actor: str | None = None) -> bool:
+        """Stop serving a client. Its charges and releases stay on the ledger.
+
+        True when this call revoked the client; False when it was already revoked, and nothing
+        was written. Decided inside the write, so of two revocations at once one is True.
+        """
         detail = self._admin_detail(actor, reason=reason)
 
-        def work(conn: sqlite3.Connection) -> None:
+        def work(conn: sqlite3.Connection) -> bool:
             client = _client_row(conn, client_id)
             if client is None:
                 raise UnknownClientError(f"client {client_id} is not registered")
             if not client.active:
-                return
+                return False
             conn.execute(
                 "UPDATE clients SET status = 'revoked', revoked_at = ? WHERE client_id = ?",
                 (_now(), client_id),
             )
             self._append(conn, "revoke", client=client_id, outcome="revoked", detail=detail)
+            return True
 
-        self._write("revoke the client", work)
-        return self.client(client_id)
+        return self._write("revoke the client", work)
 
     def set_institution_cap(
         self, institution: str, cap: Number | None, *, actor: str | None = None

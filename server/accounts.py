@@ -68,7 +68,9 @@ class Accounts(Protocol):
 
     def set_cap(self, client: str, cap: Fraction, *, by: Identity) -> pb.ClientInfo: ...
 
-    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo: ...
+    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.RevokeClientResponse:
+        """Revoke a client; the response says whether it was already revoked (nothing changed)."""
+        ...
 
     def clients(self) -> list[pb.ClientInfo]: ...
 
@@ -244,10 +246,13 @@ class LedgerAccounts:
     def set_cap(self, client: str, cap: Fraction, *, by: Identity) -> pb.ClientInfo:
         return self._info(self.ledger.set_cap(client, cap, actor=by.client_id))
 
-    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo:
+    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.RevokeClientResponse:
         if client == by.client_id:
             raise ClientRegistryError("an administrator cannot revoke its own registration")
-        return self._info(self.ledger.revoke(client, reason=reason, actor=by.client_id))
+        revoked = self.ledger.revoke(client, reason=reason, actor=by.client_id)
+        return pb.RevokeClientResponse(
+            client=self._info(self.ledger.client(client)), already_revoked=not revoked
+        )
 
     def clients(self) -> list[pb.ClientInfo]:
         return [self._info(record) for record in self.ledger.list_clients()]

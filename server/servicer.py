@@ -400,10 +400,6 @@ class ResearchServicer(pb_grpc.ResearchServicer):
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, services: Services) -> None:
         self.s = services
-        # One revocation at a time, so that a client read as active just before it is revoked
-        # is still active when the ledger revokes it: only this process writes the ledger, and
-        # only RevokeClient revokes.
-        self._revoking = threading.Lock()
 
     def RegisterClient(
         self, request: pb.RegisterClientRequest, context: Any
@@ -430,13 +426,9 @@ class AdminServicer(pb_grpc.AdminServicer):
     ) -> pb.RevokeClientResponse:
         client = convert.client_id(request.client_id)
         reason = convert.text(request.reason, "reason", limit=512)
-        with self._revoking:
-            before = next((c for c in self.s.accounts.clients() if c.client_id == client), None)
-            info = self.s.accounts.revoke(client, reason=reason, by=current_identity())
-        # Revoking a revoked client changes nothing (the ledger writes nothing); say so, so that
-        # the administrator is not told it was revoked now.
-        already = before is not None and before.revoked
-        return pb.RevokeClientResponse(client=info, already_revoked=already)
+        # Revoking a revoked client changes nothing, and the response says so: the
+        # administrator is not told it was revoked now.
+        return self.s.accounts.revoke(client, reason=reason, by=current_identity())
 
     def ListClients(self, request: pb.ListClientsRequest, context: Any) -> pb.ListClientsResponse:
         return pb.ListClientsResponse(clients=self.s.accounts.clients())

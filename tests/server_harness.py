@@ -234,9 +234,13 @@ class MemoryAccounts:
         self.records[client].cap = cap
         return self._info(self.records[client])
 
-    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo:
-        self.records[client].revoked = True
-        return self._info(self.records[client])
+    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.RevokeClientResponse:
+        with self.lock:
+            already = self.records[client].revoked
+            self.records[client].revoked = True
+        return pb.RevokeClientResponse(
+            client=self._info(self.records[client]), already_revoked=already
+        )
 
     def clients(self) -> list[pb.ClientInfo]:
         return [self._info(c) for c in self.records.values()]

@@ -993,10 +993,12 @@ def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
 
 def test_revoking_a_revoked_client_writes_nothing(ledger: Ledger) -> None:
     ledger.register_client("erin", role="researcher", cap="1")
-    first = ledger.revoke("erin", reason="left the project", actor="root")
+    assert ledger.revoke("erin", reason="left the project", actor="root")
+    first = ledger.client("erin")
     head = ledger.head()
-    again = ledger.revoke("erin", reason="a second time", actor="root")
+    assert not ledger.revoke("erin", reason="a second time", actor="root")
     assert ledger.head() == head  # no audit entry: nothing changed
+    again = ledger.client("erin")
     assert again == first and again.revoked_at is not None and not again.active
 
 
@@ -1160,3 +1162,21 @@ def test_a_writer_that_waits_too_long_in_this_process_is_refused_cleanly(
     assert ledger.spent("alice") == 0 and ledger.charges() == []
     release(engine, ledger, "alice", "r1")  # once the writer is done, the request goes through
     assert ledger.spent("alice") == Fraction(1, 10)
+
+
+def test_of_two_revocations_at_once_exactly_one_revoked(ledger: Ledger) -> None:
+    ledger.register_client("fay", role="researcher", cap="1")
+    start = threading.Barrier(4)
+    answers: list[bool] = []
+
+    def revoke() -> None:
+        start.wait()
+        answers.append(ledger.revoke("fay", reason="left the project", actor="root"))
+
+    threads = [threading.Thread(target=revoke) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(answers) == [False, False, False, True]
+    assert sum(e.entry["event"] == "revoke" for e in ledger.audit_log()) == 1

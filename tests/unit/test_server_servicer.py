@@ -155,7 +155,7 @@ def test_a_call_that_ended_before_it_was_watched_is_cancelled_at_once() -> None:
 class _SlowRevokes(MemoryAccounts):
     """Accounts whose revocations take long enough for a second one to arrive meanwhile."""
 
-    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.ClientInfo:
+    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.RevokeClientResponse:
         time.sleep(0.2)
         return super().revoke(client, reason=reason, by=by)
 
