@@ -299,14 +299,22 @@ class Context:
         )
         return format_amount(fitted)
 
-    def unaffordable(self, name: str, loss: str, releases: int) -> AttackResult:
-        """The result of an attack whose releases do not fit its share even at the least loss."""
-        least = parse_amount(loss) * MIN_LOSS_FRACTION * releases
+    def unaffordable(
+        self, name: str, loss: str, releases: int, *, shrinks: bool = True
+    ) -> AttackResult:
+        """The result of an attack whose releases do not fit its share even at the least loss
+        (a tenth of `loss`; `loss` itself for an attack that asks fewer queries instead)."""
+        if shrinks:
+            least = parse_amount(loss) * MIN_LOSS_FRACTION * releases
+            why = f"a tenth of its default loss of {loss} each"
+        else:
+            least = parse_amount(loss) * releases
+            why = "it keeps its loss per query and asks fewer queries"
         return not_run(
             name,
-            f"its {releases} release(s) need at least {self.unit}={format_amount(least)} (a "
-            f"tenth of its default loss of {loss} each), more than its share of the budget: "
-            f"give the client a larger cap, or run fewer attacks (--attack)",
+            f"its {releases} release(s) need at least {self.unit}={format_amount(least)} "
+            f"({why}), more than its share of the budget: give the client a larger cap, or run "
+            f"fewer attacks (--attack)",
         )
 
     def no_targets(self, name: str, *, alone: bool) -> AttackResult:
@@ -409,6 +417,9 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
     mark = ctx.target.charged
     successes = tried = 0
     spent = Fraction(0)
+    # What the attacker holds about a target: the losses its two releases were made at, which
+    # exceed the loss asked when the server returns a stored release made at a larger one.
+    per_target = Fraction(0)
     stopped = False
     ended_by = "the server's budget refused more"
     for number, batch in enumerate(batches):
@@ -428,7 +439,9 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
                 stopped = True
                 break
             raise
-        spent += parse_amount(first.loss) + parse_amount(second.loss)
+        held = parse_amount(first.loss) + parse_amount(second.loss)
+        spent += held
+        per_target = max(per_target, held)
         for person in batch:
             a, b = first.value(person.cell), second.value(person.cell)
             guess = ctx.coin() if a is None or b is None else int(a - b >= 0.5)
@@ -437,7 +450,6 @@ def differencing(ctx: Context, *, trials: int = 60, loss: str = "0.5") -> Attack
     if not tried:
         return not_run("differencing", f"the server's budget refused its first release "
                                        f"({ctx.unit}={loss})", charged=ctx.charged_since(mark))
-    per_target = 2 * parse_amount(loss)
     detail = (
         f"{tried} unique targets, each the only difference between two counts of "
         f"{ctx.unit}={loss} each ({ctx.spent_text(per_target)} about each target)"
@@ -614,7 +626,7 @@ def reconstruction(
     if not group:
         return ctx.no_targets("reconstruction", alone=True)
     if not ctx.affords(parse_amount(loss)):
-        return ctx.unaffordable("reconstruction", loss, 1)
+        return ctx.unaffordable("reconstruction", loss, 1, shrinks=False)
     n = len(group)
     limit = max_queries or 4 * n
     base = list(know.common)

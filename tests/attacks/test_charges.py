@@ -83,3 +83,28 @@ def test_the_charged_column_adds_up_to_what_the_ledger_booked(
     suppression, detail = rows["suppression"]
     assert charged["suppression"] == 0 and "1 release was a stored one, returned free" in detail
     assert suppression.split()[5] == rows["key_leakage"][0].split()[5] == "epsilon=0.166"
+
+
+def test_differencing_is_bounded_by_the_losses_of_the_releases_it_holds(
+    attack: Callable[..., Attacker],
+) -> None:
+    """Asked again at a smaller loss, every count is served by the stored release made at the
+    larger one: the attacker holds releases at 0.5, so its bound counts 0.5 twice, not 0.25."""
+    attacker = attack(cap="50")
+    first = attacks.differencing(attacker.ctx, trials=20, loss="0.5")
+    again = Context(attacker.target, attacker.ctx.truth, alpha=ALPHA)
+    second = attacks.differencing(again, trials=20, loss="0.25")
+    assert second.charged == "0", second
+    assert second.dp_loss == first.dp_loss == "epsilon=1", second
+    assert second.bound == first.bound
+
+
+def test_reconstruction_without_room_for_one_query_says_what_one_query_needs(
+    attack: Callable[..., Attacker],
+) -> None:
+    attacker = attack(cap="1")
+    attacker.ctx.share = Fraction(5, 1000)  # what `run` leaves it after the other attacks
+    result = attacks.reconstruction(attacker.ctx)
+    assert result.verdict == "not run", result
+    assert "need at least epsilon=0.01 (it keeps its loss per query" in result.detail, result
+    assert _spent(attacker) == 0
