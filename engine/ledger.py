@@ -2286,13 +2286,20 @@ def _release_record(r: Any) -> ReleaseRecord:
 def _best_release(
     conn: sqlite3.Connection, fingerprint: str, version: str
 ) -> tuple[str, str] | None:
-    """The stored release of a query on a data version with the largest loss: (id, loss text)."""
-    rows = conn.execute(
-        "SELECT release_id, loss FROM releases WHERE fingerprint = ? AND data_version = ?",
+    """The stored release of a query on a data version with the largest loss: (id, loss text).
+
+    That is the latest: a query is drawn afresh only at a loss above its stored releases' (else
+    the stored one is replayed), and one release of a query is computed at a time (`_claim`),
+    so its releases are stored in increasing loss. Read through the index, this stays one row
+    however often a query is drawn; were the order ever broken, a request would get a fresh,
+    charged draw or the smaller release, never a free one it should have paid for.
+    """
+    row = conn.execute(
+        "SELECT release_id, loss FROM releases WHERE fingerprint = ? AND data_version = ? "
+        "ORDER BY rowid DESC LIMIT 1",
         (fingerprint, version),
-    ).fetchall()
-    # Losses are exact rationals stored as text, so the largest is found here, not by SQLite.
-    return max(rows, key=lambda row: parse_amount(row[1])) if rows else None
+    ).fetchone()
+    return None if row is None else (str(row[0]), str(row[1]))
 
 
 def _release_bytes(conn: sqlite3.Connection, release_id: str) -> tuple[bytes, str]:
