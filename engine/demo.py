@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from engine import synthetic
 from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
@@ -135,6 +133,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _print_release(title: str, release: Release) -> None:
+    import pandas as pd  # here, not at the top: `veil --help` imports every command's module
+
     meta = release.metadata
     frame = release.table.to_pandas()
     proportion = meta.measure == "Proportion"

@@ -3,18 +3,20 @@
 ISO 3166-1 alpha-2 codes come from pycountry. M49 sub-regions come from country_converter's
 country table. We read that table with the csv module rather than through country_converter's
 pandas loader because pandas' default NA handling turns Namibia's code "NA" into a missing value
-(the very trap real CTDC files set).
+(the very trap real CTDC files set). The package is found, not imported: importing it imports
+pandas, which would add half a second and tens of megabytes to every engine command and to the
+server.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import country_converter
 import pycountry
 
 UNKNOWN_REGION = "Unknown"
@@ -48,7 +50,10 @@ def _alpha3(code: str) -> str:
 
 @functools.cache
 def _country_table() -> dict[str, dict[str, str]]:
-    path = Path(country_converter.__file__).with_name("country_data.tsv")
+    spec = importlib.util.find_spec("country_converter")  # a top-level package: not imported
+    if spec is None or spec.origin is None:
+        raise ImportError("country_converter is not installed; install veil's dependencies")
+    path = Path(spec.origin).with_name("country_data.tsv")
     with path.open(encoding="utf-8", newline="") as handle:
         # Keyed by ISO3: the ISO2 column holds patterns for a few countries (Greece: ^GR$|^EL$).
         return {row["ISO3"]: row for row in csv.DictReader(handle, delimiter="\t")}
