@@ -195,6 +195,14 @@ def _client(args: argparse.Namespace) -> Client:
     token = args.token
     if args.token_file is not None:
         token = args.token_file.expanduser().read_text(encoding="utf-8").strip()
+        if not token:
+            raise errors.AuthenticationError(f"the token file {args.token_file} is empty")
+    if not token and not os.environ.get(TOKEN_ENV):
+        # The library's own message speaks of token=...; here the shell's ways are the ones.
+        raise errors.AuthenticationError(
+            f"no token: set {TOKEN_ENV} or pass --token-file FILE, with the token the custodian "
+            f"issued"
+        )
     tls: bool | TLS | None = args.tls
     ca = args.ca_cert or (Path(os.environ[CA_CERT_ENV]) if os.environ.get(CA_CERT_ENV) else None)
     if tls is not False and (ca or args.client_cert or args.client_key):

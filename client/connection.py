@@ -35,9 +35,9 @@ import grpc
 from client import query as q
 from client.codebook import Codebook, Deployment, Item, item_from_pb
 from client.errors import (
+    AuthenticationError,
     InvalidQuery,
     PermissionDenied,
-    VeilError,
     from_rpc_error,
     is_budget_error,
     retry_after,
@@ -147,7 +147,7 @@ class Client:
         self.address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token:
-            raise VeilError(
+            raise AuthenticationError(
                 f"no token: pass token=... or set {TOKEN_ENV} to the token the custodian issued"
             )
         self._token = token.strip()

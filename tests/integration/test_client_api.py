@@ -256,7 +256,7 @@ def test_authentication_and_permission(live: LiveServer, monkeypatch: pytest.Mon
     with stranger, pytest.raises(client.AuthenticationError, match="VEIL_TOKEN"):
         stranger.budget()
     monkeypatch.delenv("VEIL_TOKEN", raising=False)
-    with pytest.raises(client.VeilError, match="no token"):
+    with pytest.raises(client.AuthenticationError, match="no token: pass token="):
         client.connect(address(live))
     with client.connect(address(live), token=live.tokens["root"], retry=FAST) as admin:
         assert admin.codebook().name == "ctdc"  # browsing is open to every role

@@ -368,3 +368,23 @@ def test_a_retry_during_the_spinner_is_one_clean_line(monkeypatch: pytest.Monkey
     assert screen[0] == "veil: Release failed (UNAVAILABLE: down); retry 2 in 0.5 s"
     assert screen[1].startswith("veil: a much longer label than the retry line took")
     assert len(screen) == 2, screen
+
+
+def test_a_missing_token_names_the_shells_ways_to_give_one(
+    live: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VEIL_SERVER", address(live))
+    monkeypatch.delenv("VEIL_TOKEN", raising=False)
+    code, out, err = veil(capsys, "budget")
+    assert code == 4 and out == ""
+    assert _one_line(err) == (
+        "veil: no token: set VEIL_TOKEN or pass --token-file FILE, with the token the custodian "
+        "issued"
+    )
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    code, _, err = veil(capsys, "budget", "--token-file", str(empty))
+    assert code == 4 and _one_line(err) == f"veil: the token file {empty} is empty"
+    code, _, err = veil(capsys, "admin", "list")
+    assert code == 4 and "set VEIL_TOKEN or pass --token-file" in _one_line(err)
