@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from client import errors
+from client.codebook import Codebook
 from client.connection import (
     ADDRESS_ENV,
     CA_CERT_ENV,
@@ -45,6 +46,10 @@ from client.results import Release
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 # NAME=VALUE[,VALUE...]; the value may be missing, so that the message can say what to write.
 _SIMPLE_WHERE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([^'\"=<>!()\s][^'\"=<>!()]*)?$")
+# Words that make a NAME=VALUE value read as SQL ("majorityStatus = Minor OR"). Codes may hold
+# spaces and such words ("Australia and New Zealand"), so a value with one of them is looked up
+# in the codebook before it is refused.
+_SQL_WORDS = frozenset({"AND", "OR", "NOT", "IN", "IS", "NULL", "BETWEEN", "LIKE", "ILIKE"})
 
 
 # ---- the commands' parsers ----------------------------------------------------------------------
@@ -96,7 +101,8 @@ def _query_options(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
                         help="group-by dimensions (repeat or separate with commas)")
     parser.add_argument(
         "--where", action="append", default=[], metavar="CONDITION",
-        help="NAME=VALUE (VALUE,VALUE... for IN) or a SQL condition such as "
+        help="NAME=VALUE (VALUE,VALUE... for IN; values as the codebook writes them, spaces "
+        "included) or a SQL condition, text values in single quotes, such as "
         "\"ageBroad IN ('0--8', '9--17')\"; repeated conditions are ANDed",
     )
     loss = parser.add_argument_group("privacy loss").add_mutually_exclusive_group(required=True)
@@ -322,13 +328,30 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
         return EXIT_INVALID if isinstance(exc, (TypeError, ValueError)) else EXIT_ERROR
 
 
-def _condition(text: str, option: str = "--where") -> Filter:
+def _condition(
+    text: str,
+    option: str = "--where",
+    codebook: Callable[[], Codebook] | None = None,
+    command: str = "query",
+) -> Filter:
     """A --where or --proportion argument: NAME=VALUE[,VALUE...] or a SQL condition. Errors
-    name the option and the argument."""
+    name the option and the argument.
+
+    A NAME=VALUE value holding SQL (a keyword such as OR, or a ';') is refused, unless the
+    `codebook` lists it as a value of NAME: read as one value, "majorityStatus = Minor OR" would
+    be a query nobody meant."""
     simple = _SIMPLE_WHERE.fullmatch(text)
     if simple:
         name, raw = simple.group(1), (simple.group(2) or "").strip()
         values = [v.strip() for v in raw.split(",")]
+        for value in values:
+            sql = _sql_in_value(value)
+            if sql is not None and not _is_code(codebook, name, value):
+                raise errors.InvalidQuery(
+                    f"{option} {text!r}: {value!r} is not a value of {name}; "
+                    + _sql_value_hint(value, sql, name, option, command),
+                    variable=name,
+                )
         if all(values):
             condition = conditions([], {name: values[0]}) if len(values) == 1 else In(name, values)
             assert condition is not None
@@ -349,9 +372,44 @@ def _condition(text: str, option: str = "--where") -> Filter:
         ) from None
 
 
+def _sql_in_value(value: str) -> str | None:
+    """The SQL a NAME=VALUE value holds (a keyword, or ';'), or None."""
+    if ";" in value:
+        return ";"
+    words = value.split()
+    for word in words:
+        if word.upper() in _SQL_WORDS and (len(words) > 1 or word.upper() == "NULL"):
+            return word
+    return None
+
+
+def _is_code(codebook: Callable[[], Codebook] | None, name: str, value: str) -> bool:
+    if codebook is None:
+        return False
+    item = codebook().find(name)
+    return value in [str(code) for code in getattr(item, "codes", [])]
+
+
+def _sql_value_hint(value: str, sql: str, name: str, option: str, command: str) -> str:
+    """What to write instead of a NAME=VALUE whose value holds `sql`."""
+    if value.upper() == "NULL":
+        return f'for records where {name} is missing write {option} "{name} IS NULL"'
+    holds = "';', which ends a SQL statement" if sql == ";" else f"the SQL keyword {sql.upper()}"
+    plain = [w for w in value.replace(";", " ").split() if w.upper() not in _SQL_WORDS]
+    example = plain[0] if plain else "VALUE"
+    example = example if example.isdigit() else f"'{example}'"
+    return (
+        f"it holds {holds}. NAME=VALUE takes values only ({name}=VALUE, or "
+        f"{name}=VALUE,VALUE for any of several); in a SQL condition put text values in single "
+        f"quotes ({option} \"{name} = {example} ...\"), or give the whole query as SQL: "
+        f'veil {command} "SELECT ... FROM victims WHERE ..."'
+    )
+
+
 def build_query(args: argparse.Namespace, client: Client) -> Query:
     """The query the command line describes: SQL, or the measure options with --by/--where."""
     measures = [args.count, args.flag_counts, args.sum, args.mean, args.proportion]
+    command = getattr(args, "command", None) or "query"
     chosen = any(m not in (None, False) for m in measures)
     if args.sql is not None:
         if chosen or args.by or args.where:
@@ -369,7 +427,9 @@ def build_query(args: argparse.Namespace, client: Client) -> Query:
     elif args.mean:
         query = client.mean(args.mean)
     elif args.proportion:
-        query = client.proportion(_condition(args.proportion, "--proportion"))
+        query = client.proportion(
+            _condition(args.proportion, "--proportion", client.codebook, command)
+        )
     elif args.count:
         query = client.count()
     else:
@@ -380,7 +440,7 @@ def build_query(args: argparse.Namespace, client: Client) -> Query:
     if args.by:
         query = query.by(*args.by)
     for text in args.where:
-        query = query.where(_condition(text))
+        query = query.where(_condition(text, "--where", client.codebook, command))
     return replace(query, spelling="cli")  # so that a message suggests options, not Python
 
 

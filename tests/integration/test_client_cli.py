@@ -251,6 +251,26 @@ def test_malformed_conditions_and_sql_get_one_line_naming_the_bad_part(
         assert internal not in err
 
 
+def test_a_where_value_holding_sql_is_refused_before_anything_is_charged(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--where",
+                          "majorityStatus = Minor OR", "--epsilon", "0.1")
+    line = _one_line(err)
+    assert code == 2 and out == ""
+    assert "--where 'majorityStatus = Minor OR': 'Minor OR' is not a value of majorityStatus" in (
+        line)
+    assert "the SQL keyword OR" in line and 'veil query "SELECT' in line
+    # A codebook value with spaces is still one value.
+    code, out, _ = veil(capsys, "dry-run", "--count", "--by", "gender", "--where",
+                        "citizenshipSubregion=Australia and New Zealand", "--epsilon", "0.1",
+                        "-f", "json", "-q")
+    assert code == 0 and "citizenshipSubregion = 'Australia and New Zealand'" in json.loads(
+        out)["query"]
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
+
+
 def test_a_flag_set_given_as_a_dimension_points_to_its_flag_counts(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
