@@ -243,7 +243,7 @@ def _format_of(source: Path) -> str:
 
 
 def _read_headers(source: Path, source_format: str) -> tuple[tuple[str, ...], int]:
-    """The column headers, and for CSV the number of physical lines they take."""
+    """The column headers, and the number of CSV rows DuckDB skips to reach the data."""
     if source_format == "parquet":
         statement = describe_parquet(str(source))
         try:
@@ -259,14 +259,15 @@ def _read_headers(source: Path, source_format: str) -> tuple[tuple[str, ...], in
         with opener(source, "rt", encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
-            lines = reader.line_num
     except UnicodeDecodeError as exc:
         raise LoadError(f"{source.name} is not UTF-8 text: {exc.reason}") from exc
     except (OSError, csv.Error) as exc:
         raise LoadError(f"cannot read the header of {source.name}: {exc}") from exc
     if not header:
         raise LoadError(f"{source.name} has no header row")
-    return tuple(header), lines
+    # DuckDB's `skip` counts CSV rows, not lines: a quoted header cell with a line break in it
+    # (a terms-of-use sentence edited in a spreadsheet) is still one row to skip.
+    return tuple(header), 1
 
 
 @dataclass(frozen=True)

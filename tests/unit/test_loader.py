@@ -240,6 +240,24 @@ def test_byte_order_mark_and_gzip(tmp_path: Path) -> None:
         assert records(database, "citizenship", "ageBroad") == expected
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_header_cell_with_a_line_break_loses_no_record(tmp_path: Path, newline: str) -> None:
+    """The terms-of-use header, edited in a spreadsheet, can hold a line break inside its quotes:
+    the header is still one row, and the first record after it is loaded like the others."""
+    plain = quirky_file(tmp_path / "quirks.csv")
+    with plain.open(newline="", encoding="utf-8") as handle:
+        header, *body = list(csv.reader(handle))
+    header[0] = header[0].replace(" you agree", newline + "you agree")
+    broken = tmp_path / "broken_header.csv"
+    with broken.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator=newline).writerows([header, *body])
+    database = tmp_path / "broken_header.duckdb"
+    report = load(broken, database, codebook=CTDC)
+    names = [v.name for v in CTDC.stored_variables]
+    expected = records(load_into(plain, tmp_path / "plain.duckdb"), *names)
+    assert report.rows == 3 and records(database, *names) == expected
+
+
 def load_into(source: Path, database: Path, **options: Any) -> Path:
     load(source, database, codebook=options.pop("codebook", CTDC), **options)
     return database
