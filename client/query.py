@@ -426,7 +426,8 @@ class Query:
                 name = part.strip()
                 if not name:
                     continue
-                if name in names:
+                # Names match the codebook regardless of case, so GENDER is gender again.
+                if name.lower() in (n.lower() for n in names):
                     raise InvalidQuery(f"{name} appears twice in by", variable=name)
                 names.append(name)
         return replace(self, dimensions=tuple(names))

@@ -207,7 +207,7 @@ class _Translator:
                         "keyed by codebook names"
                     )
                 name = self._column(node)
-                if name in dimensions:
+                if name.lower() in (d.lower() for d in dimensions):
                     raise UnsupportedSQL(f"{name} is selected twice", variable=name)
                 dimensions.append(name)
             else:
@@ -233,7 +233,8 @@ class _Translator:
                             f"GROUP BY takes dimension names, got {_sql(node)}"
                         )
                     grouped.append(self._column(node))
-            if sorted(grouped) != sorted(dimensions):
+            # Names are matched regardless of case, as SQL and the codebook match them.
+            if sorted(g.lower() for g in grouped) != sorted(d.lower() for d in dimensions):
                 raise UnsupportedSQL(
                     "GROUP BY must list exactly the selected dimensions "
                     f"(selected: {', '.join(dimensions) or 'none'}; "

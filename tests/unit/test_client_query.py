@@ -38,6 +38,8 @@ def test_builder_is_immutable_and_accumulates() -> None:
     with pytest.raises(client.InvalidQuery) as error:
         count().by("gender").by("gender")
     assert error.value.variable == "gender"
+    with pytest.raises(client.InvalidQuery, match="GENDER appears twice in by"):
+        count().by("gender", "GENDER")
 
 
 def test_keyword_conditions() -> None:

@@ -82,6 +82,10 @@ ACCEPTED = [
         count().where(And(Not(In("ageBroad", ["0--8", "9--17"])), Not(Missing("ageBroad")))),
     ),
     ("SELECT COUNT(*) FROM victims v WHERE v.gender = 'Male'", count().where(gender="Male")),
+    (  # names match regardless of case, in GROUP BY as elsewhere
+        "SELECT GENDER, AgeBroad, count(*) FROM v GROUP BY gender, \"agebroad\"",
+        count().by("GENDER", "AgeBroad"),
+    ),
     (  # read exactly, not through a float (which would give ...67168)
         "SELECT COUNT(*) FROM t WHERE yearOfRegistration >= 12345678901234567891",
         count().where(Range("yearOfRegistration", 12345678901234567891, None)),
@@ -109,6 +113,7 @@ REFUSED = [
     ("SELECT gender, COUNT(*) FROM t", "GROUP BY"),
     ("SELECT gender, COUNT(*) FROM t GROUP BY ageBroad", "GROUP BY must list"),
     ("SELECT gender AS g, COUNT(*) FROM t GROUP BY gender", "alias"),
+    ("SELECT gender, GENDER, COUNT(*) FROM t GROUP BY gender", "GENDER is selected twice"),
     ("SELECT COUNT(*) FROM t WHERE gender LIKE 'M%'", "pattern"),
     ("SELECT COUNT(*) FROM t WHERE gender = NULL", "IS NULL"),
     ("SELECT COUNT(*) FROM t WHERE yearOfRegistration < 2010.5", "integers"),
