@@ -163,6 +163,11 @@ def _quoted(text: str) -> str:
     return f"'{text}'" if "'" not in text else f'"{text}"'
 
 
+def _quoted_text(text: str) -> str:
+    """`text` as a SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _sql(node: Node) -> str:
     try:
         text = str(node.sql(dialect="duckdb"))
@@ -372,7 +377,7 @@ class _Translator:
             if node.args.get("query") is not None or node.args.get("unnest") is not None:
                 raise UnsupportedSQL("IN takes a list of literals; subqueries are not supported")
             name = self._operand_column(node.this, node)
-            values = [self._literal(v, node) for v in node.expressions]
+            values = [self._literal(v, node, name) for v in node.expressions]
             if not values:
                 raise UnsupportedSQL(f"{_sql(node)}: IN needs at least one value")
             leaf: Filter = Eq(name, values[0]) if len(values) == 1 else In(name, values)
@@ -408,10 +413,10 @@ class _Translator:
                 f"{_sql(node)} is never true in SQL; write {name} IS NULL or IS NOT NULL",
                 variable=name,
             )
-        if kind is exp.NEQ:
-            return self._comparison(exp.EQ(this=left, expression=right), positive=not positive)
-        if kind is exp.EQ:
-            leaf: Filter = Eq(name, self._literal(right, node))
+        if kind in (exp.EQ, exp.NEQ):
+            leaf: Filter = Eq(name, self._literal(right, node, name))
+            if kind is exp.NEQ:  # x <> v is FALSE where x = v is TRUE, and NULL where it is NULL
+                positive = not positive
         else:
             bound = self._integer(right, node)
             if kind is exp.LT:
@@ -431,7 +436,18 @@ class _Translator:
             )
         return self._column(node)
 
-    def _literal(self, node: Node, context: Node) -> Value:
+    def _literal(self, node: Node, context: Node, variable: str | None = None) -> Value:
+        if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
+            # The usual slip: Minor or "Minor" for 'Minor'. Both are names in SQL.
+            word = str(node.name)
+            how = "in double quotes" if node.this.args.get("quoted") else "without quotes"
+            raise UnsupportedSQL(
+                f"{_sql(context)}: {word} {how} is read as a variable name, and a variable is "
+                f"compared with literals; write a text value in single quotes: "
+                f"{_quoted_text(word)}",
+                variable=variable,
+                malformed=True,
+            )
         if isinstance(node, exp.Boolean):
             return 1 if node.this else 0
         if isinstance(node, exp.Literal):
@@ -443,8 +459,9 @@ class _Translator:
         if isinstance(node, exp.Null):
             raise UnsupportedSQL(f"{_sql(context)}: NULL is not a value; use IS NULL")
         raise UnsupportedSQL(
-            f"{_sql(context)}: values must be literals ('text', integers, TRUE, FALSE), "
-            f"got {_sql(node)}"
+            f"{_sql(context)}: values must be literals ('text' in single quotes, integers, TRUE, "
+            f"FALSE), got {_sql(node)}",
+            variable=variable,
         )
 
     def _integer(self, node: Any, context: Node) -> int:

@@ -274,6 +274,25 @@ def test_a_malformed_condition_is_named_without_the_wrapper_it_is_parsed_in(
     assert "FROM t WHERE" not in error.value.reason  # the text parsed around the condition
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("gender = Male", "gender = Male: Male without quotes is read as a variable name"),
+        ('gender = "Male"', 'gender = "Male": Male in double quotes is read as a variable name'),
+        ("majorityStatus <> Minor", "majorityStatus <> Minor: Minor without quotes"),
+        ("gender IN (Male, 'Female')", "gender IN (Male, 'Female'): Male without quotes"),
+    ],
+)
+def test_an_unquoted_text_value_is_named_with_how_to_quote_it(text: str, says: str) -> None:
+    with pytest.raises(client.UnsupportedSQL) as error:
+        parse_condition(text)
+    assert error.value.malformed  # a slip: the one sentence, not the whole subset
+    assert error.value.reason.startswith(says), error.value.reason
+    assert error.value.reason.endswith("write a text value in single quotes: " + (
+        "'Minor'" if "Minor" in text else "'Male'"))
+    assert error.value.variable == text.split()[0]
+
+
 def test_sql_outside_the_subset_is_not_called_malformed() -> None:
     with pytest.raises(client.UnsupportedSQL) as error:
         parse_sql("SELECT * FROM victims")
