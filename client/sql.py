@@ -78,6 +78,7 @@ def parse_sql(text: str) -> Query:
     """The typed query one SELECT in veil's subset describes (not bound to a client)."""
     if not isinstance(text, str) or not text.strip():
         raise UnsupportedSQL("the SQL text is empty")
+    _refuse_glued_comment(text)
     try:
         statements = [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
     except (ParseError, TokenError) as exc:
@@ -93,6 +94,7 @@ def parse_condition(text: str) -> Filter:
     """A WHERE condition alone, in the same subset: "majorityStatus = 'Minor' AND ..."."""
     if not isinstance(text, str) or not text.strip():
         raise UnsupportedSQL("the condition is empty")
+    _refuse_glued_comment(text)
     try:
         statements = sqlglot.parse(_CONDITION_PREFIX + text, read="duckdb")
     except (ParseError, TokenError) as exc:
@@ -105,6 +107,44 @@ def parse_condition(text: str) -> Filter:
     query = _Translator().select(statements[0])
     assert query.filter is not None
     return query.filter
+
+
+def _refuse_glued_comment(text: str) -> None:
+    """Refuse a `--` between two words outside quotes: an age band such as 0--8 written without
+    quotes reads as 0 and a comment, which would drop the rest of the line without a word."""
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char in "'\"":  # skip a quoted string or name ('' inside doubles the quote)
+            j = i + 1
+            while j < n and not (text[j] == char and text[j + 1:j + 2] != char):
+                j += 2 if text[j] == char else 1
+            i = j + 1
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        elif text.startswith("--", i):
+            if i > 0 and _word(text[i - 1]) and i + 2 < n and _word(text[i + 2]):
+                start, end = i, i + 2
+                while start > 0 and _word(text[start - 1]):
+                    start -= 1
+                while end < n and (_word(text[end]) or text[end] == "+"):
+                    end += 1
+                glued = text[start:end]
+                raise UnsupportedSQL(
+                    f"{glued} reads as {text[start:i]} and a comment (-- starts a comment in "
+                    f"SQL, which drops the rest of the line); write the value in single quotes: "
+                    f"{_quoted_text(glued)}",
+                    malformed=True,
+                )
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
+        else:
+            i += 1
+
+
+def _word(char: str) -> bool:
+    return char.isalnum() or char == "_"
 
 
 _CONDITION_PREFIX = "SELECT COUNT(*) FROM t WHERE "

@@ -293,6 +293,33 @@ def test_an_unquoted_text_value_is_named_with_how_to_quote_it(text: str, says: s
     assert error.value.variable == text.split()[0]
 
 
+@pytest.mark.parametrize(
+    ("text", "glued"),
+    [
+        ("SELECT COUNT(*) FROM t WHERE ageBroad = 9--17 AND gender = 'Male'", "9--17"),
+        ("SELECT gender, COUNT(*) FROM t WHERE ageBroad IN (0--8, 9--17) GROUP BY gender",
+         "0--8"),
+    ],
+)
+def test_an_unquoted_age_band_is_not_read_as_a_comment(text: str, glued: str) -> None:
+    # Read as SQL, 9--17 is 9 and a comment that drops the rest of the line, gender included.
+    with pytest.raises(client.UnsupportedSQL) as error:
+        parse_sql(text)
+    assert error.value.malformed
+    assert error.value.reason.startswith(f"{glued} reads as {glued.split('-')[0]} and a comment")
+    assert error.value.reason.endswith(f"write the value in single quotes: '{glued}'")
+
+
+def test_comments_and_quoted_age_bands_are_still_read() -> None:
+    assert parse_sql(
+        "SELECT COUNT(*) FROM t WHERE ageBroad = '0--8' /* 0--8 */ -- children, 0--8\n"
+        "AND gender = 'it''s 0--8'"
+    ) == count().where(Eq("ageBroad", "0--8"), Eq("gender", "it's 0--8"))
+    assert parse_condition("yearOfRegistration >= 2015 -- since 2015") == Range(
+        "yearOfRegistration", 2015, None
+    )
+
+
 def test_sql_outside_the_subset_is_not_called_malformed() -> None:
     with pytest.raises(client.UnsupportedSQL) as error:
         parse_sql("SELECT * FROM victims")
