@@ -35,11 +35,25 @@ Value = str | int
 Amount = int | float | str | Decimal | Fraction  # a privacy loss, as the caller writes it
 
 
+# The wire carries integers as int64; a larger one would fail in protobuf with no variable named.
+_INT64 = range(-(2**63), 2**63)
+
+
+def _integer(value: int, variable: str, what: str = "value") -> int:
+    if value not in _INT64:
+        raise InvalidQuery(
+            f"{variable}: {what} {value} is out of range (integers are at most 19 digits, "
+            f"from -{2**63} to {2**63 - 1})",
+            variable=variable,
+        )
+    return value
+
+
 def _value(value: Any, variable: str) -> Value:
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
-        return value
+        return _integer(value, variable)
     if isinstance(value, str):
         return value
     if hasattr(value, "item") and not isinstance(value, (list, tuple)):  # numpy scalars
@@ -159,6 +173,8 @@ class Range(Filter):
                     f"{self.variable}: range bounds must be integers, got {bound!r}",
                     variable=self.variable,
                 )
+            if bound is not None:
+                _integer(bound, self.variable, "bound")
 
     def to_pb(self) -> pb.Filter:
         return pb.Filter(between=pb.Between(variable=self.variable, low=self.low, high=self.high))

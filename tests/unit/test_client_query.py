@@ -166,6 +166,25 @@ def test_integer_text_is_ascii_digits_only(book: Codebook, text: str) -> None:
     )
 
 
+def test_an_integer_the_wire_cannot_carry_is_refused_naming_the_variable() -> None:
+    from client.sql import parse_sql
+
+    too_large = 2**63
+    for build in (
+        lambda: count().where(yearOfRegistration=too_large),
+        lambda: count().where(In("yearOfRegistration", [2015, -too_large - 1])),
+        lambda: count().where(Range("yearOfRegistration", too_large, None)),
+        lambda: parse_sql(f"SELECT COUNT(*) FROM t WHERE yearOfRegistration = {too_large}"),
+        # > the largest int64 is a range from one above it
+        lambda: parse_sql(f"SELECT COUNT(*) FROM t WHERE yearOfRegistration > {too_large - 1}"),
+    ):
+        with pytest.raises(client.InvalidQuery, match="out of range") as error:
+            build()
+        assert error.value.variable == "yearOfRegistration"
+    assert count().where(yearOfRegistration=too_large - 1).to_pb().where.equals.value.integer == (
+        too_large - 1)
+
+
 def test_codebook_browsing(book: Codebook) -> None:
     gender = book["gender"]
     assert isinstance(gender, client.Variable) and gender.kind == "category"

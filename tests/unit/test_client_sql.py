@@ -86,9 +86,9 @@ ACCEPTED = [
         "SELECT GENDER, AgeBroad, count(*) FROM v GROUP BY gender, \"agebroad\"",
         count().by("GENDER", "AgeBroad"),
     ),
-    (  # read exactly, not through a float (which would give ...67168)
-        "SELECT COUNT(*) FROM t WHERE yearOfRegistration >= 12345678901234567891",
-        count().where(Range("yearOfRegistration", 12345678901234567891, None)),
+    (  # read exactly, not through a float (which would give ...768)
+        "SELECT COUNT(*) FROM t WHERE yearOfRegistration >= 1234567890123456789",
+        count().where(Range("yearOfRegistration", 1234567890123456789, None)),
     ),
 ]
 
