@@ -6,7 +6,9 @@ not parse). Nothing here is on the query path.
 
 DuckDB reads the source with every column as text; normalisation and the domain check are SQL
 (`engine.sql`, section "load statements"), so a load is two parallel scans of the file: one that
-counts missing and out-of-domain cells per column, one that inserts the typed rows. The database
+counts missing and out-of-domain cells per column, one that inserts the typed rows. A CSV file is
+read once before them by Python's csv module, which counts its records and refuses a record
+whose number of fields is not the header's. The database
 is written under a temporary name next to the destination and moved into place only when it is
 complete, so a refused or failed load never leaves a partial file or destroys an existing one.
 """
@@ -176,6 +178,7 @@ def load(
         raise LoadError(f"{source.name}: no column of the file is a stored codebook variable")
     missing_codes = codebook.missing_codes
     reader = SourceFile(str(source), source_format, len(headers), skip)
+    records = _count_records(source, len(headers), progress) if source_format == "csv" else None
     if data_version is None:
         data_version = f"{codebook.fingerprint_text}:{_digest(source, progress)}"
     elif not data_version.strip():
@@ -201,6 +204,10 @@ def load(
             ).fetchone()
             assert row is not None
             counts = _Counts.of(row, layout)
+            if records is not None and counts.rows != records:
+                raise LoadError(
+                    f"{source.name} holds {records:,} records but DuckDB read {counts.rows:,}"
+                )
             dirty = tuple(c for c in layout.columns if counts.out_of_domain[c.variable.name])
             values = _out_of_domain(connection, reader, dirty, missing_codes, progress, source)
             report = _report(
@@ -268,6 +275,53 @@ def _read_headers(source: Path, source_format: str) -> tuple[tuple[str, ...], in
     # DuckDB's `skip` counts CSV rows, not lines: a quoted header cell with a line break in it
     # (a terms-of-use sentence edited in a spreadsheet) is still one row to skip.
     return tuple(header), 1
+
+
+def _count_records(source: Path, width: int, progress: bool) -> int:
+    """The number of records in a CSV file, refusing one whose field count is not the header's.
+
+    DuckDB drops empty fields past the last column without an error, so a record with a stray
+    comma in it and an empty last cell would load shifted by one column; Python's csv module
+    counts every field. The count is checked against the rows DuckDB reads, so a record either
+    loads or the load is refused. Bytes that are not UTF-8 pass here: DuckDB names their line.
+    """
+    opener: Any = gzip.open if source.name.lower().endswith(".gz") else open
+    records = 0
+    try:
+        with (
+            opener(
+                source, "rt", encoding="utf-8-sig", errors="surrogateescape", newline=""
+            ) as handle,
+            tqdm(desc="counting", unit=" rows", disable=not progress) as bar,
+        ):
+            reader = csv.reader(handle)
+            next(reader, None)  # the header
+            end = reader.line_num
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                if not fields:
+                    continue  # a blank line; DuckDB skips it too
+                if len(fields) != width:
+                    raise LoadError(_ragged(source, start, fields, width))
+                records += 1
+                bar.update()
+    except (OSError, EOFError, csv.Error) as exc:
+        raise LoadError(f"cannot read {source.name}: {exc}") from exc
+    return records
+
+
+def _ragged(source: Path, line: int, fields: list[str], width: int) -> str:
+    message = (
+        f"{source.name}: the record on line {line:,} has {_count(len(fields), 'field')} "
+        f"where the header has {width}"
+    )
+    extra = fields[width:]
+    if extra and not any(cell.strip() for cell in extra):
+        message += (
+            "; the extra fields are empty, but whether a comma was added at the end or inside "
+            "the record (which moves every later value one column) cannot be told"
+        )
+    return message
 
 
 @dataclass(frozen=True)
@@ -536,7 +590,11 @@ def _describe_values(values: Mapping[str, int]) -> str:
 
 
 def _cells(count: int) -> str:
-    return f"{count:,} cell" if count == 1 else f"{count:,} cells"
+    return _count(count, "cell")
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def _short(header: str) -> str:

@@ -419,6 +419,45 @@ def test_unreadable_sources_are_load_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "db.duckdb").exists()
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_record_with_an_extra_empty_field_is_refused_not_shifted(
+    tmp_path: Path, strict: bool
+) -> None:
+    """In the 2021 style the last cell is often blank; a stray comma inside such a record gives
+    it one field too many, the last one empty. DuckDB drops that field without an error, which
+    would move every value after the comma one column to the right."""
+    source = ctdc_file(
+        tmp_path / "stray.csv",
+        [{"gender": "Female", "ageBroad": "0--8", "citizenship": "CO"}] * 3,
+        missing="",
+    )
+    lines = source.read_text(encoding="utf-8").splitlines()
+    lines[2] = lines[2].replace("Female,", "Female,,", 1)  # the second record, on line 3
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    database = tmp_path / "stray.duckdb"
+    width = len(CTDC.variables)
+    with pytest.raises(
+        LoadError, match=f"line 3 has {width + 1} fields where the header has {width}"
+    ):
+        load(source, database, codebook=CTDC, strict=strict)
+    assert not database.exists()
+
+
+def test_a_record_count_that_duckdb_does_not_match_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were DuckDB to skip more than the header (as it once did, counting lines rather than
+    rows), the records it did not read are not silently lost: the load is refused."""
+    import engine.loader
+
+    read_headers = engine.loader._read_headers
+    monkeypatch.setattr(engine.loader, "_read_headers", lambda *args: (read_headers(*args)[0], 2))
+    database = tmp_path / "short.duckdb"
+    with pytest.raises(LoadError, match="holds 3 records but DuckDB read 2"):
+        load(quirky_file(tmp_path / "quirks.csv"), database, codebook=CTDC)
+    assert not database.exists()
+
+
 # ---- Parquet ----
 
 
