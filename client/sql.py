@@ -69,6 +69,8 @@ _FLIPPED: dict[type[Node], type[Node]] = {
     exp.LTE: exp.GTE, exp.GTE: exp.LTE,
 }
 _COMPARISONS = (exp.EQ, exp.NEQ, exp.LT, exp.LTE, exp.GT, exp.GTE)
+# Digits as the codebook reads them for an integer variable: ASCII only, a leading minus.
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,19}")
 # A parsed SQL node. sqlglot's own base class has changed name across releases (Expression,
 # Expr), so nodes are checked with isinstance at each step rather than typed statically.
 Node = Any
@@ -86,6 +88,8 @@ def parse_sql(text: str) -> Query:
             f"the SQL could not be parsed: {_syntax_error(exc, text)}", malformed=True
         ) from None
     if len(statements) != 1:
+        if not statements:
+            raise UnsupportedSQL("the SQL text holds no statement, only comments or ';'")
         raise UnsupportedSQL(f"give one SELECT statement, not {len(statements)}")
     return _Translator().select(statements[0])
 
@@ -493,9 +497,9 @@ class _Translator:
         if isinstance(node, exp.Literal):
             if node.is_string:
                 return str(node.this)
-            return self._integer(node, context)
+            return self._integer(node, context, compared=False)
         if isinstance(node, exp.Neg):
-            return self._integer(node, context)
+            return self._integer(node, context, compared=False)
         if isinstance(node, exp.Null):
             raise UnsupportedSQL(f"{_sql(context)}: NULL is not a value; use IS NULL")
         raise UnsupportedSQL(
@@ -504,12 +508,23 @@ class _Translator:
             variable=variable,
         )
 
-    def _integer(self, node: Any, context: Node) -> int:
+    def _integer(self, node: Any, context: Node, *, compared: bool = True) -> int:
+        """An integer literal. A bound (`compared`) may also be digits in quotes, which DuckDB
+        casts to the integer column it is compared with, as `=` reads them for a flag or year."""
         value = _number(node)
+        if value is None and compared and isinstance(node, exp.Literal) and node.is_string:
+            text = str(node.this).strip()
+            value = int(text) if _INTEGER_TEXT.fullmatch(text) else None
         if value is None or value != int(value):
+            got = _sql(node) if node is not None else "nothing"
+            if not compared:
+                raise UnsupportedSQL(
+                    f"{_sql(context)}: {got} is not a whole number; values are 'text' in single "
+                    "quotes, integers, TRUE or FALSE"
+                )
             raise UnsupportedSQL(
                 f"{_sql(context)}: <, <=, >, >= and BETWEEN compare integer variables with "
-                f"integers, got {_sql(node) if node is not None else 'nothing'}"
+                f"integers, got {got}"
             )
         return int(value)
 

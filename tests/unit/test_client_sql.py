@@ -86,6 +86,12 @@ ACCEPTED = [
         "SELECT GENDER, AgeBroad, count(*) FROM v GROUP BY gender, \"agebroad\"",
         count().by("GENDER", "AgeBroad"),
     ),
+    (  # digits in quotes are cast to the integer column, in a bound as after =
+        "SELECT COUNT(*) FROM t WHERE yearOfRegistration > '2014' AND "
+        "yearOfRegistration BETWEEN '2010' AND '2020'",
+        count().where(Range("yearOfRegistration", 2015, None),
+                      Range("yearOfRegistration", 2010, 2020)),
+    ),
     (  # read exactly, not through a float (which would give ...768)
         "SELECT COUNT(*) FROM t WHERE yearOfRegistration >= 1234567890123456789",
         count().where(Range("yearOfRegistration", 1234567890123456789, None)),
@@ -125,6 +131,9 @@ REFUSED = [
     ("SELECT COUNT(*)", "FROM"),
     ("SELEC COUNT(*) FROM t", "could not be parsed"),
     ("", "empty"),
+    ("-- a comment only", "no statement, only comments"),
+    ("SELECT COUNT(*) FROM t WHERE isSexualExploit = 0.5", "0.5 is not a whole number"),
+    ("SELECT COUNT(*) FROM t WHERE yearOfRegistration > '2015.5'", "integers, got '2015.5'"),
     ("SELECT COUNT(*) FROM t WHERE u.gender = 'Male'", "only the FROM table"),
 ]
 
