@@ -313,8 +313,12 @@ def Present(variable: str) -> Filter:
 
 def _check_filter(value: Any) -> None:
     if not isinstance(value, Filter):
+        sql = (
+            f"; for SQL text, pass client.parse_condition({value!r})"
+            if isinstance(value, str) else ""
+        )
         raise TypeError(
-            f"expected a condition (Eq, In, Range, Missing, Not, And, Or), got {value!r}"
+            f"expected a condition (Eq, In, Range, Missing, Not, And, Or), got {value!r}{sql}"
         )
 
 
@@ -337,6 +341,18 @@ def conditions(positional: Sequence[Any], equals: Mapping[str, Any]) -> Filter |
             )
         elif isinstance(value, (list, tuple, set, frozenset)):
             values = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+            if any(v is None for v in values):
+                # Missing is no value, so it cannot be one of an IN's values.
+                present = [v for v in values if v is not None]
+                instead = (
+                    f"Or(In({variable!r}, {present!r}), Missing({variable!r}))"
+                    if present else f"{variable}=None"
+                )
+                raise InvalidQuery(
+                    f"{variable}: None (missing) cannot be one of a list's values; for these "
+                    f"values or missing, write {instead}",
+                    variable=variable,
+                )
             parts.append(In(variable, values))
         else:
             parts.append(Eq(variable, value))
@@ -435,6 +451,8 @@ class Query:
         """Group by these dimensions (added to any already given). "a, b" is split at commas."""
         names = list(self.dimensions)
         for item in dimensions:
+            if not isinstance(item, str) and not isinstance(item, Iterable):
+                raise TypeError(f"a dimension is a codebook name, got {item!r}")
             parts = item.split(",") if isinstance(item, str) else list(item)
             for part in parts:
                 if not isinstance(part, str):

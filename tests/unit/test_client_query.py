@@ -112,6 +112,26 @@ def test_text_forms() -> None:
     assert str(Query(FlagCounts("sexType"))) == "flag counts of sexType"
 
 
+def test_missing_in_a_list_says_what_to_write() -> None:
+    with pytest.raises(client.InvalidQuery) as error:
+        count().where(ageBroad=["0--8", None])
+    assert error.value.variable == "ageBroad"
+    assert str(error.value) == (
+        "ageBroad: None (missing) cannot be one of a list's values; for these values or "
+        "missing, write Or(In('ageBroad', ['0--8']), Missing('ageBroad'))"
+    )
+
+
+def test_sql_text_as_a_condition_points_to_parse_condition() -> None:
+    with pytest.raises(TypeError, match=r"for SQL text, pass client.parse_condition\(\"gender"):
+        count().where("gender = 'Male'")
+
+
+def test_a_dimension_that_is_not_a_name_is_named() -> None:
+    with pytest.raises(TypeError, match="a dimension is a codebook name, got 3"):
+        count().by(3)  # type: ignore[arg-type]
+
+
 def test_unbound_queries_say_how_to_run_them() -> None:
     with pytest.raises(TypeError, match="not bound to a client"):
         count().release(epsilon=0.5)
