@@ -20,6 +20,7 @@ import csv
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -176,7 +177,7 @@ def load(
         )
     if not layout.columns:
         raise LoadError(f"{source.name}: no column of the file is a stored codebook variable")
-    missing_codes = codebook.missing_codes
+    missing_codes = _missing_spellings(codebook.missing_codes)
     reader = SourceFile(str(source), source_format, len(headers), skip)
     records = _count_records(source, len(headers), progress) if source_format == "csv" else None
     if data_version is None:
@@ -367,6 +368,16 @@ class _Layout:
             columns.append(LoadColumn(variable, position, _spellings(variable)))
         absent = tuple(v.name for v in codebook.stored_variables if v.name not in seen)
         return cls(tuple(columns), tuple(unknown), tuple(skipped), absent, renamed, headers)
+
+
+def _missing_spellings(codes: tuple[str, ...]) -> tuple[str, ...]:
+    """The codebook's missing codes, and each whole-number code as a float column writes it.
+
+    A copy whose flags went through a float column (pandas writes `1.0`) writes `-99` as
+    `-99.0`: the same code, not a value outside the domain.
+    """
+    floats = tuple(f"{code}.0" for code in codes if re.fullmatch(r"[+-]?[0-9]+", code))
+    return codes + tuple(code for code in floats if code not in codes)
 
 
 def _spellings(variable: Variable) -> tuple[tuple[str, str], ...]:

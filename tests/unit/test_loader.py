@@ -284,6 +284,23 @@ def test_integers_and_flags_are_parsed_exactly(tmp_path: Path) -> None:
     }
 
 
+def test_the_missing_code_written_as_a_float_is_missing(tmp_path: Path) -> None:
+    """A copy whose flags went through a float column writes 1.0, 0.0 and -99.0."""
+    rows = [
+        {"yearOfRegistration": "2018.0", "isAbduction": "1.0", "isForcedLabour": "-99.0"},
+        {"yearOfRegistration": "-99.0", "isAbduction": "-99.0", "isForcedLabour": "0.0"},
+    ]
+    database = tmp_path / "floats.duckdb"
+    report = load(ctdc_file(tmp_path / "floats.csv", rows), database, codebook=CTDC)
+    assert not report.out_of_domain
+    assert records(database, "yearOfRegistration", "isAbduction", "isForcedLabour") == [
+        (2018, 1, None),
+        (None, None, 0),
+    ]
+    assert report.missing["isAbduction"] == report.missing["isForcedLabour"] == 1
+    assert report.missing == null_counts(database, CTDC)
+
+
 # ---- values outside the domain ----
 
 
