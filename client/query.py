@@ -547,8 +547,10 @@ class Query:
     def normalized(self, codebook: Codebook) -> Query:
         """Names spelled as the codebook spells them (matched without regard to case, as SQL
         does) and values of the codebook's type: "1" for a flag becomes 1, 2015 for a category
-        becomes "2015". Names the codebook does not know are left for the server to refuse."""
+        becomes "2015". An unknown name close to a known one is refused here with the close
+        ones named; other names the codebook does not know are left for the server to refuse."""
         resolve = codebook.resolve_name
+        self._refuse_likely_typos(codebook)
         self._refuse_flag_sets(codebook)
 
         def fix(leaf: Filter) -> Filter:
@@ -579,6 +581,16 @@ class Query:
             dimensions=tuple(resolve(d) for d in self.dimensions),
             filter=None if self.filter is None else self.filter.map(fix),
         )
+
+    def _refuse_likely_typos(self, codebook: Codebook) -> None:
+        """An unknown name close to a codebook name (or matching two of them in different cases)
+        is refused here, naming the close ones: the server would only call it unknown."""
+        for name in self.variables():
+            if codebook.find(name) is not None:
+                continue
+            twins = [known for known in codebook.names() if known.lower() == name.lower()]
+            if len(twins) > 1 or codebook.suggest(name):
+                raise InvalidQuery(codebook.unknown(name), variable=name)
 
     def _refuse_flag_sets(self, codebook: Codebook) -> None:
         """A flag set where a variable belongs is refused here, naming the flag-set count to ask

@@ -289,6 +289,21 @@ def test_a_flag_set_where_a_variable_belongs_names_the_flag_set_count(book: Code
     assert count().by("isSexualExploit").normalized(book).dimensions == ("isSexualExploit",)
 
 
+def test_a_misspelt_name_in_a_query_names_the_close_ones(book: Codebook) -> None:
+    for query in (
+        count().where(majorityStatuss="Minor"),
+        count().by("gender", "majoritystatuss"),
+        proportion(In("majorityStatuss", ["Minor"])),
+    ):
+        with pytest.raises(client.InvalidQuery) as error:
+            query.normalized(book)
+        assert error.value.variable is not None
+        assert error.value.variable.lower() == "majoritystatuss"
+        assert "did you mean majorityStatus" in str(error.value)
+    with pytest.raises(client.InvalidQuery, match="did you mean meansOfControl"):
+        flag_counts("meansOfControll").normalized(book)
+
+
 def test_unknown_names_suggest_the_closest_regardless_of_case(book: Codebook) -> None:
     with pytest.raises(KeyError, match="did you mean gender"):
         book["GENDR"]
