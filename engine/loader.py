@@ -170,6 +170,8 @@ def load(
 
     headers, skip = _read_headers(source, source_format)
     layout = _Layout.of(codebook, headers)
+    if not layout.columns and not layout.skipped:
+        _refuse_other_delimiter(source, headers)
     if layout.absent and strict:
         raise LoadError(
             f"{source.name}: codebook variables absent from the file: "
@@ -323,6 +325,18 @@ def _ragged(source: Path, line: int, fields: list[str], width: int) -> str:
             "the record (which moves every later value one column) cannot be told"
         )
     return message
+
+
+def _refuse_other_delimiter(source: Path, headers: tuple[str, ...]) -> None:
+    """Name the delimiter of a file in which no header is a codebook name, if it has one."""
+    text = ",".join(headers)
+    counts = {sep: text.count(sep) for sep in (";", "\t", "|")}
+    sep, count = max(counts.items(), key=lambda item: item[1])
+    if count:
+        raise LoadError(
+            f"{source.name} is not comma-separated: no header is a codebook name, and the "
+            f"header holds {sep!r} {count:,} times; save it with commas between the columns"
+        )
 
 
 @dataclass(frozen=True)

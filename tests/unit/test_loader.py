@@ -436,6 +436,24 @@ def test_unreadable_sources_are_load_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "db.duckdb").exists()
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+@pytest.mark.parametrize("mode", [[], ["--lenient"]])
+def test_a_file_with_another_delimiter_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], delimiter: str, mode: list[str]
+) -> None:
+    """A spreadsheet in a European locale saves "CSV" with semicolons."""
+    source = tmp_path / "semicolons.csv"
+    with source.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter=delimiter)
+        writer.writerow([TERMS, *(v.name for v in CTDC.variables)])
+        writer.writerow(["", *("-99" for _ in CTDC.variables)])
+    database = tmp_path / "db.duckdb"
+    assert main(["load", str(source), str(database), "--no-progress", *mode]) == 2
+    error = capsys.readouterr().err
+    assert "not comma-separated" in error and repr(delimiter) in error
+    assert "absent" not in error and not database.exists()
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_record_with_an_extra_empty_field_is_refused_not_shifted(
     tmp_path: Path, strict: bool
