@@ -480,8 +480,14 @@ def _digest(source: Path, progress: bool) -> str:
 
 
 def _duckdb_message(exc: duckdb.Error) -> str:
-    # DuckDB appends advice about its own reader options, which a custodian cannot pass here.
-    return str(exc).split("\nPossible fixes:")[0].strip()
+    # DuckDB appends advice about its own reader options and a list of their values, which a
+    # custodian cannot pass here.
+    kept = []
+    for line in str(exc).splitlines():
+        if line.startswith("Possible ") or line.strip().startswith("file = "):
+            break
+        kept.append(line)
+    return "\n".join(kept).strip()
 
 
 # ---- the report ----

@@ -454,6 +454,19 @@ def test_a_file_with_another_delimiter_is_refused_naming_it(
     assert "absent" not in error and not database.exists()
 
 
+def test_a_latin_1_file_is_refused_naming_the_line_and_nothing_else(tmp_path: Path) -> None:
+    """A byte that is not UTF-8 far below the header is found by DuckDB, whose message names
+    the line; its advice about reader options a custodian cannot pass is left out."""
+    rows = [{"Datasource": "Case Management"}] * 500 + [{"Datasource": "Gestión de casos"}]
+    source = ctdc_file(tmp_path / "latin1.csv", rows)
+    source.write_bytes(source.read_text(encoding="utf-8").encode("latin-1"))
+    with pytest.raises(LoadError) as error:
+        load(source, tmp_path / "db.duckdb", codebook=CTDC, strict=False)
+    message = str(error.value)
+    assert "Line: 502" in message and "not utf-8 encoded" in message
+    assert "Possible" not in message and "ignore_errors" not in message
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_record_with_an_extra_empty_field_is_refused_not_shifted(
     tmp_path: Path, strict: bool
