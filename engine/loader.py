@@ -73,7 +73,9 @@ class LoadReport:
     text outside v's domain to its number of cells; in lenient mode those cells are stored as
     missing and `mapped_to_missing[v]` is their total (strict mode refuses such a file, so a
     strict report has none). A value stored as missing is therefore counted in exactly one of
-    `missing` and `mapped_to_missing`.
+    `missing` and `mapped_to_missing`. `empty_records` counts the CSV records whose every cell is
+    empty (a spreadsheet's blank rows, saved as lines of commas): lenient mode loads each as a
+    record with every variable missing, strict mode refuses them.
     """
 
     rows: int
@@ -89,6 +91,7 @@ class LoadReport:
     skipped: tuple[SkippedColumn, ...] = ()
     absent: tuple[str, ...] = ()
     renamed: Mapping[str, str] = field(default_factory=dict)
+    empty_records: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "missing", _frozen(self.missing))
@@ -119,6 +122,12 @@ class LoadReport:
             lines += ["", "Skipped columns:"]
             lines += [
                 f"  column {s.position + 1} {_short(s.header)}: {s.reason}" for s in self.skipped
+            ]
+        if self.empty_records:
+            lines += [
+                "",
+                f"Records with every cell empty: {self.empty_records:,} "
+                "(loaded, every variable missing)",
             ]
         if self.absent:
             lines += ["", "Codebook variables absent from the file (stored as missing):"]
@@ -181,7 +190,13 @@ def load(
         raise LoadError(f"{source.name}: no column of the file is a stored codebook variable")
     missing_codes = _missing_spellings(codebook.missing_codes)
     reader = SourceFile(str(source), source_format, len(headers), skip)
-    records = _count_records(source, len(headers), progress) if source_format == "csv" else None
+    shape = _read_records(source, len(headers), progress) if source_format == "csv" else None
+    if shape is not None and shape.empty and strict:
+        raise LoadError(
+            f"{source.name}: {_count(shape.empty, 'record')} with every cell empty, the first "
+            f"on line {shape.first_empty:,} (a spreadsheet's blank rows?); delete them, or "
+            "load lenient to store each as a record with every variable missing"
+        )
     if data_version is None:
         data_version = f"{codebook.fingerprint_text}:{_digest(source, progress)}"
     elif not data_version.strip():
@@ -207,15 +222,16 @@ def load(
             ).fetchone()
             assert row is not None
             counts = _Counts.of(row, layout)
-            if records is not None and counts.rows != records:
+            if shape is not None and counts.rows != shape.records:
                 raise LoadError(
-                    f"{source.name} holds {records:,} records but DuckDB read {counts.rows:,}"
+                    f"{source.name} holds {shape.records:,} records "
+                    f"but DuckDB read {counts.rows:,}"
                 )
             dirty = tuple(c for c in layout.columns if counts.out_of_domain[c.variable.name])
             values = _out_of_domain(connection, reader, dirty, missing_codes, progress, source)
             report = _report(
                 counts, values, source, database, codebook, strict, layout,
-                version=version, dataset=dataset,
+                version=version, dataset=dataset, empty=0 if shape is None else shape.empty,
             )
             if strict:
                 _refuse(report, counts.filled, source)
@@ -280,8 +296,17 @@ def _read_headers(source: Path, source_format: str) -> tuple[tuple[str, ...], in
     return tuple(header), 1
 
 
-def _count_records(source: Path, width: int, progress: bool) -> int:
-    """The number of records in a CSV file, refusing one whose field count is not the header's.
+@dataclass(frozen=True)
+class _Records:
+    """What the csv module found below a CSV file's header."""
+
+    records: int
+    empty: int  # records whose every cell is empty or blank
+    first_empty: int | None  # the line the first of them is on
+
+
+def _read_records(source: Path, width: int, progress: bool) -> _Records:
+    """Count a CSV file's records, refusing one whose field count is not the header's.
 
     DuckDB drops empty fields past the last column without an error, so a record with a stray
     comma in it and an empty last cell would load shifted by one column; Python's csv module
@@ -289,7 +314,8 @@ def _count_records(source: Path, width: int, progress: bool) -> int:
     loads or the load is refused. Bytes that are not UTF-8 pass here: DuckDB names their line.
     """
     opener: Any = gzip.open if source.name.lower().endswith(".gz") else open
-    records = 0
+    records = empty = 0
+    first_empty = None
     try:
         with (
             opener(
@@ -307,10 +333,13 @@ def _count_records(source: Path, width: int, progress: bool) -> int:
                 if len(fields) != width:
                     raise LoadError(_ragged(source, start, fields, width))
                 records += 1
+                if not any(cell.strip() for cell in fields):
+                    empty += 1
+                    first_empty = first_empty or start
                 bar.update()
     except (OSError, EOFError, csv.Error) as exc:
         raise LoadError(f"cannot read {source.name}: {exc}") from exc
-    return records
+    return _Records(records, empty, first_empty)
 
 
 def _ragged(source: Path, line: int, fields: list[str], width: int) -> str:
@@ -554,6 +583,7 @@ def _report(
     *,
     version: str,
     dataset: str,
+    empty: int,
 ) -> LoadReport:
     rows = counts.rows
     skipped = list(layout.skipped)
@@ -583,6 +613,7 @@ def _report(
         skipped=tuple(skipped),
         absent=layout.absent,
         renamed=layout.renamed,
+        empty_records=empty,
     )
 
 

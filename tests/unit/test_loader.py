@@ -467,6 +467,23 @@ def test_a_latin_1_file_is_refused_naming_the_line_and_nothing_else(tmp_path: Pa
     assert "Possible" not in message and "ignore_errors" not in message
 
 
+def test_records_with_every_cell_empty_strict_refuses_lenient_counts(tmp_path: Path) -> None:
+    """A spreadsheet saves its blank rows as lines of commas: in the 2021 style they read as
+    people with every variable missing, so they are never loaded without being counted."""
+    rows = [{"gender": "Female"}, {}, {"gender": "Male"}, {}, {"gender": " "}]
+    source = ctdc_file(tmp_path / "blank_rows.csv", rows, missing="", terms_column=True)
+    with pytest.raises(LoadError, match="3 records with every cell empty, the first on line 3"):
+        load(source, tmp_path / "strict.duckdb", codebook=CTDC)
+    assert not (tmp_path / "strict.duckdb").exists()
+    database = tmp_path / "lenient.duckdb"
+    report = load(source, database, codebook=CTDC, strict=False)
+    assert report.rows == 5 and report.empty_records == 3
+    assert records(database, "gender") == [("Female",), (None,), ("Male",), (None,), (None,)]
+    assert "Records with every cell empty: 3" in report.render()
+    clean = load(quirky_file(tmp_path / "quirks.csv"), tmp_path / "clean.duckdb", codebook=CTDC)
+    assert clean.empty_records == 0 and "every cell empty" not in clean.render()
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_record_with_an_extra_empty_field_is_refused_not_shifted(
     tmp_path: Path, strict: bool
