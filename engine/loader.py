@@ -181,6 +181,8 @@ def load(
     layout = _Layout.of(codebook, headers)
     if not layout.columns and not layout.skipped:
         _refuse_other_delimiter(source, headers)
+    # Before the absent check: a header short of one name says so as a row too long for it.
+    shape = _read_records(source, len(headers), progress) if source_format == "csv" else None
     if layout.absent and strict:
         raise LoadError(
             f"{source.name}: codebook variables absent from the file: "
@@ -190,7 +192,6 @@ def load(
         raise LoadError(f"{source.name}: no column of the file is a stored codebook variable")
     missing_codes = _missing_spellings(codebook.missing_codes)
     reader = SourceFile(str(source), source_format, len(headers), skip)
-    shape = _read_records(source, len(headers), progress) if source_format == "csv" else None
     if shape is not None and shape.empty and strict:
         raise LoadError(
             f"{source.name}: {_count(shape.empty, 'record')} with every cell empty, the first "

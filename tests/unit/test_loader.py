@@ -508,6 +508,19 @@ def test_a_record_with_an_extra_empty_field_is_refused_not_shifted(
     assert not database.exists()
 
 
+def test_a_header_short_of_one_name_is_refused_as_such(tmp_path: Path) -> None:
+    """Every record has the column, the header lost its name: that is not an absent variable
+    (which strict mode reports, lenient loads as missing) but a header that does not fit."""
+    source = ctdc_file(tmp_path / "short_header.csv", [{"gender": "Male"}] * 2)
+    lines = source.read_text(encoding="utf-8").splitlines()
+    lines[0] = lines[0].replace(",gender,", ",", 1)
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    width = len(CTDC.variables)
+    for strict in (True, False):
+        with pytest.raises(LoadError, match=f"line 2 has {width} fields .* header has {width - 1}"):
+            load(source, tmp_path / "db.duckdb", codebook=CTDC, strict=strict)
+
+
 def test_a_record_count_that_duckdb_does_not_match_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
