@@ -160,9 +160,11 @@ def load(
     """Load a CSV (`.csv`, `.csv.gz`) or Parquet file into a new data file at `database`.
 
     Strict mode (the default) refuses a file with a codebook variable missing, a column outside
-    the codebook that holds data, or a value outside a variable's domain, raising LoadError that
-    names the columns and values. Lenient mode stores such values as missing, loads an absent
-    variable as all-missing, ignores unknown columns, and reports all of it. `data_version`
+    the codebook that holds data, a value outside a variable's domain, or a CSV record with
+    every cell empty, raising LoadError that names the columns and values. Lenient mode stores
+    such values as missing, loads an absent variable as all-missing and an empty record as a
+    record with every variable missing, ignores unknown columns, and reports all of it. Both
+    refuse a CSV record whose number of fields is not the header's, naming its line. `data_version`
     defaults to the codebook fingerprint and the first 16 hex digits of the file's SHA-256.
     `dataset` names the people the file describes and must stay the same across their versions
     (a corrected file, next year's update): the ledger pays for every version of a dataset from
