@@ -53,7 +53,8 @@ def add_load_command(
     parser.add_argument(
         "--data-version",
         default=None,
-        help="the data version to record (default: codebook@version:sha256-prefix of SOURCE)",
+        help="the data version to record; every client is told it (default: codebook@version: "
+        "and 16 random hex digits, new at every load: a digest of SOURCE would identify it)",
     )
     parser.add_argument(
         "--dataset",

@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
-import hashlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -165,7 +165,7 @@ def load(
     such values as missing, loads an absent variable as all-missing and an empty record as a
     record with every variable missing, ignores unknown columns, and reports all of it. Both
     refuse a CSV record whose number of fields is not the header's, naming its line. `data_version`
-    defaults to the codebook fingerprint and the first 16 hex digits of the file's SHA-256.
+    defaults to the codebook fingerprint and 16 random hex digits (see `new_data_version`).
     `dataset` names the people the file describes and must stay the same across their versions
     (a corrected file, next year's update): the ledger pays for every version of a dataset from
     one cap. It defaults to the codebook's name.
@@ -201,7 +201,7 @@ def load(
             "load lenient to store each as a record with every variable missing"
         )
     if data_version is None:
-        data_version = f"{codebook.fingerprint_text}:{_digest(source, progress)}"
+        data_version = new_data_version(codebook)
     elif not data_version.strip():
         raise LoadError("the data version must not be empty")
     version = data_version
@@ -497,18 +497,16 @@ def _polled(
         bar.close()
 
 
-def _digest(source: Path, progress: bool) -> str:
-    """The first 16 hex digits of the SHA-256 of the file's bytes."""
-    digest = hashlib.sha256()
-    size = source.stat().st_size
-    with (
-        source.open("rb") as handle,
-        tqdm(total=size, desc="hashing", unit="B", unit_scale=True, disable=not progress) as bar,
-    ):
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()[:16]
+def new_data_version(codebook: Codebook) -> str:
+    """A data version no one can compute from the records: the codebook and 16 random hex digits.
+
+    Every client is told the data version. Were it a digest of the file, anyone holding the two
+    candidate files, with and without one person's record (the adversary differential privacy
+    guards against), could hash both and see which the server holds. So loading the same file
+    twice gives two versions, whose releases are drawn, and paid for, apart: both come out of
+    the one dataset budget. A custodian who wants a stable name passes `--data-version`.
+    """
+    return f"{codebook.fingerprint_text}:{secrets.token_hex(8)}"
 
 
 def _duckdb_message(exc: duckdb.Error) -> str:

@@ -511,11 +511,6 @@ def test_no_true_count_reaches_the_logs_or_the_auditor(
 EXCERPT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ctdc_global_2020_excerpt.csv"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the loader's default data version is a digest of the source file's bytes, and "
-    "every client receives it (GetCodebook, every release's metadata)",
-)
 @pytest.mark.skipif(not EXCERPT.is_file(), reason="the CTDC excerpt is not present")
 def test_the_data_version_a_client_sees_does_not_tell_the_worlds_apart(tmp_path: Path) -> None:
     from engine.codebook import default_codebook
