@@ -2,6 +2,9 @@
 
 The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`). Relative paths are read relative to the
 file. Unknown keys are refused, so a misspelt limit cannot silently fall back to its default.
+The ledger's directory must exist: a misspelt directory would otherwise start an empty ledger,
+with every budget unspent. The TLS files are read at load, so a key that is not the
+certificate's, or is encrypted, is refused before the server starts.
 
     data = "ctdc.duckdb"          # the restricted data file (written by the loader)
     codebook = "ctdc_v7"          # a shipped codebook name or a path to a codebook YAML
@@ -47,13 +50,15 @@ file. Unknown keys are refused, so a misspelt limit cannot silently fall back to
 
     [log]
     level = "info"
-    file = ""                     # empty: standard error
+    file = ""                     # empty: standard error; a file is created readable by its
+                                  # owner only, and reopened when moved (logrotate)
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -90,6 +95,10 @@ class TLSConfig:
         return self.mutual and self.bind_client_ids
 
 
+_FRACTIONAL_LIMITS = {"rate_per_second", "max_query_seconds"}
+_MAX_C_INT = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class Limits:
     max_request_bytes: int = 1 << 20
@@ -113,6 +122,13 @@ class Limits:
                 raise ConfigError(f"limits.{f.name} must be a number, got {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"limits.{f.name} must be positive, got {value!r}")
+            # Counts and sizes go to gRPC and thread pools as C ints: 2.5 workers or a burst of
+            # 0.5 (which would refuse every call) is a mistake, and 2**31 bytes overflows.
+            if f.name not in _FRACTIONAL_LIMITS:
+                if not isinstance(value, int):
+                    raise ConfigError(f"limits.{f.name} must be a whole number, got {value!r}")
+                if value > _MAX_C_INT:
+                    raise ConfigError(f"limits.{f.name} must be at most {_MAX_C_INT}, got {value}")
         if self.max_request_bytes < 1024:
             raise ConfigError("limits.max_request_bytes must be at least 1024")
 
@@ -197,7 +213,8 @@ def load_config(path: str | Path) -> ServerConfig:
         raise ConfigError(f"config {path} must end in .toml, .yaml or .yml")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config {path} must be a mapping of settings")
-    return config_from_mapping(raw, base=path.parent)
+    # Absolute, so that every message names the file the server looked for.
+    return config_from_mapping(raw, base=path.absolute().parent)
 
 
 def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> ServerConfig:
@@ -248,10 +265,13 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
     if tls is not None:
         if "cert" not in tls or "key" not in tls:
             raise ConfigError("tls needs both `cert` and `key`")
+        # An empty client_ca (a template's unset variable) would quietly drop mutual TLS.
         tls_value = TLSConfig(
-            cert=_path(tls["cert"], base),
-            key=_path(tls["key"], base),
-            client_ca=_path(tls["client_ca"], base) if tls.get("client_ca") else None,
+            cert=_path(tls["cert"], base, "tls.cert"),
+            key=_path(tls["key"], base, "tls.key"),
+            client_ca=(
+                _path(tls["client_ca"], base, "tls.client_ca") if "client_ca" in tls else None
+            ),
             bind_client_ids=_bool(tls.get("bind_client_ids", True), "tls.bind_client_ids"),
         )
         if "bind_client_ids" in tls and tls_value.client_ca is None:
@@ -260,6 +280,7 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
             file = getattr(tls_value, name)
             if file is not None and not file.is_file():
                 raise ConfigError(f"tls.{name}: no such file {file}")
+        _check_tls_files(tls_value)
     _check_listen(listen, tls_value)
     level = str(logging.get("level", "info")).lower()
     if level not in _LOG_LEVELS:
@@ -272,7 +293,7 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
     if not 0 <= token_days <= 36500:
         raise ConfigError("server.token_days must lie between 0 (never expire) and 36500")
     return ServerConfig(
-        data=_path(raw["data"], base),
+        data=_path(raw["data"], base, "data"),
         codebook=_codebook_source(raw.get("codebook", "ctdc_v7"), base),
         ledger=_ledger_path(raw.get("ledger", "ledger"), base),
         settings=settings,
@@ -285,7 +306,7 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
         tls=tls_value,
         limits=limits_value,
         log_level=level,
-        log_file=_path(logging["file"], base) if logging.get("file") else None,
+        log_file=_path(logging["file"], base, "log.file") if logging.get("file") else None,
     )
 
 
@@ -335,28 +356,63 @@ def _cap(value: Any, what: str, *, allow_zero: bool = False) -> str:
         raise ConfigError(str(exc)) from exc
 
 
-def _path(value: Any, base: Path) -> Path:
+def _path(value: Any, base: Path, what: str) -> Path:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"a path must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{what} must be a path (a non-empty string), got {value!r}")
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
 
 
 def _ledger_path(value: Any, base: Path) -> Path:
-    path = _path(value, base)
+    path = _path(value, base, "ledger")
     if path.is_dir():
         raise ConfigError(
             f"ledger is the ledger's own SQLite file, not a directory: {path} is a directory "
             f"(for example, ledger = \"{Path(str(value)) / 'ledger.sqlite'}\")"
         )
+    # A misspelt directory must not start a new, unspent ledger beside the real one.
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"ledger: the directory {path.parent} does not exist; create it, or correct the "
+            f"path if the ledger is elsewhere"
+        )
     return path
+
+
+def _check_tls_files(tls: TLSConfig) -> None:
+    """Read the certificate, key and client CA as gRPC will, and refuse what it cannot use
+    (gRPC itself reports only that the port could not be bound)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=str(tls.cert))
+    except ssl.SSLError:
+        raise ConfigError(f"tls.cert: {tls.cert} holds no PEM certificate") from None
+    try:
+        # A password callback that gives none: an encrypted key is refused, not prompted for.
+        context.load_cert_chain(str(tls.cert), str(tls.key), password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"tls.key: {tls.key} is not the private key of the certificate {tls.cert}"
+            ) from None
+        raise ConfigError(
+            f"tls.key: {tls.key} holds no unencrypted PEM private key (gRPC cannot use a "
+            "key protected by a passphrase)"
+        ) from None
+    if tls.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(tls.client_ca))
+        except ssl.SSLError:
+            raise ConfigError(
+                f"tls.client_ca: {tls.client_ca} holds no PEM certificate"
+            ) from None
 
 
 def _codebook_source(value: Any, base: Path) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError("codebook must be a shipped codebook name or a path")
     if value.endswith((".yaml", ".yml")) or "/" in value:
-        return str(_path(value, base))
+        return str(_path(value, base, "codebook"))
     return value
 
 

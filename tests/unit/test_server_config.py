@@ -42,6 +42,7 @@ level = "debug"
 def test_toml(tmp_path: Path) -> None:
     path = tmp_path / "veil.toml"
     path.write_text(TOML)
+    (tmp_path / "var").mkdir()  # the ledger's directory must exist
     config = load_config(path)
     assert config.data == tmp_path / "data/ctdc.duckdb"
     assert config.ledger == tmp_path / "var/ledger.sqlite"
@@ -143,3 +144,47 @@ def test_the_ledger_is_a_file_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a directory"):
         config_from_mapping({"data": "d", "ledger": "ledger"}, base=tmp_path)
     assert config_from_mapping({"data": "d", "ledger": "ledger/ledger.sqlite"}, base=tmp_path)
+
+
+def test_the_ledger_directory_must_exist(tmp_path: Path) -> None:
+    """A misspelt directory would otherwise start a new ledger, every budget unspent."""
+    with pytest.raises(ConfigError, match=r"the directory .*ledgr does not exist"):
+        config_from_mapping({"data": "d", "ledger": "ledgr/ledger.sqlite"}, base=tmp_path)
+    assert not (tmp_path / "ledgr").exists()
+
+
+@pytest.mark.parametrize(
+    ("limits", "says"),
+    [
+        ({"workers": 2.5}, "limits.workers must be a whole number"),
+        ({"rate_burst": 0.5}, "limits.rate_burst must be a whole number"),
+        ({"max_cells": 1000.0}, "limits.max_cells must be a whole number"),
+        ({"max_request_bytes": 10**10}, "limits.max_request_bytes must be at most 2147483647"),
+        ({"max_concurrent_calls": 2**31}, "at most"),
+    ],
+)
+def test_counts_and_sizes_are_whole_numbers_grpc_can_take(
+    limits: dict[str, object], says: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        config_from_mapping({"data": "d", "limits": limits})
+    assert says in str(error.value)
+    # Rates and durations may be fractions.
+    fractional = {"rate_per_second": 0.5, "max_query_seconds": 2.5}
+    assert config_from_mapping({"data": "d", "limits": fractional}).limits.rate_per_second == 0.5
+
+
+def test_an_empty_client_ca_is_refused_rather_than_dropping_mutual_tls() -> None:
+    tls = {"cert": "c.pem", "key": "k.pem", "client_ca": ""}
+    with pytest.raises(ConfigError, match=r"tls\.client_ca must be a path"):
+        config_from_mapping({"data": "d", "tls": tls})
+
+
+def test_paths_are_absolute_when_the_config_is_named_relatively(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages then name the file the server looked for, wherever it was started from."""
+    (tmp_path / "veil.toml").write_text('data = "d.duckdb"\nledger = "ledger.sqlite"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config("veil.toml")
+    assert config.data == tmp_path / "d.duckdb" and config.ledger == tmp_path / "ledger.sqlite"
