@@ -11,9 +11,14 @@ are released, nothing is charged), and the ledger is closed only once no call is
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
+import logging.handlers
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -64,13 +69,26 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
+class PrivateLogFile(logging.handlers.WatchedFileHandler):
+    """A log file that only its owner can read, reopened when it is moved or removed.
+
+    The log names clients, their institutions' peers and what they asked, so a file it creates
+    (at start, or after logrotate moved the old one away) is mode 0600, as the ledger is. A file
+    that already exists keeps the mode the custodian gave it.
+    """
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def configure_logging(level: str = "info", file: Path | None = None,
                       stream: TextIO | None = None) -> logging.Handler:
     """Send veil's server log to `file` (or `stream`, default standard error) as JSON lines."""
     handler: logging.Handler
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(file, encoding="utf-8")
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler = PrivateLogFile(file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter())
@@ -198,18 +216,22 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    if config.tls is not None:
-        tls = config.tls
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.mutual,
-        )
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
+    _check_free(config.listen)
+    try:
+        if config.tls is not None:
+            tls = config.tls
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+                require_client_auth=tls.mutual,
+            )
+            port = server.add_secure_port(config.listen, credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+    except RuntimeError:  # gRPC's "Failed to bind", with the cause only in its C log
+        port = 0
     if not port:
-        raise OSError(f"cannot listen on {config.listen}")
+        raise OSError(f"cannot listen on {config.listen}: gRPC could not bind that address")
     server.start()
     log.info(
         "serving",
@@ -228,6 +250,42 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
         },
     )
     return Running(server, port, services, health_servicer, config.grace_seconds)
+
+
+def _check_free(listen: str) -> None:
+    """Refuse an address another process listens on, or one this machine does not have.
+
+    gRPC reports a bind failure without its cause, and binds a name such as `localhost` if any
+    one of its addresses is free: a second server would then serve on ::1 while the first
+    serves on 127.0.0.1, and clients would reach either.
+    """
+    host, _, port_text = listen.rpartition(":")
+    port = int(port_text)
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return  # gRPC resolves the name itself and says if it cannot
+    missing = 0
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As gRPC binds: a port left in TIME_WAIT by a server just stopped is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(
+                    f"cannot listen on {listen}: {address[0]} port {port} is already in use "
+                    "(another veil server, or another program)"
+                ) from None
+            missing += exc.errno == errno.EADDRNOTAVAIL
+    # One address of several may be missing (localhost's ::1 without IPv6); gRPC binds the rest.
+    if addresses and missing == len(addresses):
+        raise OSError(f"cannot listen on {listen}: {host} is not an address of this machine")
 
 
 class StopSignals:

@@ -124,11 +124,21 @@ def _start(
         wanted = list(DEMO_CLIENTS) if demo else []
         if init_admin:
             wanted.append((init_admin, Role.ADMIN, "0"))
-        for client, role, cap in wanted:
+        for client, _, _ in wanted:
             if client in registered:
                 raise ConfigError(
-                    f"client {client} is already registered; rotate its token instead"
+                    f"client {client} is already registered; to replace a lost administrator's "
+                    f"token, start once with --init-admin and a new id, then rotate or revoke "
+                    f"{client} (veil admin rotate {client})"
                 )
+        # Listening first: a start that fails (the port in use, say) must not leave a client
+        # registered whose token was never shown, blocking the next --init-admin with that id.
+        running = start(config, engine=engine, accounts=accounts)
+    except BaseException:
+        accounts.close()
+        raise
+    try:
+        for client, role, cap in wanted:
             token = new_token()
             accounts.ledger.register_client(
                 client,
@@ -139,9 +149,8 @@ def _start(
                 actor=LOCAL_ACTOR,
             )
             tokens[client] = token
-        running = start(config, engine=engine, accounts=accounts)
     except BaseException:
-        accounts.close()
+        running.stop()
         raise
     return running, tokens
 
