@@ -87,8 +87,13 @@ def configure_logging(level: str = "info", file: Path | None = None,
     """Send veil's server log to `file` (or `stream`, default standard error) as JSON lines."""
     handler: logging.Handler
     if file is not None:
-        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handler = PrivateLogFile(file, encoding="utf-8")
+        if file.parent.exists() and not file.parent.is_dir():
+            raise OSError(f"log.file: {file.parent} is a file, not a directory")
+        try:
+            file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handler = PrivateLogFile(file, encoding="utf-8")
+        except OSError as exc:
+            raise OSError(f"log.file: cannot write {file}: {exc.strerror}") from None
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter())

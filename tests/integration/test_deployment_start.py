@@ -173,6 +173,15 @@ def test_a_name_is_refused_when_any_of_its_addresses_is_in_use(tmp_path: Path) -
 # ---- the log file ----------------------------------------------------------------------------
 
 
+def test_a_log_file_that_cannot_be_written_is_refused_naming_the_setting(
+    deployment: Path,
+) -> None:
+    (deployment / "logs").write_text("")  # a file where the log's directory should be
+    config = write_config(deployment, log={"file": "logs/veil.log"})
+    line = refused("serve", "--config", str(config), cwd=deployment)
+    assert line == f"error: log.file: {deployment / 'logs'} is a file, not a directory"
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate,
