@@ -203,7 +203,8 @@ def _client(args: argparse.Namespace) -> Client:
         token = args.token_file.expanduser().read_text(encoding="utf-8").strip()
         if not token:
             raise errors.AuthenticationError(f"the token file {args.token_file} is empty")
-    if not token and not os.environ.get(TOKEN_ENV):
+    # An empty --token (an unset variable expanded) is no token, not a cue to read VEIL_TOKEN.
+    if not token and (token is not None or not os.environ.get(TOKEN_ENV)):
         # The library's own message speaks of token=...; here the shell's ways are the ones.
         raise errors.AuthenticationError(
             f"no token: set {TOKEN_ENV} or pass --token-file FILE, with the token the custodian "
@@ -315,17 +316,25 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
         print(f"veil: budget exhausted: {exc}{left}", file=sys.stderr)
         return EXIT_BUDGET
     except (errors.AuthenticationError, errors.PermissionDenied) as exc:
-        print(f"veil: {exc}", file=sys.stderr)
+        print(f"veil: {_shell_words(exc)}", file=sys.stderr)
         return EXIT_AUTH
     except (errors.ServerUnavailable, errors.QueryTimeout) as exc:
-        print(f"veil: {exc}", file=sys.stderr)
+        print(f"veil: {_shell_words(exc)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except errors.VeilError as exc:
-        print(f"veil: {exc}", file=sys.stderr)
+        print(f"veil: {_shell_words(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        raise  # standard output closed early (`| head`): the `veil` entry point ends quietly
     except (OSError, TypeError, ValueError) as exc:
         print(f"veil: {exc}", file=sys.stderr)
         return EXIT_INVALID if isinstance(exc, (TypeError, ValueError)) else EXIT_ERROR
+
+
+def _shell_words(error: errors.VeilError) -> str:
+    """The error's message with its advice in the shell's terms (--tls, --token-file) rather
+    than the Python keywords the library's message names."""
+    return error.shell_message or str(error)
 
 
 def _condition(

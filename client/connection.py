@@ -12,7 +12,8 @@ certificate that signed the server's certificate, plus a client certificate for 
 Every release gets a fresh request id (a UUID) unless the caller gives one. A call that fails
 with UNAVAILABLE (server restarting, a connection reset, a ledger that could not write) or that
 was rate-limited is retried with bounded exponential backoff and the same request id, so the
-server returns the release it stored instead of charging again.
+server returns the release it stored instead of charging again. A TLS handshake the client
+refuses (a server certificate it cannot verify, a server without TLS) is not retried.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from client.errors import (
     PermissionDenied,
     from_rpc_error,
     is_budget_error,
+    is_handshake_failure,
     retry_after,
     status_of,
 )
@@ -217,6 +219,8 @@ class Client:
                     raise from_rpc_error(
                         exc, address=self.address, tls=self.tls is not None,
                         request_id=request_id,
+                        client_certificate=self.tls is not None
+                        and self.tls.client_cert is not None,
                     ) from None
                 code, details, _ = status_of(exc)
                 # A caller that reports retries itself (the CLI) gets one line each, not two.
@@ -236,6 +240,10 @@ class Client:
             return None
         code, details, trailers = status_of(error)
         if code == grpc.StatusCode.UNAVAILABLE:
+            # A handshake this client refused (unknown CA, wrong host, no TLS on the server) fails
+            # the same way every time; a server that is down or restarting is retried.
+            if is_handshake_failure(details):
+                return None
             return self.retry.delay(attempt)
         if code == grpc.StatusCode.INTERNAL and any(
             s in details for s in ("RST_STREAM", "Connection reset", "Stream removed")

@@ -9,7 +9,8 @@
 
 Every error raised because of a server's answer carries the gRPC status name (`code`) and, for a
 release, the request id that was used, so that a retry after a timeout can reuse it and is never
-charged twice.
+charged twice. Advice in a message names Python's ways (`tls=True`, `token=...`); where the
+`veil` command's ways differ (`--tls`, `--token-file`), `shell_message` words it for the shell.
 """
 
 from __future__ import annotations
@@ -32,15 +33,25 @@ RETRY_AFTER_KEY = "retry-after"
 
 
 class VeilError(Exception):
-    """Base of every error the client raises."""
+    """Base of every error the client raises.
+
+    `shell_message` is the same message with its advice worded for the `veil` command (its
+    options and environment variables), or None when the message fits the shell as it is.
+    """
 
     def __init__(
-        self, message: str, *, code: str | None = None, request_id: str | None = None
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        request_id: str | None = None,
+        shell_message: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code  # the gRPC status name, when the server (or the channel) sent one
         self.request_id = request_id  # the release's request id: reuse it to retry for free
+        self.shell_message = shell_message
 
 
 class InvalidQuery(VeilError, ValueError):
@@ -232,10 +243,52 @@ def retry_after(trailers: dict[str, str | bytes]) -> float | None:
         return None
 
 
+# What gRPC (1.85, BoringSSL) reports, as UNAVAILABLE, for a connection that fails; the status
+# details read, after "failed to connect to all addresses; last error: ":
+#   a TLS client, the server's certificate not signed by the CA given (or the system's roots):
+#     "UNKNOWN: ipv4:127.0.0.1:PORT: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL:
+#      error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get
+#      local issuer certificate: OK"
+#   a TLS client, the certificate naming another host: "UNKNOWN: ipv4:...: Custom verification
+#     check failed with error: UNAUTHENTICATED: Hostname Verification Check failed."
+#   a TLS client, a plaintext server: "UNKNOWN: ipv4:...: Tls handshake failed
+#     (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:
+#     OPENSSL_internal:WRONG_VERSION_NUMBER: ..."
+#   a plaintext client, a TLS server; a TLS client presenting no client certificate, or one
+#     signed by a CA the server does not trust, under mutual TLS (the server ends the handshake):
+#     "UNAVAILABLE: ipv4:127.0.0.1:PORT: Socket closed"
+#   nobody listening (a server down or restarting): "UNKNOWN: ipv4:127.0.0.1:PORT: Failed to
+#     connect to remote host: Connection refused"
+# The first three are the client's own verdict on what the server sent, certain to repeat on
+# every try; "Socket closed" is also what a server stopping mid-connection gives.
+_HANDSHAKE_FAILED = (
+    "tls handshake failed",
+    "hostname verification check failed",
+    "certificate_verify_failed",
+)
+_SOCKET_CLOSED = ("socket closed", "connection reset", "eof")
+
+
+def is_handshake_failure(details: str) -> bool:
+    """Whether a call's status details say the client refused the TLS handshake (an unknown
+    CA, a certificate naming another host, a server that does not speak TLS): retrying cannot
+    help."""
+    lowered = details.lower()
+    return any(s in lowered for s in _HANDSHAKE_FAILED)
+
+
 def from_rpc_error(
-    error: grpc.RpcError, *, address: str = "", tls: bool = False, request_id: str | None = None
+    error: grpc.RpcError,
+    *,
+    address: str = "",
+    tls: bool = False,
+    request_id: str | None = None,
+    client_certificate: bool = False,
 ) -> VeilError:
-    """The client error for a failed call, with a message a researcher can act on."""
+    """The client error for a failed call, with a message a researcher can act on.
+
+    `tls` and `client_certificate` say how the channel was made (TLS; a client certificate
+    presented), so that a failed connection can be explained."""
     code, details, trailers = status_of(error)
     kw: dict[str, Any] = {"code": code.name, "request_id": request_id}
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -252,17 +305,22 @@ def from_rpc_error(
         hint = f"; retry in {wait:.2f} s" if wait is not None and "retry in" not in details else ""
         return RateLimited(f"{details}{hint}", retry_after=wait, **kw)
     if code == grpc.StatusCode.UNAUTHENTICATED:
+        python, shell = _token_advice(details)
         return AuthenticationError(
-            f"{details} (pass token=..., or set VEIL_TOKEN, with the token the custodian issued)",
+            f"{details}{python}", shell_message=f"{details}{shell}" if shell != python else None,
             **kw,
         )
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(details, **kw)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        retry = f"; retry with request_id={request_id!r} to be charged at most once" if (
-            request_id
-        ) else ""
-        return QueryTimeout(f"{details}{retry}", **kw)
+        if not request_id:
+            return QueryTimeout(details, **kw)
+        return QueryTimeout(
+            f"{details}; retry with request_id={request_id!r} to be charged at most once",
+            shell_message=f"{details}; retry with --request-id {request_id} to be charged at "
+            "most once",
+            **kw,
+        )
     if code == grpc.StatusCode.CANCELLED:
         return Cancelled(details, **kw)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -270,27 +328,95 @@ def from_rpc_error(
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(details, **kw)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return ServerUnavailable(_unavailable_message(details, address, tls, request_id), **kw)
+        python, shell = _unavailable_messages(
+            details, address, tls, client_certificate, request_id
+        )
+        return ServerUnavailable(python, shell_message=shell if shell != python else None, **kw)
     return ServerFault(details, **kw)
 
 
-def _unavailable_message(details: str, address: str, tls: bool, request_id: str | None) -> str:
+def _token_advice(details: str) -> tuple[str, str]:
+    """What to do about a refused token, in Python's words and in the shell's."""
+    lowered = details.lower()
+    if "expired" in lowered or "certificate" in lowered:
+        # The server's message says what to do: a new token from an administrator (`veil admin
+        # rotate CLIENT`), or the token issued to the client the certificate names.
+        return "", ""
+    if "not valid" in lowered:  # unknown, rotated or revoked: another way of passing it won't do
+        replaced = (
+            "a rotated, expired or revoked token needs a new one from the administrator "
+            "(veil admin rotate CLIENT)"
+        )
+        return (
+            f" (check that token=... or {_TOKEN_ENV} holds the latest token issued to you; "
+            f"{replaced})",
+            f" (check that {_TOKEN_ENV} or --token-file holds the latest token issued to you; "
+            f"{replaced})",
+        )
+    return (
+        f" (pass token=..., or set {_TOKEN_ENV}, with the token the custodian issued)",
+        f" (set {_TOKEN_ENV} or pass --token-file FILE, with the token the custodian issued)",
+    )
+
+
+_TOKEN_ENV = "VEIL_TOKEN"
+_CA_CERT_ENV = "VEIL_CA_CERT"
+
+
+def _unavailable_messages(
+    details: str, address: str, tls: bool, client_certificate: bool, request_id: str | None
+) -> tuple[str, str]:
+    """The message for an unavailable server, in Python's words and in the shell's."""
     lowered = details.lower()
     where = f" at {address}" if address else ""
     if any(s in lowered for s in ("failed to connect", "connection refused", "dns resolution")):
         message = f"cannot reach the veil server{where}: {details}"
     else:
         message = f"the veil server{where} is unavailable: {details}"
-    if tls and any(s in lowered for s in ("ssl", "handshake", "tls", "certificate")):
-        message += (
-            " (the TLS handshake failed: check the CA certificate, or connect with tls=False "
-            "if this server does not use TLS)"
+    python = shell = message
+    closed = any(s in lowered for s in _SOCKET_CLOSED)
+    if tls and "wrong_version_number" in lowered:
+        python += " (the TLS handshake failed: this server may not use TLS; connect with tls=False)"
+        shell += " (the TLS handshake failed: this server may not use TLS; pass --no-tls)"
+    elif tls and "hostname verification" in lowered:
+        note = " (the TLS handshake failed: the server's certificate does not name this host"
+        python += f"{note}; connect with client.TLS(server_name=...) naming the host it does)"
+        shell += f"{note}; use the host name the certificate was issued for)"
+    elif tls and is_handshake_failure(details):
+        python += (
+            f" (the TLS handshake failed: check the CA certificate (tls='ca.pem' or "
+            f"{_CA_CERT_ENV}), or connect with tls=False if this server does not use TLS)"
         )
-    elif not tls and any(s in lowered for s in ("socket closed", "connection reset", "eof")):
-        message += " (if this server uses TLS, connect with tls=True)"
+        shell += (
+            f" (the TLS handshake failed: check the CA certificate (--ca-cert PEM or "
+            f"{_CA_CERT_ENV}), or pass --no-tls if this server does not use TLS)"
+        )
+    elif tls and closed and not client_certificate:
+        python += (
+            " (the server may require a client certificate: connect with "
+            "tls=client.TLS(ca_cert=..., client_cert=..., client_key=...))"
+        )
+        shell += (
+            " (the server may require a client certificate: pass --client-cert PEM and "
+            "--client-key PEM)"
+        )
+    elif tls and closed:
+        note = (
+            " (the server may not accept this client certificate: it takes only certificates "
+            "signed by the CA it trusts for clients"
+        )
+        python += f"{note}; check client_cert and client_key)"
+        shell += f"{note}; check --client-cert and --client-key)"
+    elif not tls and closed:
+        python += " (if this server uses TLS, connect with tls=True)"
+        shell += (
+            f" (if this server uses TLS, pass --tls, with --ca-cert PEM or {_CA_CERT_ENV} "
+            f"for a private CA)"
+        )
     if request_id:
-        message += f"; nothing was charged, retry with request_id={request_id!r}"
-    return message
+        python += f"; nothing was charged, retry with request_id={request_id!r}"
+        shell += f"; nothing was charged, retry with --request-id {request_id}"
+    return python, shell
 
 
 __all__ = [
@@ -310,4 +436,5 @@ __all__ = [
     "UnsupportedSQL",
     "VeilError",
     "from_rpc_error",
+    "is_handshake_failure",
 ]

@@ -408,3 +408,44 @@ def test_a_missing_token_names_the_shells_ways_to_give_one(
     assert code == 4 and _one_line(err) == f"veil: the token file {empty} is empty"
     code, _, err = veil(capsys, "admin", "list")
     assert code == 4 and "set VEIL_TOKEN or pass --token-file" in _one_line(err)
+
+
+def test_an_expired_or_revoked_token_is_not_told_to_pass_the_token_again(
+    live: LiveServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from server.auth import hash_token
+
+    monkeypatch.setenv("VEIL_SERVER", address(live))
+    expired_id, expired = add_researcher(live)
+    live.ledger.set_token_hash(expired_id, hash_token(expired),
+                               expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    with client.connect(address(live), token=expired) as veil_client, pytest.raises(
+        client.AuthenticationError
+    ) as raised:
+        veil_client.budget()
+    assert str(raised.value).endswith(f"(veil admin rotate {expired_id})")
+    assert "token=" not in str(raised.value) and "VEIL_TOKEN" not in str(raised.value)
+    monkeypatch.setenv("VEIL_TOKEN", expired)
+    code, _, err = veil(capsys, "budget", "-q")
+    assert code == 4 and _one_line(err).endswith(f"(veil admin rotate {expired_id})")
+
+    revoked_id, revoked = add_researcher(live)
+    live.ledger.revoke(revoked_id, reason="left")
+    with client.connect(address(live), token=revoked) as veil_client, pytest.raises(
+        client.AuthenticationError
+    ) as raised:
+        veil_client.budget()
+    assert "token=... or VEIL_TOKEN holds the latest token issued to you" in str(raised.value)
+    assert "needs a new one from the administrator (veil admin rotate CLIENT)" in str(
+        raised.value)
+    monkeypatch.setenv("VEIL_TOKEN", revoked)
+    code, _, err = veil(capsys, "budget", "-q")
+    assert code == 4 and "token=" not in err
+    assert "check that VEIL_TOKEN or --token-file holds the latest token" in _one_line(err)
+    assert "needs a new one from the administrator (veil admin rotate CLIENT)" in err
+
+    # No token at all: the shell's ways to give one, not Python's.
+    code, _, err = veil(capsys, "budget", "-q", "--token", "")
+    assert code == 4 and "token=" not in err
