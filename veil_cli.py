@@ -1,15 +1,21 @@
 """The `veil` command: one entry point that hands each subcommand to the package that owns it.
 
 Subcommand modules are imported only when used, so `veil query` (client) needs neither DuckDB
-nor OpenDP, while `veil load` (engine) needs no gRPC.
+nor OpenDP, while `veil load` (engine) needs no gRPC. A command piped into `head` ends quietly
+when `head` has read enough.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+# What a command whose standard output was closed early (`| head`) exits with: it did not print
+# all it had, and it says nothing more about it.
+EXIT_BROKEN_PIPE = 1
 
 # command -> (module, function that adds the command's parser, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,7 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = args_list[0] if args_list and not args_list[0].startswith("-") else None
     parser = build_parser(first if first in COMMANDS else None)
     args = parser.parse_args(args_list)
-    result: int = args.handler(args)
+    try:
+        result: int = args.handler(args)
+        sys.stdout.flush()  # inside the guard: a reader gone early fails this flush too
+    except BrokenPipeError:
+        # The reader (`veil ledger report LEDGER | head`) took what it wanted and closed the
+        # pipe. Python flushes standard output again at exit and would report that failure as
+        # well, so it is pointed at devnull first (the recipe of Python's signal docs).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return result
 
 

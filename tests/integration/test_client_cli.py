@@ -449,3 +449,17 @@ def test_an_expired_or_revoked_token_is_not_told_to_pass_the_token_again(
     # No token at all: the shell's ways to give one, not Python's.
     code, _, err = veil(capsys, "budget", "-q", "--token", "")
     assert code == 4 and "token=" not in err
+
+
+def test_commands_piped_into_head_end_quietly(live: LiveServer) -> None:
+    from tests.unit.test_cli_pipes import assert_quiet, run_into_closed_pipe
+
+    _, token = add_researcher(live)
+    env = {**os.environ, "VEIL_SERVER": address(live), "VEIL_TOKEN": token}
+    assert_quiet(*run_into_closed_pipe("codebook", env=env))
+    assert_quiet(*run_into_closed_pipe("codebook", "--format", "csv", env=env))
+    assert_quiet(*run_into_closed_pipe(
+        "query", "--count", "--by", "gender,ageBroad", "--epsilon", "0.1", "--format", "csv",
+        "-q", env=env,
+    ))
+    assert_quiet(*run_into_closed_pipe("releases", env=env))
