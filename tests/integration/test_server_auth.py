@@ -348,3 +348,19 @@ def test_tls_and_mutual_tls(tmp_path: Path, certificates: Path) -> None:
         assert _secure_call(unbound.port, certificates, token, cert="bob") == grpc.StatusCode.OK
     finally:
         unbound.stop()
+
+
+# ---- the ledger a server starts on ---------------------------------------------------------------
+
+
+def test_a_file_that_is_not_a_ledger_is_named(tmp_path: Path) -> None:
+    from engine.errors import LedgerUnavailableError
+
+    notes = tmp_path / "ledger.sqlite"  # where start_live's config puts the ledger
+    notes.write_text("these are notes, not a ledger\n" * 200)
+    with pytest.raises(LedgerUnavailableError) as raised:
+        start_live(tmp_path).stop()
+    assert str(raised.value) == (
+        f"cannot open the ledger {notes.absolute()}: the file is not a ledger database "
+        "(SQLITE_NOTADB)"
+    )
