@@ -350,7 +350,7 @@ def test_tls_and_mutual_tls(tmp_path: Path, certificates: Path) -> None:
         unbound.stop()
 
 
-# ---- the ledger a server starts on ---------------------------------------------------------------
+# ---- a file that is not a ledger -----------------------------------------------------------------
 
 
 def test_a_file_that_is_not_a_ledger_is_named(tmp_path: Path) -> None:
@@ -364,3 +364,18 @@ def test_a_file_that_is_not_a_ledger_is_named(tmp_path: Path) -> None:
         f"cannot open the ledger {notes.absolute()}: the file is not a ledger database "
         "(SQLITE_NOTADB)"
     )
+
+
+def test_the_ledger_commands_name_a_file_that_is_not_a_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import veil_cli
+
+    (tmp_path / "notes.sqlite").write_text("these are notes, not a ledger\n" * 200)
+    monkeypatch.chdir(tmp_path)
+    for command in ("report", "verify"):
+        assert veil_cli.main(["ledger", command, "notes.sqlite"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: cannot read the ledger {tmp_path / 'notes.sqlite'}: the file is not a "
+            "ledger database (SQLITE_NOTADB)\n"
+        )
