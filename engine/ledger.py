@@ -484,7 +484,14 @@ _SQLITE_REASONS = {
 }
 
 
-def _unavailable(exc: sqlite3.Error, what: str, *, busy_timeout: float) -> LedgerUnavailableError:
+def _unavailable(
+    exc: sqlite3.Error, what: str, *, busy_timeout: float, releasing: bool = True
+) -> LedgerUnavailableError:
+    """The ledger's words for a failed SQLite call while it was doing `what`.
+
+    `releasing`: the call served a request, so the caller is told nothing was released (opening
+    the ledger at start serves none).
+    """
     code = getattr(exc, "sqlite_errorcode", None)
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
     primary = code & 0xFF if isinstance(code, int) else None
@@ -493,11 +500,16 @@ def _unavailable(exc: sqlite3.Error, what: str, *, busy_timeout: float) -> Ledge
     elif primary == sqlite3.SQLITE_CONSTRAINT:
         return LedgerIntegrityError(
             f"cannot {what}: the ledger refused a change that would break its integrity "
-            f"({exc}); nothing was released"
+            f"({exc}){_NOTHING_RELEASED if releasing else ''}"
         )
     else:
         reason = _SQLITE_REASONS.get(primary or -1, f"the ledger database failed ({exc})")
-    return LedgerUnavailableError(f"cannot {what}: {reason} ({name}); nothing was released")
+    return LedgerUnavailableError(
+        f"cannot {what}: {reason} ({name}){_NOTHING_RELEASED if releasing else ''}"
+    )
+
+
+_NOTHING_RELEASED = "; nothing was released"
 
 
 @dataclass(frozen=True)
@@ -727,14 +739,18 @@ class Ledger:
         try:
             if not path.exists():
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            conn = ledger._conn()
+            # Opening is done at start, for the custodian: the errors name the file.
+            what = f"open the ledger {path}"
+            conn = ledger._conn(what, releasing=False)
             try:
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             except sqlite3.Error as exc:
-                raise _unavailable(exc, "open the ledger", busy_timeout=busy_timeout) from exc
+                raise _unavailable(
+                    exc, what, busy_timeout=busy_timeout, releasing=False
+                ) from exc
             if str(mode).lower() != "wal":
                 raise LedgerUnavailableError(
-                    f"cannot open the ledger: SQLite refused WAL journaling (mode {mode})"
+                    f"cannot {what}: SQLite refused WAL journaling (mode {mode})"
                 )
             ledger._write("open the ledger", lambda c: ledger._open_in(c, default_cap, actor))
         except BaseException:
@@ -760,12 +776,13 @@ class Ledger:
             wait_timeout=0.0,
             lock_fd=None,
         )
+        what = f"read the ledger {path}"
         try:
-            with ledger._snapshot("read the ledger") as conn:
+            with ledger._snapshot(what, releasing=False) as conn:
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as exc:
             ledger.close()
-            raise _unavailable(exc, "read the ledger", busy_timeout=busy_timeout) from exc
+            raise _unavailable(exc, what, busy_timeout=busy_timeout, releasing=False) from exc
         except BaseException:
             ledger.close()
             raise
@@ -909,7 +926,7 @@ class Ledger:
 
     # ---- connections and transactions --------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, what: str = "open the ledger", *, releasing: bool = True) -> sqlite3.Connection:
         if self._closed:
             raise LedgerUnavailableError("the ledger is closed; nothing was released")
         if self._stopped is not None:
@@ -939,7 +956,9 @@ class Ledger:
                 conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
-            raise _unavailable(exc, "open the ledger", busy_timeout=self._busy_timeout) from exc
+            raise _unavailable(
+                exc, what, busy_timeout=self._busy_timeout, releasing=releasing
+            ) from exc
         self._local.conn = conn
         with self._connections_lock:
             self._connections.append(conn)
@@ -1022,17 +1041,21 @@ class Ledger:
         return result
 
     @contextlib.contextmanager
-    def _snapshot(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _snapshot(self, what: str, *, releasing: bool = True) -> Iterator[sqlite3.Connection]:
         """A read transaction: everything read inside it is one consistent state."""
-        conn = self._conn()
+        conn = self._conn(what, releasing=releasing)
         try:
             conn.execute("BEGIN")
         except sqlite3.Error as exc:
-            raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+            raise _unavailable(
+                exc, what, busy_timeout=self._busy_timeout, releasing=releasing
+            ) from exc
         try:
             yield conn
         except sqlite3.Error as exc:
-            raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+            raise _unavailable(
+                exc, what, busy_timeout=self._busy_timeout, releasing=releasing
+            ) from exc
         finally:
             self._roll_back(conn)
 

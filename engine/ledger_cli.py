@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 from engine.errors import VeilError
@@ -65,26 +64,13 @@ def add_ledger_command(subparsers: Any) -> argparse.ArgumentParser:
     return ledger  # type: ignore[no-any-return]
 
 
-def _naming_path(error: VeilError, path: str) -> str:
-    """The error's message naming the ledger file ("the file is not a ledger database" alone
-    does not say which), without the release-time "nothing was released"."""
-    absolute = str(Path(path).absolute())
-    text = str(error).removesuffix("; nothing was released")
-    if absolute in text:
-        return text
-    prefix = "cannot read the ledger"
-    if text.startswith(prefix):
-        return f"{prefix} {absolute}{text[len(prefix):]}"
-    return f"ledger {absolute}: {text}"
-
-
 def run_verify(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         with Ledger.open_readonly(args.ledger) as ledger:
             result = ledger.verify(expect_head=args.expect_head)
     except VeilError as exc:
-        print(f"error: {_naming_path(exc, args.ledger)}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_dict(), indent=2), file=out)
@@ -102,7 +88,7 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             report = ledger.report()
             releases = ledger.releases() if args.releases else []
     except VeilError as exc:
-        print(f"error: {_naming_path(exc, args.ledger)}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         data = report.to_dict()

@@ -90,22 +90,6 @@ class Accounts(Protocol):
     def close(self) -> None: ...
 
 
-def _naming_path(error: LedgerUnavailableError, path: Path) -> LedgerUnavailableError:
-    """`error` naming the ledger file, so that the custodian knows which file the config's
-    `ledger` points at ("the file is not a ledger database" alone does not say)."""
-    text = str(error)
-    if str(path) in text:
-        return error
-    # The ledger's own words are for a failed release; the server has released nothing yet.
-    text = text.removesuffix("; nothing was released")
-    prefix = "cannot open the ledger"
-    if text.startswith(prefix):
-        text = f"{prefix} {path}{text[len(prefix):]}"
-    else:
-        text = f"ledger {path}: {text}"
-    return type(error)(text)
-
-
 class LedgerAccounts:
     """`Accounts` backed by the durable ledger (`engine.ledger.Ledger`)."""
 
@@ -132,21 +116,15 @@ class LedgerAccounts:
             raise LedgerUnavailableError(
                 "the ledger needs a dataset-wide cap: set caps.dataset in the config"
             )
-        try:
-            ledger = Ledger.open(
-                path,
-                accounting=settings.accounting,
-                dataset_cap=caps.dataset,
-                dataset=dataset,
-                data_version=data_version,
-                wait_timeout=wait_timeout,
-                actor=LOCAL_ACTOR,
-            )
-        except LedgerUnavailableError as exc:
-            named = _naming_path(exc, Path(path).absolute())
-            if named is exc:
-                raise
-            raise named from exc
+        ledger = Ledger.open(
+            path,
+            accounting=settings.accounting,
+            dataset_cap=caps.dataset,
+            dataset=dataset,
+            data_version=data_version,
+            wait_timeout=wait_timeout,
+            actor=LOCAL_ACTOR,
+        )
         try:
             for institution, cap in caps.institutions.items():
                 if ledger.budget("institution", institution).cap != parse_amount(cap):
