@@ -31,15 +31,8 @@ from typing import Any, TextIO
 
 from client import errors
 from client.codebook import Codebook
-from client.connection import (
-    ADDRESS_ENV,
-    CA_CERT_ENV,
-    DEFAULT_ADDRESS,
-    TLS,
-    TOKEN_ENV,
-    Client,
-    Retry,
-)
+from client.connection import ADDRESS_ENV, DEFAULT_ADDRESS, TLS, Client, Retry
+from client.errors import CA_CERT_ENV, TOKEN_ENV
 from client.query import Filter, In, Query, conditions
 from client.results import Release
 

@@ -36,6 +36,8 @@ import grpc
 from client import query as q
 from client.codebook import Codebook, Deployment, Item, item_from_pb
 from client.errors import (
+    CA_CERT_ENV,
+    TOKEN_ENV,
     AuthenticationError,
     InvalidQuery,
     PermissionDenied,
@@ -53,8 +55,6 @@ log = logging.getLogger("veil.client")
 
 DEFAULT_ADDRESS = "localhost:50051"
 ADDRESS_ENV = "VEIL_SERVER"
-TOKEN_ENV = "VEIL_TOKEN"
-CA_CERT_ENV = "VEIL_CA_CERT"
 _MAX_MESSAGE = 256 * 1024 * 1024
 
 T = TypeVar("T")

@@ -30,6 +30,10 @@ BUDGET_SCOPE_KEY = "veil-budget-scope"
 BUDGET_REMAINING_KEY = "veil-budget-remaining"
 VARIABLE_KEY = "veil-variable"
 RETRY_AFTER_KEY = "retry-after"
+# The environment variables the client reads (see client.connection); named here, the module
+# every other imports, so that messages can name them too.
+TOKEN_ENV = "VEIL_TOKEN"
+CA_CERT_ENV = "VEIL_CA_CERT"
 
 
 class VeilError(Exception):
@@ -348,19 +352,17 @@ def _token_advice(details: str) -> tuple[str, str]:
             "(veil admin rotate CLIENT)"
         )
         return (
-            f" (check that token=... or {_TOKEN_ENV} holds the latest token issued to you; "
+            f" (check that token=... or {TOKEN_ENV} holds the latest token issued to you; "
             f"{replaced})",
-            f" (check that {_TOKEN_ENV} or --token-file holds the latest token issued to you; "
+            f" (check that {TOKEN_ENV} or --token-file holds the latest token issued to you; "
             f"{replaced})",
         )
     return (
-        f" (pass token=..., or set {_TOKEN_ENV}, with the token the custodian issued)",
-        f" (set {_TOKEN_ENV} or pass --token-file FILE, with the token the custodian issued)",
+        f" (pass token=..., or set {TOKEN_ENV}, with the token the custodian issued)",
+        f" (set {TOKEN_ENV} or pass --token-file FILE, with the token the custodian issued)",
     )
 
 
-_TOKEN_ENV = "VEIL_TOKEN"
-_CA_CERT_ENV = "VEIL_CA_CERT"
 
 
 def _unavailable_messages(
@@ -385,11 +387,11 @@ def _unavailable_messages(
     elif tls and is_handshake_failure(details):
         python += (
             f" (the TLS handshake failed: check the CA certificate (tls='ca.pem' or "
-            f"{_CA_CERT_ENV}), or connect with tls=False if this server does not use TLS)"
+            f"{CA_CERT_ENV}), or connect with tls=False if this server does not use TLS)"
         )
         shell += (
             f" (the TLS handshake failed: check the CA certificate (--ca-cert PEM or "
-            f"{_CA_CERT_ENV}), or pass --no-tls if this server does not use TLS)"
+            f"{CA_CERT_ENV}), or pass --no-tls if this server does not use TLS)"
         )
     elif tls and closed and not client_certificate:
         python += (
@@ -410,7 +412,7 @@ def _unavailable_messages(
     elif not tls and closed:
         python += " (if this server uses TLS, connect with tls=True)"
         shell += (
-            f" (if this server uses TLS, pass --tls, with --ca-cert PEM or {_CA_CERT_ENV} "
+            f" (if this server uses TLS, pass --tls, with --ca-cert PEM or {CA_CERT_ENV} "
             f"for a private CA)"
         )
     if request_id:
