@@ -116,35 +116,25 @@ def parse_condition(text: str) -> Filter:
 def _refuse_glued_comment(text: str) -> None:
     """Refuse a `--` between two words outside quotes: an age band such as 0--8 written without
     quotes reads as 0 and a comment, which would drop the rest of the line without a word."""
-    i, n = 0, len(text)
-    while i < n:
-        char = text[i]
-        if char in "'\"":  # skip a quoted string or name ('' inside doubles the quote)
-            j = i + 1
-            while j < n and not (text[j] == char and text[j + 1:j + 2] != char):
-                j += 2 if text[j] == char else 1
-            i = j + 1
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            i = n if end < 0 else end + 2
-        elif text.startswith("--", i):
-            if i > 0 and _word(text[i - 1]) and i + 2 < n and _word(text[i + 2]):
-                start, end = i, i + 2
-                while start > 0 and _word(text[start - 1]):
-                    start -= 1
-                while end < n and (_word(text[end]) or text[end] == "+"):
-                    end += 1
-                glued = text[start:end]
-                raise UnsupportedSQL(
-                    f"{glued} reads as {text[start:i]} and a comment (-- starts a comment in "
-                    f"SQL, which drops the rest of the line); write the value in single quotes: "
-                    f"{_quoted_text(glued)}",
-                    malformed=True,
-                )
-            end = text.find("\n", i)
-            i = n if end < 0 else end + 1
-        else:
-            i += 1
+    try:
+        tokens = sqlglot.Dialect.get_or_raise("duckdb").tokenize(text)
+    except TokenError:
+        return  # parsing reports it
+    for token in tokens:
+        after = token.end + 1  # where a comment glued to the token would begin
+        glued_to_word = _word(text[token.end]) and _word(text[after + 2 : after + 3])
+        if not (glued_to_word and text.startswith("--", after)):
+            continue
+        start, end = token.start, after + 2
+        while end < len(text) and (_word(text[end]) or text[end] == "+"):
+            end += 1
+        glued = text[start:end]
+        raise UnsupportedSQL(
+            f"{glued} reads as {text[start:after]} and a comment (-- starts a comment in SQL, "
+            f"which drops the rest of the line); write the value in single quotes: "
+            f"{_quoted_text(glued)}",
+            malformed=True,
+        )
 
 
 def _word(char: str) -> bool:
