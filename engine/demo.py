@@ -103,12 +103,16 @@ def run_demo(args: argparse.Namespace) -> int:
             f"k = {engine.settings.k}, beta = {engine.settings.beta}\n"
         )
         for title, query, epsilon in TABLES:
+            loss = PrivacyLoss.pure(epsilon)
             release = engine.release(
                 query,
-                loss=PrivacyLoss.pure(epsilon),
+                loss=loss,
                 charger=ledger,
                 client=RESEARCHER,
-                request_id=f"demo:{title}:{epsilon}",
+                # Named by what is asked (the fingerprint carries the codebook and the
+                # suppression rule), so that a rerun replays and a ledger left by another
+                # build never holds the id for another question.
+                request_id=f"demo:{engine.plan(query, loss=loss).fingerprint}:{epsilon}",
             )
             _print_release(title, release)
         # Asking again is free: the stored release comes back, with the same noise.

@@ -23,3 +23,31 @@ def test_demo_releases_every_table_charges_once_and_verifies(
     second = capsys.readouterr().out
     assert "spent 4.5, cap 20" in second
     assert "generated" not in second
+
+
+def test_demo_reruns_on_a_ledger_another_build_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.backend import DuckDBBackend
+    from engine.codebook import default_codebook
+    from engine.demo import RESEARCHER, TABLES
+    from engine.engine import Engine
+    from engine.ledger import Ledger
+    from engine.loss import Accounting, PrivacyLoss
+    from engine.query import Count, Query
+
+    assert veil_cli.main(["demo", "--rows", "3000", "--workdir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    # An older build named its requests by title: the same ids, held for other questions.
+    engine = Engine(DuckDBBackend(next(tmp_path.glob("*.duckdb"))), codebook=default_codebook())
+    with Ledger.open(
+        tmp_path / "ledger.sqlite", accounting=Accounting.PURE_DP, dataset_cap=50,
+        dataset=engine.dataset,
+    ) as ledger:
+        for title, _, epsilon in TABLES:
+            engine.release(
+                Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.01"), charger=ledger,
+                client=RESEARCHER, request_id=f"demo:{title}:{epsilon}",
+            )
+    assert veil_cli.main(["demo", "--rows", "3000", "--workdir", str(tmp_path)]) == 0
+    assert "chain intact" in capsys.readouterr().out
