@@ -166,7 +166,7 @@ class Engine:
 
         The result is not a release: only a charger's commit turns it into one.
         """
-        noise = NoiseAhead(plan.mechanisms, plan.group_cells)
+        noise = NoiseAhead(plan.mechanisms, plan.vector_sizes)
         try:
             exact = self._true_components(plan, cancel=cancel)
             # A call cancelled while a large draw runs stops the draw, not only the scan.
@@ -191,11 +191,14 @@ class Engine:
             raw = result[f"k{columns.index(dimension.variable.name)}"]
             cell = cell * dimension.size + key_positions(dimension, raw)
         vectors = []
-        for position in range(len(plan.components)):
-            dense = np.zeros(plan.group_cells, dtype=np.int64)
-            # Several groups land in one cell when a derived dimension merges source codes.
-            np.add.at(dense, cell, np.asarray(result[f"c{position}"], dtype=np.int64))
-            vectors.append(dense)
+        column = 0
+        for component in plan.components:
+            dense = np.zeros((component.blocks, plan.group_cells), dtype=np.int64)
+            for block in dense:
+                # Several groups land in one cell when a derived dimension merges source codes.
+                np.add.at(block, cell, np.asarray(result[f"c{column}"], dtype=np.int64))
+                column += 1
+            vectors.append(dense.reshape(-1))
         return vectors
 
     def release(

@@ -90,14 +90,16 @@ class NoiseAhead:
     the cores busy drawing noise nobody receives.
     """
 
-    def __init__(self, mechanisms: Sequence[Mechanism], size: int) -> None:
+    def __init__(self, mechanisms: Sequence[Mechanism], sizes: Sequence[int]) -> None:
+        if len(sizes) != len(mechanisms):
+            raise ValueError("one vector size per mechanism")
         self._stop = threading.Event()
         self._taken = False
-        self._future = _ahead_pool().submit(self._draw, tuple(mechanisms), size)
+        self._future = _ahead_pool().submit(self._draw, tuple(mechanisms), tuple(sizes))
 
-    def _draw(self, mechanisms: tuple[Mechanism, ...], size: int) -> list[np.ndarray]:
+    def _draw(self, mechanisms: tuple[Mechanism, ...], sizes: tuple[int, ...]) -> list[np.ndarray]:
         out = []
-        for mechanism in mechanisms:
+        for mechanism, size in zip(mechanisms, sizes, strict=True):
             chunks = []
             for start in range(0, size, AHEAD_CHUNK):
                 if self._stop.is_set():
@@ -117,9 +119,14 @@ class NoiseAhead:
             noise = self._future.result()
         except CancelledError as exc:  # discarded before its draw began
             raise QueryCancelledError("the answer was abandoned; its noise was discarded") from exc
-        return [
-            np.ascontiguousarray(v, dtype=np.int64) + z for v, z in zip(exact, noise, strict=True)
-        ]
+        noisy = []
+        for values, z in zip(exact, noise, strict=True):
+            values = np.ascontiguousarray(values, dtype=np.int64)
+            if values.shape != z.shape:
+                # numpy would broadcast one draw over several entries: never share a draw.
+                raise ValueError(f"{values.size} values for {z.size} draws of noise")
+            noisy.append(values + z)
+        return noisy
 
     def discard(self) -> None:
         """The answer will not be made: stop drawing, and never hand this noise out."""

@@ -188,17 +188,21 @@ def _combine(
 
 @dataclass(frozen=True)
 class Component:
-    """One noisy integer vector over the cells: a count, a flag's count, or a clamped sum.
+    """One noisy integer vector, drawn by one mechanism: a count, a flag's count, a clamped sum,
+    or a split count.
 
-    `thresholded` components are counts that decide suppression; `sensitivity` is the most one
-    privacy unit can change any of its entries in L1, from the query's shape.
+    The vector holds `blocks` consecutive blocks of one entry per cell. A split count has two:
+    each cell's records that meet a condition, then the rest of the cell's records. `thresholded`
+    components are counts that decide suppression; `sensitivity` is the most one privacy unit can
+    change the whole vector in L1 (and so in L2), from the query's shape.
     """
 
     name: str
-    aggregate: str  # "count", "flag", "count_where", "sum_shifted", "count_present"
+    aggregate: str  # "count", "flag", "count_split", "sum_shifted", "count_present"
     sensitivity: int
     thresholded: bool
     argument: Any = None  # flag variable, canonical condition, or summed variable
+    blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,11 @@ class Plan:
     def cells(self) -> int:
         """Rows of the release: group cells, times flags for a flag-set measure."""
         return self.group_cells * max(1, len(self.flag_names))
+
+    @property
+    def vector_sizes(self) -> tuple[int, ...]:
+        """The length of each component's vector: its blocks of one entry per group cell."""
+        return tuple(self.group_cells * c.blocks for c in self.components)
 
     @property
     def measured_loss(self) -> Fraction:
@@ -283,11 +292,13 @@ def _components(query: Query, codebook: Codebook, canon: _Canonicaliser) -> list
         flag_set = codebook.flag_set(measure.flag_set)
         return [Component(flag, "flag", unit, True, flag) for flag in flag_set.flags]
     if isinstance(measure, Proportion):
+        # One vector [N, C]: each cell's records that meet the condition (N), then the rest (C =
+        # the cell's count minus N). Every record lands in exactly one entry, so a person moves
+        # the whole vector by at most `unit`, as a count does: one mechanism at the full loss
+        # draws it, half the noise of drawing N and the cell's count at half the loss each. The
+        # cell's count is released as N + C, after the noise.
         condition = canon.visit(measure.condition)
-        return [
-            Component("numerator", "count_where", unit, True, condition),
-            Component("denominator", "count", unit, True),
-        ]
+        return [Component("split", "count_split", unit, True, condition, blocks=2)]
     variable = _numeric(codebook, measure.variable)
     assert variable.low is not None and variable.high is not None
     return [

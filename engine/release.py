@@ -162,16 +162,22 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
             keys = {name: pa.concat_arrays([col] * len(flags)) for name, col in keys.items()}
             keys["flag"] = pa.array(np.repeat(np.array(flags, dtype=object), n), type=pa.string())
     elif isinstance(measure, Proportion):
-        level = bonferroni_level(settings.confidence, 2)
-        q = count_dist.quantile_abs(level)
-        numerator, denominator = noisy
+        # One noisy vector: the records meeting the condition (N'), then the rest (C').
+        (split,) = noisy
+        if split.size != 2 * n:
+            raise ValueError(f"a proportion's vector holds 2 x {n} values, not {split.size}")
+        numerator, rest = split[:n], split[n:]
+        denominator = numerator + rest
+        # N' passing tau bounds the chance of publishing a cell of fewer than k records (its N
+        # is fewer still), whatever the wider noise of N' + C'; D' must pass too.
         published = publishable(numerator, tau) & publishable(denominator, tau)
-        safe = np.maximum(denominator, 1).astype(float)
-        ratio = np.clip(numerator / safe, 0.0, 1.0)
+        ratio = np.clip(numerator / np.maximum(denominator, 1).astype(float), 0.0, 1.0)
         value = _withheld(ratio, published, pa.float64())
-        low = np.clip(np.maximum(numerator - q, 0) / (denominator + q).clip(min=1), 0.0, 1.0)
-        shrunk = (denominator - q).astype(float)
-        high = np.where(shrunk > 0, np.clip((numerator + q) / np.maximum(shrunk, 1), 0, 1), 1.0)
+        # N / (N + C) grows with N and shrinks with C: its interval's ends take each count's
+        # opposite ends, the two intervals joined by the union bound.
+        q = count_dist.quantile_abs(bonferroni_level(settings.confidence, 2))
+        low = _share(np.maximum(numerator - q, 0), np.maximum(rest + q, 0), empty=0.0)
+        high = _share(np.maximum(numerator + q, 0), np.maximum(rest - q, 0), empty=1.0)
     else:
         assert isinstance(measure, (Sum, Mean))
         shifted, present = noisy
@@ -229,6 +235,12 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         suppressed_cells=int(mask.sum()),
     )
     return Answer(table, metadata)
+
+
+def _share(meets: np.ndarray, rest: np.ndarray, *, empty: float) -> np.ndarray:
+    """meets / (meets + rest) of non-negative counts; `empty` where both are zero."""
+    total = meets + rest
+    return np.where(total > 0, meets / np.maximum(total, 1), empty)
 
 
 def _withheld(values: np.ndarray, published: np.ndarray, kind: pa.DataType) -> pa.Array:

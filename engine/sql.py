@@ -4,8 +4,9 @@ One statement per query. Identifiers come from the codebook (checked to be plain
 value is a bound parameter. The statement groups by the stored columns the plan's dimensions read
 (`group_columns`), as a hand-written GROUP BY would, and returns for each non-empty group the raw
 key of each column (k0, k1, ...: the ENUM's code, the flag, or the integer; NULL for missing) and
-one integer per component (c0, c1, ...). The engine maps keys to cells of the public domain and
-densifies, so the set of rows DuckDB returns never shapes the release.
+one integer per block of each component, in the plan's order (c0, c1, ...). The engine maps keys
+to cells of the public domain and densifies, so the set of rows DuckDB returns never shapes the
+release.
 """
 
 from __future__ import annotations
@@ -76,13 +77,21 @@ class _Builder:
             return f"({column} IS NULL OR {present})"
         return f"({present})"
 
+    def aggregates(self, component: Component) -> list[str]:
+        """One expression per block of the component's vector."""
+        if component.aggregate == "count_split":
+            # The rest as count(*) minus the matches: exact whatever the condition makes of
+            # missing values, where counting NOT (condition) would skip rows it finds NULL.
+            meets = f"count(*) FILTER (WHERE {self.condition(component.argument)})"
+            again = f"count(*) FILTER (WHERE {self.condition(component.argument)})"
+            return [meets, f"count(*) - {again}"]
+        return [self.aggregate(component)]
+
     def aggregate(self, component: Component) -> str:
         if component.aggregate == "count":
             return "count(*)"
         if component.aggregate == "flag":
             return f"count_if({quote(component.argument)} = 1)"
-        if component.aggregate == "count_where":
-            return f"count(*) FILTER (WHERE {self.condition(component.argument)})"
         variable: Variable = component.argument
         column = quote(variable.name)
         if component.aggregate == "count_present":
@@ -112,7 +121,8 @@ def build(plan: Plan) -> Statement:
     columns = group_columns(plan)
     # Parameters bind in text order: keys, aggregates, then the WHERE clause.
     keys = [f"{builder.key(v)} AS k{i}" for i, v in enumerate(columns)]
-    aggregates = [f"{builder.aggregate(c)} AS c{i}" for i, c in enumerate(plan.components)]
+    expressions = [e for c in plan.components for e in builder.aggregates(c)]
+    aggregates = [f"{e} AS c{i}" for i, e in enumerate(expressions)]
     where = builder.condition(plan.where)
     text = f"SELECT {', '.join([*keys, *aggregates])} FROM {_source(plan.codebook)}"
     if where != "TRUE":

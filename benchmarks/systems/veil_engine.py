@@ -212,9 +212,10 @@ class Sampler(_Path):
     def prepare(self, query: WorkloadQuery) -> None:
         plan = self.shared.plan(query)
         self._work = [
-            (m.measurement, np.zeros(plan.group_cells, dtype=np.int64)) for m in plan.mechanisms
+            (m.measurement, np.zeros(size, dtype=np.int64))
+            for m, size in zip(plan.mechanisms, plan.vector_sizes, strict=True)
         ]
-        self._cells = plan.group_cells * len(plan.mechanisms)
+        self._cells = sum(plan.vector_sizes)
 
     def run(self, query: WorkloadQuery) -> float:
         start = time.perf_counter()

@@ -132,8 +132,8 @@ def test_noise_drawn_ahead_is_fresh_additive_noise_of_each_mechanism() -> None:
         calibrate(Accounting.ZCDP, sensitivity=1, budget=Fraction(2)),
     ]
     true = [np.arange(DRAWS, dtype=np.int64) * 7, np.full(DRAWS, 10**9, dtype=np.int64)]
-    first = NoiseAhead(mechanisms, DRAWS).add_to(true)
-    second = NoiseAhead(mechanisms, DRAWS).add_to(true)
+    first = NoiseAhead(mechanisms, [DRAWS, DRAWS]).add_to(true)
+    second = NoiseAhead(mechanisms, [DRAWS, DRAWS]).add_to(true)
     for mechanism, values, one, two in zip(mechanisms, true, first, second, strict=True):
         assert draws_match(one - values, mechanism.distribution)
         assert draws_match(two - values, mechanism.distribution)
@@ -157,7 +157,7 @@ class _Gated:
 
 def test_discarded_noise_stops_within_a_chunk_and_is_never_handed_out() -> None:
     gated = _Gated()
-    ahead = NoiseAhead([gated], 100 * noise.AHEAD_CHUNK)  # type: ignore[list-item]
+    ahead = NoiseAhead([gated], [100 * noise.AHEAD_CHUNK])  # type: ignore[list-item]
     assert gated.started.wait(10)  # the draw is under way
     ahead.discard()
     gated.gate.set()
@@ -170,10 +170,20 @@ def test_discarded_noise_stops_within_a_chunk_and_is_never_handed_out() -> None:
 
 def test_noise_drawn_ahead_is_added_once() -> None:
     mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1))
-    ahead = NoiseAhead([mechanism], 8)
+    ahead = NoiseAhead([mechanism], [8])
     ahead.add_to([np.zeros(8, dtype=np.int64)])
     with pytest.raises(RuntimeError, match="already"):
         ahead.add_to([np.zeros(8, dtype=np.int64)])
+
+
+def test_noise_drawn_ahead_is_never_spread_over_more_values_than_it_was_drawn_for() -> None:
+    # numpy would add one draw to every entry of a longer vector (broadcasting): correlated
+    # noise, which no privacy map covers. A vector of another length is refused instead.
+    mechanism = calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1))
+    with pytest.raises(ValueError, match="2 values for 1 draws"):
+        NoiseAhead([mechanism], [1]).add_to([np.zeros(2, dtype=np.int64)])
+    with pytest.raises(ValueError, match="one vector size per mechanism"):
+        NoiseAhead([mechanism, mechanism], [1])
 
 
 def test_a_failed_scan_discards_the_noise_drawn_for_it(

@@ -198,16 +198,28 @@ TWO_WORLDS = (
 
 
 def pinned(plan: Plan) -> list[np.ndarray]:
-    """Noisy vectors that do not depend on the data: counts alternate tau, tau - 1, tau + 7."""
+    """Noisy vectors that do not depend on the data: counts alternate tau, tau - 1, tau + 7, and
+    the rest of a split count -8, 5, 0 (so that some cells fail on N' + C' alone)."""
     cells = plan.group_cells
     out = []
     for position, component in enumerate(plan.components):
+        turn = (np.arange(cells) + position) % 3
         if component.thresholded:
-            steps = np.array([0, -1, 7])[(np.arange(cells) + position) % 3]
-            out.append((plan.tau + steps).astype(np.int64))
+            blocks = [plan.tau + np.array([0, -1, 7])[turn], np.array([-8, 5, 0])[turn]]
+            out.append(np.concatenate(blocks[: component.blocks]).astype(np.int64))
         else:
             out.append(np.arange(cells, dtype=np.int64) * 31 - 40)
     return out
+
+
+def built_from(plan: Plan, noisy: list[np.ndarray]) -> list[np.ndarray]:
+    """The noisy counts each published value is built from: a split count's N' and N' + C'."""
+    counts = []
+    for vector, component in zip(noisy, plan.components, strict=True):
+        if component.thresholded:
+            blocks = vector.reshape(component.blocks, plan.group_cells)
+            counts.extend([blocks[0], blocks.sum(axis=0)] if component.blocks == 2 else blocks)
+    return counts
 
 
 @pytest.mark.parametrize("accounting", list(Accounting))
@@ -234,7 +246,7 @@ def test_with_the_noisy_values_pinned_two_different_datasets_release_the_same(
         assert answers[0].metadata == answers[1].metadata, name
         # Suppression read the pinned noisy counts: a cell is published exactly when every
         # count it is built from reaches tau, whatever its true count.
-        counts = [v for v, c in zip(pinned(plan), plan.components, strict=True) if c.thresholded]
+        counts = built_from(plan, pinned(plan))
         if name == "flags":
             expected = np.concatenate(counts) >= plan.tau
         else:

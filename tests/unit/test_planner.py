@@ -213,7 +213,12 @@ def test_sensitivity_and_charge_follow_the_shape() -> None:
     # 18 histograms share epsilon: each flag's noise is 18 times a lone count's.
     assert flags.mechanisms[0].scale == pytest.approx(18 * count.mechanisms[0].scale)
     proportion = plan(Query(Proportion(Eq("isSexualExploit", 1)), by=("gender",)))
-    assert [c.name for c in proportion.components] == ["numerator", "denominator"]
+    # One vector [N, cell count - N], two blocks over the cells, moved by a person as a count is:
+    # drawn at the whole loss, with a lone count's noise.
+    (split,) = proportion.components
+    assert (split.aggregate, split.blocks, split.sensitivity) == ("count_split", 2, 1)
+    assert proportion.vector_sizes == (2 * proportion.group_cells,)
+    assert proportion.mechanisms[0].scale == count.mechanisms[0].scale
     mean = plan(Query(Mean("yearOfRegistration")))
     assert mean.components[0].sensitivity == 2021 - 2002
     for p in (count, flags, proportion, mean):
