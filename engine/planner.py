@@ -295,8 +295,8 @@ def _components(query: Query, codebook: Codebook, canon: _Canonicaliser) -> list
         # One vector [N, C]: each cell's records that meet the condition (N), then the rest (C =
         # the cell's count minus N). Every record lands in exactly one entry, so a person moves
         # the whole vector by at most `unit`, as a count does: one mechanism at the full loss
-        # draws it, half the noise of drawing N and the cell's count at half the loss each. The
-        # cell's count is released as N + C, after the noise.
+        # draws it. Drawing N and the cell's count apart, at half the loss each, gave twice this
+        # noise under pure DP (sqrt 2 times under zCDP). The cell's count is N' + C'.
         condition = canon.visit(measure.condition)
         return [Component("split", "count_split", unit, True, condition, blocks=2)]
     variable = _numeric(codebook, measure.variable)

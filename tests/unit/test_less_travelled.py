@@ -83,6 +83,25 @@ def worst_person(rows_per_person: int, age: int) -> list[dict[str, Any]]:
     )
 
 
+def test_a_proportion_with_a_filter_binds_each_value_where_it_is_written(
+    make_engine: Callable[..., Engine],
+) -> None:
+    # The condition's text appears twice, then WHERE; f2 = 0 differs from f1 = 1, so a value
+    # bound out of text order changes the counts, or fails.
+    rows = (
+        [{"personId": i, "g": "A", "f1": 1, "f2": 0} for i in range(1, 6)]
+        + [{"personId": i, "g": "A", "f1": 0, "f2": 0} for i in range(6, 9)]
+        + [{"personId": i, "g": "B", "f1": None, "f2": 0} for i in range(9, 13)]
+        + [{"personId": i, "g": "B", "f1": 1, "f2": 0} for i in range(13, 15)]
+        + [{"personId": i, "g": "B", "f1": 1, "f2": 1} for i in range(15, 21)]
+    )
+    engine = make_engine(rows, codebook=person_codebook(1))
+    query = Query(Proportion(Eq("f1", 1)), by=("g",), where=Eq("f2", 0))
+    (split,) = engine._true_components(engine.plan(query, loss=LOSSES[Accounting.PURE_DP]))
+    # Cells A, B, C, missing: N, then the rest (a missing f1 is in the rest).
+    assert split.tolist() == [5, 2, 0, 0, 3, 4, 0, 0]
+
+
 @pytest.mark.parametrize("rows_per_person", [1, 3])
 def test_a_worst_case_person_moves_each_component_by_exactly_its_sensitivity(
     make_engine: Callable[..., Engine], rows_per_person: int
