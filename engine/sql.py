@@ -399,8 +399,13 @@ def _load_value(column: LoadColumn, text: str) -> str:
         f"THEN TRY_CAST(split_part({text}, '.', 1) AS BIGINT) END"
     )
     if variable.kind is Kind.FLAG:
-        # Most flag cells are written "0" or "1": skip the pattern for those.
-        return f"CASE {text} WHEN '0' THEN 0 WHEN '1' THEN 1 ELSE {parsed} END"
+        # Most flag cells are written "0" or "1": skip the pattern for those. A boolean column
+        # (Parquet's BOOLEAN reads as "true"/"false"; pandas writes "True"/"False" to CSV) means
+        # the same, and nothing else could be meant by it.
+        return (
+            f"CASE {text} WHEN '0' THEN 0 WHEN '1' THEN 1 ELSE "
+            f"CASE lower({text}) WHEN 'true' THEN 1 WHEN 'false' THEN 0 ELSE {parsed} END END"
+        )
     return parsed
 
 

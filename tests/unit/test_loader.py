@@ -269,7 +269,7 @@ def test_integers_and_flags_are_parsed_exactly(tmp_path: Path) -> None:
         {"yearOfRegistration": "2018.0", "isAbduction": "1.00"},
         {"yearOfRegistration": " 2019 ", "isAbduction": "01"},
         {"yearOfRegistration": "2018.5", "isAbduction": "1.5"},
-        {"yearOfRegistration": "0x7e2", "isAbduction": "true"},
+        {"yearOfRegistration": "0x7e2", "isAbduction": "yes"},
     ]
     database = tmp_path / "numbers.duckdb"
     report = load(ctdc_file(tmp_path / "numbers.csv", rows), database, codebook=CTDC, strict=False)
@@ -281,8 +281,32 @@ def test_integers_and_flags_are_parsed_exactly(tmp_path: Path) -> None:
     ]
     assert report.out_of_domain == {
         "yearOfRegistration": {"0x7e2": 1, "2018.5": 1},
-        "isAbduction": {"1.5": 1, "true": 1},
+        "isAbduction": {"1.5": 1, "yes": 1},
     }
+
+
+def test_a_flag_written_as_a_boolean_loads_as_one_and_zero(tmp_path: Path) -> None:
+    """pandas writes a boolean column as True/False to CSV; Parquet keeps it BOOLEAN."""
+    rows = [
+        {"isAbduction": "True", "isForcedLabour": "false"},
+        {"isAbduction": "FALSE", "isForcedLabour": " true "},
+        {"isAbduction": "-99", "isForcedLabour": "True"},
+    ]
+    source = ctdc_file(tmp_path / "booleans.csv", rows)
+    expected = [(1, 0), (0, 1), (None, 1)]
+    database = load_into(source, tmp_path / "csv.duckdb")  # strict: nothing out of the domain
+    assert records(database, "isAbduction", "isForcedLabour") == expected
+    with source.open(newline="", encoding="utf-8") as handle:
+        header, *body = list(csv.reader(handle))
+    columns = {
+        name: pa.array([row[i] for row in body], pa.string()) for i, name in enumerate(header)
+    }
+    columns["isAbduction"] = pa.array([True, False, None], pa.bool_())
+    columns["isForcedLabour"] = pa.array([False, True, True], pa.bool_())
+    parquet = tmp_path / "booleans.parquet"
+    pq.write_table(pa.table(columns), parquet)
+    database = load_into(parquet, tmp_path / "parquet.duckdb")
+    assert records(database, "isAbduction", "isForcedLabour") == expected
 
 
 def test_the_missing_code_written_as_a_float_is_missing(tmp_path: Path) -> None:
