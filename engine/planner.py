@@ -203,6 +203,7 @@ class Component:
     thresholded: bool
     argument: Any = None  # flag variable, canonical condition, or summed variable
     blocks: int = 1
+    shift: int = 0  # a clamped sum's: taken from every clamped value before summing
 
 
 @dataclass(frozen=True)
@@ -301,8 +302,16 @@ def _components(query: Query, codebook: Codebook, canon: _Canonicaliser) -> list
         return [Component("split", "count_split", unit, True, condition, blocks=2)]
     variable = _numeric(codebook, measure.variable)
     assert variable.low is not None and variable.high is not None
+    low, high = variable.low, variable.high
+    # Each clamped value x is summed as x - shift, so a record moves the sum by at most the
+    # larger of shift - low and high - shift. A mean is shift + sum / count: the range's middle
+    # halves the sum's sensitivity, and the count's noise weighs |mean - shift|, at most half
+    # the range. A sum is shifted sum + shift x count: its spread is the sum's noise plus
+    # |shift| times the count's, least at the point of the range nearest zero.
+    shift = (low + high) // 2 if isinstance(measure, Mean) else min(max(0, low), high)
+    reach = max(shift - low, high - shift)
     return [
-        Component("sum", "sum_shifted", unit * (variable.high - variable.low), False, variable),
+        Component("sum", "sum_shifted", unit * reach, False, variable, shift=shift),
         Component("count", "count_present", unit, True, variable),
     ]
 
@@ -384,4 +393,3 @@ def _canonical_measure(query: Query, components: list[Component]) -> Any:
     kind = "sum" if isinstance(measure, Sum) else "mean"
     assert isinstance(measure, (Sum, Mean))
     return {kind: measure.variable}
-

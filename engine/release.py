@@ -182,6 +182,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         assert isinstance(measure, (Sum, Mean))
         shifted, present = noisy
         variable = plan.components[0].argument
+        shift = plan.components[0].shift
         lo_bound, hi_bound = float(variable.low), float(variable.high)
         sum_dist = plan.mechanisms[0].distribution
         sum_scale = sum_dist.scale
@@ -189,22 +190,19 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         q_sum, q_count = sum_dist.quantile_abs(level), count_dist.quantile_abs(level)
         published = publishable(present, tau)
         if isinstance(measure, Mean):
-            safe = np.maximum(present, 1).astype(float)
-            estimate = np.clip(lo_bound + shifted / safe, lo_bound, hi_bound)
-            low = np.clip(
-                lo_bound + np.maximum(shifted - q_sum, 0) / (present + q_count).clip(min=1),
-                lo_bound,
-                hi_bound,
-            )
-            shrunk = (present - q_count).astype(float)
-            high = np.where(
-                shrunk > 0,
-                np.clip(lo_bound + (shifted + q_sum) / np.maximum(shrunk, 1), lo_bound, hi_bound),
-                hi_bound,
-            )
+            # mean = shift + S / P, with S in [S' - q_sum, S' + q_sum] and P a count of at least
+            # one in [P' - q_count, P' + q_count]: S / P is least at the lowest S over the largest
+            # P when that S is not negative, over the smallest P when it is; greatest likewise.
+            fewest = np.maximum(present - q_count, 1).astype(float)
+            most = np.maximum(present + q_count, 1).astype(float)
+            least_sum, greatest_sum = shifted - q_sum, shifted + q_sum
+            estimate = shift + shifted / np.maximum(present, 1).astype(float)
+            low = shift + least_sum / np.where(least_sum >= 0, most, fewest)
+            high = shift + greatest_sum / np.where(greatest_sum >= 0, fewest, most)
+            estimate, low, high = (np.clip(v, lo_bound, hi_bound) for v in (estimate, low, high))
         else:
-            estimate = shifted + lo_bound * present
-            spread = q_sum + abs(lo_bound) * q_count
+            estimate = shifted + shift * present
+            spread = q_sum + abs(shift) * q_count
             low, high = estimate - spread, estimate + spread
         value = _withheld(estimate.astype(float), published, pa.float64())
 

@@ -97,9 +97,10 @@ class _Builder:
         if component.aggregate == "count_present":
             return f"count({column})"
         low, high = self.bind(variable.low), self.bind(variable.high)
-        low_again = self.bind(variable.low)
-        # Clamp to the public bounds, then shift so the sum's sensitivity is high - low.
-        return f"coalesce(sum(least(greatest({column}, {low}), {high}) - {low_again}), 0)::BIGINT"
+        shift = self.bind(component.shift)
+        # Clamp to the public bounds, then shift: the plan's sensitivity is the farthest a
+        # clamped value lies from the shift.
+        return f"coalesce(sum(least(greatest({column}, {low}), {high}) - {shift}), 0)::BIGINT"
 
 
 def _order(variable: Variable) -> Any:

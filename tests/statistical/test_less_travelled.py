@@ -45,7 +45,7 @@ def make_plan(query: Query, accounting: Accounting, codebook: Codebook = CODEBOO
     return plan_query(query, codebook, Settings(accounting=accounting), LOSSES[accounting])
 
 
-def truths(measure: str, cells: int) -> tuple[list[np.ndarray], np.ndarray]:
+def truths(measure: str, cells: int, shift: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """True component vectors over `cells`, and each cell's true value.
 
     Counts are far above tau, so every cell is published and the coverage measured is the
@@ -59,9 +59,10 @@ def truths(measure: str, cells: int) -> tuple[list[np.ndarray], np.ndarray]:
         numerator = np.maximum(np.rint(share * count).astype(np.int64), 150)
         numerator = np.minimum(numerator, count)
         return [np.concatenate([numerator, count - numerator])], numerator / count
-    shifted = np.rint(share * (HIGH - LOW) * count).astype(np.int64)
-    value = LOW + shifted / count if measure == "mean" else shifted + LOW * count
-    return [shifted, count], value
+    above_low = np.rint(share * (HIGH - LOW) * count).astype(np.int64)  # sum of x - LOW
+    value = LOW + above_low / count if measure == "mean" else above_low + LOW * count
+    # The plan sums x - shift.
+    return [above_low + (LOW - shift) * count, count], value
 
 
 QUERIES = {
@@ -76,7 +77,7 @@ def coverage(claimed: Plan, actual: Plan, measure: str) -> float:
     and the release built by `claimed`'s (the same plan, unless a variant is being tested)."""
     cells = claimed.group_cells
     rounds = math.ceil(CELLS_PER_CHECK / cells)
-    exact, value = truths(measure, cells)
+    exact, value = truths(measure, cells, claimed.components[0].shift)
     noise = [
         m.noise(size * rounds).reshape(rounds, size)
         for m, size in zip(actual.mechanisms, actual.vector_sizes, strict=True)

@@ -25,7 +25,10 @@ from engine.planner import Plan, plan_query
 from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
 from engine.settings import Settings
 
-LOW, HIGH = -5, 40  # the summed variable's codebook range: a record moves a sum by HIGH - LOW
+LOW, HIGH = -5, 40  # the summed variable's codebook range, on both sides of zero
+# A sum subtracts from each clamped value the point of the range nearest zero (0 here); a mean
+# its middle, (LOW + HIGH) // 2 = 17. A record then moves the sum by at most 40, or 23.
+SUM_REACH = {"sum": max(0 - LOW, HIGH - 0), "mean": max(17 - LOW, HIGH - 17)}
 
 
 def person_codebook(rows_per_person: int) -> Codebook:
@@ -62,10 +65,10 @@ QUERIES = {
 LOSSES = {Accounting.PURE_DP: PrivacyLoss.pure("0.7"), Accounting.ZCDP: PrivacyLoss.zcdp("0.3")}
 
 
-def expected_sensitivity(component: str, rows_per_person: int) -> int:
+def expected_sensitivity(query: str, component: str, rows_per_person: int) -> int:
     """From first principles: the most one person moves the component's vector, in L1 and in
     L2 (all of a person's kept rows may land in one cell, where L1 and L2 coincide)."""
-    per_row = HIGH - LOW if component == "sum" else 1
+    per_row = SUM_REACH[query] if component == "sum" else 1
     return rows_per_person * per_row
 
 
@@ -122,7 +125,7 @@ def test_a_worst_case_person_moves_each_component_by_exactly_its_sensitivity(
                 moved = np.abs(a - b)
                 l1, l2 = int(moved.sum()), math.sqrt(int((moved**2).sum()))
                 assert component.sensitivity == expected_sensitivity(
-                    component.name, rows_per_person
+                    name, component.name, rows_per_person
                 )
                 assert l1 <= component.sensitivity and l2 <= component.sensitivity, (name, l1)
                 reached[component.name] = max(reached[component.name], l1)
@@ -141,7 +144,7 @@ def test_the_charge_is_opendps_map_at_the_first_principles_sensitivity(
     p = _plan(QUERIES[name], person_codebook(rows_per_person), accounting, loss)
     share = loss.amount / len(p.components)
     for component, mechanism in zip(p.components, p.mechanisms, strict=True):
-        sensitivity = expected_sensitivity(component.name, rows_per_person)
+        sensitivity = expected_sensitivity(name, component.name, rows_per_person)
         measurement = mechanism.measurement
         if accounting is Accounting.ZCDP:
             # Discrete Gaussian on an L2 sensitivity, loss in rho = sensitivity^2 / (2 scale^2).
@@ -297,8 +300,8 @@ def test_zcdp_releases_name_their_mechanism_and_both_scales() -> None:
     sum_mechanism, count_mechanism = p.mechanisms
     assert count_mechanism is p.count_mechanism
     assert sum_mechanism.distribution.mechanism == "discrete_gaussian"
-    # Same share, sensitivities 45 and 1: the sum's noise is exactly 45 times the count's.
-    assert sum_mechanism.scale == pytest.approx((HIGH - LOW) * count_mechanism.scale, rel=1e-9)
+    # Same share, sensitivities 23 and 1: the sum's noise is exactly 23 times the count's.
+    assert sum_mechanism.scale == pytest.approx(23 * count_mechanism.scale, rel=1e-9)
 
 
 def test_the_record_level_codebook_uses_one_row_per_person() -> None:
@@ -308,4 +311,4 @@ def test_the_record_level_codebook_uses_one_row_per_person() -> None:
         Accounting.ZCDP,
         LOSSES[Accounting.ZCDP],
     )
-    assert [c.sensitivity for c in p.components] == [2021 - 2002, 1]
+    assert [c.sensitivity for c in p.components] == [2021 - 2011, 1]  # from the middle, 2011
