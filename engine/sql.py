@@ -80,11 +80,13 @@ class _Builder:
     def aggregates(self, component: Component) -> list[str]:
         """One expression per block of the component's vector."""
         if component.aggregate == "count_split":
+
+            def meets() -> str:  # written (and its values bound) where it stands, each time
+                return f"count(*) FILTER (WHERE {self.condition(component.argument)})"
+
             # The rest as count(*) minus the matches: exact whatever the condition makes of
             # missing values, where counting NOT (condition) would skip rows it finds NULL.
-            meets = f"count(*) FILTER (WHERE {self.condition(component.argument)})"
-            again = f"count(*) FILTER (WHERE {self.condition(component.argument)})"
-            return [meets, f"count(*) - {again}"]
+            return [meets(), f"count(*) - {meets()}"]
         return [self.aggregate(component)]
 
     def aggregate(self, component: Component) -> str:
