@@ -12,7 +12,21 @@ from engine.codebook import Codebook, default_codebook
 from engine.engine import Engine
 from engine.loss import PrivacyLoss
 from engine.planner import plan_query
-from engine.query import And, Count, Eq, FlagCounts, In, IsMissing, Mean, Not, Proportion, Query
+from engine.query import (
+    And,
+    Count,
+    Eq,
+    Filter,
+    FlagCounts,
+    In,
+    IsMissing,
+    Mean,
+    Not,
+    Or,
+    Proportion,
+    Query,
+    Range,
+)
 from engine.settings import Settings
 from engine.sql import build, create_table, quote
 
@@ -69,6 +83,51 @@ def test_sums_clamp_to_codebook_bounds() -> None:
 def test_proportion_condition_is_bound_too() -> None:
     s = statement(Query(Proportion(Eq("Datasource", "Hotline")), by=("gender",)))
     assert "FILTER (WHERE" in s.text and "Hotline" in s.parameters
+
+
+def test_an_integer_range_is_one_between() -> None:
+    s = statement(Query(Count(), where=Range("yearOfRegistration", low=2007)))
+    assert '"yearOfRegistration" BETWEEN ? AND ?' in s.text and " IN (" not in s.text
+    assert s.parameters == (2007, 2021)
+    s = statement(Query(Count(), where=Not(Range("yearOfRegistration", 2005, 2010))))
+    assert '"yearOfRegistration" IS NULL OR "yearOfRegistration" NOT BETWEEN ? AND ?' in s.text
+    assert s.parameters == (2005, 2010)
+
+
+YEARS = range(2002, 2022)  # the codebook's domain of yearOfRegistration
+
+
+@pytest.mark.parametrize(
+    ("where", "matches"),
+    [
+        (Range("yearOfRegistration", low=2007), lambda y: y is not None and y >= 2007),
+        (Range("yearOfRegistration", high=2003), lambda y: y is not None and y <= 2003),
+        (Range("yearOfRegistration", 2010, 2010), lambda y: y == 2010),
+        (
+            Not(Range("yearOfRegistration", 2005, 2010)),
+            lambda y: y is None or not 2005 <= y <= 2010,
+        ),
+        (Not(Range("yearOfRegistration", low=2003)), lambda y: y is None or y < 2003),
+        (In("yearOfRegistration", [2002, 2004, 2021]), lambda y: y in (2002, 2004, 2021)),
+        (
+            Or(Range("yearOfRegistration", high=2004), Range("yearOfRegistration", low=2019)),
+            lambda y: y is not None and (y <= 2004 or y >= 2019),
+        ),
+        (Range("yearOfRegistration", 2002, 2021), lambda y: y is not None),
+    ],
+)
+def test_integer_conditions_select_exactly_their_codes(
+    where: Filter, matches: Callable[[int | None], bool]
+) -> None:
+    # One record per year of the domain and one with the year missing: each way of writing a
+    # set of years (IN, NOT IN, BETWEEN, NOT BETWEEN) must count exactly the years in the set.
+    connection = duckdb.connect()
+    connection.execute(create_table(CODEBOOK))
+    for year in [*YEARS, None]:
+        connection.execute('INSERT INTO records ("yearOfRegistration") VALUES (?)', [year])
+    s = statement(Query(Count(), where=where))
+    (counted,) = connection.execute(s.text, list(s.parameters)).fetchone() or (None,)
+    assert counted == sum(1 for year in [*YEARS, None] if matches(year))
 
 
 def test_identifiers_are_checked() -> None:
