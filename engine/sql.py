@@ -108,8 +108,11 @@ class _Builder:
         low, high = self.bind(variable.low), self.bind(variable.high)
         shift = self.bind(component.shift)
         # Clamp to the public bounds, then shift: the plan's sensitivity is the farthest a
-        # clamped value lies from the shift.
-        return f"coalesce(sum(least(greatest({column}, {low}), {high}) - {shift}), 0)::BIGINT"
+        # clamped value lies from the shift. Missing values are left out, as count(column)
+        # leaves them out: DuckDB's greatest() skips a NULL, so a missing value would clamp to
+        # `low` and add low - shift.
+        clamped = f"least(greatest({column}, {low}), {high}) - {shift}"
+        return f"coalesce(sum({clamped}) FILTER (WHERE {column} IS NOT NULL), 0)::BIGINT"
 
 
 def _consecutive(codes: list[Any]) -> bool:

@@ -26,6 +26,7 @@ from engine.query import (
     Proportion,
     Query,
     Range,
+    Sum,
 )
 from engine.settings import Settings
 from engine.sql import build, create_table, quote
@@ -128,6 +129,33 @@ def test_integer_conditions_select_exactly_their_codes(
     s = statement(Query(Count(), where=where))
     (counted,) = connection.execute(s.text, list(s.parameters)).fetchone() or (None,)
     assert counted == sum(1 for year in [*YEARS, None] if matches(year))
+
+
+@pytest.mark.parametrize("measure", [Sum, Mean])
+def test_a_missing_value_adds_nothing_to_a_shifted_sum(measure: type[Sum] | type[Mean]) -> None:
+    # A range across zero: a Mean shifts by its middle (1), a Sum by 0; a missing value must
+    # add nothing to the sum, as it adds nothing to the count beside it.
+    codebook = Codebook.from_mapping(
+        {
+            "name": "signed",
+            "version": "1",
+            "variables": [{"name": "x", "type": "integer", "range": [-5, 8]}],
+        }
+    )
+    connection = duckdb.connect()
+    connection.execute(create_table(codebook))
+    present = [2, 2, -5, 8, 7]
+    for value in [*present, None, None, None]:
+        connection.execute('INSERT INTO records ("x") VALUES (?)', [value])
+    plan = plan_query(Query(measure("x")), codebook, Settings(), PrivacyLoss.pure("1"))
+    s = build(plan)
+    row = connection.execute(s.text, list(s.parameters)).fetchone()
+    assert row is not None
+    (total,) = [c for c in plan.components if c.aggregate == "sum_shifted"]
+    by_name = dict(zip([c.name for c in plan.components], row, strict=True))
+    assert by_name["sum"] == sum(v - total.shift for v in present)
+    if measure is Mean:
+        assert total.shift == 1 and by_name["count"] == len(present)
 
 
 def test_identifiers_are_checked() -> None:
