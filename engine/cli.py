@@ -74,6 +74,10 @@ def add_load_command(
 
 def run_load(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if args.database.exists() and not args.overwrite:
+        # Said here in the shell's words: the API's LoadError also names its keyword argument.
+        print(f"veil load: {args.database} exists; replace it with --overwrite", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         report = load(
             args.source,

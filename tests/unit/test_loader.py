@@ -660,6 +660,17 @@ def test_cli_load_prints_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "exists" in capsys.readouterr().err
 
 
+def test_cli_load_onto_an_existing_file_names_the_flag_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = quirky_file(tmp_path / "quirks.csv")
+    database = load_into(source, tmp_path / "db.duckdb")
+    assert main(["load", str(source), str(database)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"veil load: {database} exists; replace it with --overwrite\n"
+    assert main(["load", str(source), str(database), "--overwrite", "--no-progress"]) == 0
+
+
 def test_the_dataset_name_is_recorded_for_the_ledger(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
