@@ -102,7 +102,11 @@ def fetch_tables(
 def run_audit(args: argparse.Namespace) -> int:
     names = getattr(args, "table", None)
     try:
-        if (args.ledger is None) == (args.server is None):
+        if args.ledger is None and args.server is None:
+            print("veil audit: give a ledger file or --server HOST:PORT: one of them is needed",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        if args.ledger is not None and args.server is not None:
             print("veil audit: give a ledger file or --server, not both", file=sys.stderr)
             return EXIT_ERROR
         if args.ledger is not None:
