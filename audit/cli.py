@@ -5,7 +5,9 @@
     veil audit tables ledger.sqlite --out audit-tables/    # the same tables as CSV
     veil attack --server HOST:PORT --truth data.duckdb     # the attack suite against a server
 
-A token is read from --token or, better (it stays out of the shell history), from VEIL_TOKEN.
+The connection options are those of `veil query` and `veil admin`: --server (default
+$VEIL_SERVER), the token from --token-file or VEIL_TOKEN (or --token, which the shell history
+keeps), --ca-cert (default $VEIL_CA_CERT) for a TLS server; --tls-ca is its earlier name.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.cli import add_server_options, ca_cert_of, token_of
+from client.connection import ADDRESS_ENV
+from client.errors import AuthenticationError
 from engine.audit_report import TABLE_NAMES, AuditTables, build_tables, render_html
 from engine.errors import VeilError
 from engine.ledger import Ledger
@@ -30,21 +35,25 @@ EXIT_INCOMPLETE = 3
 
 
 def _token(args: argparse.Namespace) -> str:
-    token = args.token or os.environ.get("VEIL_TOKEN", "")
-    if not token:
-        print("give the client's token with --token or in VEIL_TOKEN", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)  # not 1, which says a breach or a failed verification
-    return str(token)
+    try:
+        return token_of(args)
+    except (AuthenticationError, OSError) as exc:
+        print(f"veil {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None  # not 1, which says a breach or a failed check
 
 
-def _connection_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    parser.add_argument(
-        "--server", required=required, metavar="HOST:PORT", help="a live veil server"
-    )
-    parser.add_argument("--token", default=None, help="the bearer token (default: $VEIL_TOKEN)")
-    parser.add_argument(
-        "--tls-ca", type=Path, default=None, help="CA certificate of a TLS server (PEM)"
-    )
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The connection options of `veil query` and `veil admin` (client.cli's), but that the
+    server has no default beyond $VEIL_SERVER: an auditor names the server they audit."""
+    group = parser.add_argument_group("connection")
+    add_server_options(group, server_help=f"a live veil server (default ${ADDRESS_ENV})")
+    # The earlier name of --ca-cert, kept for the scripts that use it.
+    group.add_argument("--tls-ca", dest="ca_cert", type=Path, help=argparse.SUPPRESS)
+
+
+def _server(args: argparse.Namespace) -> str | None:
+    """--server, else $VEIL_SERVER, else None."""
+    return args.server or os.environ.get(ADDRESS_ENV) or None
 
 
 # ---- veil audit ----------------------------------------------------------------------------------
@@ -70,7 +79,7 @@ def add_audit_command(subparsers: Any) -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("ledger", nargs="?", type=Path, help="the ledger file")
-        _connection_arguments(command, required=False)
+        _connection_arguments(command)
         command.add_argument(
             "--out",
             type=Path,
@@ -102,21 +111,26 @@ def fetch_tables(
 def run_audit(args: argparse.Namespace) -> int:
     names = getattr(args, "table", None)
     try:
-        if args.ledger is None and args.server is None:
-            print("veil audit: give a ledger file or --server HOST:PORT: one of them is needed",
-                  file=sys.stderr)
-            return EXIT_ERROR
-        if args.ledger is not None and args.server is not None:
-            print("veil audit: give a ledger file or --server, not both", file=sys.stderr)
-            return EXIT_ERROR
+        # $VEIL_SERVER is --server's default: a ledger file named on the line comes first.
+        server = _server(args)
         if args.ledger is not None:
+            if args.server is not None:
+                print("veil audit: give a ledger file or --server, not both", file=sys.stderr)
+                return EXIT_ERROR
             with Ledger.open_readonly(args.ledger) as ledger:
                 tables = build_tables(ledger, names=names or TABLE_NAMES)
+        elif server is None:
+            print(
+                f"veil audit: give a ledger file or --server HOST:PORT (or set {ADDRESS_ENV}): "
+                "one of them is needed",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
         else:
             from audit.wire import Refused
 
             try:
-                tables = fetch_tables(args.server, _token(args), names=names, tls_ca=args.tls_ca)
+                tables = fetch_tables(server, _token(args), names=names, tls_ca=ca_cert_of(args))
             except Refused as exc:
                 print(f"veil audit: the server refused: {exc}", file=sys.stderr)
                 return EXIT_ERROR
@@ -179,7 +193,7 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
             "the\nrun tested less than was asked."
         ),
     )
-    _connection_arguments(parser, required=True)
+    _connection_arguments(parser)
     parser.add_argument(
         "--truth", type=Path, default=None, help="the server's data file, to score guesses"
     )
@@ -246,8 +260,12 @@ def run_attack(args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"veil attack: cannot read {args.truth}: {exc}", file=sys.stderr)
             return EXIT_ERROR
+    server = _server(args)
+    if server is None:
+        print(f"veil attack: give --server HOST:PORT or set {ADDRESS_ENV}", file=sys.stderr)
+        return EXIT_ERROR
     results: list[AttackResult] = []
-    with Target(args.server, _token(args), root_certificates=args.tls_ca) as target:
+    with Target(server, _token(args), root_certificates=ca_cert_of(args)) as target:
         ctx = Context(
             target,
             truth,

@@ -48,24 +48,60 @@ _SQL_WORDS = frozenset({"AND", "OR", "NOT", "IN", "IS", "NULL", "BETWEEN", "LIKE
 # ---- the commands' parsers ----------------------------------------------------------------------
 
 
-def _connection_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("connection")
+def add_server_options(
+    group: argparse._ActionsContainer, *, server_help: str | None = None
+) -> None:
+    """--server, --token, --token-file and --ca-cert, the options every command that calls a
+    server shares (these, `veil admin`, `veil audit`, `veil attack`); read them back with
+    `token_of` and `ca_cert_of`. --server defaults to None: $VEIL_SERVER is read when it is used."""
     group.add_argument(
         "--server", metavar="HOST:PORT",
-        help=f"the veil server (default ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
+        help=server_help or f"the veil server (default ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
     )
     group.add_argument(
         "--token", help=f"bearer token (default ${TOKEN_ENV}; prefer the variable or --token-file)"
     )
     group.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
+    group.add_argument("--ca-cert", type=Path, metavar="PEM",
+                       help=f"CA certificate of the server (default ${CA_CERT_ENV})")
+
+
+def token_of(args: argparse.Namespace) -> str:
+    """The token of `add_server_options`: --token-file's, else --token's, else $VEIL_TOKEN's.
+    Raises AuthenticationError, in the shell's words, when there is none; OSError when the token
+    file cannot be read."""
+    token = args.token
+    if args.token_file is not None:
+        token = args.token_file.expanduser().read_text(encoding="utf-8").strip()
+        if not token:
+            raise errors.AuthenticationError(f"the token file {args.token_file} is empty")
+    # An empty --token (an unset variable expanded) is no token, not a cue to read VEIL_TOKEN.
+    if token is None:
+        token = os.environ.get(TOKEN_ENV)
+    if not token:
+        # The library's own message speaks of token=...; here the shell's ways are the ones.
+        raise errors.AuthenticationError(
+            f"no token: set {TOKEN_ENV} or pass --token-file FILE, with the token the custodian "
+            f"issued"
+        )
+    return str(token)
+
+
+def ca_cert_of(args: argparse.Namespace) -> Path | None:
+    """The CA certificate of `add_server_options`: --ca-cert, else $VEIL_CA_CERT, else None."""
+    ca: Path | None = args.ca_cert
+    return ca or (Path(os.environ[CA_CERT_ENV]) if os.environ.get(CA_CERT_ENV) else None)
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    add_server_options(group)
     tls = group.add_mutually_exclusive_group()
     tls.add_argument("--tls", dest="tls", action="store_true", default=None,
                      help="use TLS (the default for every host but a loopback one)")
     tls.add_argument("--no-tls", dest="tls", action="store_false",
                      help="plaintext (only loopback servers accept it)")
-    group.add_argument("--ca-cert", type=Path, metavar="PEM",
-                       help=f"CA certificate of the server (default ${CA_CERT_ENV})")
     group.add_argument("--client-cert", type=Path, metavar="PEM", help="for mutual TLS")
     group.add_argument("--client-key", type=Path, metavar="PEM", help="for mutual TLS")
     group.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
@@ -191,20 +227,9 @@ def add_releases_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    token = args.token
-    if args.token_file is not None:
-        token = args.token_file.expanduser().read_text(encoding="utf-8").strip()
-        if not token:
-            raise errors.AuthenticationError(f"the token file {args.token_file} is empty")
-    # An empty --token (an unset variable expanded) is no token, not a cue to read VEIL_TOKEN.
-    if not token and (token is not None or not os.environ.get(TOKEN_ENV)):
-        # The library's own message speaks of token=...; here the shell's ways are the ones.
-        raise errors.AuthenticationError(
-            f"no token: set {TOKEN_ENV} or pass --token-file FILE, with the token the custodian "
-            f"issued"
-        )
+    token = token_of(args)
     tls: bool | TLS | None = args.tls
-    ca = args.ca_cert or (Path(os.environ[CA_CERT_ENV]) if os.environ.get(CA_CERT_ENV) else None)
+    ca = ca_cert_of(args)
     if tls is not False and (ca or args.client_cert or args.client_key):
         tls = TLS(ca_cert=ca, client_cert=args.client_cert, client_key=args.client_key)
     retry = Retry(attempts=max(1, args.retries))
@@ -612,5 +637,8 @@ __all__ = [
     "add_dry_run_command",
     "add_query_command",
     "add_releases_command",
+    "add_server_options",
     "build_query",
+    "ca_cert_of",
+    "token_of",
 ]

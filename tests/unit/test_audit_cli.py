@@ -26,3 +26,101 @@ def test_audit_with_both_a_ledger_and_a_server_says_not_both(
     argv = ["audit", "tables", str(tmp_path / "l.sqlite"), "--server", "127.0.0.1:1"]
     assert veil_cli.main([*argv, "--out", str(tmp_path / "t")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+# ---- the connection options: the same as every other command that calls a server ----
+
+
+class _Called(Exception):
+    """Stands for the call to the server, with what it was given."""
+
+
+@pytest.fixture
+def connection_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """VEIL_SERVER set, VEIL_TOKEN and VEIL_CA_CERT unset; a token file in tmp_path."""
+    monkeypatch.setenv("VEIL_SERVER", "audit.example:50051")
+    monkeypatch.delenv("VEIL_TOKEN", raising=False)
+    monkeypatch.delenv("VEIL_CA_CERT", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("veil_from-the-file\n")
+    return token_file
+
+
+def _fake_fetch(*args: object, **kwargs: object) -> None:
+    raise _Called(args, kwargs)
+
+
+def test_audit_reads_veil_server_token_file_and_ca_cert(
+    tmp_path: Path, connection_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import audit.cli
+
+    monkeypatch.setattr(audit.cli, "fetch_tables", _fake_fetch)
+    ca = tmp_path / "ca.pem"
+    out = str(tmp_path / "x.html")
+    argv = ["audit", "report", "--token-file", str(connection_env), "--ca-cert", str(ca)]
+    with pytest.raises(_Called) as called:
+        veil_cli.main([*argv, "--out", out])
+    args, kwargs = called.value.args
+    assert args == ("audit.example:50051", "veil_from-the-file")
+    assert kwargs["tls_ca"] == ca
+
+    # VEIL_CA_CERT is --ca-cert's default; --tls-ca, the earlier name, still works.
+    monkeypatch.setenv("VEIL_CA_CERT", str(tmp_path / "env.pem"))
+    monkeypatch.setenv("VEIL_TOKEN", "veil_from-the-env")
+    with pytest.raises(_Called) as called:
+        veil_cli.main(["audit", "tables", "--out", out])
+    assert called.value.args[0][1] == "veil_from-the-env"
+    assert called.value.args[1]["tls_ca"] == tmp_path / "env.pem"
+    with pytest.raises(_Called) as called:
+        veil_cli.main(["audit", "tables", "--tls-ca", str(ca), "--out", out])
+    assert called.value.args[1]["tls_ca"] == ca
+
+
+def test_audit_of_a_ledger_file_ignores_veil_server(
+    tmp_path: Path, connection_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.ledger import Ledger
+
+    ledger = tmp_path / "ledger.sqlite"
+    Ledger.open(ledger, accounting="pure_dp", dataset_cap=1, dataset="ctdc").close()
+    assert veil_cli.main(["audit", "report", str(ledger), "--out", str(tmp_path / "x.html")]) == 0
+    assert "not both" not in capsys.readouterr().err
+
+
+def test_audit_help_names_ca_cert_not_tls_ca(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["audit", "report"], ["attack"]):
+        with pytest.raises(SystemExit):
+            veil_cli.main([*command, "--help"])
+        text = capsys.readouterr().out
+        assert "--ca-cert" in text and "--token-file" in text and "VEIL_SERVER" in text
+        assert "--tls-ca" not in text
+
+
+def test_attack_reads_veil_server_token_file_and_ca_cert(
+    tmp_path: Path, connection_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import audit.wire
+
+    monkeypatch.setattr(audit.wire, "Target", _fake_fetch)
+    ca = tmp_path / "ca.pem"
+    argv = ["attack", "--attack", "injection", "--token-file", str(connection_env)]
+    with pytest.raises(_Called) as called:
+        veil_cli.main([*argv, "--ca-cert", str(ca)])
+    args, kwargs = called.value.args
+    assert args == ("audit.example:50051", "veil_from-the-file")
+    assert kwargs["root_certificates"] == ca
+    with pytest.raises(_Called) as called:
+        veil_cli.main([*argv, "--tls-ca", str(ca), "--server", "other:1"])
+    assert called.value.args[0][0] == "other:1"
+    assert called.value.args[1]["root_certificates"] == ca
+
+
+def test_attack_with_no_server_says_how_to_name_one(
+    connection_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VEIL_SERVER")
+    argv = ["attack", "--attack", "injection", "--token-file", str(connection_env)]
+    assert veil_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--server" in err and "VEIL_SERVER" in err
