@@ -1,7 +1,8 @@
 """`veil serve`: start the server from one config file, or on synthetic data with `--demo`.
 
-    veil serve --config veil.toml                  # the deployment in veil.toml
-    veil serve --config veil.toml --init-admin ops # also register admin `ops`, print its token
+    veil serve --config veil.toml --init-admin ops # first start: create the ledger, register
+                                                   # admin `ops` and print its token
+    veil serve --config veil.toml                  # later starts: the ledger must exist
     veil serve --demo                              # synthetic records, demo tokens printed
 
 Logs go to standard error (or the config's log file) as JSON lines; tokens are printed to
@@ -50,7 +51,8 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--listen", metavar="HOST:PORT", help="override the listen address")
     parser.add_argument(
         "--init-admin", metavar="CLIENT_ID",
-        help="register a new administrator with this id and print its token once",
+        help="register a new administrator with this id and print its token once; a "
+        "ledger file that does not exist yet is created only with this option",
     )
     parser.add_argument(
         "--rows", type=int, default=DEMO_ROWS,
@@ -108,6 +110,13 @@ def _start(
 ) -> tuple[Running, dict[str, str]]:
     if not config.data.is_file():
         raise ConfigError(f"no data file at {config.data}")
+    if not demo and not init_admin and not config.ledger.exists():
+        # A misspelt ledger path would otherwise start a new ledger, every budget unspent.
+        raise ConfigError(
+            f"there is no ledger at {config.ledger}; a new ledger starts with every budget "
+            "unspent, so it is created only with its first administrator (--init-admin "
+            "CLIENT_ID). If this deployment has a ledger already, correct the path."
+        )
     engine = build_engine(config)
     accounts = LedgerAccounts.open(
         config.ledger,

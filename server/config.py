@@ -2,9 +2,10 @@
 
 The file is TOML (`.toml`) or YAML (`.yaml`, `.yml`). Relative paths are read relative to the
 file. Unknown keys are refused, so a misspelt limit cannot silently fall back to its default.
-The ledger's directory must exist: a misspelt directory would otherwise start an empty ledger,
-with every budget unspent. The TLS files are read at load, so a key that is not the
-certificate's, or is encrypted, is refused before the server starts.
+The ledger's directory must exist, and `veil serve` creates the ledger file itself only with
+`--init-admin`: a misspelt path would otherwise start an empty ledger, with every budget
+unspent. The TLS files are read at load, so a key that is not the certificate's, or is
+encrypted, is refused before the server starts.
 
     data = "ctdc.duckdb"          # the restricted data file (written by the loader)
     codebook = "ctdc_v7"          # a shipped codebook name or a path to a codebook YAML

@@ -159,6 +159,16 @@ def test_an_address_in_use_is_refused_and_leaves_no_administrator_behind(
         assert [c.client_id for c in ledger.list_clients()] == ["ops"]
 
 
+def test_a_ledger_path_naming_no_file_needs_init_admin(deployment: Path) -> None:
+    """A misspelt ledger file name must not start a second ledger with every budget unspent:
+    a new ledger is created only with its first administrator."""
+    config = write_config(deployment, server={"listen": "127.0.0.1:0"})
+    line = refused("serve", "--config", str(config), cwd=deployment)
+    assert line.startswith(f"error: there is no ledger at {deployment / 'ledger.sqlite'}; ")
+    assert "--init-admin" in line
+    assert not (deployment / "ledger.sqlite").exists()
+
+
 def test_a_name_is_refused_when_any_of_its_addresses_is_in_use(tmp_path: Path) -> None:
     """gRPC binds `localhost` if ::1 alone is free: a second server would then share the name
     with the first, and clients would reach either."""

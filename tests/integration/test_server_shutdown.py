@@ -50,12 +50,12 @@ SERVE_STOPPED_AT_ONCE = (
 
 
 def start_process(
-    config: Path, script: str = SERVE
+    config: Path, script: str = SERVE, *options: str
 ) -> tuple[subprocess.Popen[str], int, list[str], threading.Thread]:
     """The server process, its port, its log so far and the thread reading the rest (join it
     after the process has exited: its last lines may still be in the pipe)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", script, "serve", "--config", str(config)],
+        [sys.executable, "-c", script, "serve", "--config", str(config), *options],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -184,7 +184,9 @@ def test_a_stop_signal_as_soon_as_serving_is_logged_drains_and_stops(tmp_path: P
         f'data = "{data}"\nledger = "{tmp_path / "ledger.sqlite"}"\n[caps]\ndataset = "1"\n'
         '[server]\nlisten = "127.0.0.1:0"\ngrace_seconds = 0.5\n'
     )
-    process, _, log, reader = start_process(config, SERVE_STOPPED_AT_ONCE)
+    process, _, log, reader = start_process(
+        config, SERVE_STOPPED_AT_ONCE, "--init-admin", "ops"  # a new ledger needs its admin
+    )
     assert process.wait(timeout=30) == 0, "".join(log)
     reader.join(10)
     assert json.loads(next(x for x in log if '"stopped"' in x))["clean"] is True
