@@ -468,6 +468,38 @@ def _check_name(value: object, what: str) -> str:
     return value
 
 
+# Characters read alike in an institution's name: `I0M` and `iom` are `IOM` mistyped.
+_LOOKALIKES = str.maketrans({"0": "o", "1": "l", "i": "l", "|": "l", "5": "s"})
+_SEPARATORS = re.compile(r"[\s._-]+")
+
+
+def _folded(name: str) -> str:
+    return _SEPARATORS.sub("", name.casefold().translate(_LOOKALIKES))
+
+
+def _check_institution_spelling(conn: sqlite3.Connection, institution: str) -> None:
+    """Refuse a new institution name that is an existing one spelt differently.
+
+    Caps and totals are kept under the exact name, so a client registered as `iom` would escape
+    the cap of `IOM`, and a cap set on `iom` would bind none of IOM's clients.
+    """
+    known = {
+        row[0]
+        for row in conn.execute(
+            "SELECT institution FROM institutions UNION "
+            "SELECT institution FROM clients WHERE institution IS NOT NULL"
+        )
+    }
+    if institution in known:
+        return
+    for other in sorted(known):
+        if _folded(other) == _folded(institution):
+            raise ClientRegistryError(
+                f"institution {institution!r} is {other!r} spelt differently; caps and spending "
+                f"are counted under the exact name, so use {other!r}"
+            )
+
+
 def _loss_amount(value: Fraction) -> Fraction:
     return exact_amount(value, what="privacy loss")
 
@@ -1710,6 +1742,8 @@ class Ledger:
         def work(conn: sqlite3.Connection) -> None:
             if _client_row(conn, client_id) is not None:
                 raise ClientRegistryError(f"client {client_id} is already registered")
+            if institution is not None:
+                _check_institution_spelling(conn, institution)
             if (
                 token_hash is not None
                 and conn.execute(
@@ -1852,6 +1886,7 @@ class Ledger:
         detail = self._admin_detail(actor)
 
         def work(conn: sqlite3.Connection) -> None:
+            _check_institution_spelling(conn, institution)
             previous = self._set_cap_checked(conn, scope, amount)
             if amount is None:
                 conn.execute("DELETE FROM institutions WHERE institution = ?", (institution,))

@@ -885,6 +885,23 @@ def test_client_registry(engine: Engine, ledger: Ledger) -> None:
     assert_verified(ledger)
 
 
+@pytest.mark.parametrize("spelling", ["IOM", "I0M", "Iom", "i.o.m", "i-o-m", "1om"])
+def test_an_institution_spelt_differently_is_refused(ledger: Ledger, spelling: str) -> None:
+    """Caps are kept under the exact name: a client registered as `IOM` beside `iom`'s would
+    escape iom's cap, and a cap set on `IOM` would bind none of iom's clients."""
+    ledger.set_institution_cap("iom", "0.5")
+    with pytest.raises(ClientRegistryError, match=f"{re.escape(repr(spelling))} is 'iom' spelt"):
+        ledger.register_client("dave", role="researcher", institution=spelling, cap="1")
+    with pytest.raises(ClientRegistryError, match="spelt differently"):
+        ledger.set_institution_cap(spelling, "1")
+    assert [c.client_id for c in ledger.list_clients()] == ["alice", "bob", "carol"]
+    # The exact name, and names that differ in more than spelling, are taken as they are.
+    ledger.register_client("dave", role="researcher", institution="iom", cap="1")
+    ledger.register_client("erin", role="researcher", institution="ilo", cap="1")
+    ledger.set_institution_cap("unhcr", "1")
+    assert ledger.client("dave").institution == "iom"
+
+
 def test_institution_cap_binds_across_its_clients(engine: Engine, ledger: Ledger) -> None:
     ledger.set_institution_cap("iom", "0.15")
     release(engine, ledger, "alice", "a1", distinct_query(0))
