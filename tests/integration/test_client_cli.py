@@ -166,6 +166,33 @@ def test_dry_run_budget_and_releases(env: str, capsys: pytest.CaptureFixture[str
     assert Fraction(json.loads(out)["metadata"]["loss"]) == Fraction(priced["loss"])
 
 
+@pytest.mark.parametrize(
+    "asked",
+    [
+        ["--count", "--by", "gender", "--where", "majorityStatus=Minor"],
+        ["--count", "--where", "ageBroad=0--8,9--17", "--where", "yearOfRegistration=2015"],
+        ["--count", "--by", "gender", "--where", "yearOfRegistration BETWEEN 2010 AND 2014"],
+        ["--count", "--where", "majorityStatus = 'Minor' OR majorityStatus IS NULL"],
+        ["--proportion", "isSexualExploit = 1", "--by", "gender"],
+        ["--flag-counts", "meansOfControl", "--by", "majorityStatus"],
+        ["--mean", "yearOfRegistration", "--by", "majorityStatus"],
+        ["--sum", "yearOfRegistration"],
+    ],
+)
+def test_a_release_fetched_again_names_its_query_as_a_fresh_one_does(
+    env: str, capsys: pytest.CaptureFixture[str], asked: list[str]
+) -> None:
+    code, out, _ = veil(capsys, "query", *asked, "--epsilon", "0.1", "-q")
+    assert code == 0
+    fresh = out.splitlines()[-1]
+    release_id = fresh.rsplit(" ", 1)[-1]
+    code, out, _ = veil(capsys, "releases", release_id, "-q")
+    assert code == 0
+    assert out.splitlines()[-1] == fresh
+    code, out, _ = veil(capsys, "releases", release_id, "-f", "json", "-q")
+    assert json.loads(out)["request"]["query"] == fresh.split(":")[0]
+
+
 def test_codebook(env: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = veil(capsys, "codebook", "-q")
     assert code == 0 and "gender" in out and "meansOfControl" in out and "accounting" in out

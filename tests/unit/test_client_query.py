@@ -309,3 +309,34 @@ def test_unknown_names_suggest_the_closest_regardless_of_case(book: Codebook) ->
         book["GENDR"]
     assert book.suggest("AGEBROAD") == ["ageBroad"]
     assert book.suggest("zzzz") == []
+
+
+def test_a_canonical_query_reads_back_as_a_researcher_writes_it() -> None:
+    import json
+
+    from client.connection import query_of_canonical
+
+    def back(measure: object, where: object = True, by: tuple[str, ...] = ()) -> str:
+        text = json.dumps({"measure": measure, "by": list(by), "where": where, "codebook": "c"})
+        return str(query_of_canonical(text))
+
+    def atom(var: str, codes: list[object], missing: bool = False) -> dict[str, object]:
+        return {"var": var, "in": codes, "missing": missing}
+
+    assert back("count", by=("ageBroad", "gender")) == "count by ageBroad, gender"
+    assert back("count", atom("gender", ["Female", "Transgender/NonConforming"], True)) == (
+        "count where gender IN ('Female', 'Transgender/NonConforming') OR gender IS NULL"
+    )
+    assert back({"mean": "yearOfRegistration"}, atom("yearOfRegistration", [2011, 2010, 2012])) == (
+        "mean of yearOfRegistration where yearOfRegistration BETWEEN 2010 AND 2012"
+    )
+    assert back({"sum": "age"}, atom("age", [30, 4, 10])) == "sum of age where age IN (4, 10, 30)"
+    nested = {"and": [atom("gender", ["Male"]), {"or": [atom("isForcedLabour", [1]),
+                                                         atom("ageBroad", [], True)]}]}
+    assert back({"proportion": atom("isSexualExploit", [1])}, nested) == (
+        "proportion with isSexualExploit = 1 where gender = 'Male' AND "
+        "(isForcedLabour = 1 OR ageBroad IS NULL)"
+    )
+    assert back({"flag_counts": "meansOfControl"}) == "flag counts of meansOfControl"
+    assert query_of_canonical(json.dumps({"measure": "count", "by": [], "where": False})) is None
+    assert query_of_canonical("not json") is None
