@@ -87,8 +87,10 @@ class ClientInfo:
             if self.token_expires_at and not self.revoked
             else ""
         )
+        # Of the client's own cap: its institution's or the dataset's may leave it less (what
+        # `veil budget` shows the client).
         return (f"{self.client_id} ({self.role}{where}): cap {d['cap']}, spent {d['spent']}, "
-                f"remaining {d['remaining']}{revoked}{expires}")
+                f"remaining {d['remaining']} of its own cap{revoked}{expires}")
 
 
 @dataclass(frozen=True)

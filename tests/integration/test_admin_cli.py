@@ -76,6 +76,7 @@ def test_register_prints_only_the_token_and_the_token_queries(
     token = out.strip()
     assert out == token + "\n" and token.startswith("veil_") and " " not in token
     assert f"registered {client_id} (researcher, iom): cap 0.75" in err
+    assert "remaining 0.75 of its own cap" in err  # not of the institution's or the dataset's
     assert "shown only this once" in err and token not in err
     record = live.ledger.client(client_id)
     assert (record.role, record.institution, record.cap) == ("researcher", "iom",
@@ -244,6 +245,7 @@ def test_bad_input_is_refused_and_changes_nothing(
     live: LiveServer, admin_env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client_id, token = add_researcher(live, cap="1")
+    live.ledger.register_client(new_id(), role="researcher", institution="iom", cap="1")
     before = registry(live)
     unknown = new_id()
     cases = [
@@ -252,6 +254,7 @@ def test_bad_input_is_refused_and_changes_nothing(
         (["register", unknown, "--budget", "-1"], 2, "budget must be a positive"),
         (["register", "not ok!"], 2, "client_id must be 1 to 64 characters"),
         (["register", client_id], 1, f"client {client_id} is already registered"),
+        (["register", unknown, "--institution", "I0M"], 1, "'I0M' is 'iom' spelt differently"),
         (["set-budget", client_id, "1/3"], 2, "budget must be a decimal number"),
         (["set-budget", unknown, "2"], 1, f"client {unknown} is not registered"),
         (["rotate", unknown], 1, f"client {unknown} is not registered"),
