@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from engine.errors import VeilError
-from engine.ledger import Ledger, LedgerReport, ScopeBudget
+from engine.ledger import ClientRecord, Ledger, LedgerReport, ScopeBudget
 from engine.loss import Accounting, format_amount
 
 
@@ -52,9 +53,10 @@ def add_ledger_command(subparsers: Any) -> argparse.ArgumentParser:
         "report",
         help="spent and remaining budget per client and institution, and the dataset's",
         description=(
-            "Print spent and remaining budget per client, per institution and for the dataset "
-            "over all its data versions (exact amounts, and the (epsilon, delta) equivalent "
-            "under zCDP), and optionally every stored release with its charge."
+            "Print spent and remaining budget per client (with its status: active, or revoked "
+            "and when), per institution and for the dataset over all its data versions (exact "
+            "amounts, and the (epsilon, delta) equivalent under zCDP), and optionally every "
+            "stored release with its charge."
         ),
     )
     report.add_argument("ledger", help="path of the ledger database")
@@ -86,12 +88,17 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     try:
         with Ledger.open_readonly(args.ledger) as ledger:
             report = ledger.report()
+            clients = {c.client_id: c for c in ledger.list_clients()}
             releases = ledger.releases() if args.releases else []
     except VeilError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         data = report.to_dict()
+        for row in data["clients"]:
+            client = clients.get(row["name"])
+            row["status"] = None if client is None else client.status
+            row["revoked_at"] = None if client is None else client.revoked_at
         if args.releases:
             data["releases"] = [
                 {
@@ -110,7 +117,7 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             ]
         print(json.dumps(data, indent=2), file=out)
         return 0
-    print(format_report(report), file=out)
+    print(format_report(report, clients), file=out)
     if args.releases:
         print("", file=out)
         print(f"releases ({len(releases)})", file=out)
@@ -124,8 +131,11 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     return 0
 
 
-def format_report(report: LedgerReport) -> str:
-    """The report as aligned text, exact amounts first."""
+def format_report(
+    report: LedgerReport, clients: Mapping[str, ClientRecord] | None = None
+) -> str:
+    """The report as aligned text, exact amounts first; with `clients` (by id), each client's
+    row ends with its status: active, or revoked and when."""
     unit = report.accounting.unit
     zcdp = report.accounting is Accounting.ZCDP
     lines = [f"accounting: {report.accounting.value} (amounts in {unit})"]
@@ -141,11 +151,22 @@ def format_report(report: LedgerReport) -> str:
     ):
         lines.append("")
         lines.append(title)
-        lines.append(header)
-        lines.extend(_row(scope, report) for scope in scopes)
+        marks = clients if title == "clients" else None
+        lines.append(header if marks is None else f"{header} status")
+        for scope in scopes:
+            row = _row(scope, report)
+            lines.append(row if marks is None else f"{row} {_status(marks.get(scope.name))}")
     lines.append("")
     lines.append(f"audit head: {report.head_seq}:{report.head_hash}")
     return "\n".join(lines)
+
+
+def _status(client: ClientRecord | None) -> str:
+    if client is None:
+        return "-"
+    if client.status == "revoked":
+        return f"revoked {client.revoked_at}" if client.revoked_at else "revoked"
+    return client.status
 
 
 def _row(scope: ScopeBudget, report: LedgerReport) -> str:

@@ -1130,6 +1130,30 @@ def test_cli_verify_and_report(
     assert "no ledger" in capsys.readouterr().err
 
 
+def test_cli_report_marks_revoked_clients(
+    ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ledger.revoke("bob", reason="left the project", actor="admin")
+    revoked_at = ledger.client("bob").revoked_at
+    path = str(ledger.path)
+    assert ledger_cli(["ledger", "report", path]) == 0
+    text = capsys.readouterr().out
+    clients = text.split("\nclients\n")[1].split("\n\n")[0].splitlines()
+    assert clients[0].split()[-1] == "status"
+    rows = {line.split()[0]: line.split() for line in clients[1:]}
+    assert rows["bob"][-1] == f"revoked {revoked_at}".split()[-1] and "revoked" in rows["bob"]
+    assert rows["alice"][-1] == "active" and rows["carol"][-1] == "active"
+    institutions = text.split("\ninstitutions\n")[1].split("\n\n")[0]
+    assert "status" not in institutions and "revoked" not in institutions
+    assert ledger_cli(["ledger", "report", path, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    status = {c["name"]: (c["status"], c["revoked_at"]) for c in data["clients"]}
+    assert status == {
+        "alice": ("active", None), "bob": ("revoked", revoked_at), "carol": ("active", None)
+    }
+    assert "status" not in data["dataset"]
+
+
 def _query_plans(path: Path, statements: list[str]) -> list[str]:
     with sqlite3.connect(path) as conn:
         return [
