@@ -7,7 +7,8 @@
 
 Tables (Arrow; `veil audit tables` writes them as CSV, the Audit service sends them as Arrow IPC):
 
-- budgets: per client, institution and data version: cap, spent, held, remaining, and the highest
+- budgets: per client, institution and data version: cap, spent, held, remaining, a client's
+  status (active or revoked, and when it was revoked), and the highest
   chance an attacker holding everything released against that scope has of guessing any one
   person's yes/no attribute (`guess_bound`, see `engine.risk.binary_guess_bound`).
 - spending: one row per committed charge and scope it counts against (client, institution, data
@@ -46,7 +47,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from engine.ledger import ADMIN_EVENTS, AuditEntry, Ledger, ScopeBudget
+from engine.ledger import ADMIN_EVENTS, AuditEntry, ClientRecord, Ledger, ScopeBudget
 from engine.loss import Accounting, epsilon_equivalent, format_amount, parse_amount
 from engine.risk import binary_guess_bound
 
@@ -173,7 +174,8 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
         release_counts[record.client] += 1
     if "budgets" in wanted:
         scopes = (*report.clients, *report.institutions, report.dataset)
-        tables["budgets"] = _budgets(scopes, accounting, delta, release_counts)
+        clients = {c.client_id: c for c in ledger.list_clients()}
+        tables["budgets"] = _budgets(scopes, accounting, delta, release_counts, clients)
     if "spending" in wanted:
         tables["spending"] = _spending(ledger, charges, accounting, delta)
     if "releases" in wanted or "queries" in wanted:
@@ -209,9 +211,11 @@ def _budgets(
     accounting: Accounting,
     delta: float,
     release_counts: Mapping[str, int],
+    clients: Mapping[str, ClientRecord],
 ) -> pa.Table:
     rows: dict[str, list[Any]] = defaultdict(list)
     for s in scopes:
+        client = clients.get(s.name) if s.kind == "client" else None
         remaining = s.remaining
         rows["kind"].append(s.kind)
         rows["name"].append(s.name)
@@ -225,6 +229,8 @@ def _budgets(
         rows["spent_epsilon"].append(epsilon_equivalent(accounting, s.spent, delta))
         rows["guess_bound"].append(binary_guess_bound(accounting, float(s.spent)))
         rows["releases"].append(release_counts.get(s.name, 0) if s.kind == "client" else None)
+        rows["status"].append(None if client is None else client.status)
+        rows["revoked_at"].append(None if client is None else _time(client.revoked_at))
     schema = pa.schema(
         [
             ("kind", pa.string()),
@@ -239,6 +245,8 @@ def _budgets(
             ("spent_epsilon", pa.float64()),
             ("guess_bound", pa.float64()),
             ("releases", pa.int64()),
+            ("status", pa.string()),
+            ("revoked_at", _TIME),
         ]
     )
     return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
@@ -684,6 +692,7 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
             ("used_share", "used", "pct"),
             ("guess_bound", "guess bound", "fixed"),
             ("releases", "releases", "num"),
+            ("status", "status", None),
         ]
         if zcdp:
             columns.insert(6, ("spent_epsilon", "spent (eps at delta)", "fixed"))

@@ -124,3 +124,29 @@ def test_attack_with_no_server_says_how_to_name_one(
     assert veil_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "--server" in err and "VEIL_SERVER" in err
+
+
+def test_audit_budgets_mark_revoked_clients(tmp_path: Path) -> None:
+    import csv
+
+    from engine.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap=5, dataset="ctdc") as ledger:
+        ledger.register_client("amina", role="researcher", cap=1, institution="iom")
+        ledger.register_client("bob", role="researcher", cap=1)
+        ledger.revoke("bob", reason="left the project")
+        revoked_at = ledger.client("bob").revoked_at
+    argv = ["audit", "tables", str(path), "--table", "budgets", "--out", str(tmp_path / "t")]
+    assert veil_cli.main(argv) == 0
+    with (tmp_path / "t" / "budgets.csv").open() as handle:
+        rows = {(r["kind"], r["name"]): r for r in csv.DictReader(handle)}
+    assert rows["client", "amina"]["status"] == "active"
+    assert rows["client", "bob"]["status"] == "revoked"
+    assert revoked_at is not None
+    assert rows["client", "bob"]["revoked_at"] == revoked_at.replace("T", " ")
+    assert rows["client", "amina"]["revoked_at"] == ""
+    assert rows["institution", "iom"]["status"] == rows["dataset", "ctdc"]["status"] == ""
+    assert veil_cli.main(["audit", "report", str(path), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<th>status</th>" in page and "<td>revoked</td>" in page
