@@ -75,7 +75,7 @@ def plot_release(
             size = (min(40.0, max(6.0, 0.3 * bars + 0.3 * len(positions) + 2)), 4.8)
         _, ax = plt.subplots(figsize=size)
     width = 0.8 / max(1, len(groups))
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    colors = series_colors(len(groups))
     top = 0.0
     marks: list[tuple[float, int]] = []
     for g, group in enumerate(groups):
@@ -93,7 +93,7 @@ def plot_release(
             low_err.append(max(0.0, value - float(row["ci_low"])))
             high_err.append(max(0.0, float(row["ci_high"]) - value))
             top = max(top, float(row["ci_high"]))
-        color = colors[g % len(colors)]
+        color = colors[g]
         bar = ax.barh if horizontal else ax.bar
         kwargs: dict[str, Any] = {"height" if horizontal else "width": width}
         err = {"xerr" if horizontal else "yerr": [low_err, high_err]}
@@ -133,7 +133,10 @@ def plot_release(
         from matplotlib.ticker import PercentFormatter
 
         (ax.xaxis if horizontal else ax.yaxis).set_major_formatter(PercentFormatter(1.0))
-    handles, labels = ax.get_legend_handles_labels()
+    # Drawn from the series, not the bars: a series whose every cell is suppressed has no bar,
+    # and matplotlib would give its legend entry the default colour of another.
+    handles: list[Any] = [Patch(facecolor=c) for c in colors] if hue else []
+    labels = list(groups) if hue else []
     if show_suppressed and marks:
         handles.append(Patch(fill=False, hatch="///", edgecolor=SUPPRESSED_COLOR))
         labels.append("suppressed")
@@ -143,6 +146,24 @@ def plot_release(
     ax.set_title(textwrap.fill(heading, 70), fontsize=10)
     ax.figure.tight_layout()
     return ax
+
+
+def series_colors(count: int) -> list[str]:
+    """`count` distinct colours, one per series, from matplotlib's qualitative colormaps: tab10
+    up to 10 series; then tab20's other ten (its light shades); then tab20b's and tab20c's; past
+    those 60, evenly spaced colours of a continuous colormap."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    def listed(name: str) -> list[str]:
+        return [to_hex(c) for c in colormaps[name].colors]  # type: ignore[attr-defined]
+
+    tab20 = listed("tab20")
+    palette = listed("tab10") + tab20[1::2] + listed("tab20b") + listed("tab20c")
+    if count <= len(palette):
+        return palette[:count]
+    spread = colormaps["turbo"]
+    return [to_hex(spread(i / max(1, count - 1))) for i in range(count)]
 
 
 def _value_label(release: Release) -> str:
