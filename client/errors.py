@@ -108,7 +108,9 @@ class UnsupportedSQL(InvalidQuery):
 
 class BudgetExhausted(VeilError):
     """The release would exceed a budget. `scope` says which ("client", "institution",
-    "dataset"); `remaining` is what is left in it (exact), `remaining_text` as the server wrote it.
+    "dataset"); `remaining` is what is left in it as the message writes it, an exact Decimal
+    (Decimal("0.2"), which a release takes back as its loss; None when the server did not say),
+    and `remaining_text` the server's text of it ("0.2").
     """
 
     def __init__(
@@ -123,7 +125,7 @@ class BudgetExhausted(VeilError):
         super().__init__(message, code=code, request_id=request_id)
         self.scope = scope
         self.remaining_text = remaining
-        self.remaining: Fraction | None = parse_amount(remaining)
+        self.remaining: Decimal | None = _decimal(remaining)
 
 
 class RateLimited(VeilError):
@@ -178,6 +180,20 @@ class ServerFault(VeilError):
 
 
 # ---- from a gRPC error -------------------------------------------------------------------------
+
+
+def _decimal(text: str | None) -> Decimal | None:
+    """An amount as the server wrote it, as an exact Decimal; None when empty or unreadable.
+
+    Every cap and loss is decimal text, and so is every sum and difference of them; the p/q the
+    wire also allows (a non-terminating rational) has no exact Decimal, so it gives None too."""
+    if not text:
+        return None
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
 
 
 def parse_amount(text: str | None) -> Fraction | None:

@@ -244,8 +244,12 @@ def test_budget_exhausted_says_how_much_is_left(live: LiveServer) -> None:
     with pytest.raises(client.BudgetExhausted) as error:
         veil_client.count().by("ageBroad").release(epsilon=0.5)
     assert error.value.scope == "client"
-    assert error.value.remaining == Fraction(1, 5) and error.value.remaining_text == "0.2"
-    assert "0.2" in str(error.value)
+    # As the message writes it, exactly: Decimal("0.2"), not Fraction(1, 5).
+    assert repr(error.value.remaining) == "Decimal('0.2')" and str(error.value.remaining) == "0.2"
+    assert error.value.remaining_text == "0.2"
+    assert f"{error.value.remaining} of 1 remains" in str(error.value)
+    # What is left can be asked for as it is.
+    assert veil_client.count().by("ageBroad").dry_run(loss=error.value.remaining).fits_budget
     assert error.value.request_id  # nothing charged; the id may be reused
     assert veil_client.budget().spent == Fraction(4, 5)
     veil_client.close()
@@ -455,6 +459,30 @@ def test_a_replayed_release_says_it_charged_nothing(alice: tuple[str, client.Cli
     assert first.charged == "0.25"
     assert again.charged == "0"
     assert again.metadata.release_id == first.metadata.release_id
+
+
+def test_empty_cells_expected_by_chance_are_priced_then_released(
+    alice: tuple[str, client.Client],
+) -> None:
+    _, veil_client = alice
+    # The researcher's wide table: 320 cells, tau 33 at epsilon 0.1 (a year keeps it unique here).
+    query = (veil_client.count().by("gender", "ageBroad", "citizenshipRegion")
+             .where(yearOfRegistration=2006))
+    priced = query.dry_run(epsilon="0.1")
+    assert priced.cells == 320 and priced.tau == 33 and not priced.already_released
+    assert priced.expected_empty_published_bound == pytest.approx(6.196, abs=1e-3)
+    line = "published cells expected to be empty ones passing by chance: at most 6.2"
+    assert line in repr(priced)
+    release = query.release(epsilon="0.1")
+    meta = release.metadata
+    assert (meta.empty_pass_probability, meta.expected_empty_published_bound) == (
+        priced.empty_pass_probability, priced.expected_empty_published_bound
+    )
+    assert line in release.summary()
+    stored = query.dry_run(epsilon="0.1")  # the stored release's own numbers, as it was made
+    assert stored.already_released
+    assert stored.expected_empty_published_bound == meta.expected_empty_published_bound
+    assert veil_client.get_release(meta.release_id).metadata == meta
 
 
 def test_a_dry_run_says_whether_the_budget_covers_it(live: LiveServer) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -257,7 +258,17 @@ def test_errors_a_researcher_can_read() -> None:
          ("veil-budget-remaining", "0.1")),
     ))
     assert isinstance(budget, client.BudgetExhausted)
-    assert budget.scope == "institution" and budget.remaining == Fraction(1, 10)
+    assert budget.scope == "institution" and budget.remaining == Decimal("0.1")
+    assert isinstance(budget.remaining, Decimal)
+    for text, expected in (("0.300000000000001", Fraction(300000000000001, 10**15)),
+                           ("a lot", None), ("1/3", None)):
+        other = from_rpc_error(FakeError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "over budget",
+            (("grpc-status-details-bin", status.SerializeToString()),
+             ("veil-budget-remaining", text)),
+        ))
+        assert isinstance(other, client.BudgetExhausted)
+        assert other.remaining == expected and other.remaining_text == text  # exact, or None
 
     invalid = from_rpc_error(FakeError(grpc.StatusCode.INVALID_ARGUMENT, "gender: no",
                                        (("veil-variable", "gender"),)))
