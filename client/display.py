@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import textwrap
 from collections.abc import Sequence
 
@@ -107,3 +108,28 @@ def wrap(text: str, width: int = 96, indent: str = "  ") -> str:
 def shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: max(0, width - 3)].rstrip() + "..."
+
+
+def rounded_up(value: float, digits: int = 2) -> str:
+    """`value` to `digits` significant digits, rounded up: a ceiling stays a ceiling."""
+    if value <= 0:
+        return "0"
+    exponent = math.floor(math.log10(value)) - digits + 1
+    if exponent >= 0:
+        return f"{math.ceil(value):,}"
+    unit = 10.0**exponent
+    # The small allowance keeps a float such as 6.2 / 0.1 = 62.000000001 from rounding to 6.3.
+    up = math.ceil(value / unit - 1e-6) * unit
+    return f"{up:.{digits - 1}e}" if value < 1e-3 else f"{up:.{-exponent}f}"
+
+
+def empty_cells_text(bound: float | None, probability: float | None) -> str:
+    """What the bound on empty cells published by chance says, in words ("" when not known:
+    a release stored, or a server built, before it was recorded)."""
+    if bound is None or probability is None:
+        return ""
+    return (
+        f"published cells expected to be empty ones passing by chance: at most "
+        f"{rounded_up(bound)} (each empty cell passes with probability "
+        f"{rounded_up(100 * probability)}%)"
+    )

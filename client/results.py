@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from client.codebook import ACCOUNTING_NAMES, LOSS_SYMBOL
-from client.display import html_table, key_text, shorten, text_table
+from client.display import empty_cells_text, html_table, key_text, shorten, text_table
 from client.errors import parse_amount
 from protos.veil.v1 import veil_pb2 as pb
 
@@ -42,6 +42,11 @@ JSON_FORMAT = "veil.release/1"
 def amount(text: str) -> Fraction:
     """An exact amount from the server's text ("0.5", "1/3"); 0 for empty."""
     return parse_amount(text) or Fraction(0)
+
+
+def _optional(message: Any, name: str) -> float | None:
+    """An optional field's value, None when the server did not set it."""
+    return float(getattr(message, name)) if message.HasField(name) else None
 
 
 # ---- releases -----------------------------------------------------------------------------------
@@ -72,6 +77,11 @@ class ReleaseMetadata:
     confidence: float
     cells: int
     suppressed_cells: int
+    # p0, the chance that a cell whose true count is 0 is published anyway, and cells x p0, a
+    # ceiling on how many published cells are expected to be such empty cells. Data-independent.
+    # None for a release stored, or a server built, before they were recorded.
+    empty_pass_probability: float | None = None
+    expected_empty_published_bound: float | None = None
 
     @classmethod
     def from_pb(cls, m: pb.ReleaseMetadata) -> ReleaseMetadata:
@@ -96,6 +106,8 @@ class ReleaseMetadata:
             confidence=m.confidence,
             cells=m.cells,
             suppressed_cells=m.suppressed_cells,
+            empty_pass_probability=_optional(m, "empty_pass_probability"),
+            expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
         )
 
     @property
@@ -308,9 +320,12 @@ class Release:
         scale = f"scale {m.noise_scale:.3g}"
         if m.sum_noise_scale is not None:
             scale += f" (sum {m.sum_noise_scale:.3g})"
+        chance = empty_cells_text(m.expected_empty_published_bound, m.empty_pass_probability)
         return (
             f"{asked}: {m.loss_name} {m.loss}, {m.mechanism} {scale}, tau {m.tau} (k {m.k}); "
-            f"{m.suppressed_cells} of {m.cells} cells suppressed; release {m.release_id}"
+            f"{m.suppressed_cells} of {m.cells} cells suppressed; "
+            + (f"{chance}; " if chance else "")
+            + f"release {m.release_id}"
         )
 
     def to_text(self, max_rows: int | None = None) -> str:
@@ -393,6 +408,9 @@ class DryRun:
     expected_suppressed_share: float  # for cells whose true count is `assumed_count`
     fingerprint: str
     already_released: bool  # releasing it would return the stored release, free
+    # As in ReleaseMetadata: p0 and cells x p0 (None from a server older than these fields).
+    empty_pass_probability: float | None = None
+    expected_empty_published_bound: float | None = None
     query: Query | None = field(default=None, compare=False)
     # The caller's budget read just after the dry run (None when it could not be read): what
     # `fits_budget` and `remaining_after` are computed from, on this machine.
@@ -407,7 +425,10 @@ class DryRun:
             cells=m.cells, mechanism=m.mechanism, noise_scale=m.noise_scale, tau=m.tau,
             half_width=m.half_width, confidence=m.confidence, assumed_count=m.assumed_count,
             expected_suppressed_share=m.expected_suppressed_share, fingerprint=m.fingerprint,
-            already_released=m.already_released, query=query, budget=budget,
+            already_released=m.already_released,
+            empty_pass_probability=_optional(m, "empty_pass_probability"),
+            expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
+            query=query, budget=budget,
         )
 
     @property
@@ -488,6 +509,8 @@ class DryRun:
     def __repr__(self) -> str:
         free = " (already released: it would be returned free)" if self.already_released else ""
         asked = f"{self.query}\n" if self.query is not None else ""
+        chance = empty_cells_text(self.expected_empty_published_bound, self.empty_pass_probability)
+        chance = f"  {chance}\n" if chance else ""
         return (
             f"{asked}Dry run: {self.loss_name} {self.loss}{free}\n"
             f"  cells: {self.cells:,}; {self.mechanism}, scale {self.noise_scale:.4g}\n"
@@ -495,6 +518,7 @@ class DryRun:
             f"  published when the noisy count reaches tau = {self.tau}; a cell of "
             f"{self.assumed_count} records is suppressed with probability "
             f"{self.expected_suppressed_share:.1%}\n"
+            f"{chance}"
             f"{self._budget_line()}\n"
             f"  fingerprint {self.fingerprint[:16]}"
         )

@@ -64,6 +64,26 @@ class NoiseDistribution:
         return self.tail(tau - true_count)
 
 
+@dataclass(frozen=True)
+class EmptyCellBound:
+    """How many published cells may be empty ones that passed by chance, from the plan alone.
+
+    `pass_probability` is p0 = P(Z >= tau), the chance that a cell whose true count is 0 passes
+    the publication rule (for a proportion, P(N' >= tau | N = 0), which bounds its rule).
+    `expected_published` is cells x p0: the number of empty cells is not public, so every cell
+    is counted as if empty, which bounds the expected number of empty cells published.
+    """
+
+    pass_probability: float
+    expected_published: float
+
+
+def empty_cell_bound(distribution: NoiseDistribution, *, tau: int, cells: int) -> EmptyCellBound:
+    """The bound for `cells` cells, each published when its count's noisy value reaches tau."""
+    p0 = distribution.publish_probability(0, tau)
+    return EmptyCellBound(pass_probability=p0, expected_published=cells * p0)
+
+
 _EXACT_GAUSSIAN_UP_TO = 1000.0
 
 

@@ -25,7 +25,7 @@ from engine.loss import MAX_AMOUNT, MIN_AMOUNT, PrivacyLoss
 from engine.noise import NoiseAhead
 from engine.planner import Plan, plan_query
 from engine.query import Query
-from engine.release import Answer, Charger, Release, build_answer
+from engine.release import Answer, Charger, Release, build_answer, empty_cell_bound_of
 from engine.settings import Settings
 from engine.sql import build, domain_check, group_columns
 
@@ -44,6 +44,10 @@ class DryRun:
     assumed_count: int
     expected_suppressed_share: float  # if every cell's true count were `assumed_count`
     fingerprint: str
+    # As in ReleaseMetadata: p0, the chance an empty cell is published, and cells x p0, which
+    # the expected number of empty cells published never exceeds.
+    empty_pass_probability: float
+    expected_empty_published_bound: float
 
 
 class Engine:
@@ -148,6 +152,7 @@ class Engine:
         plan = self.plan(query, loss=loss)
         distribution = plan.count_mechanism.distribution
         assumed = assumed_count if assumed_count is not None else 2 * self.settings.k
+        chance = empty_cell_bound_of(plan)
         return DryRun(
             loss=loss,
             cells=plan.cells,
@@ -159,6 +164,8 @@ class Engine:
             assumed_count=assumed,
             expected_suppressed_share=1.0 - distribution.publish_probability(assumed, plan.tau),
             fingerprint=plan.fingerprint,
+            empty_pass_probability=chance.pass_probability,
+            expected_empty_published_bound=chance.expected_published,
         )
 
     def answer(self, plan: Plan, *, cancel: Cancellation | None = None) -> Answer:

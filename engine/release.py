@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from engine.accuracy import bonferroni_level
+from engine.accuracy import EmptyCellBound, bonferroni_level, empty_cell_bound
 from engine.codebook import Dimension
 from engine.loss import format_amount
 from engine.planner import Plan
@@ -26,7 +26,14 @@ _META_KEY = b"veil.release"
 
 @dataclass(frozen=True)
 class ReleaseMetadata:
-    """Everything about a release except its cells. Contains no true value."""
+    """Everything about a release except its cells. Contains no true value.
+
+    `empty_pass_probability` and `expected_empty_published_bound` depend on the plan only (cells,
+    tau, the count's noise): on average at most `expected_empty_published_bound` of the published
+    cells are empty ones published by chance, each empty cell with probability at most
+    `empty_pass_probability`. The names say "empty" and "bound" because that is all they claim:
+    not how many published cells are wrong, but a ceiling on the expected number with true count 0.
+    """
 
     fingerprint: str
     canonical_query: str
@@ -48,6 +55,9 @@ class ReleaseMetadata:
     release_id: str = ""
     charge_id: str = ""
     created_at: str = ""
+    # None in releases stored before they were recorded (decoded from their stored bytes).
+    empty_pass_probability: float | None = None  # p0: P(an empty cell is published)
+    expected_empty_published_bound: float | None = None  # cells x p0 (see EmptyCellBound)
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         value = _withheld(estimate.astype(float), published, pa.float64())
 
     mask = ~published
+    chance = empty_cell_bound_of(plan)
     columns = dict(keys)
     columns["value"] = value
     columns["ci_low"] = _withheld(np.asarray(low, dtype=float), published, pa.float64())
@@ -231,8 +242,19 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         confidence=settings.confidence,
         cells=table.num_rows,
         suppressed_cells=int(mask.sum()),
+        empty_pass_probability=chance.pass_probability,
+        expected_empty_published_bound=chance.expected_published,
     )
     return Answer(table, metadata)
+
+
+def empty_cell_bound_of(plan: Plan) -> EmptyCellBound:
+    """The plan's bound on empty cells published by chance (see `EmptyCellBound`).
+
+    Every measure's publication rule reads a count drawn with the plan's count noise against tau
+    (a count, each flag's count, a proportion's N', a sum's or mean's group count), one per cell.
+    """
+    return empty_cell_bound(plan.count_mechanism.distribution, tau=plan.tau, cells=plan.cells)
 
 
 def _share(meets: np.ndarray, rest: np.ndarray, *, empty: float) -> np.ndarray:

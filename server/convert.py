@@ -442,6 +442,8 @@ def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
         expected_suppressed_share=dry.expected_suppressed_share,
         fingerprint=dry.fingerprint,
         already_released=already_released,
+        empty_pass_probability=dry.empty_pass_probability,
+        expected_empty_published_bound=dry.expected_empty_published_bound,
     )
 
 
@@ -470,6 +472,11 @@ def release_to_pb(release: Release, *, charged: str = "") -> pb.ReleaseResponse:
     )
     if m.sum_noise_scale is not None:
         metadata.sum_noise_scale = m.sum_noise_scale
+    # Left absent for a release stored before they were recorded: it is sent as it was made.
+    if m.empty_pass_probability is not None:
+        metadata.empty_pass_probability = m.empty_pass_probability
+    if m.expected_empty_published_bound is not None:
+        metadata.expected_empty_published_bound = m.expected_empty_published_bound
     return pb.ReleaseResponse(metadata=metadata, arrow_ipc=release.to_bytes(), charged=charged)
 
 

@@ -461,6 +461,30 @@ def test_a_replayed_release_says_it_charged_nothing(alice: tuple[str, client.Cli
     assert again.metadata.release_id == first.metadata.release_id
 
 
+def test_empty_cells_expected_by_chance_are_priced_then_released(
+    alice: tuple[str, client.Client],
+) -> None:
+    _, veil_client = alice
+    # The researcher's wide table: 320 cells, tau 33 at epsilon 0.1 (a year keeps it unique here).
+    query = (veil_client.count().by("gender", "ageBroad", "citizenshipRegion")
+             .where(yearOfRegistration=2006))
+    priced = query.dry_run(epsilon="0.1")
+    assert priced.cells == 320 and priced.tau == 33 and not priced.already_released
+    assert priced.expected_empty_published_bound == pytest.approx(6.196, abs=1e-3)
+    line = "published cells expected to be empty ones passing by chance: at most 6.2"
+    assert line in repr(priced)
+    release = query.release(epsilon="0.1")
+    meta = release.metadata
+    assert (meta.empty_pass_probability, meta.expected_empty_published_bound) == (
+        priced.empty_pass_probability, priced.expected_empty_published_bound
+    )
+    assert line in release.summary()
+    stored = query.dry_run(epsilon="0.1")  # the stored release's own numbers, as it was made
+    assert stored.already_released
+    assert stored.expected_empty_published_bound == meta.expected_empty_published_bound
+    assert veil_client.get_release(meta.release_id).metadata == meta
+
+
 def test_a_dry_run_says_whether_the_budget_covers_it(live: LiveServer) -> None:
     _, veil_client = researcher(live, cap="1")
     query = veil_client.count().by("majorityStatus").where(yearOfRegistration=2005)

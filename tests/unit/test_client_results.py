@@ -175,6 +175,40 @@ def test_dry_run_budget_and_canonical_text() -> None:
     assert describe_canonical("not json") == "not json"
 
 
+def test_the_summary_and_the_dry_run_state_the_empty_cells_expected_by_chance(
+    release: Release,
+) -> None:
+    assert "expected to be empty" not in release.summary()  # not recorded: nothing is claimed
+    chance = {"empty_pass_probability": 0.01936, "expected_empty_published_bound": 6.196}
+    stated = Release.from_pb(response(count_table(), **chance))
+    assert stated.metadata.expected_empty_published_bound == 6.196
+    line = ("published cells expected to be empty ones passing by chance: at most 6.2 "
+            "(each empty cell passes with probability 2.0%)")
+    assert line in stated.summary() and "\n" not in stated.summary()
+    assert line in repr(stated) and line in stated._repr_html_()
+    assert json.loads(stated.to_json())["metadata"]["expected_empty_published_bound"] == 6.196
+    wire = pb.DryRunResponse(
+        loss="0.1", accounting=pb.ACCOUNTING_PURE_DP, cells=320, mechanism="discrete_laplace",
+        noise_scale=10, tau=33, half_width=30, confidence=0.95, assumed_count=20,
+        expected_suppressed_share=0.86, fingerprint="ab" * 32, **chance,
+    )
+    dry = DryRun.from_pb(wire)
+    assert line in repr(dry)
+    assert dry.to_dict()["expected_empty_published_bound"] == 6.196
+    assert dry.to_dict()["empty_pass_probability"] == 0.01936
+    wire.ClearField("expected_empty_published_bound")
+    older = DryRun.from_pb(wire)  # a server older than the field
+    assert older.expected_empty_published_bound is None and "by chance" not in repr(older)
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (6.196, "6.2"), (6.2, "6.2"), (6.21, "6.3"), (0.0123, "0.013"), (123.4, "124"),
+    (1936.2, "1,937"), (2.0e-7, "2.0e-07"), (0.0, "0"),
+])
+def test_ceilings_are_rounded_up(value: float, text: str) -> None:
+    assert client.display.rounded_up(value) == text
+
+
 # ---- errors from a status -----------------------------------------------------------------------
 
 

@@ -991,6 +991,8 @@ class DryRunResponse(_message.Message):
     EXPECTED_SUPPRESSED_SHARE_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     ALREADY_RELEASED_FIELD_NUMBER: _builtins.int
+    EMPTY_PASS_PROBABILITY_FIELD_NUMBER: _builtins.int
+    EXPECTED_EMPTY_PUBLISHED_BOUND_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """exact decimal or p/q"""
     accounting: Global___Accounting.ValueType
@@ -1009,6 +1011,12 @@ class DryRunResponse(_message.Message):
     """identical queries share it, and share their release"""
     already_released: _builtins.bool
     """a release of this query exists: it would be returned, free"""
+    empty_pass_probability: _builtins.float
+    """From the plan alone: the chance that a cell whose true count is 0 is published anyway, and
+    cells x that chance, a bound on the expected number of published cells that are empty.
+    Absent from a server older than these fields.
+    """
+    expected_empty_published_bound: _builtins.float
     def __init__(
         self,
         *,
@@ -1024,12 +1032,21 @@ class DryRunResponse(_message.Message):
         expected_suppressed_share: _builtins.float = ...,
         fingerprint: _builtins.str = ...,
         already_released: _builtins.bool = ...,
+        empty_pass_probability: _builtins.float | None = ...,
+        expected_empty_published_bound: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__empty_pass_probability: _TypeAlias = _typing.Literal["empty_pass_probability"]  # noqa: Y015
+    _WhichOneofArgType__empty_pass_probability: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability"]  # noqa: Y015
+    _WhichOneofReturnType__expected_empty_published_bound: _TypeAlias = _typing.Literal["expected_empty_published_bound"]  # noqa: Y015
+    _WhichOneofArgType__expected_empty_published_bound: _TypeAlias = _typing.Literal["_expected_empty_published_bound", b"_expected_empty_published_bound"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__empty_pass_probability) -> _WhichOneofReturnType__empty_pass_probability | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_empty_published_bound) -> _WhichOneofReturnType__expected_empty_published_bound | None: ...
 
 Global___DryRunResponse: _TypeAlias = DryRunResponse  # noqa: Y015
 
@@ -1087,6 +1104,8 @@ class ReleaseMetadata(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     CELLS_FIELD_NUMBER: _builtins.int
     SUPPRESSED_CELLS_FIELD_NUMBER: _builtins.int
+    EMPTY_PASS_PROBABILITY_FIELD_NUMBER: _builtins.int
+    EXPECTED_EMPTY_PUBLISHED_BOUND_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     charge_id: _builtins.str
     created_at: _builtins.str
@@ -1109,6 +1128,9 @@ class ReleaseMetadata(_message.Message):
     confidence: _builtins.float
     cells: _builtins.int
     suppressed_cells: _builtins.int
+    empty_pass_probability: _builtins.float
+    """As in DryRunResponse; absent for a release stored before they were recorded."""
+    expected_empty_published_bound: _builtins.float
     def __init__(
         self,
         *,
@@ -1132,13 +1154,24 @@ class ReleaseMetadata(_message.Message):
         confidence: _builtins.float = ...,
         cells: _builtins.int = ...,
         suppressed_cells: _builtins.int = ...,
+        empty_pass_probability: _builtins.float | None = ...,
+        expected_empty_published_bound: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_sum_noise_scale", b"_sum_noise_scale", "sum_noise_scale", b"sum_noise_scale"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_sum_noise_scale", b"_sum_noise_scale", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "sum_noise_scale", b"sum_noise_scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sum_noise_scale", b"_sum_noise_scale", "accounting", b"accounting", "beta", b"beta", "canonical_query", b"canonical_query", "cells", b"cells", "charge_id", b"charge_id", "codebook", b"codebook", "confidence", b"confidence", "created_at", b"created_at", "data_version", b"data_version", "fingerprint", b"fingerprint", "k", b"k", "loss", b"loss", "measure", b"measure", "measured_loss", b"measured_loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "release_id", b"release_id", "sum_noise_scale", b"sum_noise_scale", "suppressed_cells", b"suppressed_cells", "tau", b"tau"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_sum_noise_scale", b"_sum_noise_scale", "accounting", b"accounting", "beta", b"beta", "canonical_query", b"canonical_query", "cells", b"cells", "charge_id", b"charge_id", "codebook", b"codebook", "confidence", b"confidence", "created_at", b"created_at", "data_version", b"data_version", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "fingerprint", b"fingerprint", "k", b"k", "loss", b"loss", "measure", b"measure", "measured_loss", b"measured_loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "release_id", b"release_id", "sum_noise_scale", b"sum_noise_scale", "suppressed_cells", b"suppressed_cells", "tau", b"tau"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__empty_pass_probability: _TypeAlias = _typing.Literal["empty_pass_probability"]  # noqa: Y015
+    _WhichOneofArgType__empty_pass_probability: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability"]  # noqa: Y015
+    _WhichOneofReturnType__expected_empty_published_bound: _TypeAlias = _typing.Literal["expected_empty_published_bound"]  # noqa: Y015
+    _WhichOneofArgType__expected_empty_published_bound: _TypeAlias = _typing.Literal["_expected_empty_published_bound", b"_expected_empty_published_bound"]  # noqa: Y015
     _WhichOneofReturnType__sum_noise_scale: _TypeAlias = _typing.Literal["sum_noise_scale"]  # noqa: Y015
     _WhichOneofArgType__sum_noise_scale: _TypeAlias = _typing.Literal["_sum_noise_scale", b"_sum_noise_scale"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__empty_pass_probability) -> _WhichOneofReturnType__empty_pass_probability | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_empty_published_bound) -> _WhichOneofReturnType__expected_empty_published_bound | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sum_noise_scale) -> _WhichOneofReturnType__sum_noise_scale | None: ...
 
 Global___ReleaseMetadata: _TypeAlias = ReleaseMetadata  # noqa: Y015
