@@ -8,12 +8,16 @@ the noise mechanism of each, the suppression threshold tau and the canonical fin
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+
+import numpy as np
 
 from engine.codebook import Code, Codebook, Dimension, Kind, Variable
 from engine.errors import InvalidQueryError, LimitExceededError
@@ -250,6 +254,89 @@ class Plan:
         return next(
             m for m, c in zip(self.mechanisms, self.components, strict=True) if c.thresholded
         )
+
+    @functools.cached_property
+    def unreachable(self) -> np.ndarray:
+        """Group cells (in row-major order, as released) no record can fall into, by the
+        query's own terms: its WHERE clause rules out their keys, or two of their keys
+        contradict each other (a country beside a region it is not in). Such a cell is empty
+        whatever the data, so saying so reveals nothing about the records. (Two conditions on a
+        variable the query does not group by are not checked against each other, so a cell
+        only they rule out is not found.)"""
+        return unreachable_cells(self.dimensions, self.where)
+
+
+# ---- cells no record can reach ----------------------------------------------------------------
+#
+# A cell fixes the stored value of each variable it groups by to a set (one code, a region's
+# countries, or missing). An atom of the WHERE clause on such a variable may hold in the cell when
+# it admits some value of the set; on a variable the query does not group by, it may always hold.
+# AND and OR combine these (canonical filters have no NOT), and a cell where the clause cannot
+# hold is unreachable.
+
+
+def unreachable_cells(dimensions: tuple[Dimension, ...], where: CanonicalFilter) -> np.ndarray:
+    """The cells of `dimensions` (row-major) that no record meeting `where` can fall into."""
+    shape = tuple(d.size for d in dimensions)
+    by_variable: dict[str, list[int]] = {}
+    for axis, dimension in enumerate(dimensions):
+        by_variable.setdefault(dimension.variable.name, []).append(axis)
+    if where == TRUE and all(len(axes) == 1 for axes in by_variable.values()):
+        return np.zeros(math.prod(shape), dtype=bool)  # the common case, at no cost
+    values = {
+        name: (axes, _values_held(tuple(dimensions[a] for a in axes)))
+        for name, axes in by_variable.items()
+    }
+
+    def spread(axes: list[int], grid: np.ndarray) -> np.ndarray:
+        full = [1] * len(shape)
+        for axis in axes:
+            full[axis] = shape[axis]
+        return grid.reshape(full)
+
+    def may_hold(f: CanonicalFilter) -> Any:
+        if isinstance(f, Constant):
+            return f.value
+        if isinstance(f, Atom):
+            if f.variable not in values:
+                return True
+            axes, held = values[f.variable]
+            grid = np.array([_admits_some(f, h) for h in held.ravel()], dtype=bool)
+            return spread(axes, grid)
+        parts = [may_hold(o) for o in f.operands]
+        combine = np.logical_and if isinstance(f, AllOf) else np.logical_or
+        return functools.reduce(combine, parts)
+
+    unreachable = ~np.asarray(may_hold(where), dtype=bool)
+    for axes, held in values.values():
+        if len(axes) > 1:  # a variable grouped twice (a country and its region)
+            empty = np.array([not h for h in held.ravel()], dtype=bool)
+            unreachable = unreachable | spread(axes, empty)
+    return np.broadcast_to(unreachable, shape).ravel()
+
+
+def _values_held(dimensions: tuple[Dimension, ...]) -> np.ndarray:
+    """For each combination of positions along `dimensions` (all on one variable), the stored
+    values a record there may hold: None for missing."""
+    per_axis = [_values_at(d) for d in dimensions]
+    held = np.empty(tuple(d.size for d in dimensions), dtype=object)
+    for index in itertools.product(*(range(d.size) for d in dimensions)):
+        held[index] = frozenset.intersection(*(per_axis[a][i] for a, i in enumerate(index)))
+    return held
+
+
+def _values_at(dimension: Dimension) -> list[frozenset[Code | None]]:
+    if dimension.derived is None:
+        return [frozenset({key}) for key in dimension.keys] + [frozenset({None})]
+    groups: list[set[Code | None]] = [set() for _ in range(dimension.size)]
+    for code, position in zip(dimension.variable.codes, dimension.source_to_key, strict=True):
+        groups[position].add(code)
+    groups[-1].add(None)
+    return [frozenset(g) for g in groups]
+
+
+def _admits_some(atom: Atom, held: frozenset[Code | None]) -> bool:
+    return any(atom.missing if value is None else value in atom.codes for value in held)
 
 
 def _check_limits(query: Query, settings: Settings) -> None:

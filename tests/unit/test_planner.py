@@ -252,3 +252,110 @@ def test_zcdp_plans_use_the_discrete_gaussian() -> None:
     p = plan(Query(Count(), by=("gender",)), settings=settings, loss=PrivacyLoss.zcdp("0.05"))
     assert p.count_mechanism.distribution.mechanism == "discrete_gaussian"
     assert p.measured_loss <= p.loss.amount
+
+
+# ---- cells no record can reach ----
+
+
+def test_cells_the_where_clause_rules_out_are_unreachable() -> None:
+    p = plan(Query(Count(), by=("majorityStatus",), where=Eq("majorityStatus", "Minor")))
+    assert p.dimensions[0].keys == ("Minor", "Adult", "Unknown")
+    assert p.unreachable.tolist() == [False, True, True, True]  # the last cell is missing
+    p = plan(Query(Count(), by=("yearOfRegistration",), where=Range("yearOfRegistration", 2015)))
+    assert p.unreachable.tolist() == [True] * 13 + [False] * 7 + [True]
+    # A country beside a region it is not in: one reachable region per country, and missing.
+    p = plan(Query(Count(), by=("citizenship", "citizenshipRegion")))
+    assert p.group_cells - int(p.unreachable.sum()) == len(p.dimensions[0].keys) + 1
+    # A region filter on countries, and a country filter on regions.
+    p = plan(Query(Count(), by=("citizenship",), where=Eq("citizenshipRegion", "Africa")))
+    africa = CODEBOOK.dimension("citizenshipRegion").source_codes_for(frozenset({"Africa"}))
+    keys = [*p.dimensions[0].keys, None]
+    assert [keys[i] for i in (~p.unreachable).nonzero()[0]] == [
+        k for k in keys if k in africa
+    ]
+    p = plan(Query(Count(), by=("citizenshipRegion",), where=In("citizenship", ["NG", "US"])))
+    assert sorted(
+        p.dimensions[0].keys[i] for i in (~p.unreachable).nonzero()[0]
+    ) == ["Africa", "Americas"]
+    assert not plan(Query(Count(), by=("gender", "ageBroad"))).unreachable.any()
+
+
+def _holds(f: object, record: dict[str, object]) -> bool:
+    """A canonical filter, evaluated on one record as the SQL does."""
+    from engine.planner import AllOf, AnyOf, Atom, Constant
+
+    if isinstance(f, Constant):
+        return f.value
+    if isinstance(f, Atom):
+        value = record[f.variable]
+        return f.missing if value is None else value in f.codes
+    assert isinstance(f, (AllOf, AnyOf))
+    results = [_holds(o, record) for o in f.operands]
+    return all(results) if isinstance(f, AllOf) else any(results)
+
+
+def _atoms_on(f: object, name: str) -> int:
+    from engine.planner import AllOf, AnyOf, Atom
+
+    if isinstance(f, Atom):
+        return int(f.variable == name)
+    if isinstance(f, (AllOf, AnyOf)):
+        return sum(_atoms_on(o, name) for o in f.operands)
+    return 0
+
+
+def test_unreachable_cells_are_those_no_record_reaches() -> None:
+    # Every record over four variables, against random filters and groupings: a cell called
+    # unreachable is one no record meeting the filter falls into, always; and every such cell
+    # is called unreachable when each variable left ungrouped appears in the filter at most once
+    # (else two conditions on it may contradict each other, which is not looked for).
+    import itertools
+    import random
+
+    import numpy as np
+
+    names = ("gender", "majorityStatus", "isSexualExploit", "ageBroad")
+    domains = {n: [*CODEBOOK.variable(n).codes, None] for n in names}
+    records = [dict(zip(names, v, strict=True)) for v in itertools.product(*domains.values())]
+    rng = random.Random(7)
+
+    def leaf() -> object:
+        name = rng.choice(names)
+        codes = list(CODEBOOK.variable(name).codes)
+        kind = rng.randrange(3)
+        if kind == 0:
+            return Eq(name, rng.choice(codes))
+        if kind == 1:
+            return In(name, rng.sample(codes, rng.randint(1, len(codes))))
+        return IsMissing(name)
+
+    def random_filter(depth: int) -> object:
+        if depth == 0 or rng.random() < 0.3:
+            f = leaf()
+        else:
+            combine = And if rng.random() < 0.5 else Or
+            f = combine(*(random_filter(depth - 1) for _ in range(rng.randint(2, 3))))
+        return Not(f) if rng.random() < 0.2 else f
+
+    checked = exact = 0
+    for _ in range(300):
+        by = tuple(rng.sample(names, rng.randint(1, 3)))
+        try:
+            p = plan(Query(Count(), by=by, where=random_filter(3)))  # type: ignore[arg-type]
+        except InvalidQueryError:
+            continue  # a filter no record meets is refused before any cell is considered
+        sizes = [d.size for d in p.dimensions]
+        reached = np.zeros(sizes, dtype=bool)
+        for record in records:
+            if _holds(p.where, record):
+                index = tuple(
+                    len(d.keys) if record[d.name] is None else d.keys.index(record[d.name])
+                    for d in p.dimensions
+                )
+                reached[index] = True
+        assert not (p.unreachable & reached.ravel()).any(), (by, p.where)
+        if all(_atoms_on(p.where, n) <= 1 for n in names if n not in by):
+            assert (p.unreachable == ~reached.ravel()).all(), (by, p.where)
+            exact += 1
+        checked += 1
+    assert checked > 200 and exact > 100
