@@ -56,6 +56,7 @@ class ReleaseMetadata:
     charge_id: str = ""
     created_at: str = ""
     # None in releases stored before they were recorded (decoded from their stored bytes).
+    unreachable_cells: int | None = None  # rows the query's own terms leave empty
     empty_pass_probability: float | None = None  # p0: P(an empty cell is published)
     expected_empty_published_bound: float | None = None  # cells x p0 (see EmptyCellBound)
 
@@ -159,14 +160,19 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
     n = plan.group_cells
     keys = _key_columns(plan.dimensions, n)
     sum_scale: float | None = None
+    # Cells the query's own terms leave empty (see Plan.unreachable): known from the query
+    # alone, so stated as they are (a count or sum of 0; a share or mean of nothing, left out)
+    # rather than published as noise around zero. Zeroing them reads no data.
+    unreachable = np.tile(plan.unreachable, len(plan.flag_names) or 1)
 
     if isinstance(measure, (Count, FlagCounts)):
         q = count_dist.quantile_abs(settings.confidence)
         counts = np.concatenate(noisy) if isinstance(measure, FlagCounts) else noisy[0]
-        published = publishable(counts, tau)
+        counts = np.where(unreachable, 0, counts)
+        published = publishable(counts, tau) | unreachable
         value: pa.Array = _withheld(counts, published, pa.int64())
-        low = np.maximum(counts - q, 0).astype(float)
-        high = (counts + q).astype(float)
+        low = np.where(unreachable, 0, np.maximum(counts - q, 0)).astype(float)
+        high = np.where(unreachable, 0, counts + q).astype(float)
         if isinstance(measure, FlagCounts):
             flags = plan.flag_names
             keys = {name: pa.concat_arrays([col] * len(flags)) for name, col in keys.items()}
@@ -180,7 +186,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         denominator = numerator + rest
         # N' passing tau bounds the chance of publishing a cell of fewer than k records (its N
         # is fewer still), whatever the wider noise of N' + C'; D' must pass too.
-        published = publishable(numerator, tau) & publishable(denominator, tau)
+        published = publishable(numerator, tau) & publishable(denominator, tau) & ~unreachable
         ratio = np.clip(numerator / np.maximum(denominator, 1).astype(float), 0.0, 1.0)
         value = _withheld(ratio, published, pa.float64())
         # N / (N + C) grows with N and shrinks with C: its interval's ends take each count's
@@ -200,6 +206,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         q_sum, q_count = sum_dist.quantile_abs(level), count_dist.quantile_abs(level)
         published = publishable(present, tau)
         if isinstance(measure, Mean):
+            published &= ~unreachable  # the mean of no record
             # mean = shift + S / P, with S in [S' - q_sum, S' + q_sum] and P a count of at least
             # one in [P' - q_count, P' + q_count]: S / P is least at the lowest S over the largest
             # P when that S is not negative, over the smallest P when it is; greatest likewise.
@@ -211,9 +218,10 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
             high = shift + greatest_sum / np.where(greatest_sum >= 0, fewest, most)
             estimate, low, high = (np.clip(v, lo_bound, hi_bound) for v in (estimate, low, high))
         else:
-            estimate = shifted + shift * present
-            spread = q_sum + abs(shift) * q_count
+            estimate = np.where(unreachable, 0, shifted + shift * present)
+            spread = np.where(unreachable, 0, q_sum + abs(shift) * q_count)
             low, high = estimate - spread, estimate + spread
+            published |= unreachable
         value = _withheld(estimate.astype(float), published, pa.float64())
 
     mask = ~published
@@ -242,6 +250,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         confidence=settings.confidence,
         cells=table.num_rows,
         suppressed_cells=int(mask.sum()),
+        unreachable_cells=int(unreachable.sum()),
         empty_pass_probability=chance.pass_probability,
         expected_empty_published_bound=chance.expected_published,
     )
@@ -253,8 +262,11 @@ def empty_cell_bound_of(plan: Plan) -> EmptyCellBound:
 
     Every measure's publication rule reads a count drawn with the plan's count noise against tau
     (a count, each flag's count, a proportion's N', a sum's or mean's group count), one per cell.
+    Cells the query's own terms leave empty are stated, never published by chance, and are not
+    counted.
     """
-    return empty_cell_bound(plan.count_mechanism.distribution, tau=plan.tau, cells=plan.cells)
+    reachable = (plan.group_cells - int(plan.unreachable.sum())) * max(1, len(plan.flag_names))
+    return empty_cell_bound(plan.count_mechanism.distribution, tau=plan.tau, cells=reachable)
 
 
 def _share(meets: np.ndarray, rest: np.ndarray, *, empty: float) -> np.ndarray:

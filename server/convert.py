@@ -477,6 +477,8 @@ def release_to_pb(release: Release, *, charged: str = "") -> pb.ReleaseResponse:
         metadata.empty_pass_probability = m.empty_pass_probability
     if m.expected_empty_published_bound is not None:
         metadata.expected_empty_published_bound = m.expected_empty_published_bound
+    if m.unreachable_cells is not None:
+        metadata.unreachable_cells = m.unreachable_cells
     return pb.ReleaseResponse(metadata=metadata, arrow_ipc=release.to_bytes(), charged=charged)
 
 

@@ -17,7 +17,7 @@ import pytest
 from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
-from engine.errors import CodebookError, InvalidLossError
+from engine.errors import CodebookError, InvalidLossError, InvalidQueryError
 from engine.loss import MAX_AMOUNT, MIN_AMOUNT, Accounting, PrivacyLoss
 from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
 from engine.release import Answer, Release
@@ -341,3 +341,91 @@ def test_suppressed_cells_carry_nothing_under_their_null(engine: Engine, query: 
             column.offset : column.offset + len(column)
         ]
         assert width == 8 and not data[suppressed].any(), name
+
+
+# ---- cells the query's own terms leave empty ----
+
+WIDE = PrivacyLoss.pure("0.05")  # noise of scale 20: a noised zero is seldom exactly 0
+
+
+def test_cells_the_query_rules_out_are_stated_not_noised(engine: Engine) -> None:
+    minors = Eq("majorityStatus", "Minor")
+    outside = [{"majorityStatus": s} for s in ("Adult", "Unknown", None)]
+    counts = answer(engine, Query(Count(), by=("majorityStatus",), where=minors), WIDE)
+    flags = answer(engine, Query(FlagCounts("meansOfControl"), by=("majorityStatus",),
+                                 where=minors), WIDE)
+    sums = answer(engine, Query(Sum("yearOfRegistration"), by=("majorityStatus",),
+                                where=minors), WIDE)
+    for result, per_cell in ((counts, 1), (flags, 18), (sums, 1)):
+        for keys in outside:
+            rows = [r for r in result.table.to_pylist()
+                    if r["majorityStatus"] == keys["majorityStatus"]]
+            assert len(rows) == per_cell
+            assert all((r["value"], r["ci_low"], r["ci_high"], r["suppressed"]) == (0, 0, 0, False)
+                       for r in rows)
+        assert result.metadata.unreachable_cells == 3 * per_cell
+    # A share or a mean of no record is left out.
+    for measure in (Proportion(Eq("isSexualExploit", 1)), Mean("yearOfRegistration")):
+        table = answer(engine, Query(measure, by=("majorityStatus",), where=minors), WIDE).table
+        for keys in outside:
+            row = cell(table, **keys)
+            assert row["suppressed"] and row["value"] is None
+    # A country beside a region it is not in.
+    table = answer(engine, Query(Count(), by=("citizenship", "citizenshipRegion")), WIDE).table
+    assert cell(table, citizenship="NA", citizenshipRegion="Europe")["value"] == 0
+    # The bound on empty cells published by chance counts only the cells that may hold records.
+    full = answer(engine, Query(Count(), by=("majorityStatus",)), WIDE).metadata
+    assert full.unreachable_cells == 0
+    assert counts.metadata.expected_empty_published_bound == pytest.approx(
+        full.expected_empty_published_bound / 4  # type: ignore[operator]
+    )
+
+
+def test_cells_called_unreachable_hold_no_record_in_the_data(
+    make_engine: Callable[..., Engine],
+) -> None:
+    # Random records and random filters through the real SQL: every cell the planner calls
+    # unreachable has a true count of 0.
+    import random
+
+    from engine.query import And, In, IsMissing, Not, Or
+
+    rng = random.Random(3)
+    values = {
+        "gender": [*CODEBOOK.variable("gender").codes, None],
+        "majorityStatus": [*CODEBOOK.variable("majorityStatus").codes, None],
+        "isSexualExploit": [0, 1, None],
+        "citizenship": ["NA", "US", "FR", "IN", "00", None],
+    }
+    rows = [{k: rng.choice(v) for k, v in values.items()} for _ in range(400)]
+    engine = make_engine(rows)
+    names = [*values, "citizenshipRegion"]
+    regions = list(CODEBOOK.dimension("citizenshipRegion").keys)
+
+    def leaf() -> Any:
+        # Countries and regions most often: a region's cell holds several countries.
+        name = rng.choice([*names, "citizenship", "citizenship", "citizenshipRegion"])
+        domain = regions if name == "citizenshipRegion" else [v for v in values[name] if v]
+        if name == "isSexualExploit":
+            domain = [0, 1]
+        pick = rng.sample(domain, rng.randint(1, min(3, len(domain))))
+        return rng.choice([Eq(name, pick[0]), In(name, pick), IsMissing(name)])
+
+    def random_filter(depth: int) -> Any:
+        if depth == 0 or rng.random() < 0.35:
+            f = leaf()
+        else:
+            f = rng.choice([And, Or])(random_filter(depth - 1), random_filter(depth - 1))
+        return Not(f) if rng.random() < 0.2 else f
+
+    found = 0
+    for _ in range(200):
+        by = tuple(rng.sample(names, rng.randint(1, 2)))
+        try:
+            plan = engine.plan(Query(Count(), by=by, where=random_filter(2)), loss=SHARP)
+        except InvalidQueryError:
+            continue
+        (true_counts,) = engine._true_components(plan)
+        assert not true_counts[plan.unreachable].any(), (by, plan.where)
+        found += int(plan.unreachable.sum())
+    assert found > 0

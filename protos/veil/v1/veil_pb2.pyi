@@ -1106,6 +1106,7 @@ class ReleaseMetadata(_message.Message):
     SUPPRESSED_CELLS_FIELD_NUMBER: _builtins.int
     EMPTY_PASS_PROBABILITY_FIELD_NUMBER: _builtins.int
     EXPECTED_EMPTY_PUBLISHED_BOUND_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_CELLS_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     charge_id: _builtins.str
     created_at: _builtins.str
@@ -1131,6 +1132,11 @@ class ReleaseMetadata(_message.Message):
     empty_pass_probability: _builtins.float
     """As in DryRunResponse; absent for a release stored before they were recorded."""
     expected_empty_published_bound: _builtins.float
+    unreachable_cells: _builtins.int
+    """Rows no record can fall into by the query's own terms (its filter rules out their keys, or
+    a country sits beside a region it is not in): a count or sum of exactly 0, a share or mean
+    left out, never noise. Absent for a release stored before it was recorded.
+    """
     def __init__(
         self,
         *,
@@ -1156,10 +1162,11 @@ class ReleaseMetadata(_message.Message):
         suppressed_cells: _builtins.int = ...,
         empty_pass_probability: _builtins.float | None = ...,
         expected_empty_published_bound: _builtins.float | None = ...,
+        unreachable_cells: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_sum_noise_scale", b"_sum_noise_scale", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "sum_noise_scale", b"sum_noise_scale"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_sum_noise_scale", b"_sum_noise_scale", "_unreachable_cells", b"_unreachable_cells", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "sum_noise_scale", b"sum_noise_scale", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_sum_noise_scale", b"_sum_noise_scale", "accounting", b"accounting", "beta", b"beta", "canonical_query", b"canonical_query", "cells", b"cells", "charge_id", b"charge_id", "codebook", b"codebook", "confidence", b"confidence", "created_at", b"created_at", "data_version", b"data_version", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "fingerprint", b"fingerprint", "k", b"k", "loss", b"loss", "measure", b"measure", "measured_loss", b"measured_loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "release_id", b"release_id", "sum_noise_scale", b"sum_noise_scale", "suppressed_cells", b"suppressed_cells", "tau", b"tau"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_sum_noise_scale", b"_sum_noise_scale", "_unreachable_cells", b"_unreachable_cells", "accounting", b"accounting", "beta", b"beta", "canonical_query", b"canonical_query", "cells", b"cells", "charge_id", b"charge_id", "codebook", b"codebook", "confidence", b"confidence", "created_at", b"created_at", "data_version", b"data_version", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "fingerprint", b"fingerprint", "k", b"k", "loss", b"loss", "measure", b"measure", "measured_loss", b"measured_loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "release_id", b"release_id", "sum_noise_scale", b"sum_noise_scale", "suppressed_cells", b"suppressed_cells", "tau", b"tau", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__empty_pass_probability: _TypeAlias = _typing.Literal["empty_pass_probability"]  # noqa: Y015
     _WhichOneofArgType__empty_pass_probability: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability"]  # noqa: Y015
@@ -1167,12 +1174,16 @@ class ReleaseMetadata(_message.Message):
     _WhichOneofArgType__expected_empty_published_bound: _TypeAlias = _typing.Literal["_expected_empty_published_bound", b"_expected_empty_published_bound"]  # noqa: Y015
     _WhichOneofReturnType__sum_noise_scale: _TypeAlias = _typing.Literal["sum_noise_scale"]  # noqa: Y015
     _WhichOneofArgType__sum_noise_scale: _TypeAlias = _typing.Literal["_sum_noise_scale", b"_sum_noise_scale"]  # noqa: Y015
+    _WhichOneofReturnType__unreachable_cells: _TypeAlias = _typing.Literal["unreachable_cells"]  # noqa: Y015
+    _WhichOneofArgType__unreachable_cells: _TypeAlias = _typing.Literal["_unreachable_cells", b"_unreachable_cells"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__empty_pass_probability) -> _WhichOneofReturnType__empty_pass_probability | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_empty_published_bound) -> _WhichOneofReturnType__expected_empty_published_bound | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sum_noise_scale) -> _WhichOneofReturnType__sum_noise_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unreachable_cells) -> _WhichOneofReturnType__unreachable_cells | None: ...
 
 Global___ReleaseMetadata: _TypeAlias = ReleaseMetadata  # noqa: Y015
 
