@@ -281,12 +281,15 @@ def unreachable_cells(dimensions: tuple[Dimension, ...], where: CanonicalFilter)
     by_variable: dict[str, list[int]] = {}
     for axis, dimension in enumerate(dimensions):
         by_variable.setdefault(dimension.variable.name, []).append(axis)
-    if where == TRUE and all(len(axes) == 1 for axes in by_variable.values()):
-        return np.zeros(math.prod(shape), dtype=bool)  # the common case, at no cost
+    # Only a variable the clause reads, or one grouped twice, can rule a cell out.
+    mentioned = _variables(where)
     values = {
         name: (axes, _values_held(tuple(dimensions[a] for a in axes)))
         for name, axes in by_variable.items()
+        if name in mentioned or len(axes) > 1
     }
+    if not values:
+        return np.zeros(math.prod(shape), dtype=bool)  # the common case, at no cost
 
     def spread(axes: list[int], grid: np.ndarray) -> np.ndarray:
         full = [1] * len(shape)
@@ -313,6 +316,14 @@ def unreachable_cells(dimensions: tuple[Dimension, ...], where: CanonicalFilter)
             empty = np.array([not h for h in held.ravel()], dtype=bool)
             unreachable = unreachable | spread(axes, empty)
     return np.broadcast_to(unreachable, shape).ravel()
+
+
+def _variables(f: CanonicalFilter) -> set[str]:
+    if isinstance(f, Atom):
+        return {f.variable}
+    if isinstance(f, Constant):
+        return set()
+    return set().union(*(_variables(o) for o in f.operands))
 
 
 def _values_held(dimensions: tuple[Dimension, ...]) -> np.ndarray:
