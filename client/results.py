@@ -217,12 +217,17 @@ class Release:
 
     def to_pandas(self) -> Any:
         """The cells as a pandas DataFrame; integer counts stay integers (nullable `Int64`) and
-        a suppressed cell's value is <NA>, never 0."""
+        a suppressed cell's value is <NA>, never 0; shares, means and sums are nullable
+        `Float64`, so theirs is <NA> too, not NaN."""
         try:
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise ImportError("to_pandas() needs pandas: pip install pandas") from exc
-        mapping = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+        mapping = {
+            pa.int64(): pd.Int64Dtype(),
+            pa.float64(): pd.Float64Dtype(),
+            pa.bool_(): pd.BooleanDtype(),
+        }
         return self.table.to_pandas(types_mapper=mapping.get)
 
     def df(self) -> Any:

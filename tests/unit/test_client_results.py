@@ -175,6 +175,23 @@ def test_dry_run_budget_and_canonical_text() -> None:
     assert describe_canonical("not json") == "not json"
 
 
+def test_a_suppressed_share_reads_as_na_not_nan() -> None:
+    pd = pytest.importorskip("pandas")
+    table = pa.table({
+        "gender": ["Male", "Female", None],
+        "value": pa.array([0.25, None, None], pa.float64()),
+        "ci_low": pa.array([0.1, None, None], pa.float64()),
+        "ci_high": pa.array([0.4, None, None], pa.float64()),
+        "suppressed": [False, True, True],
+    })
+    frame = Release.from_pb(response(table, "Proportion")).to_pandas()
+    hidden = frame[frame["suppressed"]]
+    for name in ("value", "ci_low", "ci_high"):
+        assert str(frame[name].dtype) == "Float64"
+        assert all(v is pd.NA for v in hidden[name])  # <NA>, as for counts, not a float NaN
+    assert frame["value"][0] == 0.25
+
+
 def test_the_summary_and_the_dry_run_state_the_empty_cells_expected_by_chance(
     release: Release,
 ) -> None:
