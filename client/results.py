@@ -82,6 +82,9 @@ class ReleaseMetadata:
     # None for a release stored, or a server built, before they were recorded.
     empty_pass_probability: float | None = None
     expected_empty_published_bound: float | None = None
+    # Rows no record can fall into by the query's own terms (its filter rules out their keys):
+    # stated as 0 (a count or sum) or left out (a share or mean), never noised. None as above.
+    unreachable_cells: int | None = None
 
     @classmethod
     def from_pb(cls, m: pb.ReleaseMetadata) -> ReleaseMetadata:
@@ -108,6 +111,9 @@ class ReleaseMetadata:
             suppressed_cells=m.suppressed_cells,
             empty_pass_probability=_optional(m, "empty_pass_probability"),
             expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
+            unreachable_cells=(
+                m.unreachable_cells if m.HasField("unreachable_cells") else None
+            ),
         )
 
     @property
@@ -326,9 +332,15 @@ class Release:
         if m.sum_noise_scale is not None:
             scale += f" (sum {m.sum_noise_scale:.3g})"
         chance = empty_cells_text(m.expected_empty_published_bound, m.empty_pass_probability)
+        ruled_out = (
+            f"{m.unreachable_cells} cells empty by the query's own terms, stated, not noised; "
+            if m.unreachable_cells
+            else ""
+        )
         return (
             f"{asked}: {m.loss_name} {m.loss}, {m.mechanism} {scale}, tau {m.tau} (k {m.k}); "
             f"{m.suppressed_cells} of {m.cells} cells suppressed; "
+            + ruled_out
             + (f"{chance}; " if chance else "")
             + f"release {m.release_id}"
         )

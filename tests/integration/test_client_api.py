@@ -485,6 +485,21 @@ def test_empty_cells_expected_by_chance_are_priced_then_released(
     assert veil_client.get_release(meta.release_id).metadata == meta
 
 
+def test_cells_the_query_rules_out_arrive_as_stated_zeros(
+    alice: tuple[str, client.Client],
+) -> None:
+    _, veil_client = alice
+    release = (veil_client.count().by("majorityStatus")
+               .where(majorityStatus="Minor", yearOfRegistration=2007).release(epsilon="0.1"))
+    assert release.metadata.unreachable_cells == 3  # Adult, Unknown and missing
+    for status in ("Adult", "Unknown", None):
+        ruled_out = release.cell(majorityStatus=status)
+        assert (ruled_out.value, ruled_out.ci_low, ruled_out.ci_high) == (0, 0, 0)
+        assert not ruled_out.suppressed
+    assert "3 cells empty by the query's own terms, stated, not noised" in release.summary()
+    assert veil_client.get_release(release.metadata.release_id).metadata == release.metadata
+
+
 def test_a_dry_run_says_whether_the_budget_covers_it(live: LiveServer) -> None:
     _, veil_client = researcher(live, cap="1")
     query = veil_client.count().by("majorityStatus").where(yearOfRegistration=2005)
