@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.codebook import load_codebook
-from engine.errors import VeilError
+from engine.errors import DataFileExistsError, VeilError
 from engine.loader import load
 
 EXIT_OK = 0
@@ -74,10 +74,6 @@ def add_load_command(
 
 def run_load(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    if args.database.exists() and not args.overwrite:
-        # Said here in the shell's words: the API's LoadError also names its keyword argument.
-        print(f"veil load: {args.database} exists; replace it with --overwrite", file=sys.stderr)
-        return EXIT_REFUSED
     try:
         report = load(
             args.source,
@@ -89,6 +85,9 @@ def run_load(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             progress=progress,
         )
+    except DataFileExistsError as exc:
+        print(exc.for_shell("veil load"), file=sys.stderr)
+        return EXIT_REFUSED
     except VeilError as exc:  # a refused load: the reason, not a traceback
         print(f"veil load: {exc}", file=sys.stderr)
         return EXIT_REFUSED

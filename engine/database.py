@@ -13,7 +13,7 @@ import duckdb
 import pyarrow as pa
 
 from engine.codebook import Codebook
-from engine.errors import LoadError
+from engine.errors import DataFileExistsError, LoadError
 from engine.sql import append_records, create_table
 
 # The name under which the ledger keeps the dataset's budget: every data version loaded under
@@ -34,7 +34,7 @@ def check_dataset_name(name: str) -> str:
 def check_free(path: Path, *, overwrite: bool) -> None:
     """Refuse to replace an existing data file unless asked to."""
     if path.exists() and not overwrite:
-        raise LoadError(f"{path} exists; replace it with --overwrite (overwrite=True)")
+        raise DataFileExistsError(path)
 
 
 def create(

@@ -39,6 +39,18 @@ class LoadError(VeilError):
     """A source file cannot be loaded: unreadable, wrong columns, or out of domain when strict."""
 
 
+class DataFileExistsError(LoadError):
+    """The data file to be written exists, and replacing it was not asked for."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"{path} exists; replace it with overwrite=True")
+        self.path = path
+
+    def for_shell(self, command: str) -> str:
+        """The refusal in a command's words: its flag, not the Python keyword."""
+        return f"{command}: {self.path} exists; replace it with --overwrite"
+
+
 class BudgetExceededError(VeilError):
     """A charge would take a client, institution or the dataset past its cap."""
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from engine import database as data_file
 from engine.codebook import Codebook, Kind, Variable, default_codebook, load_codebook
-from engine.errors import CodebookError, VeilError
+from engine.errors import CodebookError, DataFileExistsError, VeilError
 
 CHUNK_ROWS = 1 << 20
 MEMORY_LIMIT = "512MB"  # DuckDB's while writing; the process peaks near 0.7 GB at any size
@@ -797,6 +797,9 @@ def run_synth(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
+    except DataFileExistsError as exc:
+        print(exc.for_shell("veil synth"), file=sys.stderr)
+        return 2
     except VeilError as exc:
         print(f"veil synth: {exc}", file=sys.stderr)
         return 2

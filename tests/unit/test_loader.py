@@ -668,6 +668,8 @@ def test_cli_load_onto_an_existing_file_names_the_flag_only(
     assert main(["load", str(source), str(database)]) == 2
     err = capsys.readouterr().err
     assert err == f"veil load: {database} exists; replace it with --overwrite\n"
+    with pytest.raises(LoadError, match="exists; replace it with overwrite=True"):  # the API's
+        load(source, database, codebook=CTDC)
     assert main(["load", str(source), str(database), "--overwrite", "--no-progress"]) == 0
 
 

@@ -151,8 +151,8 @@ def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     args = parser.parse_args(["synth", str(path), "--rows", "300", "--seed", "2"])
     assert args.handler(args) == 0
     assert capsys.readouterr().out.startswith("synthetic:ctdc@7:gen-1:rows-300:seed-2 (")
-    assert args.handler(args) == 2  # exists, no --overwrite
-    assert "exists" in capsys.readouterr().err
+    assert args.handler(args) == 2  # exists, no --overwrite: said in the shell's words
+    assert capsys.readouterr().err == f"veil synth: {path} exists; replace it with --overwrite\n"
     args = parser.parse_args(["synth", str(path), "--rows", "1_000", "--overwrite"])
     assert args.handler(args) == 0
     assert len(rows_of(path)) == 1_000
