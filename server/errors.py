@@ -22,6 +22,7 @@ from engine.errors import (
     BudgetExceededError,
     ClientRegistryError,
     CodebookError,
+    DataFileExistsError,
     InvalidLossError,
     InvalidQueryError,
     LedgerIntegrityError,
@@ -119,6 +120,7 @@ _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (LedgerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (QueryCancelledError, grpc.StatusCode.CANCELLED),
     (CodebookError, grpc.StatusCode.INTERNAL),
+    (DataFileExistsError, grpc.StatusCode.INTERNAL),  # the loader's, as LoadError
     (LoadError, grpc.StatusCode.INTERNAL),
 ]
 
