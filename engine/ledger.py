@@ -468,13 +468,13 @@ def _check_name(value: object, what: str) -> str:
     return value
 
 
-# Characters read alike in an institution's name: `I0M` and `iom` are `IOM` mistyped.
-_LOOKALIKES = str.maketrans({"0": "o", "1": "l", "i": "l", "|": "l", "5": "s"})
-_SEPARATORS = re.compile(r"[\s._-]+")
+# An institution's name read as a person reads it: case, a zero for an O and punctuation aside,
+# `I0M`, `iom` and `I.O.M` are `IOM`. (Not 1 for I or l: UCL and UCI are two universities.)
+_PUNCTUATION = re.compile(r"[^a-z0-9]+")
 
 
 def _folded(name: str) -> str:
-    return _SEPARATORS.sub("", name.casefold().translate(_LOOKALIKES))
+    return _PUNCTUATION.sub("", name.casefold().replace("0", "o"))
 
 
 def _check_institution_spelling(conn: sqlite3.Connection, institution: str) -> None:

@@ -885,7 +885,7 @@ def test_client_registry(engine: Engine, ledger: Ledger) -> None:
     assert_verified(ledger)
 
 
-@pytest.mark.parametrize("spelling", ["IOM", "I0M", "Iom", "i.o.m", "i-o-m", "1om"])
+@pytest.mark.parametrize("spelling", ["IOM", "I0M", "Iom", "i.o.m", "i-o-m", "I/O/M", "iom@"])
 def test_an_institution_spelt_differently_is_refused(ledger: Ledger, spelling: str) -> None:
     """Caps are kept under the exact name: a client registered as `IOM` beside `iom`'s would
     escape iom's cap, and a cap set on `IOM` would bind none of iom's clients."""
@@ -899,6 +899,8 @@ def test_an_institution_spelt_differently_is_refused(ledger: Ledger, spelling: s
     ledger.register_client("dave", role="researcher", institution="iom", cap="1")
     ledger.register_client("erin", role="researcher", institution="ilo", cap="1")
     ledger.set_institution_cap("unhcr", "1")
+    ledger.set_institution_cap("UCL", "1")
+    ledger.set_institution_cap("UCI", "1")  # two universities, not one misspelt
     assert ledger.client("dave").institution == "iom"
 
 
