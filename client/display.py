@@ -123,6 +123,21 @@ def rounded_up(value: float, digits: int = 2) -> str:
     return f"{up:.{digits - 1}e}" if value < 1e-3 else f"{up:.{-exponent}f}"
 
 
+def unreachable_text(count: int | None, measure: str | None = None) -> str:
+    """What the cells the query's own terms leave empty are shown as ("" when there are none,
+    or the release predates the count). A share or mean of no record has no value, and reads as
+    suppressed; a count or sum is 0."""
+    if not count:
+        return ""
+    if measure in ("Proportion", "Mean"):
+        shown = "no value, marked suppressed"
+    elif measure is None:
+        shown = "stated"
+    else:
+        shown = "stated as 0"
+    return f"{count} cells empty by the query's own terms ({shown}, not noised)"
+
+
 def empty_cells_text(bound: float | None, probability: float | None) -> str:
     """What the bound on empty cells published by chance says, in words ("" when not known:
     a release stored, or a server built, before it was recorded)."""

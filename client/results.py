@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from client.codebook import ACCOUNTING_NAMES, LOSS_SYMBOL
-from client.display import empty_cells_text, html_table, key_text, shorten, text_table
+from client.display import (
+    empty_cells_text,
+    html_table,
+    key_text,
+    shorten,
+    text_table,
+    unreachable_text,
+)
 from client.errors import parse_amount
 from protos.veil.v1 import veil_pb2 as pb
 
@@ -332,15 +339,11 @@ class Release:
         if m.sum_noise_scale is not None:
             scale += f" (sum {m.sum_noise_scale:.3g})"
         chance = empty_cells_text(m.expected_empty_published_bound, m.empty_pass_probability)
-        ruled_out = (
-            f"{m.unreachable_cells} cells empty by the query's own terms, stated, not noised; "
-            if m.unreachable_cells
-            else ""
-        )
+        ruled_out = unreachable_text(m.unreachable_cells, m.measure)
         return (
             f"{asked}: {m.loss_name} {m.loss}, {m.mechanism} {scale}, tau {m.tau} (k {m.k}); "
             f"{m.suppressed_cells} of {m.cells} cells suppressed; "
-            + ruled_out
+            + (f"{ruled_out}; " if ruled_out else "")
             + (f"{chance}; " if chance else "")
             + f"release {m.release_id}"
         )
@@ -428,6 +431,7 @@ class DryRun:
     # As in ReleaseMetadata: p0 and cells x p0 (None from a server older than these fields).
     empty_pass_probability: float | None = None
     expected_empty_published_bound: float | None = None
+    unreachable_cells: int | None = None  # as in ReleaseMetadata
     query: Query | None = field(default=None, compare=False)
     # The caller's budget read just after the dry run (None when it could not be read): what
     # `fits_budget` and `remaining_after` are computed from, on this machine.
@@ -445,6 +449,7 @@ class DryRun:
             already_released=m.already_released,
             empty_pass_probability=_optional(m, "empty_pass_probability"),
             expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
+            unreachable_cells=m.unreachable_cells if m.HasField("unreachable_cells") else None,
             query=query, budget=budget,
         )
 
@@ -528,6 +533,8 @@ class DryRun:
         asked = f"{self.query}\n" if self.query is not None else ""
         chance = empty_cells_text(self.expected_empty_published_bound, self.empty_pass_probability)
         chance = f"  {chance}\n" if chance else ""
+        ruled_out = unreachable_text(self.unreachable_cells)
+        chance = (f"  {ruled_out}\n" if ruled_out else "") + chance
         return (
             f"{asked}Dry run: {self.loss_name} {self.loss}{free}\n"
             f"  cells: {self.cells:,}; {self.mechanism}, scale {self.noise_scale:.4g}\n"

@@ -44,10 +44,12 @@ class DryRun:
     assumed_count: int
     expected_suppressed_share: float  # if every cell's true count were `assumed_count`
     fingerprint: str
-    # As in ReleaseMetadata: p0, the chance an empty cell is published, and cells x p0, which
-    # the expected number of empty cells published never exceeds.
-    empty_pass_probability: float
-    expected_empty_published_bound: float
+    # As in ReleaseMetadata: p0, the chance an empty cell is published, cells x p0, which the
+    # expected number of empty cells published never exceeds, and the rows the query's own terms
+    # leave empty. A stored release's own (None if it was made before they were recorded).
+    empty_pass_probability: float | None
+    expected_empty_published_bound: float | None
+    unreachable_cells: int | None
 
 
 class Engine:
@@ -166,6 +168,7 @@ class Engine:
             fingerprint=plan.fingerprint,
             empty_pass_probability=chance.pass_probability,
             expected_empty_published_bound=chance.expected_published,
+            unreachable_cells=int(plan.unreachable.sum()) * max(1, len(plan.flag_names)),
         )
 
     def answer(self, plan: Plan, *, cancel: Cancellation | None = None) -> Answer:

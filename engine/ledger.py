@@ -2158,6 +2158,16 @@ class Ledger:
 
         return self._read("look up the query's releases", work)
 
+    def best_release_metadata(
+        self, fingerprint: str, data_version: str
+    ) -> ReleaseMetadata | None:
+        """The metadata of the release a request for this query at its loss would replay (the
+        one of largest loss on the data version), or None when there is none."""
+        best = self._read(
+            "look up the query's releases", lambda c: _best_release(c, fingerprint, data_version)
+        )
+        return None if best is None else self.release_metadata([best[0]])[best[0]]
+
     def release(self, release_id: str) -> Release:
         """A stored release, byte for byte as it was handed out; durable before it is returned.
 

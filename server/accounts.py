@@ -17,7 +17,7 @@ from engine.audit_report import TABLE_NAMES, build_tables
 from engine.errors import ClientRegistryError, LedgerUnavailableError
 from engine.ledger import LOCAL_ACTOR_PREFIX, ClientRecord, Ledger
 from engine.loss import parse_amount
-from engine.release import Charger, Release
+from engine.release import Charger, Release, ReleaseMetadata
 from engine.settings import Settings
 from protos.veil.v1 import veil_pb2 as pb
 from server.auth import ExpiredToken, Identity, Role, hash_token
@@ -43,9 +43,10 @@ class Accounts(Protocol):
     ) -> None: ...
 
     # -- researchers --
-    def released_loss(self, fingerprint: str) -> Fraction | None:
-        """The largest loss a stored release of this query was made at on the data served (a
-        request at no more than that gets it back free), or None when there is none."""
+    def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
+        """The metadata of the stored release of this query with the largest loss on the data
+        served (a request at no more than that loss gets it back free), or None when there is
+        none."""
         ...
 
     def budget(self, identity: Identity) -> pb.Budget: ...
@@ -166,8 +167,8 @@ class LedgerAccounts:
         self.ledger.audit("auth_denied", client, outcome="refused", detail=detail)
 
     # -- researchers --
-    def released_loss(self, fingerprint: str) -> Fraction | None:
-        return self.ledger.best_release_loss(fingerprint, self.data_version)
+    def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
+        return self.ledger.best_release_metadata(fingerprint, self.data_version)
 
     def budget(self, identity: Identity) -> pb.Budget:
         budget = self.ledger.client_budget(identity.client_id)

@@ -429,7 +429,7 @@ def deployment_to_pb(
 
 
 def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
-    return pb.DryRunResponse(
+    response = pb.DryRunResponse(
         loss=format_amount(dry.loss.amount),
         accounting=ACCOUNTING_TO_PB[dry.loss.accounting],
         cells=dry.cells,
@@ -442,9 +442,15 @@ def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
         expected_suppressed_share=dry.expected_suppressed_share,
         fingerprint=dry.fingerprint,
         already_released=already_released,
-        empty_pass_probability=dry.empty_pass_probability,
-        expected_empty_published_bound=dry.expected_empty_published_bound,
     )
+    # Left absent when a stored release made before they were recorded is what would return.
+    if dry.empty_pass_probability is not None:
+        response.empty_pass_probability = dry.empty_pass_probability
+    if dry.expected_empty_published_bound is not None:
+        response.expected_empty_published_bound = dry.expected_empty_published_bound
+    if dry.unreachable_cells is not None:
+        response.unreachable_cells = dry.unreachable_cells
+    return response
 
 
 def release_to_pb(release: Release, *, charged: str = "") -> pb.ReleaseResponse:

@@ -10,6 +10,7 @@ with no data value in it.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -27,7 +28,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from engine.backend import Cancellation
 from engine.engine import Engine
 from engine.errors import QueryCancelledError
-from engine.loss import PrivacyLoss
+from engine.loss import PrivacyLoss, parse_amount
 from engine.planner import Plan
 from engine.release import Answer, Charger, Release, Reservation
 from protos.veil.v1 import veil_pb2 as pb
@@ -341,14 +342,24 @@ class ResearchServicer(pb_grpc.ResearchServicer):
             if not 1 <= request.half_width <= 10**9:
                 raise MalformedRequestError("half_width must lie between 1 and 10^9")
             dry = engine.dry_run(query, half_width=request.half_width, assumed_count=assumed)
-        stored = self.s.accounts.released_loss(dry.fingerprint)
-        already = stored is not None and stored >= dry.loss.amount
-        if already and stored != dry.loss.amount:
+        stored = self.s.accounts.stored_release(dry.fingerprint)
+        stored_loss = None if stored is None else parse_amount(stored.loss)
+        already = stored_loss is not None and stored_loss >= dry.loss.amount
+        if already:
             # The stored release is what a release would return: price its loss and accuracy,
-            # not those of a fresh draw at the loss asked for.
-            assert stored is not None
-            dry = engine.dry_run(
-                query, loss=PrivacyLoss(dry.loss.accounting, stored), assumed_count=assumed
+            # not those of a fresh draw at the loss asked for, and state its empty cells as it
+            # was made (a release made before they were recorded states none).
+            assert stored is not None and stored_loss is not None
+            if stored_loss != dry.loss.amount:
+                dry = engine.dry_run(
+                    query, loss=PrivacyLoss(dry.loss.accounting, stored_loss),
+                    assumed_count=assumed,
+                )
+            dry = dataclasses.replace(
+                dry,
+                empty_pass_probability=stored.empty_pass_probability,
+                expected_empty_published_bound=stored.expected_empty_published_bound,
+                unreachable_cells=stored.unreachable_cells,
             )
         return convert.dry_run_to_pb(dry, already_released=already)
 

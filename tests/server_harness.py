@@ -20,9 +20,9 @@ import grpc
 
 from engine.errors import BudgetExceededError, LedgerUnavailableError, RequestConflictError
 from engine.ledger import Ledger
-from engine.loss import format_amount, parse_amount
+from engine.loss import format_amount
 from engine.planner import Plan
-from engine.release import Answer, Release
+from engine.release import Answer, Release, ReleaseMetadata
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 from server.accounts import LedgerAccounts
@@ -168,9 +168,9 @@ class MemoryAccounts:
             {"method": method, "reason": reason, "client": client, "unrecorded": unrecorded}
         )
 
-    def released_loss(self, fingerprint: str) -> Fraction | None:
+    def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
         stored = self.releases_by_fingerprint.get(fingerprint)
-        return None if stored is None else parse_amount(stored.metadata.loss)
+        return None if stored is None else stored.metadata
 
     def budget(self, identity: Identity) -> pb.Budget:
         c = self.records[identity.client_id]

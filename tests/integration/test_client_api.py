@@ -496,8 +496,18 @@ def test_cells_the_query_rules_out_arrive_as_stated_zeros(
         ruled_out = release.cell(majorityStatus=status)
         assert (ruled_out.value, ruled_out.ci_low, ruled_out.ci_high) == (0, 0, 0)
         assert not ruled_out.suppressed
-    assert "3 cells empty by the query's own terms, stated, not noised" in release.summary()
+    assert "3 cells empty by the query's own terms (stated as 0, not noised)" in release.summary()
     assert veil_client.get_release(release.metadata.release_id).metadata == release.metadata
+    # A share of no record has no value, and reads as suppressed; the dry run says so first.
+    shares = (veil_client.proportion(isSexualExploit=1).by("majorityStatus")
+              .where(majorityStatus="Minor", yearOfRegistration=2007))
+    priced = shares.dry_run(epsilon="0.1")
+    assert priced.unreachable_cells == 3
+    assert "3 cells empty by the query's own terms (stated, not noised)" in repr(priced)
+    share = shares.release(epsilon="0.1")
+    assert share.cell(majorityStatus="Adult").suppressed
+    words = "3 cells empty by the query's own terms (no value, marked suppressed, not noised)"
+    assert words in share.summary()
 
 
 def test_a_dry_run_says_whether_the_budget_covers_it(live: LiveServer) -> None:

@@ -122,3 +122,44 @@ def test_a_new_release_carries_the_bound_in_its_bytes_and_on_the_wire(
         "0.1")), already_released=False)
     assert dry.expected_empty_published_bound == wire.expected_empty_published_bound
     assert dry.empty_pass_probability == wire.empty_pass_probability
+
+
+def test_a_dry_run_of_a_stored_release_states_that_release_s_own_empty_cells(
+    tmp_path: Path,
+) -> None:
+    # A request would get the stored release back, so the dry run states its numbers as it was
+    # made: none, for one made before they were recorded; a fresh query's are the plan's.
+    from protos.veil.v1 import veil_pb2 as pb
+    from server.app import build_engine, start
+    from server.auth import Role
+    from tests.conftest import write_database
+    from tests.server_harness import MemoryAccounts, bearer, live_config, stubs
+
+    config = live_config(tmp_path, write_database(tmp_path / "d.duckdb", ROWS))
+    engine = build_engine(config)
+    accounts = MemoryAccounts()
+    token = accounts.add("alice", Role.RESEARCHER)
+    old = Release.from_bytes(FIXTURE.read_bytes())
+    minors = Query(Count(), by=("majorityStatus",), where=Eq("majorityStatus", "Minor"))
+    stored = engine.plan(minors, loss=PrivacyLoss.pure(old.metadata.loss))
+    accounts.releases_by_fingerprint[stored.fingerprint] = old
+    fresh = Query(FlagCounts("meansOfControl"), by=("majorityStatus",),
+                  where=Eq("majorityStatus", "Minor"))
+    running = start(config, engine=engine, accounts=accounts)
+    try:
+        with stubs(running.port) as s:
+            def dry(query: Query) -> pb.DryRunResponse:
+                request = pb.DryRunRequest(query=convert.query_to_pb(query), loss=old.metadata.loss)
+                return s.research.DryRun(request, metadata=bearer(token))
+
+            replayed, priced = dry(minors), dry(fresh)
+    finally:
+        running.stop(0)
+    assert replayed.already_released
+    for name in ("empty_pass_probability", "expected_empty_published_bound", "unreachable_cells"):
+        assert not replayed.HasField(name), name
+    assert not priced.already_released
+    assert (priced.cells, priced.unreachable_cells) == (72, 54)  # 18 flags x 3 statuses out
+    assert priced.expected_empty_published_bound == pytest.approx(
+        18 * priced.empty_pass_probability
+    )

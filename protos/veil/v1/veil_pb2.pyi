@@ -993,6 +993,7 @@ class DryRunResponse(_message.Message):
     ALREADY_RELEASED_FIELD_NUMBER: _builtins.int
     EMPTY_PASS_PROBABILITY_FIELD_NUMBER: _builtins.int
     EXPECTED_EMPTY_PUBLISHED_BOUND_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_CELLS_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """exact decimal or p/q"""
     accounting: Global___Accounting.ValueType
@@ -1017,6 +1018,10 @@ class DryRunResponse(_message.Message):
     Absent from a server older than these fields.
     """
     expected_empty_published_bound: _builtins.float
+    unreachable_cells: _builtins.int
+    """Rows the query's own terms leave empty (see ReleaseMetadata). For a query already released,
+    these three are the stored release's own, absent if it was made before they were recorded.
+    """
     def __init__(
         self,
         *,
@@ -1034,19 +1039,24 @@ class DryRunResponse(_message.Message):
         already_released: _builtins.bool = ...,
         empty_pass_probability: _builtins.float | None = ...,
         expected_empty_published_bound: _builtins.float | None = ...,
+        unreachable_cells: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__empty_pass_probability: _TypeAlias = _typing.Literal["empty_pass_probability"]  # noqa: Y015
     _WhichOneofArgType__empty_pass_probability: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability"]  # noqa: Y015
     _WhichOneofReturnType__expected_empty_published_bound: _TypeAlias = _typing.Literal["expected_empty_published_bound"]  # noqa: Y015
     _WhichOneofArgType__expected_empty_published_bound: _TypeAlias = _typing.Literal["_expected_empty_published_bound", b"_expected_empty_published_bound"]  # noqa: Y015
+    _WhichOneofReturnType__unreachable_cells: _TypeAlias = _typing.Literal["unreachable_cells"]  # noqa: Y015
+    _WhichOneofArgType__unreachable_cells: _TypeAlias = _typing.Literal["_unreachable_cells", b"_unreachable_cells"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__empty_pass_probability) -> _WhichOneofReturnType__empty_pass_probability | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_empty_published_bound) -> _WhichOneofReturnType__expected_empty_published_bound | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unreachable_cells) -> _WhichOneofReturnType__unreachable_cells | None: ...
 
 Global___DryRunResponse: _TypeAlias = DryRunResponse  # noqa: Y015
 
