@@ -14,8 +14,9 @@ Tables (Arrow; `veil audit tables` writes them as CSV, the Audit service sends t
 - spending: one row per committed charge and scope it counts against (client, institution, data
   version), in time order, with the scope's cumulative spending and remaining budget after it:
   spending over time.
-- releases: every stored release with its query, charge, mechanism, noise scale, tau, cells and
-  the share of cells suppressed, read from the release's stored metadata (never its values).
+- releases: every stored release with its query, charge, mechanism, noise scale, tau, cells, the
+  cells its query's own terms leave empty, and the share of the other cells suppressed, read from
+  the release's stored metadata (never its values).
 - queries: per query fingerprint and data version, how many independent releases were drawn
   (a query released again at a larger loss gets a fresh draw, and the losses add), their total
   loss, the clients and the free replays.
@@ -340,7 +341,10 @@ def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) ->
         rows["beta"].append(meta.beta)
         rows["cells"].append(meta.cells)
         rows["suppressed_cells"].append(meta.suppressed_cells)
-        rows["suppressed_share"].append(meta.suppressed_cells / meta.cells if meta.cells else 0.0)
+        rows["unreachable_cells"].append(meta.unreachable_cells)
+        # Of the cells the rule was put to: those the query's own terms leave empty are stated.
+        reachable = meta.reachable_cells
+        rows["suppressed_share"].append(meta.suppressed_by_rule / reachable if reachable else 0.0)
         rows["replays"].append(record.replays)
         rows["sha256"].append(record.sha256)
     schema = pa.schema(
@@ -367,6 +371,7 @@ def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) ->
             ("beta", pa.float64()),
             ("cells", pa.int64()),
             ("suppressed_cells", pa.int64()),
+            ("unreachable_cells", pa.int64()),  # null for releases made before they were counted
             ("suppressed_share", pa.float64()),
             ("replays", pa.int64()),
             ("sha256", pa.string()),

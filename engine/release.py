@@ -60,6 +60,19 @@ class ReleaseMetadata:
     empty_pass_probability: float | None = None  # p0: P(an empty cell is published)
     expected_empty_published_bound: float | None = None  # cells x p0 (see EmptyCellBound)
 
+    @property
+    def reachable_cells(self) -> int:
+        """Cells some record may fall into (every cell, for a release made before the cells
+        its query's terms leave empty were counted)."""
+        return self.cells - (self.unreachable_cells or 0)
+
+    @property
+    def suppressed_by_rule(self) -> int:
+        """Cells the publication rule withheld. A share's or mean's cells left empty by the
+        query's terms have no value and are marked suppressed, but no rule withheld them."""
+        ruled_out = self.unreachable_cells or 0
+        return self.suppressed_cells - (ruled_out if self.measure in ("Proportion", "Mean") else 0)
+
 
 @dataclass(frozen=True)
 class Answer:

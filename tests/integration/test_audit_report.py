@@ -265,3 +265,32 @@ def test_refused_credentials_count_those_the_rate_limits_left_unrecorded(tmp_pat
         tables = build_tables(ledger)
     assert [r["unrecorded_before"] for r in tables["refusals"].to_pylist()] == [None, "7"]
     assert "<b>9</b>refused credentials" in render_html(tables)
+
+
+def test_cells_a_query_leaves_empty_are_not_counted_as_suppressed(tmp_path: Path) -> None:
+    # A share among women by gender: the other genders' cells have no record by the query's
+    # own terms, so no value, marked suppressed; the suppressed share is of the cells that may
+    # hold records (the women's, 160 records, published), so it is 0, not 3 in 4.
+    from engine.query import Count, Eq, Proportion, Query
+    from server.convert import query_to_pb
+
+    live = start_live(tmp_path / "audit-unreachable")
+    women = Eq("gender", "Female")
+    try:
+        with stubs(live.port) as s:
+            for rid, measure in (("p1", Proportion(Eq("isForcedLabour", 1))), ("c1", Count())):
+                query = query_to_pb(Query(measure, by=("gender",), where=women))
+                s.research.Release(
+                    pb.ReleaseRequest(request_id=rid, query=query, loss="0.25"),
+                    metadata=live.auth("alice"),
+                )
+        with Ledger.open_readonly(live.config.ledger) as ledger:
+            rows = {r["request_id"]: r for r in build_tables(ledger)["releases"].to_pylist()}
+            metas = {rid: ledger.release(rows[rid]["release_id"]).metadata for rid in rows}
+    finally:
+        live.stop()
+    for rid, marked in (("p1", 3), ("c1", 0)):  # a share of no record has no value
+        meta, row = metas[rid], rows[rid]
+        assert (meta.cells, meta.unreachable_cells, row["unreachable_cells"]) == (4, 3, 3)
+        assert (meta.suppressed_cells, meta.suppressed_by_rule) == (marked, 0)
+        assert row["suppressed_share"] == 0.0
