@@ -123,6 +123,22 @@ def rounded_up(value: float, digits: int = 2) -> str:
     return f"{up:.{digits - 1}e}" if value < 1e-3 else f"{up:.{-exponent}f}"
 
 
+def value_accuracy_text(measure: str, half_width: float | None, assumed_count: int) -> str:
+    """A share's, mean's or sum's interval in its own units, as a dry run states it ("" for
+    counts, whose intervals are given in records, and from a server that does not say)."""
+    if half_width is None:
+        return ""
+    if measure == "Proportion":
+        return (f"a share's interval in a cell of {assumed_count} records: at most +/- "
+                f"{rounded_up(100 * half_width)} points")
+    if measure == "Mean":
+        return (f"a mean's interval in a cell of {assumed_count} records: about +/- "
+                f"{rounded_up(half_width)}")
+    if measure == "Sum":
+        return f"a sum's interval: +/- {rounded_up(half_width)} in every cell"
+    return ""
+
+
 def unreachable_text(count: int | None, measure: str | None = None) -> str:
     """What the cells the query's own terms leave empty are shown as ("" when there are none,
     or the release predates the count). A share or mean of no record has no value, and reads as

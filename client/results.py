@@ -33,6 +33,7 @@ from client.display import (
     shorten,
     text_table,
     unreachable_text,
+    value_accuracy_text,
 )
 from client.errors import parse_amount
 from protos.veil.v1 import veil_pb2 as pb
@@ -432,6 +433,10 @@ class DryRun:
     empty_pass_probability: float | None = None
     expected_empty_published_bound: float | None = None
     unreachable_cells: int | None = None  # as in ReleaseMetadata
+    measure: str = ""  # Count, FlagCounts, Proportion, Sum or Mean ("" from an older server)
+    # About how far a cell's interval reaches either side in the measure's own units (a share
+    # between 0 and 1, a mean, a sum) for a cell of `assumed_count` records.
+    value_half_width: float | None = None
     query: Query | None = field(default=None, compare=False)
     # The caller's budget read just after the dry run (None when it could not be read): what
     # `fits_budget` and `remaining_after` are computed from, on this machine.
@@ -450,6 +455,7 @@ class DryRun:
             empty_pass_probability=_optional(m, "empty_pass_probability"),
             expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
             unreachable_cells=m.unreachable_cells if m.HasField("unreachable_cells") else None,
+            measure=m.measure, value_half_width=_optional(m, "value_half_width"),
             query=query, budget=budget,
         )
 
@@ -535,10 +541,13 @@ class DryRun:
         chance = f"  {chance}\n" if chance else ""
         ruled_out = unreachable_text(self.unreachable_cells)
         chance = (f"  {ruled_out}\n" if ruled_out else "") + chance
+        accuracy = value_accuracy_text(self.measure, self.value_half_width, self.assumed_count)
+        accuracy = f"  {accuracy}\n" if accuracy else ""
         return (
             f"{asked}Dry run: {self.loss_name} {self.loss}{free}\n"
             f"  cells: {self.cells:,}; {self.mechanism}, scale {self.noise_scale:.4g}\n"
             f"  count intervals: +/- {self.half_width} at {100 * self.confidence:g}%\n"
+            f"{accuracy}"
             f"  published when the noisy count reaches tau = {self.tau}; a cell of "
             f"{self.assumed_count} records is suppressed with probability "
             f"{self.expected_suppressed_share:.1%}\n"

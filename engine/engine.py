@@ -25,7 +25,14 @@ from engine.loss import MAX_AMOUNT, MIN_AMOUNT, PrivacyLoss
 from engine.noise import NoiseAhead
 from engine.planner import Plan, plan_query
 from engine.query import Query
-from engine.release import Answer, Charger, Release, build_answer, empty_cell_bound_of
+from engine.release import (
+    Answer,
+    Charger,
+    Release,
+    build_answer,
+    empty_cell_bound_of,
+    value_half_width,
+)
 from engine.settings import Settings
 from engine.sql import build, domain_check, group_columns
 
@@ -50,6 +57,10 @@ class DryRun:
     empty_pass_probability: float | None
     expected_empty_published_bound: float | None
     unreachable_cells: int | None
+    measure: str  # the measure's name, as in ReleaseMetadata
+    # About how far a cell's interval reaches either side in the measure's own units (a share,
+    # a mean, a sum), for a cell of `assumed_count` records; a count's is `half_width`.
+    value_half_width: float
 
 
 class Engine:
@@ -169,6 +180,8 @@ class Engine:
             empty_pass_probability=chance.pass_probability,
             expected_empty_published_bound=chance.expected_published,
             unreachable_cells=int(plan.unreachable.sum()) * max(1, len(plan.flag_names)),
+            measure=type(plan.query.measure).__name__,
+            value_half_width=value_half_width(plan, assumed),
         )
 
     def answer(self, plan: Plan, *, cancel: Cancellation | None = None) -> Answer:

@@ -270,6 +270,34 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
     return Answer(table, metadata)
 
 
+def value_half_width(plan: Plan, count: int) -> float:
+    """About how far a cell's interval reaches either side, in the measure's own units, for a
+    cell of `count` records: the accuracy a dry run can state before anything is read.
+
+    A count's is the count noise's quantile. A share N / (N + C) moves by at most q / count
+    either way (q: each count's quantile under the union bound, as `build_answer` takes it). A
+    sum's is its interval's spread. A mean's, (q_sum + reach x q_count) / (count - q_count),
+    with reach the farthest a clamped value lies from the shift, and never more than the
+    variable's range: the noisy count stands in for the true one.
+    """
+    measure = plan.query.measure
+    count_dist = plan.count_mechanism.distribution
+    if isinstance(measure, (Count, FlagCounts)):
+        return float(count_dist.quantile_abs(plan.settings.confidence))
+    level = bonferroni_level(plan.settings.confidence, 2)
+    q_count = count_dist.quantile_abs(level)
+    if isinstance(measure, Proportion):
+        return min(1.0, q_count / count) if count > 0 else 1.0
+    q_sum = plan.mechanisms[0].distribution.quantile_abs(level)
+    shift = plan.components[0].shift
+    if isinstance(measure, Sum):
+        return float(q_sum + abs(shift) * q_count)
+    variable = plan.components[0].argument
+    width = float(variable.high - variable.low)
+    reach = max(shift - variable.low, variable.high - shift)
+    return width if count <= q_count else min(width, (q_sum + reach * q_count) / (count - q_count))
+
+
 def empty_cell_bound_of(plan: Plan) -> EmptyCellBound:
     """The plan's bound on empty cells published by chance (see `EmptyCellBound`).
 

@@ -442,6 +442,8 @@ def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
         expected_suppressed_share=dry.expected_suppressed_share,
         fingerprint=dry.fingerprint,
         already_released=already_released,
+        measure=dry.measure,
+        value_half_width=dry.value_half_width,
     )
     # Left absent when a stored release made before they were recorded is what would return.
     if dry.empty_pass_probability is not None:

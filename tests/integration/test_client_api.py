@@ -16,6 +16,7 @@ import pytest
 
 import client
 from client import TLS, In, Missing, Not, Range, Retry
+from client.display import rounded_up
 from engine.errors import LedgerUnavailableError
 from server.errors import ServerStoppingError
 from server.servicer import ResearchServicer
@@ -501,9 +502,13 @@ def test_cells_the_query_rules_out_arrive_as_stated_zeros(
     # A share of no record has no value, and reads as suppressed; the dry run says so first.
     shares = (veil_client.proportion(isSexualExploit=1).by("majorityStatus")
               .where(majorityStatus="Minor", yearOfRegistration=2007))
-    priced = shares.dry_run(epsilon="0.1")
+    priced = shares.dry_run(epsilon="0.1", assumed_count=400)
     assert priced.unreachable_cells == 3
     assert "3 cells empty by the query's own terms (stated, not noised)" in repr(priced)
+    # Its accuracy in points, for a cell of the count assumed.
+    assert priced.measure == "Proportion" and priced.value_half_width is not None
+    points = f"+/- {rounded_up(100 * priced.value_half_width)} points"
+    assert f"a share's interval in a cell of 400 records: at most {points}" in repr(priced)
     share = shares.release(epsilon="0.1")
     assert share.cell(majorityStatus="Adult").suppressed
     words = "3 cells empty by the query's own terms (no value, marked suppressed, not noised)"

@@ -429,3 +429,48 @@ def test_cells_called_unreachable_hold_no_record_in_the_data(
         assert not true_counts[plan.unreachable].any(), (by, plan.where)
         found += int(plan.unreachable.sum())
     assert found > 0
+
+
+def test_a_dry_runs_value_half_width_is_what_a_cell_of_that_count_gets() -> None:
+    # build_answer on noisy values that are a cell of `count` records: the share's, mean's and
+    # sum's interval reach no farther than value_half_width states (a share's exactly as far,
+    # away from 0 and 1), and a count's is its quantile.
+    from engine.planner import plan_query
+    from engine.release import build_answer, value_half_width
+
+    def plan(measure: Any) -> Any:
+        return plan_query(Query(measure, by=("gender",)), CODEBOOK, Settings(),
+                          PrivacyLoss.pure("0.5"))
+
+    def reach(p: Any, noisy: list[np.ndarray]) -> float:
+        row = build_answer(p, noisy, data_version="t").table.to_pylist()[0]
+        assert not row["suppressed"]
+        return float(max(row["ci_high"] - row["value"], row["value"] - row["ci_low"]))
+
+    count = 200
+    share = plan(Proportion(Eq("isSexualExploit", 1)))
+    stated = value_half_width(share, count)
+    for meets in (100, 60, 30, 200):  # N' of 30 or more passes tau
+        split = np.array([meets] + [0] * 3 + [count - meets] + [0] * 3, dtype=np.int64)
+        measured = reach(share, [split])
+        assert measured <= stated + 1e-12
+        if 40 <= meets <= 160:  # both counts clear of their quantile: no clipping
+            assert measured == pytest.approx(stated)
+    mean = plan(Mean("yearOfRegistration"))
+    stated = value_half_width(mean, count)
+    shift = mean.components[0].shift
+    for value in (2002, 2006, 2011, 2016, 2021):
+        shifted = np.array([(value - shift) * count, 0, 0, 0], dtype=np.int64)
+        present = np.array([count, 0, 0, 0], dtype=np.int64)
+        assert reach(mean, [shifted, present]) <= stated + 1e-9
+    assert value_half_width(mean, 1) == 19.0  # a cell of one record: the whole range
+    total = plan(Sum("yearOfRegistration"))
+    sums = np.array([2010 * count, 0, 0, 0], dtype=np.int64)
+    stated = value_half_width(total, count)
+    assert reach(total, [sums, np.array([count, 0, 0, 0], dtype=np.int64)]) == pytest.approx(
+        stated
+    )
+    counts = plan(Count())
+    assert value_half_width(counts, count) == counts.count_mechanism.distribution.quantile_abs(
+        0.95
+    )

@@ -994,6 +994,8 @@ class DryRunResponse(_message.Message):
     EMPTY_PASS_PROBABILITY_FIELD_NUMBER: _builtins.int
     EXPECTED_EMPTY_PUBLISHED_BOUND_FIELD_NUMBER: _builtins.int
     UNREACHABLE_CELLS_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    VALUE_HALF_WIDTH_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """exact decimal or p/q"""
     accounting: Global___Accounting.ValueType
@@ -1022,6 +1024,12 @@ class DryRunResponse(_message.Message):
     """Rows the query's own terms leave empty (see ReleaseMetadata). For a query already released,
     these three are the stored release's own, absent if it was made before they were recorded.
     """
+    measure: _builtins.str
+    """Count, FlagCounts, Proportion, Sum or Mean"""
+    value_half_width: _builtins.float
+    """About how far a cell's interval reaches either side in the measure's own units (a share
+    between 0 and 1, a mean, a sum) for a cell of assumed_count records; a count's is half_width.
+    """
     def __init__(
         self,
         *,
@@ -1040,10 +1048,12 @@ class DryRunResponse(_message.Message):
         empty_pass_probability: _builtins.float | None = ...,
         expected_empty_published_bound: _builtins.float | None = ...,
         unreachable_cells: _builtins.int | None = ...,
+        measure: _builtins.str = ...,
+        value_half_width: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__empty_pass_probability: _TypeAlias = _typing.Literal["empty_pass_probability"]  # noqa: Y015
     _WhichOneofArgType__empty_pass_probability: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability"]  # noqa: Y015
@@ -1051,12 +1061,16 @@ class DryRunResponse(_message.Message):
     _WhichOneofArgType__expected_empty_published_bound: _TypeAlias = _typing.Literal["_expected_empty_published_bound", b"_expected_empty_published_bound"]  # noqa: Y015
     _WhichOneofReturnType__unreachable_cells: _TypeAlias = _typing.Literal["unreachable_cells"]  # noqa: Y015
     _WhichOneofArgType__unreachable_cells: _TypeAlias = _typing.Literal["_unreachable_cells", b"_unreachable_cells"]  # noqa: Y015
+    _WhichOneofReturnType__value_half_width: _TypeAlias = _typing.Literal["value_half_width"]  # noqa: Y015
+    _WhichOneofArgType__value_half_width: _TypeAlias = _typing.Literal["_value_half_width", b"_value_half_width"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__empty_pass_probability) -> _WhichOneofReturnType__empty_pass_probability | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_empty_published_bound) -> _WhichOneofReturnType__expected_empty_published_bound | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__unreachable_cells) -> _WhichOneofReturnType__unreachable_cells | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value_half_width) -> _WhichOneofReturnType__value_half_width | None: ...
 
 Global___DryRunResponse: _TypeAlias = DryRunResponse  # noqa: Y015
 
