@@ -108,7 +108,9 @@ def _pem(value: str | Path | bytes | None) -> bytes | None:
     return Path(value).expanduser().read_bytes()
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
+    """Whether `address` is this machine's (loopback or a Unix socket): the one place a token may
+    travel without TLS."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
     host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
@@ -157,7 +159,7 @@ class Client:
         if tls is None and os.environ.get(CA_CERT_ENV):
             tls = TLS(ca_cert=os.environ[CA_CERT_ENV])
         if tls is None:
-            tls = not _is_loopback(self.address)
+            tls = not is_loopback(self.address)
         if isinstance(tls, (str, Path)):
             tls = TLS(ca_cert=tls)
         elif tls is True:

@@ -150,3 +150,40 @@ def test_audit_budgets_mark_revoked_clients(tmp_path: Path) -> None:
     assert veil_cli.main(["audit", "report", str(path), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "<th>status</th>" in page and "<td>revoked</td>" in page
+
+
+def test_an_auditors_token_leaves_this_machine_only_over_tls() -> None:
+    # Not a loopback address (this machine's name, as a remote server would be named): the
+    # first bytes the server side reads are a TLS handshake, never the token in the clear.
+    import socket
+    import threading
+
+    import grpc
+
+    from audit.wire import Target
+    from protos.veil.v1 import veil_pb2 as pb
+
+    host = socket.gethostname()
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        pytest.skip("this machine's name does not resolve")
+    listener = socket.create_server(("", 0))
+    port = listener.getsockname()[1]
+    received: list[bytes] = []
+
+    def read_first_bytes() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(5)
+            received.append(connection.recv(4096))
+
+    reader = threading.Thread(target=read_first_bytes)
+    reader.start()
+    target = Target(f"{host}:{port}", "veil_do-not-send-in-clear")
+    with target, pytest.raises(grpc.RpcError):
+        target.research.GetBudget(pb.GetBudgetRequest(), metadata=target.metadata, timeout=3)
+    reader.join(10)
+    listener.close()
+    assert received and received[0][:1] == b"\x16"  # a TLS record: the handshake
+    assert b"veil_do-not-send-in-clear" not in received[0]

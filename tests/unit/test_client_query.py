@@ -10,7 +10,7 @@ import pytest
 import client
 from client import And, Eq, In, Missing, Not, Or, Present, Range
 from client.codebook import Codebook
-from client.connection import _is_loopback, decimal_text
+from client.connection import decimal_text, is_loopback
 from client.query import Count, FlagCounts, Proportion, Query, count, flag_counts, proportion
 from engine.codebook import default_codebook
 from protos.veil.v1 import veil_pb2 as pb
@@ -239,9 +239,9 @@ def test_losses_travel_as_exact_decimals() -> None:
 
 def test_loopback_detection_decides_the_default_tls() -> None:
     for address in ("localhost:50051", "127.0.0.1:1", "[::1]:50051", "unix:/tmp/veil.sock"):
-        assert _is_loopback(address), address
+        assert is_loopback(address), address
     for address in ("veil.example.org:443", "10.0.0.1:50051", "[2001:db8::1]:50051"):
-        assert not _is_loopback(address), address
+        assert not is_loopback(address), address
 
 
 def test_a_loss_is_sent_in_the_one_form_the_server_reads() -> None:
