@@ -342,9 +342,7 @@ def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) ->
         rows["cells"].append(meta.cells)
         rows["suppressed_cells"].append(meta.suppressed_cells)
         rows["unreachable_cells"].append(meta.unreachable_cells)
-        # Of the cells the rule was put to: those the query's own terms leave empty are stated.
-        reachable = meta.reachable_cells
-        rows["suppressed_share"].append(meta.suppressed_by_rule / reachable if reachable else 0.0)
+        rows["suppressed_share"].append(meta.suppressed_share)
         rows["replays"].append(record.replays)
         rows["sha256"].append(record.sha256)
     schema = pa.schema(
@@ -717,6 +715,7 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
                     ("noise_scale", "scale", "fixed"),
                     ("tau", "tau", "num"),
                     ("cells", "cells", "num"),
+                    ("unreachable_cells", "empty by its terms", "num"),
                     ("suppressed_share", "suppressed", "pct"),
                     ("replays", "replays", "num"),
                     ("fingerprint", "fingerprint", "short"),
@@ -766,7 +765,9 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
     )
     parts.append(
         "<p class='note'>Read from the ledger only: no data value, true or noisy, appears here. "
-        "The suppressed share of a release is read from its stored metadata. The guess bound is "
+        "The suppressed share of a release is read from its stored metadata, and is of the "
+        "cells its query's own terms do not leave empty (those are stated, not withheld; blank "
+        "for releases made before they were counted). The guess bound is "
         "the highest chance that anyone holding every release charged to a scope guesses one "
         "person's yes/no attribute correctly (against 0.5 for a coin toss). All tables are "
         "available as CSV with <code>veil audit tables</code>.</p>"

@@ -73,6 +73,12 @@ class ReleaseMetadata:
         ruled_out = self.unreachable_cells or 0
         return self.suppressed_cells - (ruled_out if self.measure in ("Proportion", "Mean") else 0)
 
+    @property
+    def suppressed_share(self) -> float:
+        """The share of the cells the publication rule was put to that it withheld."""
+        reachable = self.reachable_cells
+        return self.suppressed_by_rule / reachable if reachable else 0.0
+
 
 @dataclass(frozen=True)
 class Answer:

@@ -316,8 +316,9 @@ class LedgerAccounts:
                     tau=meta.tau,
                     cells=meta.cells,
                     suppressed_cells=meta.suppressed_cells,
-                    suppressed_share=meta.suppressed_cells / meta.cells if meta.cells else 0.0,
+                    suppressed_share=meta.suppressed_share,
                     replays=record.replays,
+                    unreachable_cells=meta.unreachable_cells,
                 )
             )
         return out

@@ -284,13 +284,20 @@ def test_cells_a_query_leaves_empty_are_not_counted_as_suppressed(tmp_path: Path
                     pb.ReleaseRequest(request_id=rid, query=query, loss="0.25"),
                     metadata=live.auth("alice"),
                 )
+            listed = s.audit.ListReleases(pb.ListReleasesRequest(), metadata=live.auth("audra"))
         with Ledger.open_readonly(live.config.ledger) as ledger:
-            rows = {r["request_id"]: r for r in build_tables(ledger)["releases"].to_pylist()}
+            built = build_tables(ledger)
+            rows = {r["request_id"]: r for r in built["releases"].to_pylist()}
             metas = {rid: ledger.release(rows[rid]["release_id"]).metadata for rid in rows}
+            html = render_html(built)
     finally:
         live.stop()
+    summaries = {r.request_id: r for r in listed.releases}
     for rid, marked in (("p1", 3), ("c1", 0)):  # a share of no record has no value
-        meta, row = metas[rid], rows[rid]
+        meta, row, summary = metas[rid], rows[rid], summaries[rid]
         assert (meta.cells, meta.unreachable_cells, row["unreachable_cells"]) == (4, 3, 3)
         assert (meta.suppressed_cells, meta.suppressed_by_rule) == (marked, 0)
         assert row["suppressed_share"] == 0.0
+        # The Audit service says the same as the tables, and the report shows the count.
+        assert (summary.suppressed_share, summary.unreachable_cells) == (0.0, 3)
+    assert "<th>empty by its terms</th>" in html and "are stated, not withheld" in html

@@ -1819,6 +1819,7 @@ class ReleaseSummary(_message.Message):
     SUPPRESSED_CELLS_FIELD_NUMBER: _builtins.int
     SUPPRESSED_SHARE_FIELD_NUMBER: _builtins.int
     REPLAYS_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_CELLS_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     charge_id: _builtins.str
     client_id: _builtins.str
@@ -1838,9 +1839,13 @@ class ReleaseSummary(_message.Message):
     cells: _builtins.int
     suppressed_cells: _builtins.int
     suppressed_share: _builtins.float
-    """suppressed_cells / cells"""
+    """Of the cells the publication rule was put to: cells the query's own terms leave empty
+    (unreachable_cells) are stated, not withheld by it.
+    """
     replays: _builtins.int
     """requests served this release again, free"""
+    unreachable_cells: _builtins.int
+    """absent for a release made before they were counted"""
     def __init__(
         self,
         *,
@@ -1861,12 +1866,15 @@ class ReleaseSummary(_message.Message):
         suppressed_cells: _builtins.int = ...,
         suppressed_share: _builtins.float = ...,
         replays: _builtins.int = ...,
+        unreachable_cells: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_unreachable_cells", b"_unreachable_cells", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical_query", b"canonical_query", "cells", b"cells", "charge_id", b"charge_id", "client_id", b"client_id", "created_at", b"created_at", "data_version", b"data_version", "fingerprint", b"fingerprint", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "release_id", b"release_id", "replays", b"replays", "request_id", b"request_id", "suppressed_cells", b"suppressed_cells", "suppressed_share", b"suppressed_share", "tau", b"tau"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_unreachable_cells", b"_unreachable_cells", "canonical_query", b"canonical_query", "cells", b"cells", "charge_id", b"charge_id", "client_id", b"client_id", "created_at", b"created_at", "data_version", b"data_version", "fingerprint", b"fingerprint", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "release_id", b"release_id", "replays", b"replays", "request_id", b"request_id", "suppressed_cells", b"suppressed_cells", "suppressed_share", b"suppressed_share", "tau", b"tau", "unreachable_cells", b"unreachable_cells"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__unreachable_cells: _TypeAlias = _typing.Literal["unreachable_cells"]  # noqa: Y015
+    _WhichOneofArgType__unreachable_cells: _TypeAlias = _typing.Literal["_unreachable_cells", b"_unreachable_cells"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unreachable_cells) -> _WhichOneofReturnType__unreachable_cells | None: ...
 
 Global___ReleaseSummary: _TypeAlias = ReleaseSummary  # noqa: Y015
 
