@@ -539,7 +539,7 @@ class DryRun:
         asked = f"{self.query}\n" if self.query is not None else ""
         chance = empty_cells_text(self.expected_empty_published_bound, self.empty_pass_probability)
         chance = f"  {chance}\n" if chance else ""
-        ruled_out = unreachable_text(self.unreachable_cells)
+        ruled_out = unreachable_text(self.unreachable_cells, self.measure or None)
         chance = (f"  {ruled_out}\n" if ruled_out else "") + chance
         accuracy = value_accuracy_text(self.measure, self.value_half_width, self.assumed_count)
         accuracy = f"  {accuracy}\n" if accuracy else ""

@@ -117,6 +117,7 @@ def _start(
             "unspent, so it is created only with its first administrator (--init-admin "
             "CLIENT_ID). If this deployment has a ledger already, correct the path."
         )
+    creating = not demo and not config.ledger.exists()
     engine = build_engine(config)
     accounts = LedgerAccounts.open(
         config.ledger,
@@ -143,6 +144,15 @@ def _start(
         # Listening first: a start that fails (the port in use, say) must not leave a client
         # registered whose token was never shown, blocking the next --init-admin with that id.
         running = start(config, engine=engine, accounts=accounts)
+        if creating:
+            # Said plainly: --init-admin also replaces a lost administrator, and a misspelt path
+            # there would otherwise start a second ledger, every budget unspent, unnoticed.
+            print(
+                f"veil serve: there was no ledger at {config.ledger}; a new one was created, "
+                "every budget unspent (if this deployment has a ledger, stop now and correct "
+                "the path)",
+                file=sys.stderr,
+            )
     except BaseException:
         accounts.close()
         raise

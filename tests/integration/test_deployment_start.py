@@ -167,6 +167,20 @@ def test_a_ledger_path_naming_no_file_needs_init_admin(deployment: Path) -> None
     assert line.startswith(f"error: there is no ledger at {deployment / 'ledger.sqlite'}; ")
     assert "--init-admin" in line
     assert not (deployment / "ledger.sqlite").exists()
+    # With --init-admin (also how a lost administrator is replaced) it is created, and said so.
+    process = veil("serve", "--config", str(config), "--init-admin", "ops", cwd=deployment)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("veil is listening on 127.0.0.1:")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert (
+        f"veil serve: there was no ledger at {deployment / 'ledger.sqlite'}; a new one was "
+        "created, every budget unspent"
+    ) in err
+    assert (deployment / "ledger.sqlite").exists()
 
 
 def test_a_name_is_refused_when_any_of_its_addresses_is_in_use(tmp_path: Path) -> None:
