@@ -179,7 +179,7 @@ class Engine:
             fingerprint=plan.fingerprint,
             empty_pass_probability=chance.pass_probability,
             expected_empty_published_bound=chance.expected_published,
-            unreachable_cells=int(plan.unreachable.sum()) * max(1, len(plan.flag_names)),
+            unreachable_cells=plan.unreachable_rows,
             measure=type(plan.query.measure).__name__,
             value_half_width=value_half_width(plan, assumed),
         )

@@ -265,6 +265,11 @@ class Plan:
         only they rule out is not found.)"""
         return unreachable_cells(self.dimensions, self.where)
 
+    @property
+    def unreachable_rows(self) -> int:
+        """Rows of the release in unreachable cells: one per flag for a flag-set measure."""
+        return int(self.unreachable.sum()) * max(1, len(self.flag_names))
+
 
 # ---- cells no record can reach ----------------------------------------------------------------
 #

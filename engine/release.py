@@ -269,7 +269,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         confidence=settings.confidence,
         cells=table.num_rows,
         suppressed_cells=int(mask.sum()),
-        unreachable_cells=int(unreachable.sum()),
+        unreachable_cells=plan.unreachable_rows,
         empty_pass_probability=chance.pass_probability,
         expected_empty_published_bound=chance.expected_published,
     )
@@ -312,7 +312,7 @@ def empty_cell_bound_of(plan: Plan) -> EmptyCellBound:
     Cells the query's own terms leave empty are stated, never published by chance, and are not
     counted.
     """
-    reachable = (plan.group_cells - int(plan.unreachable.sum())) * max(1, len(plan.flag_names))
+    reachable = plan.cells - plan.unreachable_rows
     return empty_cell_bound(plan.count_mechanism.distribution, tau=plan.tau, cells=reachable)
 
 

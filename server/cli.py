@@ -110,14 +110,14 @@ def _start(
 ) -> tuple[Running, dict[str, str]]:
     if not config.data.is_file():
         raise ConfigError(f"no data file at {config.data}")
-    if not demo and not init_admin and not config.ledger.exists():
+    creating = not demo and not config.ledger.exists()
+    if creating and not init_admin:
         # A misspelt ledger path would otherwise start a new ledger, every budget unspent.
         raise ConfigError(
             f"there is no ledger at {config.ledger}; a new ledger starts with every budget "
             "unspent, so it is created only with its first administrator (--init-admin "
             "CLIENT_ID). If this deployment has a ledger already, correct the path."
         )
-    creating = not demo and not config.ledger.exists()
     engine = build_engine(config)
     accounts = LedgerAccounts.open(
         config.ledger,
