@@ -2146,18 +2146,6 @@ class Ledger:
 
         return self._read("list the client's releases", work)
 
-    def best_release_loss(self, fingerprint: str, data_version: str) -> Fraction | None:
-        """The largest loss a query (by fingerprint) was released at on a data version, if any.
-
-        A request for that query at no more than this loss is answered by replaying the release.
-        """
-
-        def work(conn: sqlite3.Connection) -> Fraction | None:
-            best = _best_release(conn, fingerprint, data_version)
-            return None if best is None else parse_amount(best[1])
-
-        return self._read("look up the query's releases", work)
-
     def best_release_metadata(
         self, fingerprint: str, data_version: str
     ) -> ReleaseMetadata | None:

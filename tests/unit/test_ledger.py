@@ -35,7 +35,7 @@ from engine.errors import (
 )
 from engine.ledger import ENTRY_FIELDS, Ledger
 from engine.ledger_cli import main as ledger_cli
-from engine.loss import Accounting, PrivacyLoss
+from engine.loss import Accounting, PrivacyLoss, parse_amount
 from engine.query import Count, Query, Range
 from engine.release import Release
 from tests.conftest import write_database
@@ -403,20 +403,21 @@ def test_replay_is_free_to_any_client_and_recorded(engine: Engine, ledger: Ledge
     assert_verified(ledger)
 
 
-def test_best_release_loss_is_the_largest_loss_of_the_query_on_its_version(
+def test_the_best_release_is_the_largest_loss_of_the_query_on_its_version(
     engine: Engine, ledger: Ledger
 ) -> None:
     query = distinct_query(3)
     fingerprint = engine.plan(query, loss=EPS).fingerprint
-    assert ledger.best_release_loss(fingerprint, engine.data_version) is None
+    assert ledger.best_release_metadata(fingerprint, engine.data_version) is None
     # As text "1/7" sorts after "0.15"; as numbers it is the smaller.
     release(engine, ledger, "alice", "a1", query, loss=PrivacyLoss.pure(Fraction(1, 7)))
     release(engine, ledger, "bob", "b1", query, loss=PrivacyLoss.pure("0.15"))
     assert len(ledger.releases()) == 2
     release(engine, ledger, "carol", "c1", distinct_query(4), loss=PrivacyLoss.pure("0.5"))
     release(engine, ledger, "carol", "c2", query, loss=PrivacyLoss.pure("0.12"))  # a replay
-    assert ledger.best_release_loss(fingerprint, engine.data_version) == Fraction(15, 100)
-    assert ledger.best_release_loss(fingerprint, "another-version") is None
+    best = ledger.best_release_metadata(fingerprint, engine.data_version)
+    assert best is not None and parse_amount(best.loss) == Fraction(15, 100)
+    assert ledger.best_release_metadata(fingerprint, "another-version") is None
 
 
 def test_a_release_made_under_another_suppression_rule_is_not_replayed(
