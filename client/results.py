@@ -537,12 +537,14 @@ class DryRun:
     def __repr__(self) -> str:
         free = " (already released: it would be returned free)" if self.already_released else ""
         asked = f"{self.query}\n" if self.query is not None else ""
-        chance = empty_cells_text(self.expected_empty_published_bound, self.empty_pass_probability)
-        chance = f"  {chance}\n" if chance else ""
-        ruled_out = unreachable_text(self.unreachable_cells, self.measure or None)
-        chance = (f"  {ruled_out}\n" if ruled_out else "") + chance
-        accuracy = value_accuracy_text(self.measure, self.value_half_width, self.assumed_count)
-        accuracy = f"  {accuracy}\n" if accuracy else ""
+        def line(text: str) -> str:
+            return f"  {text}\n" if text else ""
+
+        m = self.measure
+        accuracy = line(value_accuracy_text(m, self.value_half_width, self.assumed_count))
+        empty_cells = line(unreachable_text(self.unreachable_cells, m or None)) + line(
+            empty_cells_text(self.expected_empty_published_bound, self.empty_pass_probability)
+        )
         return (
             f"{asked}Dry run: {self.loss_name} {self.loss}{free}\n"
             f"  cells: {self.cells:,}; {self.mechanism}, scale {self.noise_scale:.4g}\n"
@@ -551,7 +553,7 @@ class DryRun:
             f"  published when the noisy count reaches tau = {self.tau}; a cell of "
             f"{self.assumed_count} records is suppressed with probability "
             f"{self.expected_suppressed_share:.1%}\n"
-            f"{chance}"
+            f"{empty_cells}"
             f"{self._budget_line()}\n"
             f"  fingerprint {self.fingerprint[:16]}"
         )

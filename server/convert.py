@@ -429,7 +429,7 @@ def deployment_to_pb(
 
 
 def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
-    response = pb.DryRunResponse(
+    return pb.DryRunResponse(
         loss=format_amount(dry.loss.amount),
         accounting=ACCOUNTING_TO_PB[dry.loss.accounting],
         cells=dry.cells,
@@ -444,15 +444,12 @@ def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
         already_released=already_released,
         measure=dry.measure,
         value_half_width=dry.value_half_width,
+        # None leaves an optional field absent: a stored release made before these were recorded
+        # is what would be returned.
+        empty_pass_probability=dry.empty_pass_probability,
+        expected_empty_published_bound=dry.expected_empty_published_bound,
+        unreachable_cells=dry.unreachable_cells,
     )
-    # Left absent when a stored release made before they were recorded is what would return.
-    if dry.empty_pass_probability is not None:
-        response.empty_pass_probability = dry.empty_pass_probability
-    if dry.expected_empty_published_bound is not None:
-        response.expected_empty_published_bound = dry.expected_empty_published_bound
-    if dry.unreachable_cells is not None:
-        response.unreachable_cells = dry.unreachable_cells
-    return response
 
 
 def release_to_pb(release: Release, *, charged: str = "") -> pb.ReleaseResponse:
@@ -477,16 +474,13 @@ def release_to_pb(release: Release, *, charged: str = "") -> pb.ReleaseResponse:
         confidence=m.confidence,
         cells=m.cells,
         suppressed_cells=m.suppressed_cells,
+        # None leaves an optional field absent: a release stored before these were recorded is
+        # sent as it was made.
+        sum_noise_scale=m.sum_noise_scale,
+        unreachable_cells=m.unreachable_cells,
+        empty_pass_probability=m.empty_pass_probability,
+        expected_empty_published_bound=m.expected_empty_published_bound,
     )
-    if m.sum_noise_scale is not None:
-        metadata.sum_noise_scale = m.sum_noise_scale
-    # Left absent for a release stored before they were recorded: it is sent as it was made.
-    if m.empty_pass_probability is not None:
-        metadata.empty_pass_probability = m.empty_pass_probability
-    if m.expected_empty_published_bound is not None:
-        metadata.expected_empty_published_bound = m.expected_empty_published_bound
-    if m.unreachable_cells is not None:
-        metadata.unreachable_cells = m.unreachable_cells
     return pb.ReleaseResponse(metadata=metadata, arrow_ipc=release.to_bytes(), charged=charged)
 
 
