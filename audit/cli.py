@@ -7,7 +7,8 @@
 
 The connection options are those of `veil query` and `veil admin`: --server (default
 $VEIL_SERVER), the token from --token-file or VEIL_TOKEN (or --token, which the shell history
-keeps), --ca-cert (default $VEIL_CA_CERT) for a TLS server; --tls-ca is its earlier name.
+keeps), --ca-cert (default $VEIL_CA_CERT) for a TLS server (--tls-ca is its earlier name),
+--client-cert and --client-key for one that requires mutual TLS, and --timeout for each call.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.cli import add_server_options, ca_cert_of, token_of
-from client.connection import ADDRESS_ENV
+from client.cli import add_server_options, tls_of, token_of
+from client.connection import ADDRESS_ENV, TLS
 from client.errors import AuthenticationError
 from engine.audit_report import TABLE_NAMES, AuditTables, build_tables, render_html
 from engine.errors import VeilError
@@ -95,13 +96,18 @@ def add_audit_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def fetch_tables(
-    server: str, token: str, *, names: list[str] | None = None, tls_ca: Path | None = None
+    server: str,
+    token: str,
+    *,
+    names: list[str] | None = None,
+    tls: TLS | None = None,
+    timeout: float = 120.0,
 ) -> AuditTables:
     """The auditor's tables from a live server (Audit.GetAuditTables)."""
     from audit.wire import Target
     from protos.veil.v1 import veil_pb2 as pb
 
-    with Target(server, token, root_certificates=tls_ca) as target:
+    with Target(server, token, tls=tls, timeout=timeout) as target:
         response = target._unary(
             target.audit.GetAuditTables, pb.GetAuditTablesRequest(tables=names or [])
         )
@@ -130,7 +136,9 @@ def run_audit(args: argparse.Namespace) -> int:
             from audit.wire import Refused
 
             try:
-                tables = fetch_tables(server, _token(args), names=names, tls_ca=ca_cert_of(args))
+                tables = fetch_tables(
+                    server, _token(args), names=names, tls=tls_of(args), timeout=args.timeout
+                )
             except Refused as exc:
                 print(f"veil audit: the server refused: {exc}", file=sys.stderr)
                 return EXIT_ERROR
@@ -265,7 +273,7 @@ def run_attack(args: argparse.Namespace) -> int:
         print(f"veil attack: give --server HOST:PORT or set {ADDRESS_ENV}", file=sys.stderr)
         return EXIT_ERROR
     results: list[AttackResult] = []
-    with Target(server, _token(args), root_certificates=ca_cert_of(args)) as target:
+    with Target(server, _token(args), tls=tls_of(args), timeout=args.timeout) as target:
         ctx = Context(
             target,
             truth,

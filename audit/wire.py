@@ -13,13 +13,12 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pyarrow as pa
 
-from client.connection import is_loopback
+from client.connection import TLS, is_loopback
 from engine.loss import parse_amount
 from engine.query import Query
 from protos.veil.v1 import veil_pb2 as pb
@@ -122,16 +121,15 @@ class Target:
         address: str,
         token: str,
         *,
-        root_certificates: Path | None = None,
+        tls: TLS | None = None,
         timeout: float = 60.0,
         max_receive: int = 256 << 20,
     ) -> None:
         options = [("grpc.max_receive_message_length", max_receive)]
-        if root_certificates is not None or not is_loopback(address):
+        if tls is not None or not is_loopback(address):
             # As the researcher's client does: the token leaves this machine only over TLS (the
             # system's CAs unless one is named), whatever the server would accept.
-            roots = None if root_certificates is None else root_certificates.read_bytes()
-            credentials = grpc.ssl_channel_credentials(roots)
+            credentials = (tls or TLS()).credentials()
             self.channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)

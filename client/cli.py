@@ -51,9 +51,10 @@ _SQL_WORDS = frozenset({"AND", "OR", "NOT", "IN", "IS", "NULL", "BETWEEN", "LIKE
 def add_server_options(
     group: argparse._ActionsContainer, *, server_help: str | None = None
 ) -> None:
-    """--server, --token, --token-file and --ca-cert, the options every command that calls a
-    server shares (these, `veil admin`, `veil audit`, `veil attack`); read them back with
-    `token_of` and `ca_cert_of`. --server defaults to None: $VEIL_SERVER is read when it is used."""
+    """--server, --token, --token-file, --ca-cert, --client-cert, --client-key and --timeout,
+    the options every command that calls a server shares (these, `veil admin`, `veil audit`,
+    `veil attack`); read them back with `token_of`, `ca_cert_of` and `tls_of`. --server
+    defaults to None: $VEIL_SERVER is read when it is used."""
     group.add_argument(
         "--server", metavar="HOST:PORT",
         help=server_help or f"the veil server (default ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
@@ -64,6 +65,12 @@ def add_server_options(
     group.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
     group.add_argument("--ca-cert", type=Path, metavar="PEM",
                        help=f"CA certificate of the server (default ${CA_CERT_ENV})")
+    group.add_argument("--client-cert", type=Path, metavar="PEM",
+                       help="this client's certificate, for a server that requires mutual TLS")
+    group.add_argument("--client-key", type=Path, metavar="PEM",
+                       help="the private key of --client-cert")
+    group.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="deadline of each call (default 120)")
 
 
 def token_of(args: argparse.Namespace) -> str:
@@ -93,6 +100,15 @@ def ca_cert_of(args: argparse.Namespace) -> Path | None:
     return ca or (Path(os.environ[CA_CERT_ENV]) if os.environ.get(CA_CERT_ENV) else None)
 
 
+def tls_of(args: argparse.Namespace) -> TLS | None:
+    """The TLS files of `add_server_options` (the CA as `ca_cert_of` reads it, the client's
+    certificate and key), or None when none is given."""
+    ca = ca_cert_of(args)
+    if ca is None and args.client_cert is None and args.client_key is None:
+        return None
+    return TLS(ca_cert=ca, client_cert=args.client_cert, client_key=args.client_key)
+
+
 def _connection_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
@@ -102,10 +118,6 @@ def _connection_options() -> argparse.ArgumentParser:
                      help="use TLS (the default for every host but a loopback one)")
     tls.add_argument("--no-tls", dest="tls", action="store_false",
                      help="plaintext (only loopback servers accept it)")
-    group.add_argument("--client-cert", type=Path, metavar="PEM", help="for mutual TLS")
-    group.add_argument("--client-key", type=Path, metavar="PEM", help="for mutual TLS")
-    group.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                       help="deadline of each call (default 120)")
     group.add_argument("--retries", type=int, default=5, metavar="N",
                        help="tries in all when the server is unavailable (default 5)")
     group.add_argument("-q", "--quiet", action="store_true",
@@ -229,9 +241,9 @@ def add_releases_command(subparsers: Any) -> argparse.ArgumentParser:
 def _client(args: argparse.Namespace) -> Client:
     token = token_of(args)
     tls: bool | TLS | None = args.tls
-    ca = ca_cert_of(args)
-    if tls is not False and (ca or args.client_cert or args.client_key):
-        tls = TLS(ca_cert=ca, client_cert=args.client_cert, client_key=args.client_key)
+    files = tls_of(args)
+    if tls is not False and files is not None:
+        tls = files
     retry = Retry(attempts=max(1, args.retries))
     client = Client(args.server, token=token, tls=tls, timeout=args.timeout, retry=retry)
     if not args.quiet:

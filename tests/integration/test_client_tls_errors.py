@@ -26,9 +26,9 @@ from tests.server_harness import LiveServer
 
 @dataclass(frozen=True)
 class PKI:
-    """PEM files: a CA, a server certificate for localhost and 127.0.0.1, a client certificate
-    signed by the CA, and a second CA with a client certificate of its own (one the server does
-    not trust)."""
+    """PEM files: a CA, a server certificate for localhost and 127.0.0.1, client certificates
+    signed by the CA (a researcher's, `client.crt`, and an auditor's), and a second CA with a
+    client certificate of its own (one the server does not trust)."""
 
     root: Path
 
@@ -81,6 +81,10 @@ def make_pki(root: Path, client_id: str) -> PKI:
         (root / f"{prefix}client.crt").write_bytes(signed.public_bytes(pem))
         _write_key(root / f"{prefix}client.key", client_key)
         if not prefix:
+            auditor_key = ec.generate_private_key(ec.SECP256R1())
+            auditor = _certificate(AUDITOR_ID, auditor_key, issuer=ca_name, issuer_key=ca_key)
+            (root / "auditor.crt").write_bytes(auditor.public_bytes(pem))
+            _write_key(root / "auditor.key", auditor_key)
             server_key = ec.generate_private_key(ec.SECP256R1())
             names: list[x509.GeneralName] = [
                 x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
@@ -93,6 +97,7 @@ def make_pki(root: Path, client_id: str) -> PKI:
 
 
 CLIENT_ID = "tls-researcher"
+AUDITOR_ID = "tls-auditor"
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +261,34 @@ def test_a_server_that_is_down_is_still_retried(
     _, retries = _failure(client.connect(f"127.0.0.1:{live.port}", token=token, tls=False,
                                          retry=FAST))
     assert len(retries) == FAST.attempts - 1
+
+
+def test_the_auditors_commands_speak_mutual_tls(
+    mtls_server: tuple[LiveServer, str], pki: PKI, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    live, researcher = mtls_server
+    auditor = new_token()
+    live.ledger.register_client(AUDITOR_ID, role="auditor", cap="0",
+                                token_hash=hash_token(auditor))
+    monkeypatch.setenv("VEIL_TOKEN", auditor)
+    monkeypatch.delenv("VEIL_CA_CERT", raising=False)
+    report = tmp_path / "report.html"
+    audit = ["audit", "report", "--server", f"localhost:{live.port}", "--ca-cert",
+             str(pki["ca.crt"]), "--timeout", "10", "--out", str(report)]
+    # Without a client certificate the handshake is refused: no report, an error's exit status.
+    code, _, err = veil(capsys, *audit)
+    assert code == 2 and "UNAVAILABLE" in err and not report.exists()
+    # With the auditor's own certificate, the tables come back over the same channel.
+    mutual = ["--client-cert", str(pki["auditor.crt"]), "--client-key", str(pki["auditor.key"])]
+    code, out, err = veil(capsys, *audit, *mutual)
+    assert code == 0, err
+    assert "ledger verified" in report.read_text() and "wrote" in out
+    # `veil attack` connects the same way, as the researcher whose token and certificate it
+    # holds (its injection probes spend nothing).
+    monkeypatch.setenv("VEIL_TOKEN", researcher)
+    code, out, err = veil(capsys, "attack", "--server", f"localhost:{live.port}", "--ca-cert",
+                          str(pki["ca.crt"]), "--client-cert", str(pki["client.crt"]),
+                          "--client-key", str(pki["client.key"]), "--attack", "injection")
+    assert code in (0, 3), err
+    assert "injection" in out and "UNAVAILABLE" not in out + err

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import veil_cli
+from client.connection import TLS
 
 
 def test_audit_with_neither_a_ledger_nor_a_server_says_one_is_needed(
@@ -63,7 +64,7 @@ def test_audit_reads_veil_server_token_file_and_ca_cert(
         veil_cli.main([*argv, "--out", out])
     args, kwargs = called.value.args
     assert args == ("audit.example:50051", "veil_from-the-file")
-    assert kwargs["tls_ca"] == ca
+    assert kwargs["tls"] == TLS(ca_cert=ca) and kwargs["timeout"] == 120.0
 
     # VEIL_CA_CERT is --ca-cert's default; --tls-ca, the earlier name, still works.
     monkeypatch.setenv("VEIL_CA_CERT", str(tmp_path / "env.pem"))
@@ -71,10 +72,19 @@ def test_audit_reads_veil_server_token_file_and_ca_cert(
     with pytest.raises(_Called) as called:
         veil_cli.main(["audit", "tables", "--out", out])
     assert called.value.args[0][1] == "veil_from-the-env"
-    assert called.value.args[1]["tls_ca"] == tmp_path / "env.pem"
+    assert called.value.args[1]["tls"] == TLS(ca_cert=tmp_path / "env.pem")
     with pytest.raises(_Called) as called:
         veil_cli.main(["audit", "tables", "--tls-ca", str(ca), "--out", out])
-    assert called.value.args[1]["tls_ca"] == ca
+    assert called.value.args[1]["tls"] == TLS(ca_cert=ca)
+
+    # A client certificate for a server that requires mutual TLS, and a deadline per call.
+    cert, key = tmp_path / "auditor.crt", tmp_path / "auditor.key"
+    mutual = ["--client-cert", str(cert), "--client-key", str(key), "--timeout", "7"]
+    with pytest.raises(_Called) as called:
+        veil_cli.main(["audit", "tables", *mutual, "--out", out])
+    kwargs = called.value.args[1]
+    assert kwargs["tls"] == TLS(ca_cert=tmp_path / "env.pem", client_cert=cert, client_key=key)
+    assert kwargs["timeout"] == 7.0
 
 
 def test_audit_of_a_ledger_file_ignores_veil_server(
@@ -94,6 +104,7 @@ def test_audit_help_names_ca_cert_not_tls_ca(capsys: pytest.CaptureFixture[str])
             veil_cli.main([*command, "--help"])
         text = capsys.readouterr().out
         assert "--ca-cert" in text and "--token-file" in text and "VEIL_SERVER" in text
+        assert "--client-cert" in text and "--client-key" in text and "--timeout" in text
         assert "--tls-ca" not in text
 
 
@@ -109,11 +120,17 @@ def test_attack_reads_veil_server_token_file_and_ca_cert(
         veil_cli.main([*argv, "--ca-cert", str(ca)])
     args, kwargs = called.value.args
     assert args == ("audit.example:50051", "veil_from-the-file")
-    assert kwargs["root_certificates"] == ca
+    assert kwargs["tls"] == TLS(ca_cert=ca)
     with pytest.raises(_Called) as called:
         veil_cli.main([*argv, "--tls-ca", str(ca), "--server", "other:1"])
     assert called.value.args[0][0] == "other:1"
-    assert called.value.args[1]["root_certificates"] == ca
+    assert called.value.args[1]["tls"] == TLS(ca_cert=ca)
+    cert, key = tmp_path / "auditor.crt", tmp_path / "auditor.key"
+    with pytest.raises(_Called) as called:
+        veil_cli.main([*argv, "--client-cert", str(cert), "--client-key", str(key),
+                       "--timeout", "9"])
+    assert called.value.args[1]["tls"] == TLS(client_cert=cert, client_key=key)
+    assert called.value.args[1]["timeout"] == 9.0
 
 
 def test_attack_with_no_server_says_how_to_name_one(
