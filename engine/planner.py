@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -278,6 +277,11 @@ class Plan:
 # it admits some value of the set; on a variable the query does not group by, it may always hold.
 # AND and OR combine these (canonical filters have no NOT), and a cell where the clause cannot
 # hold is unreachable.
+#
+# Each stored value lies in exactly one position along each dimension on its variable, so the
+# cells where an atom may hold are found by scattering the values it admits to their cells: work
+# in proportion to the variable's domain and the cells, with no Python loop over either (a query
+# is planned, free, for every dry run).
 
 
 def unreachable_cells(dimensions: tuple[Dimension, ...], where: CanonicalFilter) -> np.ndarray:
@@ -288,15 +292,20 @@ def unreachable_cells(dimensions: tuple[Dimension, ...], where: CanonicalFilter)
         by_variable.setdefault(dimension.variable.name, []).append(axis)
     # Only a variable the clause reads, or one grouped twice, can rule a cell out.
     mentioned = _variables(where)
-    values = {
-        name: (axes, _values_held(tuple(dimensions[a] for a in axes)))
+    cells_of = {
+        name: (axes, _cells_of_values(tuple(dimensions[a] for a in axes)))
         for name, axes in by_variable.items()
         if name in mentioned or len(axes) > 1
     }
-    if not values:
+    if not cells_of:
         return np.zeros(math.prod(shape), dtype=bool)  # the common case, at no cost
 
-    def spread(axes: list[int], grid: np.ndarray) -> np.ndarray:
+    def spread(axes: list[int], admitted: np.ndarray) -> np.ndarray:
+        """The cells along `axes` where some value in `admitted` (a mask over the variable's
+        values, missing last) lies, shaped to broadcast over the whole grid."""
+        positions = cells_of[dimensions[axes[0]].variable.name][1]
+        grid = np.zeros(math.prod(shape[a] for a in axes), dtype=bool)
+        grid[positions[admitted]] = True
         full = [1] * len(shape)
         for axis in axes:
             full[axis] = shape[axis]
@@ -306,20 +315,18 @@ def unreachable_cells(dimensions: tuple[Dimension, ...], where: CanonicalFilter)
         if isinstance(f, Constant):
             return f.value
         if isinstance(f, Atom):
-            if f.variable not in values:
+            if f.variable not in cells_of:
                 return True
-            axes, held = values[f.variable]
-            grid = np.array([_admits_some(f, h) for h in held.ravel()], dtype=bool)
-            return spread(axes, grid)
+            axes, _ = cells_of[f.variable]
+            return spread(axes, _admitted(dimensions[axes[0]].variable, f))
         parts = [may_hold(o) for o in f.operands]
         combine = np.logical_and if isinstance(f, AllOf) else np.logical_or
         return functools.reduce(combine, parts)
 
     unreachable = ~np.asarray(may_hold(where), dtype=bool)
-    for axes, held in values.values():
+    for axes, positions in cells_of.values():
         if len(axes) > 1:  # a variable grouped twice (a country and its region)
-            empty = np.array([not h for h in held.ravel()], dtype=bool)
-            unreachable = unreachable | spread(axes, empty)
+            unreachable = unreachable | ~spread(axes, np.ones(positions.size, dtype=bool))
     return np.broadcast_to(unreachable, shape).ravel()
 
 
@@ -331,28 +338,25 @@ def _variables(f: CanonicalFilter) -> set[str]:
     return set().union(*(_variables(o) for o in f.operands))
 
 
-def _values_held(dimensions: tuple[Dimension, ...]) -> np.ndarray:
-    """For each combination of positions along `dimensions` (all on one variable), the stored
-    values a record there may hold: None for missing."""
-    per_axis = [_values_at(d) for d in dimensions]
-    held = np.empty(tuple(d.size for d in dimensions), dtype=object)
-    for index in itertools.product(*(range(d.size) for d in dimensions)):
-        held[index] = frozenset.intersection(*(per_axis[a][i] for a, i in enumerate(index)))
-    return held
+def _cells_of_values(dimensions: tuple[Dimension, ...]) -> np.ndarray:
+    """For each stored value of the variable of `dimensions` (its codes in order, then missing),
+    the cell it lies in among the cells of `dimensions` (row-major)."""
+    positions = []
+    for dimension in dimensions:
+        if dimension.derived is None:  # the keys are the variable's codes, in order
+            along = np.arange(dimension.size)
+        else:
+            along = np.array([*dimension.source_to_key, dimension.size - 1])
+        positions.append(along)
+    return np.ravel_multi_index(tuple(positions), tuple(d.size for d in dimensions))
 
 
-def _values_at(dimension: Dimension) -> list[frozenset[Code | None]]:
-    if dimension.derived is None:
-        return [frozenset({key}) for key in dimension.keys] + [frozenset({None})]
-    groups: list[set[Code | None]] = [set() for _ in range(dimension.size)]
-    for code, position in zip(dimension.variable.codes, dimension.source_to_key, strict=True):
-        groups[position].add(code)
-    groups[-1].add(None)
-    return [frozenset(g) for g in groups]
-
-
-def _admits_some(atom: Atom, held: frozenset[Code | None]) -> bool:
-    return any(atom.missing if value is None else value in atom.codes for value in held)
+def _admitted(variable: Variable, atom: Atom) -> np.ndarray:
+    """Which of the variable's stored values (its codes in order, then missing) `atom` admits."""
+    admitted = np.zeros(len(variable.codes) + 1, dtype=bool)
+    admitted[[variable.code_index[code] for code in atom.codes]] = True
+    admitted[-1] = atom.missing
+    return admitted
 
 
 def _check_limits(query: Query, settings: Settings) -> None:

@@ -304,6 +304,41 @@ def _atoms_on(f: object, name: str) -> int:
     return 0
 
 
+def test_finding_unreachable_cells_does_not_walk_the_cells_in_python() -> None:
+    # Planning is free (every dry run plans), so its work must not grow with the cells times the
+    # filter's terms: 21 OR-ed groups on citizenship over citizenship x its sub-region x its
+    # region (50,200 cells, 63 terms) once made millions of Python calls, over a second of a
+    # server thread for each free dry run. Counted, not timed: a bound on Python calls holds on
+    # any machine.
+    import sys
+
+    codes = [c for c in CODEBOOK.dimension("citizenship").keys if c != "00"]
+    groups = [
+        And(In("citizenship", codes[8 * i:8 * i + 5]),
+            Or(In("citizenship", codes[8 * i + 5:8 * i + 8]), Eq("gender", "Male")))
+        for i in range(21)
+    ]
+    query = Query(Count(), by=("citizenship", "citizenshipSubregion", "citizenshipRegion"),
+                  where=Or(*groups))
+    calls = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    p = plan(query)
+    sys.setprofile(count)
+    try:
+        unreachable = p.unreachable  # found on first use
+    finally:
+        sys.setprofile(None)
+    assert p.cells == 50_200
+    # Only the cells of the 105 countries named (each beside its own sub-region and region) can
+    # be reached; every other combination is stated empty.
+    assert int((~unreachable).sum()) == 105
+    assert calls < 2_000, calls
+
+
 def test_unreachable_cells_are_those_no_record_reaches() -> None:
     # Every record over four variables, against random filters and groupings: a cell called
     # unreachable is one no record meeting the filter falls into, always; and every such cell
