@@ -197,6 +197,7 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
         accounts,
         rate_per_second=limits.rate_per_second,
         rate_burst=limits.rate_burst,
+        calls_per_client=limits.calls_per_client,
         bind_client_ids=config.tls is not None and config.tls.binds_client_ids,
     )
     server = grpc.server(

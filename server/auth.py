@@ -42,6 +42,8 @@ log = logging.getLogger("veil.server")
 
 TOKEN_PREFIX = "veil_"
 _MAX_TOKEN_LENGTH = 256
+# The wait a client refused for having too many calls running is told to take before it retries.
+_CONCURRENCY_RETRY_SECONDS = 0.1
 
 
 class Role(Enum):
@@ -224,9 +226,15 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         rate_burst: int,
         audit_failures_per_minute: int = 60,
         audit_failures_total_per_minute: int = 600,
+        calls_per_client: int | None = None,
         bind_client_ids: bool = False,
     ) -> None:
         self.directory = directory
+        # Calls each client has running: a cap keeps one client from holding every worker with
+        # slow calls while others wait (the rate limit counts calls begun, not calls running).
+        self.calls_per_client = calls_per_client
+        self._running: dict[str, int] = {}
+        self._running_lock = threading.Lock()
         # Mutual TLS only: the token's client must be named by the caller's certificate.
         self.bind_client_ids = bind_client_ids
         self.limiter = RateLimiter(rate=rate_per_second, burst=rate_burst)
@@ -263,6 +271,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 return behavior(request, context)
             finally:
                 _identity.reset(token)
+                self.end_call(identity.client_id)
 
         return grpc.unary_unary_rpc_method_handler(
             authorised,
@@ -271,8 +280,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         )
 
     def check(self, method: str, context: grpc.ServicerContext) -> Identity:
-        """The caller's identity, or an AuthenticationError, PermissionDeniedError or
-        RateLimitedError saying why the call is refused."""
+        """The caller's identity, its call counted as running (until `end_call`), or an
+        AuthenticationError, PermissionDeniedError or RateLimitedError saying why the call is
+        refused."""
         peer = context.peer()
         token = bearer_token(context.invocation_metadata())
         if token is None:
@@ -307,8 +317,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             raise PermissionDeniedError(
                 f"{method} is for {roles}; client {identity.client_id!r} is {identity.role.value}"
             )
+        # Counted as running before the rate is taken: a call refused for the calls its client
+        # has running must not use up the client's rate as well.
+        self._begin(method, identity.client_id)
         wait = self.limiter.take(identity.client_id)
         if wait > 0:
+            self.end_call(identity.client_id)
             log.warning(
                 "rate limited",
                 extra={"event": "rate_limited", "method": method, "client": identity.client_id},
@@ -320,6 +334,33 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 retry_after=wait,
             )
         return identity
+
+    def _begin(self, method: str, client_id: str) -> None:
+        """Count a call of `client_id` as running, or refuse it when the client has its cap of
+        calls running already (RateLimitedError: RESOURCE_EXHAUSTED, with a wait to retry)."""
+        with self._running_lock:
+            running = self._running.get(client_id, 0)
+            if self.calls_per_client is None or running < self.calls_per_client:
+                self._running[client_id] = running + 1
+                return
+        log.warning(
+            "too many calls running",
+            extra={"event": "concurrency_limited", "method": method, "client": client_id},
+        )
+        raise RateLimitedError(
+            f"client {client_id!r} already has {running} calls running, the most one client may "
+            "have at once; retry when one of them ends",
+            retry_after=_CONCURRENCY_RETRY_SECONDS,
+        )
+
+    def end_call(self, client_id: str) -> None:
+        """Count a call of `client_id` that `check` admitted as ended."""
+        with self._running_lock:
+            running = self._running[client_id] - 1
+            if running:
+                self._running[client_id] = running
+            else:
+                del self._running[client_id]
 
     def _denied(self, method: str, reason: str, client: str | None, peer: str) -> None:
         log.warning(

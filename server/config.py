@@ -43,6 +43,8 @@ encrypted, is refused before the server starts.
                                   # is refused one now and then (RESOURCE_EXHAUSTED)
     rate_per_second = 10.0        # per client, sustained
     rate_burst = 20               # per client, at once
+    calls_per_client = 4          # calls one client may have running at once: one researcher
+                                  # cannot hold every worker
     max_query_seconds = 60        # a query still running after this is interrupted
     max_cells = 100000
     max_dimensions = 4
@@ -108,6 +110,7 @@ class Limits:
     workers: int = 16
     rate_per_second: float = 10.0
     rate_burst: int = 20
+    calls_per_client: int = 4
     max_query_seconds: float = 60.0
     # The query-shape limits default to the engine's own, which remain their one source.
     max_cells: int = Settings().max_cells

@@ -210,3 +210,44 @@ def test_flood_beyond_the_concurrency_cap(tmp_path: Path, slow_data: Path) -> No
         assert server.ledger.spent("alice") == 0 and charges_settled(server.ledger)
     finally:
         server.stop()
+
+
+def test_one_client_cannot_hold_every_worker(tmp_path: Path, slow_data: Path) -> None:
+    server = start_live(
+        tmp_path,
+        data=slow_data,
+        limits={"calls_per_client": 2, "max_query_seconds": 0.8, "rate_burst": 100},
+    )
+    try:
+        query = slow_query()
+        start = threading.Barrier(6)
+        with stubs(server.port) as s:
+
+            def call(i: int) -> tuple[grpc.StatusCode, str]:
+                request = pb.ReleaseRequest(request_id=f"hold-{i}", query=query, loss="0.5")
+                start.wait()
+                try:
+                    s.research.Release(request, metadata=server.auth("alice"), timeout=10)
+                except grpc.RpcError as error:
+                    return error.code(), error.details() or ""
+                return grpc.StatusCode.OK, ""
+
+            with futures.ThreadPoolExecutor(6) as pool:
+                running = [pool.submit(call, i) for i in range(6)]
+                # While alice's calls run, another client is served.
+                time.sleep(0.2)
+                assert s.research.GetBudget(
+                    pb.GetBudgetRequest(), metadata=server.auth("bob"), timeout=5
+                ).client_id == "bob"
+                outcomes = [r.result() for r in running]
+            # Once they end, the client's calls are counted out: it may call again.
+            assert s.research.GetBudget(pb.GetBudgetRequest(), metadata=server.auth("alice"))
+        refused = [d for code, d in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        # Two ran (and met the server's time limit on the slow query); the other four were
+        # refused before they began, saying why and when to try again.
+        assert len(refused) == 4, outcomes
+        assert all("already has 2 calls running" in d for d in refused), refused
+        assert sum(code == grpc.StatusCode.DEADLINE_EXCEEDED for code, _ in outcomes) == 2, outcomes
+        assert server.ledger.spent("alice") == 0 and charges_settled(server.ledger)
+    finally:
+        server.stop()

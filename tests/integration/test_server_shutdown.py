@@ -104,7 +104,7 @@ def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
         f'data = "{data}"\nledger = "{ledger_path}"\n'
         '[caps]\ndataset = "100"\n'
         '[server]\nlisten = "127.0.0.1:0"\ngrace_seconds = 0.5\n'
-        "[limits]\nrate_per_second = 1000.0\nrate_burst = 1000\n"
+        "[limits]\nrate_per_second = 1000.0\nrate_burst = 1000\ncalls_per_client = 16\n"
         # Above the 8 callers: gRPC counts a call until its worker is done, a moment after the
         # response is sent, so a caller's next call can find 8 running and be refused.
         "max_concurrent_calls = 16\nworkers = 8\n"
