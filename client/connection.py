@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import numbers
 import os
 import random
 import time
@@ -256,7 +257,11 @@ class Client:
             wait = retry_after(trailers)
             if wait is None:  # the server's concurrency cap
                 return self.retry.delay(attempt)
-            return wait if wait <= self.retry.max_backoff * 4 else None
+            if wait > self.retry.max_backoff * 4:
+                return None
+            # At least the server's hint, backing off with jitter: threads of one client refused
+            # together would otherwise all come back together and be refused again.
+            return max(wait, self.retry.delay(attempt))
         return None
 
     # -- the codebook --
@@ -517,9 +522,14 @@ def _filter_of_canonical(node: Any) -> q.Filter | None:
 
 
 def _half_width(value: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidQuery(f"half_width must be a positive integer, got {value!r}")
-    return value
+    # numbers.Integral: numpy's integers too, which are not Python ints.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidQuery(
+            f"half_width is how far count intervals may reach either side, in records: a "
+            f"positive integer, got {value!r} (a share's or mean's own accuracy for a given "
+            f"loss is the dry run's value_half_width)"
+        )
+    return int(value)
 
 
 # The wire's form of an amount (server/convert.py): plain decimal text, at most 15 digits on each
@@ -546,10 +556,12 @@ def decimal_text(value: Any, name: str = "loss", *, allow_zero: bool = False) ->
     else:
         instead = f"pass the {name} as decimal text such as '0.3' or a Fraction"
     try:
-        if isinstance(value, int):
-            decimal = Decimal(value)
-        elif isinstance(value, float):
-            decimal = Decimal(repr(value))
+        # numbers.Integral and numbers.Real admit numpy's scalars too (whose repr is
+        # "np.float64(0.5)", not a number): the value is read through int() or float().
+        if isinstance(value, numbers.Integral):
+            decimal = Decimal(int(value))
+        elif isinstance(value, numbers.Real) and not isinstance(value, Fraction):
+            decimal = Decimal(repr(float(value)))
         elif isinstance(value, Decimal):
             decimal = value
         elif isinstance(value, Fraction):

@@ -409,6 +409,26 @@ def test_rate_limits_are_waited_out_or_reported(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_threads_of_one_client_wait_their_turn(tmp_path: Path) -> None:
+    # Four threads of one client pull eight tables from a server that lets a client have one
+    # call running and make 5 calls a second, with no burst: the refusals (RESOURCE_EXHAUSTED
+    # with a wait) are waited out, and every pull succeeds. (That each retry backs off further is
+    # tested without a server, in tests/unit/test_client_results.py.)
+    from concurrent import futures
+
+    server = start_server(
+        tmp_path, limits={"rate_per_second": 5, "rate_burst": 1, "calls_per_client": 1}
+    )
+    try:
+        _, token = add_researcher(server)
+        veil_client = client.connect(address(server), token=token, retry=Retry(attempts=10))
+        with veil_client, futures.ThreadPoolExecutor(4) as pool:
+            budgets = list(pool.map(lambda _: veil_client.budget(), range(8)))
+        assert len(budgets) == 8 and all(b.spent == 0 for b in budgets)
+    finally:
+        server.stop()
+
+
 # ---- TLS ----------------------------------------------------------------------------------------
 
 

@@ -244,6 +244,29 @@ class FakeError(grpc.RpcError):
         return self._trailers
 
 
+def test_a_refusal_to_slow_down_is_retried_with_growing_waits() -> None:
+    # Threads of one client refused together (its rate, or its calls running) and told the same
+    # short wait would come back together and be refused together again: each retry waits at
+    # least the server's hint and backs off as a server that is down is backed off.
+    from client.connection import Client
+
+    retry = client.Retry(attempts=6, initial_backoff=0.25, max_backoff=8.0, jitter=0.2)
+    veil_client = Client("127.0.0.1:1", token="veil_x", retry=retry)
+    slow_down = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls running",
+                          (("retry-after", "0.100"),))
+    waits = [veil_client._transient(slow_down, attempt) for attempt in range(1, 6)]
+    for attempt, wait in enumerate(waits, start=1):
+        base = 0.25 * 2 ** (attempt - 1)
+        assert wait is not None and base <= wait <= base * 1.2, (attempt, wait)
+    assert veil_client._transient(slow_down, 6) is None  # the tries are spent
+    # A hint longer than the backoff is waited out as given; one far beyond it is not waited.
+    later = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", (("retry-after", "3"),))
+    assert veil_client._transient(later, 1) == 3.0
+    never = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", (("retry-after", "60"),))
+    assert veil_client._transient(never, 1) is None
+    veil_client.close()
+
+
 def test_errors_a_researcher_can_read() -> None:
     failure = status_pb2.QuotaFailure(violations=[
         status_pb2.QuotaFailure.Violation(subject="institution", description="0.1 remains")
