@@ -237,6 +237,24 @@ def test_losses_travel_as_exact_decimals() -> None:
             decimal_text(bad)
 
 
+def test_numpy_numbers_are_read_as_the_numbers_they_are() -> None:
+    # A loss split computed with numpy: np.float64 is a float whose repr is "np.float64(0.5)",
+    # and numpy's integers are not ints at all.
+    import numpy as np
+
+    from client.connection import _half_width
+
+    assert decimal_text(np.float64(0.5)) == "0.5"
+    assert decimal_text(np.float64(0.1)) == "0.1"
+    assert decimal_text(np.int64(2)) == "2"
+    assert decimal_text(np.float32(0.25)) == "0.25"  # exact in binary
+    with pytest.raises(client.InvalidQuery, match="15"):
+        decimal_text(np.float32(0.1))  # 0.100000001490116...: not what anyone asked for
+    assert _half_width(np.int64(5)) == 5 and type(_half_width(np.int64(5))) is int
+    with pytest.raises(client.InvalidQuery, match="value_half_width"):
+        _half_width(0.05)  # type: ignore[arg-type]
+
+
 def test_loopback_detection_decides_the_default_tls() -> None:
     for address in ("localhost:50051", "127.0.0.1:1", "[::1]:50051", "unix:/tmp/veil.sock"):
         assert is_loopback(address), address
