@@ -504,12 +504,42 @@ def _release_text(release: Release, fmt: str) -> str:
     return f"{release.to_text()}\n\n{release.summary()}"
 
 
+def _writable(output: Path) -> str | None:
+    """Why `output` cannot be written, or None when it can; asked before a release is paid for.
+    An existing file is left as it is (it is replaced only once the release is in hand), and
+    none is left behind where there was none."""
+    existed = output.exists()
+    try:
+        with output.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not existed:
+        output.unlink()
+    return None
+
+
 def run_query(args: argparse.Namespace) -> int:
+    if args.output is not None and (reason := _writable(args.output)) is not None:
+        print(f"veil: cannot write {args.output}: {reason}; nothing was released or charged",
+              file=sys.stderr)
+        return EXIT_INVALID
+
     def body(client: Client) -> int:
         query = build_query(args, client)
         with progress("release", quiet=args.quiet):
             release = client.release(query, request_id=args.request_id, **_loss(args))
-        _emit(_release_text(release, args.format), args.output)
+        try:
+            _emit(_release_text(release, args.format), args.output)
+        except OSError as exc:
+            # Paid for and stored: say how to have it again, free.
+            print(
+                f"veil: release {release.metadata.release_id} was made, but {args.output} "
+                f"could not be written ({exc.strerror or exc}); `veil releases "
+                f"{release.metadata.release_id}` prints it again, free",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
         return EXIT_OK
 
     return _run(args, body)

@@ -298,6 +298,28 @@ def test_a_where_value_holding_sql_is_refused_before_anything_is_charged(
     assert json.loads(out)["spent"] == "0"
 
 
+def test_an_output_file_that_cannot_be_written_is_found_before_paying(
+    env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    nowhere = tmp_path / "no-such-directory" / "table.csv"
+    code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                          "-f", "csv", "-o", str(nowhere), "-q")
+    assert code == 2 and out == ""
+    assert f"cannot write {nowhere}" in err and "nothing was released or charged" in err
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
+    # The check leaves no file behind, and an existing file is kept until the release is in hand.
+    fresh = tmp_path / "fresh.csv"
+    kept = tmp_path / "kept.csv"
+    kept.write_text("the last cycle's table\n")
+    code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "9",
+                        "-o", str(fresh), "-q")
+    assert code == 3 and not fresh.exists()  # over budget: refused, nothing written
+    code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "9",
+                        "-o", str(kept), "-q")
+    assert code == 3 and kept.read_text() == "the last cycle's table\n"
+
+
 def test_a_flag_set_given_as_a_dimension_points_to_its_flag_counts(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
