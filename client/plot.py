@@ -8,6 +8,7 @@ marked where their bar would be (never drawn as zero). Needs matplotlib.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from client.display import key_text
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from client.results import Release
 
 SUPPRESSED_COLOR = "#9a9a9a"
+MAX_BARS = 400  # beyond this a bar chart is unreadable, and slow to draw
 
 
 def plot_release(
@@ -27,13 +29,18 @@ def plot_release(
     title: str | None = None,
     horizontal: bool = False,
     show_suppressed: bool = True,
+    only: Mapping[str, Any] | None = None,
+    max_bars: int = MAX_BARS,
 ) -> Any:
     """Draw `release` as grouped bars on `ax` (a new figure when None); returns the axes.
 
     `x` is the key along the axis (default: `flag` for flag counts, else the first dimension),
     `hue` the key that splits each position into coloured bars (default: the next key). Other
     keys, if any, are joined into the axis labels. Suppressed cells are marked with a hatched
-    outline and the word "suppressed".
+    outline and the word "suppressed". `only` keeps the cells whose keys take the values given
+    (a value, or a list of values; None is the missing key): `only={"ageBroad": ["0--8",
+    "9--17"]}`. More than `max_bars` bars is refused with a ValueError saying so, rather than
+    drawing a chart nobody can read.
     """
     try:
         import matplotlib.pyplot as plt
@@ -43,6 +50,18 @@ def plot_release(
 
     keys = release.keys
     rows = release.table.to_pylist()
+    for key, wanted in (only or {}).items():
+        if key not in keys:
+            raise ValueError(f"{key!r} is not a key of this release (keys: {', '.join(keys)})")
+        kept = set(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else {wanted}
+        rows = [row for row in rows if row[key] in kept]
+    if len(rows) > max_bars:
+        raise ValueError(
+            f"{len(rows)} bars are too many to read in one chart (max_bars={max_bars}): plot "
+            f"part of the release with only={{key: values}}, or pass a larger max_bars"
+        )
+    if not rows:
+        raise ValueError("no cell of this release has the keys given in `only`")
     if x is None:
         x = "flag" if "flag" in keys else (keys[0] if keys else None)
     if hue is None:
@@ -57,15 +76,14 @@ def plot_release(
         parts = [key_text(row[k]) for k in ([x] if x else []) + others]
         return " / ".join(parts) if parts else "all records"
 
-    positions: list[str] = []
-    groups: list[str] = []
+    # Dicts keep first-seen order and look up in constant time (a list's index() made a large
+    # release quadratic).
+    position_of: dict[str, int] = {}
+    group_of: dict[str, int] = {}
     for row in rows:
-        label = position_label(row)
-        if label not in positions:
-            positions.append(label)
-        group = key_text(row[hue]) if hue else ""
-        if group not in groups:
-            groups.append(group)
+        position_of.setdefault(position_label(row), len(position_of))
+        group_of.setdefault(key_text(row[hue]) if hue else "", len(group_of))
+    positions, groups = list(position_of), list(group_of)
 
     if ax is None:
         bars = len(positions) * max(1, len(groups))
@@ -83,7 +101,7 @@ def plot_release(
         for row in rows:
             if (key_text(row[hue]) if hue else "") != group:
                 continue
-            centre = positions.index(position_label(row)) + (g - (len(groups) - 1) / 2) * width
+            centre = position_of[position_label(row)] + (g - (len(groups) - 1) / 2) * width
             if row["suppressed"] or row["value"] is None:
                 marks.append((centre, g))
                 continue

@@ -150,6 +150,39 @@ def test_plot_marks_suppressed_cells(release: Release) -> None:
         plt.close("all")
 
 
+def test_plot_draws_part_of_a_release_and_refuses_an_unreadable_chart() -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # A corridor-sized release: 251 x 251 cells.
+    codes = [f"C{i:03d}" for i in range(251)]
+    n = len(codes) ** 2
+    table = pa.table({
+        "citizenship": pa.array([c for c in codes for _ in codes], pa.string()),
+        "CountryOfExploitation": pa.array(codes * len(codes), pa.string()),
+        "value": pa.array([20] * n, pa.int64()),
+        "ci_low": pa.array([10.0] * n, pa.float64()),
+        "ci_high": pa.array([30.0] * n, pa.float64()),
+        "suppressed": pa.array([False] * n),
+    })
+    corridor = Release.from_pb(
+        response(table), query=count().by("citizenship", "CountryOfExploitation")
+    )
+    try:
+        with pytest.raises(ValueError, match="63001 bars are too many") as refused:
+            corridor.plot()
+        assert "only=" in str(refused.value)
+        ax = corridor.plot(only={"citizenship": "C007", "CountryOfExploitation": codes[:5]})
+        assert len([p for p in ax.patches if p.get_fill()]) == 5
+        with pytest.raises(ValueError, match="not a key"):
+            corridor.plot(only={"gender": "Male"})
+        with pytest.raises(ValueError, match="no cell"):
+            corridor.plot(only={"citizenship": "ZZZ"})
+    finally:
+        plt.close("all")
+
+
 def test_dry_run_budget_and_canonical_text() -> None:
     dry = DryRun.from_pb(pb.DryRunResponse(
         loss="0.25", accounting=pb.ACCOUNTING_PURE_DP, cells=4, mechanism="discrete_laplace",
