@@ -340,10 +340,8 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
         print(f"veil: invalid query{where}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except errors.BudgetExhausted as exc:
-        left = f"; {exc.remaining_text} left in the {exc.scope} budget" if (
-            exc.remaining_text is not None and exc.scope
-        ) else ""
-        print(f"veil: budget exhausted: {exc}{left}", file=sys.stderr)
+        # The server's message already says how much of which budget remains.
+        print(f"veil: budget exhausted: {exc}", file=sys.stderr)
         return EXIT_BUDGET
     except (errors.AuthenticationError, errors.PermissionDenied) as exc:
         print(f"veil: {_shell_words(exc)}", file=sys.stderr)

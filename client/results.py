@@ -709,14 +709,23 @@ class ReceivedRelease:
 
 
 class ReleaseList(list[ReceivedRelease]):
-    """The caller's releases, oldest first; prints as a table."""
+    """The caller's releases, oldest first; prints as a table (with each release's data version
+    when they span more than one: after a reload, one query's releases differ only in it)."""
 
-    _headers = ("received_at", "release_id", "charged", "reused", "query")
+    @property
+    def _versioned(self) -> bool:
+        return len({r.data_version for r in self}) > 1
+
+    @property
+    def _headers(self) -> tuple[str, ...]:
+        versions = ("data_version",) if self._versioned else ()
+        return ("received_at", "release_id", "charged", "reused", *versions, "query")
 
     def _rows(self) -> list[list[str]]:
+        versioned = self._versioned
         return [
             [r.received_at, r.release_id, _fraction_text(r.charged), "yes" if r.reused else "",
-             shorten(r.query, 80)]
+             *([r.data_version] if versioned else []), shorten(r.query, 80)]
             for r in self
         ]
 

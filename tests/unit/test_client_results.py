@@ -183,6 +183,26 @@ def test_plot_draws_part_of_a_release_and_refuses_an_unreadable_chart() -> None:
         plt.close("all")
 
 
+def test_the_release_list_names_data_versions_once_they_differ() -> None:
+    from client.results import ReceivedRelease, ReleaseList
+
+    def received(release_id: str, version: str) -> ReceivedRelease:
+        return ReceivedRelease.from_pb(pb.MyRelease(
+            release_id=release_id, request_id="r", fingerprint="f" * 64,
+            canonical_query='{"measure": "count", "by": ["gender"], "where": true}',
+            charged="0.5", release_loss="0.5", received_at="2026-11-22T10:00:00Z",
+            data_version=version,
+        ))
+
+    one = ReleaseList([received("rel_a", "ctdc@7:aaaa"), received("rel_b", "ctdc@7:aaaa")])
+    assert "data_version" not in repr(one) and "count by gender" in repr(one)
+    # After a reload the same query's releases differ only in their data version: shown.
+    two = ReleaseList([received("rel_a", "ctdc@7:aaaa"), received("rel_c", "ctdc@7:bbbb")])
+    text = repr(two)
+    assert "data_version" in text and "ctdc@7:aaaa" in text and "ctdc@7:bbbb" in text
+    assert "ctdc@7:bbbb" in two._repr_html_()
+
+
 def test_dry_run_budget_and_canonical_text() -> None:
     dry = DryRun.from_pb(pb.DryRunResponse(
         loss="0.25", accounting=pb.ACCOUNTING_PURE_DP, cells=4, mechanism="discrete_laplace",
