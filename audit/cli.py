@@ -3,6 +3,7 @@
     veil audit report ledger.sqlite --out report.html      # from the ledger file, read-only
     veil audit report --server HOST:PORT --out report.html # from a live server (auditor token)
     veil audit tables ledger.sqlite --out audit-tables/    # the same tables as CSV
+    veil audit report ledger.sqlite --expect-head SEQ:HASH --out report.html  # head pinned
     veil attack --server HOST:PORT --truth data.duckdb     # the attack suite against a server
 
 The connection options are those of `veil query` and `veil admin`: --server (default
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +72,9 @@ def add_audit_command(subparsers: Any) -> argparse.ArgumentParser:
             "charge, mechanism, tau and suppressed share, repeated queries, replays, refusals, "
             "administrative changes and who made them, and the audit log's verification) from a "
             "ledger file, opened read-only, or from a "
-            "live server with an auditor's token; write them as CSV or as a one-page HTML report."
+            "live server with an auditor's token; write them as CSV or as a one-page HTML report. "
+            "Exit status 1 when the ledger fails verification or a stored release is altered or "
+            "unreadable (the tables and report are still written), 2 on an error."
         ),
     )
     commands = parser.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
@@ -91,8 +95,26 @@ def add_audit_command(subparsers: Any) -> argparse.ArgumentParser:
             command.add_argument(
                 "--table", action="append", choices=TABLE_NAMES, help="only these tables"
             )
+        command.add_argument(
+            "--expect-head",
+            type=_head,
+            metavar="SEQ:HASH",
+            help="a head of the audit log recorded earlier outside the ledger (`veil ledger "
+            "report`); catches a log rewritten since then. A ledger file only: the Audit "
+            "service does not take one",
+        )
         command.set_defaults(handler=run_audit)
     return parser  # type: ignore[no-any-return]
+
+
+def _head(text: str) -> str:
+    """An audit head as `veil ledger report` prints it: a mistyped one is not a rewritten log."""
+    if not re.fullmatch(r"[0-9]+:[0-9a-fA-F]{64}", text.strip()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an audit head: SEQ:HASH, the entry number and its 64 hex digits, "
+            "as `veil ledger report` prints it"
+        )
+    return text.strip().lower()
 
 
 def fetch_tables(
@@ -124,11 +146,22 @@ def run_audit(args: argparse.Namespace) -> int:
                 print("veil audit: give a ledger file or --server, not both", file=sys.stderr)
                 return EXIT_ERROR
             with Ledger.open_readonly(args.ledger) as ledger:
-                tables = build_tables(ledger, names=names or TABLE_NAMES)
+                tables = build_tables(
+                    ledger, names=names or TABLE_NAMES, expect_head=args.expect_head
+                )
         elif server is None:
             print(
                 f"veil audit: give a ledger file or --server HOST:PORT (or set {ADDRESS_ENV}): "
                 "one of them is needed",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        elif args.expect_head is not None:
+            # GetAuditTables takes no head: the server would verify against its own, unpinned.
+            print(
+                "veil audit: --expect-head needs the ledger file; the Audit service cannot check "
+                "a pinned head (copy the ledger file and audit the copy, or run `veil ledger "
+                "verify --expect-head` where the ledger is)",
                 file=sys.stderr,
             )
             return EXIT_ERROR
@@ -155,7 +188,10 @@ def run_audit(args: argparse.Namespace) -> int:
     verified = tables.summary.get("verified")
     if verified is not None:
         print(tables.summary.get("verification", ""))
-    return EXIT_FOUND if verified == "false" else EXIT_OK
+    unreadable = int(tables.summary.get("unreadable_releases") or 0)
+    if unreadable:  # found even when the verification table was not asked for
+        print(f"{unreadable} stored release(s) altered or unreadable: see the releases table")
+    return EXIT_FOUND if verified == "false" or unreadable else EXIT_OK
 
 
 # ---- veil attack ---------------------------------------------------------------------------------
@@ -196,7 +232,8 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
             "first three count as run in the summary.\n"
             "\n"
             "Exit status: 0 every selected attack ran and none found a breach; 1 an attack\n"
-            "found a breach; 2 an error (an unreadable --truth file, a bad option);\n"
+            "found a breach; 2 an error (an unreadable --truth file, or one of another data\n"
+            "version than the server serves; a bad option);\n"
             f"{EXIT_INCOMPLETE} no breach found, but some attack did not run or was inconclusive: "
             "the\nrun tested less than was asked."
         ),
@@ -242,7 +279,7 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
 def run_attack(args: argparse.Namespace) -> int:
     from audit.attacks import ATTACK_NAMES, HEADER, AttackResult, Context, Summary, run
     from audit.truth import Truth
-    from audit.wire import Target
+    from audit.wire import Refused, Target
     from engine.codebook import load_codebook
 
     cells = tuple(c.strip() for c in args.cells.split(",") if c.strip())
@@ -274,24 +311,41 @@ def run_attack(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     results: list[AttackResult] = []
     with Target(server, _token(args), tls=tls_of(args), timeout=args.timeout) as target:
-        ctx = Context(
-            target,
-            truth,
-            seed=args.seed,
-            alpha=args.alpha,
-            key=args.key,
-            cells=cells,
-            flag=args.flag,
-        )
-        if not args.json:
-            print(HEADER)
-
-        def show(result: AttackResult) -> None:
-            if not args.json:
-                print(result.row())
-                print(f"    {result.detail}", flush=True)
-
         try:
+            # Guesses scored against other data than the server's prove nothing: refuse before
+            # anything is spent.
+            if truth is not None:
+                try:
+                    served = target.codebook().deployment.data_version
+                except Refused as exc:
+                    print(f"veil attack: cannot read the server's data version: {exc}",
+                          file=sys.stderr)
+                    return EXIT_ERROR
+                if served != truth.data_version:
+                    print(
+                        f"veil attack: --truth {args.truth} holds data version "
+                        f"{truth.data_version!r}, but the server serves {served!r}: give the "
+                        "data file the server serves; nothing was spent",
+                        file=sys.stderr,
+                    )
+                    return EXIT_ERROR
+            ctx = Context(
+                target,
+                truth,
+                seed=args.seed,
+                alpha=args.alpha,
+                key=args.key,
+                cells=cells,
+                flag=args.flag,
+            )
+            if not args.json:
+                print(HEADER)
+
+            def show(result: AttackResult) -> None:
+                if not args.json:
+                    print(result.row())
+                    print(f"    {result.detail}", flush=True)
+
             results = run(ctx, args.attack or ATTACK_NAMES, trials=args.trials, on_result=show)
         finally:
             if truth is not None:

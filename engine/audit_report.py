@@ -12,20 +12,23 @@ Tables (Arrow; `veil audit tables` writes them as CSV, the Audit service sends t
   chance an attacker holding everything released against that scope has of guessing any one
   person's yes/no attribute (`guess_bound`, see `engine.risk.binary_guess_bound`).
 - spending: one row per committed charge and scope it counts against (client, institution, data
-  version), in time order, with the scope's cumulative spending and remaining budget after it:
-  spending over time.
+  version), in time order, with the scope's cumulative spending, the cap in force at that charge
+  and the budget remaining under it: spending over time.
 - releases: every stored release with its query, charge, mechanism, noise scale, tau, cells, the
   cells its query's own terms leave empty, and the share of the other cells suppressed, read from
-  the release's stored metadata (never its values).
-- queries: per query fingerprint and data version, how many independent releases were drawn
-  (a query released again at a larger loss gets a fresh draw, and the losses add), their total
-  loss, the clients and the free replays.
+  the release's stored metadata (never its values); `problem` says why a release whose stored
+  bytes were altered or cannot be read has none of these.
+- queries: per query fingerprint, how many independent releases were drawn over every data
+  version of the dataset (a query released again at a larger loss, or on a new data version,
+  gets a fresh draw, and the losses add), the data versions, their total loss, the clients and
+  the free replays.
 - replays: every request answered from a stored release at no charge.
 - refusals: audit-log entries for refused requests (budget exceeded, request conflicts, unknown
   clients) and refused credentials.
 - administration: every change to the clients and the caps (registrations, cap changes, token
   rotations, revocations), with the cap before and after and the administrator who made it.
-- verification: the result of walking the audit log's hash chain and reconciling the ledger.
+- verification: the result of walking the audit log's hash chain and reconciling the ledger,
+  against a head recorded outside it when one is given (`expected_head`).
 
 Nothing here reads the data file; the ledger holds no true value, only noisy releases, and the
 report shows none of those either.
@@ -48,8 +51,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from engine.errors import LedgerIntegrityError
 from engine.ledger import ADMIN_EVENTS, AuditEntry, ClientRecord, Ledger, ScopeBudget
 from engine.loss import Accounting, epsilon_equivalent, format_amount, parse_amount
+from engine.release import ReleaseMetadata
 from engine.risk import binary_guess_bound
 
 TABLE_NAMES = (
@@ -136,8 +141,14 @@ def _time(text: str | None) -> datetime | None:
 _TIME = pa.timestamp("us", tz="UTC")
 
 
-def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> AuditTables:
-    """Every auditor table named in `names`, from one ledger (open it read-only)."""
+def build_tables(
+    ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES, expect_head: str | None = None
+) -> AuditTables:
+    """Every auditor table named in `names`, from one ledger (open it read-only).
+
+    `expect_head` ("seq:hash", recorded outside the ledger) pins the audit log's head in the
+    verification: a log rewritten end to end, hashes and all, then fails it.
+    """
     unknown = set(names) - set(TABLE_NAMES)
     if unknown:
         raise ValueError(f"unknown audit tables {sorted(unknown)}; known: {', '.join(TABLE_NAMES)}")
@@ -147,7 +158,9 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
     records = ledger.releases()
     charges = ledger.charges()
     wanted = set(names)
-    verification = ledger.verify() if "verification" in wanted else None
+    # A pinned head is checked even when the verification table is not asked for.
+    checked = "verification" in wanted or expect_head is not None
+    verification = ledger.verify(expect_head=expect_head) if checked else None
 
     dataset = report.dataset
     summary = {
@@ -168,6 +181,9 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
     if verification is not None:
         summary["verified"] = "true" if verification.ok else "false"
         summary["verification"] = verification.message
+        summary["verification_problems"] = json.dumps(list(verification.problems))
+        # Without a head kept outside the ledger, a log rewritten end to end still verifies.
+        summary["expected_head"] = expect_head or ""
 
     tables: dict[str, pa.Table] = {}
     release_counts: dict[str, int] = defaultdict(int)
@@ -177,22 +193,23 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
         scopes = (*report.clients, *report.institutions, report.dataset)
         clients = {c.client_id: c for c in ledger.list_clients()}
         tables["budgets"] = _budgets(scopes, accounting, delta, release_counts, clients)
+    log = ledger.audit_log() if wanted & {"spending", "refusals", "administration"} else []
     if "spending" in wanted:
-        tables["spending"] = _spending(ledger, charges, accounting, delta)
+        tables["spending"] = _spending(ledger, charges, log, accounting, delta)
     if "releases" in wanted or "queries" in wanted:
         releases = _releases(ledger, records, charges)
+        summary["unreadable_releases"] = str(sum(1 for p in releases["problem"].to_pylist() if p))
         if "releases" in wanted:
             tables["releases"] = releases
         if "queries" in wanted:
             tables["queries"] = _queries(releases)
     if "replays" in wanted:
         tables["replays"] = _replays(charges)
-    log = ledger.audit_log() if wanted & {"refusals", "administration"} else []
     if "refusals" in wanted:
         tables["refusals"] = _refusals(log)
     if "administration" in wanted:
         tables["administration"] = _administration(log)
-    if verification is not None:
+    if verification is not None and "verification" in wanted:
         tables["verification"] = pa.table(
             {
                 "ok": pa.array([verification.ok]),
@@ -201,6 +218,7 @@ def build_tables(ledger: Ledger, *, names: Sequence[str] = TABLE_NAMES) -> Audit
                 "first_bad_seq": pa.array([verification.first_bad_seq], type=pa.int64()),
                 "problems": pa.array(["; ".join(verification.problems)]),
                 "message": pa.array([verification.message]),
+                "expected_head": pa.array([expect_head], type=pa.string()),
             }
         )
     summary["refusals"] = str(tables["refusals"].num_rows) if "refusals" in tables else ""
@@ -254,13 +272,24 @@ def _budgets(
 
 
 def _spending(
-    ledger: Ledger, charges: Sequence[Any], accounting: Accounting, delta: float
+    ledger: Ledger,
+    charges: Sequence[Any],
+    log: Sequence[AuditEntry],
+    accounting: Accounting,
+    delta: float,
 ) -> pa.Table:
     """Cumulative spending of every scope, one row per committed charge and scope."""
     report = ledger.report()
-    caps = {
-        (s.kind, s.name): s.cap for s in (*report.clients, *report.institutions, report.dataset)
-    }
+    # The cap in force at each charge, as its release entry records it for every scope it
+    # counts against: today's caps would rewrite history after a cap change.
+    caps: dict[tuple[str, str], Fraction | None] = {}
+    for entry in log:
+        e = entry.entry
+        if e.get("event") == "release" and e.get("charge_id"):
+            for item in e.get("budget") or []:
+                cap = item.get("cap")
+                key = (str(e["charge_id"]), str(item.get("scope")))
+                caps[key] = None if cap is None else parse_amount(cap)
     committed = sorted(
         (c for c in charges if c.kind == "charge" and c.state == "committed"),
         key=lambda c: (c.settled_at or c.reserved_at),
@@ -274,7 +303,11 @@ def _spending(
         scopes.append(("dataset", report.dataset.name))
         for kind, name in scopes:
             running[(kind, name)] += charge.amount
-            cap = caps.get((kind, name))
+            label = f"{kind}:{name}"
+            if kind == "dataset" and (charge.charge_id, label) not in caps:
+                label = f"dataset:{charge.data_version}"  # schema 1 capped each data version
+            # None where the log holds no release entry for the charge (it fails verification).
+            cap = caps.get((charge.charge_id, label))
             rows["time"].append(_time(charge.settled_at or charge.reserved_at))
             rows["kind"].append(kind)
             rows["name"].append(name)
@@ -312,12 +345,34 @@ def _spending(
     return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
 
 
+def _release_metadata(
+    ledger: Ledger, release_ids: Sequence[str]
+) -> dict[str, ReleaseMetadata | str]:
+    """Each release's stored metadata, or why it cannot be read: one altered or unreadable
+    release must not hide the others from the auditor (verification reports it too)."""
+    try:
+        return dict(ledger.release_metadata(release_ids))
+    except (LedgerIntegrityError, pa.ArrowException, ValueError, KeyError, TypeError):
+        pass
+    out: dict[str, ReleaseMetadata | str] = {}
+    for release_id in release_ids:  # one at a time, to find which
+        try:
+            out[release_id] = ledger.release_metadata([release_id])[release_id]
+        except LedgerIntegrityError:
+            out[release_id] = "its stored bytes do not match the hash recorded for them"
+        except (pa.ArrowException, ValueError, KeyError, TypeError):
+            out[release_id] = "its stored bytes cannot be read as a release"
+    return out
+
+
 def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) -> pa.Table:
     by_charge = {c.charge_id: c for c in charges}
     rows: dict[str, list[Any]] = defaultdict(list)
-    metadata = ledger.release_metadata(r.release_id for r in records)
+    metadata = _release_metadata(ledger, [r.release_id for r in records])
     for record in records:
-        meta = metadata[record.release_id]
+        read = metadata[record.release_id]
+        meta = None if isinstance(read, str) else read
+        rows["problem"].append(read if isinstance(read, str) else None)
         charge = by_charge.get(record.charge_id)
         rows["created_at"].append(_time(record.created_at))
         rows["release_id"].append(record.release_id)
@@ -329,20 +384,20 @@ def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) ->
         rows["fingerprint"].append(record.fingerprint)
         rows["canonical_query"].append(record.canonical_query)
         rows["query"].append(describe_query(record.canonical_query))
-        rows["measure"].append(meta.measure)
-        rows["mechanism"].append(meta.mechanism)
-        rows["accounting"].append(meta.accounting)
+        rows["measure"].append(meta and meta.measure)
+        rows["mechanism"].append(meta and meta.mechanism)
+        rows["accounting"].append(meta and meta.accounting)
         rows["loss"].append(format_amount(record.loss))
         rows["loss_value"].append(float(record.loss))
-        rows["measured_loss"].append(meta.measured_loss)
-        rows["noise_scale"].append(meta.noise_scale)
-        rows["tau"].append(meta.tau)
-        rows["k"].append(meta.k)
-        rows["beta"].append(meta.beta)
-        rows["cells"].append(meta.cells)
-        rows["suppressed_cells"].append(meta.suppressed_cells)
-        rows["unreachable_cells"].append(meta.unreachable_cells)
-        rows["suppressed_share"].append(meta.suppressed_share)
+        rows["measured_loss"].append(meta and meta.measured_loss)
+        rows["noise_scale"].append(meta and meta.noise_scale)
+        rows["tau"].append(meta and meta.tau)
+        rows["k"].append(meta and meta.k)
+        rows["beta"].append(meta and meta.beta)
+        rows["cells"].append(meta and meta.cells)
+        rows["suppressed_cells"].append(meta and meta.suppressed_cells)
+        rows["unreachable_cells"].append(meta and meta.unreachable_cells)
+        rows["suppressed_share"].append(meta and meta.suppressed_share)
         rows["replays"].append(record.replays)
         rows["sha256"].append(record.sha256)
     schema = pa.schema(
@@ -373,20 +428,23 @@ def _releases(ledger: Ledger, records: Sequence[Any], charges: Sequence[Any]) ->
             ("suppressed_share", pa.float64()),
             ("replays", pa.int64()),
             ("sha256", pa.string()),
+            ("problem", pa.string()),  # why its stored metadata cannot be read; null when read
         ]
     )
     return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
 
 
 def _queries(releases: pa.Table) -> pa.Table:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    # By fingerprint alone: every data version of the dataset describes the same people and is
+    # paid for from one dataset cap, so a draw on a new version adds to the loss of the others.
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in releases.to_pylist():
-        groups[(row["fingerprint"], row["data_version"])].append(row)
+        groups[row["fingerprint"]].append(row)
     rows: dict[str, list[Any]] = defaultdict(list)
-    for (fingerprint, version), items in groups.items():
+    for fingerprint, items in groups.items():
         total = sum((parse_amount(r["loss"]) for r in items), Fraction(0))
         rows["fingerprint"].append(fingerprint)
-        rows["data_version"].append(version)
+        rows["data_versions"].append(", ".join(dict.fromkeys(r["data_version"] for r in items)))
         rows["query"].append(items[0]["query"])
         rows["releases"].append(len(items))
         rows["total_loss"].append(format_amount(total))
@@ -398,7 +456,7 @@ def _queries(releases: pa.Table) -> pa.Table:
     schema = pa.schema(
         [
             ("fingerprint", pa.string()),
-            ("data_version", pa.string()),
+            ("data_versions", pa.string()),  # those it was drawn on, first drawn first
             ("query", pa.string()),
             ("releases", pa.int64()),
             ("total_loss", pa.string()),
@@ -534,6 +592,19 @@ def _describe_filter(f: Any) -> str:
 def spending_figure_png(tables: AuditTables) -> bytes | None:
     """Cumulative spending over time (per client, and the dataset against its cap) and each
     client's spent and remaining budget, as one PNG; None when nothing was spent."""
+    import matplotlib.pyplot as plt
+
+    figure = spending_figure(tables)
+    if figure is None:
+        return None
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def spending_figure(tables: AuditTables) -> Any:
+    """The matplotlib figure of `spending_figure_png` (close it with pyplot.close), or None."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -551,12 +622,21 @@ def spending_figure_png(tables: AuditTables) -> bytes | None:
     for row in rows:
         series[(row["kind"], row["name"])].append((row["time"], row["cumulative_value"]))
         caps[(row["kind"], row["name"])] = row["cap_value"]
+    end = max(row["time"] for row in rows)
     for (kind, name), points in series.items():
         if kind == "institution":
             continue
-        times = [p[0] for p in points]
-        values = [p[1] for p in points]
-        style: dict[str, Any] = {"where": "post", "linewidth": 1.4}
+        # Each step held to the last charge of all, a marker at each charge of its own: a
+        # client with one charge, or charges close together, is a point rather than nothing.
+        times = [p[0] for p in points] + [end]
+        values = [p[1] for p in points] + [points[-1][1]]
+        style: dict[str, Any] = {
+            "where": "post",
+            "linewidth": 1.4,
+            "marker": "o",
+            "markersize": 4,
+            "markevery": list(range(len(points))),
+        }
         if kind == "dataset":
             style.update(color="black", linewidth=2.2)
         line = left.step(times, values, label=f"{kind} {name}"[:40], **style)[0]
@@ -587,10 +667,7 @@ def spending_figure_png(tables: AuditTables) -> bytes | None:
     right.invert_yaxis()
     right.tick_params(labelsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure
 
 
 _CSS = """
@@ -634,6 +711,20 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
             f"<div class='banner {'ok' if good else 'bad'}'>"
             f"{'&#10004;' if good else '&#10008;'} {esc(s.get('verification', ''))}</div>"
         )
+        problems = json.loads(s.get("verification_problems") or "[]")[1:]  # the first is above
+        if problems:
+            items = [f"<li>{esc(p)}</li>" for p in problems[:max_rows]]
+            if len(problems) > max_rows:
+                items.append(f"<li>and {len(problems) - max_rows} more</li>")
+            parts.append(f"<ul class='flag'>{''.join(items)}</ul>")
+        pinned = s.get("expected_head")
+        parts.append(
+            f"<p class='note'>Audit head pinned to {esc(pinned)}, recorded outside the ledger.</p>"
+            if pinned
+            else "<p class='note'>Audit head not pinned: a log rewritten end to end, its hashes "
+            "recomputed, would verify. Give a head recorded earlier outside the ledger with "
+            "<code>--expect-head SEQ:HASH</code>.</p>"
+        )
     releases = tables.tables.get("releases")
     refusals = tables.tables.get("refusals")
     queries = tables.tables.get("queries")
@@ -641,8 +732,11 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
         [q for q in queries.to_pylist() if q["releases"] > 1] if queries is not None else []
     )
     mostly_suppressed = (
-        sum(1 for r in releases.to_pylist() if r["suppressed_share"] > 0.5) if releases else 0
+        sum(1 for r in releases.to_pylist() if (r["suppressed_share"] or 0) > 0.5)
+        if releases
+        else 0
     )
+    unreadable = int(s.get("unreadable_releases") or 0)
     budget_refusals = (
         sum(1 for r in refusals.to_pylist() if r["outcome"] == "budget_exceeded")
         if refusals is not None
@@ -670,6 +764,8 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
         (str(budget_refusals), "refused: budget exceeded"),
         (str(denied), "refused credentials"),
     ]
+    if unreadable:
+        figures.insert(4, (str(unreadable), "releases altered or unreadable"))
     parts.append("<div class='figures'>")
     parts.extend(
         f"<div class='figure'><b>{esc(value)}</b>{esc(label)}</div>" for value, label in figures
@@ -719,10 +815,27 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
                     ("suppressed_share", "suppressed", "pct"),
                     ("replays", "replays", "num"),
                     ("fingerprint", "fingerprint", "short"),
+                    ("problem", "problem", None),
                 ],
-                flag=lambda r: r["suppressed_share"] > 0.5,
+                flag=lambda r: r["problem"] or (r["suppressed_share"] or 0) > 0.5,
             )
         )
+        bad = [r for r in rows[:-max_rows] if r["problem"]]  # not among the rows shown
+        if bad:
+            parts.append("<h2>Earlier releases altered or unreadable</h2>")
+            parts.append(
+                _html_table(
+                    bad[-max_rows:],
+                    [
+                        ("created_at", "time", "time"),
+                        ("release_id", "release", None),
+                        ("client", "client", None),
+                        ("query", "query", None),
+                        ("problem", "problem", None),
+                    ],
+                    flag=lambda r: True,
+                )
+            )
     if repeated:
         parts.append("<h2>Queries drawn more than once (their losses add up)</h2>")
         parts.append(
@@ -731,6 +844,7 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
                 [
                     ("query", "query", None),
                     ("releases", "draws", "num"),
+                    ("data_versions", "data versions", None),
                     ("total_loss", f"total {unit}", "num"),
                     ("clients", "clients", None),
                     ("fingerprint", "fingerprint", "short"),

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from audit import attacks
@@ -311,3 +312,26 @@ def test_a_missing_token_is_an_error_not_a_breach(
     with pytest.raises(SystemExit) as exit_:
         veil_cli.main(["attack", "--server", "127.0.0.1:1", "--attack", "injection"])
     assert exit_.value.code == 2 and "VEIL_TOKEN" in capsys.readouterr().err
+
+
+def test_a_truth_file_of_other_data_is_refused_before_anything_is_spent(
+    attack: Callable[..., Attacker],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.attacks import population
+
+    attacker = attack()
+    other = population.build(tmp_path / "other.duckdb", seed=12)
+    with duckdb.connect(str(other)) as connection:  # as another seed's file records itself
+        connection.execute(
+            "UPDATE veil_metadata SET value = 'attack-population-seed-12' "
+            "WHERE key = 'data_version'"
+        )
+    status = _veil_attack(attacker, monkeypatch, "--attack", "differencing", truth=other)
+    captured = capsys.readouterr()
+    assert status == 2 and "differencing" not in captured.out
+    assert "'attack-population-seed-12'" in captured.err and "'attack-population'" in captured.err
+    assert "nothing was spent" in captured.err
+    assert attacker.target.budget().spent == "0"

@@ -286,3 +286,134 @@ def test_the_verify_command_names_the_first_broken_entry(
     assert ledger_cli(["ledger", "verify", str(path), "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is False and data["first_bad_seq"] == 6
+
+
+# ---- the auditor's tables and report of a tampered ledger ----
+
+
+@contextmanager
+def forger(path: Path) -> Iterator[sqlite3.Connection]:
+    """An attacker who puts the guard triggers back: their removal gives nothing away."""
+    conn = sqlite3.connect(path)
+    triggers = [r[0] for r in conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'")]
+    conn.close()
+    with attacker(path) as conn:
+        yield conn
+        for sql in triggers:
+            conn.execute(sql)
+
+
+def audit_cli(path: Path, out: Path, *extra: str) -> tuple[int, int]:
+    """`veil audit tables` and `veil audit report` of the ledger: their exit statuses."""
+    import veil_cli
+
+    tables = veil_cli.main(["audit", "tables", str(path), "--out", str(out / "t"), *extra])
+    report = veil_cli.main(["audit", "report", str(path), "--out", str(out / "r.html"), *extra])
+    return tables, report
+
+
+@pytest.mark.parametrize(
+    ("blob", "found"),
+    [
+        ("zeroblob_hash_recorded", "cannot be read as a release"),
+        ("flipped_hash_kept", "do not match the hash recorded for them"),
+    ],
+)
+def test_a_corrupted_release_is_reported_failed_not_a_crash(
+    path: Path, tmp_path: Path, blob: str, found: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    with forger(path) as conn:
+        release_id, data = conn.execute(
+            "SELECT release_id, bytes FROM releases ORDER BY rowid LIMIT 1"
+        ).fetchone()
+        if blob == "zeroblob_hash_recorded":  # the forger records the new bytes' hash too
+            data = bytes(10)
+            digest = hashlib.sha256(data).hexdigest()
+            conn.execute(
+                "UPDATE releases SET bytes = ?, sha256 = ? WHERE release_id = ?",
+                (data, digest, release_id),
+            )
+        else:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x01
+            conn.execute(
+                "UPDATE releases SET bytes = ? WHERE release_id = ?", (bytes(data), release_id)
+            )
+    assert audit_cli(path, tmp_path) == (1, 1)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nothing was released" not in err
+    with (tmp_path / "t" / "releases.csv").open() as handle:
+        rows = {r["release_id"]: r for r in csv.DictReader(handle)}
+    assert len(rows) == 3
+    problem = rows[release_id]["problem"]
+    assert found in problem and "nothing was released" not in problem
+    assert rows[release_id]["mechanism"] == ""
+    assert all(r["problem"] == "" for i, r in rows.items() if i != release_id)
+    with (tmp_path / "t" / "verification.csv").open() as handle:
+        (verification,) = csv.DictReader(handle)
+    assert verification["ok"] == "false" and f"release {release_id}" in verification["problems"]
+    page = (tmp_path / "r.html").read_text()
+    assert "class='banner bad'" in page and "verification FAILED" in page
+    assert f"release {release_id}: its stored bytes" in page
+    assert "<b>1</b>releases altered or unreadable" in page
+    assert "<tr class='flag'>" in page
+
+
+def test_a_log_rewritten_end_to_end_fails_against_a_pinned_head(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recorded = verify(path)
+    head = f"{recorded.head_seq}:{recorded.head_hash}"
+    with forger(path) as conn:  # a refusal's reason reworded, every hash after it recomputed
+        seq, text = conn.execute(
+            "SELECT seq, entry FROM audit WHERE entry LIKE '%\"event\":\"refused\"%' LIMIT 1"
+        ).fetchone()
+        conn.execute(
+            "UPDATE audit SET entry = ? WHERE seq = ?", (text.replace("exceed", "excede"), seq)
+        )
+        rewrite_from(conn, seq)
+    assert verify(path).ok  # nothing inside the ledger can tell
+    assert audit_cli(path, tmp_path / "unpinned") == (0, 0)
+    assert "Audit head not pinned" in (tmp_path / "unpinned" / "r.html").read_text()
+    capsys.readouterr()
+
+    assert audit_cli(path, tmp_path / "pinned", "--expect-head", head) == (1, 1)
+    assert "expected head" in capsys.readouterr().out
+    page = (tmp_path / "pinned" / "r.html").read_text()
+    assert "class='banner bad'" in page and "expected head" in page
+    assert f"Audit head pinned to {head}" in page
+    summary = json.loads((tmp_path / "pinned" / "t" / "summary.json").read_text())
+    assert summary["verified"] == "false" and summary["expected_head"] == head
+    # A pinned head is checked even when only other tables are asked for.
+    import veil_cli
+
+    argv = ["audit", "tables", str(path), "--table", "budgets", "--expect-head", head]
+    assert veil_cli.main([*argv, "--out", str(tmp_path / "budgets")]) == 1
+    assert not (tmp_path / "budgets" / "verification.csv").exists()
+
+
+def test_a_pinned_head_that_holds_verifies(path: Path, tmp_path: Path) -> None:
+    recorded = verify(path)
+    head = f"{recorded.head_seq}:{recorded.head_hash.upper()}"  # as typed
+    assert audit_cli(path, tmp_path, "--expect-head", head) == (0, 0)
+    assert "Audit head pinned to" in (tmp_path / "r.html").read_text()
+
+
+def test_expect_head_is_refused_with_a_server_or_when_malformed(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import veil_cli
+
+    monkeypatch.setenv("VEIL_TOKEN", "veil_unused")
+    head = "3:" + "ab" * 32
+    out = str(tmp_path / "r.html")
+    argv = ["audit", "report", "--server", "127.0.0.1:1", "--expect-head", head, "--out", out]
+    assert veil_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--expect-head needs the ledger file" in err and not Path(out).exists()
+    with pytest.raises(SystemExit) as bad:
+        veil_cli.main(["audit", "tables", str(path), "--expect-head", "3:abc", "--out", out])
+    assert bad.value.code == 2
+    assert "is not an audit head" in capsys.readouterr().err

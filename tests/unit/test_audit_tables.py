@@ -1,0 +1,111 @@
+"""The auditor's tables and report from a ledger whose history has changed: caps raised after
+charges, a query drawn again on a new data version, clients with a single charge."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.audit_report import AuditTables, build_tables, render_html, spending_figure
+from engine.backend import DuckDBBackend
+from engine.codebook import default_codebook
+from engine.engine import Engine
+from engine.ledger import Ledger
+from engine.loss import PrivacyLoss
+from engine.query import Count, Query
+from tests.conftest import write_database
+
+ROWS = [{"gender": "Male", "ageBroad": "18--20"}] * 40 + [{"gender": "Female"}] * 25
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory: pytest.TempPathFactory) -> AuditTables:
+    """alice: a charge at a cap of 1, then her cap and the dataset's are raised, then another;
+    the same query drawn on data versions v1 and v2; bob, carol and dave one charge each."""
+    root = tmp_path_factory.mktemp("history")
+    engines = {
+        version: Engine(
+            DuckDBBackend(write_database(root / f"{version}.duckdb", ROWS, data_version=version)),
+            codebook=default_codebook(),
+        )
+        for version in ("v1", "v2")
+    }
+    path = root / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
+        for client in ("alice", "bob", "carol", "dave"):
+            ledger.register_client(client, role="researcher", cap="1")
+
+        def ask(version: str, client: str, rid: str, by: tuple[str, ...], eps: str) -> None:
+            engines[version].release(
+                Query(Count(), by=by), loss=PrivacyLoss.pure(eps), charger=ledger,
+                client=client, request_id=rid,
+            )
+
+        ask("v1", "alice", "a1", ("gender",), "0.5")
+        ledger.set_cap("alice", "1.8", actor="root")
+        ledger.set_dataset_cap("6", actor="root")
+        ask("v2", "alice", "a2", ("gender",), "0.25")  # the same query, a new data version
+        ask("v2", "bob", "b1", ("ageBroad",), "0.1")
+        ask("v2", "carol", "c1", ("gender", "ageBroad"), "0.2")
+        ask("v2", "dave", "d1", ("citizenship",), "0.3")
+    for engine in engines.values():
+        backend = engine.backend
+        assert isinstance(backend, DuckDBBackend)
+        backend.close()
+    with Ledger.open_readonly(path) as ledger:
+        return build_tables(ledger)
+
+
+def test_spending_shows_the_cap_in_force_at_each_charge(tables: AuditTables) -> None:
+    rows = tables["spending"].to_pylist()
+    alice = [r for r in rows if (r["kind"], r["name"]) == ("client", "alice")]
+    assert [(r["amount"], r["cap_value"]) for r in alice] == [("0.5", 1.0), ("0.25", 1.8)]
+    assert [r["remaining_value"] for r in alice] == [0.5, pytest.approx(1.05)]
+    dataset = [r for r in rows if r["kind"] == "dataset"]
+    assert [r["cap_value"] for r in dataset] == [5.0] + [6.0] * 4
+
+
+def test_a_query_drawn_again_on_a_new_data_version_counts_as_drawn_twice(
+    tables: AuditTables,
+) -> None:
+    (twice,) = [q for q in tables["queries"].to_pylist() if q["releases"] > 1]
+    assert twice["query"] == "count by gender"
+    assert (twice["data_versions"], twice["total_loss"]) == ("v1, v2", "0.75")
+    page = render_html(tables)
+    assert "<b>1</b>queries drawn more than once" in page
+    assert "<td>v1, v2</td>" in page
+
+
+def test_every_client_is_visible_in_the_spending_plot(tables: AuditTables) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = spending_figure(tables)
+    try:
+        lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+        last = max(r["time"] for r in tables["spending"].to_pylist())
+        for client in ("alice", "bob", "carol", "dave"):
+            line = lines[f"client {client}"]
+            # A marker at each charge, however few, and the step held to the last charge.
+            assert line.get_marker() not in (None, "", " ", "None"), client
+            charges = sum(
+                1 for r in tables["spending"].to_pylist()
+                if (r["kind"], r["name"]) == ("client", client)
+            )
+            assert len(line.get_markevery()) == charges, client
+            assert line.get_xdata()[-1] == last, client
+    finally:
+        plt.close(figure)
+
+
+def test_charges_before_a_schema_1_upgrade_show_their_data_versions_cap(tmp_path: Path) -> None:
+    from tests.unit.test_ledger_upgrade import FIXTURE, open_for_writing
+
+    path = tmp_path / "ledger.sqlite"
+    shutil.copyfile(FIXTURE, path)
+    open_for_writing(path).close()  # the upgrade; v1 had a cap of 1, v2 one of 0.75
+    with Ledger.open_readonly(path) as ledger:
+        rows = build_tables(ledger, names=["spending"])["spending"].to_pylist()
+    dataset = [(r["amount"], r["cap_value"]) for r in rows if r["kind"] == "dataset"]
+    assert sorted(dataset) == [("0.125", 1.0), ("0.25", 1.0), ("0.5", 0.75)]
