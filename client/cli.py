@@ -530,6 +530,8 @@ def run_query(args: argparse.Namespace) -> int:
         try:
             _emit(_release_text(release, args.format), args.output)
         except OSError as exc:
+            if args.output is None:
+                raise  # standard output closed early (`| head`): ends quietly in _run
             # Paid for and stored: say how to have it again, free.
             print(
                 f"veil: release {release.metadata.release_id} was made, but {args.output} "

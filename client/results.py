@@ -346,8 +346,16 @@ class Release:
             f"{m.suppressed_cells} of {m.cells} cells suppressed; "
             + (f"{ruled_out}; " if ruled_out else "")
             + (f"{chance}; " if chance else "")
+            + ("released before, so free of charge; " if self.replayed else "")
             + f"release {m.release_id}"
         )
+
+    @property
+    def replayed(self) -> bool:
+        """A stored release this call returned free of charge (a retry, or a query released
+        before by anyone). Its loss is the one it was made at, the highest any release of the
+        query was made at, which may differ from the loss asked for."""
+        return self.charged is not None and amount(self.charged) == 0
 
     def to_text(self, max_rows: int | None = None) -> str:
         headers, rows, _ = self.display_rows()

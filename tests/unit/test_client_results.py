@@ -245,6 +245,25 @@ def test_a_suppressed_share_reads_as_na_not_nan() -> None:
     assert frame["value"][0] == 0.25
 
 
+def test_the_summary_says_what_the_call_cost(release: Release) -> None:
+    # Asked at 0.2 and given a stored release made at 0.5: the line says why the loss is not the
+    # one asked for, and that nothing was paid.
+    stored = response(count_table())
+    stored.charged = "0"
+    replay = Release.from_pb(stored)
+    assert replay.replayed
+    assert replay.summary().endswith(
+        "epsilon 0.5, discrete_laplace scale 2, tau 15 (k 10); 3 of 6 cells suppressed; "
+        "released before, so free of charge; release rel_1"
+    )
+    paid = response(count_table())
+    paid.charged = "0.5"
+    assert not Release.from_pb(paid).replayed
+    assert "free" not in Release.from_pb(paid).summary()
+    # Fetched again, the server does not say what the first call cost: nothing is claimed.
+    assert not release.replayed and "free" not in release.summary()
+
+
 def test_the_summary_and_the_dry_run_state_the_empty_cells_expected_by_chance(
     release: Release,
 ) -> None:
