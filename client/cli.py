@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from client import errors
-from client.codebook import Codebook
+from client.codebook import Codebook, DerivedDimension
 from client.connection import ADDRESS_ENV, DEFAULT_ADDRESS, TLS, Client, Retry
 from client.errors import CA_CERT_ENV, TOKEN_ENV
 from client.query import Filter, In, Query, conditions
@@ -614,6 +614,8 @@ def _codes(item: Any) -> list[list[Any]]:
     categories = getattr(item, "categories", None)
     if categories:
         return [[c.code, c.label, c.description] for c in categories]
+    if isinstance(item, DerivedDimension):  # a group, and the source codes it holds
+        return [[group, "", " ".join(codes)] for group, codes in item.members.items()]
     return [[code, "", ""] for code in getattr(item, "codes", getattr(item, "flags", []))]
 
 

@@ -177,17 +177,25 @@ class DerivedDimension:
     def codes(self) -> list[str | int]:
         return list(self.groups)
 
+    @property
+    def members(self) -> dict[str, list[str]]:
+        """Each group's codes of the source variable, in code order."""
+        members: dict[str, list[str]] = {g: [] for g in self.groups}
+        for code, group in sorted(self.group_of.items()):
+            members.setdefault(group, []).append(code)
+        return members
+
     def __repr__(self) -> str:
         lines = [f"{self.name}  (derived from {self.source}: {self.kind})"]
         if self.definition:
             lines.append(wrap(self.definition))
-        lines.append(f"  groups: {', '.join(self.groups)}")
+        # Which codes a group holds is what a filter or a roll-up by it means.
+        for group, codes in self.members.items():
+            lines.append(wrap(f"{group} ({len(codes)}): {', '.join(codes)}", indent="  "))
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        members: dict[str, list[str]] = {g: [] for g in self.groups}
-        for code, group in sorted(self.group_of.items()):
-            members.setdefault(group, []).append(code)
+        members = self.members
         rows = [[g, shorten(", ".join(members.get(g, [])), 120)] for g in self.groups]
         return html_table(["group", f"{self.source} codes"], rows,
                           caption=f"{self.name} (derived from {self.source}): {self.definition}")

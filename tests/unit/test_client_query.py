@@ -223,6 +223,14 @@ def test_codebook_browsing(book: Codebook) -> None:
     frame = book.to_pandas()
     assert {"name", "kind", "domain", "definition"} <= set(frame.columns)
     assert book.deployment.loss_name == "epsilon"
+    # A region lists the countries it holds: what a filter or a roll-up by it means.
+    region = book["citizenshipRegion"]
+    assert isinstance(region, client.DerivedDimension)
+    assert "FR" in region.members["Europe"] and "KE" in region.members["Africa"]
+    assert sum(len(codes) for codes in region.members.values()) == len(region.group_of)
+    shown = repr(region)
+    assert f"Europe ({len(region.members['Europe'])}): AD, AL," in shown
+    assert "  Unknown (1): 00" in shown
 
 
 def test_losses_travel_as_exact_decimals() -> None:
