@@ -33,7 +33,9 @@ budget back is safe. Nothing leaves without its charge on disk.
 - The audit log lives in the same file and is written in the same transactions. Each entry is
   canonical JSON and is hash-chained to the one before it; `verify` walks the chain, replays the
   budget movements it records and reconciles them with the totals, the charges and the stored
-  release bytes. Entries hold ids, canonical queries, amounts and hashes, never a true value.
+  release bytes, and replays the administrative changes against the client registry, the
+  institution caps and the meta rows (which `open` checks too, before serving). Entries hold
+  ids, canonical queries, amounts and hashes (of a token hash, a digest), never a true value.
 - One process writes a ledger at a time (an exclusive lock on `<ledger>.lock`); any number may
   read it with `Ledger.open_readonly`.
 """
@@ -53,7 +55,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
@@ -418,8 +420,8 @@ class VerifyResult:
     def message(self) -> str:
         if self.ok:
             return (
-                f"ledger verified: {self.entries} audit entries, chain intact, totals, charges "
-                f"and stored releases reconcile; head {self.head_seq}:{self.head_hash}"
+                f"ledger verified: {self.entries} audit entries, chain intact, totals, charges, "
+                f"stored releases and registry reconcile; head {self.head_seq}:{self.head_hash}"
             )
         return f"ledger verification FAILED: {self.problems[0]}"
 
@@ -741,7 +743,9 @@ class Ledger:
         `data_version` is charged when `reserve` is not given one. Reservations left open by a
         crash are cancelled here, and audited as abandoned. A change of the dataset cap or of
         delta is audited with `actor` (who opened it). A ledger written by schema version 1 is
-        upgraded here, in one audited transaction (see `_upgrade_in`).
+        upgraded here, in one audited transaction (see `_upgrade_in`). A ledger whose audit log
+        does not end at its recorded head, or whose clients, institution caps or meta rows differ
+        from what its administrative entries set, is refused (LedgerIntegrityError).
         """
         accounting = Accounting(accounting)
         if actor is not None:
@@ -912,6 +916,7 @@ class Ledger:
                 f"ledger's accounting cannot change"
             )
         self._check_head(conn)
+        self._check_registry(conn)
         if self.dataset is not None and self.dataset != meta["dataset"]:
             raise VeilError(
                 f"this ledger keeps the budget of dataset {meta['dataset']!r}, and the data "
@@ -954,6 +959,32 @@ class Ledger:
             raise LedgerIntegrityError(
                 f"the ledger's audit log does not end at its recorded head {head_seq}:{head_hash}; "
                 f"run `veil ledger verify {self.path}` before serving from it"
+            )
+
+    def _check_registry(self, conn: sqlite3.Connection) -> None:
+        """A check on open that the clients, institution caps and meta rows are what the audit
+        log's administrative entries set: the server acts on them (a revived client, a raised
+        cap), so they must not have been edited outside the ledger. Reads those entries only.
+        """
+        events = sorted(_REGISTRY_EVENTS)
+        rows = conn.execute(
+            "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit "
+            "WHERE CASE WHEN json_valid(entry) THEN json_extract(entry, '$.event') END "
+            f"IN ({', '.join('?' * len(events))}) ORDER BY seq",
+            events,
+        )
+        registry, problems = _Registry(), []
+        for seq, blob, prev_hash, digest in rows:
+            data = bytes(blob)
+            if _chain_hash(str(prev_hash), data) != digest:
+                problems.append(f"entry {seq} has been altered")
+                break
+            _replay_registry(seq, json.loads(data), registry, problems)
+        problems = problems or _registry_problems(conn, registry)
+        if problems:
+            raise LedgerIntegrityError(
+                f"the ledger's registry differs from its audit log ({problems[0]}); run "
+                f"`veil ledger verify {self.path}` before serving from it"
             )
 
     # ---- connections and transactions --------------------------------------------------
@@ -1735,6 +1766,7 @@ class Ledger:
             role=role,
             institution=institution,
             token="set" if token_hash else "none",
+            token_digest=_token_digest(token_hash),
             token_expires_at=expires,
         )
         now = _now()
@@ -1825,7 +1857,9 @@ class Ledger:
         token is refused from `expires_at` on (None: never)."""
         _check_token_hash(token_hash)
         expires = None if expires_at is None else _timestamp(expires_at)
-        detail = self._admin_detail(actor, token_expires_at=expires)
+        detail = self._admin_detail(
+            actor, token_digest=_token_digest(token_hash), token_expires_at=expires
+        )
 
         def work(conn: sqlite3.Connection) -> None:
             if _client_row(conn, client_id) is None:
@@ -2210,7 +2244,8 @@ class Ledger:
         return f"{seq}:{digest}"
 
     def verify(self, *, expect_head: str | None = None) -> VerifyResult:
-        """Check the hash chain, replay its budget movements and reconcile every table.
+        """Check the hash chain, replay its budget movements and administrative changes, and
+        reconcile every table with them.
 
         `expect_head` ("seq:hash", from an earlier `head()` kept outside the ledger) also
         catches a log rewritten from some point on with its hashes recomputed.
@@ -2245,6 +2280,12 @@ def _check_token_hash(token_hash: str | None) -> None:
         raise ClientRegistryError(
             "a token hash is 32 to 512 characters without spaces (store the hash, never a token)"
         )
+
+
+def _token_digest(token_hash: str | None) -> str | None:
+    """What the audit log records of a token hash: a digest of it, so that `verify` can tell a
+    swapped hash without the log holding what the server compares tokens with."""
+    return None if token_hash is None else hashlib.sha256(token_hash.encode()).hexdigest()
 
 
 def _scope_keys(client: str, institution: str | None, dataset: str) -> tuple[_ScopeKey, ...]:
@@ -2393,6 +2434,7 @@ def _verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
     expected_seq, prev = 1, GENESIS_HASH
     count = 0
     running: dict[str, tuple[Fraction, Fraction]] = {}
+    registry = _Registry()
     by_charge: dict[str, list[dict[str, Any]]] = defaultdict(list)
     cursor = conn.execute(
         "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit ORDER BY seq"
@@ -2429,6 +2471,7 @@ def _verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
                 broken(seq, "does not have the fields of an audit entry")
             else:
                 _replay_budget(seq, entry, running, problems)
+                _replay_registry(seq, entry, registry, problems)
                 if entry.get("charge_id"):
                     by_charge[str(entry["charge_id"])].append(entry)
         prev = str(digest)
@@ -2468,6 +2511,7 @@ def _verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
         _reconcile(conn, running, by_charge, problems)
     except (ArithmeticError, ValueError, TypeError, KeyError) as exc:
         problems.append(f"the ledger's tables cannot be reconciled: {exc}")
+    problems.extend(_registry_problems(conn, registry))
     for trigger in _TRIGGERS:
         if trigger not in tables:
             problems.append(f"the guard trigger {trigger} has been removed")
@@ -2523,6 +2567,219 @@ def _replay_budget(
     if entry.get("event") == "upgrade" and moved != (_ZERO, _ZERO):
         # An upgrade only moves totals between scopes: what leaves one must arrive in another.
         problems.append(f"entry {seq}: the upgrade does not carry every amount over")
+
+
+# Administrative entries: they set the client registry, the institution caps and the meta rows.
+_REGISTRY_EVENTS = ADMIN_EVENTS | {"create", "upgrade"}
+# Entries that only a registered, active client's request writes.
+_SPENDING_EVENTS = frozenset({"reserve", "release", "replay", "retry"})
+# A token the log says was set without recording a digest of it (entries written before it did).
+_SOME_TOKEN = "set"
+_CLIENT_FIELDS = ("role", "institution", "cap", "token_hash", "token_expires_at", "status")
+
+
+@dataclass
+class _Registry:
+    """The client registry, institution caps and meta rows as the audit log's entries set them."""
+
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    institutions: dict[str, Fraction] = field(default_factory=dict)
+    meta: dict[str, str | None] = field(
+        default_factory=lambda: dict.fromkeys(("accounting", "delta", "dataset", "dataset_cap"))
+    )
+    # Schema 1 only: data versions given a cap of their own (the upgrade drops them).
+    version_caps: dict[str, Fraction] = field(default_factory=dict)
+
+    def cap(self, kind: str, name: str) -> Fraction | str | None:
+        if kind == "client":
+            return self.clients.get(name, {}).get("cap")
+        if kind == "institution":
+            return self.institutions.get(name)
+        return self.version_caps.get(name, _table_amount(self.meta["dataset_cap"]))
+
+
+def _replay_registry(
+    seq: int, entry: dict[str, Any], registry: _Registry, problems: list[str]
+) -> None:
+    """Apply an administrative entry to `registry`. Every entry's caps must be the ones the
+    entries before it set, and only a registered, active client can spend: a registry edited
+    for a while and put back leaves its mark in the entries written meanwhile."""
+    event = entry.get("event")
+    if event in _REGISTRY_EVENTS:
+        try:
+            _apply_admin(seq, entry, registry, problems)
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError):
+            problems.append(f"entry {seq}: its {event} record is unreadable")
+            return
+    client = entry.get("client")
+    if event in _SPENDING_EVENTS:
+        status = registry.clients.get(str(client), {}).get("status", "not registered")
+        if status != "active":
+            problems.append(
+                f"entry {seq}: a {event} for client {client}, whom the audit log records as "
+                f"{status}"
+            )
+    if event == "upgrade":
+        return  # it carries the caps of the open that upgrades, set by the entries after it
+    for item in entry.get("budget") or []:
+        try:
+            kind, _, name = str(item["scope"]).partition(":")
+            recorded = None if item["cap"] is None else parse_amount(item["cap"])
+        except (KeyError, TypeError, ValueError, ArithmeticError):
+            continue  # `_replay_budget` reports an unreadable budget record
+        expected = registry.cap(kind, name)
+        if recorded != expected:
+            problems.append(
+                f"entry {seq}: {item['scope']} records a cap of {_shown(recorded)}; the "
+                f"administrative entries before it set {_shown(expected)}"
+            )
+
+
+def _apply_admin(
+    seq: int, entry: dict[str, Any], registry: _Registry, problems: list[str]
+) -> None:
+    event, client = entry["event"], entry["client"]
+    detail = entry["detail"] or {}
+    if event == "create":
+        registry.meta.update(
+            accounting=detail["accounting"],
+            delta=detail["delta"],
+            dataset=detail.get("dataset"),  # schema 1 named it at the upgrade
+            dataset_cap=detail["dataset_cap"],
+        )
+    elif event == "upgrade":
+        registry.meta["dataset"] = detail["dataset"]
+        registry.version_caps.clear()
+    elif event == "set_delta":
+        registry.meta["delta"] = detail["after"]
+    elif event == "set_dataset_cap":
+        if "after" in detail:
+            registry.meta["dataset_cap"] = detail["after"]
+        else:  # schema 1: a cap of one data version's own
+            (item,) = entry["budget"]
+            registry.version_caps[str(item["scope"]).partition(":")[2]] = parse_amount(item["cap"])
+    elif event == "set_institution_cap":
+        (item,) = entry["budget"]
+        kind, _, name = str(item["scope"]).partition(":")
+        if kind != "institution":
+            raise ValueError(kind)
+        if item["cap"] is None:
+            registry.institutions.pop(name, None)
+        else:
+            registry.institutions[name] = parse_amount(item["cap"])
+    elif event == "register_client":
+        if client in registry.clients:
+            problems.append(f"entry {seq}: client {client} is registered a second time")
+        registry.clients[client] = {
+            "role": detail["role"],
+            "institution": detail["institution"],
+            "cap": _entry_cap(entry),
+            "token_hash": _logged_token(detail["token"] == "set", detail),
+            "token_expires_at": detail.get("token_expires_at"),  # schema 1: never expires
+            "status": "active",
+        }
+    elif client not in registry.clients:
+        problems.append(f"entry {seq}: client {client} is changed before it is registered")
+    elif event == "set_cap":
+        registry.clients[client]["cap"] = _entry_cap(entry)
+    elif event == "set_token":
+        registry.clients[client].update(
+            token_hash=_logged_token(entry["outcome"] == "set", detail),
+            token_expires_at=detail.get("token_expires_at"),
+        )
+    elif event == "revoke":
+        registry.clients[client]["status"] = "revoked"
+
+
+def _entry_cap(entry: dict[str, Any]) -> Fraction:
+    (item,) = [i for i in entry["budget"] if i["scope"] == f"client:{entry['client']}"]
+    return parse_amount(item["cap"])
+
+
+def _logged_token(is_set: bool, detail: dict[str, Any]) -> str | None:
+    if not is_set:
+        return None
+    return str(detail["token_digest"]) if "token_digest" in detail else _SOME_TOKEN
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    return format_amount(value) if isinstance(value, Fraction) else str(value)
+
+
+def _registry_problems(conn: sqlite3.Connection, registry: _Registry) -> list[str]:
+    """Where the clients, institutions and meta tables differ from what the log set."""
+    problems: list[str] = []
+    logged = dict(registry.clients)
+    rows = conn.execute(
+        "SELECT client_id, role, institution, cap, token_hash, token_expires_at, status, "
+        "revoked_at FROM clients ORDER BY client_id"
+    ).fetchall()
+    for client_id, role, institution, cap, token_hash, expires, status, revoked_at in rows:
+        want = logged.pop(client_id, None)
+        if want is None:
+            problems.append(f"client {client_id}: in the registry but never registered in the log")
+            continue
+        token = token_hash if token_hash is None else _token_digest(token_hash)
+        if token is not None and want["token_hash"] == _SOME_TOKEN:
+            token = _SOME_TOKEN  # the log recorded that a token was set, not which
+        have = {
+            "role": role,
+            "institution": institution,
+            "cap": _table_amount(cap),
+            "token_hash": token,
+            "token_expires_at": expires,
+            "status": status,
+        }
+        for name in _CLIENT_FIELDS:
+            if have[name] == want[name]:
+                continue
+            if name == "token_hash":  # a digest shown is no help; say what differs
+                problems.append(f"client {client_id}: its token hash is not the one logged")
+            else:
+                problems.append(
+                    f"client {client_id}: its {name} is {_shown(have[name])} in the registry; "
+                    f"the audit log records {_shown(want[name])}"
+                )
+        if (status == "revoked") != (revoked_at is not None):
+            problems.append(f"client {client_id}: its revoked_at does not match its status")
+    for client_id in sorted(logged):
+        problems.append(f"client {client_id}: registered in the log but not in the registry")
+
+    caps = {
+        str(r[0]): _table_amount(r[1])
+        for r in conn.execute("SELECT institution, cap FROM institutions")
+    }
+    for name in sorted(set(caps) | set(registry.institutions)):
+        have_cap, want_cap = caps.get(name), registry.institutions.get(name)
+        if have_cap != want_cap:
+            problems.append(
+                f"institution {name}: its cap is {_shown(have_cap)} in the registry; the audit "
+                f"log records {_shown(want_cap)}"
+            )
+
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    for key, logged_value in registry.meta.items():
+        value = meta.get(key)
+        if key in ("delta", "dataset_cap"):
+            same = _table_amount(value) == _table_amount(logged_value)
+        else:
+            same = value == logged_value
+        if not same:
+            problems.append(
+                f"meta {key}: {_shown(value)} in the ledger; the audit log records "
+                f"{_shown(logged_value)}"
+            )
+    return problems
+
+
+def _table_amount(text: Any) -> Fraction | str | None:
+    """A stored amount; its text as it is when it is not one (it then matches nothing logged)."""
+    try:
+        return None if text is None else parse_amount(text)
+    except (ArithmeticError, ValueError, TypeError):
+        return str(text)
 
 
 def _reconcile(

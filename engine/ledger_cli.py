@@ -1,6 +1,7 @@
 """`veil ledger verify LEDGER` and `veil ledger report LEDGER`: the auditor's commands.
 
-Both open the ledger read-only, so they can run while the server holds it for writing.
+Both open the ledger read-only, so they can run while the server holds it for writing. The report
+verifies the ledger first: totals read from a ledger that does not verify are not to be trusted.
 
     parser = argparse.ArgumentParser(prog="veil")
     add_ledger_command(parser.add_subparsers(dest="command", required=True))
@@ -34,8 +35,9 @@ def add_ledger_command(subparsers: Any) -> argparse.ArgumentParser:
         "verify",
         help="check the audit log's hash chain and reconcile it with the ledger",
         description=(
-            "Walk the audit log's hash chain, replay the budget movements it records and "
-            "reconcile them with the totals, the charges and the stored release bytes. Exits 0 "
+            "Walk the audit log's hash chain, replay the budget movements and administrative "
+            "changes it records and reconcile them with the totals, the charges, the stored "
+            "release bytes, the client registry, the institution caps and the dataset cap. Exits 0 "
             "when everything verifies, 1 when something does not (the first broken or missing "
             "entry is named), 2 when the ledger cannot be read."
         ),
@@ -56,10 +58,18 @@ def add_ledger_command(subparsers: Any) -> argparse.ArgumentParser:
             "Print spent and remaining budget per client (with its status: active, or revoked "
             "and when), per institution and for the dataset over all its data versions (exact "
             "amounts, and the (epsilon, delta) equivalent under zCDP), and optionally every "
-            "stored release with its charge."
+            "stored release with its charge. The ledger is verified first, as by `verify`: "
+            "exits 0 when it verifies, 1 when it does not (the report is printed, with a "
+            "warning), 2 when the ledger cannot be read."
         ),
     )
     report.add_argument("ledger", help="path of the ledger database")
+    report.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the verification (it reads the whole audit log and every stored release); "
+        "the report then says it is unverified",
+    )
     report.add_argument("--releases", action="store_true", help="also list the stored releases")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.set_defaults(handler=run_report)
@@ -87,14 +97,28 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         with Ledger.open_readonly(args.ledger) as ledger:
+            verified = None if args.no_verify else ledger.verify()
             report = ledger.report()
             clients = {c.client_id: c for c in ledger.list_clients()}
             releases = ledger.releases() if args.releases else []
     except VeilError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    status = 1 if verified is not None and not verified.ok else 0
+    note = (
+        f"not verified: run `veil ledger verify {args.ledger}`"
+        if verified is None
+        else verified.message
+    )
+    if status:
+        print(
+            "warning: these totals are read from a ledger that does not verify; "
+            f"`veil ledger verify {args.ledger}` lists every problem",
+            file=sys.stderr,
+        )
     if args.json:
         data = report.to_dict()
+        data["verification"] = None if verified is None else verified.to_dict()
         for row in data["clients"]:
             client = clients.get(row["name"])
             row["status"] = None if client is None else client.status
@@ -116,7 +140,8 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
                 for r in releases
             ]
         print(json.dumps(data, indent=2), file=out)
-        return 0
+        return status
+    print(note, file=out)  # first: a report of a ledger that does not verify says so at once
     print(format_report(report, clients), file=out)
     if args.releases:
         print("", file=out)
@@ -128,7 +153,7 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
                 f"{r.canonical_query}",
                 file=out,
             )
-    return 0
+    return status
 
 
 def format_report(

@@ -1004,6 +1004,7 @@ def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
         "role": "researcher",
         "institution": None,
         "token": "none",
+        "token_digest": None,
         "token_expires_at": None,
         "actor": "root",
     }
