@@ -1297,6 +1297,16 @@ class Ledger:
                 )
                 self._refuse(conn, plan, request, "request_conflict", message)
                 return _Outcome(error=RequestConflictError(message))
+            if first_version != version:
+                # A request id kept from one cycle to the next would otherwise be handed the
+                # earlier data's release, labelled with its version but easily taken for new.
+                message = (
+                    f"request id {request_id!r} was already used by {client_id} on data version "
+                    f"{first_version}, and the server now serves {version}; use a new request id "
+                    f"for a release of this data (the earlier one is among your releases, free)"
+                )
+                self._refuse(conn, plan, request, "request_conflict", message)
+                return _Outcome(error=RequestConflictError(message))
             if state == "committed":
                 data, digest = _release_bytes(conn, release_id)
                 self._append(

@@ -532,6 +532,29 @@ def test_every_data_version_of_the_dataset_pays_from_one_cap(
     assert_verified(ledger)
 
 
+def test_a_request_id_kept_into_a_new_data_version_is_refused(
+    engine: Engine, open_ledger: Callable[..., Ledger], tmp_path: Path
+) -> None:
+    """A modeler who keeps one request id per table from cycle to cycle is not handed last
+    cycle's release as if it were this one's: the id is refused, nothing is charged."""
+    ledger = open_ledger()
+    ledger.register_client("alice", role="researcher", cap="1")
+    v2 = Engine(
+        DuckDBBackend(write_database(tmp_path / "v2.duckdb", ROWS[:100], data_version="v2")),
+        codebook=CODEBOOK,
+    )
+    first = release(engine, ledger, "alice", "table-1")
+    # A retry on the same version is still the stored release, free.
+    assert release(engine, ledger, "alice", "table-1").to_bytes() == first.to_bytes()
+    with pytest.raises(RequestConflictError) as refused:
+        release(v2, ledger, "alice", "table-1")
+    assert "data version" in str(refused.value) and "new request id" in str(refused.value)
+    assert ledger.spent("alice") == EPS.amount
+    fresh = release(v2, ledger, "alice", "table-1-v2")
+    assert fresh.metadata.data_version == "v2"
+    assert_verified(ledger)
+
+
 def test_a_ledger_keeps_one_datasets_budget(
     open_ledger: Callable[..., Ledger], tmp_path: Path
 ) -> None:
