@@ -20,7 +20,7 @@ from engine.loss import parse_amount
 from engine.release import Charger, Release, ReleaseMetadata
 from engine.settings import Settings
 from protos.veil.v1 import veil_pb2 as pb
-from server.auth import ExpiredToken, Identity, Role, hash_token
+from server.auth import ExpiredToken, Identity, RevokedToken, Role, hash_token
 from server.config import Caps
 from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
 from server.errors import NotFoundError
@@ -36,7 +36,7 @@ class Accounts(Protocol):
     def charger(self) -> Charger: ...
 
     # -- authentication (the interceptor) --
-    def identify(self, token_hash: str) -> Identity | ExpiredToken | None: ...
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | RevokedToken | None: ...
 
     def record_denied(
         self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
@@ -149,10 +149,12 @@ class LedgerAccounts:
         return self.ledger
 
     # -- authentication --
-    def identify(self, token_hash: str) -> Identity | ExpiredToken | None:
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | RevokedToken | None:
         record = self.ledger.client_for_token_hash(token_hash)
-        if record is None or not record.active:
+        if record is None:
             return None
+        if not record.active:
+            return RevokedToken(record.client_id)
         if record.token_expired():
             assert record.token_expires_at is not None
             return ExpiredToken(record.client_id, record.token_expires_at)

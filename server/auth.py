@@ -69,6 +69,14 @@ class ExpiredToken:
     expired_at: str
 
 
+@dataclass(frozen=True)
+class RevokedToken:
+    """The token of a client that has been revoked: refused like any invalid token, but its
+    refusal is audited under the client's name (a revoked client still calling is news)."""
+
+    client_id: str
+
+
 # ---- tokens ------------------------------------------------------------------------------------
 
 
@@ -159,9 +167,9 @@ def current_identity() -> Identity:
 class Directory(Protocol):
     """Where the interceptor looks tokens up and records failed attempts (the ledger)."""
 
-    def identify(self, token_hash: str) -> Identity | ExpiredToken | None:
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | RevokedToken | None:
         """The active client holding this token hash, ExpiredToken when its token has expired,
-        or None (unknown or revoked)."""
+        RevokedToken when its client has been revoked, or None (unknown, or rotated away)."""
 
     def record_denied(
         self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
@@ -291,8 +299,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 "missing credential: send `authorization: Bearer <token>` in the call metadata"
             )
         identity = self.directory.identify(hash_token(token))
-        if identity is None:
-            self._denied(method, "unknown or revoked token", None, peer)
+        if identity is None or isinstance(identity, RevokedToken):
+            # The caller is told the same either way; the log says whose the token was.
+            if identity is None:
+                self._denied(method, "unknown or revoked token", None, peer)
+            else:
+                self._denied(method, "revoked client's token", identity.client_id, peer)
             raise AuthenticationError("the token is not valid: unknown, rotated or revoked")
         if isinstance(identity, ExpiredToken):
             self._denied(method, "expired token", identity.client_id, peer)

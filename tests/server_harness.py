@@ -27,7 +27,7 @@ from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 from server.accounts import LedgerAccounts
 from server.app import Running, build_engine, start
-from server.auth import ExpiredToken, Identity, Role, hash_token, new_token
+from server.auth import ExpiredToken, Identity, RevokedToken, Role, hash_token, new_token
 from server.config import ServerConfig, config_from_mapping
 from server.convert import ROLE_TO_PB
 
@@ -155,7 +155,7 @@ class MemoryAccounts:
             )
 
     # -- Accounts --
-    def identify(self, token_hash: str) -> Identity | ExpiredToken | None:
+    def identify(self, token_hash: str) -> Identity | ExpiredToken | RevokedToken | None:
         for c in self.records.values():
             if c.token_hash == token_hash and not c.revoked:
                 return Identity(c.client_id, c.role, c.institution)

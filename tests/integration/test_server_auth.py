@@ -89,7 +89,14 @@ def test_revoked_and_rotated_tokens(live: LiveServer) -> None:
             code_of(s.research.GetBudget, pb.GetBudgetRequest(), bearer(rotated.token))[0]
             == grpc.StatusCode.OK
         )
-    assert len(denied_entries(live)) == 2
+    revoked, rotated_away = denied_entries(live)
+    # A revoked client still calling is named in the log (the caller is told no more than
+    # before); a token rotated away names nobody: it is no longer any client's.
+    assert revoked["client"] == "alice"
+    assert revoked["detail"]["reason"] == "revoked client's token"  # type: ignore[index]
+    assert rotated_away["client"] in (None, "")
+    assert rotated_away["detail"]["reason"] == "unknown or revoked token"  # type: ignore[index]
+    assert live.ledger.verify().ok
 
 
 def test_tokens_expire(tmp_path: Path) -> None:
