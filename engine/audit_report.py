@@ -68,7 +68,7 @@ TABLE_NAMES = (
     "verification",
 )
 _SUMMARY_KEY = b"veil.audit"
-_REFUSAL_EVENTS = frozenset({"refused", "auth_denied"})
+_REFUSAL_EVENTS = frozenset({"refused", "auth_denied", "admin_refused"})
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ class Accounts(Protocol):
         self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
     ) -> None: ...
 
+    def record_admin_refused(self, *, method: str, reason: str, by: Identity) -> None:
+        """Append a refused administrative request (a conflicting registration, a cap below
+        what was spent, ...) to the audit log: an attempt to change who may spend what is
+        evidence whether or not it succeeded."""
+        ...
+
     # -- researchers --
     def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
         """The metadata of the stored release of this query with the largest loss on the data
@@ -167,6 +173,10 @@ class LedgerAccounts:
         if unrecorded:
             detail["unrecorded_before"] = str(unrecorded)
         self.ledger.audit("auth_denied", client, outcome="refused", detail=detail)
+
+    def record_admin_refused(self, *, method: str, reason: str, by: Identity) -> None:
+        detail = {"method": method[:200], "reason": reason[:300]}
+        self.ledger.audit("admin_refused", by.client_id, outcome="refused", detail=detail)
 
     # -- researchers --
     def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:

@@ -11,6 +11,7 @@ with no data value in it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -27,7 +28,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from engine.backend import Cancellation
 from engine.engine import Engine
-from engine.errors import QueryCancelledError
+from engine.errors import LedgerUnavailableError, QueryCancelledError, VeilError
 from engine.loss import PrivacyLoss, parse_amount
 from engine.planner import Plan
 from engine.release import Answer, Charger, Release, Reservation
@@ -408,10 +409,36 @@ class ResearchServicer(pb_grpc.ResearchServicer):
         return convert.release_to_pb(release)
 
 
+def _refusals_audited(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An Admin method whose refusals (a conflict, a cap below what was spent, a bad client id)
+    are appended to the audit log as well as returned to the administrator."""
+
+    @functools.wraps(method)
+    def audited(self: AdminServicer, request: Any, context: Any) -> Any:
+        try:
+            return method(self, request, context)
+        except (VeilError, ServerError) as exc:
+            if not isinstance(exc, LedgerUnavailableError):  # nothing could be written then
+                try:
+                    self.s.accounts.record_admin_refused(
+                        method=method.__name__, reason=str(exc), by=current_identity()
+                    )
+                except Exception as failure:  # the refusal stands even if its audit fails
+                    log.error(
+                        "could not record a refused administrative call",
+                        extra={"event": "audit_write_failed",
+                               "error_type": type(failure).__name__},
+                    )
+            raise
+
+    return audited
+
+
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, services: Services) -> None:
         self.s = services
 
+    @_refusals_audited
     def RegisterClient(
         self, request: pb.RegisterClientRequest, context: Any
     ) -> pb.RegisterClientResponse:
@@ -426,12 +453,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return pb.RegisterClientResponse(client=info, token=token)
 
+    @_refusals_audited
     def SetBudget(self, request: pb.SetBudgetRequest, context: Any) -> pb.SetBudgetResponse:
         client = convert.client_id(request.client_id)
         cap = convert.amount(request.budget, "budget", allow_zero=True)
         info = self.s.accounts.set_cap(client, cap, by=current_identity())
         return pb.SetBudgetResponse(client=info)
 
+    @_refusals_audited
     def RevokeClient(
         self, request: pb.RevokeClientRequest, context: Any
     ) -> pb.RevokeClientResponse:
@@ -444,6 +473,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     def ListClients(self, request: pb.ListClientsRequest, context: Any) -> pb.ListClientsResponse:
         return pb.ListClientsResponse(clients=self.s.accounts.clients())
 
+    @_refusals_audited
     def RotateToken(self, request: pb.RotateTokenRequest, context: Any) -> pb.RotateTokenResponse:
         client = convert.client_id(request.client_id)
         token = new_token()

@@ -168,6 +168,11 @@ class MemoryAccounts:
             {"method": method, "reason": reason, "client": client, "unrecorded": unrecorded}
         )
 
+    def record_admin_refused(self, *, method: str, reason: str, by: Identity) -> None:
+        self.denied.append(
+            {"method": method, "reason": reason, "client": by.client_id, "unrecorded": 0}
+        )
+
     def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
         stored = self.releases_by_fingerprint.get(fingerprint)
         return None if stored is None else stored.metadata

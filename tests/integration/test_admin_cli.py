@@ -376,3 +376,18 @@ def test_registry_refusals_are_registry_conflicts_with_the_servers_words(
     code, out, err = veil(capsys, "admin", "register", client_id, "-q")
     assert (code, out) == (1, "")
     assert err == f"veil: refused, nothing changed: client {client_id} is already registered\n"
+
+    # Each refused change is evidence for the auditor: in the audit log under the administrator
+    # who asked, with the method and the reason, and in the refusals table.
+    from engine.audit_report import build_tables
+
+    logged = [e.entry for e in live.ledger.audit_log() if e.entry["event"] == "admin_refused"]
+    reasons = [(e["client"], e["detail"]["method"], e["detail"]["reason"]) for e in logged]
+    for (_, message), method in zip(
+        refusals, ("RegisterClient", "SetBudget", "RotateToken", "RevokeClient"), strict=True
+    ):
+        assert ("root", method, message) in reasons, (method, reasons)
+    assert ("root", "RegisterClient", f"client {client_id} is already registered") in reasons
+    table = build_tables(live.ledger, names=["refusals"])["refusals"].to_pylist()
+    assert sum(r["event"] == "admin_refused" for r in table) == len(logged) >= 5
+    assert live.ledger.verify().ok
