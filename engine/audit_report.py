@@ -233,6 +233,8 @@ def _budgets(
     clients: Mapping[str, ClientRecord],
 ) -> pa.Table:
     rows: dict[str, list[Any]] = defaultdict(list)
+    left = {(s.kind, s.name): s.remaining for s in scopes}
+    dataset_left = [s.remaining for s in scopes if s.kind == "dataset"]
     for s in scopes:
         client = clients.get(s.name) if s.kind == "client" else None
         remaining = s.remaining
@@ -242,6 +244,9 @@ def _budgets(
         rows["spent"].append(format_amount(s.spent))
         rows["held"].append(format_amount(s.held))
         rows["remaining"].append(None if remaining is None else format_amount(remaining))
+        rows["can_spend"].append(None if client is None else format_amount(
+            _can_spend(client, left, dataset_left)
+        ))
         rows["cap_value"].append(None if s.cap is None else float(s.cap))
         rows["spent_value"].append(float(s.spent))
         rows["used_share"].append(float(s.used / s.cap) if s.cap else None)
@@ -258,6 +263,7 @@ def _budgets(
             ("spent", pa.string()),
             ("held", pa.string()),
             ("remaining", pa.string()),
+            ("can_spend", pa.string()),
             ("cap_value", pa.float64()),
             ("spent_value", pa.float64()),
             ("used_share", pa.float64()),
@@ -269,6 +275,22 @@ def _budgets(
         ]
     )
     return pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
+
+
+def _can_spend(
+    client: ClientRecord,
+    left: Mapping[tuple[str, str], Fraction | None],
+    dataset_left: Sequence[Fraction | None],
+) -> Fraction:
+    """What a client could still be charged: the least of what its own cap, its institution's
+    and the dataset's leave (a client's "remaining" is against its own cap alone); none once
+    revoked."""
+    if not client.active:
+        return Fraction(0)
+    limits = [left.get(("client", client.client_id)), *dataset_left]
+    if client.institution:
+        limits.append(left.get(("institution", client.institution)))
+    return max(Fraction(0), min(x for x in limits if x is not None))
 
 
 def _spending(
@@ -788,13 +810,14 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
             ("spent", "spent", "num"),
             ("held", "held", "num"),
             ("remaining", "remaining", "num"),
+            ("can_spend", "can still spend", "num"),
             ("used_share", "used", "pct"),
             ("guess_bound", "guess bound", "fixed"),
             ("releases", "releases", "num"),
             ("status", "status", None),
         ]
         if zcdp:
-            columns.insert(6, ("spent_epsilon", "spent (eps at delta)", "fixed"))
+            columns.insert(7, ("spent_epsilon", "spent (eps at delta)", "fixed"))
         parts.append(_html_table(budgets.to_pylist(), columns, flag=_over_nine_tenths))
     if releases is not None:
         rows = releases.to_pylist()

@@ -109,3 +109,25 @@ def test_charges_before_a_schema_1_upgrade_show_their_data_versions_cap(tmp_path
         rows = build_tables(ledger, names=["spending"])["spending"].to_pylist()
     dataset = [(r["amount"], r["cap_value"]) for r in rows if r["kind"] == "dataset"]
     assert sorted(dataset) == [("0.125", 1.0), ("0.25", 1.0), ("0.5", 0.75)]
+
+
+def test_budgets_say_what_each_client_can_still_spend(tmp_path: Path) -> None:
+    # "remaining" is against a client's own cap; what it can still be charged is also bounded
+    # by its institution's and the dataset's caps, and is nothing once it is revoked.
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap="2", dataset="ctdc") as ledger:
+        ledger.register_client("amina", role="researcher", cap="1", institution="iom")
+        ledger.register_client("bob", role="researcher", cap="1", institution="iom")
+        ledger.register_client("carol", role="researcher", cap="1.5")
+        ledger.register_client("dave", role="researcher", cap="1")
+        ledger.set_institution_cap("iom", "0.3", actor="root")
+        ledger.revoke("dave", reason="left")
+        tables = build_tables(ledger, names=["budgets"])
+    rows = {(r["kind"], r["name"]): r for r in tables["budgets"].to_pylist()}
+    assert rows["client", "amina"]["remaining"] == "1"
+    assert rows["client", "amina"]["can_spend"] == "0.3"  # the institution's cap binds
+    assert rows["client", "carol"]["can_spend"] == "1.5"
+    assert rows["client", "dave"]["can_spend"] == "0"  # revoked
+    assert rows["institution", "iom"]["can_spend"] is None
+    assert rows["dataset", "ctdc"]["can_spend"] is None
+    assert "can still spend" in render_html(tables)
