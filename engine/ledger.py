@@ -964,22 +964,28 @@ class Ledger:
     def _check_registry(self, conn: sqlite3.Connection) -> None:
         """A check on open that the clients, institution caps and meta rows are what the audit
         log's administrative entries set: the server acts on them (a revived client, a raised
-        cap), so they must not have been edited outside the ledger. Reads those entries only.
+        cap), so they must not have been edited outside the ledger.
+
+        The whole chain is walked (each entry's hash, and its link to the one before), so that
+        an administrative entry cannot be rewritten, with its own hash recomputed, on its own;
+        only those entries are parsed. A log rewritten end to end is found only against a head
+        kept elsewhere (`veil ledger verify --expect-head`).
         """
-        events = sorted(_REGISTRY_EVENTS)
         rows = conn.execute(
-            "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit "
-            "WHERE CASE WHEN json_valid(entry) THEN json_extract(entry, '$.event') END "
-            f"IN ({', '.join('?' * len(events))}) ORDER BY seq",
-            events,
+            "SELECT seq, CAST(entry AS BLOB), prev_hash, hash, "
+            "CASE WHEN json_valid(entry) THEN json_extract(entry, '$.event') END "
+            "FROM audit ORDER BY seq"
         )
         registry, problems = _Registry(), []
-        for seq, blob, prev_hash, digest in rows:
+        expected_seq, prev = 1, GENESIS_HASH
+        for seq, blob, prev_hash, digest, event in rows:
             data = bytes(blob)
-            if _chain_hash(str(prev_hash), data) != digest:
-                problems.append(f"entry {seq} has been altered")
+            if seq != expected_seq or prev_hash != prev or _chain_hash(prev, data) != digest:
+                problems.append(f"entry {seq} has been altered, moved or unbound from the chain")
                 break
-            _replay_registry(seq, json.loads(data), registry, problems)
+            if event in _REGISTRY_EVENTS:
+                _replay_registry(seq, json.loads(data), registry, problems)
+            expected_seq, prev = seq + 1, str(digest)
         problems = problems or _registry_problems(conn, registry)
         if problems:
             raise LedgerIntegrityError(
@@ -1297,9 +1303,11 @@ class Ledger:
                 )
                 self._refuse(conn, plan, request, "request_conflict", message)
                 return _Outcome(error=RequestConflictError(message))
-            if first_version != version:
+            if first_version != version and state == "committed":
                 # A request id kept from one cycle to the next would otherwise be handed the
                 # earlier data's release, labelled with its version but easily taken for new.
+                # (One whose attempt was cancelled, say by a restart onto new data, released
+                # nothing: its retry is served on the data now served.)
                 message = (
                     f"request id {request_id!r} was already used by {client_id} on data version "
                     f"{first_version}, and the server now serves {version}; use a new request id "

@@ -552,6 +552,14 @@ def test_a_request_id_kept_into_a_new_data_version_is_refused(
     assert ledger.spent("alice") == EPS.amount
     fresh = release(v2, ledger, "alice", "table-1-v2")
     assert fresh.metadata.data_version == "v2"
+    # An attempt cancelled on the old version (a restart onto the new data) released nothing:
+    # its retry under the same id is served on the new version.
+    held = ledger.reserve(
+        engine.plan(distinct_query(3), loss=EPS), client="alice", request_id="table-2"
+    )
+    held.cancel()
+    retried = release(v2, ledger, "alice", "table-2", query=distinct_query(3))
+    assert retried.metadata.data_version == "v2"
     assert_verified(ledger)
 
 

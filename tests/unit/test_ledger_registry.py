@@ -279,16 +279,45 @@ def test_an_administrative_entry_edited_with_the_table_is_refused_on_open(path: 
         open_ledger(path, dataset_cap="4.5")
 
 
-def test_an_unreadable_entry_elsewhere_does_not_stop_the_check(path: Path) -> None:
-    """The check on open reads administrative entries only; a damaged other entry is for
-    `verify` to find, not a database error at start."""
+def test_an_unreadable_entry_elsewhere_is_refused_not_a_crash(path: Path) -> None:
+    """The check on open walks the whole chain but parses administrative entries only: a
+    damaged other entry is refused as such, not a database error at start."""
     with attacker(path) as conn:
         seq = conn.execute(
             'SELECT seq FROM audit WHERE entry LIKE \'%"event":"reserve"%\''
         ).fetchone()[0]
         conn.execute("UPDATE audit SET entry = 'not json' WHERE seq = ?", (seq,))
-    open_ledger(path, dataset_cap="4.5").close()
+    with pytest.raises(LedgerIntegrityError, match=f"entry {seq} has been altered"):
+        open_ledger(path, dataset_cap="4.5")
     assert f"entry {seq}: has been altered" in verify(path).problems[0]
+
+
+def test_entries_rehashed_on_their_own_are_refused_on_open(path: Path) -> None:
+    """dave's revocation turned into another event and his registered cap raised, each entry's
+    own hash recomputed but not the chain after it, and the table edited to match: the entries
+    no longer bind the ones after them, and the server does not serve from the file."""
+    with attacker(path) as conn:
+
+        def rehash(seq: int, entry: dict[str, object]) -> None:
+            text = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+            prev = conn.execute("SELECT prev_hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+            digest = hashlib.sha256(prev[0].encode() + text.encode()).hexdigest()
+            conn.execute("UPDATE audit SET entry = ?, hash = ? WHERE seq = ?", (text, digest, seq))
+
+        for seq, text in conn.execute("SELECT seq, entry FROM audit").fetchall():
+            entry = json.loads(text)
+            if entry["client"] == "dave" and entry["event"] == "revoke":
+                rehash(seq, {**entry, "event": "audit_note"})
+            if entry["client"] == "dave" and entry["event"] == "register_client":
+                entry["budget"][0]["cap"] = "100"
+                rehash(seq, entry)
+        conn.execute(
+            "UPDATE clients SET status = 'active', revoked_at = NULL, cap = '100' "
+            "WHERE client_id = 'dave'"
+        )
+    with pytest.raises(LedgerIntegrityError, match="unbound from the chain"):
+        open_ledger(path, dataset_cap="4.5")
+    assert not verify(path).ok
 
 
 def test_a_forger_who_rewrites_the_log_to_match_is_caught_by_the_spending_entries(
