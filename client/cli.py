@@ -503,18 +503,17 @@ def _release_text(release: Release, fmt: str) -> str:
 
 
 def _writable(output: Path) -> str | None:
-    """Why `output` cannot be written, or None when it can; asked before a release is paid for.
-    An existing file is left as it is (it is replaced only once the release is in hand), and
-    none is left behind where there was none."""
-    existed = output.exists()
-    try:
-        with output.open("a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    if not existed:
-        output.unlink()
-    return None
+    """Why `output` cannot be written, or None when it seems it can; asked before a release is
+    paid for, without touching the file system (a write that still fails afterwards names the
+    release to fetch again, free)."""
+    target = output.expanduser().resolve()  # through a symlink, a dangling one included
+    if target.is_dir():
+        return "it is a directory"
+    if target.exists():
+        return None if os.access(target, os.W_OK) else "permission denied"
+    if not target.parent.is_dir():
+        return f"there is no directory {target.parent}"
+    return None if os.access(target.parent, os.W_OK | os.X_OK) else "permission denied"
 
 
 def run_query(args: argparse.Namespace) -> int:

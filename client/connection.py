@@ -207,18 +207,24 @@ class Client:
         timeout: float | None = None,
         request_id: str | None = None,
         stub: Any = None,
+        tries: list[int] | None = None,
     ) -> Any:
         """One unary call, retried on transient failures; errors become VeilError. `stub` is
-        another service's stub on this channel (default: Research)."""
+        another service's stub on this channel (default: Research); `tries`, when given, gets
+        the number of each try appended as it is made."""
         stub_method = getattr(stub if stub is not None else self._stub, method)
         metadata = (("authorization", f"Bearer {self._token}"),)
         attempt = 0
+        # Waiting for the server to let this client in counts against the call's own deadline.
+        deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             attempt += 1
+            if tries is not None:
+                tries.append(attempt)
             try:
                 return stub_method(request, metadata=metadata, timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
-                wait = self._transient(exc, attempt)
+                wait = self._transient(exc, attempt, patience=deadline - time.monotonic())
                 if wait is None:
                     raise from_rpc_error(
                         exc, address=self.address, tls=self.tls is not None,
@@ -230,19 +236,38 @@ class Client:
                 # A caller that reports retries itself (the CLI) gets one line each, not two.
                 log.log(
                     logging.DEBUG if self.on_retry is not None else logging.WARNING,
-                    "%s: %s (%s); retrying in %.2f s (attempt %d of %d)%s",
-                    method, code.name, details, wait, attempt + 1, self.retry.attempts,
+                    "%s: %s (%s); retrying in %.2f s (attempt %d)%s",
+                    method, code.name, details, wait, attempt + 1,
                     f" with request id {request_id}" if request_id else "",
                 )
                 if self.on_retry is not None:
                     self.on_retry(method, attempt + 1, wait, f"{code.name}: {details}")
                 time.sleep(wait)
 
-    def _transient(self, error: grpc.RpcError, attempt: int) -> float | None:
-        """Seconds to wait before retrying, or None when the failure is not transient."""
+    def _transient(
+        self, error: grpc.RpcError, attempt: int, *, patience: float = 0.0
+    ) -> float | None:
+        """Seconds to wait before retrying, or None when the failure is not transient.
+
+        A failure is retried while tries remain (`Retry.attempts`). A server's request to slow
+        down (its rate, or the calls this client has running, with a time to retry after) is
+        not a failure: it is waited out, backing off, for as long as `patience` (the seconds the
+        call may still take) allows, unless retries are off (`attempts` 1).
+        """
+        code, details, trailers = status_of(error)
+        if (
+            code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and not is_budget_error(trailers)
+            and (hint := retry_after(trailers)) is not None
+        ):
+            if self.retry.attempts <= 1 or hint > self.retry.max_backoff * 4:
+                return None
+            # At least the server's hint, backing off with jitter: threads of one client refused
+            # together would otherwise all come back together and be refused again.
+            wait = max(hint, self.retry.delay(attempt))
+            return wait if wait < patience else None
         if attempt >= self.retry.attempts:
             return None
-        code, details, trailers = status_of(error)
         if code == grpc.StatusCode.UNAVAILABLE:
             # A handshake this client refused (unknown CA, wrong host, no TLS on the server) fails
             # the same way every time; a server that is down or restarting is retried.
@@ -254,14 +279,7 @@ class Client:
         ):
             return self.retry.delay(attempt)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_budget_error(trailers):
-            wait = retry_after(trailers)
-            if wait is None:  # the server's concurrency cap
-                return self.retry.delay(attempt)
-            if wait > self.retry.max_backoff * 4:
-                return None
-            # At least the server's hint, backing off with jitter: threads of one client refused
-            # together would otherwise all come back together and be refused again.
-            return max(wait, self.retry.delay(attempt))
+            return self.retry.delay(attempt)  # gRPC's own cap on calls, which gives no hint
         return None
 
     # -- the codebook --
@@ -426,17 +444,25 @@ class Client:
             raise TypeError(
                 f"give a privacy loss ({self.deployment.loss_name}=...) or a target half_width=..."
             )
+        fresh_id = request_id is None
         request_id = request_id or str(uuid.uuid4())
         if text is None:
             request = pb.DryRunRequest(query=query.to_pb(), half_width=_half_width(half_width))
             text = self._call("DryRun", request, timeout=timeout).loss
+        tries: list[int] = []
         response = self._call(
             "Release",
             pb.ReleaseRequest(request_id=request_id, query=query.to_pb(), loss=text),
             timeout=timeout,
             request_id=request_id,
+            tries=tries,
         )
-        return Release.from_pb(response, query=query, request_id=request_id)
+        release = Release.from_pb(response, query=query, request_id=request_id)
+        if not fresh_id or tries[-1] > 1:
+            # The server says what this call cost; an earlier try under the same request id may
+            # have paid for the release it returned, so nothing is claimed about the request.
+            release.charged = None
+        return release
 
     # -- the caller's account --
     def budget(self) -> Budget:

@@ -429,6 +429,34 @@ def test_threads_of_one_client_wait_their_turn(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_calls_beyond_the_clients_cap_wait_for_the_slow_ones_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One call may run at a time, and each takes 3 s: the third of three threads waits some 6 s
+    # for its turn, longer than a failure's tries would last, and is still served.
+    from concurrent import futures
+
+    from engine.engine import Engine
+
+    dry_run = Engine.dry_run
+
+    def slow_dry_run(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(3)
+        return dry_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "dry_run", slow_dry_run)
+    server = start_server(tmp_path, limits={"calls_per_client": 1, "rate_burst": 100})
+    try:
+        _, token = add_researcher(server)
+        veil_client = client.connect(address(server), token=token)  # the default retries
+        query = veil_client.count().by("gender")
+        with veil_client, futures.ThreadPoolExecutor(3) as pool:
+            priced = list(pool.map(lambda _: query.dry_run(epsilon="0.1"), range(3)))
+        assert [p.loss for p in priced] == ["0.1"] * 3
+    finally:
+        server.stop()
+
+
 # ---- TLS ----------------------------------------------------------------------------------------
 
 
@@ -480,6 +508,49 @@ def test_a_replayed_release_says_it_charged_nothing(alice: tuple[str, client.Cli
     assert first.charged == "0.25"
     assert again.charged == "0"
     assert again.metadata.release_id == first.metadata.release_id
+    assert again.replayed and "released before, so free of charge" in again.summary()
+
+
+def test_a_release_whose_first_response_was_lost_claims_nothing_about_its_cost(
+    alice: tuple[str, client.Client],
+) -> None:
+    # The server charged and stored the release, the response was lost, and the client's retry
+    # under the same request id got it back at no further charge: the request was paid for, so
+    # the release must not say it was free.
+    import grpc
+
+    _, veil_client = alice
+    real = veil_client._stub.Release
+
+    class Lost(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "Connection reset by peer"
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    calls = []
+
+    def response_lost_once(request: Any, **kwargs: Any) -> Any:
+        calls.append(request.request_id)
+        response = real(request, **kwargs)
+        if len(calls) == 1:
+            raise Lost()
+        return response
+
+    spent = veil_client.budget().spent
+    veil_client._stub.Release = response_lost_once
+    try:
+        release = veil_client.count().by("Datasource", "isSexualExploit").release(epsilon="0.3")
+    finally:
+        veil_client._stub.Release = real
+    assert len(calls) == 2 and calls[0] == calls[1]  # one request, tried twice
+    assert veil_client.budget().spent == spent + Fraction(3, 10)
+    assert release.charged is None and not release.replayed
+    assert "free" not in release.summary()
 
 
 def test_empty_cells_expected_by_chance_are_priced_then_released(

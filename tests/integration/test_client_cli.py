@@ -321,6 +321,13 @@ def test_an_output_file_that_cannot_be_written_is_found_before_paying(
     code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "9",
                         "-o", str(kept), "-q")
     assert code == 3 and kept.read_text() == "the last cycle's table\n"
+    # Nor is a symlink to a file yet to be written touched, or its target made, before paying.
+    link, target = tmp_path / "link.csv", tmp_path / "written" / "table.csv"
+    (tmp_path / "written").mkdir()
+    link.symlink_to(target)
+    code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "9",
+                        "-o", str(link), "-q")
+    assert code == 3 and link.is_symlink() and not target.exists()
 
 
 def test_a_flag_set_given_as_a_dimension_points_to_its_flag_counts(

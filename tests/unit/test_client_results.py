@@ -326,16 +326,27 @@ def test_a_refusal_to_slow_down_is_retried_with_growing_waits() -> None:
     veil_client = Client("127.0.0.1:1", token="veil_x", retry=retry)
     slow_down = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls running",
                           (("retry-after", "0.100"),))
-    waits = [veil_client._transient(slow_down, attempt) for attempt in range(1, 6)]
+    waits = [veil_client._transient(slow_down, a, patience=120) for a in range(1, 9)]
     for attempt, wait in enumerate(waits, start=1):
-        base = 0.25 * 2 ** (attempt - 1)
+        base = min(8.0, 0.25 * 2 ** (attempt - 1))
         assert wait is not None and base <= wait <= base * 1.2, (attempt, wait)
-    assert veil_client._transient(slow_down, 6) is None  # the tries are spent
+    # Not a failure: waited out past the tries a failure gets, while the call's deadline allows
+    # (a client's calls beyond its cap wait for the ones running, which may take a minute).
+    assert veil_client._transient(slow_down, 20, patience=120) is not None
+    assert veil_client._transient(slow_down, 20, patience=5) is None  # past the deadline
     # A hint longer than the backoff is waited out as given; one far beyond it is not waited.
     later = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", (("retry-after", "3"),))
-    assert veil_client._transient(later, 1) == 3.0
+    assert veil_client._transient(later, 1, patience=120) == 3.0
     never = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", (("retry-after", "60"),))
-    assert veil_client._transient(never, 1) is None
+    assert veil_client._transient(never, 1, patience=120) is None
+    # A failure (the server down) still stops when the tries are spent.
+    down = FakeError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+    assert veil_client._transient(down, 5, patience=120) is not None
+    assert veil_client._transient(down, 6, patience=120) is None
+    # With retries off, a refusal to slow down is reported at once.
+    hasty = Client("127.0.0.1:1", token="veil_x", retry=client.Retry(attempts=1))
+    assert hasty._transient(slow_down, 1, patience=120) is None
+    hasty.close()
     veil_client.close()
 
 
