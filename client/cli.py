@@ -156,6 +156,8 @@ def _query_options(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
         parser.add_argument("--assumed-count", type=int, metavar="N",
                             help="true count assumed for the expected suppressed share")
     else:
+        parser.add_argument("--max-loss", metavar="X",
+                            help="with --half-width: refuse, charging nothing, if it costs more")
         parser.add_argument("--request-id", metavar="ID",
                             help="reuse the id of an interrupted release to get it free")
         parser.add_argument("-o", "--output", type=Path, metavar="FILE",
@@ -525,7 +527,9 @@ def run_query(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
         query = build_query(args, client)
         with progress("release", quiet=args.quiet):
-            release = client.release(query, request_id=args.request_id, **_loss(args))
+            release = client.release(
+                query, request_id=args.request_id, max_loss=args.max_loss, **_loss(args)
+            )
         try:
             _emit(_release_text(release, args.format), args.output)
         except OSError as exc:

@@ -428,12 +428,14 @@ class Client:
         rho: Amount | None = None,
         loss: Amount | None = None,
         half_width: int | None = None,
+        max_loss: Amount | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Release:
         """Release `query`, charged `epsilon`/`rho`/`loss`, or the least loss whose count
-        intervals are at most `half_width` on each side. A query released before (by anyone,
-        at a loss at least this one) comes back free, with the same noise.
+        intervals are at most `half_width` on each side, refused (nothing charged) when that
+        loss is more than `max_loss`. A query released before (by anyone, at a loss at least
+        this one) comes back free, with the same noise.
 
         `request_id` (default: a fresh UUID) identifies this release: retrying with it never
         charges twice. Transient failures are retried with it automatically.
@@ -446,9 +448,19 @@ class Client:
             )
         fresh_id = request_id is None
         request_id = request_id or str(uuid.uuid4())
+        if max_loss is not None and half_width is None:
+            raise TypeError("max_loss bounds the loss a half_width costs; give half_width too")
         if text is None:
             request = pb.DryRunRequest(query=query.to_pb(), half_width=_half_width(half_width))
             text = self._call("DryRun", request, timeout=timeout).loss
+            ceiling = None if max_loss is None else decimal_text(max_loss, "max_loss")
+            if ceiling is not None and Decimal(text) > Decimal(ceiling):
+                name = self.deployment.loss_name
+                raise InvalidQuery(
+                    f"count intervals of +/- {half_width} would cost {name} {text}, more than "
+                    f"max_loss {ceiling}; nothing was charged (ask a wider half_width, or a "
+                    f"larger max_loss)"
+                )
         tries: list[int] = []
         response = self._call(
             "Release",

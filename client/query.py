@@ -490,14 +490,16 @@ class Query:
         rho: Amount | None = None,
         loss: Amount | None = None,
         half_width: int | None = None,
+        max_loss: Amount | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Release:
         """Release this query, paying `epsilon` (pure DP), `rho` (zCDP) or `loss` (either), or
-        the least loss whose count intervals are at most `half_width` wide on each side."""
+        the least loss whose count intervals are at most `half_width` wide on each side, but
+        never more than `max_loss`."""
         return self._client().release(
             self, epsilon=epsilon, rho=rho, loss=loss, half_width=half_width,
-            request_id=request_id, timeout=timeout,
+            max_loss=max_loss, request_id=request_id, timeout=timeout,
         )
 
     def dry_run(

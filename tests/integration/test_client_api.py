@@ -511,6 +511,22 @@ def test_a_replayed_release_says_it_charged_nothing(alice: tuple[str, client.Cli
     assert again.replayed and "released before, so free of charge" in again.summary()
 
 
+def test_a_half_width_is_bought_only_up_to_max_loss(alice: tuple[str, client.Client]) -> None:
+    _, veil_client = alice
+    query = veil_client.count().by("gender", "isForcedLabour")
+    spent = veil_client.budget().spent
+    priced = query.dry_run(half_width=3)
+    with pytest.raises(client.InvalidQuery) as refused:
+        query.release(half_width=3, max_loss="0.1")
+    assert f"would cost epsilon {priced.loss}, more than max_loss 0.1" in str(refused.value)
+    assert "nothing was charged" in str(refused.value)
+    assert veil_client.budget().spent == spent
+    bought = query.release(half_width=40, max_loss="0.5")
+    assert Fraction(bought.metadata.loss) <= Fraction(1, 2)
+    with pytest.raises(TypeError, match="give half_width too"):
+        query.release(epsilon="0.1", max_loss="0.5")
+
+
 def test_a_release_whose_first_response_was_lost_claims_nothing_about_its_cost(
     alice: tuple[str, client.Client],
 ) -> None:

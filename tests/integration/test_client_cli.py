@@ -330,6 +330,16 @@ def test_an_output_file_that_cannot_be_written_is_found_before_paying(
     assert code == 3 and link.is_symlink() and not target.exists()
 
 
+def test_max_loss_caps_what_a_half_width_may_cost(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--half-width", "1",
+                          "--max-loss", "0.1", "-q")
+    assert code == 2 and out == "" and "more than max_loss 0.1; nothing was charged" in err
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
+
+
 def test_a_flag_set_given_as_a_dimension_points_to_its_flag_counts(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
