@@ -20,7 +20,14 @@ from engine.loss import parse_amount
 from engine.release import Charger, Release, ReleaseMetadata
 from engine.settings import Settings
 from protos.veil.v1 import veil_pb2 as pb
-from server.auth import ExpiredToken, Identity, RevokedToken, Role, hash_token
+from server.auth import (
+    ExpiredToken,
+    Identity,
+    RevokedToken,
+    Role,
+    hash_token,
+    without_tokens,
+)
 from server.config import Caps
 from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
 from server.errors import NotFoundError
@@ -169,13 +176,14 @@ class LedgerAccounts:
     def record_denied(
         self, *, method: str, reason: str, client: str | None, peer: str, unrecorded: int = 0
     ) -> None:
-        detail = {"method": method[:200], "reason": reason[:200], "peer": peer[:200]}
+        detail = {"method": method[:200], "reason": without_tokens(reason)[:200],
+                  "peer": peer[:200]}
         if unrecorded:
             detail["unrecorded_before"] = str(unrecorded)
         self.ledger.audit("auth_denied", client, outcome="refused", detail=detail)
 
     def record_admin_refused(self, *, method: str, reason: str, by: Identity) -> None:
-        detail = {"method": method[:200], "reason": reason[:300]}
+        detail = {"method": method[:200], "reason": without_tokens(reason)[:300]}
         self.ledger.audit("admin_refused", by.client_id, outcome="refused", detail=detail)
 
     # -- researchers --

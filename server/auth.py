@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
+import re
 import secrets
 import threading
 import time
@@ -83,6 +84,16 @@ class RevokedToken:
 def new_token() -> str:
     """A fresh bearer token: 256 random bits, URL-safe."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+# Anything shaped like a token: an administrator may paste one where an id or an amount goes,
+# and the refusal quoting it must not carry it into the audit log.
+_TOKEN_LIKE = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_\-]{8,}")
+
+
+def without_tokens(text: str) -> str:
+    """`text` with anything shaped like a bearer token replaced, for the audit log."""
+    return _TOKEN_LIKE.sub(TOKEN_PREFIX + "<redacted>", text)
 
 
 def hash_token(token: str) -> str:

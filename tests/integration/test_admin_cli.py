@@ -391,3 +391,34 @@ def test_registry_refusals_are_registry_conflicts_with_the_servers_words(
     table = build_tables(live.ledger, names=["refusals"])["refusals"].to_pylist()
     assert sum(r["event"] == "admin_refused" for r in table) == len(logged) >= 5
     assert live.ledger.verify().ok
+
+
+def test_a_token_pasted_into_a_refused_change_stays_out_of_the_audit_log(
+    live: LiveServer,
+) -> None:
+    # An administrator pastes a researcher's live token where a client id or a budget goes: the
+    # refusal quotes what it was given, and the audit entry must not carry the token.
+    from engine.audit_report import build_tables
+    from protos.veil.v1 import veil_pb2 as pb
+    from tests.server_harness import stubs
+
+    _, token = add_researcher(live)
+    root = live.auth("root")
+    with stubs(live.port) as s:
+        for call, request in (
+            (s.admin.RevokeClient, pb.RevokeClientRequest(client_id=token, reason="x")),
+            (s.admin.RotateToken, pb.RotateTokenRequest(client_id=token)),
+            (s.admin.SetBudget, pb.SetBudgetRequest(client_id="nobody", budget=token)),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, metadata=root, timeout=10)
+            assert refused.value.code() in (
+                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+            )
+    logged = [e.entry for e in live.ledger.audit_log() if e.entry["event"] == "admin_refused"]
+    assert len(logged) >= 3
+    assert token not in str([e.entry for e in live.ledger.audit_log()])
+    assert any("veil_<redacted>" in e["detail"]["reason"] for e in logged)
+    table = build_tables(live.ledger, names=["refusals"])["refusals"]
+    assert token not in str(table.to_pylist())
