@@ -506,16 +506,24 @@ def _release_text(release: Release, fmt: str) -> str:
 
 def _writable(output: Path) -> str | None:
     """Why `output` cannot be written, or None when it seems it can; asked before a release is
-    paid for, without touching the file system (a write that still fails afterwards names the
-    release to fetch again, free)."""
-    target = output.expanduser().resolve()  # through a symlink, a dangling one included
-    if target.is_dir():
-        return "it is a directory"
-    if target.exists():
-        return None if os.access(target, os.W_OK) else "permission denied"
-    if not target.parent.is_dir():
-        return f"there is no directory {target.parent}"
-    return None if os.access(target.parent, os.W_OK | os.X_OK) else "permission denied"
+    paid for, of the very path the write will open, without touching the file system (a write
+    that still fails afterwards names the release to fetch again, free)."""
+    try:
+        if output.is_dir():
+            return "it is a directory"
+        if output.exists():
+            return None if os.access(output, os.W_OK) else "permission denied"
+        target = output
+        if output.is_symlink():  # dangling: the write makes the file it points to
+            target = output.parent / os.readlink(output)
+            if target.is_symlink():
+                return "it is a symlink to another symlink that leads nowhere"
+        # The directory as the write will reach it: "~" unexpanded, "sub/.." through sub.
+        if not target.parent.is_dir():
+            return f"there is no directory {target.parent}"
+        return None if os.access(target.parent, os.W_OK | os.X_OK) else "permission denied"
+    except (OSError, RuntimeError) as exc:
+        return str(exc)
 
 
 def run_query(args: argparse.Namespace) -> int:

@@ -103,6 +103,15 @@ class TLS:
         )
 
 
+def _slow_down_hint(error: grpc.RpcError) -> float | None:
+    """The seconds a server asks this client to wait before calling again (its rate limit, or
+    the calls it has running: RESOURCE_EXHAUSTED with retry-after, not a budget), else None."""
+    code, _, trailers = status_of(error)
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or is_budget_error(trailers):
+        return None
+    return retry_after(trailers)
+
+
 def _pem(value: str | Path | bytes | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -214,17 +223,23 @@ class Client:
         the number of each try appended as it is made."""
         stub_method = getattr(stub if stub is not None else self._stub, method)
         metadata = (("authorization", f"Bearer {self._token}"),)
-        attempt = 0
-        # Waiting for the server to let this client in counts against the call's own deadline.
+        attempt = failures = 0
+        # The call's timeout bounds it whole: its tries, and the waits between them.
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             attempt += 1
             if tries is not None:
                 tries.append(attempt)
             try:
-                return stub_method(request, metadata=metadata, timeout=timeout or self.timeout)
+                left = max(0.001, deadline - time.monotonic())
+                return stub_method(request, metadata=metadata, timeout=left)
             except grpc.RpcError as exc:
-                wait = self._transient(exc, attempt, patience=deadline - time.monotonic())
+                # A refusal to slow down is not a failure: it leaves a failure's tries alone.
+                slowed = _slow_down_hint(exc) is not None
+                failures += not slowed
+                wait = self._transient(
+                    exc, attempt if slowed else failures, patience=deadline - time.monotonic()
+                )
                 if wait is None:
                     raise from_rpc_error(
                         exc, address=self.address, tls=self.tls is not None,
@@ -255,11 +270,7 @@ class Client:
         call may still take) allows, unless retries are off (`attempts` 1).
         """
         code, details, trailers = status_of(error)
-        if (
-            code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and not is_budget_error(trailers)
-            and (hint := retry_after(trailers)) is not None
-        ):
+        if (hint := _slow_down_hint(error)) is not None:
             if self.retry.attempts <= 1 or hint > self.retry.max_backoff * 4:
                 return None
             # At least the server's hint, backing off with jitter: threads of one client refused
@@ -452,9 +463,15 @@ class Client:
             raise TypeError("max_loss bounds the loss a half_width costs; give half_width too")
         if text is None:
             request = pb.DryRunRequest(query=query.to_pb(), half_width=_half_width(half_width))
-            text = self._call("DryRun", request, timeout=timeout).loss
+            priced = self._call("DryRun", request, timeout=timeout)
+            text = priced.loss
             ceiling = None if max_loss is None else decimal_text(max_loss, "max_loss")
-            if ceiling is not None and Decimal(text) > Decimal(ceiling):
+            # A query released before comes back free, whatever loss it was made at.
+            if (
+                ceiling is not None
+                and not priced.already_released
+                and Decimal(text) > Decimal(ceiling)
+            ):
                 name = self.deployment.loss_name
                 raise InvalidQuery(
                     f"count intervals of +/- {half_width} would cost {name} {text}, more than "

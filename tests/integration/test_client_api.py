@@ -523,6 +523,11 @@ def test_a_half_width_is_bought_only_up_to_max_loss(alice: tuple[str, client.Cli
     assert veil_client.budget().spent == spent
     bought = query.release(half_width=40, max_loss="0.5")
     assert Fraction(bought.metadata.loss) <= Fraction(1, 2)
+    # Released before at a loss above max_loss: it comes back free, so it is not refused.
+    other = veil_client.count().by("gender", "isSexualExploit")
+    other.release(epsilon="0.9")
+    again = other.release(half_width=40, max_loss="0.5")
+    assert again.metadata.loss == "0.9" and again.replayed
     with pytest.raises(TypeError, match="give half_width too"):
         query.release(epsilon="0.1", max_loss="0.5")
 

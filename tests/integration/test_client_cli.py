@@ -328,6 +328,19 @@ def test_an_output_file_that_cannot_be_written_is_found_before_paying(
     code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "9",
                         "-o", str(link), "-q")
     assert code == 3 and link.is_symlink() and not target.exists()
+    # The path is checked as the write will open it: "~" left unexpanded by the shell (as in
+    # --output=~/x.csv), or "sub/.." through a directory that does not exist.
+    for path in ("~/table.csv", str(tmp_path / "no-such" / ".." / "table.csv")):
+        code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                            f"--output={path}", "-q")
+        assert code == 2 and "nothing was released or charged" in err, (path, err)
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    code, _, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                        "-o", str(loop), "-q")
+    assert code == 2 and "nothing was released or charged" in err
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
 
 
 def test_max_loss_caps_what_a_half_width_may_cost(

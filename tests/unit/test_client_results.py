@@ -350,6 +350,36 @@ def test_a_refusal_to_slow_down_is_retried_with_growing_waits() -> None:
     veil_client.close()
 
 
+def test_waiting_to_be_let_in_uses_neither_a_failures_tries_nor_more_than_the_timeout() -> None:
+    import itertools
+
+    from client.connection import Client
+
+    fast = client.Retry(attempts=3, initial_backoff=0.001, max_backoff=0.002, jitter=0.0)
+    veil_client = Client("127.0.0.1:1", token="veil_x", retry=fast, timeout=5.0)
+    slow_down = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls running",
+                          (("retry-after", "0.001"),))
+    down = FakeError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+    outcomes: list[Any] = [slow_down] * 5 + [down, down, pb.Budget(client_id="x")]
+    deadlines: list[float] = []
+
+    class Stub:
+        def GetBudget(self, request: Any, *, metadata: Any, timeout: float) -> Any:
+            deadlines.append(timeout)
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    veil_client._stub = Stub()
+    # Five refusals to slow down, then two failures: the failures still have their third try.
+    assert veil_client._call("GetBudget", pb.GetBudgetRequest()).client_id == "x"
+    assert len(deadlines) == 8
+    # Every try is given what is left of the call's 5 s, not 5 s again.
+    assert deadlines[0] <= 5.0 and all(b < a for a, b in itertools.pairwise(deadlines))
+    veil_client.close()
+
+
 def test_errors_a_researcher_can_read() -> None:
     failure = status_pb2.QuotaFailure(violations=[
         status_pb2.QuotaFailure.Violation(subject="institution", description="0.1 remains")
