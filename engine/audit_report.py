@@ -948,7 +948,8 @@ def _html_table(
             if value is None:
                 text = ""
             elif kind == "pct":
-                text = f"{100 * float(value):.0f}%"
+                # One decimal: a share flagged as over half must not read "50%".
+                text = f"{100 * float(value):.1f}%"
             elif kind == "fixed":
                 text = f"{float(value):.3g}"
             elif kind == "time" and isinstance(value, datetime):

@@ -131,3 +131,18 @@ def test_budgets_say_what_each_client_can_still_spend(tmp_path: Path) -> None:
     assert rows["institution", "iom"]["can_spend"] is None
     assert rows["dataset", "ctdc"]["can_spend"] is None
     assert "can still spend" in render_html(tables)
+
+
+def test_shares_are_shown_to_a_tenth_of_a_percent(tmp_path: Path) -> None:
+    # A share just over a half (flagged as such) must not read "50%".
+    engine = Engine(
+        DuckDBBackend(write_database(tmp_path / "d.duckdb", ROWS, data_version="v1")),
+        codebook=default_codebook(),
+    )
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
+        ledger.register_client("amina", role="researcher", cap="1")
+        engine.release(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.502"),
+                       charger=ledger, client="amina", request_id="a1")
+        page = render_html(build_tables(ledger, names=["budgets"]))
+    assert "50.2%" in page and ">50%<" not in page
