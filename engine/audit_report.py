@@ -815,6 +815,7 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
             ("guess_bound", "guess bound", "fixed"),
             ("releases", "releases", "num"),
             ("status", "status", None),
+            ("revoked_at", "revoked", "time"),
         ]
         if zcdp:
             columns.insert(7, ("spent_epsilon", "spent (eps at delta)", "fixed"))

@@ -167,6 +167,7 @@ def test_audit_budgets_mark_revoked_clients(tmp_path: Path) -> None:
     assert veil_cli.main(["audit", "report", str(path), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "<th>status</th>" in page and "<td>revoked</td>" in page
+    assert "<th>revoked</th>" in page and revoked_at[:19].replace("T", " ") in page
 
 
 def test_an_auditors_token_leaves_this_machine_only_over_tls() -> None:
