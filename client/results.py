@@ -445,6 +445,7 @@ class DryRun:
     # About how far a cell's interval reaches either side in the measure's own units (a share
     # between 0 and 1, a mean, a sum) for a cell of `assumed_count` records.
     value_half_width: float | None = None
+    data_version: str = ""  # the data a release would be drawn from ("" from an older server)
     query: Query | None = field(default=None, compare=False)
     # The caller's budget read just after the dry run (None when it could not be read): what
     # `fits_budget` and `remaining_after` are computed from, on this machine.
@@ -464,7 +465,7 @@ class DryRun:
             expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
             unreachable_cells=m.unreachable_cells if m.HasField("unreachable_cells") else None,
             measure=m.measure, value_half_width=_optional(m, "value_half_width"),
-            query=query, budget=budget,
+            data_version=m.data_version, query=query, budget=budget,
         )
 
     @property
@@ -564,6 +565,7 @@ class DryRun:
             f"{empty_cells}"
             f"{self._budget_line()}\n"
             f"  fingerprint {self.fingerprint[:16]}"
+            + (f"; data version {self.data_version}" if self.data_version else "")
         )
 
 

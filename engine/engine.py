@@ -61,6 +61,7 @@ class DryRun:
     # About how far a cell's interval reaches either side in the measure's own units (a share,
     # a mean, a sum), for a cell of `assumed_count` records; a count's is `half_width`.
     value_half_width: float
+    data_version: str  # the data a release would be drawn from
 
 
 class Engine:
@@ -182,6 +183,7 @@ class Engine:
             unreachable_cells=plan.unreachable_rows,
             measure=type(plan.query.measure).__name__,
             value_half_width=value_half_width(plan, assumed),
+            data_version=self.data_version,
         )
 
     def answer(self, plan: Plan, *, cancel: Cancellation | None = None) -> Answer:

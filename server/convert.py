@@ -444,6 +444,7 @@ def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
         already_released=already_released,
         measure=dry.measure,
         value_half_width=dry.value_half_width,
+        data_version=dry.data_version,
         # None leaves an optional field absent: a stored release made before these were recorded
         # is what would be returned.
         empty_pass_probability=dry.empty_pass_probability,

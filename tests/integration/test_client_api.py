@@ -120,8 +120,13 @@ def test_a_released_query_comes_back_free(
 ) -> None:
     _, veil_client = alice
     query = veil_client.count().by("citizenshipRegion").where(gender="Female")
-    assert not query.dry_run(epsilon=0.3).already_released
+    priced = query.dry_run(epsilon=0.3)
+    assert not priced.already_released
+    # The dry run names the data it prices, as the release then states it was drawn from.
+    assert priced.data_version and f"data version {priced.data_version}" in repr(priced)
+    assert priced.to_dict()["data_version"] == priced.data_version
     first = query.release(epsilon=0.3)
+    assert first.metadata.data_version == priced.data_version
     # Another client, another request id, the dimensions in another order: the stored release.
     _, other = researcher(live)
     assert other.count().by("citizenshipRegion").where(gender="Female").dry_run(

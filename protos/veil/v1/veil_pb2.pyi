@@ -996,6 +996,7 @@ class DryRunResponse(_message.Message):
     UNREACHABLE_CELLS_FIELD_NUMBER: _builtins.int
     MEASURE_FIELD_NUMBER: _builtins.int
     VALUE_HALF_WIDTH_FIELD_NUMBER: _builtins.int
+    DATA_VERSION_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """exact decimal or p/q"""
     accounting: Global___Accounting.ValueType
@@ -1030,6 +1031,10 @@ class DryRunResponse(_message.Message):
     """About how far a cell's interval reaches either side in the measure's own units (a share
     between 0 and 1, a mean, a sum) for a cell of assumed_count records; a count's is half_width.
     """
+    data_version: _builtins.str
+    """The data version priced: a release now would be drawn from it, and `already_released`
+    speaks of releases on it ("" from a server older than this field).
+    """
     def __init__(
         self,
         *,
@@ -1050,10 +1055,11 @@ class DryRunResponse(_message.Message):
         unreachable_cells: _builtins.int | None = ...,
         measure: _builtins.str = ...,
         value_half_width: _builtins.float | None = ...,
+        data_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "data_version", b"data_version", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__empty_pass_probability: _TypeAlias = _typing.Literal["empty_pass_probability"]  # noqa: Y015
     _WhichOneofArgType__empty_pass_probability: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability"]  # noqa: Y015
