@@ -490,9 +490,9 @@ def risk_diversity(qis: tuple[str, ...], sensitive: tuple[str, ...], k: int) -> 
     """Distinct l-diversity of each sensitive variable over the classes of `qis`.
 
     Per sensitive variable j: `l{j}` the fewest distinct values in any class (missing counts as
-    a value), `h{j}` the classes holding a single value, `r{j}` the records in them, and `rk{j}`
-    the records in such classes of at least k records (k-anonymous, yet every member's value is
-    known)."""
+    a value), `h{j}` the classes whose members all hold one value that is not missing (a class
+    all missing discloses nothing), `r{j}` the records in them, and `rk{j}` the records in such
+    classes of at least k records (k-anonymous, yet every member's value is known)."""
     if not sensitive:
         raise ValueError("l-diversity needs at least one sensitive variable")
     inner = ["count(*) AS n"]
@@ -503,11 +503,13 @@ def risk_diversity(qis: tuple[str, ...], sensitive: tuple[str, ...], k: int) -> 
         inner.append(
             f"count(DISTINCT {column}) + max(CASE WHEN {column} IS NULL THEN 1 ELSE 0 END) AS d{j}"
         )
+        # One value shared by every member, and known: a class all missing discloses nothing.
+        inner.append(f"count(DISTINCT {column}) = 1 AND count({column}) = count(*) AS s{j}")
         at_least = parameters.bind(k)
         outer.append(
-            f"min(d{j}) AS l{j}, count(*) FILTER (WHERE d{j} = 1) AS h{j}, "
-            f"coalesce(sum(n) FILTER (WHERE d{j} = 1), 0) AS r{j}, "
-            f"coalesce(sum(n) FILTER (WHERE d{j} = 1 AND n >= {at_least}), 0) AS rk{j}"
+            f"min(d{j}) AS l{j}, count(*) FILTER (WHERE s{j}) AS h{j}, "
+            f"coalesce(sum(n) FILTER (WHERE s{j}), 0) AS r{j}, "
+            f"coalesce(sum(n) FILTER (WHERE s{j} AND n >= {at_least}), 0) AS rk{j}"
         )
     group = (" GROUP BY " + ", ".join(quote(name) for name in qis)) if qis else ""
     text = (

@@ -74,16 +74,29 @@ def test_k_anonymity_uniques_and_records_at_risk_are_as_constructed(crafted: Pat
     assert bands["1"] == (2, 2) and bands["10-19"] == (2, 22) and bands["5-9"] == (0, 0)
 
 
-def test_l_diversity_counts_missing_as_a_value(crafted: Path) -> None:
+def test_l_diversity_counts_missing_as_a_value_that_discloses_nothing(crafted: Path) -> None:
     report = assess_data_file(
         crafted, codebook=CODEBOOK, qis=QIS, sensitive=("isSexualExploit",), k=10
     )
     (diversity,) = report.diversity
     assert diversity.l_diversity == 1
-    assert diversity.homogeneous_classes == 4  # B, D, E, F
-    assert diversity.records_in_homogeneous == 10 + 1 + 2 + 1
+    # B, D and E share one known value; F shares only a missing one, which discloses nothing
+    # (a suppressed column of a k-anonymised extract is all missing).
+    assert diversity.homogeneous_classes == 3
+    assert diversity.records_in_homogeneous == 10 + 1 + 2
     # B is 10-anonymous, yet every member's value is disclosed: the homogeneity attack.
     assert diversity.records_in_homogeneous_k_anonymous == 10
+
+
+def test_a_data_file_of_another_codebook_is_refused_in_one_line(
+    crafted: Path, tmp_path: Path
+) -> None:
+    from engine.codebook import load_codebook
+
+    other = load_codebook("ics_tip_victims")
+    with pytest.raises(RiskError, match="was loaded with codebook ctdc@7") as refused:
+        assess_data_file(crafted, codebook=other, qis=("citizenship",), k=10)
+    assert "--codebook" in str(refused.value)
 
 
 def test_drivers_leave_out_each_variable_and_each_pair(crafted: Path) -> None:
