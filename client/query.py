@@ -241,7 +241,9 @@ class Not(Filter):
     def __str__(self) -> str:
         if isinstance(self.operand, Missing):
             return f"{self.operand.variable} IS NOT NULL"
-        return f"NOT ({self.operand})"
+        # SQL's NOT drops the records where the operand is NULL (a missing value); this keeps
+        # them, which is what IS NOT TRUE says, and reads back as the same filter.
+        return f"({self.operand}) IS NOT TRUE"
 
 
 @dataclass(frozen=True, repr=False)

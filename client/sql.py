@@ -14,6 +14,7 @@ whose message says what was refused and lists what is supported (`client.errors.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Any
 
 import sqlglot
@@ -296,7 +297,9 @@ class _Translator:
             raise UnsupportedSQL(
                 f"FROM takes one table name, not {_sql(table)} (subqueries are not supported)"
             )
-        if any(table.args.get(k) for k in ("joins", "laterals", "pivots", "sample")):
+        # Anything beyond a name and an alias (a join, a sample, time travel with AT ...) would
+        # change which records are counted, and must not be dropped silently.
+        if any(v for k, v in table.args.items() if k not in ("this", "alias", "db", "catalog")):
             raise UnsupportedSQL("FROM takes one table name, nothing more")
         if not isinstance(table.this, exp.Identifier):
             raise UnsupportedSQL(f"FROM takes one table name, not {_sql(table)}")
@@ -403,9 +406,17 @@ class _Translator:
             conjunction = isinstance(node, exp.And) == positive
             return _and(left, right) if conjunction else _or(left, right)
         if isinstance(node, exp.Is):
+            if isinstance(node.expression, exp.Boolean):
+                # c IS TRUE (or IS FALSE) is never NULL: the records where c is TRUE (FALSE),
+                # and its negation all the others, those where c is NULL included.
+                held = self._condition(node.this, positive=bool(node.expression.this))
+                return held if positive else Not(held)
             name = self._operand_column(node.this, node)
             if not isinstance(node.expression, exp.Null):
-                raise UnsupportedSQL(f"{_sql(node)}: only IS NULL and IS NOT NULL are supported")
+                raise UnsupportedSQL(
+                    f"{_sql(node)}: only IS [NOT] NULL, IS [NOT] TRUE and IS [NOT] FALSE are "
+                    "supported"
+                )
             return Missing(name) if positive else Not(Missing(name))
         if isinstance(node, exp.In):
             if node.args.get("query") is not None or node.args.get("unnest") is not None:
@@ -417,6 +428,11 @@ class _Translator:
             leaf: Filter = Eq(name, values[0]) if len(values) == 1 else In(name, values)
             return leaf if positive else _absent(leaf, name)
         if isinstance(node, exp.Between):
+            if node.args.get("symmetric"):
+                # PostgreSQL swaps reversed bounds; DuckDB refuses the word. Not guessed here.
+                raise UnsupportedSQL(
+                    f"{_sql(node)}: BETWEEN SYMMETRIC is not supported; write BETWEEN low AND high"
+                )
             name = self._operand_column(node.this, node)
             low = self._integer(node.args["low"], node)
             high = self._integer(node.args["high"], node)
@@ -519,7 +535,7 @@ class _Translator:
         return int(value)
 
 
-def _number(node: Any) -> int | float | None:
+def _number(node: Any) -> int | Decimal | None:
     negative = False
     while isinstance(node, (exp.Neg, exp.Paren)):
         negative ^= isinstance(node, exp.Neg)
@@ -527,9 +543,11 @@ def _number(node: Any) -> int | float | None:
     if isinstance(node, exp.Literal) and not node.is_string:
         text = str(node.this)
         try:
-            # An integer literal is read exactly: a float would round a long one silently.
-            value = int(text) if text.isascii() and text.isdigit() else float(text)
-        except ValueError:
+            # Read exactly: a float would round 2015.0000000000000001 to a whole number.
+            value = int(text) if text.isascii() and text.isdigit() else Decimal(text)
+        except (ValueError, ArithmeticError):
+            return None
+        if isinstance(value, Decimal) and not value.is_finite():
             return None
         return -value if negative else value
     if isinstance(node, exp.Boolean) and not negative:

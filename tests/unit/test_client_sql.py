@@ -103,6 +103,13 @@ REFUSED = [
     ("SELECT gender FROM t GROUP BY gender", "one aggregate"),
     ("SELECT COUNT(*), SUM(yearOfRegistration) FROM t", "one aggregate"),
     ("SELECT COUNT(*) FROM a JOIN b ON a.x = b.x", "JOIN"),
+    ("SELECT COUNT(*) FROM victims AT (VERSION => 1)", "one table name, nothing more"),
+    ("SELECT COUNT(*) FROM t WHERE yearOfRegistration NOT BETWEEN SYMMETRIC 2015 AND 2010",
+     "BETWEEN SYMMETRIC is not supported"),
+    # Read exactly, not through a float that would make it 2015.
+    ("SELECT COUNT(*) FROM t WHERE yearOfRegistration < 2015.0000000000000001", "integers"),
+    ("SELECT COUNT(*) FROM t WHERE yearOfRegistration = 2015.0000000000000001",
+     "not a whole number"),
     ("SELECT COUNT(*) FROM a, b", "JOIN"),
     ("SELECT COUNT(*) FROM (SELECT * FROM t)", "subqueries"),
     ("SELECT COUNT(*) FROM t WHERE gender IN (SELECT gender FROM u)", "subqueries"),
@@ -217,6 +224,9 @@ conditions_sql = st.recursive(
         st.builds(lambda x, y: f"({x}) AND ({y})", inner, inner),
         st.builds(lambda x, y: f"({x}) OR ({y})", inner, inner),
         st.builds(lambda x: f"NOT ({x})", inner),
+        st.builds(lambda x, test: f"({x}) {test}", inner, st.sampled_from(
+            ["IS TRUE", "IS NOT TRUE", "IS FALSE", "IS NOT FALSE"]
+        )),
     ),
     max_leaves=6,
 )
@@ -238,6 +248,12 @@ def test_conditions_keep_sql_meaning(table: duckdb.DuckDBPyConnection, condition
     translated = parse_condition(condition)
     got = {i for i, a, b in ROWS if veil_holds(translated, {"a": a, "b": b})}
     assert got == expected, (condition, translated)
+    # The filter as the client writes it (in a summary, a JSON export, a notebook caption) is
+    # SQL that means the same thing, and reads back as the same filter.
+    written = str(translated)
+    again = {r[0] for r in table.execute(f"SELECT id FROM t WHERE {written}").fetchall()}
+    assert again == expected, (condition, written)
+    assert parse_condition(written) == translated, (condition, written)
 
 
 MALFORMED = [
