@@ -407,7 +407,15 @@ def assess(
         for j, name in enumerate(profile_names)
     )
 
-    sizes_raw = backend.run(risk_sizes(qi_names))
+    # With records of people (the codebook's id column), a class is as large as its people: ten
+    # records of one person are one person, and unique.
+    person = codebook.privacy_unit.id_column
+    if person is not None:
+        notes = (
+            *notes,
+            f"classes are counted in people ({person}, the codebook's privacy unit), not records",
+        )
+    sizes_raw = backend.run(risk_sizes(qi_names, person))
     class_sizes = tuple(
         (int(n), int(c)) for n, c in zip(sizes_raw["n"], sizes_raw["classes"], strict=True)
     )
@@ -422,12 +430,12 @@ def assess(
         for pair in itertools.combinations(qi_names, 2):
             drops.append(pair)
             subsets.append(tuple(q for q in qi_names if q not in pair))
-    stats = _subset_stats(backend, qi_names, tuple(subsets), tuple(drops), k, rows)
+    stats = _subset_stats(backend, qi_names, tuple(subsets), tuple(drops), k, rows, person)
     full = stats[()]
 
     diversity: tuple[Diversity, ...] = ()
     if sensitive_names and rows:
-        d = backend.run(risk_diversity(qi_names, sensitive_names, k))
+        d = backend.run(risk_diversity(qi_names, sensitive_names, k, person))
         diversity = tuple(
             Diversity(
                 variable=name,
@@ -461,10 +469,11 @@ def _subset_stats(
     drops: tuple[tuple[str, ...], ...],
     k: int,
     rows: int,
+    person: str | None = None,
 ) -> dict[tuple[str, ...], ClassStats]:
     if rows == 0:
         return {d: ClassStats(s, d, 0, 0, 0, 0, 0, 0) for s, d in zip(subsets, drops, strict=True)}
-    raw = backend.run(risk_subsets(qis, subsets, k))
+    raw = backend.run(risk_subsets(qis, subsets, k, person))
     by_mask = {
         int(g): (int(c), int(m), int(a), int(s), int(u))
         for g, c, m, a, s, u in zip(

@@ -449,25 +449,39 @@ def _load_source(parameters: _Parameters, source: SourceFile) -> str:
 # codebook and are checked by `quote`; the minimum class size k is a bound parameter.
 
 
-def risk_sizes(qis: tuple[str, ...]) -> Statement:
+def _class_size(person: str | None) -> str:
+    """A class's size: its records, or, when records belong to people (`person`, the codebook's
+    id column), its people; a record without an id is a person of its own."""
+    if person is None:
+        return "count(*)"
+    column = quote(person)
+    return f"(count(DISTINCT {column}) + count(*) FILTER (WHERE {column} IS NULL))"
+
+
+def risk_sizes(qis: tuple[str, ...], person: str | None = None) -> Statement:
     """The frequency of each class size: one row per size `n` with its number of `classes`.
 
     A class is the set of records sharing one combination of the quasi-identifiers; a missing
-    value is a value of its own (GROUP BY puts NULLs together)."""
+    value is a value of its own (GROUP BY puts NULLs together). Sizes count people when
+    `person` names the id column (see `_class_size`)."""
     columns = ", ".join(quote(name) for name in qis)
-    inner = f"SELECT count(*) AS n FROM {TABLE}" + (f" GROUP BY {columns}" if qis else "")
+    inner = f"SELECT {_class_size(person)} AS n FROM {TABLE}" + (
+        f" GROUP BY {columns}" if qis else ""
+    )
     return Statement(
         f"SELECT n, count(*) AS classes FROM ({inner}) AS sizes GROUP BY n ORDER BY n", ()
     )
 
 
-def risk_subsets(qis: tuple[str, ...], subsets: tuple[tuple[str, ...], ...], k: int) -> Statement:
+def risk_subsets(
+    qis: tuple[str, ...], subsets: tuple[tuple[str, ...], ...], k: int, person: str | None = None
+) -> Statement:
     """Class statistics for several subsets of `qis` in one scan (GROUPING SETS).
 
     One row per subset: `g`, the GROUPING() bit mask of the columns left out (bit i set when
     qis[len - 1 - i] is not in the subset, as DuckDB numbers them), `classes`, the smallest class
     `k_min`, the records in classes smaller than k `at_risk`, the classes smaller than k `small`,
-    and the records alone in their class `uniques`."""
+    and the classes of one (records, or people when `person` is given: `uniques`)."""
     if not qis or not subsets or any(not s for s in subsets):
         raise ValueError("risk subsets need quasi-identifiers and non-empty subsets")
     columns = ", ".join(quote(name) for name in qis)
@@ -477,25 +491,28 @@ def risk_subsets(qis: tuple[str, ...], subsets: tuple[tuple[str, ...], ...], k: 
     below_again = parameters.bind(k)
     text = (
         f"SELECT g, count(*) AS classes, min(n) AS k_min, "
-        f"coalesce(sum(n) FILTER (WHERE n < {below}), 0) AS at_risk, "
+        f"coalesce(sum(r) FILTER (WHERE n < {below}), 0) AS at_risk, "
         f"count(*) FILTER (WHERE n < {below_again}) AS small, "
         f"count(*) FILTER (WHERE n = 1) AS uniques "
-        f"FROM (SELECT GROUPING({columns}) AS g, count(*) AS n FROM {TABLE} "
-        f"GROUP BY GROUPING SETS ({sets})) AS classes GROUP BY g ORDER BY g"
+        f"FROM (SELECT GROUPING({columns}) AS g, {_class_size(person)} AS n, count(*) AS r "
+        f"FROM {TABLE} GROUP BY GROUPING SETS ({sets})) AS classes GROUP BY g ORDER BY g"
     )
     return Statement(text, tuple(parameters.values))
 
 
-def risk_diversity(qis: tuple[str, ...], sensitive: tuple[str, ...], k: int) -> Statement:
+def risk_diversity(
+    qis: tuple[str, ...], sensitive: tuple[str, ...], k: int, person: str | None = None
+) -> Statement:
     """Distinct l-diversity of each sensitive variable over the classes of `qis`.
 
     Per sensitive variable j: `l{j}` the fewest distinct values in any class (missing counts as
     a value), `h{j}` the classes whose members all hold one value that is not missing (a class
     all missing discloses nothing), `r{j}` the records in them, and `rk{j}` the records in such
-    classes of at least k records (k-anonymous, yet every member's value is known)."""
+    classes of at least k records (k-anonymous, yet every member's value is known). Class sizes
+    count people when `person` is given; records are records."""
     if not sensitive:
         raise ValueError("l-diversity needs at least one sensitive variable")
-    inner = ["count(*) AS n"]
+    inner = [f"{_class_size(person)} AS n", "count(*) AS records"]
     outer = []
     parameters = _Parameters()
     for j, name in enumerate(sensitive):
@@ -508,8 +525,8 @@ def risk_diversity(qis: tuple[str, ...], sensitive: tuple[str, ...], k: int) -> 
         at_least = parameters.bind(k)
         outer.append(
             f"min(d{j}) AS l{j}, count(*) FILTER (WHERE s{j}) AS h{j}, "
-            f"coalesce(sum(n) FILTER (WHERE s{j}), 0) AS r{j}, "
-            f"coalesce(sum(n) FILTER (WHERE s{j} AND n >= {at_least}), 0) AS rk{j}"
+            f"coalesce(sum(records) FILTER (WHERE s{j}), 0) AS r{j}, "
+            f"coalesce(sum(records) FILTER (WHERE s{j} AND n >= {at_least}), 0) AS rk{j}"
         )
     group = (" GROUP BY " + ", ".join(quote(name) for name in qis)) if qis else ""
     text = (

@@ -99,6 +99,44 @@ def test_a_data_file_of_another_codebook_is_refused_in_one_line(
     assert "--codebook" in str(refused.value)
 
 
+def test_with_records_of_people_classes_are_counted_in_people(tmp_path: Path) -> None:
+    # Ten records of one person are one person: unique, however many rows hold them. Person 1
+    # has ten identical records (class A); persons 2-11 one record each in class B; person 12
+    # two records in class C, one of whose values of f1 differs.
+    from engine.codebook import Codebook
+
+    people = Codebook.from_mapping({
+        "name": "people", "version": "1",
+        "privacy_unit": {"id_column": "personId", "max_rows_per_person": 10},
+        "variables": [
+            {"name": "personId", "type": "integer", "range": [1, 1000]},
+            {"name": "g", "type": "category", "categories": [{"code": c} for c in "ABC"]},
+            {"name": "f1", "type": "flag"},
+        ],
+    })
+    rows = (
+        [{"personId": 1, "g": "A", "f1": 1}] * 10
+        + [{"personId": p, "g": "B", "f1": 1} for p in range(2, 12)]
+        + [{"personId": 12, "g": "C", "f1": 0}, {"personId": 12, "g": "C", "f1": 1}]
+    )
+    path = write_database(tmp_path / "people.duckdb", rows, codebook=people)
+    report = assess_data_file(path, codebook=people, qis=("g",), sensitive=("f1",), k=10)
+    assert report.rows == 22
+    full = report.full
+    assert full.k_anonymity == 1 and not report.k_anonymous  # A and C hold one person each
+    assert full.sample_uniques == 2  # persons 1 and 12
+    assert full.records_at_risk == 10 + 2  # the records of A and C
+    assert report.class_sizes == ((1, 2), (10, 1))  # in people
+    (diversity,) = report.diversity
+    # A and B each share one value; only B is ten people, so only its 10 records are disclosed
+    # within a class that is k-anonymous.
+    assert diversity.homogeneous_classes == 2
+    assert diversity.records_in_homogeneous == 10 + 10
+    assert diversity.records_in_homogeneous_k_anonymous == 10
+    assert any("counted in people (personId" in note for note in report.notes)
+    assert "counted in people" in report.render()
+
+
 def test_drivers_leave_out_each_variable_and_each_pair(crafted: Path) -> None:
     report = assess_data_file(crafted, codebook=CODEBOOK, qis=QIS, k=10)
     single = {c.dropped: (c.records_at_risk, c.sample_uniques, c.k_anonymity) for c in
