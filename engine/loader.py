@@ -186,9 +186,17 @@ def load(
     # Before the absent check: a header short of one name says so as a row too long for it.
     shape = _read_records(source, len(headers), progress) if source_format == "csv" else None
     if layout.absent and strict:
+        # A header that differs only in case is the usual cause; name it, or lenient mode
+        # would be taken as the fix and store the column as missing.
+        unknown = {headers[p].strip().casefold(): headers[p] for p in layout.unknown}
+        named = [
+            f"{name} (the file has {unknown[name.casefold()]!r}: headers must match the "
+            f"codebook's names)" if name.casefold() in unknown else name
+            for name in layout.absent
+        ]
         raise LoadError(
             f"{source.name}: codebook variables absent from the file: "
-            f"{', '.join(layout.absent)} (load lenient to store them as missing)"
+            f"{', '.join(named)} (load lenient to store them as missing)"
         )
     if not layout.columns:
         raise LoadError(f"{source.name}: no column of the file is a stored codebook variable")

@@ -424,6 +424,18 @@ def test_absent_variable_strict_refuses_lenient_loads_missing(tmp_path: Path) ->
     assert "isAbduction" in report.render()
 
 
+def test_a_header_differing_only_in_case_is_named_in_the_refusal(tmp_path: Path) -> None:
+    # Loading lenient, as the refusal offers, would store the column as missing: the refusal
+    # names the header that was meant.
+    source = ctdc_file(tmp_path / "case.csv", [{"gender": "Male"}] * 3,
+                       rename={"gender": "Gender"})
+    with pytest.raises(LoadError) as refused:
+        load(source, tmp_path / "strict.duckdb", codebook=CTDC)
+    assert "gender (the file has 'Gender': headers must match the codebook's names)" in str(
+        refused.value
+    )
+
+
 def test_unknown_column_with_data_strict_refuses_lenient_ignores(tmp_path: Path) -> None:
     source = ctdc_file(
         tmp_path / "extra.csv",
