@@ -288,7 +288,14 @@ def _read_headers(source: Path, source_format: str) -> tuple[tuple[str, ...], in
                 rows = connection.execute(statement.text, list(statement.parameters)).fetchall()
         except duckdb.Error as exc:
             raise LoadError(f"cannot read {source}: {_duckdb_message(exc)}") from exc
-        return tuple(str(row[0]) for row in rows), 0
+        # DuckDB renames a repeated column (gender, gender_1); the file's own names, in the same
+        # order, let a repeat be refused as it is in a CSV header.
+        import pyarrow.parquet as pq
+
+        names = tuple(pq.read_schema(source).names)
+        if len(names) != len(rows):
+            names = tuple(str(row[0]) for row in rows)
+        return names, 0
     # Read with Python's csv module rather than DuckDB's sniffer: DuckDB renames duplicate and
     # empty headers, and a byte-order mark before a quoted header trips its dialect detection.
     opener: Any = gzip.open if source.name.lower().endswith(".gz") else open

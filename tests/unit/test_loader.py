@@ -576,6 +576,19 @@ def test_a_record_count_that_duckdb_does_not_match_is_refused(
 # ---- Parquet ----
 
 
+def test_a_parquet_column_repeated_is_refused_as_in_a_csv(tmp_path: Path) -> None:
+    # DuckDB reads the second as gender_1: the refusal names the file's own columns, in strict
+    # and in lenient mode alike, rather than load one and skip a column the file does not have.
+    names = [v.name for v in CTDC.stored_variables]
+    arrays = [pa.array(["-99"] * 2, pa.string()) for _ in names]
+    table = pa.Table.from_arrays([*arrays, pa.array(["Male"] * 2)], names=[*names, "gender"])
+    source = tmp_path / "twice.parquet"
+    pq.write_table(table, source)
+    for strict in (True, False):
+        with pytest.raises(LoadError, match="columns 'gender' and 'gender' are both"):
+            load(source, tmp_path / f"db-{strict}.duckdb", codebook=CTDC, strict=strict)
+
+
 def test_parquet_with_text_and_typed_columns(tmp_path: Path) -> None:
     csv_database = load_into(quirky_file(tmp_path / "quirks.csv"), tmp_path / "csv.duckdb")
     with (tmp_path / "quirks.csv").open(newline="", encoding="utf-8") as handle:
