@@ -195,7 +195,7 @@ def build_tables(
         tables["budgets"] = _budgets(scopes, accounting, delta, release_counts, clients)
     log = ledger.audit_log() if wanted & {"spending", "refusals", "administration"} else []
     if "spending" in wanted:
-        tables["spending"] = _spending(ledger, charges, log, accounting, delta)
+        tables["spending"] = _spending(charges, log, dataset.name, accounting, delta)
     if "releases" in wanted or "queries" in wanted:
         releases = _releases(ledger, records, charges)
         summary["unreadable_releases"] = str(sum(1 for p in releases["problem"].to_pylist() if p))
@@ -294,14 +294,13 @@ def _can_spend(
 
 
 def _spending(
-    ledger: Ledger,
     charges: Sequence[Any],
     log: Sequence[AuditEntry],
+    dataset: str,
     accounting: Accounting,
     delta: float,
 ) -> pa.Table:
     """Cumulative spending of every scope, one row per committed charge and scope."""
-    report = ledger.report()
     # The cap in force at each charge, as its release entry records it for every scope it
     # counts against: today's caps would rewrite history after a cap change.
     caps: dict[tuple[str, str], Fraction | None] = {}
@@ -322,7 +321,7 @@ def _spending(
         scopes = [("client", charge.client)]
         if charge.institution:
             scopes.append(("institution", charge.institution))
-        scopes.append(("dataset", report.dataset.name))
+        scopes.append(("dataset", dataset))
         for kind, name in scopes:
             running[(kind, name)] += charge.amount
             label = f"{kind}:{name}"
