@@ -552,13 +552,13 @@ def _filter_of_canonical(node: Any) -> q.Filter | None:
     if "var" in node:
         variable, codes = node["var"], node["in"]
         parts: list[q.Filter] = []
-        numbers = sorted(codes) if all(isinstance(c, int) for c in codes) else []
-        if len(numbers) >= 3 and numbers == list(range(numbers[0], numbers[-1] + 1)):
-            parts.append(q.Range(variable, numbers[0], numbers[-1]))
+        integers = sorted(codes) if all(isinstance(c, int) for c in codes) else []
+        if len(integers) >= 3 and integers == list(range(integers[0], integers[-1] + 1)):
+            parts.append(q.Range(variable, integers[0], integers[-1]))
         elif len(codes) == 1:
             parts.append(q.Eq(variable, codes[0]))
         elif codes:
-            parts.append(q.In(variable, numbers or codes))
+            parts.append(q.In(variable, integers or codes))
         if node.get("missing"):
             parts.append(q.Missing(variable))
         if not parts:

@@ -52,9 +52,9 @@ def amount(text: str) -> Fraction:
     return parse_amount(text) or Fraction(0)
 
 
-def _optional(message: Any, name: str) -> float | None:
-    """An optional field's value, None when the server did not set it."""
-    return float(getattr(message, name)) if message.HasField(name) else None
+def _optional(message: Any, name: str) -> Any:
+    """An optional field's value (as protobuf types it), None when the server did not set it."""
+    return getattr(message, name) if message.HasField(name) else None
 
 
 # ---- releases -----------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ class ReleaseMetadata:
             loss=m.loss,
             measured_loss=m.measured_loss,
             noise_scale=m.noise_scale,
-            sum_noise_scale=m.sum_noise_scale if m.HasField("sum_noise_scale") else None,
+            sum_noise_scale=_optional(m, "sum_noise_scale"),
             tau=m.tau,
             k=m.k,
             beta=m.beta,
@@ -119,9 +119,7 @@ class ReleaseMetadata:
             suppressed_cells=m.suppressed_cells,
             empty_pass_probability=_optional(m, "empty_pass_probability"),
             expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
-            unreachable_cells=(
-                m.unreachable_cells if m.HasField("unreachable_cells") else None
-            ),
+            unreachable_cells=_optional(m, "unreachable_cells"),
         )
 
     @property
@@ -463,7 +461,7 @@ class DryRun:
             already_released=m.already_released,
             empty_pass_probability=_optional(m, "empty_pass_probability"),
             expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
-            unreachable_cells=m.unreachable_cells if m.HasField("unreachable_cells") else None,
+            unreachable_cells=_optional(m, "unreachable_cells"),
             measure=m.measure, value_half_width=_optional(m, "value_half_width"),
             data_version=m.data_version, query=query, budget=budget,
         )
