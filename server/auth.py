@@ -312,10 +312,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         identity = self.directory.identify(hash_token(token))
         if identity is None or isinstance(identity, RevokedToken):
             # The caller is told the same either way; the log says whose the token was.
-            if identity is None:
-                self._denied(method, "unknown or revoked token", None, peer)
-            else:
-                self._denied(method, "revoked client's token", identity.client_id, peer)
+            revoked = isinstance(identity, RevokedToken)
+            reason = "revoked client's token" if revoked else "unknown or rotated token"
+            self._denied(method, reason, identity.client_id if identity else None, peer)
             raise AuthenticationError("the token is not valid: unknown, rotated or revoked")
         if isinstance(identity, ExpiredToken):
             self._denied(method, "expired token", identity.client_id, peer)

@@ -95,7 +95,7 @@ def test_revoked_and_rotated_tokens(live: LiveServer) -> None:
     assert revoked["client"] == "alice"
     assert revoked["detail"]["reason"] == "revoked client's token"  # type: ignore[index]
     assert rotated_away["client"] in (None, "")
-    assert rotated_away["detail"]["reason"] == "unknown or revoked token"  # type: ignore[index]
+    assert rotated_away["detail"]["reason"] == "unknown or rotated token"  # type: ignore[index]
     assert live.ledger.verify().ok
 
 
