@@ -269,6 +269,24 @@ class Codebook:
         digest = hashlib.sha256(content.encode()).hexdigest()[:16]
         return f"{self.fingerprint_text}#{digest}"
 
+    def refusal_of(self, loaded_with: str | None) -> str | None:
+        """Why a data file that records codebook `loaded_with` cannot be read with this one, or
+        None when it can (or records none). Cells and columns are placed by the codebook's
+        codes: another codebook would mislabel them."""
+        if loaded_with is None or loaded_with == self.identity:
+            return None
+        if "#" not in loaded_with and loaded_with == self.fingerprint_text:
+            return (
+                f"the data file records codebook {loaded_with} by name and version only, which "
+                f"cannot tell an edited codebook from the one it was loaded with; load it again "
+                f"to record {self.identity}"
+            )
+        return (
+            f"the data was loaded with codebook {loaded_with}, not {self.identity} (a different "
+            f"name, version or content); read it with the codebook it was loaded with, or load "
+            f"it again"
+        )
+
     def variable(self, name: str) -> Variable:
         try:
             return self._variables[name]

@@ -70,20 +70,9 @@ class Engine:
     def __init__(
         self, backend: Backend, *, codebook: Codebook, settings: Settings | None = None
     ) -> None:
-        loaded_with = backend.codebook()
-        if loaded_with is not None and loaded_with != codebook.identity:
-            # Cells are placed by the codebook's codes: another codebook would mislabel them.
-            if "#" not in loaded_with and loaded_with == codebook.fingerprint_text:
-                raise CodebookError(
-                    f"the data file records codebook {loaded_with} by name and version only, "
-                    f"which cannot tell an edited codebook from the one it was loaded with; "
-                    f"load it again to record {codebook.identity}"
-                )
-            raise CodebookError(
-                f"the data was loaded with codebook {loaded_with}, not {codebook.identity} (a "
-                f"different name, version or content); serve it with the codebook it was "
-                f"loaded with, or load it again"
-            )
+        refusal = codebook.refusal_of(backend.codebook())
+        if refusal is not None:
+            raise CodebookError(refusal)
         kept = backend.run(domain_check(codebook))
         strays = [
             v.name for i, v in enumerate(codebook.stored_variables) if not bool(kept[f"d{i}"][0])

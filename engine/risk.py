@@ -506,14 +506,10 @@ def assess_data_file(
         backend = DuckDBBackend(path)
     except Exception as exc:  # duckdb raises its own classes for unreadable files
         raise RiskError(f"cannot open {path} as a veil data file: {exc}") from exc
-    loaded_with = backend.codebook()
-    if loaded_with is not None and loaded_with != codebook.identity:
+    refusal = codebook.refusal_of(backend.codebook())
+    if refusal is not None:
         backend.close()
-        # Columns are read by the codebook's names and codes: another codebook misreads them.
-        raise RiskError(
-            f"{path} was loaded with codebook {loaded_with}, not {codebook.identity}; give the "
-            f"codebook it was loaded with (--codebook)"
-        )
+        raise RiskError(f"{path}: {refusal} (--codebook)")
     try:
         return assess(
             backend, codebook=codebook, qis=qis, sensitive=sensitive, k=k,

@@ -94,7 +94,7 @@ def test_a_data_file_of_another_codebook_is_refused_in_one_line(
     from engine.codebook import load_codebook
 
     other = load_codebook("ics_tip_victims")
-    with pytest.raises(RiskError, match="was loaded with codebook ctdc@7") as refused:
+    with pytest.raises(RiskError, match="loaded with codebook ctdc@7") as refused:
         assess_data_file(crafted, codebook=other, qis=("citizenship",), k=10)
     assert "--codebook" in str(refused.value)
 
