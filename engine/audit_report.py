@@ -52,7 +52,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from engine.errors import LedgerIntegrityError
-from engine.ledger import ADMIN_EVENTS, AuditEntry, ClientRecord, Ledger, ScopeBudget
+from engine.ledger import AuditEntry, ClientRecord, Ledger, ScopeBudget
+from engine.ledger_format import ADMIN_EVENTS
 from engine.loss import Accounting, epsilon_equivalent, format_amount, parse_amount
 from engine.release import ReleaseMetadata
 from engine.risk import binary_guess_bound

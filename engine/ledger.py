@@ -36,6 +36,8 @@ budget back is safe. Nothing leaves without its charge on disk.
   release bytes, and replays the administrative changes against the client registry, the
   institution caps and the meta rows (which `open` checks too, before serving). Entries hold
   ids, canonical queries, amounts and hashes (of a token hash, a digest), never a true value.
+- The tables and the entries' format are in `engine.ledger_format`, the verification in
+  `engine.ledger_verify`.
 - One process writes a ledger at a time (an exclusive lock on `<ledger>.lock`); any number may
   read it with `Ledger.open_readonly`.
 """
@@ -53,15 +55,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from engine import ledger_verify
 from engine.errors import (
     BudgetExceededError,
     ClientRegistryError,
@@ -73,6 +75,21 @@ from engine.errors import (
     UnknownClientError,
     VeilError,
 )
+from engine.ledger_format import (
+    ENTRY_FIELDS,
+    GENESIS_HASH,
+    INDEXES,
+    LEDGER_EVENTS,
+    LOCAL_ACTOR_PREFIX,
+    SCHEMA,
+    SCHEMA_VERSION,
+    ScopeKey,
+    canonical_json,
+    chain_hash,
+    scope_keys,
+    token_digest,
+)
+from engine.ledger_verify import VerifyResult, registry_problems
 from engine.loss import (
     Accounting,
     Number,
@@ -85,9 +102,6 @@ from engine.loss import (
 from engine.planner import Plan
 from engine.release import Answer, Release, ReleaseMetadata
 
-# Version 1 kept a dataset cap per data version; opening such a ledger for writing upgrades it.
-SCHEMA_VERSION = "2"
-GENESIS_HASH = "0" * 64
 ROLES = ("researcher", "auditor", "admin")
 SCOPE_KINDS = ("client", "institution", "dataset")
 HOOK_POINTS = ("after_reserve", "after_compute", "after_commit")
@@ -100,147 +114,6 @@ _IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}$")
 _EVENT = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _HASH_TEXT = re.compile(r"^\S{32,512}$")
 
-# Fields of every audit entry, in every entry (null where they do not apply).
-ENTRY_FIELDS = (
-    "seq",
-    "time",
-    "event",
-    "accounting",
-    "client",
-    "request_id",
-    "charge_id",
-    "data_version",
-    "fingerprint",
-    "canonical_query",
-    "outcome",
-    "charge",
-    "release_id",
-    "release_sha256",
-    "budget",
-    "detail",
-)
-# Changes to who may ask and how much: by an administrator, or by the ledger's owner at open.
-# Actors that are the custodian's own processes, not registered clients, are named `local:...`.
-LOCAL_ACTOR_PREFIX = "local:"
-ADMIN_EVENTS = frozenset(
-    {
-        "register_client",
-        "set_cap",
-        "set_token",
-        "revoke",
-        "set_institution_cap",
-        "set_dataset_cap",
-        "set_delta",
-    }
-)
-# Events the ledger writes itself; `audit` refuses them so that no caller can forge one.
-LEDGER_EVENTS = frozenset(
-    {
-        "create",
-        "open",
-        "reserve",
-        "release",
-        "cancel",
-        "abandon",
-        "replay",
-        "retry",
-        "refused",
-        *ADMIN_EVENTS,
-    }
-)
-
-# Indexes made on every open too, so that a ledger made before one was added gets it.
-_INDEXES = (
-    # Every reservation looks up its request id among all attempts, cancelled ones too; without
-    # this index that lookup reads the whole table.
-    "CREATE INDEX IF NOT EXISTS charges_by_request ON charges (client, request_id)",
-)
-
-_SCHEMA = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT",
-    """CREATE TABLE clients (
-        client_id TEXT PRIMARY KEY,
-        role TEXT NOT NULL CHECK (role IN ('researcher', 'auditor', 'admin')),
-        institution TEXT,
-        cap TEXT NOT NULL,
-        token_hash TEXT UNIQUE,
-        token_expires_at TEXT,
-        status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-        created_at TEXT NOT NULL,
-        revoked_at TEXT
-    ) STRICT""",
-    "CREATE TABLE institutions (institution TEXT PRIMARY KEY, cap TEXT NOT NULL) STRICT",
-    """CREATE TABLE totals (
-        kind TEXT NOT NULL, name TEXT NOT NULL, spent TEXT NOT NULL, held TEXT NOT NULL,
-        PRIMARY KEY (kind, name)
-    ) STRICT""",
-    """CREATE TABLE charges (
-        charge_id TEXT PRIMARY KEY,
-        client TEXT NOT NULL REFERENCES clients (client_id),
-        institution TEXT,
-        request_id TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('charge', 'replay')),
-        fingerprint TEXT NOT NULL,
-        canonical_query TEXT NOT NULL,
-        data_version TEXT NOT NULL,
-        requested TEXT NOT NULL,
-        amount TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('reserved', 'committed', 'cancelled')),
-        release_id TEXT,
-        reserved_at TEXT NOT NULL,
-        settled_at TEXT,
-        reason TEXT
-    ) STRICT""",
-    # One live charge per request id; a cancelled attempt leaves the id free for its retry.
-    """CREATE UNIQUE INDEX charges_request ON charges (client, request_id)
-        WHERE state != 'cancelled'""",
-    "CREATE INDEX charges_release ON charges (release_id)",
-    *_INDEXES,
-    """CREATE TABLE releases (
-        release_id TEXT PRIMARY KEY,
-        charge_id TEXT NOT NULL UNIQUE REFERENCES charges (charge_id),
-        client TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        canonical_query TEXT NOT NULL,
-        data_version TEXT NOT NULL,
-        loss TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        sha256 TEXT NOT NULL,
-        bytes BLOB NOT NULL
-    ) STRICT""",
-    "CREATE INDEX releases_query ON releases (fingerprint, data_version)",
-    """CREATE TABLE audit (
-        seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
-    ) STRICT""",
-    # Guard rails: the log and the releases are append-only, and a charge changes only once,
-    # from reserved to committed or cancelled. (Anyone who can write the file can drop these;
-    # the hash chain and `verify` are what catch that.)
-    """CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
-    """CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
-    """CREATE TRIGGER releases_append_only_update BEFORE UPDATE ON releases
-        BEGIN SELECT RAISE(ABORT, 'stored releases are immutable'); END""",
-    """CREATE TRIGGER releases_append_only_delete BEFORE DELETE ON releases
-        BEGIN SELECT RAISE(ABORT, 'stored releases are immutable'); END""",
-    """CREATE TRIGGER charges_no_delete BEFORE DELETE ON charges
-        BEGIN SELECT RAISE(ABORT, 'charges are never deleted'); END""",
-    """CREATE TRIGGER charges_settle_once BEFORE UPDATE ON charges
-        WHEN OLD.state != 'reserved' OR NEW.state = 'reserved'
-            OR NEW.amount IS NOT OLD.amount OR NEW.client IS NOT OLD.client
-            OR NEW.institution IS NOT OLD.institution OR NEW.data_version IS NOT OLD.data_version
-            OR NEW.fingerprint IS NOT OLD.fingerprint OR NEW.request_id IS NOT OLD.request_id
-            OR NEW.kind IS NOT OLD.kind
-        BEGIN SELECT RAISE(ABORT, 'a charge is settled once, from reserved'); END""",
-)
-_TRIGGERS = (
-    "audit_append_only_update",
-    "audit_append_only_delete",
-    "releases_append_only_update",
-    "releases_append_only_delete",
-    "charges_no_delete",
-    "charges_settle_once",
-)
 
 
 # ---- values ------------------------------------------------------------------------------------
@@ -405,37 +278,6 @@ class AuditEntry:
     hash: str
 
 
-@dataclass(frozen=True)
-class VerifyResult:
-    """The outcome of `Ledger.verify`: the first broken or missing entry, and every problem."""
-
-    ok: bool
-    entries: int
-    head_seq: int
-    head_hash: str
-    first_bad_seq: int | None
-    problems: tuple[str, ...]
-
-    @property
-    def message(self) -> str:
-        if self.ok:
-            return (
-                f"ledger verified: {self.entries} audit entries, chain intact, totals, charges, "
-                f"stored releases and registry reconcile; head {self.head_seq}:{self.head_hash}"
-            )
-        return f"ledger verification FAILED: {self.problems[0]}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "entries": self.entries,
-            "head": f"{self.head_seq}:{self.head_hash}",
-            "first_bad_seq": self.first_bad_seq,
-            "problems": list(self.problems),
-            "message": self.message,
-        }
-
-
 # ---- internal helpers --------------------------------------------------------------------------
 
 
@@ -451,14 +293,6 @@ def _timestamp(moment: datetime) -> str:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def _canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def _chain_hash(prev_hash: str, entry: bytes) -> str:
-    return hashlib.sha256(prev_hash.encode("ascii") + entry).hexdigest()
 
 
 def _check_name(value: object, what: str) -> str:
@@ -546,16 +380,6 @@ def _unavailable(
 _NOTHING_RELEASED = "; nothing was released"
 
 
-@dataclass(frozen=True)
-class _ScopeKey:
-    kind: str
-    name: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}:{self.name}"
-
-
 @dataclass
 class _Outcome:
     """What a reservation transaction decided. Errors are raised after the refusal is audited."""
@@ -563,7 +387,7 @@ class _Outcome:
     error: VeilError | None = None
     stored: bytes | None = None
     charge_id: str | None = None
-    scopes: tuple[_ScopeKey, ...] = ()
+    scopes: tuple[ScopeKey, ...] = ()
 
 
 # ---- the reservation ---------------------------------------------------------------------------
@@ -582,7 +406,7 @@ class LedgerReservation:
         data_version: str,
         amount: Fraction,
         charge_id: str | None = None,
-        scopes: tuple[_ScopeKey, ...] = (),
+        scopes: tuple[ScopeKey, ...] = (),
         keys: tuple[tuple[str, ...], ...] = (),
         stored: Release | None = None,
     ) -> None:
@@ -871,7 +695,7 @@ class Ledger:
                 )
             if self.dataset is None:
                 raise VeilError("a new ledger needs the name of the dataset whose budget it keeps")
-            for statement in _SCHEMA:
+            for statement in SCHEMA:
                 conn.execute(statement)
             created = _now()
             conn.executemany(
@@ -908,7 +732,7 @@ class Ledger:
                 f"the ledger has schema version {meta.get('schema_version')!r}; this build "
                 f"reads version {SCHEMA_VERSION}"
             )
-        for statement in _INDEXES:
+        for statement in INDEXES:
             conn.execute(statement)
         if meta["accounting"] != self.accounting.value:
             raise VeilError(
@@ -954,7 +778,7 @@ class Ledger:
             "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         last = (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[3]))
-        intact = row is None or _chain_hash(str(row[2]), bytes(row[1])) == row[3]
+        intact = row is None or chain_hash(str(row[2]), bytes(row[1])) == row[3]
         if last != (head_seq, head_hash) or not intact:
             raise LedgerIntegrityError(
                 f"the ledger's audit log does not end at its recorded head {head_seq}:{head_hash}; "
@@ -963,30 +787,9 @@ class Ledger:
 
     def _check_registry(self, conn: sqlite3.Connection) -> None:
         """A check on open that the clients, institution caps and meta rows are what the audit
-        log's administrative entries set: the server acts on them (a revived client, a raised
-        cap), so they must not have been edited outside the ledger.
-
-        The whole chain is walked (each entry's hash, and its link to the one before), so that
-        an administrative entry cannot be rewritten, with its own hash recomputed, on its own;
-        only those entries are parsed. A log rewritten end to end is found only against a head
-        kept elsewhere (`veil ledger verify --expect-head`).
-        """
-        rows = conn.execute(
-            "SELECT seq, CAST(entry AS BLOB), prev_hash, hash, "
-            "CASE WHEN json_valid(entry) THEN json_extract(entry, '$.event') END "
-            "FROM audit ORDER BY seq"
-        )
-        registry, problems = _Registry(), []
-        expected_seq, prev = 1, GENESIS_HASH
-        for seq, blob, prev_hash, digest, event in rows:
-            data = bytes(blob)
-            if seq != expected_seq or prev_hash != prev or _chain_hash(prev, data) != digest:
-                problems.append(f"entry {seq} has been altered, moved or unbound from the chain")
-                break
-            if event in _REGISTRY_EVENTS:
-                _replay_registry(seq, json.loads(data), registry, problems)
-            expected_seq, prev = seq + 1, str(digest)
-        problems = problems or _registry_problems(conn, registry)
+        log's administrative entries set (`registry_problems`): the server acts on them (a
+        revived client, a raised cap), so they must not have been edited outside the ledger."""
+        problems = registry_problems(conn)
         if problems:
             raise LedgerIntegrityError(
                 f"the ledger's registry differs from its audit log ({problems[0]}); run "
@@ -1560,7 +1363,7 @@ class Ledger:
             return  # already settled (a commit whose outcome was uncertain did land)
         client, institution, version, amount_text, _, request_id, fingerprint, canonical = row
         amount = parse_amount(amount_text)
-        scopes = _scope_keys(client, institution, self._dataset_scope().name)
+        scopes = scope_keys(client, institution, self._dataset_scope().name)
         conn.execute(
             "UPDATE charges SET state = 'cancelled', settled_at = ?, reason = ? "
             "WHERE charge_id = ?",
@@ -1583,14 +1386,14 @@ class Ledger:
 
     # ---- budgets -------------------------------------------------------------------------
 
-    def _scopes(self, client: ClientRecord) -> tuple[_ScopeKey, ...]:
-        return _scope_keys(client.client_id, client.institution, self._dataset_scope().name)
+    def _scopes(self, client: ClientRecord) -> tuple[ScopeKey, ...]:
+        return scope_keys(client.client_id, client.institution, self._dataset_scope().name)
 
-    def _budget(self, conn: sqlite3.Connection, scope: _ScopeKey) -> ScopeBudget:
+    def _budget(self, conn: sqlite3.Connection, scope: ScopeKey) -> ScopeBudget:
         return self._budgets(conn, (scope,))[0]
 
     def _budgets(
-        self, conn: sqlite3.Connection, scopes: tuple[_ScopeKey, ...]
+        self, conn: sqlite3.Connection, scopes: tuple[ScopeKey, ...]
     ) -> tuple[ScopeBudget, ...]:
         """Each scope's cap and running totals, in the order given, read by one statement."""
         if not scopes:
@@ -1613,9 +1416,9 @@ class Ledger:
     def _budget_items(
         self,
         conn: sqlite3.Connection,
-        scopes: tuple[_ScopeKey, ...],
+        scopes: tuple[ScopeKey, ...],
         *,
-        cap_before: dict[_ScopeKey, Fraction | None] | None = None,
+        cap_before: dict[ScopeKey, Fraction | None] | None = None,
     ) -> list[dict[str, Any]]:
         """The audit's view of the scopes as they stand, with no movement."""
         budgets = self._budgets(conn, scopes)
@@ -1628,7 +1431,7 @@ class Ledger:
         *,
         spent: Fraction,
         held: Fraction,
-        cap_before: dict[_ScopeKey, Fraction | None] | None = None,
+        cap_before: dict[ScopeKey, Fraction | None] | None = None,
     ) -> list[dict[str, Any]]:
         """Add to each scope's running totals; return the audit's before/after for each.
 
@@ -1636,7 +1439,7 @@ class Ledger:
         """
         items, rows = [], []
         for budget in budgets:
-            scope = _ScopeKey(budget.kind, budget.name)
+            scope = ScopeKey(budget.kind, budget.name)
             spent_after, held_after = budget.spent + spent, budget.held + held
             if spent_after < 0 or held_after < 0:
                 raise LedgerIntegrityError(
@@ -1669,8 +1472,8 @@ class Ledger:
         return items
 
     def _set_cap_checked(
-        self, conn: sqlite3.Connection, scope: _ScopeKey, cap: Fraction | None
-    ) -> dict[_ScopeKey, Fraction | None]:
+        self, conn: sqlite3.Connection, scope: ScopeKey, cap: Fraction | None
+    ) -> dict[ScopeKey, Fraction | None]:
         """Refuse a cap below what the scope has already used; return the cap it replaces."""
         current = self._budget(conn, scope)
         if cap is not None and current.used > cap:
@@ -1698,8 +1501,8 @@ class Ledger:
         entry: dict[str, Any] = dict.fromkeys(ENTRY_FIELDS)
         entry.update(fields)
         entry.update(seq=seq, time=_now(), event=event, accounting=self.accounting.value)
-        text = _canonical_json(entry)
-        digest = _chain_hash(head_hash, text.encode("ascii"))
+        text = canonical_json(entry)
+        digest = chain_hash(head_hash, text.encode("ascii"))
         conn.execute(
             "INSERT INTO audit (seq, entry, prev_hash, hash) VALUES (?, ?, ?, ?)",
             (seq, text, head_hash, digest),
@@ -1784,7 +1587,7 @@ class Ledger:
             role=role,
             institution=institution,
             token="set" if token_hash else "none",
-            token_digest=_token_digest(token_hash),
+            token_digest=token_digest(token_hash),
             token_expires_at=expires,
         )
         now = _now()
@@ -1811,7 +1614,7 @@ class Ledger:
                 "register_client",
                 client=client_id,
                 outcome="registered",
-                budget=self._budget_items(conn, (_ScopeKey("client", client_id),)),
+                budget=self._budget_items(conn, (ScopeKey("client", client_id),)),
                 detail=detail,
             )
 
@@ -1849,7 +1652,7 @@ class Ledger:
         if client is None:
             raise UnknownClientError(f"client {client_id} is not registered")
         cap = new(client.cap)
-        scope = _ScopeKey("client", client_id)
+        scope = ScopeKey("client", client_id)
         previous = self._set_cap_checked(conn, scope, cap)
         conn.execute(
             "UPDATE clients SET cap = ? WHERE client_id = ?", (format_amount(cap), client_id)
@@ -1876,7 +1679,7 @@ class Ledger:
         _check_token_hash(token_hash)
         expires = None if expires_at is None else _timestamp(expires_at)
         detail = self._admin_detail(
-            actor, token_digest=_token_digest(token_hash), token_expires_at=expires
+            actor, token_digest=token_digest(token_hash), token_expires_at=expires
         )
 
         def work(conn: sqlite3.Connection) -> None:
@@ -1934,7 +1737,7 @@ class Ledger:
         """Cap the clients of an institution together; None removes the institution's cap."""
         _check_name(institution, "institution")
         amount = None if cap is None else exact_cap(cap, what="institution cap")
-        scope = _ScopeKey("institution", institution)
+        scope = ScopeKey("institution", institution)
         detail = self._admin_detail(actor)
 
         def work(conn: sqlite3.Connection) -> None:
@@ -2001,7 +1804,7 @@ class Ledger:
         if self.dataset is None:
             raise VeilError("upgrading a schema-1 ledger needs the name of its dataset")
         name = self.dataset
-        target = _ScopeKey("dataset", name)
+        target = ScopeKey("dataset", name)
         rows = conn.execute(
             "SELECT name, spent, held FROM totals WHERE kind = 'dataset' ORDER BY name"
         ).fetchall()
@@ -2019,7 +1822,7 @@ class Ledger:
             merged = version == name
             items.append(
                 {
-                    "scope": _ScopeKey("dataset", str(version)).label,
+                    "scope": ScopeKey("dataset", str(version)).label,
                     "cap": format_amount(cap) if merged else None,
                     "before": {"spent": before_spent, "held": before_held},
                     "after": {
@@ -2066,9 +1869,9 @@ class Ledger:
             ),
         )
 
-    def _dataset_scope(self) -> _ScopeKey:
+    def _dataset_scope(self) -> ScopeKey:
         assert self.dataset is not None, "the dataset is known once the ledger is open"
-        return _ScopeKey("dataset", self.dataset)
+        return ScopeKey("dataset", self.dataset)
 
     def client(self, client_id: str) -> ClientRecord:
         client = self._read("read the client", lambda c: _client_row(c, client_id))
@@ -2100,7 +1903,7 @@ class Ledger:
         """Spending against one cap: kind is "client", "institution" or "dataset"."""
         if kind not in SCOPE_KINDS:
             raise VeilError(f"a budget scope is one of {', '.join(SCOPE_KINDS)}, got {kind!r}")
-        scope = _ScopeKey(kind, name)
+        scope = ScopeKey(kind, name)
         if kind == "dataset" and name != self.dataset:
             raise VeilError(f"this ledger keeps the budget of dataset {self.dataset}, not {name}")
 
@@ -2148,7 +1951,7 @@ class Ledger:
             )
 
             def scoped(kind: str, names: list[str]) -> tuple[ScopeBudget, ...]:
-                return self._budgets(conn, tuple(_ScopeKey(kind, name) for name in names))
+                return self._budgets(conn, tuple(ScopeKey(kind, name) for name in names))
 
             head_seq, head_hash = self._head(conn)
             return LedgerReport(
@@ -2268,7 +2071,7 @@ class Ledger:
         `expect_head` ("seq:hash", from an earlier `head()` kept outside the ledger) also
         catches a log rewritten from some point on with its hashes recomputed.
         """
-        return self._read("verify the ledger", lambda c: _verify(c, expect_head))
+        return self._read("verify the ledger", lambda c: ledger_verify.verify(c, expect_head))
 
 
 # ---- module helpers ------------------------------------------------------------------------------
@@ -2298,20 +2101,6 @@ def _check_token_hash(token_hash: str | None) -> None:
         raise ClientRegistryError(
             "a token hash is 32 to 512 characters without spaces (store the hash, never a token)"
         )
-
-
-def _token_digest(token_hash: str | None) -> str | None:
-    """What the audit log records of a token hash: a digest of it, so that `verify` can tell a
-    swapped hash without the log holding what the server compares tokens with."""
-    return None if token_hash is None else hashlib.sha256(token_hash.encode()).hexdigest()
-
-
-def _scope_keys(client: str, institution: str | None, dataset: str) -> tuple[_ScopeKey, ...]:
-    scopes = [_ScopeKey("client", client)]
-    if institution is not None:
-        scopes.append(_ScopeKey("institution", institution))
-    scopes.append(_ScopeKey("dataset", dataset))
-    return tuple(scopes)
 
 
 def _client_row(conn: sqlite3.Connection, client_id: str) -> ClientRecord | None:
@@ -2431,462 +2220,3 @@ def _release_bytes(conn: sqlite3.Connection, release_id: str) -> tuple[bytes, st
         )
     return data, str(row[1])
 
-
-# ---- verification --------------------------------------------------------------------------------
-
-
-def _verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
-    problems: list[str] = []
-    first_bad: int | None = None
-
-    def broken(seq: int, message: str) -> None:
-        nonlocal first_bad
-        if first_bad is None:
-            first_bad = seq
-        problems.append(f"entry {seq}: {message}")
-
-    tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master")}
-    if "audit" not in tables or "meta" not in tables:
-        return VerifyResult(False, 0, 0, GENESIS_HASH, None, ("this is not a veil ledger",))
-
-    expected_seq, prev = 1, GENESIS_HASH
-    count = 0
-    running: dict[str, tuple[Fraction, Fraction]] = {}
-    registry = _Registry()
-    by_charge: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    cursor = conn.execute(
-        "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit ORDER BY seq"
-    )
-    for seq, blob, prev_hash, digest in cursor:
-        count += 1
-        data = bytes(blob)
-        if seq != expected_seq:
-            if seq > expected_seq:
-                missing = (
-                    f"entry {expected_seq} is missing"
-                    if seq == expected_seq + 1
-                    else f"entries {expected_seq} to {seq - 1} are missing"
-                )
-                broken(expected_seq, f"{missing} (the log jumps to entry {seq})")
-            else:
-                broken(seq, f"is out of order (after entry {expected_seq - 1})")
-        if prev_hash != prev:
-            broken(seq, "does not bind the entry before it (its prev_hash does not match)")
-        if _chain_hash(str(prev_hash), data) != digest:
-            broken(seq, "has been altered (its hash does not match its content)")
-        entry: dict[str, Any] | None
-        try:
-            parsed = json.loads(data.decode("ascii"))
-            entry = parsed if isinstance(parsed, dict) else None
-        except (UnicodeDecodeError, ValueError):
-            entry = None
-        if entry is None:
-            broken(seq, "is not a readable entry")
-        else:
-            if entry.get("seq") != seq:
-                broken(seq, f"is out of place (its content says it is entry {entry.get('seq')})")
-            if set(entry) != set(ENTRY_FIELDS):
-                broken(seq, "does not have the fields of an audit entry")
-            else:
-                _replay_budget(seq, entry, running, problems)
-                _replay_registry(seq, entry, registry, problems)
-                if entry.get("charge_id"):
-                    by_charge[str(entry["charge_id"])].append(entry)
-        prev = str(digest)
-        expected_seq = seq + 1
-
-    last_seq = expected_seq - 1
-    head = conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
-    head_seq, head_hash = (0, GENESIS_HASH)
-    if head is not None:
-        seq_text, _, head_hash = str(head[0]).partition(":")
-        head_seq = int(seq_text) if seq_text.isdigit() else -1
-    if head_seq > last_seq:
-        broken(
-            last_seq + 1,
-            f"is missing: the log ends at entry {last_seq} but the ledger recorded entry "
-            f"{head_seq} as its head (entries were removed from the end)",
-        )
-    elif head_seq < last_seq:
-        broken(head_seq + 1, f"follows the ledger's recorded head {head_seq} (entries were added)")
-    elif head_hash != prev:
-        broken(last_seq, "is not the head the ledger recorded (the log was rewritten)")
-    if expect_head is not None:
-        seq_text, _, want = expect_head.partition(":")
-        row = (
-            conn.execute("SELECT hash FROM audit WHERE seq = ?", (int(seq_text),)).fetchone()
-            if seq_text.isdigit()
-            else None
-        )
-        if row is None or row[0] != want:
-            broken(
-                int(seq_text) if seq_text.isdigit() else 0,
-                f"does not match the expected head {expect_head} (the log was truncated or "
-                f"rewritten since that head was recorded)",
-            )
-
-    try:
-        _reconcile(conn, running, by_charge, problems)
-    except (ArithmeticError, ValueError, TypeError, KeyError) as exc:
-        problems.append(f"the ledger's tables cannot be reconciled: {exc}")
-    problems.extend(_registry_problems(conn, registry))
-    for trigger in _TRIGGERS:
-        if trigger not in tables:
-            problems.append(f"the guard trigger {trigger} has been removed")
-    return VerifyResult(
-        ok=not problems,
-        entries=count,
-        head_seq=last_seq,
-        head_hash=prev,
-        first_bad_seq=first_bad,
-        problems=tuple(problems),
-    )
-
-
-def _replay_budget(
-    seq: int,
-    entry: dict[str, Any],
-    running: dict[str, tuple[Fraction, Fraction]],
-    problems: list[str],
-) -> None:
-    """Each budget movement must start where the one before it ended, and stay within its cap."""
-    moved = (_ZERO, _ZERO)
-    for item in entry.get("budget") or []:
-        try:
-            scope = str(item["scope"])
-            before = (parse_amount(item["before"]["spent"]), parse_amount(item["before"]["held"]))
-            after = (parse_amount(item["after"]["spent"]), parse_amount(item["after"]["held"]))
-            cap = None if item["cap"] is None else parse_amount(item["cap"])
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, ArithmeticError):
-            problems.append(f"entry {seq}: its budget record is unreadable")
-            continue
-        if before != running.get(scope, (_ZERO, _ZERO)):
-            problems.append(
-                f"entry {seq}: {scope} starts from a budget the entries before it do not end at"
-            )
-        if min(*before, *after) < 0:
-            problems.append(f"entry {seq}: {scope} records a negative amount")
-        if cap is not None and after[0] + after[1] > cap:
-            problems.append(f"entry {seq}: {scope} is past its cap of {format_amount(cap)}")
-        delta = (after[0] - before[0], after[1] - before[1])
-        charge = entry.get("charge")
-        event = entry.get("event")
-        if event == "reserve" and (charge is None or delta != (_ZERO, parse_amount(charge))):
-            problems.append(f"entry {seq}: {scope} does not hold the reserved charge")
-        if event == "release" and (
-            charge is None or delta != (parse_amount(charge), -parse_amount(charge))
-        ):
-            problems.append(f"entry {seq}: {scope} does not turn the hold into the charge")
-        moves = ("reserve", "release", "cancel", "abandon", "upgrade")
-        if event not in moves and delta != (_ZERO, _ZERO):
-            problems.append(f"entry {seq}: {scope} changes in an event that spends nothing")
-        moved = (moved[0] + delta[0], moved[1] + delta[1])
-        running[scope] = after
-    if entry.get("event") == "upgrade" and moved != (_ZERO, _ZERO):
-        # An upgrade only moves totals between scopes: what leaves one must arrive in another.
-        problems.append(f"entry {seq}: the upgrade does not carry every amount over")
-
-
-# Administrative entries: they set the client registry, the institution caps and the meta rows.
-_REGISTRY_EVENTS = ADMIN_EVENTS | {"create", "upgrade"}
-# Entries that only a registered, active client's request writes.
-_SPENDING_EVENTS = frozenset({"reserve", "release", "replay", "retry"})
-# A token the log says was set without recording a digest of it (entries written before it did).
-_SOME_TOKEN = "set"
-_CLIENT_FIELDS = ("role", "institution", "cap", "token_hash", "token_expires_at", "status")
-
-
-@dataclass
-class _Registry:
-    """The client registry, institution caps and meta rows as the audit log's entries set them."""
-
-    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
-    institutions: dict[str, Fraction] = field(default_factory=dict)
-    meta: dict[str, str | None] = field(
-        default_factory=lambda: dict.fromkeys(("accounting", "delta", "dataset", "dataset_cap"))
-    )
-    # Schema 1 only: data versions given a cap of their own (the upgrade drops them).
-    version_caps: dict[str, Fraction] = field(default_factory=dict)
-
-    def cap(self, kind: str, name: str) -> Fraction | str | None:
-        if kind == "client":
-            return self.clients.get(name, {}).get("cap")
-        if kind == "institution":
-            return self.institutions.get(name)
-        return self.version_caps.get(name, _table_amount(self.meta["dataset_cap"]))
-
-
-def _replay_registry(
-    seq: int, entry: dict[str, Any], registry: _Registry, problems: list[str]
-) -> None:
-    """Apply an administrative entry to `registry`. Every entry's caps must be the ones the
-    entries before it set, and only a registered, active client can spend: a registry edited
-    for a while and put back leaves its mark in the entries written meanwhile."""
-    event = entry.get("event")
-    if event in _REGISTRY_EVENTS:
-        try:
-            _apply_admin(seq, entry, registry, problems)
-        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError):
-            problems.append(f"entry {seq}: its {event} record is unreadable")
-            return
-    client = entry.get("client")
-    if event in _SPENDING_EVENTS:
-        status = registry.clients.get(str(client), {}).get("status", "not registered")
-        if status != "active":
-            problems.append(
-                f"entry {seq}: a {event} for client {client}, whom the audit log records as "
-                f"{status}"
-            )
-    if event == "upgrade":
-        return  # it carries the caps of the open that upgrades, set by the entries after it
-    for item in entry.get("budget") or []:
-        try:
-            kind, _, name = str(item["scope"]).partition(":")
-            recorded = None if item["cap"] is None else parse_amount(item["cap"])
-        except (KeyError, TypeError, ValueError, ArithmeticError):
-            continue  # `_replay_budget` reports an unreadable budget record
-        expected = registry.cap(kind, name)
-        if recorded != expected:
-            problems.append(
-                f"entry {seq}: {item['scope']} records a cap of {_shown(recorded)}; the "
-                f"administrative entries before it set {_shown(expected)}"
-            )
-
-
-def _apply_admin(
-    seq: int, entry: dict[str, Any], registry: _Registry, problems: list[str]
-) -> None:
-    event, client = entry["event"], entry["client"]
-    detail = entry["detail"] or {}
-    if event == "create":
-        registry.meta.update(
-            accounting=detail["accounting"],
-            delta=detail["delta"],
-            dataset=detail.get("dataset"),  # schema 1 named it at the upgrade
-            dataset_cap=detail["dataset_cap"],
-        )
-    elif event == "upgrade":
-        registry.meta["dataset"] = detail["dataset"]
-        registry.version_caps.clear()
-    elif event == "set_delta":
-        registry.meta["delta"] = detail["after"]
-    elif event == "set_dataset_cap":
-        if "after" in detail:
-            registry.meta["dataset_cap"] = detail["after"]
-        else:  # schema 1: a cap of one data version's own
-            (item,) = entry["budget"]
-            registry.version_caps[str(item["scope"]).partition(":")[2]] = parse_amount(item["cap"])
-    elif event == "set_institution_cap":
-        (item,) = entry["budget"]
-        kind, _, name = str(item["scope"]).partition(":")
-        if kind != "institution":
-            raise ValueError(kind)
-        if item["cap"] is None:
-            registry.institutions.pop(name, None)
-        else:
-            registry.institutions[name] = parse_amount(item["cap"])
-    elif event == "register_client":
-        if client in registry.clients:
-            problems.append(f"entry {seq}: client {client} is registered a second time")
-        registry.clients[client] = {
-            "role": detail["role"],
-            "institution": detail["institution"],
-            "cap": _entry_cap(entry),
-            "token_hash": _logged_token(detail["token"] == "set", detail),
-            "token_expires_at": detail.get("token_expires_at"),  # schema 1: never expires
-            "status": "active",
-        }
-    elif client not in registry.clients:
-        problems.append(f"entry {seq}: client {client} is changed before it is registered")
-    elif event == "set_cap":
-        registry.clients[client]["cap"] = _entry_cap(entry)
-    elif event == "set_token":
-        registry.clients[client].update(
-            token_hash=_logged_token(entry["outcome"] == "set", detail),
-            token_expires_at=detail.get("token_expires_at"),
-        )
-    elif event == "revoke":
-        registry.clients[client]["status"] = "revoked"
-
-
-def _entry_cap(entry: dict[str, Any]) -> Fraction:
-    (item,) = [i for i in entry["budget"] if i["scope"] == f"client:{entry['client']}"]
-    return parse_amount(item["cap"])
-
-
-def _logged_token(is_set: bool, detail: dict[str, Any]) -> str | None:
-    if not is_set:
-        return None
-    return str(detail["token_digest"]) if "token_digest" in detail else _SOME_TOKEN
-
-
-def _shown(value: object) -> str:
-    if value is None:
-        return "none"
-    return format_amount(value) if isinstance(value, Fraction) else str(value)
-
-
-def _registry_problems(conn: sqlite3.Connection, registry: _Registry) -> list[str]:
-    """Where the clients, institutions and meta tables differ from what the log set."""
-    problems: list[str] = []
-    logged = dict(registry.clients)
-    rows = conn.execute(
-        "SELECT client_id, role, institution, cap, token_hash, token_expires_at, status, "
-        "revoked_at FROM clients ORDER BY client_id"
-    ).fetchall()
-    for client_id, role, institution, cap, token_hash, expires, status, revoked_at in rows:
-        want = logged.pop(client_id, None)
-        if want is None:
-            problems.append(f"client {client_id}: in the registry but never registered in the log")
-            continue
-        token = token_hash if token_hash is None else _token_digest(token_hash)
-        if token is not None and want["token_hash"] == _SOME_TOKEN:
-            token = _SOME_TOKEN  # the log recorded that a token was set, not which
-        have = {
-            "role": role,
-            "institution": institution,
-            "cap": _table_amount(cap),
-            "token_hash": token,
-            "token_expires_at": expires,
-            "status": status,
-        }
-        for name in _CLIENT_FIELDS:
-            if have[name] == want[name]:
-                continue
-            if name == "token_hash":  # a digest shown is no help; say what differs
-                problems.append(f"client {client_id}: its token hash is not the one logged")
-            else:
-                problems.append(
-                    f"client {client_id}: its {name} is {_shown(have[name])} in the registry; "
-                    f"the audit log records {_shown(want[name])}"
-                )
-        if (status == "revoked") != (revoked_at is not None):
-            problems.append(f"client {client_id}: its revoked_at does not match its status")
-    for client_id in sorted(logged):
-        problems.append(f"client {client_id}: registered in the log but not in the registry")
-
-    caps = {
-        str(r[0]): _table_amount(r[1])
-        for r in conn.execute("SELECT institution, cap FROM institutions")
-    }
-    for name in sorted(set(caps) | set(registry.institutions)):
-        have_cap, want_cap = caps.get(name), registry.institutions.get(name)
-        if have_cap != want_cap:
-            problems.append(
-                f"institution {name}: its cap is {_shown(have_cap)} in the registry; the audit "
-                f"log records {_shown(want_cap)}"
-            )
-
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    for key, logged_value in registry.meta.items():
-        value = meta.get(key)
-        if key in ("delta", "dataset_cap"):
-            same = _table_amount(value) == _table_amount(logged_value)
-        else:
-            same = value == logged_value
-        if not same:
-            problems.append(
-                f"meta {key}: {_shown(value)} in the ledger; the audit log records "
-                f"{_shown(logged_value)}"
-            )
-    return problems
-
-
-def _table_amount(text: Any) -> Fraction | str | None:
-    """A stored amount; its text as it is when it is not one (it then matches nothing logged)."""
-    try:
-        return None if text is None else parse_amount(text)
-    except (ArithmeticError, ValueError, TypeError):
-        return str(text)
-
-
-def _reconcile(
-    conn: sqlite3.Connection,
-    running: dict[str, tuple[Fraction, Fraction]],
-    by_charge: dict[str, list[dict[str, Any]]],
-    problems: list[str],
-) -> None:
-    """Totals == the log's replay == the sums of the charges; every charge and release logged."""
-    (dataset,) = conn.execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
-    totals: dict[str, tuple[Fraction, Fraction]] = {}
-    for kind, name, spent, held in conn.execute("SELECT kind, name, spent, held FROM totals"):
-        totals[f"{kind}:{name}"] = (parse_amount(spent), parse_amount(held))
-    sums: dict[str, list[Fraction]] = defaultdict(lambda: [_ZERO, _ZERO])
-    releases = {
-        str(r[0]): r
-        for r in conn.execute(
-            "SELECT release_id, charge_id, client, fingerprint, data_version, loss, sha256, "
-            "bytes FROM releases"
-        )
-    }
-    charged_releases: set[str] = set()
-    rows = conn.execute(
-        "SELECT charge_id, client, institution, kind, amount, state, release_id "
-        "FROM charges ORDER BY rowid"
-    ).fetchall()
-    for charge_id, client, institution, kind, amount_text, state, release_id in rows:
-        amount = parse_amount(amount_text)
-        for scope in _scope_keys(client, institution, str(dataset)):
-            if state == "committed":
-                sums[scope.label][0] += amount
-            elif state == "reserved":
-                sums[scope.label][1] += amount
-        events = {str(e["event"]): e for e in by_charge.get(charge_id, [])}
-        if kind == "replay":
-            if "replay" not in events:
-                problems.append(f"charge {charge_id}: the replay has no audit entry")
-            if amount != 0:
-                problems.append(f"charge {charge_id}: a replay was charged")
-            if release_id not in releases:
-                problems.append(f"charge {charge_id}: replays a release that is not stored")
-            continue
-        reserve = events.get("reserve")
-        if reserve is None or reserve.get("charge") != amount_text:
-            problems.append(f"charge {charge_id}: its reservation has no matching audit entry")
-        if state == "committed":
-            charged_releases.add(str(release_id))
-            entry = events.get("release")
-            stored = releases.get(str(release_id))
-            if entry is None or entry.get("release_id") != release_id:
-                problems.append(f"charge {charge_id}: its release has no matching audit entry")
-            elif stored is None:
-                problems.append(f"charge {charge_id}: its release {release_id} is not stored")
-            elif entry.get("release_sha256") != stored[6] or entry.get("charge") != amount_text:
-                problems.append(f"charge {charge_id}: its release differs from the audited one")
-        elif state == "cancelled" and not ({"cancel", "abandon"} & set(events)):
-            problems.append(f"charge {charge_id}: its cancellation has no audit entry")
-    known = {str(r[0]) for r in rows}
-    for charge_id in sorted(set(by_charge) - known):
-        problems.append(f"charge {charge_id}: audited but missing from the ledger")
-
-    for release_id, row in releases.items():
-        _, charge_id, _, fingerprint, version, loss, digest, blob = row
-        data = bytes(blob)
-        if hashlib.sha256(data).hexdigest() != digest:
-            problems.append(f"release {release_id}: its stored bytes do not match their hash")
-            continue
-        try:
-            meta = Release.from_bytes(data).metadata
-        except Exception:
-            problems.append(f"release {release_id}: its stored bytes cannot be read")
-            continue
-        if (meta.release_id, meta.charge_id, meta.fingerprint, meta.data_version, meta.loss) != (
-            release_id,
-            charge_id,
-            fingerprint,
-            version,
-            loss,
-        ):
-            problems.append(f"release {release_id}: its content does not match its ledger row")
-        if release_id not in charged_releases:
-            problems.append(f"release {release_id}: stored without a committed charge")
-
-    labels = set(totals) | set(running) | set(sums)
-    for label in sorted(labels):
-        table = totals.get(label, (_ZERO, _ZERO))
-        from_log = running.get(label, (_ZERO, _ZERO))
-        from_charges = tuple(sums[label]) if label in sums else (_ZERO, _ZERO)
-        if table != from_log:
-            problems.append(f"{label}: the totals differ from what the audit log records")
-        if table != from_charges:
-            problems.append(f"{label}: the totals differ from the sum of its charges")

@@ -15,7 +15,8 @@ from typing import Protocol
 
 from engine.audit_report import TABLE_NAMES, build_tables
 from engine.errors import ClientRegistryError, LedgerUnavailableError
-from engine.ledger import LOCAL_ACTOR_PREFIX, ClientRecord, Ledger
+from engine.ledger import ClientRecord, Ledger
+from engine.ledger_format import LOCAL_ACTOR_PREFIX
 from engine.loss import parse_amount
 from engine.release import Charger, Release, ReleaseMetadata
 from engine.settings import Settings

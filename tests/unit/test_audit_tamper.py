@@ -16,8 +16,9 @@ from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.errors import BudgetExceededError, LedgerIntegrityError
-from engine.ledger import Ledger, VerifyResult
+from engine.ledger import Ledger
 from engine.ledger_cli import main as ledger_cli
+from engine.ledger_verify import VerifyResult
 from engine.loss import Accounting, PrivacyLoss
 from engine.query import Count, Query
 from tests.conftest import write_database

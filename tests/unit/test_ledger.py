@@ -33,8 +33,9 @@ from engine.errors import (
     UnknownClientError,
     VeilError,
 )
-from engine.ledger import ENTRY_FIELDS, Ledger
+from engine.ledger import Ledger
 from engine.ledger_cli import main as ledger_cli
+from engine.ledger_format import ENTRY_FIELDS
 from engine.loss import Accounting, PrivacyLoss, parse_amount
 from engine.query import Count, Query, Range
 from engine.release import Release
