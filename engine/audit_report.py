@@ -861,7 +861,12 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
                 )
             )
     if repeated:
-        parts.append("<h2>Queries drawn more than once (their losses add up)</h2>")
+        shown = (
+            f"{len(repeated)}"
+            if len(repeated) <= max_rows
+            else f"{len(repeated)}; the {max_rows} drawn most often"
+        )
+        parts.append(f"<h2>Queries drawn more than once ({shown}; their losses add up)</h2>")
         parts.append(
             _html_table(
                 repeated[:max_rows],

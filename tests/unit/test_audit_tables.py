@@ -76,6 +76,12 @@ def test_a_query_drawn_again_on_a_new_data_version_counts_as_drawn_twice(
     page = render_html(tables)
     assert "<b>1</b>queries drawn more than once" in page
     assert "<td>v1, v2</td>" in page
+    assert "Queries drawn more than once (1; their losses add up)" in page
+
+
+def test_the_report_says_when_it_shows_only_some_repeated_queries(tables: AuditTables) -> None:
+    page = render_html(tables, max_rows=0)
+    assert "Queries drawn more than once (1; the 0 drawn most often;" in page
 
 
 def test_every_client_is_visible_in_the_spending_plot(tables: AuditTables) -> None:
