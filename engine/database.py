@@ -6,6 +6,7 @@ read-only through `engine.backend.DuckDBBackend`.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def check_dataset_name(name: str) -> str:
     return name
 
 
+# Heads every report read from the records themselves (`veil load`, `veil risk`): exact counts,
+# unprotected by noise or suppression, that must stay with the custodian.
+RESTRICTED_NOTICE = (
+    "RESTRICTED: exact counts from the records, for the data custodian; not for release"
+)
+
+
 def check_free(path: Path, *, overwrite: bool) -> None:
     """Refuse to replace an existing data file unless asked to."""
     if path.exists() and not overwrite:
@@ -48,6 +56,10 @@ def create(
         Path(f"{path}.wal").unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = duckdb.connect(str(path))
+    # The records are restricted: readable by the custodian's account only, like the ledger and
+    # the server's log (DuckDB creates the file with the umask's mode; the loader writes it in a
+    # private directory, so it is never readable by others before this).
+    os.chmod(path, 0o600)
     connection.execute(create_table(codebook))
     connection.execute("CREATE TABLE veil_metadata (key VARCHAR PRIMARY KEY, value VARCHAR)")
     return connection

@@ -107,6 +107,7 @@ class LoadReport:
         """A plain-text report for the custodian."""
         mode = "strict" if self.strict else "lenient"
         lines = [
+            data_file.RESTRICTED_NOTICE,
             f"Loaded {self.rows:,} row{'' if self.rows == 1 else 's'} from {self.source}",
             f"  into          {self.database}",
             f"  data version  {self.data_version}",

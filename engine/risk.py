@@ -52,6 +52,7 @@ from typing import Any
 
 from engine.backend import DuckDBBackend
 from engine.codebook import Codebook, load_codebook
+from engine.database import RESTRICTED_NOTICE
 from engine.errors import VeilError
 from engine.loader import load
 from engine.loss import Accounting, epsilon_equivalent
@@ -204,6 +205,7 @@ class RiskReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "restricted": RESTRICTED_NOTICE,
             "source": self.source,
             "rows": self.rows,
             "k": self.k,
@@ -260,6 +262,7 @@ class RiskReport:
         """A plain-text report for the custodian."""
         full = self.full
         lines = [
+            RESTRICTED_NOTICE,
             f"Disclosure risk of {self.source}",
             f"  records              {self.rows:,}",
             f"  quasi-identifiers    {', '.join(self.qis)}",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -121,6 +123,18 @@ def test_excerpt_loads_strict_with_exact_counts(tmp_path: Path) -> None:
 
 
 @needs_excerpt
+def test_the_loaded_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The records are restricted: a umask that lets others read new files must not apply."""
+    database = tmp_path / "ctdc.duckdb"
+    previous = os.umask(0o022)
+    try:
+        load(EXCERPT, database, codebook=CTDC)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+
+
+@needs_excerpt
 def test_excerpt_every_column_matches_the_csv(tmp_path: Path) -> None:
     database = tmp_path / "ctdc.duckdb"
     report = load(EXCERPT, database, codebook=CTDC)
@@ -210,6 +224,7 @@ def test_every_quirk_loads_strict(tmp_path: Path) -> None:
     assert report.missing["citizenship"] == 1 and report.missing["majorityStatus"] == 3
     assert report.missing == null_counts(database, CTDC)
     text = report.render()
+    assert text.startswith("RESTRICTED: exact counts from the records")  # never a release
     assert "'CountryOfExploition' -> CountryOfExploitation" in text
     assert "every cell is empty" in text and "3 rows" in text
 

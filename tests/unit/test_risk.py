@@ -156,6 +156,8 @@ def test_drivers_leave_out_each_variable_and_each_pair(crafted: Path) -> None:
     assert report.best_single is not None and report.best_single.dropped == ("ageBroad",)
     assert report.best_pair is not None and report.best_pair.dropped == ("ageBroad", "citizenship")
     text = report.render()
+    assert text.startswith("RESTRICTED: exact counts from the records")  # never a release
+    assert report.to_dict()["restricted"].startswith("RESTRICTED")
     assert "NOT 10-anonymous: 7 records" in text
     assert "Leaving out ageBroad lowers the records at risk most" in text
 
