@@ -137,7 +137,9 @@ def _query_options(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
     measure.add_argument("--sum", metavar="VARIABLE", help="sum of an integer variable")
     measure.add_argument("--mean", metavar="VARIABLE", help="mean of an integer variable")
     measure.add_argument("--proportion", metavar="CONDITION",
-                         help="share of records satisfying CONDITION (as --where)")
+                         help="share of records satisfying CONDITION (as --where), of all "
+                         "records, those missing its variables included (--where \"VAR IS NOT "
+                         "NULL\" for the share among those recorded)")
     parser.add_argument("--by", action="append", default=[], metavar="DIM[,DIM...]",
                         help="group-by dimensions (repeat or separate with commas)")
     parser.add_argument(
@@ -645,6 +647,11 @@ def run_releases(args: argparse.Namespace) -> int:
         if args.release_id:
             with progress("fetch release", quiet=args.quiet):
                 release = client.get_release(args.release_id)
+            if release.query is not None:  # its notes suggest options, as a fresh release's do
+                release = Release(
+                    release.table, release.metadata, request_id=release.request_id,
+                    query=replace(release.query, spelling="cli"), charged=release.charged,
+                )
             _emit(_release_text(release, args.format))
             return EXIT_OK
         with progress("releases", quiet=args.quiet):

@@ -342,7 +342,11 @@ class Client:
 
     def proportion(self, *conditions: q.Filter, **equals: Any) -> q.Query:
         """Share of each cell's records satisfying the condition:
-        `proportion(isSexualExploit=1)`, `proportion(In("ageBroad", [...]))`."""
+        `proportion(isSexualExploit=1)`, `proportion(In("ageBroad", [...]))`.
+
+        The share is of all the cell's records, as SQL's AVG(CASE WHEN c THEN 1 ELSE 0 END) is:
+        those whose condition variable is missing included. For the share among the records
+        that have it, add `.where(Present("isSexualExploit"))`."""
         return q.proportion(*conditions, **equals).bind(self)
 
     def sql(
@@ -495,7 +499,8 @@ class Client:
 
     # -- the caller's account --
     def budget(self) -> Budget:
-        """The caller's budget: cap, spent, held, remaining (and institution, dataset)."""
+        """The caller's budget: cap, spent, reserved (held by releases in progress), remaining
+        (and institution, dataset)."""
         return Budget.from_pb(self._call("GetBudget", pb.GetBudgetRequest()))
 
     def releases(self, limit: int = 100) -> ReleaseList:

@@ -418,7 +418,9 @@ class Mean:
 
 @dataclass(frozen=True)
 class Proportion:
-    """Share of each cell's records satisfying `condition`."""
+    """Share of each cell's records satisfying `condition`, of all the cell's records (those
+    missing the condition's variables included; filter with `Present` for a share among the
+    records that have them)."""
 
     condition: Filter
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
@@ -139,6 +140,43 @@ class Cell:
     ci_low: float | None
     ci_high: float | None
     suppressed: bool
+
+
+def share_base_text(query: Query | None) -> str:
+    """What a proportion's shares are of, when a variable of its condition may be missing.
+
+    A share counts every record of its cell (as SQL's AVG(CASE WHEN c THEN 1 ELSE 0 END) does),
+    so "7% abducted" can be 7% of records most of which never recorded abduction at all; said
+    for each variable of the condition the filter does not mention.
+    """
+    from client.query import Proportion
+
+    if query is None or not isinstance(query.measure, Proportion):
+        return ""
+    mentioned = set(query.filter.variables()) if query.filter is not None else set()
+    loose = [v for v in dict.fromkeys(query.measure.condition.variables()) if v not in mentioned]
+    if not loose:
+        return ""
+    if query.spelling == "python":
+        add = " and ".join(f'.where(Present("{v}"))' for v in loose)
+    else:
+        add = " AND ".join(f"{v} IS NOT NULL" for v in loose)
+    return (
+        f"each share is of all the cell's records, those whose {' or '.join(loose)} is missing "
+        f"included (add {add} for the share among the records that have it)"
+    )
+
+
+def share_text(value: float) -> str:
+    """A share as a percentage with two significant figures of its distance from 0% or 100%
+    where that is under one point (0.046%, 99.95%), else one decimal: at one decimal a rare
+    event's share and its interval would all read 0.0%."""
+    percent = 100 * value
+    distance = min(abs(percent), abs(100 - percent))
+    if distance >= 1 or distance == 0:
+        return f"{percent:.1f}%"
+    decimals = min(4, 1 - math.floor(math.log10(distance)))
+    return f"{percent:.{decimals}f}%"
 
 
 class Release:
@@ -297,7 +335,7 @@ class Release:
             return "-"
         measure = self.metadata.measure
         if measure == "Proportion":
-            return f"{100 * value:.1f}%"
+            return share_text(value)
         if measure == "Mean":
             return f"{value:,.2f}"
         return f"{value:,.0f}"
@@ -344,6 +382,7 @@ class Release:
             f"{m.suppressed_cells} of {m.cells} cells suppressed; "
             + (f"{ruled_out}; " if ruled_out else "")
             + (f"{chance}; " if chance else "")
+            + (f"{base}; " if (base := share_base_text(self.query)) else "")
             + ("released before, so free of charge; " if self.replayed else "")
             + f"release {m.release_id}"
         )
@@ -515,6 +554,22 @@ class DryRun:
             "limiting_scope": self.limiting_scope,
         }
 
+    def _suppression_line(self) -> str:
+        chance = f"{self.expected_suppressed_share:.1%}"
+        if self.measure == "Proportion":
+            # A share is published only if its records meeting the condition pass tau too, so a
+            # rare condition is suppressed in a cell of any size; the forecast is for that count.
+            return (
+                f"  a share is published when the noisy count of its records that meet the "
+                f"condition reaches tau = {self.tau}, whatever the cell's size; if "
+                f"{self.assumed_count} of a cell's records meet it, it is suppressed with "
+                f"probability at least {chance}\n"
+            )
+        return (
+            f"  published when the noisy count reaches tau = {self.tau}; a cell of "
+            f"{self.assumed_count} records is suppressed with probability {chance}\n"
+        )
+
     def _budget_line(self) -> str:
         if self.already_released:
             # The server reports the stored release's own loss and accuracy.
@@ -557,9 +612,8 @@ class DryRun:
             f"  cells: {self.cells:,}; {self.mechanism}, scale {self.noise_scale:.4g}\n"
             f"  count intervals: +/- {self.half_width} at {100 * self.confidence:g}%\n"
             f"{accuracy}"
-            f"  published when the noisy count reaches tau = {self.tau}; a cell of "
-            f"{self.assumed_count} records is suppressed with probability "
-            f"{self.expected_suppressed_share:.1%}\n"
+            f"{self._suppression_line()}"
+            f"{line(share_base_text(self.query))}"
             f"{empty_cells}"
             f"{self._budget_line()}\n"
             f"  fingerprint {self.fingerprint[:16]}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 import client
 from client.errors import from_rpc_error
-from client.query import count, flag_counts
+from client.query import Present, count, flag_counts, proportion
 from client.results import Budget, DryRun, Release, describe_canonical
 from protos.veil.v1 import status_pb2
 from protos.veil.v1 import veil_pb2 as pb
@@ -473,3 +474,61 @@ def test_plot_gives_every_series_a_colour_of_its_own(series: int) -> None:
             assert colours <= {shown[label]}, label  # bars in the legend's colour
     finally:
         plt.close("all")
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (0.073, "7.3%"), (0.00046, "0.046%"), (0.9995, "99.950%"), (0.005, "0.50%"),
+    (0.0, "0.0%"), (1.0, "100.0%"), (0.5, "50.0%"),
+])
+def test_a_rare_share_keeps_two_significant_figures(value: float, text: str) -> None:
+    # At one decimal a share of 0.046% and its interval [0.01%, 0.09%] all read 0.0%.
+    assert client.results.share_text(value) == text
+
+
+def share_table() -> pa.Table:
+    return pa.table({
+        "gender": ["Female"],
+        "value": pa.array([0.00046], pa.float64()),
+        "ci_low": pa.array([0.0001], pa.float64()),
+        "ci_high": pa.array([0.0009], pa.float64()),
+        "suppressed": [False],
+    })
+
+
+def test_a_share_says_the_records_missing_its_condition_are_in_its_base() -> None:
+    asked = proportion(isAbduction=1).by("gender")
+    shown = Release.from_pb(response(share_table(), "Proportion"), query=asked)
+    assert "0.046%  [0.010%, 0.090%]" in shown.to_text()
+    assert (
+        "each share is of all the cell's records, those whose isAbduction is missing included "
+        '(add .where(Present("isAbduction")) for the share among the records that have it)'
+    ) in shown.summary()
+    from_sql = replace(asked, spelling="sql")
+    assert "(add isAbduction IS NOT NULL for" in Release.from_pb(
+        response(share_table(), "Proportion"), query=from_sql
+    ).summary()
+    # A filter on the variable is the researcher's own choice of base: nothing to add.
+    among = asked.where(Present("isAbduction"))
+    assert "share is of" not in Release.from_pb(
+        response(share_table(), "Proportion"), query=among
+    ).summary()
+    assert "share is of" not in Release.from_pb(response(count_table()), query=count()).summary()
+
+
+def test_a_share_dry_run_forecasts_suppression_from_the_records_meeting_its_condition() -> None:
+    wire = pb.DryRunResponse(
+        loss="0.3", accounting=pb.ACCOUNTING_PURE_DP, cells=16, mechanism="discrete_laplace",
+        noise_scale=3.3, tau=21, half_width=10, confidence=0.95, assumed_count=3000,
+        expected_suppressed_share=0.0, fingerprint="ab" * 32, measure="Proportion",
+    )
+    text = repr(DryRun.from_pb(wire, proportion(isOrganRemoval=1).by("gender")))
+    assert (
+        "a share is published when the noisy count of its records that meet the condition "
+        "reaches tau = 21, whatever the cell's size; if 3000 of a cell's records meet it"
+    ) in text
+    assert "a cell of 3000 records is suppressed" not in text
+    assert "those whose isOrganRemoval is missing included" in text
+    wire.measure = "Count"
+    assert "a cell of 3000 records is suppressed with probability 0.0%" in repr(
+        DryRun.from_pb(wire, count().by("gender"))
+    )

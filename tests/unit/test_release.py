@@ -381,6 +381,46 @@ def test_cells_the_query_rules_out_are_stated_not_noised(engine: Engine) -> None
     )
 
 
+def test_a_flag_the_filter_rules_out_is_stated_not_noised(engine: Engine) -> None:
+    # `flag_counts("exploitationType") where isSexualExploit = 0`: the isSexualExploit row
+    # counts records with the flag set among records the filter keeps, none whatever the data,
+    # so it is stated as 0 [0, 0] in every cell and counted as unreachable, by the release, its
+    # dry run and the bound on empty cells published by chance alike.
+    from engine.query import And
+
+    no_sexual = Eq("isSexualExploit", 0)
+    query = Query(FlagCounts("exploitationType"), by=("gender",), where=no_sexual)
+    result = answer(engine, query, WIDE)
+    flags = CODEBOOK.flag_set("exploitationType").flags
+    rows = result.table.to_pylist()
+    assert len(rows) == 4 * len(flags)
+    assert [r["flag"] for r in rows] == [f for f in flags for _ in range(4)]  # flag by flag
+    for r in rows:
+        stated = (r["value"], r["ci_low"], r["ci_high"], r["suppressed"]) == (0, 0, 0, False)
+        assert stated == (r["flag"] == "isSexualExploit"), r
+    meta = result.metadata
+    assert meta.unreachable_cells == 4
+    dry = engine.dry_run(query, loss=WIDE)
+    assert dry.unreachable_cells == 4
+    assert dry.expected_empty_published_bound == pytest.approx(
+        (4 * len(flags) - 4) * dry.empty_pass_probability  # type: ignore[operator]
+    )
+    assert meta.expected_empty_published_bound == dry.expected_empty_published_bound
+    # With cells the filter rules out as well: every flag's row in them, and the one flag's
+    # row in the rest.
+    minors = Query(FlagCounts("exploitationType"), by=("majorityStatus",),
+                   where=And(no_sexual, Eq("majorityStatus", "Minor")))
+    plan = engine.plan(minors, loss=WIDE)
+    mask = plan.unreachable_row_mask.reshape(len(flags), 4)
+    assert mask[flags.index("isSexualExploit")].all()
+    assert mask[:, 1:].all() and int(mask[:, 0].sum()) == 1
+    assert answer(engine, minors, WIDE).metadata.unreachable_cells == 3 * len(flags) + 1
+    assert engine.dry_run(minors, loss=WIDE).unreachable_cells == 3 * len(flags) + 1
+    # The data agree: every row stated empty holds no record.
+    true_counts = np.concatenate(engine._true_components(plan))
+    assert not true_counts[plan.unreachable_row_mask].any()
+
+
 def test_cells_called_unreachable_hold_no_record_in_the_data(
     make_engine: Callable[..., Engine],
 ) -> None:
