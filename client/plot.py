@@ -119,18 +119,19 @@ def plot_release(
             error_kw={"elinewidth": 1, "ecolor": "#333333"}, **kwargs, **err)
 
     if show_suppressed and marks:
-        stub = (top or 1.0) * 0.06
+        # A hatched band across the whole axis, not a bar: a stub of any height would read as a
+        # value, and a suppressed cell's value may be anything below or above its neighbours'.
         for centre, _ in marks:
+            span = ax.axhspan if horizontal else ax.axvspan
+            span(centre - width / 2, centre + width / 2, fill=False, hatch="///",
+                 edgecolor=SUPPRESSED_COLOR, linewidth=0, alpha=0.5)
+            # Placed in axis fractions along the value axis, so that it, too, reads as no value.
             if horizontal:
-                ax.barh([centre], [stub], height=width, fill=False, hatch="///",
-                        edgecolor=SUPPRESSED_COLOR, linewidth=0.8)
-                ax.text(stub * 1.2, centre, "suppressed", va="center", ha="left", fontsize=7,
-                        color=SUPPRESSED_COLOR)
+                ax.text(0.01, centre, "suppressed", va="center", ha="left", fontsize=7,
+                        color=SUPPRESSED_COLOR, transform=ax.get_yaxis_transform())
             else:
-                ax.bar([centre], [stub], width=width, fill=False, hatch="///",
-                       edgecolor=SUPPRESSED_COLOR, linewidth=0.8)
-                ax.text(centre, stub * 1.2, "suppressed", rotation=90, va="bottom",
-                        ha="center", fontsize=7, color=SUPPRESSED_COLOR)
+                ax.text(centre, 0.01, "suppressed", rotation=90, va="bottom", ha="center",
+                        fontsize=7, color=SUPPRESSED_COLOR, transform=ax.get_xaxis_transform())
 
     ticks = list(range(len(positions)))
     m = release.metadata

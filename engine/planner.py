@@ -188,6 +188,9 @@ def _combine(
 
 # ---- the plan ----------------------------------------------------------------------------------
 
+# The code a flag's count counts: a flag is set when it is 1 (engine.sql counts `flag = 1`).
+FLAG_SET: Code = 1
+
 
 @dataclass(frozen=True)
 class Component:
@@ -264,10 +267,26 @@ class Plan:
         only they rule out is not found.)"""
         return unreachable_cells(self.dimensions, self.where)
 
+    @functools.cached_property
+    def unreachable_row_mask(self) -> np.ndarray:
+        """Rows of the release (in its order) no record can fall into, by the query's own terms.
+
+        For a flag-set measure the release is each flag's block of group cells, flags in order,
+        and a flag's row counts the records whose flag is set (FLAG_SET): it is empty when its
+        cell is unreachable, and also when the query admits no record with that flag set in the
+        cell (`where isSexualExploit = 0` for the row of isSexualExploit, or a group by the flag
+        for its cells of 0 and missing). For any other measure, the rows are the group cells
+        (`unreachable`). Like `unreachable`, this is arithmetic on the query alone."""
+        flags = self.flag_names
+        if not flags:
+            return self.unreachable
+        given = tuple((self.codebook.variable(flag), FLAG_SET) for flag in flags)
+        return unreachable_cells(self.dimensions, self.where, given=given)
+
     @property
     def unreachable_rows(self) -> int:
-        """Rows of the release in unreachable cells: one per flag for a flag-set measure."""
-        return int(self.unreachable.sum()) * max(1, len(self.flag_names))
+        """Rows of the release no record can fall into (see `unreachable_row_mask`)."""
+        return int(self.unreachable_row_mask.sum())
 
 
 # ---- cells no record can reach ----------------------------------------------------------------
@@ -276,7 +295,9 @@ class Plan:
 # countries, or missing). An atom of the WHERE clause on such a variable may hold in the cell when
 # it admits some value of the set; on a variable the query does not group by, it may always hold.
 # AND and OR combine these (canonical filters have no NOT), and a cell where the clause cannot
-# hold is unreachable.
+# hold is unreachable. A flag's rows of a flag-set count hold only records whose flag is set:
+# there the flag's variable is fixed to that one value too, as if grouped by, in a layer of the
+# grid of its own (one per flag), so every flag's rows are found in the same single pass.
 #
 # Each stored value lies in exactly one position along each dimension on its variable, so the
 # cells where an atom may hold are found by scattering the values it admits to their cells: work
@@ -284,50 +305,85 @@ class Plan:
 # is planned, free, for every dry run).
 
 
-def unreachable_cells(dimensions: tuple[Dimension, ...], where: CanonicalFilter) -> np.ndarray:
-    """The cells of `dimensions` (row-major) that no record meeting `where` can fall into."""
+def unreachable_cells(
+    dimensions: tuple[Dimension, ...],
+    where: CanonicalFilter,
+    *,
+    given: tuple[tuple[Variable, Code], ...] | None = None,
+) -> np.ndarray:
+    """The cells of `dimensions` (row-major) that no record meeting `where` can fall into.
+
+    With `given`, one block of cells per (variable, code) in it, blocks first: the cells no
+    record meeting `where` whose variable holds that code can fall into (a flag's rows of a
+    flag-set count, which count only the records whose flag is set)."""
     shape = tuple(d.size for d in dimensions)
+    layers = given or ()
+    lead = (len(layers),) if given is not None else ()
     by_variable: dict[str, list[int]] = {}
     for axis, dimension in enumerate(dimensions):
         by_variable.setdefault(dimension.variable.name, []).append(axis)
-    # Only a variable the clause reads, or one grouped twice, can rule a cell out.
+    # For each variable a layer holds to one code: per layer, the stored values (codes in order,
+    # then missing) the variable may take there, one only in a layer that holds it.
+    pinned: dict[str, np.ndarray] = {}
+    variable_of = {d.variable.name: d.variable for d in dimensions}
+    for i, (variable, code) in enumerate(layers):
+        variable_of[variable.name] = variable
+        if variable.name not in pinned:
+            pinned[variable.name] = np.ones((len(layers), len(variable.codes) + 1), dtype=bool)
+        pinned[variable.name][i] = False
+        pinned[variable.name][i, variable.code_index[code]] = True
+    # Only a variable the clause reads, one grouped twice, or one a layer holds can rule a cell
+    # out.
     mentioned = _variables(where)
     cells_of = {
         name: (axes, _cells_of_values(tuple(dimensions[a] for a in axes)))
         for name, axes in by_variable.items()
-        if name in mentioned or len(axes) > 1
+        if name in mentioned or len(axes) > 1 or name in pinned
     }
-    if not cells_of:
-        return np.zeros(math.prod(shape), dtype=bool)  # the common case, at no cost
+    if not cells_of and not mentioned & pinned.keys():
+        return np.zeros(math.prod(lead + shape), dtype=bool)  # the common case, at no cost
 
     def spread(axes: list[int], admitted: np.ndarray) -> np.ndarray:
         """The cells along `axes` where some value in `admitted` (a mask over the variable's
-        values, missing last) lies, shaped to broadcast over the whole grid."""
+        values, missing last; or one such mask per layer) lies, shaped to broadcast over the
+        whole grid (layers first)."""
         positions = cells_of[dimensions[axes[0]].variable.name][1]
-        grid = np.zeros(math.prod(shape[a] for a in axes), dtype=bool)
-        grid[positions[admitted]] = True
         full = [1] * len(shape)
         for axis in axes:
             full[axis] = shape[axis]
-        return grid.reshape(full)
+        size = math.prod(shape[a] for a in axes)
+        if admitted.ndim == 1:
+            grid = np.zeros(size, dtype=bool)
+            grid[positions[admitted]] = True
+            return grid.reshape(full)
+        rows, values = np.nonzero(admitted)
+        grid = np.zeros((admitted.shape[0], size), dtype=bool)
+        grid[rows, positions[values]] = True
+        return grid.reshape([admitted.shape[0], *full])
 
     def may_hold(f: CanonicalFilter) -> Any:
         if isinstance(f, Constant):
             return f.value
         if isinstance(f, Atom):
-            if f.variable not in cells_of:
+            if f.variable not in cells_of and f.variable not in pinned:
                 return True
-            axes, _ = cells_of[f.variable]
-            return spread(axes, _admitted(dimensions[axes[0]].variable, f))
+            admitted = _admitted(variable_of[f.variable], f)
+            if f.variable in pinned:
+                admitted = admitted & pinned[f.variable]  # one mask per layer
+            if f.variable in cells_of:
+                return spread(cells_of[f.variable][0], admitted)
+            return admitted.any(axis=1).reshape([len(layers)] + [1] * len(shape))
         parts = [may_hold(o) for o in f.operands]
         combine = np.logical_and if isinstance(f, AllOf) else np.logical_or
         return functools.reduce(combine, parts)
 
     unreachable = ~np.asarray(may_hold(where), dtype=bool)
-    for axes, positions in cells_of.values():
-        if len(axes) > 1:  # a variable grouped twice (a country and its region)
+    for name, (axes, positions) in cells_of.items():
+        if name in pinned:  # in a layer that holds it, only the cells where that code lies
+            unreachable = unreachable | ~spread(axes, pinned[name])
+        elif len(axes) > 1:  # a variable grouped twice (a country and its region)
             unreachable = unreachable | ~spread(axes, np.ones(positions.size, dtype=bool))
-    return np.broadcast_to(unreachable, shape).ravel()
+    return np.broadcast_to(unreachable, lead + shape).ravel()
 
 
 def _variables(f: CanonicalFilter) -> set[str]:

@@ -179,10 +179,11 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
     n = plan.group_cells
     keys = _key_columns(plan.dimensions, n)
     sum_scale: float | None = None
-    # Cells the query's own terms leave empty (see Plan.unreachable): known from the query
-    # alone, so stated as they are (a count or sum of 0; a share or mean of nothing, left out)
-    # rather than published as noise around zero. Zeroing them reads no data.
-    unreachable = np.tile(plan.unreachable, len(plan.flag_names) or 1)
+    # Rows the query's own terms leave empty (see Plan.unreachable_row_mask: for flag counts,
+    # also a flag's rows where the query admits no record with that flag set): known from the
+    # query alone, so stated as they are (a count or sum of 0; a share or mean of nothing, left
+    # out) rather than published as noise around zero. Zeroing them reads no data.
+    unreachable = plan.unreachable_row_mask
 
     if isinstance(measure, (Count, FlagCounts)):
         q = count_dist.quantile_abs(settings.confidence)
@@ -309,8 +310,8 @@ def empty_cell_bound_of(plan: Plan) -> EmptyCellBound:
 
     Every measure's publication rule reads a count drawn with the plan's count noise against tau
     (a count, each flag's count, a proportion's N', a sum's or mean's group count), one per cell.
-    Cells the query's own terms leave empty are stated, never published by chance, and are not
-    counted.
+    Cells (a flag's rows, for flag counts) the query's own terms leave empty are stated, never
+    published by chance, and are not counted.
     """
     reachable = plan.cells - plan.unreachable_rows
     return empty_cell_bound(plan.count_mechanism.distribution, tau=plan.tau, cells=reachable)

@@ -144,6 +144,14 @@ def test_plot_marks_suppressed_cells(release: Release) -> None:
         assert texts.count("suppressed") == 3
         drawn = [p for p in ax.patches if p.get_fill()]
         assert sorted(round(p.get_height()) for p in drawn) == [30, 45, 120]
+        # Each suppressed cell is a band across the whole value axis, which no value can be
+        # mistaken for: not a bar of some height.
+        bands = [p for p in ax.patches if not p.get_fill()]
+        assert len(bands) == 3
+        for band in bands:
+            (_, bottom), (_, top) = band.get_transform().transform([[0, 0], [0, 1]])
+            (_, axis_bottom), (_, axis_top) = ax.transAxes.transform([[0, 0], [0, 1]])
+            assert (bottom, top) == pytest.approx((axis_bottom, axis_top))
         assert "suppressed" in [t.get_text() for t in ax.get_legend().get_texts()]
         with pytest.raises(ValueError, match="not a key"):
             release.plot(x="nope")
