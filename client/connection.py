@@ -19,7 +19,6 @@ refuses (a server certificate it cannot verify, a server without TLS) is not ret
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import numbers
 import os
@@ -512,73 +511,8 @@ class Client:
         """A release the caller received before, as first sent; free."""
         response = self._call("GetRelease", pb.GetReleaseRequest(release_id=release_id))
         # The query as a fresh release names it, rebuilt from the server's canonical form.
-        query = query_of_canonical(response.metadata.canonical_query)
+        query = q.query_of_canonical(response.metadata.canonical_query)
         return Release.from_pb(response, query=query)
-
-
-def query_of_canonical(canonical: str) -> q.Query | None:
-    """The query a server's canonical form (`ReleaseMetadata.canonical_query`, JSON) describes,
-    written as a researcher would write it: a code alone is `=`, several `IN`, a run of three
-    or more integers `BETWEEN`, missing `IS NULL`. It asks for the same records as the query
-    that was released, in the canonical form's terms (a NOT comes back as the codes it admits,
-    a region as its countries, dimensions in alphabetical order). None for a form it does not
-    know, or a condition that admits nothing."""
-    try:
-        data = json.loads(canonical)
-        measure = data["measure"]
-        built: q.Query
-        if measure == "count":
-            built = q.count()
-        elif "flag_counts" in measure:
-            built = q.flag_counts(measure["flag_counts"])
-        elif "proportion" in measure:
-            condition = _filter_of_canonical(measure["proportion"])
-            if condition is None:
-                return None
-            built = q.proportion(condition)
-        elif "sum" in measure:
-            built = q.sum_of(measure["sum"])
-        else:
-            built = q.mean(measure["mean"])
-        built = built.by(*data.get("by", []))
-        where = data.get("where", True)
-        if where is True:
-            return built
-        condition = _filter_of_canonical(where)
-        return None if condition is None else built.where(condition)
-    except (TypeError, ValueError, KeyError, AttributeError, InvalidQuery):
-        return None
-
-
-def _filter_of_canonical(node: Any) -> q.Filter | None:
-    """One canonical filter as the client's condition; None for one that admits nothing."""
-    if node is True or node is False:
-        return None  # TRUE stands only as a whole condition; FALSE has no spelling of its own
-    if "var" in node:
-        variable, codes = node["var"], node["in"]
-        parts: list[q.Filter] = []
-        integers = sorted(codes) if all(isinstance(c, int) for c in codes) else []
-        if len(integers) >= 3 and integers == list(range(integers[0], integers[-1] + 1)):
-            parts.append(q.Range(variable, integers[0], integers[-1]))
-        elif len(codes) == 1:
-            parts.append(q.Eq(variable, codes[0]))
-        elif codes:
-            parts.append(q.In(variable, integers or codes))
-        if node.get("missing"):
-            parts.append(q.Missing(variable))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else q.Or(*parts)
-    key = "and" if "and" in node else "or"
-    operands: list[q.Filter] = []
-    for operand in node[key]:
-        condition = _filter_of_canonical(operand)
-        if condition is None:
-            return None
-        operands.append(condition)
-    if not operands:
-        return None
-    return q.And(*operands) if key == "and" else q.Or(*operands)
 
 
 def _half_width(value: int | None) -> int:
@@ -674,5 +608,4 @@ __all__ = [
     "Retry",
     "connect",
     "decimal_text",
-    "query_of_canonical",
 ]

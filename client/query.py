@@ -17,6 +17,7 @@ subset (`client.sql`) translates them so that they mean what they mean in SQL.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -711,6 +712,71 @@ def proportion(*conditions_: Filter, **equals: Any) -> Query:
     return Query(Proportion(condition))
 
 
+def query_of_canonical(canonical: str) -> Query | None:
+    """The query a server's canonical form (`ReleaseMetadata.canonical_query`, JSON) describes,
+    written as a researcher would write it: a code alone is `=`, several `IN`, a run of three
+    or more integers `BETWEEN`, missing `IS NULL`. It asks for the same records as the query
+    that was released, in the canonical form's terms (a NOT comes back as the codes it admits,
+    a region as its countries, dimensions in alphabetical order). None for a form it does not
+    know, or a condition that admits nothing."""
+    try:
+        data = json.loads(canonical)
+        measure = data["measure"]
+        built: Query
+        if measure == "count":
+            built = count()
+        elif "flag_counts" in measure:
+            built = flag_counts(measure["flag_counts"])
+        elif "proportion" in measure:
+            condition = _filter_of_canonical(measure["proportion"])
+            if condition is None:
+                return None
+            built = proportion(condition)
+        elif "sum" in measure:
+            built = sum_of(measure["sum"])
+        else:
+            built = mean(measure["mean"])
+        built = built.by(*data.get("by", []))
+        where = data.get("where", True)
+        if where is True:
+            return built
+        condition = _filter_of_canonical(where)
+        return None if condition is None else built.where(condition)
+    except (TypeError, ValueError, KeyError, AttributeError, InvalidQuery):
+        return None
+
+
+def _filter_of_canonical(node: Any) -> Filter | None:
+    """One canonical filter as the client's condition; None for one that admits nothing."""
+    if node is True or node is False:
+        return None  # TRUE stands only as a whole condition; FALSE has no spelling of its own
+    if "var" in node:
+        variable, codes = node["var"], node["in"]
+        parts: list[Filter] = []
+        integers = sorted(codes) if all(isinstance(c, int) for c in codes) else []
+        if len(integers) >= 3 and integers == list(range(integers[0], integers[-1] + 1)):
+            parts.append(Range(variable, integers[0], integers[-1]))
+        elif len(codes) == 1:
+            parts.append(Eq(variable, codes[0]))
+        elif codes:
+            parts.append(In(variable, integers or codes))
+        if node.get("missing"):
+            parts.append(Missing(variable))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else Or(*parts)
+    key = "and" if "and" in node else "or"
+    operands: list[Filter] = []
+    for operand in node[key]:
+        condition = _filter_of_canonical(operand)
+        if condition is None:
+            return None
+        operands.append(condition)
+    if not operands:
+        return None
+    return And(*operands) if key == "and" else Or(*operands)
+
+
 __all__ = [
     "And",
     "Count",
@@ -732,5 +798,6 @@ __all__ = [
     "flag_counts",
     "mean",
     "proportion",
+    "query_of_canonical",
     "sum_of",
 ]

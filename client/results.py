@@ -37,6 +37,7 @@ from client.display import (
     value_accuracy_text,
 )
 from client.errors import parse_amount
+from client.query import query_of_canonical
 from protos.veil.v1 import veil_pb2 as pb
 
 if TYPE_CHECKING:
@@ -806,41 +807,11 @@ class ReleaseList(list[ReceivedRelease]):
 
 
 def describe_canonical(canonical: str) -> str:
-    """A server's canonical query (JSON) as one readable line: "count by gender where ..."."""
-    try:
-        data = json.loads(canonical)
-        measure = data["measure"]
-        if measure == "count":
-            text = "count"
-        elif "flag_counts" in measure:
-            text = f"flag counts of {measure['flag_counts']}"
-        elif "proportion" in measure:
-            text = f"proportion with {_canonical_filter(measure['proportion'])}"
-        else:
-            (kind, variable), = measure.items()
-            text = f"{kind} of {variable}"
-        if data.get("by"):
-            text += " by " + ", ".join(str(b) for b in data["by"])
-        if data.get("where") is not True and data.get("where") is not None:
-            text += f" where {_canonical_filter(data['where'])}"
-        return text
-    except (TypeError, ValueError, KeyError, AttributeError):
-        return canonical
-
-
-def _canonical_filter(node: Any, nested: bool = False) -> str:
-    if node is True or node is False:
-        return "TRUE" if node else "FALSE"
-    if "var" in node:
-        codes = ", ".join(str(c) for c in node["in"])
-        text = f"{node['var']} IN ({codes})" if node["in"] else ""
-        if node.get("missing"):
-            text = f"{text} OR {node['var']} IS NULL" if text else f"{node['var']} IS NULL"
-            return f"({text})" if nested and " OR " in text else text
-        return text or "FALSE"
-    key = "and" if "and" in node else "or"
-    text = f" {key.upper()} ".join(_canonical_filter(o, True) for o in node[key])
-    return f"({text})" if nested else text
+    """A server's canonical query (JSON) as one readable line, written as a summary writes the
+    query ("count by gender where majorityStatus = 'Minor'"); the text itself for a form the
+    client does not know."""
+    query = query_of_canonical(canonical)
+    return canonical if query is None else str(query)
 
 
 def cells_from_json(document: dict[str, Any]) -> list[Cell]:

@@ -340,7 +340,7 @@ def test_unknown_names_suggest_the_closest_regardless_of_case(book: Codebook) ->
 def test_a_canonical_query_reads_back_as_a_researcher_writes_it() -> None:
     import json
 
-    from client.connection import query_of_canonical
+    from client.query import query_of_canonical
 
     def back(measure: object, where: object = True, by: tuple[str, ...] = ()) -> str:
         text = json.dumps({"measure": measure, "by": list(by), "where": where, "codebook": "c"})

@@ -232,7 +232,7 @@ def test_dry_run_budget_and_canonical_text() -> None:
                           {"in": [], "missing": True, "var": "gender"}]},
     })
     assert describe_canonical(canonical) == (
-        "flag counts of sexType by gender where majorityStatus IN (Minor) AND gender IS NULL"
+        "flag counts of sexType by gender where majorityStatus = 'Minor' AND gender IS NULL"
     )
     assert describe_canonical("not json") == "not json"
 
