@@ -530,7 +530,7 @@ def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: Priva
         separators=(",", ":"),
         default=str,
     )
-    return Plan(
+    plan = Plan(
         codebook=codebook,
         query=query,
         dimensions=tuple(sorted(dimensions, key=lambda d: d.name)),
@@ -543,6 +543,14 @@ def plan_query(query: Query, codebook: Codebook, settings: Settings, loss: Priva
         canonical=canonical,
         fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
     )
+    if plan.unreachable_row_mask.all():
+        # As for a filter that admits nothing: the table is known before any data is read, so
+        # it is refused rather than charged (and the release computes the mask anyway).
+        raise InvalidQueryError(
+            "the query's own terms rule out every cell (its filter admits no record in any of "
+            "them), so every cell would be stated empty; nothing was charged"
+        )
+    return plan
 
 
 def _canonical_measure(query: Query, components: list[Component]) -> Any:

@@ -108,7 +108,7 @@ def test_release_count_with_intervals_and_suppression(
     (mine,) = veil_client.releases()
     assert mine.release_id == release.metadata.release_id and mine.request_id == release.request_id
     assert mine.charged == Fraction(1, 2) and not mine.reused
-    assert mine.query == "count by ageBroad, gender where majorityStatus = 'Minor'"  # as summaries say
+    assert mine.query == "count by ageBroad, gender where majorityStatus = 'Minor'"
     again = mine.fetch()
     assert again.metadata == release.metadata and again.table.num_rows == table.num_rows
     assert cell_set(again) == cell_set(release)  # keys in the server's order, same cells

@@ -421,6 +421,26 @@ def test_a_flag_the_filter_rules_out_is_stated_not_noised(engine: Engine) -> Non
     assert not true_counts[plan.unreachable_row_mask].any()
 
 
+def test_a_query_whose_terms_rule_out_every_cell_is_refused_before_a_charge(
+    engine: Engine,
+) -> None:
+    # Not FALSE as a filter (each flag = 0 admits records), yet no flag's row can hold one: the
+    # table is known before any data is read, so it is refused as a contradiction is.
+    from engine.query import And
+
+    flags = CODEBOOK.flag_set("exploitationType").flags
+    none_set = And(*(Eq(flag, 0) for flag in flags))
+    query = Query(FlagCounts("exploitationType"), by=("gender",), where=none_set)
+    with pytest.raises(InvalidQueryError, match=r"rule out every cell.*nothing was charged"):
+        engine.plan(query, loss=WIDE)
+    with pytest.raises(InvalidQueryError, match="rule out every cell"):
+        engine.dry_run(query, loss=WIDE)
+    # One flag left open keeps its rows: planned as before.
+    some = And(*(Eq(flag, 0) for flag in flags[1:]))
+    plan = engine.plan(Query(FlagCounts("exploitationType"), by=("gender",), where=some), loss=WIDE)
+    assert plan.unreachable_rows == 4 * (len(flags) - 1)
+
+
 def test_cells_called_unreachable_hold_no_record_in_the_data(
     make_engine: Callable[..., Engine],
 ) -> None:
