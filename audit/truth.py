@@ -89,9 +89,6 @@ class Knowledge:
     empty: tuple[str, ...]
     common: tuple[str, ...]
 
-    def with_count(self, n: int) -> tuple[str, ...]:
-        return tuple(code for code, c in self.counts.items() if c == n)
-
     def apart(self, a: Person, b: Person) -> bool:
         """Neither target's code has a record in the other's cell: a tracker can hold both."""
         return (

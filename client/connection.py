@@ -79,9 +79,6 @@ class Retry:
         return base * (1 + self.jitter * random.random())
 
 
-NO_RETRY = Retry(attempts=1)
-
-
 @dataclass(frozen=True)
 class TLS:
     """TLS settings. `ca_cert`: the certificate (PEM path or bytes) that signed the server's,

@@ -104,6 +104,7 @@ from engine.release import Answer, Release, ReleaseMetadata
 
 ROLES = ("researcher", "auditor", "admin")
 SCOPE_KINDS = ("client", "institution", "dataset")
+# Where a test's `hooks` callable is called, with the point's name (to inject a crash there).
 HOOK_POINTS = ("after_reserve", "after_compute", "after_commit")
 
 Hooks = Callable[[str], None]
@@ -957,6 +958,7 @@ class Ledger:
             return work(conn)
 
     def _hook(self, point: str) -> None:
+        assert point in HOOK_POINTS, point
         if self._hooks is not None:
             self._hooks(point)
 

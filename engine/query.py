@@ -9,9 +9,8 @@ checks them against a codebook and compiles them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from engine.errors import InvalidQueryError
 
@@ -140,88 +139,6 @@ class Query:
         object.__setattr__(self, "where", where)
         if len(set(self.by)) != len(self.by):
             raise InvalidQueryError("a dimension appears twice in by")
-
-    # -- a plain-data form, used by the ledger, the CLI and tests --
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"measure": _measure_to_dict(self.measure), "by": list(self.by)}
-        if self.where is not None:
-            out["where"] = filter_to_dict(self.where)
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Query:
-        try:
-            where = raw.get("where")
-            return cls(
-                _measure_from_dict(raw["measure"]),
-                by=[str(b) for b in raw.get("by", ())],
-                where=filter_from_dict(where) if where is not None else None,
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise InvalidQueryError(f"malformed query: {exc}") from exc
-
-
-def _measure_to_dict(measure: Measure) -> dict[str, Any]:
-    if isinstance(measure, Count):
-        return {"count": {}}
-    if isinstance(measure, FlagCounts):
-        return {"flag_counts": measure.flag_set}
-    if isinstance(measure, Sum):
-        return {"sum": measure.variable}
-    if isinstance(measure, Mean):
-        return {"mean": measure.variable}
-    return {"proportion": filter_to_dict(measure.condition)}
-
-
-def _measure_from_dict(raw: Mapping[str, Any]) -> Measure:
-    ((kind, arg),) = raw.items()
-    if kind == "count":
-        return Count()
-    if kind == "flag_counts":
-        return FlagCounts(str(arg))
-    if kind == "sum":
-        return Sum(str(arg))
-    if kind == "mean":
-        return Mean(str(arg))
-    if kind == "proportion":
-        return Proportion(filter_from_dict(arg))
-    raise InvalidQueryError(f"unknown measure {kind!r}")
-
-
-def filter_to_dict(f: Filter) -> dict[str, Any]:
-    if isinstance(f, Eq):
-        return {"eq": [f.variable, f.value]}
-    if isinstance(f, In):
-        return {"in": [f.variable, list(f.values)]}
-    if isinstance(f, Range):
-        return {"range": [f.variable, f.low, f.high]}
-    if isinstance(f, IsMissing):
-        return {"missing": f.variable}
-    if isinstance(f, Not):
-        return {"not": filter_to_dict(f.operand)}
-    if isinstance(f, And):
-        return {"and": [filter_to_dict(o) for o in f.operands]}
-    return {"or": [filter_to_dict(o) for o in f.operands]}
-
-
-def filter_from_dict(raw: Mapping[str, Any]) -> Filter:
-    ((kind, arg),) = raw.items()
-    if kind == "eq":
-        return Eq(str(arg[0]), arg[1])
-    if kind == "in":
-        return In(str(arg[0]), arg[1])
-    if kind == "range":
-        return Range(str(arg[0]), arg[1], arg[2])
-    if kind == "missing":
-        return IsMissing(str(arg))
-    if kind == "not":
-        return Not(filter_from_dict(arg))
-    if kind == "and":
-        return And(*(filter_from_dict(o) for o in arg))
-    if kind == "or":
-        return Or(*(filter_from_dict(o) for o in arg))
-    raise InvalidQueryError(f"unknown filter {kind!r}")
 
 
 def filter_depth(f: Filter) -> int:

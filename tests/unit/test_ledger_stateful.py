@@ -25,7 +25,7 @@ from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.errors import BudgetExceededError, RequestConflictError
-from engine.ledger import Ledger
+from engine.ledger import HOOK_POINTS, Ledger
 from engine.loss import Accounting, PrivacyLoss
 from engine.planner import Plan
 from engine.query import Count, Query, Range
@@ -208,7 +208,7 @@ class LedgerMachine(RuleBasedStateMachine):
         client=st.sampled_from(sorted(CLIENTS)),
         query=st.integers(0, len(QUERIES) - 1),
         loss=st.sampled_from(LOSSES),
-        after=st.sampled_from(["after_reserve", "after_compute", "after_commit"]),
+        after=st.sampled_from(HOOK_POINTS),
     )
     def crash(self, client: str, query: int, loss: str, after: str) -> None:
         """The process dies at a point of the release sequence, before the hand-out."""
