@@ -13,7 +13,9 @@ encrypted, is refused before the server starts.
 
     [privacy]
     accounting = "pure_dp"        # or "zcdp"
-    k = 10                        # minimum cell size (never below k_floor)
+    k = 10                        # minimum cell size (default: the codebook's; never below
+                                  # k_floor)
+    k_floor = 10                  # the least k any setting may give
     beta = 0.05                   # largest chance a cell below k is published
     confidence = 0.95
 
@@ -50,6 +52,7 @@ encrypted, is refused before the server starts.
     max_dimensions = 4
     max_filter_depth = 8
     max_filter_terms = 64
+    max_list_releases = 1000      # most releases one listing call returns
 
     [log]
     level = "info"

@@ -301,7 +301,7 @@ class Services:
     max_query_seconds: float
     max_request_bytes: int
     max_response_bytes: int
-    max_list_releases: int = 1000
+    max_list_releases: int
     in_flight: InFlight = field(default_factory=InFlight)
 
 

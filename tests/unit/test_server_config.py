@@ -188,3 +188,21 @@ def test_paths_are_absolute_when_the_config_is_named_relatively(
     monkeypatch.chdir(tmp_path)
     config = load_config("veil.toml")
     assert config.data == tmp_path / "d.duckdb" and config.ledger == tmp_path / "ledger.sqlite"
+
+
+def test_the_module_documents_every_key_it_accepts() -> None:
+    # The README sends custodians to this docstring for "the full list of keys".
+    import re
+    from dataclasses import fields
+
+    from server import config
+
+    doc = config.__doc__ or ""
+    documented = set(re.findall(r"^\s*([a-z_]+) = ", doc, flags=re.MULTILINE))
+    sections = set(re.findall(r"^\s*\[([a-z]+)\]", doc, flags=re.MULTILINE))
+    accepted = (
+        config._PRIVACY | config._CAPS | config._SERVER | config._TLS | config._LOG
+        | {f.name for f in fields(config.Limits)} | (config._TOP - sections)
+    )
+    assert accepted - documented == set()
+    assert sections == config._TOP - {"data", "codebook", "ledger"}

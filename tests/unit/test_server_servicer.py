@@ -171,6 +171,7 @@ def test_only_the_revocation_that_revoked_says_so(
     services = Services(
         Engine(DuckDBBackend(data), codebook=default_codebook()), accounts,
         max_query_seconds=10, max_request_bytes=1 << 20, max_response_bytes=1 << 20,
+        max_list_releases=1000,
     )
     admin = AdminServicer(services)
     monkeypatch.setattr("server.servicer.current_identity", lambda: Identity("root", Role.ADMIN))
