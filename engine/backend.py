@@ -16,9 +16,8 @@ from typing import Protocol
 import duckdb
 import numpy as np
 
-from engine import database as data_file
 from engine.errors import LoadError, QueryCancelledError
-from engine.sql import Statement
+from engine.sql import Statement, read_metadata
 
 
 class Cancellation:
@@ -110,7 +109,9 @@ class DuckDBBackend:
         except duckdb.Error as exc:
             raise _foreign(self.path, exc) from exc
         try:
-            recorded = dict(self._connection.execute(data_file.RECORDED).fetchall())
+            statement = read_metadata()
+            rows = self._connection.execute(statement.text, statement.parameters).fetchall()
+            recorded = dict(rows)
         except duckdb.Error as exc:  # a DuckDB file, but not one of ours
             self._connection.close()
             raise _foreign(self.path, exc) from exc

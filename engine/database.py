@@ -15,7 +15,14 @@ import pyarrow as pa
 
 from engine.codebook import Codebook
 from engine.errors import DataFileExistsError, LoadError
-from engine.sql import append_records, create_table
+from engine.sql import (
+    append_records,
+    checkpoint,
+    create_table,
+    metadata_table,
+    read_metadata,
+    record_metadata,
+)
 
 # The name under which the ledger keeps the dataset's budget: every data version loaded under
 # one name is paid for from one dataset cap (a subset of the ledger's names).
@@ -61,7 +68,7 @@ def create(
     # private directory, so it is never readable by others before this).
     os.chmod(path, 0o600)
     connection.execute(create_table(codebook))
-    connection.execute("CREATE TABLE veil_metadata (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    connection.execute(metadata_table())
     return connection
 
 
@@ -86,21 +93,14 @@ def finish(
     `dataset` names the people the file describes, the same for every version of them; it
     defaults to the codebook's name.
     """
-    connection.executemany(
-        "INSERT OR REPLACE INTO veil_metadata VALUES (?, ?)",
-        [
-            ["data_version", data_version],
-            ["codebook", codebook.identity],
-            ["dataset", check_dataset_name(dataset or codebook.name)],
-        ],
+    statement = record_metadata(
+        data_version=data_version,
+        codebook=codebook.identity,
+        dataset=check_dataset_name(dataset or codebook.name),
     )
-    connection.execute("CHECKPOINT")
+    connection.execute(statement.text, statement.parameters)
+    connection.execute(checkpoint())
     connection.close()
-
-
-RECORDED = (
-    "SELECT key, value FROM veil_metadata WHERE key IN ('data_version', 'codebook', 'dataset')"
-)
 
 
 def recorded(path: str | Path) -> dict[str, str]:
@@ -108,7 +108,8 @@ def recorded(path: str | Path) -> dict[str, str]:
     empty when the file is missing or is not a data file."""
     try:
         with duckdb.connect(str(path), read_only=True) as connection:
-            rows = connection.execute(RECORDED).fetchall()
+            statement = read_metadata()
+            rows = connection.execute(statement.text, statement.parameters).fetchall()
     except duckdb.Error:
         return {}
     return {str(key): str(value) for key, value in rows}

@@ -217,6 +217,53 @@ def create_table(codebook: Codebook) -> str:
     return f"CREATE TABLE {TABLE} ({columns})"
 
 
+# ---- data file statements ----
+# Statements for `engine.database`, which creates a data file, and for the backend, which reads
+# what the file records about itself: the metadata table (one value per key) beside the records.
+
+METADATA = "veil_metadata"
+# What a data file records about itself: its data version, its codebook's identity, its dataset.
+METADATA_KEYS = ("data_version", "codebook", "dataset")
+# A DuckDB memory size as the generator's settings write it ("512MB", "1.5GiB").
+_MEMORY_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?\s*[KMGT]i?B$")
+
+
+def metadata_table() -> str:
+    """DDL for the table in which a data file records what it holds."""
+    return f"CREATE TABLE {METADATA} (key VARCHAR PRIMARY KEY, value VARCHAR)"
+
+
+def record_metadata(*, data_version: str, codebook: str, dataset: str) -> Statement:
+    """Record (or replace) a data file's data version, codebook identity and dataset name."""
+    values = {"data_version": data_version, "codebook": codebook, "dataset": dataset}
+    rows = ", ".join("(?, ?)" for _ in METADATA_KEYS)
+    parameters = tuple(item for key in METADATA_KEYS for item in (key, values[key]))
+    return Statement(f"INSERT OR REPLACE INTO {METADATA} VALUES {rows}", parameters)
+
+
+def read_metadata() -> Statement:
+    """Rows (key, value) of what a data file records about itself (see `METADATA_KEYS`)."""
+    keys = ", ".join("?" for _ in METADATA_KEYS)
+    return Statement(f"SELECT key, value FROM {METADATA} WHERE key IN ({keys})", METADATA_KEYS)
+
+
+def checkpoint() -> str:
+    """Write a data file's write-ahead log into the file itself."""
+    return "CHECKPOINT"
+
+
+def generator_settings(memory_limit: str) -> tuple[str, ...]:
+    """Settings for the synthetic generator's writable connection: no progress bar (it keeps
+    its own), and DuckDB's memory capped at `memory_limit` (a size such as "512MB")."""
+    # SET takes no bound parameter in DuckDB 1.x: the size is checked, then escaped.
+    if not _MEMORY_SIZE.match(memory_limit):
+        raise ValueError(f"not a memory size: {memory_limit!r}")
+    return (
+        "SET enable_progress_bar = false",
+        f"SET memory_limit = {_string_literal(memory_limit)}",
+    )
+
+
 # ---- load statements ----
 # Statements for `engine.loader`, the custodian's tool that writes a data file. Every source
 # column is read as text and renamed by position (c0, c1, ...), so no header text from a file

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from engine import database as data_file
 from engine.codebook import Codebook, Kind, Variable, default_codebook, load_codebook
 from engine.errors import CodebookError, DataFileExistsError, VeilError
+from engine.sql import generator_settings
 
 CHUNK_ROWS = 1 << 20
 MEMORY_LIMIT = "512MB"  # DuckDB's while writing; the process peaks near 0.7 GB at any size
@@ -339,10 +340,10 @@ def generate(
     version = data_version(codebook, rows=rows, seed=seed)
     connection = data_file.create(partial, codebook, overwrite=True)
     try:
-        connection.execute("SET enable_progress_bar = false")
         # DuckDB caches written blocks up to its memory limit (most of RAM by default); a small
         # limit keeps a 100M-row run at the footprint of a 1M-row one, at no cost in speed.
-        connection.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+        for setting in generator_settings(MEMORY_LIMIT):
+            connection.execute(setting)
         with tqdm(
             total=rows, unit="rows", unit_scale=True, file=sys.stderr, disable=not progress
         ) as bar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -29,7 +30,16 @@ from engine.query import (
     Sum,
 )
 from engine.settings import Settings
-from engine.sql import build, create_table, quote
+from engine.sql import (
+    build,
+    checkpoint,
+    create_table,
+    generator_settings,
+    metadata_table,
+    quote,
+    read_metadata,
+    record_metadata,
+)
 
 CODEBOOK = default_codebook()
 
@@ -176,6 +186,38 @@ def test_every_statement_runs_on_the_typed_table() -> None:
     ]:
         s = statement(query)
         assert connection.execute(s.text, list(s.parameters)).fetchall() in ([], [(0,) + (0,) * 0])
+
+
+def test_a_data_file_records_and_replaces_what_it_holds(tmp_path: Path) -> None:
+    path = tmp_path / "data.duckdb"
+    with duckdb.connect(str(path)) as connection:
+        connection.execute(metadata_table())
+        connection.execute("INSERT INTO veil_metadata VALUES ('other', 'kept, not read')")
+        for version in ("v1", "v2"):  # recorded again, each key's value is replaced
+            s = record_metadata(data_version=version, codebook="ctdc@7:abc", dataset="it's")
+            assert "v2" not in s.text and "it's" not in s.text
+            connection.execute(s.text, s.parameters)
+        connection.execute(checkpoint())
+    with duckdb.connect(str(path), read_only=True) as connection:
+        s = read_metadata()
+        recorded = dict(connection.execute(s.text, s.parameters).fetchall())
+    assert recorded == {"data_version": "v2", "codebook": "ctdc@7:abc", "dataset": "it's"}
+
+
+def test_generator_settings_cap_memory_and_refuse_anything_but_a_size() -> None:
+    connection, reference = duckdb.connect(), duckdb.connect()
+    for setting in generator_settings("256MB"):
+        connection.execute(setting)
+    reference.execute("SET memory_limit = '256MB'")
+    limit = "SELECT current_setting('memory_limit')"
+    assert connection.execute(limit).fetchone() == reference.execute(limit).fetchone()
+    assert connection.execute(limit).fetchone() != duckdb.connect().execute(limit).fetchone()
+    assert connection.execute("SELECT current_setting('enable_progress_bar')").fetchone() == (
+        False,
+    )
+    for bad in ["512MB'; SET enable_external_access = true; --", "lots", "", "512"]:
+        with pytest.raises(ValueError):
+            generator_settings(bad)
 
 
 def _person_codebook(bound: int) -> Codebook:
