@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.audit_report import TABLE_NAMES, build_tables
 from engine.errors import ClientRegistryError, LedgerUnavailableError
@@ -29,9 +29,12 @@ from server.auth import (
     hash_token,
     without_tokens,
 )
-from server.config import Caps
+from server.config import Caps, ServerConfig
 from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
 from server.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
 
 # The actor recorded for changes made by `veil serve` itself on the ledger's host (the config's
 # caps, --init-admin, the demo's clients), with no authenticated caller behind them. Client ids
@@ -152,6 +155,19 @@ class LedgerAccounts:
             data_version=data_version,
             default_cap=parse_amount(caps.client),
             token_lifetime=token_lifetime,
+        )
+
+    @classmethod
+    def for_config(cls, config: ServerConfig, engine: Engine) -> LedgerAccounts:
+        """The deployment's ledger, opened as `config` says for the data `engine` serves."""
+        return cls.open(
+            config.ledger,
+            settings=engine.settings,
+            dataset=engine.dataset,
+            data_version=engine.data_version,
+            caps=config.caps,
+            wait_timeout=config.limits.max_query_seconds,
+            token_lifetime=config.token_lifetime,
         )
 
     def token_expiry(self) -> datetime | None:

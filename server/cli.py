@@ -119,15 +119,7 @@ def _start(
             "CLIENT_ID). If this deployment has a ledger already, correct the path."
         )
     engine = build_engine(config)
-    accounts = LedgerAccounts.open(
-        config.ledger,
-        settings=engine.settings,
-        dataset=engine.dataset,
-        data_version=engine.data_version,
-        caps=config.caps,
-        wait_timeout=config.limits.max_query_seconds,
-        token_lifetime=config.token_lifetime,
-    )
+    accounts = LedgerAccounts.for_config(config, engine)
     tokens: dict[str, str] = {}
     try:
         registered = {c.client_id for c in accounts.ledger.list_clients()}

@@ -97,14 +97,7 @@ class LiveServer:
         )
         configure_logging(config.log_level, config.log_file)
         engine = build_engine(config)
-        accounts = LedgerAccounts.open(
-            config.ledger,
-            settings=engine.settings,
-            dataset=engine.dataset,
-            data_version=engine.data_version,
-            caps=config.caps,
-            wait_timeout=config.limits.max_query_seconds,
-        )
+        accounts = LedgerAccounts.for_config(config, engine)
         token = new_token()
         accounts.ledger.register_client(
             CLIENT, role="researcher", cap=LEDGER_CAP, token_hash=hash_token(token)
