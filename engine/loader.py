@@ -33,7 +33,7 @@ from typing import Any
 import duckdb
 from tqdm import tqdm
 
-from engine import database as data_file
+from engine import data_file
 from engine.codebook import Codebook, Kind, Variable
 from engine.errors import CodebookError, LoadError
 from engine.sql import (

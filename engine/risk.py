@@ -52,7 +52,7 @@ from typing import Any
 
 from engine.backend import DuckDBBackend
 from engine.codebook import Codebook, load_codebook
-from engine.database import RESTRICTED_NOTICE
+from engine.data_file import RESTRICTED_NOTICE
 from engine.errors import VeilError
 from engine.loader import load
 from engine.loss import Accounting, epsilon_equivalent

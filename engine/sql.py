@@ -218,7 +218,7 @@ def create_table(codebook: Codebook) -> str:
 
 
 # ---- data file statements ----
-# Statements for `engine.database`, which creates a data file, and for the backend, which reads
+# Statements for `engine.data_file`, which creates a data file, and for the backend, which reads
 # what the file records about itself: the metadata table (one value per key) beside the records.
 
 METADATA = "veil_metadata"

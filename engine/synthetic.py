@@ -1,6 +1,6 @@
 """Synthetic CTDC-like records for the demo, the tests and the benchmarks.
 
-The generator writes a DuckDB file typed exactly like a loaded one (`engine.database.create`), so
+The generator writes a DuckDB file typed exactly like a loaded one (`engine.data_file.create`), so
 everything downstream of the loader runs unchanged on it. The records are made up: every value is
 drawn from the parameter tables below, which are set so that the shares CTDC has published (the
 press release in `shared/seeds/004_*`) hold in the generated data, with the skew, the correlations
@@ -34,7 +34,7 @@ import numpy.typing as npt
 import pyarrow as pa
 from tqdm import tqdm
 
-from engine import database as data_file
+from engine import data_file
 from engine.codebook import Codebook, Kind, Variable, default_codebook, load_codebook
 from engine.errors import CodebookError, DataFileExistsError, VeilError
 from engine.sql import generator_settings

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from engine import database
+from engine import data_file as database
 from engine.backend import DuckDBBackend
 from engine.codebook import Codebook, default_codebook
 from engine.engine import Engine
