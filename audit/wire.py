@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pyarrow as pa
 
 from client.connection import TLS, is_loopback
+from client.errors import is_budget_error, retry_after, status_of
 from engine.loss import parse_amount
 from engine.query import Query
 from protos.veil.v1 import veil_pb2 as pb
@@ -26,9 +27,12 @@ from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 from server.convert import query_to_pb
 
 Key = tuple[Any, ...]
+_T = TypeVar("_T")
 
 # How long to wait for the server's rate limit, at most, before giving up on one call.
 _RATE_WAIT_SECONDS = 30.0
+# The wait `_unary` takes when the server refuses for its rate without saying how long to wait.
+_DEFAULT_RATE_WAIT = 0.05
 
 
 # ---- answers and refusals ------------------------------------------------------------------------
@@ -91,14 +95,31 @@ def answer_from_pb(response: pb.ReleaseResponse, by: tuple[str, ...]) -> Answer:
     return Answer(meta.release_id, meta.loss, int(meta.tau), cells, by, response.charged)
 
 
-def _trailers(error: grpc.RpcError) -> dict[str, str]:
-    """A failed call's trailing metadata, text values only."""
-    out: dict[str, str] = {}
-    for item in error.trailing_metadata() or ():
-        key, value = item.key, item.value
-        if isinstance(value, str):
-            out[key] = value
-    return out
+def _slow_down(error: grpc.RpcError, default: float | None) -> float | None:
+    """The seconds to wait before calling again when the server refused `error`'s call for its
+    rate limit or its cap of calls running (RESOURCE_EXHAUSTED, not a budget): its retry-after,
+    else `default`. None when the refusal was for anything else."""
+    code, _, trailers = status_of(error)
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or is_budget_error(trailers):
+        return None
+    wait = retry_after(trailers)
+    return default if wait is None else wait
+
+
+def _waiting_out_rate_limits(attempt: Callable[[], _T], *, default: float | None) -> _T:
+    """`attempt()`, tried again after the wait the server asks for while it refuses the call for
+    its rate (see `_slow_down`; `default` is the wait when it names none, None not to wait then),
+    as long as the wait ends within _RATE_WAIT_SECONDS of the first try. Any other refusal, or
+    one whose wait would end later, is raised as the call raised it."""
+    deadline = time.monotonic() + _RATE_WAIT_SECONDS
+    while True:
+        try:
+            return attempt()
+        except grpc.RpcError as exc:
+            wait = _slow_down(exc, default)
+            if wait is None or time.monotonic() + wait >= deadline:
+                raise
+            time.sleep(wait)  # the rate limit, not the request, refused it
 
 
 # ---- the connection ------------------------------------------------------------------------------
@@ -174,21 +195,16 @@ class Target:
     # -- calls --
 
     def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
-        """One call, waiting out the server's rate limit and concurrency cap when it says so."""
-        deadline = time.monotonic() + _RATE_WAIT_SECONDS
-        while True:
-            try:
-                return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                trailers = _trailers(exc)
-                budget = "veil-budget-scope" in trailers
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not budget:
-                    wait = float(trailers.get("retry-after", "0.05"))
-                    if time.monotonic() + wait < deadline:
-                        time.sleep(wait)
-                        continue
-                raise Refused(code, exc.details() or "", budget=budget) from None
+        """One call, waiting out the server's rate limit and concurrency cap (the wait it names,
+        or _DEFAULT_RATE_WAIT when it names none); raises Refused for any other refusal."""
+        try:
+            return _waiting_out_rate_limits(
+                lambda: method(request, metadata=self.metadata, timeout=timeout or self.timeout),
+                default=_DEFAULT_RATE_WAIT,
+            )
+        except grpc.RpcError as exc:
+            code, _, trailers = status_of(exc)
+            raise Refused(code, exc.details() or "", budget=is_budget_error(trailers)) from None
 
     def codebook(self) -> pb.GetCodebookResponse:
         if self._codebook is None:
@@ -217,28 +233,29 @@ class Target:
         return bool(self._unary(self.research.DryRun, request).already_released)
 
     def raw(self, method: str, payload: bytes, *, timeout: float | None = None) -> Call:
-        """Send raw request bytes to `/veil.v1.<Service>/<Method>`; never raises for a status."""
+        """Send raw request bytes to `/veil.v1.<Service>/<Method>`; never raises for a status.
+
+        A refusal for the server's rate is waited out only when the server names the wait, and
+        `seconds` is the duration of the last try alone."""
         call = self.channel.unary_unary(
             method, request_serializer=lambda b: b, response_deserializer=lambda b: b
         )
-        deadline = time.monotonic() + _RATE_WAIT_SECONDS
-        while True:
+        seconds = 0.0
+
+        def attempt() -> Call:
+            nonlocal seconds
             start = time.perf_counter()
             try:
                 call(payload, metadata=self.metadata, timeout=timeout or self.timeout)
-                return Call(grpc.StatusCode.OK, "", time.perf_counter() - start)
-            except grpc.RpcError as exc:
+            except grpc.RpcError:
                 seconds = time.perf_counter() - start
-                code, message = exc.code(), exc.details() or ""
-                retry = _trailers(exc).get("retry-after")
-                if (
-                    code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    and retry is not None
-                    and time.monotonic() + float(retry) < deadline
-                ):
-                    time.sleep(float(retry))
-                    continue  # the rate limit, not the request, refused it
-                return Call(code, message, seconds)
+                raise
+            return Call(grpc.StatusCode.OK, "", time.perf_counter() - start)
+
+        try:
+            return _waiting_out_rate_limits(attempt, default=None)
+        except grpc.RpcError as exc:
+            return Call(exc.code(), exc.details() or "", seconds)
 
     def healthy(self) -> bool:
         """The standard health check says SERVING."""

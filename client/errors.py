@@ -23,13 +23,15 @@ from typing import Any
 import grpc
 
 from protos.veil.v1 import status_pb2
+from protos.veil.v1.trailers import (
+    BUDGET_REMAINING_KEY,
+    BUDGET_SCOPE_KEY,
+    QUOTA_FAILURE_TYPE_URL,
+    RETRY_AFTER_KEY,
+    STATUS_DETAILS_KEY,
+    VARIABLE_KEY,
+)
 
-QUOTA_FAILURE_TYPE_URL = "type.googleapis.com/google.rpc.QuotaFailure"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
-BUDGET_SCOPE_KEY = "veil-budget-scope"
-BUDGET_REMAINING_KEY = "veil-budget-remaining"
-VARIABLE_KEY = "veil-variable"
-RETRY_AFTER_KEY = "retry-after"
 # The environment variables the client reads (see client.connection); named here, the module
 # every other imports, so that messages can name them too.
 TOKEN_ENV = "VEIL_TOKEN"

@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine.release import Release
 from protos.veil.v1 import status_pb2
 from protos.veil.v1 import veil_pb2 as pb
+from protos.veil.v1.trailers import QUOTA_FAILURE_TYPE_URL
 from server.accounts import LOCAL_ACTOR, LedgerAccounts
 from server.cli import _start
-from server.errors import QUOTA_FAILURE_TYPE_URL
 from tests.conftest import write_database
 from tests.server_harness import (
     ROWS,

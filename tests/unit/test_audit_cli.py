@@ -205,3 +205,91 @@ def test_an_auditors_token_leaves_this_machine_only_over_tls() -> None:
     listener.close()
     assert received and received[0][:1] == b"\x16"  # a TLS record: the handshake
     assert b"veil_do-not-send-in-clear" not in received[0]
+
+
+# ---- the attacker's waits for the server's rate ------------------------------------------------
+
+
+def _refusal(code_name: str, trailers: tuple[tuple[str, str | bytes], ...] = ()) -> Exception:
+    """A refused call's error, its trailers items with `key` and `value` as gRPC's are."""
+    from collections import namedtuple
+
+    import grpc
+
+    metadatum = namedtuple("metadatum", ["key", "value"])
+    items = tuple(metadatum(key, value) for key, value in trailers)
+
+    class Refusal(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode[code_name]
+
+        def details(self) -> str:
+            return f"refused: {code_name}"
+
+        def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+            return items
+
+    return Refusal()
+
+
+def _scripted(outcomes: list[object]) -> tuple[list[int], object]:
+    """A call that raises or returns each outcome in turn, and the list counting its tries."""
+    tries: list[int] = []
+
+    def call(request: object, *, metadata: object = None, timeout: object = None) -> object:
+        tries.append(1)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return tries, call
+
+
+def test_target_calls_wait_out_the_rate_limit_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import grpc
+
+    import audit.wire
+    from audit.wire import Refused, Target
+
+    slept: list[float] = []
+    monkeypatch.setattr(audit.wire.time, "sleep", slept.append)
+    rate = _refusal("RESOURCE_EXHAUSTED", (("retry-after", "0.250"),))
+    unnamed = _refusal("RESOURCE_EXHAUSTED")  # the rate, no wait named
+    budget = _refusal("RESOURCE_EXHAUSTED", (("veil-budget-scope", "client"),
+                                             ("veil-budget-remaining", "0.1")))
+    too_long = _refusal("RESOURCE_EXHAUSTED", (("retry-after", "31"),))
+    target = Target("127.0.0.1:1", "veil_x")
+    try:
+        # A typed call waits the wait named, or 0.05 s when none is, then succeeds.
+        tries, call = _scripted([rate, unnamed, "answer"])
+        assert target._unary(call, object()) == "answer"
+        assert (len(tries), slept) == (3, [0.25, 0.05])
+        # A budget refusal, or a wait past the 30 s allowed, is refused at once.
+        slept.clear()
+        for refusal, is_budget in ((budget, True), (too_long, False)):
+            tries, call = _scripted([refusal, "answer"])
+            with pytest.raises(Refused) as refused:
+                target._unary(call, object())
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.budget is is_budget and refused.value.message.startswith("refused")
+            assert len(tries) == 1 and not slept
+
+        # A raw call waits only a wait the server names; any other status is its outcome.
+        tries, call = _scripted([rate, unnamed])
+        monkeypatch.setattr(target.channel, "unary_unary", lambda *a, **k: call)
+        outcome = target.raw("/veil.v1.Research/GetBudget", b"")
+        assert (outcome.code, outcome.message) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                   "refused: RESOURCE_EXHAUSTED")
+        assert outcome.seconds >= 0 and len(tries) == 2 and slept == [0.25]
+        tries, call = _scripted([rate, b"ok"])
+        monkeypatch.setattr(target.channel, "unary_unary", lambda *a, **k: call)
+        assert target.raw("/veil.v1.Research/GetBudget", b"").code == grpc.StatusCode.OK
+        tries, call = _scripted([_refusal("INVALID_ARGUMENT", (("retry-after", "1"),))])
+        monkeypatch.setattr(target.channel, "unary_unary", lambda *a, **k: call)
+        assert target.raw("/veil.v1.Research/GetBudget", b"").code.name == "INVALID_ARGUMENT"
+        assert len(tries) == 1
+    finally:
+        target.close()

@@ -90,6 +90,7 @@ def test_the_client_distribution_holds_no_engine_and_requires_no_duckdb(tmp_path
     tops = {n.split("/")[0] for n in names if not n.startswith("veil_client-")}
     assert tops == {"client", "protos", "veil_cli.py"}
     assert "protos/veil/v1/veil_pb2.pyi" in names and "client/py.typed" in names
+    assert "protos/veil/v1/trailers.py" in names  # hand-written, beside the generated code
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     core = [r for r in requires if "extra ==" not in r]
     assert not any(name in r.lower() for r in requires for name in ("duckdb", "opendp"))
