@@ -1,15 +1,14 @@
-"""The custodian's command-line tools: `veil load`, and more to come.
+"""`veil load`, the custodian's command that loads a source file into a new data file.
 
-Each command is one `add_*_command(subparsers)` function that declares its arguments and sets
-its handler; a handler takes the parsed arguments and returns the exit status. Errors the
-engine raises on purpose are printed to stderr and exit with status 2.
+`add_load_command(subparsers)` declares its arguments and sets its handler, `run_load`, which
+prints the load report and returns the exit status; `veil_cli` hands the command here. A load
+the engine refuses prints the reason to stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.codebook import load_codebook
@@ -18,8 +17,6 @@ from engine.loader import load
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 def add_load_command(
@@ -93,25 +90,3 @@ def run_load(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     sys.stdout.write(report.render())
     return EXIT_OK
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="veil", description="veil: the custodian's data tools")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_load_command(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns its exit status (2 when the engine refuses)."""
-    args = build_parser().parse_args(argv)
-    handler: Handler = args.handler
-    try:
-        return handler(args)
-    except VeilError as exc:
-        print(f"veil {args.command}: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-
-
-if __name__ == "__main__":
-    sys.exit(main())
