@@ -570,42 +570,64 @@ def _refusals(log: Sequence[AuditEntry]) -> pa.Table:
 
 
 def describe_query(canonical: str, *, width: int = 160) -> str:
-    """A short human form of a canonical query: "count by gender, ageBroad where ..."."""
+    """A canonical query as one line, in the words the client uses for it (its summaries and
+    release lists): "count by gender where majorityStatus = 'Minor'", so that an auditor and a
+    researcher read a query alike. A list of more than six codes is shortened."""
     try:
         raw = json.loads(canonical)
-    except ValueError:
-        return canonical[:width]
-    measure = raw.get("measure")
-    if isinstance(measure, dict):
-        ((kind, argument),) = measure.items()
-        if kind == "proportion":
-            text = f"proportion({_describe_filter(argument)})"
+        measure = raw["measure"]
+        if measure == "count":
+            text = "count"
+        elif "flag_counts" in measure:
+            text = f"flag counts of {measure['flag_counts']}"
+        elif "proportion" in measure:
+            text = f"proportion with {_describe_filter(measure['proportion'])[0]}"
         else:
-            text = f"{kind}({argument})"
-    else:
-        text = str(measure)
-    if raw.get("by"):
-        text += " by " + ", ".join(raw["by"])
-    where = raw.get("where")
-    if where is not True and where is not None:
-        text += " where " + _describe_filter(where)
+            ((kind, variable),) = measure.items()
+            text = f"{kind} of {variable}"
+        if raw.get("by"):
+            text += " by " + ", ".join(str(name) for name in raw["by"])
+        where = raw.get("where", True)
+        if where is not True:
+            text += " where " + _describe_filter(where)[0]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return canonical[:width]
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _describe_filter(f: Any) -> str:
-    if f is True or f is False:
-        return str(f).lower()
-    if not isinstance(f, dict):
-        return str(f)
-    if "var" in f:
-        codes = [str(c) for c in f.get("in", [])]
-        shown = ", ".join(codes[:6]) + (f", ... ({len(codes)} values)" if len(codes) > 6 else "")
-        text = f"{f['var']} in {{{shown}}}"
-        return f"({text} or missing)" if f.get("missing") else text
-    for key, joiner in (("and", " and "), ("or", " or ")):
-        if key in f:
-            return "(" + joiner.join(_describe_filter(o) for o in f[key]) + ")"
-    return json.dumps(f)
+def _quoted(code: Any) -> str:
+    return repr(code) if isinstance(code, int) else "'" + str(code).replace("'", "''") + "'"
+
+
+def _describe_filter(node: Any) -> tuple[str, str]:
+    """A canonical filter as SQL, and whether it is an "and", an "or" or an "atom" (to bracket
+    it inside another). The client writes the same text (`client.query.query_of_canonical`)."""
+    if node is True or node is False:
+        return ("TRUE" if node else "FALSE"), "atom"
+    if "var" in node:
+        variable, codes = node["var"], list(node["in"])
+        parts = []
+        integers = sorted(codes) if all(isinstance(c, int) for c in codes) else []
+        if len(integers) >= 3 and integers == list(range(integers[0], integers[-1] + 1)):
+            parts.append(f"{variable} BETWEEN {integers[0]} AND {integers[-1]}")
+        elif len(codes) == 1:
+            parts.append(f"{variable} = {_quoted(codes[0])}")
+        elif codes:
+            shown = [_quoted(c) for c in (integers or codes)]
+            more = f", ... ({len(shown)} values)" if len(shown) > 6 else ""
+            parts.append(f"{variable} IN ({', '.join(shown[:6])}{more})")
+        if node.get("missing"):
+            parts.append(f"{variable} IS NULL")
+        if not parts:
+            return "FALSE", "atom"
+        return " OR ".join(parts), "or" if len(parts) > 1 else "atom"
+    kind = "and" if "and" in node else "or"
+    other = "or" if kind == "and" else "and"
+    texts = []
+    for operand in node[kind]:
+        text, inner = _describe_filter(operand)
+        texts.append(f"({text})" if inner == other else text)
+    return f" {kind.upper()} ".join(texts), kind
 
 
 # ---- the one-page report -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from engine.audit_report import describe_query
 from engine.errors import VeilError
 from engine.ledger import ClientRecord, Ledger, LedgerReport, ScopeBudget
 from engine.loss import Accounting, format_amount
@@ -150,7 +151,7 @@ def run_report(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             print(
                 f"  {r.created_at}  {r.release_id}  {r.client:<16} "
                 f"{format_amount(r.loss):>10}  replays {r.replays:<4} {r.data_version}  "
-                f"{r.canonical_query}",
+                f"{describe_query(r.canonical_query)}",
                 file=out,
             )
     return status

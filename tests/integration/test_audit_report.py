@@ -115,7 +115,7 @@ def test_releases_carry_mechanism_tau_and_suppressed_share(
         assert row["request_id"] in {"a1", "a2", "a4", "b1"}
     by_request = {r["request_id"]: r for r in rows}
     assert by_request["a1"]["replays"] == 1
-    assert by_request["b1"]["query"] == "count by citizenship where gender in {Female}"
+    assert by_request["b1"]["query"] == "count by citizenship where gender = 'Female'"
     assert "value" not in tables["releases"].column_names  # values are never read
 
 
@@ -218,8 +218,53 @@ def test_describe_query() -> None:
         '"missing":true},{"var":"yearOfRegistration","in":[2019],"missing":false}]}}'
     )
     assert describe_query(canonical) == (
-        "proportion(isSexualExploit in {1}) by gender where ((citizenship in {PH, UA} or "
-        "missing) and yearOfRegistration in {2019})"
+        "proportion with isSexualExploit = 1 by gender where (citizenship IN ('PH', 'UA') OR "
+        "citizenship IS NULL) AND yearOfRegistration = 2019"
+    )
+    assert describe_query("not json") == "not json"
+
+
+def test_an_auditor_reads_a_query_in_the_words_a_researcher_does(make_engine: Any) -> None:
+    # The audit tables (engine) and the client's summaries and release lists describe the same
+    # canonical form; two readers of it must not drift into two dialects.
+    from client.results import describe_canonical
+    from engine.loss import PrivacyLoss
+    from engine.query import (
+        And,
+        Count,
+        Eq,
+        FlagCounts,
+        In,
+        IsMissing,
+        Mean,
+        Not,
+        Or,
+        Proportion,
+        Query,
+        Range,
+        Sum,
+    )
+
+    engine = make_engine([{"gender": "Female"}] * 3)
+    queries = [
+        Query(Count(), by=("gender", "ageBroad"), where=Eq("majorityStatus", "Minor")),
+        Query(FlagCounts("meansOfControl"), by=("majorityStatus",),
+              where=Or(IsMissing("gender"), In("ageBroad", ["0--8", "9--17"]))),
+        Query(Proportion(Eq("isAbduction", 1)), by=("gender",),
+              where=And(Range("yearOfRegistration", 2010, 2014), Not(Eq("gender", "Male")))),
+        Query(Mean("yearOfRegistration"), where=In("yearOfRegistration", [2002, 2010, 2021])),
+        Query(Sum("yearOfRegistration"), by=("citizenshipRegion",),
+              where=Or(And(Eq("gender", "Male"), Eq("majorityStatus", "Adult")),
+                       Eq("citizenship", "UA"))),
+    ]
+    for query in queries:
+        canonical = engine.plan(query, loss=PrivacyLoss.pure("1")).canonical
+        assert describe_query(canonical, width=1000) == describe_canonical(canonical), canonical
+    # The audit's tables shorten a list of more than six codes.
+    codes = ["UA", "PH", "CO", "US", "MD", "RO", "NG", "VN"]
+    eight = Query(Count(), where=In("citizenship", codes))
+    assert describe_query(engine.plan(eight, loss=PrivacyLoss.pure("1")).canonical) == (
+        "count where citizenship IN ('CO', 'MD', 'NG', 'PH', 'RO', 'UA', ... (8 values))"
     )
 
 

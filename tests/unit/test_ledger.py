@@ -1162,6 +1162,7 @@ def test_cli_verify_and_report(
     assert ledger_cli(["ledger", "report", path, "--releases"]) == 0
     text = capsys.readouterr().out
     assert "alice" in text and "releases (1)" in text
+    assert "where yearOfRegistration = 2002" in text  # read as the client writes it, not JSON
     assert ledger_cli(["ledger", "verify", str(ledger.path.with_name("none.sqlite"))]) == 2
     assert "no ledger" in capsys.readouterr().err
 
