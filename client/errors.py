@@ -89,7 +89,10 @@ veil's SQL subset (parsed on your machine into a typed query; no SQL reaches the
                FLAG_COUNTS(flag_set)    records with each flag of a flag set
   conditions:  =  <>  !=  <  <=  >  >=  IN (...)  NOT IN (...)  BETWEEN a AND b
                IS NULL  IS NOT NULL  AND  OR  NOT  (parentheses)
-               comparing a variable with a literal ('text', 12, TRUE/FALSE)
+               (<condition>) IS [NOT] TRUE  (<condition>) IS [NOT] FALSE
+               comparing a variable with a literal ('text', 12, TRUE/FALSE), or a flag alone
+               NOT (c) drops the records where c is NULL (a variable it reads is missing), as
+               in SQL; (c) IS NOT TRUE keeps them (the query builder's Not(c) is written so)
   not supported: SELECT *, joins, subqueries, WITH, UNION, HAVING, ORDER BY, LIMIT, DISTINCT,
                window functions, other functions, several statements"""
 

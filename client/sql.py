@@ -8,7 +8,9 @@ The text is parsed with sqlglot (DuckDB's dialect) and walked into `client.query
 the typed query goes to the server, never SQL. Conditions keep SQL's meaning: `x <> 'a'`,
 `x NOT IN (...)` and `NOT (...)` drop the records where x is missing, as they do in DuckDB (a
 comparison with a missing value is not true). Anything outside the subset raises UnsupportedSQL,
-whose message says what was refused and lists what is supported (`client.errors.SUPPORTED_SQL`).
+whose message says what was refused and lists what is supported (`client.errors.SUPPORTED_SQL`:
+kept beside UnsupportedSQL, which writes it into every message, because client.errors cannot
+import this module, which imports it; keep its list in step with the walker here).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ refuses is refused with a message that lists the subset; conditions keep SQL's m
 
 from __future__ import annotations
 
+import re
+
 import duckdb
 import pytest
 from hypothesis import given, settings
@@ -168,6 +170,105 @@ def test_measures_map_one_to_one() -> None:
     assert parse_condition("majorityStatus = 'Minor' AND isSexualExploit") == And(
         Eq("majorityStatus", "Minor"), Eq("isSexualExploit", 1)
     )
+
+
+# ---- the subset as every refusal lists it --------------------------------------------------------
+#
+# Each form client.SUPPORTED_SQL lists, as it spells it, with a query written in it and the typed
+# query that is: what the list promises, the parser accepts (and reads as it says).
+
+LISTED = {
+    "COUNT(*)": ("SELECT gender, COUNT(*) FROM t GROUP BY gender", count().by("gender")),
+    "SUM(x)": ("SELECT SUM(yearOfRegistration) FROM t", Query(Sum("yearOfRegistration"))),
+    "AVG(x)": ("SELECT AVG(yearOfRegistration) FROM t", Query(Mean("yearOfRegistration"))),
+    "PROPORTION(<condition>)": (
+        "SELECT PROPORTION(gender = 'Male') FROM t", proportion(gender="Male"),
+    ),
+    "AVG(CASE WHEN <condition> THEN 1 ELSE 0 END)": (
+        "SELECT AVG(CASE WHEN gender = 'Male' THEN 1 ELSE 0 END) FROM t",
+        proportion(gender="Male"),
+    ),
+    "FLAG_COUNTS(flag_set)": ("SELECT FLAG_COUNTS(sexType) FROM t", flag_counts("sexType")),
+    "=": ("gender = 'Male'", Eq("gender", "Male")),
+    "<>": ("gender <> 'Male'", And(Not(Eq("gender", "Male")), Not(Missing("gender")))),
+    "!=": ("gender != 'Male'", And(Not(Eq("gender", "Male")), Not(Missing("gender")))),
+    "<": ("yearOfRegistration < 2015", Range("yearOfRegistration", None, 2014)),
+    "<=": ("yearOfRegistration <= 2015", Range("yearOfRegistration", None, 2015)),
+    ">": ("yearOfRegistration > 2015", Range("yearOfRegistration", 2016, None)),
+    ">=": ("yearOfRegistration >= 2015", Range("yearOfRegistration", 2015, None)),
+    "IN (...)": ("gender IN ('Male', 'Female')", In("gender", ["Male", "Female"])),
+    "NOT IN (...)": (
+        "gender NOT IN ('Male', 'Female')",
+        And(Not(In("gender", ["Male", "Female"])), Not(Missing("gender"))),
+    ),
+    "BETWEEN a AND b": (
+        "yearOfRegistration BETWEEN 2010 AND 2015", Range("yearOfRegistration", 2010, 2015),
+    ),
+    "IS NULL": ("gender IS NULL", Missing("gender")),
+    "IS NOT NULL": ("gender IS NOT NULL", Not(Missing("gender"))),
+    "AND": ("gender = 'Male' AND isForcedLabour = 1",
+            And(Eq("gender", "Male"), Eq("isForcedLabour", 1))),
+    "OR": ("gender = 'Male' OR isForcedLabour = 1",
+           Or(Eq("gender", "Male"), Eq("isForcedLabour", 1))),
+    "NOT": ("NOT (gender = 'Male')", And(Not(Eq("gender", "Male")), Not(Missing("gender")))),
+    "(parentheses)": ("(gender = 'Male' OR gender IS NULL) AND isForcedLabour = 1",
+                      And(Or(Eq("gender", "Male"), Missing("gender")), Eq("isForcedLabour", 1))),
+    # Never NULL: IS NOT TRUE keeps the records where the condition is NULL, as the builder's Not.
+    "(<condition>) IS [NOT] TRUE": ("(gender = 'Male') IS NOT TRUE", Not(Eq("gender", "Male"))),
+    "(<condition>) IS [NOT] FALSE": (
+        "(gender = 'Male' OR isForcedLabour = 1) IS FALSE",
+        And(Not(Eq("gender", "Male")), Not(Missing("gender")),
+            Not(Eq("isForcedLabour", 1)), Not(Missing("isForcedLabour"))),
+    ),
+    "a flag alone": ("isForcedLabour", Eq("isForcedLabour", 1)),
+}
+# The other halves of the [NOT]s, each as SQL reads it.
+IS_TRUE_FALSE = [
+    ("(gender = 'Male') IS TRUE", Eq("gender", "Male")),
+    ("gender = 'Male' IS TRUE", Eq("gender", "Male")),
+    ("(gender = 'Male') IS FALSE", And(Not(Eq("gender", "Male")), Not(Missing("gender")))),
+    ("(gender = 'Male') IS NOT FALSE",
+     Not(And(Not(Eq("gender", "Male")), Not(Missing("gender"))))),
+    ("isForcedLabour IS NOT FALSE", Not(Eq("isForcedLabour", 0))),
+]
+
+
+def _listed_forms() -> list[str]:
+    """The forms SUPPORTED_SQL lists: the aggregates' first column, the conditions' operator
+    lines (forms set apart by two spaces), and the forms a sentence names."""
+    lines = client.SUPPORTED_SQL.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("aggregates:"))
+    middle = next(i for i, line in enumerate(lines) if line.lstrip().startswith("conditions:"))
+    forms: list[str] = []
+    for line in lines[start:middle]:
+        first = re.split(r"\s{2,}", line.split(":", 1)[-1].strip())[0]
+        forms.extend(first.split(", "))
+    for line in lines[middle:middle + 3]:
+        forms.extend(re.split(r"\s{2,}", line.split("conditions:")[-1].strip()))
+    forms.append("a flag alone")
+    return forms
+
+
+def test_the_listed_subset_is_what_the_parser_accepts() -> None:
+    forms = _listed_forms()
+    assert "(<condition>) IS [NOT] TRUE" in forms and "IS NOT NULL" in forms, forms
+    assert sorted(forms) == sorted(LISTED)  # every form listed is tried below, and no other
+    for form, (text, expected) in LISTED.items():
+        assert form in client.SUPPORTED_SQL
+        if text.startswith("SELECT"):
+            assert parse_sql(text) == expected, form
+        else:
+            assert parse_condition(text) == expected, form
+            assert parse_sql(f"SELECT COUNT(*) FROM t WHERE {text}") == count().where(expected)
+    for text, expected in IS_TRUE_FALSE:
+        assert parse_condition(text) == expected, text
+
+
+def test_the_builders_not_is_written_in_a_listed_form_and_reads_back() -> None:
+    for negated in (Not(Eq("gender", "Male")), Not(Or(Eq("gender", "Male"), Range("x", 1, 2)))):
+        written = str(negated)
+        assert written.endswith(" IS NOT TRUE"), written
+        assert parse_condition(written) == negated
 
 
 # ---- SQL's meaning, checked against DuckDB ------------------------------------------------------
