@@ -21,9 +21,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from client.amounts import amount, format_amount
 from client.connection import TLS, Client, Retry, decimal_text
 from client.errors import InvalidQuery, RegistryConflict, RequestConflict
-from client.results import _fraction_text, amount
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 
@@ -75,7 +75,7 @@ class ClientInfo:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = _fraction_text(value) if isinstance(value, Fraction) else value
+            out[f.name] = format_amount(value) if isinstance(value, Fraction) else value
         return out
 
     def __str__(self) -> str:

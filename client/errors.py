@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -199,19 +198,6 @@ def _decimal(text: str | None) -> Decimal | None:
     except InvalidOperation:
         return None
     return value if value.is_finite() else None
-
-
-def parse_amount(text: str | None) -> Fraction | None:
-    """An exact amount from the server's text ("0.5", "1/3"); None when empty or unreadable."""
-    if not text:
-        return None
-    try:
-        if "/" in text:
-            numerator, denominator = text.split("/", 1)
-            return Fraction(int(numerator), int(denominator))
-        return Fraction(Decimal(text))
-    except (ValueError, ZeroDivisionError, InvalidOperation):
-        return None
 
 
 def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str | bytes]]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from client.amounts import amount, format_amount, parse_amount
 from client.codebook import ACCOUNTING_NAMES, LOSS_SYMBOL
 from client.display import (
     empty_cells_text,
@@ -36,7 +37,6 @@ from client.display import (
     unreachable_text,
     value_accuracy_text,
 )
-from client.errors import parse_amount
 from client.query import query_of_canonical
 from protos.veil.v1 import veil_pb2 as pb
 
@@ -47,11 +47,6 @@ if TYPE_CHECKING:
 VALUE_COLUMNS = ("value", "ci_low", "ci_high", "suppressed")
 _META_KEY = b"veil.release"
 JSON_FORMAT = "veil.release/1"
-
-
-def amount(text: str) -> Fraction:
-    """An exact amount from the server's text ("0.5", "1/3"); 0 for empty."""
-    return parse_amount(text) or Fraction(0)
 
 
 def _optional(message: Any, name: str) -> Any:
@@ -546,12 +541,12 @@ class DryRun:
         out = {f.name: getattr(self, f.name) for f in fields(self)
                if f.name not in ("query", "budget")}
         out["query"] = None if self.query is None else str(self.query)
-        remaining = None if self.budget is None else _fraction_text(self.budget.remaining)
+        remaining = None if self.budget is None else format_amount(self.budget.remaining)
         after = self.remaining_after
         return {
-            **out, "loss_name": self.loss_name, "cost": _fraction_text(self.cost),
+            **out, "loss_name": self.loss_name, "cost": format_amount(self.cost),
             "remaining": remaining, "fits_budget": self.fits_budget,
-            "remaining_after": None if after is None else _fraction_text(after),
+            "remaining_after": None if after is None else format_amount(after),
             "limiting_scope": self.limiting_scope,
         }
 
@@ -575,7 +570,7 @@ class DryRun:
         if self.already_released:
             # The server reports the stored release's own loss and accuracy.
             left = "" if self.budget is None else (
-                f"; {_fraction_text(self.budget.remaining)} remains"
+                f"; {format_amount(self.budget.remaining)} remains"
             )
             return (
                 f"  cost: 0 (the stored release is returned free{left}); it was made at "
@@ -583,18 +578,18 @@ class DryRun:
             )
         if self.budget is None:
             return f"  cost: {self.loss_name} {self.loss}; your remaining budget is not known"
-        remaining = _fraction_text(self.budget.remaining)
+        remaining = format_amount(self.budget.remaining)
         after = self.remaining_after
         if after is not None:
             return (
                 f"  cost: {self.loss_name} {self.loss}; it fits: {remaining} remaining now, "
-                f"{_fraction_text(after)} after"
+                f"{format_amount(after)} after"
             )
         scope = self.limiting_scope
         short = self.budget.scopes_remaining().get(scope or "client", self.budget.remaining)
         return (
             f"  cost: {self.loss_name} {self.loss}; it does NOT fit: the {scope} budget has "
-            f"{_fraction_text(short)} left"
+            f"{format_amount(short)} left"
         )
 
     def __repr__(self) -> str:
@@ -620,21 +615,6 @@ class DryRun:
             f"  fingerprint {self.fingerprint[:16]}"
             + (f"; data version {self.data_version}" if self.data_version else "")
         )
-
-
-def _fraction_text(value: Fraction) -> str:
-    if value.denominator == 1:
-        return str(value.numerator)
-    d = value.denominator
-    for p in (2, 5):
-        while d % p == 0:
-            d //= p
-    if d == 1:
-        from decimal import Decimal
-
-        text = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
-        return text.rstrip("0").rstrip(".")
-    return f"{value.numerator}/{value.denominator}"
 
 
 # ---- budgets ------------------------------------------------------------------------------------
@@ -693,7 +673,7 @@ class Budget:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = _fraction_text(value) if isinstance(value, Fraction) else value
+            out[f.name] = format_amount(value) if isinstance(value, Fraction) else value
         out["loss_name"] = self.loss_name
         return out
 
@@ -758,15 +738,15 @@ class ReceivedRelease:
         return {
             "release_id": self.release_id, "request_id": self.request_id,
             "fingerprint": self.fingerprint, "canonical_query": self.canonical_query,
-            "charged": _fraction_text(self.charged),
-            "release_loss": _fraction_text(self.release_loss),
+            "charged": format_amount(self.charged),
+            "release_loss": format_amount(self.release_loss),
             "received_at": self.received_at, "reused": self.reused,
             "data_version": self.data_version, "query": self.query,
         }
 
     def __repr__(self) -> str:
         return (
-            f"ReceivedRelease({self.release_id}, charged {_fraction_text(self.charged)}, "
+            f"ReceivedRelease({self.release_id}, charged {format_amount(self.charged)}, "
             f"{'reused' if self.reused else 'new'}, {self.received_at})"
         )
 
@@ -787,7 +767,7 @@ class ReleaseList(list[ReceivedRelease]):
     def _rows(self) -> list[list[str]]:
         versioned = self._versioned
         return [
-            [r.received_at, r.release_id, _fraction_text(r.charged), "yes" if r.reused else "",
+            [r.received_at, r.release_id, format_amount(r.charged), "yes" if r.reused else "",
              *([r.data_version] if versioned else []), shorten(r.query, 80)]
             for r in self
         ]
