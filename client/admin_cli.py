@@ -29,13 +29,13 @@ from client.cli import (
     EXIT_ERROR,
     EXIT_INVALID,
     EXIT_OK,
-    _cell,
-    _connection_options,
-    _csv,
-    _emit,
-    _format_option,
-    _run,
+    add_format_option,
+    connection_options,
+    csv_cell,
+    csv_text,
+    emit,
     progress,
+    run_with_client,
 )
 from client.connection import Client
 
@@ -50,7 +50,7 @@ def add_admin_command(subparsers: Any) -> argparse.ArgumentParser:
         "administrator's token ($VEIL_TOKEN, --token or --token-file).",
     )
     commands = parser.add_subparsers(dest="admin_command", required=True, metavar="SUBCOMMAND")
-    connection = _connection_options()
+    connection = connection_options()
     roles = ", ".join(ROLES)
 
     register = commands.add_parser(
@@ -99,7 +99,7 @@ def add_admin_command(subparsers: Any) -> argparse.ArgumentParser:
     listing = commands.add_parser(
         "list", parents=[connection], help="every client, with cap, spent and remaining",
     )
-    _format_option(listing, ("table", "csv", "json"))
+    add_format_option(listing, ("table", "csv", "json"))
     listing.set_defaults(handler=run_list)
     return parser
 
@@ -113,9 +113,9 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _run_admin(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> int:
-    """`_run` (connection, errors, exit statuses), with the messages an administrator needs:
-    a refused argument is not an "invalid query", a change the registry refuses left the
-    registry as it was, and a refused role is most likely the wrong token."""
+    """`run_with_client` (connection, errors, exit statuses), with the messages an
+    administrator needs: a refused argument is not an "invalid query", a change the registry
+    refuses left the registry as it was, and a refused role is most likely the wrong token."""
 
     def admin_body(connection: Client) -> int:
         try:
@@ -130,12 +130,12 @@ def _run_admin(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> 
             print(f"veil: `veil admin` needs an administrator's token ({exc})", file=sys.stderr)
             return EXIT_AUTH
 
-    return _run(args, admin_body)
+    return run_with_client(args, admin_body)
 
 
 def _emit_token(token: str) -> None:
     # Alone on standard output, so that TOKEN=$(veil admin ...) holds the token and nothing else.
-    _emit(token)
+    emit(token)
 
 
 def run_register(args: argparse.Namespace) -> int:
@@ -195,7 +195,7 @@ def run_list(args: argparse.Namespace) -> int:
     def body(admin: AdminClient) -> int:
         with progress("list clients", quiet=args.quiet):
             clients = admin.clients()
-        _emit(clients_text(clients, args.format))
+        emit(clients_text(clients, args.format))
         return EXIT_OK
 
     return _run_admin(args, body)
@@ -208,7 +208,7 @@ def clients_text(clients: list[ClientInfo], fmt: str) -> str:
     if fmt == "json":
         return json.dumps({"clients": rows}, indent=2, ensure_ascii=False)
     if fmt == "csv":
-        return _csv([list(_COLUMNS)] + [[_cell(r[n]) for n in _COLUMNS] for r in rows])
+        return csv_text([list(_COLUMNS)] + [[csv_cell(r[n]) for n in _COLUMNS] for r in rows])
     from client.display import text_table
 
     headers = ["client_id", "role", "institution", "cap", "spent", "remaining", "status",

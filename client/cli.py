@@ -109,7 +109,7 @@ def tls_of(args: argparse.Namespace) -> TLS | None:
     return TLS(ca_cert=ca, client_cert=args.client_cert, client_key=args.client_key)
 
 
-def _connection_options() -> argparse.ArgumentParser:
+def connection_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
     add_server_options(group)
@@ -166,14 +166,14 @@ def _query_options(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
                             help="write the result to FILE instead of standard output")
 
 
-def _format_option(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
+def add_format_option(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
     parser.add_argument("-f", "--format", choices=choices, default="table",
                         help=f"output format (default table; one of {', '.join(choices)})")
 
 
 def add_query_command(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "query", parents=[_connection_options()],
+        "query", parents=[connection_options()],
         help="release a table (charged to your budget)",
         description="Release one aggregate table with its confidence intervals. Give SQL in "
         "veil's subset, or build the query with --count/--flag-counts/--sum/--mean/--proportion, "
@@ -182,14 +182,14 @@ def add_query_command(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _query_options(parser, dry_run=False)
-    _format_option(parser, ("table", "csv", "json"))
+    add_format_option(parser, ("table", "csv", "json"))
     parser.set_defaults(handler=run_query)
     return parser
 
 
 def add_dry_run_command(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "dry-run", parents=[_connection_options()],
+        "dry-run", parents=[connection_options()],
         help="price a query without releasing it (free)",
         description="What a release would cost (for --half-width) or how accurate it would be "
         "(for a loss), its suppression threshold, and whether it is already released.",
@@ -197,14 +197,14 @@ def add_dry_run_command(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _query_options(parser, dry_run=True)
-    _format_option(parser, ("table", "json"))
+    add_format_option(parser, ("table", "json"))
     parser.set_defaults(handler=run_dry_run)
     return parser
 
 
 def add_codebook_command(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "codebook", parents=[_connection_options()],
+        "codebook", parents=[connection_options()],
         help="browse the codebook: variables, domains, flag sets",
         description="List the codebook's variables, flag sets and derived dimensions, or "
         "describe one of them.",
@@ -212,29 +212,29 @@ def add_codebook_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("name", nargs="?", help="a variable, flag set or derived dimension")
     parser.add_argument("--search", metavar="TEXT",
                         help="only items whose name, definition or labels mention TEXT")
-    _format_option(parser, ("table", "csv", "json"))
+    add_format_option(parser, ("table", "csv", "json"))
     parser.set_defaults(handler=run_codebook)
     return parser
 
 
 def add_budget_command(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "budget", parents=[_connection_options()], help="your privacy budget: spent and left",
+        "budget", parents=[connection_options()], help="your privacy budget: spent and left",
     )
-    _format_option(parser, ("table", "json"))
+    add_format_option(parser, ("table", "json"))
     parser.set_defaults(handler=run_budget)
     return parser
 
 
 def add_releases_command(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "releases", parents=[_connection_options()],
+        "releases", parents=[connection_options()],
         help="the releases you received; one of them again, free",
     )
     parser.add_argument("release_id", nargs="?", metavar="RELEASE_ID",
                         help="print this release's table again (free)")
     parser.add_argument("--limit", type=int, default=100, help="the most recent N (default 100)")
-    _format_option(parser, ("table", "csv", "json"))
+    add_format_option(parser, ("table", "csv", "json"))
     parser.set_defaults(handler=run_releases)
     return parser
 
@@ -328,7 +328,7 @@ def progress(label: str, *, quiet: bool, stream: TextIO | None = None) -> Iterat
         stream.flush()
 
 
-def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
+def run_with_client(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
     """Connect, run `body`, and turn the client's errors into messages and exit statuses."""
     try:
         with _client(args) as client:
@@ -490,7 +490,7 @@ def _loss(args: argparse.Namespace) -> dict[str, Any]:
             "half_width": args.half_width}
 
 
-def _emit(text: str, output: Path | None = None) -> None:
+def emit(text: str, output: Path | None = None) -> None:
     if output is not None:
         output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
         return
@@ -541,10 +541,10 @@ def run_query(args: argparse.Namespace) -> int:
                 query, request_id=args.request_id, max_loss=args.max_loss, **_loss(args)
             )
         try:
-            _emit(_release_text(release, args.format), args.output)
+            emit(_release_text(release, args.format), args.output)
         except OSError as exc:
             if args.output is None:
-                raise  # standard output closed early (`| head`): ends quietly in _run
+                raise  # standard output closed early (`| head`): ends quietly in run_with_client
             # Paid for and stored: say how to have it again, free.
             print(
                 f"veil: release {release.metadata.release_id} was made, but {args.output} "
@@ -555,7 +555,7 @@ def run_query(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         return EXIT_OK
 
-    return _run(args, body)
+    return run_with_client(args, body)
 
 
 def run_dry_run(args: argparse.Namespace) -> int:
@@ -563,10 +563,10 @@ def run_dry_run(args: argparse.Namespace) -> int:
         query = build_query(args, client)
         with progress("dry run", quiet=args.quiet):
             dry = client.dry_run(query, assumed_count=args.assumed_count, **_loss(args))
-        _emit(json.dumps(dry.to_dict(), indent=2) if args.format == "json" else repr(dry))
+        emit(json.dumps(dry.to_dict(), indent=2) if args.format == "json" else repr(dry))
         return EXIT_OK
 
-    return _run(args, body)
+    return run_with_client(args, body)
 
 
 class _UnknownName(Exception):
@@ -587,19 +587,19 @@ def run_codebook(args: argparse.Namespace) -> int:
             return EXIT_INVALID
         if item is not None:
             if args.format == "json":
-                _emit(json.dumps(asdict(item), indent=2, ensure_ascii=False))
+                emit(json.dumps(asdict(item), indent=2, ensure_ascii=False))
             elif args.format == "csv":
-                _emit(_csv([["code", "label", "description"]]
+                emit(csv_text([["code", "label", "description"]]
                            + [[str(c) for c in code_row] for code_row in _codes(item)]))
             else:
-                _emit(repr(item))
+                emit(repr(item))
             return EXIT_OK
         rows = book.rows()
         if args.search:
             found = {i.name for i in book.search(args.search)}
             rows = [r for r in rows if r["name"] in found]
         if args.format == "json":
-            _emit(json.dumps(
+            emit(json.dumps(
                 {"codebook": {"name": book.name, "version": book.version, "title": book.title,
                               "min_cell_size": book.min_cell_size,
                               "privacy_unit": book.privacy_unit},
@@ -607,7 +607,7 @@ def run_codebook(args: argparse.Namespace) -> int:
                 indent=2, ensure_ascii=False))
         elif args.format == "csv":
             names = ["name", "kind", "queryable", "flag_set", "domain", "definition"]
-            _emit(_csv([names] + [[_cell(r[n]) for n in names] for r in rows]))
+            emit(csv_text([names] + [[csv_cell(r[n]) for n in names] for r in rows]))
         else:
             from client.display import shorten, text_table
 
@@ -617,10 +617,10 @@ def run_codebook(args: argparse.Namespace) -> int:
                 [[r["name"], r["kind"], shorten(r["domain"], 42), shorten(r["definition"], width)]
                  for r in rows],
             )
-            _emit(f"{book.header()}\n{book.deployment!r}\n\n{table}")
+            emit(f"{book.header()}\n{book.deployment!r}\n\n{table}")
         return EXIT_OK
 
-    return _run(args, body)
+    return run_with_client(args, body)
 
 
 def _codes(item: Any) -> list[list[Any]]:
@@ -636,10 +636,10 @@ def run_budget(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
         with progress("budget", quiet=args.quiet):
             budget = client.budget()
-        _emit(json.dumps(budget.to_dict(), indent=2) if args.format == "json" else repr(budget))
+        emit(json.dumps(budget.to_dict(), indent=2) if args.format == "json" else repr(budget))
         return EXIT_OK
 
-    return _run(args, body)
+    return run_with_client(args, body)
 
 
 def run_releases(args: argparse.Namespace) -> int:
@@ -652,24 +652,24 @@ def run_releases(args: argparse.Namespace) -> int:
                     release.table, release.metadata, request_id=release.request_id,
                     query=replace(release.query, spelling="cli"), charged=release.charged,
                 )
-            _emit(_release_text(release, args.format))
+            emit(_release_text(release, args.format))
             return EXIT_OK
         with progress("releases", quiet=args.quiet):
             found = client.releases(limit=args.limit)
         if args.format == "json":
-            _emit(json.dumps({"releases": [r.to_dict() for r in found]}, indent=2))
+            emit(json.dumps({"releases": [r.to_dict() for r in found]}, indent=2))
         elif args.format == "csv":
             dicts = [r.to_dict() for r in found]
             names = list(dicts[0]) if dicts else ["release_id"]
-            _emit(_csv([names] + [[_cell(d[n]) for n in names] for d in dicts]))
+            emit(csv_text([names] + [[csv_cell(d[n]) for n in names] for d in dicts]))
         else:
-            _emit(repr(found))
+            emit(repr(found))
         return EXIT_OK
 
-    return _run(args, body)
+    return run_with_client(args, body)
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -677,7 +677,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _csv(rows: list[list[str]]) -> str:
+def csv_text(rows: list[list[str]]) -> str:
     import csv
     import io
 
