@@ -1063,7 +1063,7 @@ def injection(ctx: Context, *, slow: float = 2.0, dos_cells: int = 100_000) -> A
     if not ctx.target.healthy():
         extra.append("the server stopped serving")
     try:
-        ctx.target._unary(ctx.target.research.DryRun, pb.DryRunRequest(
+        ctx.target.call(ctx.target.research.DryRun, pb.DryRunRequest(
             query=_count(by=["gender"]), loss="0.1"))
     except Refused as exc:
         extra.append(f"a plain dry run fails afterwards ({exc.code.name})")

@@ -130,7 +130,7 @@ def fetch_tables(
     from protos.veil.v1 import veil_pb2 as pb
 
     with Target(server, token, tls=tls, timeout=timeout) as target:
-        response = target._unary(
+        response = target.call(
             target.audit.GetAuditTables, pb.GetAuditTablesRequest(tables=names or [])
         )
     return AuditTables.from_ipc({t.name: t.arrow_ipc for t in response.tables})

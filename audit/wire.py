@@ -31,7 +31,7 @@ _T = TypeVar("_T")
 
 # How long to wait for the server's rate limit, at most, before giving up on one call.
 _RATE_WAIT_SECONDS = 30.0
-# The wait `_unary` takes when the server refuses for its rate without saying how long to wait.
+# The wait `call` takes when the server refuses for its rate without saying how long to wait.
 _DEFAULT_RATE_WAIT = 0.05
 
 
@@ -194,7 +194,7 @@ class Target:
 
     # -- calls --
 
-    def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+    def call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         """One call, waiting out the server's rate limit and concurrency cap (the wait it names,
         or _DEFAULT_RATE_WAIT when it names none); raises Refused for any other refusal."""
         try:
@@ -208,18 +208,18 @@ class Target:
 
     def codebook(self) -> pb.GetCodebookResponse:
         if self._codebook is None:
-            self._codebook = self._unary(self.research.GetCodebook, pb.GetCodebookRequest())
+            self._codebook = self.call(self.research.GetCodebook, pb.GetCodebookRequest())
         return self._codebook
 
     def budget(self) -> pb.Budget:
-        return self._unary(self.research.GetBudget, pb.GetBudgetRequest())  # type: ignore[no-any-return]
+        return self.call(self.research.GetBudget, pb.GetBudgetRequest())  # type: ignore[no-any-return]
 
     def release(self, query: Query, *, loss: str, request_id: str | None = None) -> Answer:
         """Release `query` at `loss`; raises Refused when the server says no."""
         request = pb.ReleaseRequest(
             request_id=request_id or self.request_id(), query=query_to_pb(query), loss=loss
         )
-        response = self._unary(self.research.Release, request)
+        response = self.call(self.research.Release, request)
         answer = answer_from_pb(response, query.by)
         with self._tally_lock:
             self._charged += answer.charge
@@ -230,7 +230,7 @@ class Target:
         """Whether a release of `query` at `loss` exists, so asking it again is free (a dry run,
         which charges nothing)."""
         request = pb.DryRunRequest(query=query_to_pb(query), loss=loss)
-        return bool(self._unary(self.research.DryRun, request).already_released)
+        return bool(self.call(self.research.DryRun, request).already_released)
 
     def raw(self, method: str, payload: bytes, *, timeout: float | None = None) -> Call:
         """Send raw request bytes to `/veil.v1.<Service>/<Method>`; never raises for a status.

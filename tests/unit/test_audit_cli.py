@@ -265,14 +265,14 @@ def test_target_calls_wait_out_the_rate_limit_and_nothing_else(
     try:
         # A typed call waits the wait named, or 0.05 s when none is, then succeeds.
         tries, call = _scripted([rate, unnamed, "answer"])
-        assert target._unary(call, object()) == "answer"
+        assert target.call(call, object()) == "answer"
         assert (len(tries), slept) == (3, [0.25, 0.05])
         # A budget refusal, or a wait past the 30 s allowed, is refused at once.
         slept.clear()
         for refusal, is_budget in ((budget, True), (too_long, False)):
             tries, call = _scripted([refusal, "answer"])
             with pytest.raises(Refused) as refused:
-                target._unary(call, object())
+                target.call(call, object())
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert refused.value.budget is is_budget and refused.value.message.startswith("refused")
             assert len(tries) == 1 and not slept
