@@ -34,7 +34,8 @@ budget back is safe. Nothing leaves without its charge on disk.
   canonical JSON and is hash-chained to the one before it; `verify` walks the chain, replays the
   budget movements it records and reconciles them with the totals, the charges and the stored
   release bytes, and replays the administrative changes against the client registry, the
-  institution caps and the meta rows (which `open` checks too, before serving). Entries hold
+  institution caps and the meta rows (which `open` checks too, before serving, with the
+  running totals the caps are enforced against). Entries hold
   ids, canonical queries, amounts and hashes (of a token hash, a digest), never a true value.
 - The tables and the entries' format are in `engine.ledger_format`, the verification in
   `engine.ledger_verify`.
@@ -89,7 +90,7 @@ from engine.ledger_format import (
     scope_keys,
     token_digest,
 )
-from engine.ledger_verify import VerifyResult, registry_problems
+from engine.ledger_verify import VerifyResult, registry_problems, totals_problems
 from engine.loss import (
     Accounting,
     Number,
@@ -558,8 +559,12 @@ class Ledger:
         busy_timeout: float = 10.0,
         wait_timeout: float = 600.0,
         actor: str | None = None,
+        create: bool = True,
     ) -> Ledger:
-        """Open (or create) a ledger for writing; one process at a time.
+        """Open (or, with `create`, create) a ledger for writing; one process at a time.
+
+        Without `create`, a path that holds no ledger (no file, an empty file, a database with
+        no tables) is refused rather than started afresh, every budget unspent.
 
         `dataset` names the dataset whose budget the ledger keeps (`Engine.dataset`): a new
         ledger needs it and records it, an existing one refuses another (None reads it).
@@ -582,7 +587,15 @@ class Ledger:
             _check_name(data_version, "data version")
         if dataset is not None:
             _check_name(dataset, "dataset")
-        path = Path(path).absolute()  # a later change of directory must not move the ledger
+        # Resolved: a later change of directory must not move the ledger, and a symlink must not
+        # either: SQLite writes its log beside the file it points at, where the sync and the
+        # one-writer lock (named from this path) must look too.
+        path = Path(path).resolve()
+        if not create and not path.exists():
+            raise LedgerUnavailableError(
+                f"there is no ledger at {path}, and this open may not create one: a new ledger "
+                f"starts with every budget unspent"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
         ledger = cls(
@@ -613,7 +626,9 @@ class Ledger:
                 raise LedgerUnavailableError(
                     f"cannot {what}: SQLite refused WAL journaling (mode {mode})"
                 )
-            ledger._write("open the ledger", lambda c: ledger._open_in(c, default_cap, actor))
+            ledger._write(
+                "open the ledger", lambda c: ledger._open_in(c, default_cap, actor, create)
+            )
         except BaseException:
             ledger.close()
             raise
@@ -622,7 +637,7 @@ class Ledger:
     @classmethod
     def open_readonly(cls, path: str | Path, *, busy_timeout: float = 10.0) -> Ledger:
         """Open an existing ledger to verify it or report on it; it cannot charge."""
-        path = Path(path).absolute()
+        path = Path(path).resolve()
         if not path.is_file():
             raise LedgerUnavailableError(f"there is no ledger at {path}")
         ledger = cls(
@@ -683,7 +698,7 @@ class Ledger:
         self.close()
 
     def _open_in(
-        self, conn: sqlite3.Connection, default_cap: Fraction, actor: str | None
+        self, conn: sqlite3.Connection, default_cap: Fraction, actor: str | None, create: bool
     ) -> None:
         exists = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
@@ -693,6 +708,11 @@ class Ledger:
                 raise LedgerUnavailableError(
                     f"{self.path} is a database but not a veil ledger; a ledger needs a file of "
                     f"its own"
+                )
+            if not create:
+                raise LedgerUnavailableError(
+                    f"{self.path} holds no ledger (it has no tables), and this open may not "
+                    f"create one: a new ledger starts with every budget unspent"
                 )
             if self.dataset is None:
                 raise VeilError("a new ledger needs the name of the dataset whose budget it keeps")
@@ -741,7 +761,7 @@ class Ledger:
                 f"ledger's accounting cannot change"
             )
         self._check_head(conn)
-        self._check_registry(conn)
+        self._check_against_log(conn)
         if self.dataset is not None and self.dataset != meta["dataset"]:
             raise VeilError(
                 f"this ledger keeps the budget of dataset {meta['dataset']!r}, and the data "
@@ -786,14 +806,15 @@ class Ledger:
                 f"run `veil ledger verify {self.path}` before serving from it"
             )
 
-    def _check_registry(self, conn: sqlite3.Connection) -> None:
-        """A check on open that the clients, institution caps and meta rows are what the audit
-        log's administrative entries set (`registry_problems`): the server acts on them (a
-        revived client, a raised cap), so they must not have been edited outside the ledger."""
-        problems = registry_problems(conn)
+    def _check_against_log(self, conn: sqlite3.Connection) -> None:
+        """A check on open that what the server acts on is what the audit log set: the
+        clients, institution caps and meta rows (`registry_problems`: a revived client, a raised
+        cap) and the running totals every cap is enforced against (`totals_problems`: a total
+        written down lets a scope spend past its cap). Edited outside the ledger, they refuse."""
+        problems = registry_problems(conn) or totals_problems(conn)
         if problems:
             raise LedgerIntegrityError(
-                f"the ledger's registry differs from its audit log ({problems[0]}); run "
+                f"the ledger's tables differ from its audit log ({problems[0]}); run "
                 f"`veil ledger verify {self.path}` before serving from it"
             )
 
@@ -876,10 +897,10 @@ class Ledger:
         if self._stopped is not None:
             raise LedgerUnavailableError(self._stopped)
         try:
-            try:
-                fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-            except FileNotFoundError:
-                return  # SQLite removes the log only once all of it is in the synced database
+            # SQLite removes the log only when the last connection to the ledger closes, and
+            # this one is open: a log missing now was deleted under it, and what SQLite writes
+            # to the deleted file can never be made durable.
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
             try:
                 os.fdatasync(fd)
             finally:

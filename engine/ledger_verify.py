@@ -201,6 +201,31 @@ def registry_problems(conn: sqlite3.Connection) -> list[str]:
     return problems or _registry_difference(conn, registry)
 
 
+def totals_problems(conn: sqlite3.Connection) -> list[str]:
+    """Where the running totals differ from what the audit log's last budget movement of each
+    scope left (caps are enforced against the totals). The chain itself is `registry_problems`'s
+    to walk; this reads each entry's budget movements with SQLite's own JSON functions."""
+    rows = conn.execute(
+        "SELECT json_extract(b.value, '$.scope'), json_extract(b.value, '$.after.spent'), "
+        "json_extract(b.value, '$.after.held') "
+        "FROM audit a, json_each(CASE WHEN json_valid(a.entry) "
+        "AND json_type(a.entry, '$.budget') = 'array' THEN a.entry END, '$.budget') b "
+        "ORDER BY a.seq, b.key"
+    )
+    logged: dict[str, tuple[Any, Any]] = {}
+    for scope, spent, held in rows:
+        logged[str(scope)] = (_table_amount(spent), _table_amount(held))
+    totals = {
+        f"{kind}:{name}": (_table_amount(spent), _table_amount(held))
+        for kind, name, spent, held in conn.execute("SELECT kind, name, spent, held FROM totals")
+    }
+    problems = []
+    for label in sorted(set(logged) | set(totals)):
+        if totals.get(label, (_ZERO, _ZERO)) != logged.get(label, (_ZERO, _ZERO)):
+            problems.append(f"{label}: the totals differ from what the audit log records")
+    return problems
+
+
 def _replay_budget(
     seq: int,
     entry: dict[str, Any],

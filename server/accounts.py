@@ -127,9 +127,10 @@ class LedgerAccounts:
     @classmethod
     def open(
         cls, path: Path, *, settings: Settings, dataset: str, data_version: str, caps: Caps,
-        wait_timeout: float, token_lifetime: timedelta | None = None,
+        wait_timeout: float, token_lifetime: timedelta | None = None, create: bool = True,
     ) -> LedgerAccounts:
-        """Open (or create) the ledger and apply the config's dataset and institution caps."""
+        """Open (or, with `create`, create) the ledger and apply the config's dataset and
+        institution caps."""
         if caps.dataset is None:
             raise LedgerUnavailableError(
                 "the ledger needs a dataset-wide cap: set caps.dataset in the config"
@@ -142,6 +143,7 @@ class LedgerAccounts:
             data_version=data_version,
             wait_timeout=wait_timeout,
             actor=LOCAL_ACTOR,
+            create=create,
         )
         try:
             for institution, cap in caps.institutions.items():
@@ -158,7 +160,9 @@ class LedgerAccounts:
         )
 
     @classmethod
-    def for_config(cls, config: ServerConfig, engine: Engine) -> LedgerAccounts:
+    def for_config(
+        cls, config: ServerConfig, engine: Engine, *, create: bool = True
+    ) -> LedgerAccounts:
         """The deployment's ledger, opened as `config` says for the data `engine` serves."""
         return cls.open(
             config.ledger,
@@ -168,6 +172,7 @@ class LedgerAccounts:
             caps=config.caps,
             wait_timeout=config.limits.max_query_seconds,
             token_lifetime=config.token_lifetime,
+            create=create,
         )
 
     def token_expiry(self) -> datetime | None:

@@ -110,7 +110,9 @@ def _start(
 ) -> tuple[Running, dict[str, str]]:
     if not config.data.is_file():
         raise ConfigError(f"no data file at {config.data}")
-    creating = not demo and not config.ledger.exists()
+    # An empty file is no ledger either (a `touch`, or a copy that failed): it must not be
+    # started afresh, every budget unspent, without the administrator a new ledger needs.
+    creating = not demo and (not config.ledger.exists() or config.ledger.stat().st_size == 0)
     if creating and not init_admin:
         # A misspelt ledger path would otherwise start a new ledger, every budget unspent.
         raise ConfigError(
@@ -119,7 +121,7 @@ def _start(
             "CLIENT_ID). If this deployment has a ledger already, correct the path."
         )
     engine = build_engine(config)
-    accounts = LedgerAccounts.for_config(config, engine)
+    accounts = LedgerAccounts.for_config(config, engine, create=demo or creating)
     tokens: dict[str, str] = {}
     try:
         registered = {c.client_id for c in accounts.ledger.list_clients()}

@@ -6,6 +6,7 @@ the setting, never a traceback, and must leave nothing behind that blocks the co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -181,6 +182,27 @@ def test_a_ledger_path_naming_no_file_needs_init_admin(deployment: Path) -> None
         "created, every budget unspent"
     ) in err
     assert (deployment / "ledger.sqlite").exists()
+
+
+def test_an_empty_or_tableless_ledger_file_is_not_started_afresh(deployment: Path) -> None:
+    """A `touch`ed ledger file, or a database that lost its tables, holds no budgets: serving
+    it as a new ledger would start every budget unspent, so it needs --init-admin as a
+    missing file does, and a database with no ledger in it is refused outright."""
+    import sqlite3
+
+    config = write_config(deployment, server={"listen": "127.0.0.1:0"})
+    ledger = deployment / "ledger.sqlite"
+    ledger.touch()
+    line = refused("serve", "--config", str(config), cwd=deployment)
+    assert line.startswith(f"error: there is no ledger at {ledger}; ") and "--init-admin" in line
+    assert ledger.stat().st_size == 0
+    ledger.unlink()
+    with contextlib.closing(sqlite3.connect(ledger)) as conn:  # a header, no tables
+        conn.execute("PRAGMA user_version = 1")
+    line = refused("serve", "--config", str(config), cwd=deployment)
+    assert "holds no ledger" in line and "every budget unspent" in line
+    with contextlib.closing(sqlite3.connect(ledger)) as conn:
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
 
 
 def test_a_name_is_refused_when_any_of_its_addresses_is_in_use(tmp_path: Path) -> None:

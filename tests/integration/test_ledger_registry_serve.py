@@ -62,5 +62,5 @@ def test_serve_refuses_a_ledger_with_a_revived_client(tmp_path: Path) -> None:
     assert process.returncode == 2, (out, err)
     assert "listening" not in out and "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "registry differs from its audit log (client dave: its cap is 50" in line
+    assert "tables differ from its audit log (client dave: its cap is 50" in line
     assert f"veil ledger verify {config.ledger}" in line

@@ -26,6 +26,7 @@ from engine.errors import (
     BudgetExceededError,
     ClientRegistryError,
     InvalidLossError,
+    LedgerIntegrityError,
     LedgerUnavailableError,
     QueryCancelledError,
     RequestConflictError,
@@ -641,6 +642,71 @@ def test_only_a_hold_is_left_unsynced(
     events.clear()
     assert ledger.release_metadata([stored.release_id])[stored.release_id].cells > 0
     assert events == ["sync"]
+
+
+def test_a_ledger_opened_through_a_symlink_syncs_and_locks_the_file_itself(
+    engine: Engine, open_ledger: Callable[..., Ledger], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SQLite writes its log beside the file a link points at; the sync and the one-writer lock
+    # must find it there, or every charge goes out unsynced and a second writer gets in.
+    real = tmp_path / "real" / "ledger.sqlite"
+    real.parent.mkdir()
+    link = tmp_path / "link.sqlite"
+    link.symlink_to(real)
+    ledger = open_ledger(path=link)
+    assert ledger.path == real
+    ledger.register_client("alice", role="researcher", cap="1")
+    events = _trace_commits_and_syncs(ledger, monkeypatch)
+    release(engine, ledger, "alice", "a1")
+    assert events == ["COMMIT", "COMMIT", "sync"]
+    with pytest.raises(LedgerUnavailableError, match="open for writing in another process"):
+        open_ledger(path=real)
+
+
+def test_a_write_ahead_log_deleted_under_the_ledger_stops_it(
+    engine: Engine, open_ledger: Callable[..., Ledger]
+) -> None:
+    # SQLite keeps writing to the deleted file, which nothing can make durable: a charge must
+    # not be handed out on it, nor any after it.
+    ledger = open_ledger()
+    ledger.register_client("alice", role="researcher", cap="1")
+    release(engine, ledger, "alice", "a1")
+    Path(f"{ledger.path}-wal").unlink()
+    with pytest.raises(LedgerUnavailableError, match="could not be made durable"):
+        release(engine, ledger, "alice", "a2")
+    with pytest.raises(LedgerUnavailableError, match="restarted and the ledger reopened"):
+        release(engine, ledger, "alice", "a3")
+
+
+def test_totals_written_down_outside_the_ledger_are_not_served(
+    engine: Engine, ledger: Ledger, open_ledger: Callable[..., Ledger]
+) -> None:
+    # Caps are enforced against the totals: a total set back to zero would let alice spend her
+    # cap again. Opening compares them with the audit log's last movement of each scope.
+    release(engine, ledger, "alice", "a1")
+    path = ledger.path
+    ledger.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE totals SET spent = '0' WHERE kind = 'client' AND name = 'alice'")
+        conn.commit()
+    with pytest.raises(LedgerIntegrityError, match="client:alice: the totals differ from what"):
+        open_ledger(path=path)
+
+
+def test_an_open_that_may_not_create_refuses_a_path_with_no_ledger(
+    open_ledger: Callable[..., Ledger], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.sqlite"
+    with pytest.raises(LedgerUnavailableError, match="there is no ledger at"):
+        open_ledger(path=missing, create=False)
+    assert not missing.exists()
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    with pytest.raises(LedgerUnavailableError, match="holds no ledger"):
+        open_ledger(path=empty, create=False)
+    open_ledger(path=tmp_path / "new.sqlite").close()
+    open_ledger(path=tmp_path / "new.sqlite", create=False).close()  # an existing one opens
 
 
 def test_a_failed_sync_stops_the_ledger_until_it_is_reopened(

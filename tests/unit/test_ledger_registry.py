@@ -220,7 +220,7 @@ def test_an_edited_registry_fails_verification_and_is_not_served(
     assert problem in result.problems, result.problems
     assert ledger_cli(["ledger", "verify", str(path)]) == 1
     assert problem in capsys.readouterr().out
-    with pytest.raises(LedgerIntegrityError, match=r"registry differs .*veil ledger verify") as e:
+    with pytest.raises(LedgerIntegrityError, match=r"tables differ .*veil ledger verify") as e:
         open_ledger(path, dataset_cap="4.5")
     assert problem.split(":")[0] in str(e.value)  # the client, institution or meta row
 
@@ -242,7 +242,7 @@ def test_a_registry_changed_and_put_back_leaves_its_mark(engine: Engine, path: P
         conn.execute(EDITS["revived"][0])
     # A ledger opened by an older build, which did not compare the registry with the log.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Ledger, "_check_registry", lambda self, conn: None)
+        patch.setattr(Ledger, "_check_against_log", lambda self, conn: None)
         with open_ledger(path, dataset_cap="4.5") as ledger:
             spend(engine, ledger, "alice", "a1", "1.75")
             spend(engine, ledger, "dave", "d2", "0.5", by="ageBroad")
