@@ -185,14 +185,15 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
     # out) rather than published as noise around zero. Zeroing them reads no data.
     unreachable = plan.unreachable_row_mask
 
+    q_count, q_sum = interval_quantiles(plan)
+
     if isinstance(measure, (Count, FlagCounts)):
-        q = count_dist.quantile_abs(settings.confidence)
         counts = np.concatenate(noisy) if isinstance(measure, FlagCounts) else noisy[0]
         counts = np.where(unreachable, 0, counts)
         published = publishable(counts, tau) | unreachable
         value: pa.Array = _withheld(counts, published, pa.int64())
-        low = np.where(unreachable, 0, np.maximum(counts - q, 0)).astype(float)
-        high = np.where(unreachable, 0, counts + q).astype(float)
+        low = np.where(unreachable, 0, np.maximum(counts - q_count, 0)).astype(float)
+        high = np.where(unreachable, 0, counts + q_count).astype(float)
         if isinstance(measure, FlagCounts):
             flags = plan.flag_names
             keys = {name: pa.concat_arrays([col] * len(flags)) for name, col in keys.items()}
@@ -211,19 +212,15 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         value = _withheld(ratio, published, pa.float64())
         # N / (N + C) grows with N and shrinks with C: its interval's ends take each count's
         # opposite ends, the two intervals joined by the union bound.
-        q = count_dist.quantile_abs(bonferroni_level(settings.confidence, 2))
-        low = _share(np.maximum(numerator - q, 0), np.maximum(rest + q, 0), empty=0.0)
-        high = _share(np.maximum(numerator + q, 0), np.maximum(rest - q, 0), empty=1.0)
+        low = _share(np.maximum(numerator - q_count, 0), np.maximum(rest + q_count, 0), empty=0.0)
+        high = _share(np.maximum(numerator + q_count, 0), np.maximum(rest - q_count, 0), empty=1.0)
     else:
         assert isinstance(measure, (Sum, Mean))
         shifted, present = noisy
         variable = plan.components[0].argument
         shift = plan.components[0].shift
         lo_bound, hi_bound = float(variable.low), float(variable.high)
-        sum_dist = plan.mechanisms[0].distribution
-        sum_scale = sum_dist.scale
-        level = bonferroni_level(settings.confidence, 2)
-        q_sum, q_count = sum_dist.quantile_abs(level), count_dist.quantile_abs(level)
+        sum_scale = plan.mechanisms[0].distribution.scale
         published = publishable(present, tau)
         if isinstance(measure, Mean):
             published &= ~unreachable  # the mean of no record
@@ -239,7 +236,7 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
             estimate, low, high = (np.clip(v, lo_bound, hi_bound) for v in (estimate, low, high))
         else:
             estimate = np.where(unreachable, 0, shifted + shift * present)
-            spread = np.where(unreachable, 0, q_sum + abs(shift) * q_count)
+            spread = np.where(unreachable, 0, _sum_spread(q_sum, q_count, shift))
             low, high = estimate - spread, estimate + spread
             published |= unreachable
         value = _withheld(estimate.astype(float), published, pa.float64())
@@ -288,21 +285,41 @@ def value_half_width(plan: Plan, count: int) -> float:
     variable's range: the noisy count stands in for the true one.
     """
     measure = plan.query.measure
-    count_dist = plan.count_mechanism.distribution
+    q_count, q_sum = interval_quantiles(plan)
     if isinstance(measure, (Count, FlagCounts)):
-        return float(count_dist.quantile_abs(plan.settings.confidence))
-    level = bonferroni_level(plan.settings.confidence, 2)
-    q_count = count_dist.quantile_abs(level)
+        return float(q_count)
     if isinstance(measure, Proportion):
         return min(1.0, q_count / count) if count > 0 else 1.0
-    q_sum = plan.mechanisms[0].distribution.quantile_abs(level)
     shift = plan.components[0].shift
     if isinstance(measure, Sum):
-        return float(q_sum + abs(shift) * q_count)
+        return float(_sum_spread(q_sum, q_count, shift))
     variable = plan.components[0].argument
     width = float(variable.high - variable.low)
     reach = max(shift - variable.low, variable.high - shift)
     return width if count <= q_count else min(width, (q_sum + reach * q_count) / (count - q_count))
+
+
+def interval_quantiles(plan: Plan) -> tuple[float, float]:
+    """How far the noise reaches at the plan's confidence: (count noise, sum noise; 0 without a
+    sum). A count's interval takes the whole confidence; a share's two counts, and a sum's or
+    mean's sum and count, share it by the union bound (`bonferroni_level`)."""
+    measure = plan.query.measure
+    count_dist = plan.count_mechanism.distribution
+    if isinstance(measure, (Count, FlagCounts)):
+        return count_dist.quantile_abs(plan.settings.confidence), 0.0
+    level = bonferroni_level(plan.settings.confidence, 2)
+    q_sum = (
+        plan.mechanisms[0].distribution.quantile_abs(level)
+        if isinstance(measure, (Sum, Mean))
+        else 0.0
+    )
+    return count_dist.quantile_abs(level), q_sum
+
+
+def _sum_spread(q_sum: float, q_count: float, shift: int) -> float:
+    """How far a sum's interval reaches either side: the sum S = S' + shift x P is off by its
+    own noise and by the shift times its count's."""
+    return q_sum + abs(shift) * q_count
 
 
 def empty_cell_bound_of(plan: Plan) -> EmptyCellBound:
