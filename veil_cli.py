@@ -17,11 +17,11 @@ from collections.abc import Sequence
 # all it had, and it says nothing more about it.
 EXIT_BROKEN_PIPE = 1
 
-# command -> (module, function that adds the command's parser, one-line help)
+# command -> (module, function that adds the command's parser)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("engine.demo", "add_demo_command"),
     "load": ("engine.cli", "add_load_command"),
-    "synth": ("engine.synthetic", "add_synth_command"),
+    "synth": ("engine.cli", "add_synth_command"),
     "ledger": ("engine.ledger_cli", "add_ledger_command"),
     "serve": ("server.cli", "add_serve_command"),
     "query": ("client.cli", "add_query_command"),
@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "budget": ("client.cli", "add_budget_command"),
     "releases": ("client.cli", "add_releases_command"),
     "admin": ("client.admin_cli", "add_admin_command"),
-    "risk": ("engine.risk", "add_risk_command"),
+    "risk": ("engine.cli", "add_risk_command"),
     "audit": ("audit.cli", "add_audit_command"),
     "attack": ("audit.cli", "add_attack_command"),
 }

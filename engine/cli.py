@@ -1,19 +1,25 @@
-"""`veil load`, the custodian's command that loads a source file into a new data file.
+"""The custodian's commands on the records themselves: `veil load`, `veil synth`, `veil risk`.
 
-`add_load_command(subparsers)` declares its arguments and sets its handler, `run_load`, which
-prints the load report and returns the exit status; `veil_cli` hands the command here. A load
-the engine refuses prints the reason to stderr and exits with status 2.
+Each `add_..._command(subparsers)` declares a command's arguments and sets its handler, which
+prints what the command made and returns the exit status; `veil_cli` hands the commands here. A
+command the engine refuses prints the reason to stderr and exits with status 2. (`veil ledger`
+is `engine.ledger_cli`; `veil demo`, the main job, is `engine.demo`.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from engine.codebook import load_codebook
 from engine.errors import DataFileExistsError, VeilError
 from engine.loader import load
+from engine.risk import DEFAULT_QIS, DEFAULT_SENSITIVE, assess_path
+from engine.synthetic import generate
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
@@ -90,3 +96,139 @@ def run_load(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     sys.stdout.write(report.render())
     return EXIT_OK
+
+
+# ---- `veil synth` ----------------------------------------------------------------------------
+
+
+def add_synth_command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """`veil synth DATABASE --rows N [--seed S] [--overwrite]`; sets `handler(args) -> status`."""
+    parser = subparsers.add_parser(
+        "synth",
+        help="write a data file of synthetic CTDC-like records (demo, tests, benchmarks)",
+        description=(
+            "Write a new DuckDB data file of synthetic CTDC-like records, typed from the codebook, "
+            "and print its data version and the time taken. The same rows and seed always give "
+            "the same records."
+        ),
+    )
+    parser.add_argument("database", type=Path, help="the DuckDB data file to create")
+    parser.add_argument("--rows", type=_count, required=True, help="number of records")
+    parser.add_argument("--seed", type=_count, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--codebook",
+        default="ctdc_v7",
+        help="a shipped codebook name or a codebook YAML path (default: ctdc_v7)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DATABASE if it exists")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )
+    parser.set_defaults(handler=run_synth)
+    return parser
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """Handler of `veil synth`: 0 on success, 2 when the engine refuses (file exists, ...)."""
+    started = time.perf_counter()
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    try:
+        version = generate(
+            args.database,
+            rows=args.rows,
+            seed=args.seed,
+            codebook=load_codebook(args.codebook),
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    except DataFileExistsError as exc:
+        print(exc.for_shell("veil synth"), file=sys.stderr)
+        return 2
+    except VeilError as exc:
+        print(f"veil synth: {exc}", file=sys.stderr)
+        return 2
+    print(f"{version} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _count(text: str) -> int:
+    """A non-negative integer; underscores are allowed (10_000_000)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+# ---- `veil risk` ---------------------------------------------------------------------------------
+
+
+def add_risk_command(subparsers: Any) -> argparse.ArgumentParser:
+    """`veil risk DATA`: k-anonymity, uniques, l-diversity and drivers of a record-level file."""
+    parser = subparsers.add_parser(
+        "risk",
+        help="disclosure-risk report of a data file or a file about to be published",
+        description=(
+            "Report the k-anonymity level, the records in classes smaller than k, the sample "
+            "uniques and the l-diversity of sensitive variables for a set of quasi-identifiers, "
+            "and which quasi-identifiers drive the risk. DATA is a veil data file (.duckdb) or a "
+            "CSV/Parquet file, which is loaded leniently (values outside the codebook count as "
+            "missing, and the report says how many). Exits 0 when the file is k-anonymous, 1 "
+            "when it is not, 2 when it cannot be assessed."
+        ),
+    )
+    parser.add_argument("data", type=Path, help="a veil data file, or a .csv/.csv.gz/.parquet")
+    parser.add_argument(
+        "--qi",
+        default=",".join(DEFAULT_QIS),
+        help=f"comma-separated quasi-identifiers (default: {','.join(DEFAULT_QIS)})",
+    )
+    parser.add_argument(
+        "--sensitive",
+        default=",".join(DEFAULT_SENSITIVE),
+        help="comma-separated sensitive variables for l-diversity; empty for none "
+        f"(default: {','.join(DEFAULT_SENSITIVE)})",
+    )
+    parser.add_argument(
+        "--k", type=int, default=None, help="minimum class size (default: the codebook's, 10)"
+    )
+    parser.add_argument(
+        "--codebook", default="ctdc_v7", help="a shipped codebook name or a codebook YAML path"
+    )
+    parser.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    parser.set_defaults(handler=run_risk)
+    return parser  # type: ignore[no-any-return]
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run_risk(args: argparse.Namespace) -> int:
+    try:
+        codebook = load_codebook(args.codebook)
+        k = args.k if args.k is not None else codebook.min_cell_size
+        report = assess_path(
+            args.data,
+            codebook=codebook,
+            qis=_names(args.qi),
+            sensitive=_names(args.sensitive),
+            k=k,
+        )
+    except VeilError as exc:
+        print(f"veil risk: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.format == "csv":
+        sys.stdout.write(report.to_csv())
+    else:
+        sys.stdout.write(report.render())
+    return 0 if report.k_anonymous else 1

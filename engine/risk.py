@@ -35,15 +35,12 @@ The report shows counts and shares only, never a class's values or a row.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
 import itertools
-import json
 import math
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.backend import DuckDBBackend
-from engine.codebook import Codebook, load_codebook
+from engine.codebook import Codebook
 from engine.data_file import RESTRICTED_NOTICE
 from engine.errors import VeilError
 from engine.loader import load
@@ -566,73 +563,6 @@ def assess_path(
         )
 
 
-# ---- `veil risk` ---------------------------------------------------------------------------------
-
-
-def add_risk_command(subparsers: Any) -> argparse.ArgumentParser:
-    """`veil risk DATA`: k-anonymity, uniques, l-diversity and drivers of a record-level file."""
-    parser = subparsers.add_parser(
-        "risk",
-        help="disclosure-risk report of a data file or a file about to be published",
-        description=(
-            "Report the k-anonymity level, the records in classes smaller than k, the sample "
-            "uniques and the l-diversity of sensitive variables for a set of quasi-identifiers, "
-            "and which quasi-identifiers drive the risk. DATA is a veil data file (.duckdb) or a "
-            "CSV/Parquet file, which is loaded leniently (values outside the codebook count as "
-            "missing, and the report says how many). Exits 0 when the file is k-anonymous, 1 "
-            "when it is not, 2 when it cannot be assessed."
-        ),
-    )
-    parser.add_argument("data", type=Path, help="a veil data file, or a .csv/.csv.gz/.parquet")
-    parser.add_argument(
-        "--qi",
-        default=",".join(DEFAULT_QIS),
-        help=f"comma-separated quasi-identifiers (default: {','.join(DEFAULT_QIS)})",
-    )
-    parser.add_argument(
-        "--sensitive",
-        default=",".join(DEFAULT_SENSITIVE),
-        help="comma-separated sensitive variables for l-diversity; empty for none "
-        f"(default: {','.join(DEFAULT_SENSITIVE)})",
-    )
-    parser.add_argument(
-        "--k", type=int, default=None, help="minimum class size (default: the codebook's, 10)"
-    )
-    parser.add_argument(
-        "--codebook", default="ctdc_v7", help="a shipped codebook name or a codebook YAML path"
-    )
-    parser.add_argument("--format", choices=("text", "json", "csv"), default="text")
-    parser.set_defaults(handler=run_risk)
-    return parser  # type: ignore[no-any-return]
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def run_risk(args: argparse.Namespace) -> int:
-    try:
-        codebook = load_codebook(args.codebook)
-        k = args.k if args.k is not None else codebook.min_cell_size
-        report = assess_path(
-            args.data,
-            codebook=codebook,
-            qis=_names(args.qi),
-            sensitive=_names(args.sensitive),
-            k=k,
-        )
-    except VeilError as exc:
-        print(f"veil risk: {exc}", file=sys.stderr)
-        return 2
-    if args.format == "json":
-        print(json.dumps(report.to_dict(), indent=2))
-    elif args.format == "csv":
-        sys.stdout.write(report.to_csv())
-    else:
-        sys.stdout.write(report.render())
-    return 0 if report.k_anonymous else 1
-
-
 __all__ = [
     "DEFAULT_QIS",
     "DEFAULT_SENSITIVE",
@@ -640,7 +570,6 @@ __all__ = [
     "Diversity",
     "RiskError",
     "RiskReport",
-    "add_risk_command",
     "assess",
     "assess_data_file",
     "assess_path",

@@ -19,10 +19,8 @@ no mix of boys and girls averages to 41%; the generator keeps 41% and the boys-t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +33,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from engine import data_file
-from engine.codebook import Codebook, Kind, Variable, default_codebook, load_codebook
-from engine.errors import CodebookError, DataFileExistsError, VeilError
+from engine.codebook import Codebook, Kind, Variable, default_codebook
+from engine.errors import CodebookError
 from engine.sql import generator_settings
 
 CHUNK_ROWS = 1 << 20
@@ -747,73 +745,3 @@ def _draw_records(world: _World, rng: np.random.Generator, n: int) -> dict[str, 
         values = out[name]
         out[name] = np.where(values < 0, -1, lookup[np.maximum(values, 0)]).astype(np.int16)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: `veil synth DATABASE --rows N --seed S [--overwrite]`.
-
-
-def add_synth_command(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse.ArgumentParser:
-    """`veil synth DATABASE --rows N [--seed S] [--overwrite]`; sets `handler(args) -> status`."""
-    parser = subparsers.add_parser(
-        "synth",
-        help="write a data file of synthetic CTDC-like records (demo, tests, benchmarks)",
-        description=(
-            "Write a new DuckDB data file of synthetic CTDC-like records, typed from the codebook, "
-            "and print its data version and the time taken. The same rows and seed always give "
-            "the same records."
-        ),
-    )
-    parser.add_argument("database", type=Path, help="the DuckDB data file to create")
-    parser.add_argument("--rows", type=_count, required=True, help="number of records")
-    parser.add_argument("--seed", type=_count, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--codebook",
-        default="ctdc_v7",
-        help="a shipped codebook name or a codebook YAML path (default: ctdc_v7)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace DATABASE if it exists")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="show a progress bar on stderr (default: when stderr is a terminal)",
-    )
-    parser.set_defaults(handler=run_synth)
-    return parser
-
-
-def run_synth(args: argparse.Namespace) -> int:
-    """Handler of `veil synth`: 0 on success, 2 when the engine refuses (file exists, ...)."""
-    started = time.perf_counter()
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    try:
-        version = generate(
-            args.database,
-            rows=args.rows,
-            seed=args.seed,
-            codebook=load_codebook(args.codebook),
-            overwrite=args.overwrite,
-            progress=progress,
-        )
-    except DataFileExistsError as exc:
-        print(exc.for_shell("veil synth"), file=sys.stderr)
-        return 2
-    except VeilError as exc:
-        print(f"veil synth: {exc}", file=sys.stderr)
-        return 2
-    print(f"{version} ({time.perf_counter() - started:.1f} s)")
-    return 0
-
-
-def _count(text: str) -> int:
-    """A non-negative integer; underscores are allowed (10_000_000)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value

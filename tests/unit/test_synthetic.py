@@ -15,6 +15,7 @@ import pytest
 
 from engine import synthetic
 from engine.backend import DuckDBBackend
+from engine.cli import add_synth_command
 from engine.codebook import Kind, Variable, default_codebook, load_codebook
 from engine.errors import CodebookError, LoadError
 from engine.sql import Statement, create_table
@@ -146,7 +147,7 @@ def test_rejects_bad_arguments_and_other_codebooks(tmp_path: Path) -> None:
 
 def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="veil")
-    synthetic.add_synth_command(parser.add_subparsers(dest="command"))
+    add_synth_command(parser.add_subparsers(dest="command"))
     path = tmp_path / "data.duckdb"
     args = parser.parse_args(["synth", str(path), "--rows", "300", "--seed", "2"])
     assert args.handler(args) == 0
