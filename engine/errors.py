@@ -30,6 +30,16 @@ class InvalidQueryError(VeilError):
 class LimitExceededError(InvalidQueryError):
     """A query is well formed but larger than the configured limits (cells, dimensions, depth)."""
 
+    # The filter limits are checked twice, on the wire before a tree is built and in the planner
+    # for any caller: one wording for both.
+    @classmethod
+    def filter_depth(cls, limit: int) -> LimitExceededError:
+        return cls(f"filter nesting exceeds the maximum depth of {limit}")
+
+    @classmethod
+    def filter_terms(cls, limit: int) -> LimitExceededError:
+        return cls(f"filter has more than the maximum of {limit} terms")
+
 
 class InvalidLossError(VeilError):
     """A privacy-loss amount is not a finite positive number within the allowed range."""

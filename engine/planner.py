@@ -425,13 +425,9 @@ def _check_limits(query: Query, settings: Settings) -> None:
         filters.append(query.measure.condition)
     for f in filters:
         if filter_depth(f) > settings.max_filter_depth:
-            raise LimitExceededError(
-                f"filter nesting exceeds the maximum depth of {settings.max_filter_depth}"
-            )
+            raise LimitExceededError.filter_depth(settings.max_filter_depth)
         if filter_terms(f) > settings.max_filter_terms:
-            raise LimitExceededError(
-                f"filter has more than the maximum of {settings.max_filter_terms} terms"
-            )
+            raise LimitExceededError.filter_terms(settings.max_filter_terms)
 
 
 def _numeric(codebook: Codebook, name: str) -> Variable:

@@ -202,9 +202,7 @@ def _check_shape(trees: Iterable[pb.Filter], settings: Settings) -> None:
             if nodes > MAX_FILTER_NODES:
                 raise LimitExceededError(f"the query holds more than {MAX_FILTER_NODES} filters")
             if depth > settings.max_filter_depth:
-                raise LimitExceededError(
-                    f"filter nesting exceeds the maximum depth of {settings.max_filter_depth}"
-                )
+                raise LimitExceededError.filter_depth(settings.max_filter_depth)
             kind = node.WhichOneof("kind")
             if kind == "negation":
                 stack.append((node.negation.operand, depth + 1))
@@ -216,9 +214,7 @@ def _check_shape(trees: Iterable[pb.Filter], settings: Settings) -> None:
                 if kind == "in_set":
                     values += len(node.in_set.values)
             if terms > settings.max_filter_terms:
-                raise LimitExceededError(
-                    f"filter has more than the maximum of {settings.max_filter_terms} terms"
-                )
+                raise LimitExceededError.filter_terms(settings.max_filter_terms)
             if values > MAX_IN_VALUES:
                 raise LimitExceededError(f"filters list more than {MAX_IN_VALUES} values")
 
