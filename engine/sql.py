@@ -159,10 +159,13 @@ def _source(codebook: Codebook) -> str:
     # with no id is a person of its own: grouped together, the NULL ids would form one
     # "person" whose kept rows change with any one of them, a change of two rows where the
     # noise is calibrated for max_rows_per_person.
+    # The hash names every column: `hash(records)`, the row, would read a variable named
+    # `records` instead, and a person's rows that tie on it would be kept by physical order.
     column = quote(unit.id_column)
+    row = ", ".join(quote(v.name) for v in codebook.stored_variables)
     return (
         f"(SELECT * FROM {TABLE} QUALIFY {column} IS NULL OR row_number() OVER "
-        f"(PARTITION BY {column} ORDER BY hash({TABLE})) <= {int(unit.max_rows_per_person)})"
+        f"(PARTITION BY {column} ORDER BY hash({row})) <= {int(unit.max_rows_per_person)})"
     )
 
 
