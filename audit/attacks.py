@@ -865,8 +865,9 @@ def budget_race(ctx: Context, *, threads: int = 12, factor: int = 3) -> AttackRe
 
     def one(query: Query) -> str:
         try:
-            ctx.target.release(query, loss=text)
-            return "released"
+            # A stored release returned free (the query was released before, by this client or
+            # another, at a loss at least this one) reserves nothing: it races for nothing.
+            return "replayed" if ctx.target.release(query, loss=text).replayed else "released"
         except Refused as exc:
             return "budget" if exc.budget else exc.code.name
 
@@ -878,11 +879,16 @@ def budget_race(ctx: Context, *, threads: int = 12, factor: int = 3) -> AttackRe
     over = max(0, released - allowed)
     if spent > remaining and not over:
         over = 1
-    others = {o: outcomes.count(o) for o in set(outcomes) - {"released", "budget"}}
+    others = {o: outcomes.count(o) for o in set(outcomes) - {"released", "replayed", "budget"}}
     detail = (
         f"{len(queries)} concurrent releases of {ctx.unit}={text} ({threads} at a time) against "
         f"{format_amount(remaining)} remaining, which allows {allowed}: {released} released, "
-        f"{outcomes.count('budget')} refused for budget"
+        + (
+            f"{outcomes.count('replayed')} stored releases returned free (released before), "
+            if "replayed" in outcomes
+            else ""
+        )
+        + f"{outcomes.count('budget')} refused for budget"
         + (f", other refusals {others}" if others else "")
         + f"; the ledger charged {format_amount(spent)}"
     )

@@ -26,6 +26,7 @@ import pytest
 
 from audit import attacks
 from audit.truth import Truth
+from server.accounts import LedgerAccounts
 from tests.attacks.conftest import Attacker, memory_spent
 
 
@@ -162,6 +163,24 @@ def test_budget_race_never_passes_the_cap(attack: Callable[..., Attacker]) -> No
     assert result.verdict == "defended" and result.success_rate == 0
     budget = attacker.target.budget()
     assert budget.remaining == "0" and budget.spent == "1"
+
+
+def test_budget_race_does_not_count_stored_releases_returned_free(
+    attack: Callable[..., Attacker],
+) -> None:
+    # A second race at the same loss meets the queries the first one released: those come back
+    # free, reserving nothing, and are no sign that the ledger let the client past its cap.
+    attacker = attack(cap="2")
+    first = attacks.budget_race(attacker.ctx)
+    assert first.verdict == "defended"
+    accounts = attacker.running.accounts
+    assert isinstance(accounts, LedgerAccounts)
+    accounts.ledger.set_cap("alice", "4")
+    again = attacks.budget_race(attacker.ctx)
+    _print(again)
+    assert "returned free" in again.detail
+    assert again.verdict == "defended" and again.success_rate == 0
+    assert attacker.target.budget().spent == "4"
 
 
 # ---- injection and denial of service -------------------------------------------------------------
