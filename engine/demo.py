@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,11 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic records")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path("var/demo"))
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("var/demo"),
+        help="where the data file and the ledger are kept (default var/demo); a rerun there "
+        "gets the stored releases back, free",
+    )
     parser.set_defaults(handler=run_demo)
     return parser
 
@@ -104,6 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         for title, query, epsilon in TABLES:
             loss = PrivacyLoss.pure(epsilon)
+            spent = ledger.spent(RESEARCHER)
             release = engine.release(
                 query,
                 loss=loss,
@@ -114,7 +120,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 # build never holds the id for another question.
                 request_id=f"demo:{engine.plan(query, loss=loss).fingerprint}:{epsilon}",
             )
-            _print_release(title, release)
+            _print_release(title, release, charged=ledger.spent(RESEARCHER) - spent)
         # Asking again is free: the stored release comes back, with the same noise.
         title, query, epsilon = TABLES[0]
         again = engine.release(
@@ -136,7 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ledger.close()
 
 
-def _print_release(title: str, release: Release) -> None:
+def _print_release(title: str, release: Release, *, charged: Fraction) -> None:
     import pandas as pd  # here, not at the top: `veil --help` imports every command's module
 
     meta = release.metadata
@@ -158,10 +164,15 @@ def _print_release(title: str, release: Release) -> None:
     ]
     print(f"== {title}")
     print(shown.to_string(index=False))
+    # A rerun in the same directory finds its ledger (--workdir) and gets the stored releases.
+    cost = (
+        f"charged epsilon {format_amount(charged)} (charge {meta.charge_id})"
+        if charged
+        else f"released before at epsilon {meta.loss}: returned free of charge"
+    )
     print(
         f"   {meta.mechanism}, scale {meta.noise_scale:.3g}, tau {meta.tau}, "
-        f"{meta.suppressed_cells} of {meta.cells} cells suppressed; charged epsilon {meta.loss} "
-        f"(charge {meta.charge_id})\n"
+        f"{meta.suppressed_cells} of {meta.cells} cells suppressed; {cost}\n"
     )
 
 

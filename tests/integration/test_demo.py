@@ -23,6 +23,9 @@ def test_demo_releases_every_table_charges_once_and_verifies(
     second = capsys.readouterr().out
     assert "spent 4.5, cap 20" in second
     assert "generated" not in second
+    # ... and each table says so, rather than naming the first run's charge as its own.
+    assert "charged epsilon" not in second
+    assert second.count("released before at epsilon") == 6
 
 
 def test_demo_reruns_on_a_ledger_another_build_wrote(
