@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import pytest
 
 from engine.codebook import default_codebook
@@ -339,20 +342,9 @@ def test_finding_unreachable_cells_does_not_walk_the_cells_in_python() -> None:
     assert calls < 2_000, calls
 
 
-def test_unreachable_cells_are_those_no_record_reaches() -> None:
-    # Every record over four variables, against random filters and groupings: a cell called
-    # unreachable is one no record meeting the filter falls into, always; and every such cell
-    # is called unreachable when each variable left ungrouped appears in the filter at most once
-    # (else two conditions on it may contradict each other, which is not looked for).
-    import itertools
-    import random
-
-    import numpy as np
-
-    names = ("gender", "majorityStatus", "isSexualExploit", "ageBroad")
-    domains = {n: [*CODEBOOK.variable(n).codes, None] for n in names}
-    records = [dict(zip(names, v, strict=True)) for v in itertools.product(*domains.values())]
-    rng = random.Random(7)
+def _filters_over(names: tuple[str, ...], rng: random.Random) -> Callable[[int], object]:
+    """Random filters over `names`, `depth` deep at most: equalities, IN lists, IS NULL, under
+    AND, OR and NOT."""
 
     def leaf() -> object:
         name = rng.choice(names)
@@ -371,6 +363,24 @@ def test_unreachable_cells_are_those_no_record_reaches() -> None:
             combine = And if rng.random() < 0.5 else Or
             f = combine(*(random_filter(depth - 1) for _ in range(rng.randint(2, 3))))
         return Not(f) if rng.random() < 0.2 else f
+
+    return random_filter
+
+
+def test_unreachable_cells_are_those_no_record_reaches() -> None:
+    # Every record over four variables, against random filters and groupings: a cell called
+    # unreachable is one no record meeting the filter falls into, always; and every such cell
+    # is called unreachable when each variable left ungrouped appears in the filter at most once
+    # (else two conditions on it may contradict each other, which is not looked for).
+    import itertools
+
+    import numpy as np
+
+    names = ("gender", "majorityStatus", "isSexualExploit", "ageBroad")
+    domains = {n: [*CODEBOOK.variable(n).codes, None] for n in names}
+    records = [dict(zip(names, v, strict=True)) for v in itertools.product(*domains.values())]
+    rng = random.Random(7)
+    random_filter = _filters_over(names, rng)
 
     checked = exact = 0
     for _ in range(300):
@@ -402,7 +412,6 @@ def test_a_flags_rows_the_query_rules_out_are_unreachable() -> None:
     # row called unreachable is one no such record falls into, always; and every such row is
     # called unreachable when each variable left ungrouped appears in the filter at most once.
     import itertools
-    import random
 
     import numpy as np
 
@@ -410,24 +419,7 @@ def test_a_flags_rows_the_query_rules_out_are_unreachable() -> None:
     domains = {n: [*CODEBOOK.variable(n).codes, None] for n in names}
     records = [dict(zip(names, v, strict=True)) for v in itertools.product(*domains.values())]
     rng = random.Random(11)
-
-    def leaf() -> object:
-        name = rng.choice(names)
-        codes = list(CODEBOOK.variable(name).codes)
-        kind = rng.randrange(3)
-        if kind == 0:
-            return Eq(name, rng.choice(codes))
-        if kind == 1:
-            return In(name, rng.sample(codes, rng.randint(1, len(codes))))
-        return IsMissing(name)
-
-    def random_filter(depth: int) -> object:
-        if depth == 0 or rng.random() < 0.3:
-            f = leaf()
-        else:
-            combine = And if rng.random() < 0.5 else Or
-            f = combine(*(random_filter(depth - 1) for _ in range(rng.randint(2, 3))))
-        return Not(f) if rng.random() < 0.2 else f
+    random_filter = _filters_over(names, rng)
 
     checked = exact = ruled_out = 0
     for _ in range(300):
