@@ -198,6 +198,7 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
         rate_per_second=limits.rate_per_second,
         rate_burst=limits.rate_burst,
         calls_per_client=limits.calls_per_client,
+        request_seconds=limits.request_seconds,
         bind_client_ids=config.tls is not None and config.tls.binds_client_ids,
     )
     server = grpc.server(

@@ -7,24 +7,33 @@ institution. The caller's identity comes from the credential alone, never from a
 The interceptor wraps every veil method so that the check runs on the call's worker thread
 (inside the server's concurrency cap, never on the thread that accepts calls): authenticate, check
 the role against `METHOD_ROLES`, apply the client's rate limit, then run the method with the
-identity available through `current_identity()`. Failed attempts are recorded in the server log
-and in the audit log: at most `audit_failures_per_minute` per peer address and
-`audit_failures_total_per_minute` in all, so that a flood of bad tokens, even from many
-addresses, can neither flood the log nor keep the ledger's write lock from the releases. Each
+identity available through `current_identity()`. The check needs only the call's metadata, so it
+runs before the request message is read, and the message must then arrive within
+`request_seconds` (`RequestWait`): gRPC gives a call its worker when its headers arrive, so calls
+that never send their message would otherwise hold every worker, before any credential is seen.
+Health checks get the same bound. Failed attempts are recorded in the server log
+and in the audit log: without a registered client's token, at most `audit_failures_per_minute`
+per peer address and `audit_failures_total_per_minute` in all, so that a flood of bad tokens,
+even from many addresses, can neither flood the log nor keep the ledger's write lock from the
+releases; a registered client's refusals, at most `audit_failures_per_minute` per client, so that
+such a flood cannot keep them out of the log either. Each
 entry counts the refusals left unrecorded before it, so the log still accounts for every one.
 Health checks and reflection need no credential.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
+import heapq
+import itertools
 import logging
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -33,6 +42,8 @@ import grpc
 
 from server.errors import (
     AuthenticationError,
+    CallDeadlineError,
+    MalformedRequestError,
     PermissionDeniedError,
     RateLimitedError,
     ServerError,
@@ -219,6 +230,87 @@ class RateLimiter:
             return (1 - tokens) / self.rate
 
 
+# ---- the request's arrival ---------------------------------------------------------------------
+
+
+class RequestWait:
+    """Cancels a call whose request message has not arrived `seconds` after it began.
+
+    One thread keeps the deadlines of the calls waiting for their message, earliest first; a
+    call whose message arrives in time is struck off (a timer thread per call would cost a
+    thread start on every call).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._waiting: list[list[Any]] = []  # [deadline, order, expire or None once struck off]
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self, expire: Callable[[], None]) -> Iterator[None]:
+        """Within the block, `expire` is called (once) if the block outlasts `seconds`."""
+        entry = [time.monotonic() + self.seconds, next(self._order), expire]
+        with self._changed:
+            heapq.heappush(self._waiting, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="veil-request-wait", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                entry[2] = None
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._waiting and self._waiting[0][2] is None:
+                    heapq.heappop(self._waiting)
+                if not self._waiting:
+                    self._changed.wait()
+                    continue
+                delay = self._waiting[0][0] - time.monotonic()
+                if delay > 0:
+                    self._changed.wait(delay)
+                    continue
+                expire = heapq.heappop(self._waiting)[2]
+            try:
+                expire()
+            except Exception:  # a call already gone: nothing to cancel
+                log.debug("a late call could not be cancelled", exc_info=True)
+
+
+def _first_request(
+    requests: Iterator[Any], context: grpc.ServicerContext, wait: RequestWait, method: str,
+    client: str | None,
+) -> Any:
+    """The call's one request message, read within `wait.seconds` of asking; the call is
+    cancelled (and logged) when it does not come."""
+
+    def expire() -> None:
+        log.warning(
+            "request not sent in time",
+            extra={"event": "request_timeout", "method": method, "client": client,
+                   "peer": context.peer(), "seconds": wait.seconds},
+        )
+        context.cancel()  # type: ignore[no-untyped-call]
+
+    with wait.watch(expire):
+        try:
+            return next(requests)
+        except StopIteration:
+            abort(context, MalformedRequestError("the call ended without its request message"))
+        except grpc.RpcError:  # cancelled: by `expire`, or by the caller
+            abort(context, CallDeadlineError(
+                f"the request message did not arrive within {wait.seconds:g} s of the call"
+            ))
+
+
 # ---- the interceptor ---------------------------------------------------------------------------
 
 
@@ -247,8 +339,10 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         audit_failures_total_per_minute: int = 600,
         calls_per_client: int | None = None,
         bind_client_ids: bool = False,
+        request_seconds: float = 10.0,
     ) -> None:
         self.directory = directory
+        self.request_wait = RequestWait(request_seconds)
         # Calls each client has running: a cap keeps one client from holding every worker with
         # slow calls while others wait (the rate limit counts calls begun, not calls running).
         self.calls_per_client = calls_per_client
@@ -274,25 +368,49 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_SERVICES):
-            return handler
+        if handler is None:
+            return None
+        wait = self.request_wait
+        # Each handler is served as taking a stream of requests, so that its worker starts at
+        # once (a unary handler's waits for the message first), and reads the one message itself.
+        if method.startswith(OPEN_SERVICES):
+            if handler.request_streaming:
+                return handler  # reflection's own stream (off unless configured)
+            unary = handler.unary_unary is not None
+            served = handler.unary_unary if unary else handler.unary_stream
+            assert served is not None  # a handler serves its method one way or another
+
+            def open_call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                return served(_first_request(requests, context, wait, method, None), context)
+
+            make = (
+                grpc.stream_unary_rpc_method_handler
+                if unary
+                else grpc.stream_stream_rpc_method_handler
+            )
+            return make(
+                open_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_unary is None:  # veil's methods are all unary
             return _refusal(PermissionDeniedError(f"{method} is not a veil method"))
         behavior = handler.unary_unary
 
-        def authorised(request: Any, context: grpc.ServicerContext) -> Any:
+        def authorised(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             try:
                 identity = self.check(method, context)
             except Exception as exc:  # a refusal, or a ledger that cannot be read: fail closed
                 abort(context, exc)
             token = _identity.set(identity)
             try:
+                request = _first_request(requests, context, wait, method, identity.client_id)
                 return behavior(request, context)
             finally:
                 _identity.reset(token)
                 self.end_call(identity.client_id)
 
-        return grpc.unary_unary_rpc_method_handler(
+        return grpc.stream_unary_rpc_method_handler(
             authorised,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
@@ -391,10 +509,17 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                    "client": client, "peer": peer},
         )
         with self._unrecorded_lock:
-            if (
-                self.failure_audit.take(peer.rpartition(":")[0] or peer) > 0
-                or self.total_failure_audit.take("") > 0
-            ):
+            # A registered client's refusal (a role it lacks, a revoked or expired token) has an
+            # allowance of its own: anonymous garbage from the same address, or from anywhere,
+            # must not leave a known client's attempts unnamed in the log.
+            if client is not None:
+                full = self.failure_audit.take(f"client {client}") > 0
+            else:
+                full = (
+                    self.failure_audit.take(peer.rpartition(":")[0] or peer) > 0
+                    or self.total_failure_audit.take("") > 0
+                )
+            if full:
                 self._unrecorded += 1  # counted in the next entry that is written
                 return
             unrecorded, self._unrecorded = self._unrecorded, 0
@@ -412,7 +537,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
 
 def _refusal(error: ServerError) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-        abort(context, error)
+    def refuse(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        abort(context, error)  # at once: no request message is waited for
 
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)

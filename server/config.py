@@ -48,6 +48,8 @@ encrypted, is refused before the server starts.
     calls_per_client = 4          # calls one client may have running at once: one researcher
                                   # cannot hold every worker
     max_query_seconds = 60        # a query still running after this is interrupted
+    request_seconds = 10          # a call whose request has not arrived after this is cancelled:
+                                  # calls that never send one must not hold the workers
     max_cells = 100000
     max_dimensions = 4
     max_filter_depth = 8
@@ -101,7 +103,7 @@ class TLSConfig:
         return self.mutual and self.bind_client_ids
 
 
-_FRACTIONAL_LIMITS = {"rate_per_second", "max_query_seconds"}
+_FRACTIONAL_LIMITS = {"rate_per_second", "max_query_seconds", "request_seconds"}
 _MAX_C_INT = 2**31 - 1
 
 
@@ -115,6 +117,7 @@ class Limits:
     rate_burst: int = 20
     calls_per_client: int = 4
     max_query_seconds: float = 60.0
+    request_seconds: float = 10.0
     # The query-shape limits default to the engine's own, which remain their one source.
     max_cells: int = Settings().max_cells
     max_dimensions: int = Settings().max_dimensions

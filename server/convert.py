@@ -46,7 +46,7 @@ from engine.query import (
 from engine.release import Release
 from engine.settings import Settings
 from protos.veil.v1 import veil_pb2 as pb
-from server.auth import Role
+from server.auth import TOKEN_PREFIX, Role, without_tokens
 from server.errors import MalformedRequestError
 
 MAX_NAME_LENGTH = 128
@@ -89,14 +89,26 @@ def _shown(text: str) -> str:
 
 
 def text(value: str, field: str, *, limit: int = MAX_TEXT_LENGTH, required: bool = False) -> str:
-    """A free-text field: bounded length, no control characters."""
+    """A free-text field: bounded length, no control characters, and anything shaped like a
+    bearer token redacted (a revocation's reason quoting the leaked token is kept in the
+    hash-chained audit log, which cannot be edited afterwards)."""
     if required and not value:
         raise MalformedRequestError(f"{field} is required")
     if len(value) > limit:
         raise MalformedRequestError(f"{field} is longer than {limit} characters")
     if not value.isprintable():
         raise MalformedRequestError(f"{field} contains control characters")
-    return value
+    return without_tokens(value)
+
+
+def _not_a_token(value: str, field: str) -> None:
+    """Refuse an id that starts as a token does: ids are shown in every listing and audit table
+    and kept in the audit log for good, so a token pasted into one must not be stored."""
+    if value.startswith(TOKEN_PREFIX):
+        raise MalformedRequestError(
+            f"{field} may not start with {TOKEN_PREFIX!r}, as a bearer token does (was a token "
+            "pasted here?); choose another name"
+        )
 
 
 def name(value: str, field: str) -> str:
@@ -110,6 +122,7 @@ def request_id(value: str) -> str:
             "request_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - "
             f"(starting with a letter or digit), got {_shown(value)}"
         )
+    _not_a_token(value, "request_id")
     return value
 
 
@@ -128,6 +141,7 @@ def client_id(value: str, field: str = "client_id") -> str:
             f"{field} must be 1 to 64 characters from A-Z a-z 0-9 . _ - "
             f"(starting with a letter or digit), got {_shown(value)}"
         )
+    _not_a_token(value, field)
     return value
 
 
@@ -138,6 +152,7 @@ def institution(value: str) -> str:
             "institution must be 1 to 128 characters from A-Z a-z 0-9 . _ @ : + / - "
             f"(starting with a letter or digit), got {_shown(value)}"
         )
+    _not_a_token(value, "institution")
     return value
 
 

@@ -422,3 +422,36 @@ def test_a_token_pasted_into_a_refused_change_stays_out_of_the_audit_log(
     assert any("veil_<redacted>" in e["detail"]["reason"] for e in logged)
     table = build_tables(live.ledger, names=["refusals"])["refusals"]
     assert token not in str(table.to_pylist())
+
+
+def test_a_token_pasted_into_a_change_that_succeeds_stays_out_of_the_audit_log(
+    live: LiveServer,
+) -> None:
+    # A revocation's reason quoting the leaked token is stored redacted; a token offered as a
+    # new client's id or institution is refused, since ids are kept and shown everywhere.
+    from engine.audit_report import build_tables
+    from protos.veil.v1 import veil_pb2 as pb
+    from tests.server_harness import stubs
+
+    leaked, token = add_researcher(live)
+    root = live.auth("root")
+    with stubs(live.port) as s:
+        s.admin.RevokeClient(
+            pb.RevokeClientRequest(client_id=leaked, reason=f"leaked token {token} in a repo"),
+            metadata=root, timeout=10,
+        )
+        for request in (
+            pb.RegisterClientRequest(client_id=token, role=pb.ROLE_RESEARCHER),
+            pb.RegisterClientRequest(client_id="fine", role=pb.ROLE_RESEARCHER,
+                                     institution=token),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                s.admin.RegisterClient(request, metadata=root, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "as a bearer token does" in (refused.value.details() or "")
+    entries = [e.entry for e in live.ledger.audit_log()]
+    assert token not in str(entries)
+    (revoked,) = [e for e in entries if e["event"] == "revoke" and e["client"] == leaked]
+    assert "leaked token veil_<redacted> in a repo" in str(revoked)
+    tables = build_tables(live.ledger)
+    assert token not in str({name: t.to_pylist() for name, t in tables.tables.items()})

@@ -211,6 +211,23 @@ def test_refused_attempts_are_audited_at_a_bounded_rate(live: LiveServer) -> Non
     assert live.ledger.verify().ok
 
 
+def test_a_flood_of_bad_tokens_does_not_keep_a_known_clients_refusals_out_of_the_log(
+    live: LiveServer,
+) -> None:
+    # Garbage from one address spends that address's allowance; a registered client's attempt
+    # on an administrator's method, from the same address, is still recorded under its name.
+    with stubs(live.port) as s:
+        for _ in range(70):
+            code_of(s.research.GetCodebook, pb.GetCodebookRequest(), bearer("veil_garbage"))
+        for target in ("mallory1", "mallory2", "mallory3"):
+            request = pb.RegisterClientRequest(client_id=target, role=pb.ROLE_ADMIN)
+            code, _ = code_of(s.admin.RegisterClient, request, live.auth("bob"))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+    named = [e for e in denied_entries(live) if e["client"] == "bob"]
+    assert len(named) == 3
+    assert all(e["detail"]["method"] == "/veil.v1.Admin/RegisterClient" for e in named)  # type: ignore[index]
+
+
 def test_health_and_unknown_methods_without_a_token(live: LiveServer) -> None:
     with stubs(live.port) as s:
         call = s.channel.unary_unary("/veil.v1.Research/DropTables")

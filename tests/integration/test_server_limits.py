@@ -251,3 +251,60 @@ def test_one_client_cannot_hold_every_worker(tmp_path: Path, slow_data: Path) ->
         assert server.ledger.spent("alice") == 0 and charges_settled(server.ledger)
     finally:
         server.stop()
+
+
+def test_calls_that_never_send_their_request_cannot_hold_the_workers(tmp_path: Path) -> None:
+    """gRPC gives a call its worker when its headers arrive. Calls that then never send their
+    message must not lock every client out: without a credential they are refused at once, from
+    the headers alone; with one, they count against the client's calls and are cancelled when
+    `request_seconds` passes; a health check gets the same bound."""
+    live = start_live(
+        tmp_path,
+        limits={"workers": 4, "max_concurrent_calls": 4, "calls_per_client": 4,
+                "request_seconds": 1.0},
+    )
+    stop = threading.Event()
+
+    def never_sent() -> Iterator[bytes]:
+        stop.wait()
+        yield from ()
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{live.port}")
+    try:
+        def hold(method: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[grpc.Future]:
+            call = channel.stream_unary(method)
+            return [call.future(never_sent(), metadata=metadata) for _ in range(4)]
+
+        def codebook_now() -> None:  # a legitimate call, as soon as the server can take it
+            with stubs(live.port) as s:
+                s.research.GetCodebook(pb.GetCodebookRequest(), metadata=live.auth("bob"),
+                                       timeout=5)
+
+        anonymous = hold("/veil.v1.Research/GetCodebook")
+        assert {f.exception(timeout=5).code() for f in anonymous} == {  # type: ignore[union-attr]
+            grpc.StatusCode.UNAUTHENTICATED
+        }
+        started = time.monotonic()
+        codebook_now()
+        assert time.monotonic() - started < 0.9  # not after request_seconds: refused at once
+
+        for method, metadata in [
+            ("/veil.v1.Research/GetCodebook", live.auth("alice")),
+            ("/grpc.health.v1.Health/Check", ()),
+        ]:
+            held = hold(method, metadata)
+            time.sleep(0.3)
+            with stubs(live.port) as s, pytest.raises(grpc.RpcError) as refused:
+                s.research.GetCodebook(pb.GetCodebookRequest(), metadata=live.auth("bob"),
+                                       timeout=0.3)
+            # Every worker held, for now.
+            assert refused.value.code() in (
+                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+            codes = {f.exception(timeout=5).code() for f in held}  # type: ignore[union-attr]
+            assert codes == {grpc.StatusCode.CANCELLED}, method
+            codebook_now()
+    finally:
+        stop.set()
+        channel.close()
+        live.stop()
