@@ -364,7 +364,7 @@ def _balanced(people: Sequence[Person], limit: int, rng: random.Random) -> list[
     for group in (ones, zeros):
         rng.shuffle(group)
         group.sort(key=lambda p: not p.alone)
-    half = min(len(ones), len(zeros), limit // 2)
+    half = max(0, min(len(ones), len(zeros), limit // 2))  # a limit below 2 chooses none
     chosen = ones[:half] + zeros[:half]
     rng.shuffle(chosen)
     return chosen
@@ -1112,6 +1112,9 @@ def run(
     may spend at most an equal share of what the client has left when it starts (what one leaves
     unspent passes to the next), except budget_race, which runs last and needs all that is
     left. An attack that cannot run, or runs with nothing to spend, says so ("not run")."""
+    if trials is not None and (isinstance(trials, bool) or trials < 2):
+        # Targets come in pairs (one with the flag, one without): fewer would run nothing.
+        raise ValueError(f"trials must be at least 2 (targets come in pairs), got {trials!r}")
     selected = [name for name in ATTACK_NAMES if name in names]
     runnable = [n for n in selected if n not in NEEDS_TRUTH or ctx.truth is not None]
     results = []

@@ -251,11 +251,17 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
         choices=ATTACK_NAMES,
         help="run only these attacks (repeatable; default: all)",
     )
-    parser.add_argument("--trials", type=int, default=None, help="targets per attack")
+    parser.add_argument(
+        "--trials",
+        type=_trials,
+        default=None,
+        metavar="N",
+        help="targets per attack: half with the --flag, half without (at least 2)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the attacker's random seed")
     parser.add_argument(
         "--alpha",
-        type=float,
+        type=_alpha,
         default=DEFAULT_ALPHA,
         help=f"level of the test that declares a breach (default {DEFAULT_ALPHA:g})",
     )
@@ -274,6 +280,33 @@ def add_attack_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.set_defaults(handler=run_attack)
     return parser  # type: ignore[no-any-return]
+
+
+def _trials(text: str) -> int:
+    """--trials: a whole number of targets, at least 2 (the targets come in pairs, one with the
+    --flag and one without; fewer would run nothing and blame the data file)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too few: give at least 2 targets (as many with the --flag as without)"
+        )
+    return value
+
+
+def _alpha(text: str) -> float:
+    """--alpha: the level of the test, strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:  # nan fails both comparisons
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a test level: give a number between 0 and 1, such as 0.05"
+        )
+    return value
 
 
 def run_attack(args: argparse.Namespace) -> int:

@@ -478,6 +478,13 @@ def build_query(args: argparse.Namespace, client: Client) -> Query:
             "give a query: SQL text, or one of --count, --flag-counts SET, --sum VAR, "
             "--mean VAR, --proportion CONDITION"
         )
+    for text in args.by:
+        if not all(part.strip() for part in text.split(",")):
+            # Dropping it would release a table grouped by less than was written.
+            raise errors.InvalidQuery(
+                f"--by {text!r}: an empty value in the list; write --by DIM, or --by DIM,DIM "
+                f"for several"
+            )
     if args.by:
         query = query.by(*args.by)
     for text in args.where:

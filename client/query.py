@@ -464,7 +464,11 @@ class Query:
                     raise TypeError(f"a dimension is a codebook name, got {part!r}")
                 name = part.strip()
                 if not name:
-                    continue
+                    # Dropping it would release a table grouped by less than was written.
+                    raise InvalidQuery(
+                        f"by {item!r}: an empty name in the list of dimensions; name each "
+                        f"dimension (\"gender\", or \"gender, ageBroad\" for several)"
+                    )
                 # Names match the codebook regardless of case, so GENDER is gender again.
                 if name.lower() in (n.lower() for n in names):
                     raise InvalidQuery(f"{name} appears twice in by", variable=name)

@@ -301,6 +301,17 @@ def test_a_where_value_holding_sql_is_refused_before_anything_is_charged(
     assert json.loads(out)["spent"] == "0"
 
 
+@pytest.mark.parametrize("by", ["", ",", "gender,", " , gender"])
+def test_an_empty_by_name_is_refused_before_anything_is_charged(
+    by: str, env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = veil(capsys, "query", "--count", "--by", by, "--epsilon", "0.1", "-q")
+    assert code == 2 and out == ""
+    assert f"--by {by!r}: an empty value in the list" in _one_line(err)
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
+
+
 def test_an_output_file_that_cannot_be_written_is_found_before_paying(
     env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

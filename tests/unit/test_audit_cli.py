@@ -143,6 +143,45 @@ def test_attack_with_no_server_says_how_to_name_one(
     assert "--server" in err and "VEIL_SERVER" in err
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--trials", "-5"), ("--trials", "0"), ("--trials", "1"),
+        ("--alpha", "2"), ("--alpha", "nan"), ("--alpha", "-1"), ("--alpha", "0"),
+        ("--alpha", "1"), ("--alpha", "inf"),
+    ],
+)
+def test_attack_options_out_of_range_are_refused_before_any_call(
+    option: tuple[str, str],
+    connection_env: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad --trials or --alpha is a bad option (exit 2), not an attack run and paid for."""
+    import audit.wire
+
+    monkeypatch.setattr(audit.wire, "Target", _fake_fetch)
+    argv = ["attack", "--attack", "differencing", "--token-file", str(connection_env)]
+    with pytest.raises(SystemExit) as exited:
+        veil_cli.main([*argv, *option])
+    assert exited.value.code == 2
+    assert f"argument {option[0]}" in capsys.readouterr().err
+
+
+def test_a_limit_below_two_chooses_no_targets_and_run_refuses_it() -> None:
+    import random
+
+    from audit import attacks
+    from audit.attacks import Person
+
+    people = [Person(str(i), (str(i),), i % 2) for i in range(20)]
+    for limit in (-5, -1, 0, 1):
+        assert attacks._balanced(people, limit, random.Random(0)) == []
+    assert len(attacks._balanced(people, 4, random.Random(0))) == 4
+    with pytest.raises(ValueError, match="at least 2"):
+        attacks.run(None, ["differencing"], trials=-5)  # type: ignore[arg-type]
+
+
 def test_audit_budgets_mark_revoked_clients(tmp_path: Path) -> None:
     import csv
 

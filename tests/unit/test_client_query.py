@@ -132,6 +132,15 @@ def test_a_dimension_that_is_not_a_name_is_named() -> None:
         count().by(3)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "by", [("",), (" ",), (",",), ("gender,",), ("gender", ""), (["gender", ""],)]
+)
+def test_an_empty_dimension_name_is_refused_not_dropped(by: tuple[str, ...]) -> None:
+    """Dropped, it would release (and charge for) a table grouped by less than was written."""
+    with pytest.raises(client.InvalidQuery, match="an empty name in the list of dimensions"):
+        count().by(*by)
+
+
 def test_unbound_queries_say_how_to_run_them() -> None:
     with pytest.raises(TypeError, match="not bound to a client"):
         count().release(epsilon=0.5)
