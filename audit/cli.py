@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.cli import add_server_options, tls_of, token_of
+from client.cli import add_server_options, tls_of, token_of, write_replacing
 from client.connection import ADDRESS_ENV, TLS
 from client.errors import AuthenticationError
 from engine.audit_report import TABLE_NAMES, AuditTables, build_tables, render_html
@@ -178,13 +178,18 @@ def run_audit(args: argparse.Namespace) -> int:
     except VeilError as exc:
         print(f"veil audit: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    if args.audit_command == "report":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render_html(tables), encoding="utf-8")
-        print(f"wrote {args.out}")
-    else:
-        for path in tables.write_csv(args.out):
-            print(f"wrote {path}")
+    try:
+        if args.audit_command == "report":
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_replacing(args.out, render_html(tables))
+            written = [args.out]
+        else:
+            written = _write_tables(tables, args.out)
+    except OSError as exc:
+        print(f"veil audit: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for path in written:
+        print(f"wrote {path}")
     verified = tables.summary.get("verified")
     if verified is not None:
         print(tables.summary.get("verification", ""))
@@ -192,6 +197,27 @@ def run_audit(args: argparse.Namespace) -> int:
     if unreadable:  # found even when the verification table was not asked for
         print(f"{unreadable} stored release(s) altered or unreadable: see the releases table")
     return EXIT_FOUND if verified == "false" or unreadable else EXIT_OK
+
+
+def _write_tables(tables: AuditTables, out: Path) -> list[Path]:
+    """The tables' files in the directory `out`, each whole or not at all: written first into a
+    temporary directory beside `out`, then each renamed into place, so that a write that fails
+    (a full disk) leaves no truncated table, and the earlier files it would have replaced."""
+    import shutil
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".veil-audit-"))
+    try:
+        staged = tables.write_csv(staging)
+        written = []
+        for path in staged:
+            final = out / path.name
+            os.replace(path, final)
+            written.append(final)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- veil attack ---------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ in the shell.
 
 Results go to standard output as an aligned table, or as CSV or JSON (`--format`); progress,
 timing and retries go to standard error. Exit status: 0 success, 1 other error, 2 invalid query
-or usage, 3 budget exhausted, 4 authentication or permission, 5 server unavailable or timeout.
+or usage, 3 budget exhausted, 4 authentication or permission, 5 server unavailable or timeout,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,6 +38,7 @@ from client.query import Filter, In, Query, conditions
 from client.results import Release
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command ended by SIGINT (128 + 2)
 # NAME=VALUE[,VALUE...]; the value may be missing, so that the message can say what to write.
 _SIMPLE_WHERE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([^'\"=<>!()\s][^'\"=<>!()]*)?$")
 # Words that make a NAME=VALUE value read as SQL ("majorityStatus = Minor OR"). Codes may hold
@@ -330,9 +332,28 @@ def progress(label: str, *, quiet: bool, stream: TextIO | None = None) -> Iterat
 
 def run_with_client(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
     """Connect, run `body`, and turn the client's errors into messages and exit statuses."""
+    made: list[Client] = []
     try:
         with _client(args) as client:
+            made.append(client)
             return body(client)
+    except KeyboardInterrupt:
+        _status.clear()
+        request_id = made[0].last_request_id if made else None
+        if request_id is not None:
+            # The server may have committed (and charged) the release before the interrupt.
+            print(
+                f"veil: interrupted; the release asked for (request id {request_id}) may have "
+                f"been made and charged: `veil releases` lists it, or ask again with "
+                f"--request-id {request_id} to get it free",
+                file=sys.stderr,
+            )
+        elif getattr(args, "handler", None) is run_query:
+            print("veil: interrupted before a release was asked for; nothing was charged",
+                  file=sys.stderr)
+        else:
+            print("veil: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except errors.UnsupportedSQL as exc:
         if exc.malformed:  # a typo: the one sentence that names it, not the whole subset
             print(f"veil: {exc.reason}", file=sys.stderr)
@@ -499,10 +520,41 @@ def _loss(args: argparse.Namespace) -> dict[str, Any]:
 
 def emit(text: str, output: Path | None = None) -> None:
     if output is not None:
-        output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        write_replacing(output, text if text.endswith("\n") else text + "\n")
         return
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
+
+
+def write_replacing(output: Path, text: str) -> None:
+    """Write `text` to `output` whole or not at all: into a temporary file beside it, then
+    renamed over it, so that a failed write (a full disk) leaves the file that was there, and no
+    truncated one. A symlink is written through, to the file it points to. Raises OSError."""
+    import tempfile
+
+    target = Path(os.path.realpath(output)) if output.is_symlink() else output
+    try:
+        mode: int | None = target.stat().st_mode & 0o7777
+    except OSError:
+        mode = None  # a new file: the permissions a plain write would give it
+    handle, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _release_text(release: Release, fmt: str) -> str:

@@ -188,6 +188,9 @@ class Client:
         self._stub = pb_grpc.ResearchStub(self._channel)
         self._codebook: Codebook | None = None
         self.on_retry: Callable[[str, int, float, str], None] | None = None
+        # The request id of the last Release call made (from its first try on): a caller
+        # interrupted during or after it can name the id that fetches that release again, free.
+        self.last_request_id: str | None = None
 
     # -- lifecycle --
     def close(self) -> None:
@@ -479,6 +482,7 @@ class Client:
                     f"larger max_loss)"
                 )
         tries: list[int] = []
+        self.last_request_id = request_id
         response = self._call(
             "Release",
             pb.ReleaseRequest(request_id=request_id, query=query.to_pb(), loss=text),

@@ -354,6 +354,65 @@ def test_an_output_file_that_cannot_be_written_is_found_before_paying(
     assert json.loads(out)["spent"] == "0"
 
 
+def test_a_write_that_fails_keeps_the_old_file_and_names_the_release(
+    env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    kept = tmp_path / "kept.csv"
+    kept.write_text("the last cycle's table\n")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("os.fsync", full)
+        code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                              "-f", "csv", "-o", str(kept), "-q")
+    assert code == 1 and out == ""
+    assert "No space left on device" in err and "prints it again, free" in err
+    release_id = err.split("release ", 1)[1].split()[0]
+    assert kept.read_text() == "the last cycle's table\n"  # not truncated, not replaced
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.csv"]  # no temporary file left
+    code, out, _ = veil(capsys, "releases", release_id, "-f", "csv", "-q")
+    assert code == 0 and out.startswith("gender,")
+
+
+def test_ctrl_c_names_the_request_id_that_fetches_the_release_free(
+    env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.cli
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    # Before anything is asked: nothing was charged, and no traceback.
+    with monkeypatch.context() as patch:
+        patch.setattr(client.Client, "codebook", interrupted)
+        code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                              "-q")
+    assert code == 130 and out == ""
+    assert "interrupted" in _one_line(err) and "nothing was charged" in err
+    # After the release was made (while it is printed): the request id that gets it back free.
+    with monkeypatch.context() as patch:
+        patch.setattr(client.cli, "emit", interrupted)
+        code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                              "-q")
+    line = _one_line(err)
+    assert code == 130 and "interrupted" in line and "may have been made and charged" in line
+    assert "`veil releases`" in line
+    request_id = line.split("--request-id ", 1)[1].split()[0]
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    spent = json.loads(out)["spent"]
+    code, out, _ = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                        "--request-id", request_id, "-f", "json", "-q")
+    assert code == 0
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == spent  # the release asked for again: free
+    code, out, _ = veil(capsys, "releases", "-f", "json", "-q")
+    assert request_id in out
+
+
 def test_max_loss_caps_what_a_half_width_may_cost(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

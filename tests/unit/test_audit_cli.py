@@ -209,6 +209,51 @@ def test_audit_budgets_mark_revoked_clients(tmp_path: Path) -> None:
     assert "<th>revoked</th>" in page and revoked_at[:19].replace("T", " ") in page
 
 
+def test_audit_output_that_cannot_be_written_is_a_message_and_keeps_the_old_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import engine.audit_report
+    from engine.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap=5, dataset="ctdc") as ledger:
+        ledger.register_client("amina", role="researcher", cap=1)
+    # A report into a directory, tables into a file: one line each, exit 2.
+    (tmp_path / "a-directory").mkdir()
+    status = veil_cli.main(["audit", "report", str(path), "--out", str(tmp_path / "a-directory")])
+    err = capsys.readouterr().err
+    assert status == 2 and f"veil audit: cannot write {tmp_path / 'a-directory'}" in err
+    (tmp_path / "a-file").write_text("kept\n")
+    status = veil_cli.main(["audit", "tables", str(path), "--out", str(tmp_path / "a-file")])
+    err = capsys.readouterr().err
+    assert status == 2 and "veil audit: cannot write" in err and "Traceback" not in err
+    assert (tmp_path / "a-file").read_text() == "kept\n"
+
+    # A disk that fills during the write leaves the earlier report and tables whole.
+    report, tables = tmp_path / "r.html", tmp_path / "tables"
+    assert veil_cli.main(["audit", "report", str(path), "--out", str(report)]) == 0
+    assert veil_cli.main(["audit", "tables", str(path), "--out", str(tables)]) == 0
+    capsys.readouterr()
+    before = report.read_text(), {p.name: p.read_bytes() for p in tables.iterdir()}
+
+    def full(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.audit_report.AuditTables, "write_csv",
+                        lambda self, directory: [directory / "budgets.csv", full()])
+    monkeypatch.setattr("audit.cli.render_html", lambda tables: "<html>" + "x" * 10)
+    monkeypatch.setattr("os.fsync", full)
+    for command, out in (("report", report), ("tables", tables)):
+        status = veil_cli.main(["audit", command, str(path), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert status == 2 and "No space left on device" in err, err
+    assert report.read_text() == before[0]
+    assert {p.name: p.read_bytes() for p in tables.iterdir()} == before[1]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_an_auditors_token_leaves_this_machine_only_over_tls() -> None:
     # Not a loopback address (this machine's name, as a remote server would be named): the
     # first bytes the server side reads are a TLS handshake, never the token in the clear.
