@@ -87,6 +87,10 @@ class Backend(Protocol):
         when the data records it."""
         ...
 
+    def load_id(self) -> str | None:
+        """The id of the load that wrote the records, when the data records it."""
+        ...
+
 
 class DuckDBBackend:
     """A read-only DuckDB file (one cursor per call, so calls may run on many threads)."""
@@ -118,6 +122,7 @@ class DuckDBBackend:
         self._data_version = str(recorded.get("data_version", "unversioned"))
         self._codebook = recorded.get("codebook")
         self._dataset = recorded.get("dataset")
+        self._load_id = recorded.get("load_id")
 
     def data_version(self) -> str:
         return self._data_version
@@ -127,6 +132,9 @@ class DuckDBBackend:
 
     def dataset(self) -> str | None:
         return None if self._dataset is None else str(self._dataset)
+
+    def load_id(self) -> str | None:
+        return None if self._load_id is None else str(self._load_id)
 
     def run(
         self, statement: Statement, *, cancel: Cancellation | None = None

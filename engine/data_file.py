@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 
 import duckdb
@@ -87,16 +88,20 @@ def finish(
     codebook: Codebook,
     data_version: str,
     dataset: str | None = None,
+    load_id: str | None = None,
 ) -> None:
     """Record what the file holds, checkpoint it and close it.
 
     `dataset` names the people the file describes, the same for every version of them; it
-    defaults to the codebook's name.
+    defaults to the codebook's name. `load_id` names this load of the records (default: 32
+    random hex digits): a ledger refuses a second file served under a data version it has
+    seen served from another load, whose stored releases would be replayed for it.
     """
     statement = record_metadata(
         data_version=data_version,
         codebook=codebook.identity,
         dataset=check_dataset_name(dataset or codebook.name),
+        load_id=load_id or secrets.token_hex(16),
     )
     connection.execute(statement.text, statement.parameters)
     connection.execute(checkpoint())

@@ -99,6 +99,8 @@ def run_demo(args: argparse.Namespace) -> int:
         accounting=Accounting.PURE_DP,
         dataset_cap=50,
         dataset=engine.dataset,
+        data_version=engine.data_version,
+        load_id=engine.load_id,
     )
     try:
         if RESEARCHER not in {c.client_id for c in ledger.list_clients()}:

@@ -90,6 +90,8 @@ class Engine:
         self.data_version = backend.data_version()
         # Files loaded before datasets were named were loaded under the codebook's name.
         self.dataset = backend.dataset() or codebook.name
+        # Which load wrote the records (None for files written before loads were named).
+        self.load_id = backend.load_id()
 
     def plan(self, query: Query, *, loss: PrivacyLoss) -> Plan:
         """Validate and price a query. Raises InvalidQueryError before any data is read."""

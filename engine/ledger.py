@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -560,11 +560,19 @@ class Ledger:
         wait_timeout: float = 600.0,
         actor: str | None = None,
         create: bool = True,
+        load_id: str | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> Ledger:
         """Open (or, with `create`, create) a ledger for writing; one process at a time.
 
         Without `create`, a path that holds no ledger (no file, an empty file, a database with
         no tables) is refused rather than started afresh, every budget unspent.
+
+        `load_id` names the load that wrote the data (`Engine.load_id`): a data version served
+        before from another load is refused, since its stored releases, drawn from other
+        records, would be replayed as this data's. `settings` (the deployment's k, beta and the
+        like, as text) are recorded in the audit entry of this open, so that a change between
+        starts is on the record.
 
         `dataset` names the dataset whose budget the ledger keeps (`Engine.dataset`): a new
         ledger needs it and records it, an existing one refuses another (None reads it).
@@ -627,7 +635,8 @@ class Ledger:
                     f"cannot {what}: SQLite refused WAL journaling (mode {mode})"
                 )
             ledger._write(
-                "open the ledger", lambda c: ledger._open_in(c, default_cap, actor, create)
+                "open the ledger",
+                lambda c: ledger._open_in(c, default_cap, actor, create, load_id, settings or {}),
             )
         except BaseException:
             ledger.close()
@@ -698,7 +707,13 @@ class Ledger:
         self.close()
 
     def _open_in(
-        self, conn: sqlite3.Connection, default_cap: Fraction, actor: str | None, create: bool
+        self,
+        conn: sqlite3.Connection,
+        default_cap: Fraction,
+        actor: str | None,
+        create: bool,
+        load_id: str | None,
+        settings: Mapping[str, str],
     ) -> None:
         exists = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
@@ -780,17 +795,38 @@ class Ledger:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'delta'", (repr(self.delta),))
         if parse_amount(meta["dataset_cap"]) != default_cap:
             self._set_dataset_cap_in(conn, default_cap, actor)
+        self._check_load(conn, load_id)
         abandoned = conn.execute(
             "SELECT charge_id FROM charges WHERE state = 'reserved' ORDER BY rowid"
         ).fetchall()
         for (charge_id,) in abandoned:
             self._cancel_in(conn, charge_id, "abandoned")
+        detail = {**settings, "pid": str(os.getpid()), "abandoned": str(len(abandoned))}
+        if load_id is not None:
+            detail["load_id"] = load_id
         self._append(
-            conn,
-            "open",
-            outcome="opened",
-            detail={"pid": str(os.getpid()), "abandoned": str(len(abandoned))},
+            conn, "open", outcome="opened", data_version=self.data_version, detail=detail
         )
+
+    def _check_load(self, conn: sqlite3.Connection, load_id: str | None) -> None:
+        """Refuse a data version served before from another load of the records: releases are
+        stored, and replayed, by data version, so a corrected file under the old version's name
+        would be answered with the old records' releases."""
+        if load_id is None or self.data_version is None:
+            return
+        earlier = conn.execute(
+            "SELECT DISTINCT json_extract(entry, '$.detail.load_id') FROM audit "
+            "WHERE json_valid(entry) AND json_extract(entry, '$.event') = 'open' "
+            "AND json_extract(entry, '$.data_version') = ?",
+            (self.data_version,),
+        ).fetchall()
+        if any(row[0] is not None and row[0] != load_id for row in earlier):
+            raise VeilError(
+                f"data version {self.data_version!r} was served before from another load of "
+                f"the records; its stored releases would be replayed as this file's. Load the "
+                f"changed file under a version of its own (veil load --data-version NEW, or "
+                f"without it for a fresh one)"
+            )
 
     def _check_head(self, conn: sqlite3.Connection) -> None:
         """A quick check on open that the log's last entry is the one the ledger recorded."""
@@ -2086,6 +2122,18 @@ class Ledger:
         """The audit log's head, "seq:hash": record it elsewhere to detect a rewritten log."""
         seq, digest = self._read("read the audit head", self._head)
         return f"{seq}:{digest}"
+
+    def holds_head(self, head: str) -> bool:
+        """Whether the audit log holds `head` ("seq:hash", from an earlier `head()`): a ledger
+        restored from an older backup, or another ledger, does not."""
+        seq, _, digest = head.strip().partition(":")
+        if not seq.isdigit():
+            return False
+        row = self._read(
+            "read the audit log",
+            lambda c: c.execute("SELECT hash FROM audit WHERE seq = ?", (int(seq),)).fetchone(),
+        )
+        return row is not None and row[0] == digest
 
     def verify(self, *, expect_head: str | None = None) -> VerifyResult:
         """Check the hash chain, replay its budget movements and administrative changes, and

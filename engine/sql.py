@@ -225,8 +225,10 @@ def create_table(codebook: Codebook) -> str:
 # what the file records about itself: the metadata table (one value per key) beside the records.
 
 METADATA = "veil_metadata"
-# What a data file records about itself: its data version, its codebook's identity, its dataset.
-METADATA_KEYS = ("data_version", "codebook", "dataset")
+# What a data file records about itself: its data version, its codebook's identity, its dataset,
+# and its load: an id of the one load that wrote these records (random, or for the generator its
+# data version, which fixes its records), so that a ledger can tell two files under one version.
+METADATA_KEYS = ("data_version", "codebook", "dataset", "load_id")
 # A DuckDB memory size as the generator's settings write it ("512MB", "1.5GiB").
 _MEMORY_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?\s*[KMGT]i?B$")
 
@@ -236,9 +238,11 @@ def metadata_table() -> str:
     return f"CREATE TABLE {METADATA} (key VARCHAR PRIMARY KEY, value VARCHAR)"
 
 
-def record_metadata(*, data_version: str, codebook: str, dataset: str) -> Statement:
-    """Record (or replace) a data file's data version, codebook identity and dataset name."""
-    values = {"data_version": data_version, "codebook": codebook, "dataset": dataset}
+def record_metadata(*, data_version: str, codebook: str, dataset: str, load_id: str) -> Statement:
+    """Record (or replace) a data file's data version, codebook identity, dataset name and load."""
+    values = {
+        "data_version": data_version, "codebook": codebook, "dataset": dataset, "load_id": load_id,
+    }
     rows = ", ".join("(?, ?)" for _ in METADATA_KEYS)
     parameters = tuple(item for key in METADATA_KEYS for item in (key, values[key]))
     return Statement(f"INSERT OR REPLACE INTO {METADATA} VALUES {rows}", parameters)

@@ -307,10 +307,12 @@ def is_generated(path: str | Path, codebook: Codebook, *, rows: int, seed: int) 
     content (a file made by an older build, or under an edited codebook, is not)."""
     if not Path(path).exists():
         return False
+    version = data_version(codebook, rows=rows, seed=seed)
     return data_file.recorded(path) == {
-        "data_version": data_version(codebook, rows=rows, seed=seed),
+        "data_version": version,
         "codebook": codebook.identity,
         "dataset": dataset_name(codebook),
+        "load_id": version,
     }
 
 
@@ -351,7 +353,8 @@ def generate(
                 data_file.append(connection, chunk)
                 bar.update(chunk.num_rows)
         data_file.finish(
-            connection, codebook=codebook, data_version=version, dataset=dataset_name(codebook)
+            connection, codebook=codebook, data_version=version, dataset=dataset_name(codebook),
+            load_id=version,  # the version fixes the records: every run writes the same ones
         )
     except BaseException:
         connection.close()

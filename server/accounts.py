@@ -8,13 +8,17 @@ ledger only as hashes (`server.auth.hash_token`).
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from engine.audit_report import TABLE_NAMES, build_tables
-from engine.errors import ClientRegistryError, LedgerUnavailableError
+from engine.errors import ClientRegistryError, LedgerIntegrityError, LedgerUnavailableError
 from engine.ledger import ClientRecord, Ledger
 from engine.ledger_format import LOCAL_ACTOR_PREFIX
 from engine.loss import parse_amount
@@ -32,6 +36,8 @@ from server.auth import (
 from server.config import Caps, ServerConfig
 from server.convert import ACCOUNTING_TO_PB, ROLE_TO_PB, amount_text
 from server.errors import NotFoundError
+
+log = logging.getLogger("veil.server")
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -108,6 +114,76 @@ class Accounts(Protocol):
     def close(self) -> None: ...
 
 
+class HeadFile:
+    """The ledger's audit head ("seq:hash"), kept in a file outside the ledger's directory.
+
+    Restoring an older backup of the ledger gives back every budget spent since, and drops the
+    releases since from the audit trail; nothing inside the ledger can tell. The server refuses
+    a ledger that does not hold the head last kept here, and keeps it current each `every`
+    seconds and when it stops (a crash leaves it a little behind, which still refuses any older
+    backup). The file's line is also what `veil ledger verify --expect-head` takes.
+    """
+
+    def __init__(self, path: Path, ledger: Ledger, *, every: float = 1.0) -> None:
+        self.path = path
+        self.ledger = ledger
+        self.every = every
+        self._kept: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> None:
+        """Refuse a ledger that does not hold the head last kept (LedgerIntegrityError)."""
+        try:
+            kept = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return  # the first start with a head file
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LedgerIntegrityError(f"cannot read the head file {self.path}: {exc}") from exc
+        if not self.ledger.holds_head(kept):
+            raise LedgerIntegrityError(
+                f"the ledger does not hold the audit head {kept} kept in {self.path}: it is "
+                "older than the ledger this server last served (a restored backup, which gives "
+                "back every budget spent since), or another ledger. If that is what you mean, "
+                f"move {self.path} aside and start again"
+            )
+
+    def keep(self) -> None:
+        """Write the current head, when it has moved (replacing the file whole)."""
+        head = self.ledger.head()
+        if head == self._kept:
+            return
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "w", encoding="ascii") as out:
+            out.write(head + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, self.path)
+        self._kept = head
+
+    def start(self) -> None:
+        self.keep()
+        self._thread = threading.Thread(target=self._run, name="veil-head-file", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Keep the last head (before the ledger closes) and stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.keep()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.keep()
+            except Exception as exc:  # the next try may succeed; the start check stays safe
+                log.error(
+                    "could not keep the audit head",
+                    extra={"event": "head_file_failed", "error_type": type(exc).__name__},
+                )
+
+
 class LedgerAccounts:
     """`Accounts` backed by the durable ledger (`engine.ledger.Ledger`)."""
 
@@ -128,6 +204,7 @@ class LedgerAccounts:
     def open(
         cls, path: Path, *, settings: Settings, dataset: str, data_version: str, caps: Caps,
         wait_timeout: float, token_lifetime: timedelta | None = None, create: bool = True,
+        load_id: str | None = None, recorded: Mapping[str, str] | None = None,
     ) -> LedgerAccounts:
         """Open (or, with `create`, create) the ledger and apply the config's dataset and
         institution caps."""
@@ -144,6 +221,8 @@ class LedgerAccounts:
             wait_timeout=wait_timeout,
             actor=LOCAL_ACTOR,
             create=create,
+            load_id=load_id,
+            settings=recorded,
         )
         try:
             for institution, cap in caps.institutions.items():
@@ -163,7 +242,19 @@ class LedgerAccounts:
     def for_config(
         cls, config: ServerConfig, engine: Engine, *, create: bool = True
     ) -> LedgerAccounts:
-        """The deployment's ledger, opened as `config` says for the data `engine` serves."""
+        """The deployment's ledger, opened as `config` says for the data `engine` serves. The
+        settings that shape what is released and who may ask are recorded in the audit entry
+        of the open, so that a change between starts is on the record."""
+        settings = engine.settings
+        tls = config.tls
+        recorded = {
+            "codebook": engine.codebook.identity,
+            "k": str(settings.k),
+            "k_floor": str(settings.k_floor),
+            "beta": repr(settings.beta),
+            "confidence": repr(settings.confidence),
+            "tls": "none" if tls is None else ("mutual" if tls.mutual else "server"),
+        }
         return cls.open(
             config.ledger,
             settings=engine.settings,
@@ -173,6 +264,8 @@ class LedgerAccounts:
             wait_timeout=config.limits.max_query_seconds,
             token_lifetime=config.token_lifetime,
             create=create,
+            load_id=engine.load_id,
+            recorded=recorded,
         )
 
     def token_expiry(self) -> datetime | None:

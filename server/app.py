@@ -34,7 +34,7 @@ from engine.backend import DuckDBBackend
 from engine.codebook import load_codebook
 from engine.engine import Engine
 from protos.veil.v1 import veil_pb2 as pb
-from server.accounts import Accounts
+from server.accounts import Accounts, HeadFile, LedgerAccounts
 from server.auth import AuthInterceptor
 from server.config import ServerConfig
 from server.servicer import Services, generic_handlers
@@ -126,6 +126,7 @@ class Running:
     services: Services
     health: health.HealthServicer
     grace_seconds: float
+    head_file: HeadFile | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -155,11 +156,15 @@ class Running:
         if not clean:
             log.error("calls still running after the drain timeout; the ledger is closed anyway",
                       extra={"event": "drain_timeout", "calls_in_flight": in_flight.calls})
+        head = _head(self.accounts)
+        if self.head_file is not None:
+            self.head_file.stop()
         self.accounts.close()
         backend = self.engine.backend
         if isinstance(backend, DuckDBBackend):
             backend.close()
-        log.info("stopped", extra={"event": "stopped", "clean": clean})
+        # The audit head in the log as well: a record outside the ledger to check a restore by.
+        log.info("stopped", extra={"event": "stopped", "clean": clean, "audit_head": head})
         return clean
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -179,6 +184,10 @@ def build_engine(config: ServerConfig) -> Engine:
 def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Running:
     """Start serving `engine` and `accounts` as `config` says; returns once listening."""
     limits = config.limits
+    head_file = None
+    if config.head_file is not None and isinstance(accounts, LedgerAccounts):
+        head_file = HeadFile(config.head_file, accounts.ledger)
+        head_file.check()  # before anything listens: a rolled-back ledger serves nothing
     if engine.settings.max_cells * _BYTES_PER_CELL > limits.max_response_bytes:
         raise ValueError(
             f"limits.max_response_bytes ({limits.max_response_bytes}) is too small for a release "
@@ -240,6 +249,8 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
     if not port:
         raise OSError(f"cannot listen on {config.listen}: gRPC could not bind that address")
     server.start()
+    if head_file is not None:
+        head_file.start()
     log.info(
         "serving",
         extra={
@@ -254,9 +265,14 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
             "accounting": engine.settings.accounting.value,
             "k": engine.settings.k,
             "max_concurrent_calls": limits.max_concurrent_calls,
+            "audit_head": _head(accounts),
         },
     )
-    return Running(server, port, services, health_servicer, config.grace_seconds)
+    return Running(server, port, services, health_servicer, config.grace_seconds, head_file)
+
+
+def _head(accounts: Accounts) -> str | None:
+    return accounts.ledger.head() if isinstance(accounts, LedgerAccounts) else None
 
 
 def _check_free(listen: str) -> None:

@@ -10,6 +10,9 @@ encrypted, is refused before the server starts.
     data = "ctdc.duckdb"          # the restricted data file (written by the loader)
     codebook = "ctdc_v7"          # a shipped codebook name or a path to a codebook YAML
     ledger = "ledger.sqlite"      # the budget ledger and audit log: one SQLite file
+    head_file = "/var/lib/veil-head/head"  # optional, outside the ledger's directory: the audit
+                                  # head, kept there each second; a ledger that does not hold it
+                                  # (an older backup restored: budget spent given back) is refused
 
     [privacy]
     accounting = "pure_dp"        # or "zcdp"
@@ -155,6 +158,7 @@ class ServerConfig:
     data: Path
     codebook: str = "ctdc_v7"
     ledger: Path = Path("ledger")
+    head_file: Path | None = None
     settings: Settings = field(default_factory=Settings)
     k_given: bool = False  # False: k is the codebook's min_cell_size
     caps: Caps = field(default_factory=Caps)
@@ -193,7 +197,9 @@ class ServerConfig:
         )
 
 
-_TOP = {"data", "codebook", "ledger", "privacy", "caps", "server", "tls", "limits", "log"}
+_TOP = {
+    "data", "codebook", "ledger", "head_file", "privacy", "caps", "server", "tls", "limits", "log"
+}
 _PRIVACY = {"accounting", "k", "k_floor", "beta", "confidence"}
 _CAPS = {"dataset", "client", "institutions"}
 _SERVER = {"listen", "reflection", "grace_seconds", "token_days"}
@@ -305,7 +311,8 @@ def config_from_mapping(raw: Mapping[str, Any], *, base: Path = Path(".")) -> Se
     return ServerConfig(
         data=_path(raw["data"], base, "data"),
         codebook=_codebook_source(raw.get("codebook", "ctdc_v7"), base),
-        ledger=_ledger_path(raw.get("ledger", "ledger"), base),
+        ledger=(ledger := _ledger_path(raw.get("ledger", "ledger"), base)),
+        head_file=_head_file(raw["head_file"], base, ledger) if raw.get("head_file") else None,
         settings=settings,
         k_given="k" in privacy,
         caps=caps_value,
@@ -385,6 +392,19 @@ def _ledger_path(value: Any, base: Path) -> Path:
         raise ConfigError(
             f"ledger: the directory {path.parent} does not exist; create it, or correct the "
             f"path if the ledger is elsewhere"
+        )
+    return path
+
+
+def _head_file(value: Any, base: Path, ledger: Path) -> Path:
+    path = _path(value, base, "head_file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"head_file: the directory {path.parent} does not exist; create it")
+    # A backup of the ledger's directory restored whole would bring the old head back with it.
+    if path.parent.resolve() == ledger.parent.resolve():
+        raise ConfigError(
+            f"head_file must be outside the ledger's directory {ledger.parent}, where restoring "
+            "the ledger's directory from a backup does not restore the head with it"
         )
     return path
 

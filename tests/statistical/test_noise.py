@@ -209,6 +209,9 @@ def test_a_failed_scan_discards_the_noise_drawn_for_it(
         def dataset(self) -> str | None:
             return None
 
+        def load_id(self) -> str | None:
+            return None
+
     discarded: list[NoiseAhead] = []
     original = NoiseAhead.discard
     monkeypatch.setattr(

@@ -709,6 +709,26 @@ def test_an_open_that_may_not_create_refuses_a_path_with_no_ledger(
     open_ledger(path=tmp_path / "new.sqlite", create=False).close()  # an existing one opens
 
 
+def test_a_data_version_served_from_another_load_is_refused(
+    open_ledger: Callable[..., Ledger], tmp_path: Path
+) -> None:
+    # Releases are stored and replayed by data version: a corrected file loaded under the old
+    # version's name would be answered with the old records' releases.
+    path = tmp_path / "versions.sqlite"
+    settings = {"k": "10", "beta": "0.05"}
+    open_ledger(path=path, data_version="v1", load_id="load-a", settings=settings).close()
+    open_ledger(path=path, data_version="v1", load_id="load-a").close()  # the same file again
+    with pytest.raises(VeilError, match="'v1' was served before from another load"):
+        open_ledger(path=path, data_version="v1", load_id="load-b")
+    reopened = open_ledger(path=path, data_version="v2", load_id="load-b")  # a version of its own
+    opens = [e.entry for e in reopened.audit_log() if e.entry["event"] == "open"]
+    assert [(e["data_version"], e["detail"]["load_id"]) for e in opens] == [
+        ("v1", "load-a"), ("v1", "load-a"), ("v2", "load-b")
+    ]
+    assert opens[0]["detail"]["k"] == "10" and opens[0]["detail"]["beta"] == "0.05"
+    assert_verified(reopened)
+
+
 def test_a_failed_sync_stops_the_ledger_until_it_is_reopened(
     engine: Engine, open_ledger: Callable[..., Ledger], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -135,6 +135,19 @@ def test_the_loaded_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
 
 
 @needs_excerpt
+def test_every_load_is_named_apart_even_under_one_data_version(tmp_path: Path) -> None:
+    ids = set()
+    for name in ("a", "b"):
+        database = tmp_path / f"{name}.duckdb"
+        load(EXCERPT, database, codebook=CTDC, data_version="ctdc-2021")
+        backend = DuckDBBackend(database)
+        assert backend.data_version() == "ctdc-2021"
+        ids.add(backend.load_id())
+        backend.close()
+    assert len(ids) == 2 and None not in ids
+
+
+@needs_excerpt
 def test_excerpt_every_column_matches_the_csv(tmp_path: Path) -> None:
     database = tmp_path / "ctdc.duckdb"
     report = load(EXCERPT, database, codebook=CTDC)

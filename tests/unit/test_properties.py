@@ -62,6 +62,9 @@ class MemoryBackend:
     def dataset(self) -> str | None:
         return None
 
+    def load_id(self) -> str | None:
+        return None
+
 
 def value_strategy(name: str) -> st.SearchStrategy[Any]:
     variable = CODEBOOK.variable(name)

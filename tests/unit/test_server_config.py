@@ -205,4 +205,4 @@ def test_the_module_documents_every_key_it_accepts() -> None:
         | {f.name for f in fields(config.Limits)} | (config._TOP - sections)
     )
     assert accepted - documented == set()
-    assert sections == config._TOP - {"data", "codebook", "ledger"}
+    assert sections == config._TOP - {"data", "codebook", "ledger", "head_file"}

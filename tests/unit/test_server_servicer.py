@@ -95,6 +95,9 @@ def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
         def dataset(self) -> str | None:
             return self.inner.dataset()
 
+        def load_id(self) -> str | None:
+            return self.inner.load_id()
+
     engine.backend = SlowBackend(engine.backend)  # type: ignore[assignment]
     with pytest.raises(QueryCancelledError):
         engine.release(

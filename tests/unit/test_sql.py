@@ -194,14 +194,18 @@ def test_a_data_file_records_and_replaces_what_it_holds(tmp_path: Path) -> None:
         connection.execute(metadata_table())
         connection.execute("INSERT INTO veil_metadata VALUES ('other', 'kept, not read')")
         for version in ("v1", "v2"):  # recorded again, each key's value is replaced
-            s = record_metadata(data_version=version, codebook="ctdc@7:abc", dataset="it's")
+            s = record_metadata(
+                data_version=version, codebook="ctdc@7:abc", dataset="it's", load_id="l-1"
+            )
             assert "v2" not in s.text and "it's" not in s.text
             connection.execute(s.text, s.parameters)
         connection.execute(checkpoint())
     with duckdb.connect(str(path), read_only=True) as connection:
         s = read_metadata()
         recorded = dict(connection.execute(s.text, s.parameters).fetchall())
-    assert recorded == {"data_version": "v2", "codebook": "ctdc@7:abc", "dataset": "it's"}
+    assert recorded == {
+        "data_version": "v2", "codebook": "ctdc@7:abc", "dataset": "it's", "load_id": "l-1"
+    }
 
 
 def test_generator_settings_cap_memory_and_refuse_anything_but_a_size() -> None:
