@@ -12,6 +12,7 @@ standard output only, once, and never logged. SIGTERM or SIGINT drains calls in 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -55,6 +56,12 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
         "ledger file that does not exist yet is created only with this option",
     )
     parser.add_argument(
+        "--token-file", type=Path, metavar="FILE",
+        help="write the tokens shown once (--init-admin, --demo) to FILE, a new file readable by "
+        "its owner only, rather than to standard output, which a service manager keeps in its "
+        "journal",
+    )
+    parser.add_argument(
         "--rows", type=int, default=DEMO_ROWS,
         help=f"--demo: synthetic records (default {DEMO_ROWS})",
     )
@@ -69,6 +76,12 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     # Caught from before the server starts: a signal sent as soon as it logs `serving` must
     # drain and stop it, not kill it with calls in flight.
     signals = StopSignals()
+    token_file: Path | None = args.token_file
+    if token_file is not None and (token_file.exists() or not token_file.parent.is_dir()):
+        # Checked before any token is issued: one that cannot be written would be lost.
+        problem = "exists" if token_file.exists() else "is in a directory that does not exist"
+        print(f"error: --token-file {token_file} {problem}; name a new file", file=sys.stderr)
+        return 2
     try:
         try:
             if args.demo:
@@ -89,9 +102,13 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             return 2
         try:
             print(f"veil is listening on {_shown_address(config.listen, running.port)}", file=out)
-            for client, token in tokens.items():
-                print(f"token for {client}: {token}", file=out)
-            if tokens:
+            lines = [f"token for {client}: {token}" for client, token in tokens.items()]
+            if lines and args.token_file is not None:
+                _write_private(args.token_file, lines)
+                print(f"the token{'s' if len(lines) > 1 else ''} shown only once: in "
+                      f"{args.token_file}", file=out)
+            elif lines:
+                print("\n".join(lines), file=out)
                 print("send it as call metadata `authorization: Bearer <token>`; "
                       "it is shown only now", file=out)
             out.flush()
@@ -166,6 +183,14 @@ def _start(
         running.stop()
         raise
     return running, tokens
+
+
+def _write_private(path: Path, lines: list[str]) -> None:
+    """Write a new file readable by its owner only (refusing one that exists: a token file
+    written twice would keep an old token beside the new one)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write("\n".join(lines) + "\n")
 
 
 def _write_demo_data(path: Path, *, rows: int, seed: int) -> None:

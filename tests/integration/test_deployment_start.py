@@ -184,6 +184,37 @@ def test_a_ledger_path_naming_no_file_needs_init_admin(deployment: Path) -> None
     assert (deployment / "ledger.sqlite").exists()
 
 
+def test_the_first_administrators_token_can_go_to_a_private_file(deployment: Path) -> None:
+    """A service manager keeps standard output in its journal: --token-file keeps the token out
+    of it, in a new file only its owner can read."""
+    config = write_config(deployment, server={"listen": "127.0.0.1:0"})
+    tokens = deployment / "tokens"
+    process = veil(
+        "serve", "--config", str(config), "--init-admin", "ops", "--token-file", str(tokens),
+        cwd=deployment,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("veil is listening on 127.0.0.1:")
+        assert process.stdout.readline().strip() == f"the token shown only once: in {tokens}"
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert "veil_" not in out
+    assert (tokens.stat().st_mode & 0o777) == 0o600
+    (line,) = tokens.read_text().splitlines()
+    assert line.startswith("token for ops: veil_")
+    # Never written over: checked before any token is issued, so none is lost.
+    line = refused(
+        "serve", "--config", str(config), "--init-admin", "ops2", "--token-file", str(tokens),
+        cwd=deployment,
+    )
+    assert "exists" in line
+    with Ledger.open_readonly(deployment / "ledger.sqlite") as ledger:
+        assert [c.client_id for c in ledger.list_clients()] == ["ops"]
+
+
 def test_an_empty_or_tableless_ledger_file_is_not_started_afresh(deployment: Path) -> None:
     """A `touch`ed ledger file, or a database that lost its tables, holds no budgets: serving
     it as a new ledger would start every budget unspent, so it needs --init-admin as a
