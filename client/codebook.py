@@ -289,6 +289,10 @@ class Codebook:
 
     def find(self, name: str) -> Item | None:
         """The item with this name (exactly, or else ignoring case when that is unambiguous)."""
+        if not isinstance(name, str):
+            raise TypeError(
+                f"a codebook name is text, such as 'gender', got {type(name).__name__} {name!r}"
+            )
         index = self._index()
         if name in index:
             return index[name]

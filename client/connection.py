@@ -156,6 +156,10 @@ class Client:
         retry: Retry | None = None,
     ) -> None:
         self.address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+        if token is not None and not isinstance(token, str):
+            raise TypeError(
+                f"token must be text (the token the custodian issued), got {type(token).__name__}"
+            )
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token:
             raise AuthenticationError(
@@ -414,6 +418,11 @@ class Client:
         remains (`fits_budget`, `remaining_after`, `limiting_scope`); an already released query
         costs nothing.
         """
+        if assumed_count is not None:
+            assumed_count = _integer_argument(
+                assumed_count, "assumed_count", "the true count assumed for a cell, in records",
+                0, _INT64_MAX,
+            )
         query = self._prepare(query)
         text = self._loss_text(epsilon, rho, loss)
         if (text is None) == (half_width is None):
@@ -454,6 +463,8 @@ class Client:
         `request_id` (default: a fresh UUID) identifies this release: retrying with it never
         charges twice. Transient failures are retried with it automatically.
         """
+        if request_id is not None:
+            request_id = _text_argument(request_id, "request_id", "the id of an earlier request")
         query = self._prepare(query)
         text = self._loss_text(epsilon, rho, loss)
         if (text is None) == (half_width is None):
@@ -505,26 +516,63 @@ class Client:
 
     def releases(self, limit: int = 100) -> ReleaseList:
         """The last `limit` releases the caller received, oldest first."""
+        limit = _integer_argument(
+            limit, "limit", "how many of the most recent releases to list (0: the server's "
+            "default; a server lists at most its max_list_releases, 1000 by default)",
+            0, _INT32_MAX,
+        )
         response = self._call("ListMyReleases", pb.ListMyReleasesRequest(limit=limit))
         return ReleaseList(ReceivedRelease.from_pb(m, self) for m in response.releases)
 
     def get_release(self, release_id: str) -> Release:
         """A release the caller received before, as first sent; free."""
+        release_id = _text_argument(release_id, "release_id", "a release's id, such as rel_...")
         response = self._call("GetRelease", pb.GetReleaseRequest(release_id=release_id))
         # The query as a fresh release names it, rebuilt from the server's canonical form.
         query = q.query_of_canonical(response.metadata.canonical_query)
         return Release.from_pb(response, query=query)
 
 
+# The wire's integers (protos/veil/v1/veil.proto): a larger value fails in protobuf, unexplained.
+_INT64_MAX = 2**63 - 1
+_INT32_MAX = 2**31 - 1
+
+
 def _half_width(value: int | None) -> int:
     # numbers.Integral: numpy's integers too, which are not Python ints.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 1 <= int(value) <= _INT64_MAX
+    ):
         raise InvalidQuery(
             f"half_width is how far count intervals may reach either side, in records: a "
-            f"positive integer, got {value!r} (a share's or mean's own accuracy for a given "
-            f"loss is the dry run's value_half_width)"
+            f"positive integer (at most {_INT64_MAX}), got {value!r} (a share's or mean's own "
+            f"accuracy for a given loss is the dry run's value_half_width)"
         )
     return int(value)
+
+
+def _integer_argument(value: Any, name: str, meaning: str, low: int, high: int) -> int:
+    """An integer argument the wire carries, refused (InvalidQuery) outside low..high or when it
+    is not an integer, with what it means and the range it may take."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+        low <= int(value) <= high
+    ):
+        raise InvalidQuery(
+            f"{name} is {meaning}: an integer from {low} to {high}, got {value!r}"
+        )
+    return int(value)
+
+
+def _text_argument(value: Any, name: str, meaning: str) -> str:
+    """A text argument: TypeError when it is not text, InvalidQuery when it is blank (an empty
+    id is no id, and must not quietly become another one)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} is {meaning} (text), got {type(value).__name__} {value!r}")
+    if not value.strip():
+        raise InvalidQuery(f"{name} is empty: give {meaning}, or leave it out")
+    return value
 
 
 # The wire's form of an amount (server/convert.py): plain decimal text, at most 15 digits on each

@@ -50,6 +50,15 @@ def _integer(value: int, variable: str, what: str = "value") -> int:
     return value
 
 
+def _name(name: Any, what: str) -> str:
+    """A codebook name given as `what` ("flag_counts' flag set"): text that is not blank."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} is a codebook name (text), got {type(name).__name__} {name!r}")
+    if not name.strip():
+        raise InvalidQuery(f"{what} is empty: give a codebook name")
+    return name
+
+
 def _value(value: Any, variable: str) -> Value:
     if isinstance(value, bool):
         return int(value)
@@ -104,6 +113,7 @@ class Eq(Filter):
     value: Value
 
     def __post_init__(self) -> None:
+        _name(self.variable, "a condition's variable")
         object.__setattr__(self, "value", _value(self.value, self.variable))
 
     def to_pb(self) -> pb.Filter:
@@ -131,6 +141,7 @@ class In(Filter):
     values: tuple[Value, ...]
 
     def __init__(self, variable: str, values: Iterable[Any]) -> None:
+        _name(variable, "a condition's variable")
         if isinstance(values, (str, bytes)):
             values = [values]
         object.__setattr__(self, "variable", variable)
@@ -166,6 +177,7 @@ class Range(Filter):
     high: int | None = None
 
     def __post_init__(self) -> None:
+        _name(self.variable, "a condition's variable")
         if self.low is None and self.high is None:
             raise InvalidQuery(f"{self.variable}: a range needs a bound", variable=self.variable)
         for bound in (self.low, self.high):
@@ -204,6 +216,9 @@ class Missing(Filter):
 
     variable: str
 
+    def __post_init__(self) -> None:
+        _name(self.variable, "a condition's variable")
+
     def to_pb(self) -> pb.Filter:
         return pb.Filter(is_missing=pb.IsMissing(variable=self.variable))
 
@@ -226,6 +241,9 @@ class Not(Filter):
     """Records the operand does not admit (including those where its variable is missing)."""
 
     operand: Filter
+
+    def __post_init__(self) -> None:
+        _check_filter(self.operand)
 
     def to_pb(self) -> pb.Filter:
         return pb.Filter(negation=pb.Negation(operand=self.operand.to_pb()))
@@ -384,6 +402,9 @@ class FlagCounts:
 
     flag_set: str
 
+    def __post_init__(self) -> None:
+        _name(self.flag_set, "flag_counts' flag set")
+
     def to_pb(self) -> pb.Measure:
         return pb.Measure(flag_counts=pb.FlagCountsMeasure(flag_set=self.flag_set))
 
@@ -397,6 +418,9 @@ class Sum:
 
     variable: str
 
+    def __post_init__(self) -> None:
+        _name(self.variable, "sum's variable")
+
     def to_pb(self) -> pb.Measure:
         return pb.Measure(sum=pb.SumMeasure(variable=self.variable))
 
@@ -409,6 +433,9 @@ class Mean:
     """Mean of an integer variable over records where it is present, clamped to its range."""
 
     variable: str
+
+    def __post_init__(self) -> None:
+        _name(self.variable, "mean's variable")
 
     def to_pb(self) -> pb.Measure:
         return pb.Measure(mean=pb.MeanMeasure(variable=self.variable))

@@ -15,9 +15,11 @@ import this module, which imports it; keep its list in step with the walker here
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlglot
 from sqlglot import exp
@@ -77,11 +79,38 @@ _INTEGER_TEXT = re.compile(r"-?[0-9]{1,19}")
 # A parsed SQL node. sqlglot's own base class has changed name across releases (Expression,
 # Expr), so nodes are checked with isinstance at each step rather than typed statically.
 Node = Any
+T = TypeVar("T")
 
 
+# What a condition nested past what Python's stack walks (hundreds of NOTs or parentheses) says;
+# servers refuse far less deep ones (max_filter_depth, 8 by default).
+_TOO_DEEP = (
+    "the condition is nested too deeply (a server takes conditions a few levels deep: "
+    "max_filter_depth, 8 by default, and max_filter_terms, 64); write it with fewer nested "
+    "NOTs and parentheses, or as an IN list"
+)
+
+
+def _refuse_deep(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """`parse`, with a condition nested too deeply for the parser refused as UnsupportedSQL
+    rather than raised as RecursionError."""
+
+    @functools.wraps(parse)
+    def guarded(text: str) -> T:
+        try:
+            return parse(text)
+        except RecursionError:
+            raise UnsupportedSQL(_TOO_DEEP, malformed=True) from None
+
+    return guarded
+
+
+@_refuse_deep
 def parse_sql(text: str) -> Query:
     """The typed query one SELECT in veil's subset describes (not bound to a client)."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise TypeError(f"the SQL text must be a str, got {type(text).__name__}")
+    if not text.strip():
         raise UnsupportedSQL("the SQL text is empty")
     _refuse_glued_comment(text)
     try:
@@ -97,9 +126,12 @@ def parse_sql(text: str) -> Query:
     return _Translator().select(statements[0])
 
 
+@_refuse_deep
 def parse_condition(text: str) -> Filter:
     """A WHERE condition alone, in the same subset: "majorityStatus = 'Minor' AND ..."."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise TypeError(f"a condition's text must be a str, got {type(text).__name__}")
+    if not text.strip():
         raise UnsupportedSQL("the condition is empty")
     _refuse_glued_comment(text)
     try:
@@ -402,11 +434,22 @@ class _Translator:
         if isinstance(node, exp.Not):
             return self._condition(node.this, positive=not positive)
         if isinstance(node, (exp.And, exp.Or)):
-            left = self._condition(node.left, positive=positive)
-            right = self._condition(node.right, positive=positive)
+            # A chain (a OR b OR c ...) is walked in a loop, not a call for each link: sqlglot
+            # nests it one level per operator, and a long one would exhaust the stack.
+            operands: list[Node] = []
+            pending: list[Node] = [node]
+            while pending:
+                current = pending.pop()
+                while isinstance(current, exp.Paren):
+                    current = current.this
+                if type(current) is type(node):
+                    pending += [current.right, current.left]  # the left one is walked first
+                else:
+                    operands.append(current)
+            parts = [self._condition(operand, positive=positive) for operand in operands]
             # NOT (a AND b) is TRUE when either is FALSE: De Morgan, with SQL's three values.
             conjunction = isinstance(node, exp.And) == positive
-            return _and(left, right) if conjunction else _or(left, right)
+            return _all(parts) if conjunction else _any(parts)
         if isinstance(node, exp.Is):
             if isinstance(node.expression, exp.Boolean):
                 # c IS TRUE (or IS FALSE) is never NULL: the records where c is TRUE (FALSE),
@@ -570,13 +613,13 @@ def _unique(filters: list[Filter]) -> list[Filter]:
     return out
 
 
-def _and(left: Filter, right: Filter) -> Filter:
-    parts = _unique(list(And(left, right).operands))
+def _all(filters: list[Filter]) -> Filter:
+    parts = _unique(list(And(*filters).operands))
     return parts[0] if len(parts) == 1 else And(*parts)
 
 
-def _or(left: Filter, right: Filter) -> Filter:
-    parts = _unique(list(Or(left, right).operands))
+def _any(filters: list[Filter]) -> Filter:
+    parts = _unique(list(Or(*filters).operands))
     return parts[0] if len(parts) == 1 else Or(*parts)
 
 

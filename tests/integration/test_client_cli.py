@@ -312,6 +312,23 @@ def test_an_empty_by_name_is_refused_before_anything_is_charged(
     assert json.loads(out)["spent"] == "0"
 
 
+def test_numbers_the_wire_cannot_carry_get_a_message_naming_the_option_range(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    huge = "99999999999999999999"
+    for argv, says in (
+        (["releases", "--limit", "99999999999999"], "limit is"),
+        (["dry-run", "--count", "--assumed-count", huge, "--epsilon", "0.1"], "assumed_count is"),
+        (["dry-run", "--count", "--half-width", huge], "half_width is"),
+        (["query", "--count", "--half-width", huge], "half_width is"),
+    ):
+        code, out, err = veil(capsys, *argv, "-q")
+        assert code == 2 and out == "", (argv, err)
+        assert says in err and "out of range" not in err.lower(), (argv, err)
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
+
+
 def test_an_output_file_that_cannot_be_written_is_found_before_paying(
     env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -375,3 +375,50 @@ def test_a_canonical_query_reads_back_as_a_researcher_writes_it() -> None:
     assert back({"flag_counts": "meansOfControl"}) == "flag counts of meansOfControl"
     assert query_of_canonical(json.dumps({"measure": "count", "by": [], "where": False})) is None
     assert query_of_canonical("not json") is None
+
+
+def test_a_name_or_condition_of_the_wrong_type_is_a_type_error_naming_it(book: Codebook) -> None:
+    from client.query import mean, sum_of
+
+    for build, says in (
+        (lambda: flag_counts(None), "flag_counts' flag set is a codebook name"),  # type: ignore[arg-type]
+        (lambda: sum_of(None), "sum's variable is a codebook name"),  # type: ignore[arg-type]
+        (lambda: mean(None), "mean's variable is a codebook name"),  # type: ignore[arg-type]
+        (lambda: Not(None), "expected a condition"),  # type: ignore[arg-type]
+        (lambda: Missing(3), "a condition's variable is a codebook name"),  # type: ignore[arg-type]
+        (lambda: book.find(None), "a codebook name is text"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=says):
+            build()
+    with pytest.raises(client.InvalidQuery, match="flag set is empty"):
+        flag_counts(" ")
+
+
+def test_arguments_the_wire_cannot_carry_are_refused_before_any_call() -> None:
+    from client.connection import _half_width
+
+    # A server nobody listens on: every refusal here comes before a call is made.
+    veil_client = client.Client("127.0.0.1:1", token="veil_x", retry=client.Retry(attempts=1))
+    checks: list[tuple[object, type[Exception], str]] = [
+        (lambda: veil_client.releases(limit=2**40), client.InvalidQuery,
+         "limit is .* an integer from 0 to 2147483647"),
+        (lambda: veil_client.releases(limit=-1), client.InvalidQuery, "limit is"),
+        (lambda: veil_client.releases(limit=1.5), client.InvalidQuery, "limit is"),
+        (lambda: veil_client.get_release(123), TypeError, "release_id is .* got int"),
+        (lambda: veil_client.release(count(), epsilon=1, request_id=123), TypeError,
+         "request_id is .* got int"),
+        (lambda: veil_client.release(count(), epsilon=1, request_id=""), client.InvalidQuery,
+         "request_id is empty"),
+        (lambda: veil_client.dry_run(count(), epsilon=1, assumed_count=1.5), client.InvalidQuery,
+         "assumed_count is .* from 0 to 9223372036854775807, got 1.5"),
+        (lambda: veil_client.dry_run(count(), epsilon=1, assumed_count="5"), client.InvalidQuery,
+         "assumed_count is"),
+        (lambda: veil_client.dry_run(count(), epsilon=1, assumed_count=2**63),
+         client.InvalidQuery, "assumed_count is"),
+        (lambda: _half_width(2**63), client.InvalidQuery, "half_width .*at most"),
+        (lambda: client.connect("127.0.0.1:1", token=123), TypeError,  # type: ignore[arg-type]
+         "token must be text"),
+    ]
+    for call, kind, says in checks:
+        with pytest.raises(kind, match=says):
+            call()  # type: ignore[operator]

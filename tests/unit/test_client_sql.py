@@ -470,3 +470,37 @@ def test_a_flag_set_grouped_by_in_sql_is_answered_in_sql() -> None:
         "SELECT majorityStatus, FLAG_COUNTS(meansOfControl) FROM victims GROUP BY majorityStatus"
         in str(error.value)
     )
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "NOT " * 200 + "isSexualExploit = 1",
+        "(" * 100 + "isSexualExploit = 1" + ")" * 100,
+        "NOT (" * 150 + "isSexualExploit = 1" + ")" * 150,
+    ],
+    ids=["200 NOTs", "100 parentheses", "150 NOT ("],
+)
+def test_a_condition_nested_too_deeply_is_refused_not_a_recursion_error(condition: str) -> None:
+    for parse in (lambda: parse_sql(f"SELECT COUNT(*) FROM t WHERE {condition}"),
+                  lambda: parse_condition(condition)):
+        with pytest.raises(client.UnsupportedSQL, match="nested too deeply") as error:
+            parse()
+        assert error.value.malformed  # one sentence, not the subset's list
+
+
+def test_a_long_flat_chain_of_or_and_and_is_read_without_recursing() -> None:
+    years = [2000 + i for i in range(1000)]
+    chain = " OR ".join(f"yearOfRegistration = {y}" for y in years)
+    assert parse_condition(chain) == Or(*(Eq("yearOfRegistration", y) for y in years))
+    both = " AND ".join(f"(gender = 'Male' OR yearOfRegistration = {y})" for y in years[:500])
+    parsed = parse_sql(f"SELECT COUNT(*) FROM t WHERE NOT ({both})").filter
+    assert isinstance(parsed, Or) and len(parsed.operands) == 500  # De Morgan: one per OR
+
+
+@pytest.mark.parametrize("text", [b"SELECT COUNT(*) FROM t", None, 123])
+def test_sql_text_that_is_not_a_str_is_a_type_error_saying_so(text: object) -> None:
+    with pytest.raises(TypeError, match="must be a str, got"):
+        parse_sql(text)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a str, got"):
+        parse_condition(text)  # type: ignore[arg-type]
