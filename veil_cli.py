@@ -16,6 +16,8 @@ from collections.abc import Sequence
 # What a command whose standard output was closed early (`| head`) exits with: it did not print
 # all it had, and it says nothing more about it.
 EXIT_BROKEN_PIPE = 1
+# A command that cannot run here (its package is not installed), as argparse exits for usage.
+EXIT_USAGE = 2
 
 # command -> (module, function that adds the command's parser)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,8 +46,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue
         try:
             add = getattr(importlib.import_module(module), adder)
-        except (ImportError, AttributeError):
-            continue  # a command whose package is not installed is simply not offered
+        except ImportError as exc:
+            if only is None:
+                continue  # a command whose package is not installed is simply not offered
+            # The command was asked for by name: say what it lacks, not "invalid choice".
+            missing = exc.name or str(exc)
+            print(
+                f"veil {name}: this command needs {missing}, which is not installed here (a "
+                f"client-only install has query, dry-run, codebook, budget, releases and "
+                f"admin); install the full package: pip install veil",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_USAGE) from None
         add(subparsers)
     return parser
 

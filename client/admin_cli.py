@@ -84,7 +84,7 @@ def add_admin_command(subparsers: Any) -> argparse.ArgumentParser:
         "stay on the ledger.",
     )
     revoke.add_argument("client_id", metavar="CLIENT_ID")
-    revoke.add_argument("--reason", required=True, metavar="TEXT",
+    revoke.add_argument("--reason", required=True, metavar="TEXT", type=_reason,
                         help="why, for the audit log")
     revoke.set_defaults(handler=run_revoke)
 
@@ -105,6 +105,15 @@ def add_admin_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # ---- running them -------------------------------------------------------------------------------
+
+
+def _reason(text: str) -> str:
+    """--reason: required, so an empty one (an unset variable expanded) is no reason at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "give a reason: why the client is revoked, for the audit log"
+        )
+    return text
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

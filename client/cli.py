@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ from typing import Any, TextIO
 
 from client import errors
 from client.codebook import Codebook, DerivedDimension
-from client.connection import ADDRESS_ENV, DEFAULT_ADDRESS, TLS, Client, Retry
+from client.connection import ADDRESS_ENV, DEFAULT_ADDRESS, TLS, Client, Retry, check_token
 from client.errors import CA_CERT_ENV, TOKEN_ENV
 from client.query import Filter, In, Query, conditions
 from client.results import Release
@@ -71,8 +72,21 @@ def add_server_options(
                        help="this client's certificate, for a server that requires mutual TLS")
     group.add_argument("--client-key", type=Path, metavar="PEM",
                        help="the private key of --client-cert")
-    group.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    group.add_argument("--timeout", type=_seconds, default=120.0, metavar="SECONDS",
                        help="deadline of each call (default 120)")
+
+
+def _seconds(text: str) -> float:
+    """--timeout: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a positive number of seconds, such as 120"
+        )
+    return value
 
 
 def token_of(args: argparse.Namespace) -> str:
@@ -81,7 +95,8 @@ def token_of(args: argparse.Namespace) -> str:
     file cannot be read."""
     token = args.token
     if args.token_file is not None:
-        token = args.token_file.expanduser().read_text(encoding="utf-8").strip()
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the token.
+        token = args.token_file.expanduser().read_text(encoding="utf-8-sig").strip()
         if not token:
             raise errors.AuthenticationError(f"the token file {args.token_file} is empty")
     # An empty --token (an unset variable expanded) is no token, not a cue to read VEIL_TOKEN.
@@ -93,7 +108,7 @@ def token_of(args: argparse.Namespace) -> str:
             f"no token: set {TOKEN_ENV} or pass --token-file FILE, with the token the custodian "
             f"issued"
         )
-    return str(token)
+    return check_token(str(token))
 
 
 def ca_cert_of(args: argparse.Namespace) -> Path | None:
@@ -482,13 +497,14 @@ def build_query(args: argparse.Namespace, client: Client) -> Query:
         from client.sql import parse_sql
 
         return parse_sql(args.sql).bind(client)
-    if args.flag_counts:
+    # `is not None`: an empty argument (--proportion "") is a bad one, not a missing one.
+    if args.flag_counts is not None:
         query = client.flag_counts(args.flag_counts)
-    elif args.sum:
+    elif args.sum is not None:
         query = client.sum(args.sum)
-    elif args.mean:
+    elif args.mean is not None:
         query = client.mean(args.mean)
-    elif args.proportion:
+    elif args.proportion is not None:
         query = client.proportion(
             _condition(args.proportion, "--proportion", client.codebook, command)
         )

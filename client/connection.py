@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import numbers
 import os
 import random
@@ -129,6 +130,50 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def _checked_address(address: str) -> str:
+    """`address`, refused (ValueError) when its port is not one from 1 to 65535: gRPC would
+    otherwise dial some other port (99999 wraps around) without a word."""
+    if not isinstance(address, str):
+        raise TypeError(f"address must be text (HOST:PORT), got {type(address).__name__}")
+    if address.startswith(("unix:", "unix-abstract:")):
+        return address
+    host_port = address.split("///", 1)[-1]  # dns:///host:port, ipv4:///...
+    if host_port.count(":") == 1 or host_port.startswith("["):
+        port = host_port.rsplit(":", 1)[-1] if "]:" in host_port or "[" not in host_port else ""
+        if port.isdigit() and not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f"the server address {address} has port {port}; a port is a number from 1 to "
+                f"65535"
+            )
+    return address
+
+
+def _checked_timeout(timeout: Any) -> float:
+    """A call's deadline in seconds: a positive, finite number (0, a negative or nan would fail
+    every call at once, or never)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout is a number of seconds, got {type(timeout).__name__}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def check_token(token: str) -> str:
+    """`token` without surrounding whitespace, refused (AuthenticationError) unless it is
+    printable ASCII: gRPC cannot send anything else in a header, and would fail the call with
+    "Invalid metadata" after logging its own lines. Tokens the custodian issues are ASCII."""
+    token = token.strip()
+    if not (token.isascii() and token.isprintable()):
+        # The token itself is not shown: a pasted secret should not reach a terminal or a log.
+        odd = next(c for c in token if not (c.isascii() and c.isprintable()))
+        raise AuthenticationError(
+            f"the token holds a character a token cannot ({odd.encode('unicode_escape').decode()!r}"
+            f"); tokens are printable ASCII (veil_...): copy it again from what the custodian "
+            f"issued"
+        )
+    return token
+
+
 def connect(
     address: str | None = None,
     *,
@@ -155,7 +200,8 @@ class Client:
         timeout: float = 120.0,
         retry: Retry | None = None,
     ) -> None:
-        self.address = address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+        self.address = _checked_address(address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
+        self.timeout = _checked_timeout(timeout)
         if token is not None and not isinstance(token, str):
             raise TypeError(
                 f"token must be text (the token the custodian issued), got {type(token).__name__}"
@@ -165,7 +211,7 @@ class Client:
             raise AuthenticationError(
                 f"no token: pass token=... or set {TOKEN_ENV} to the token the custodian issued"
             )
-        self._token = token.strip()
+        self._token = check_token(token)
         if tls is None and os.environ.get(CA_CERT_ENV):
             tls = TLS(ca_cert=os.environ[CA_CERT_ENV])
         if tls is None:
@@ -175,7 +221,6 @@ class Client:
         elif tls is True:
             tls = TLS()
         self.tls: TLS | None = tls if isinstance(tls, TLS) else None
-        self.timeout = timeout
         self.retry = retry or Retry()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
@@ -655,6 +700,7 @@ __all__ = [
     "TLS",
     "Client",
     "Retry",
+    "check_token",
     "connect",
     "decimal_text",
 ]

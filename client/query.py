@@ -133,6 +133,20 @@ class Eq(Filter):
         return f"{self.variable} = {_quote(self.value)}"
 
 
+@dataclass(frozen=True, repr=False, eq=False)
+class FlagAlone(Eq):
+    """A variable named alone as a condition (SQL's `WHERE isSexualExploit`, NOT before it for
+    0): the same filter as Eq(variable, 1 or 0), and equal to it, remembered so that a name
+    that is not a flag's is refused in those words rather than as a value 1 the variable lacks."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Eq):
+            return NotImplemented
+        return (self.variable, self.value) == (other.variable, other.value)
+
+    __hash__ = Eq.__hash__
+
+
 @dataclass(frozen=True, repr=False)
 class In(Filter):
     """variable is one of values."""
@@ -592,6 +606,8 @@ class Query:
         self._refuse_flag_sets(codebook)
 
         def fix(leaf: Filter) -> Filter:
+            if isinstance(leaf, FlagAlone):
+                self._refuse_alone(codebook, leaf.variable)
             if isinstance(leaf, Eq):
                 name = resolve(leaf.variable)
                 return Eq(name, codebook.coerce(name, leaf.value))
@@ -618,6 +634,24 @@ class Query:
             measure=measure,
             dimensions=tuple(resolve(d) for d in self.dimensions),
             filter=None if self.filter is None else self.filter.map(fix),
+        )
+
+    def _refuse_alone(self, codebook: Codebook, name: str) -> None:
+        """A name alone is a condition only for a flag (0/1): one that is not a flag's is refused
+        saying so (the server would only say 1 is not one of its values)."""
+        from client.codebook import Variable
+
+        item = codebook.find(name)
+        if item is None or (isinstance(item, Variable) and item.kind == "flag"):
+            return  # an unknown name is for the server to refuse, naming it
+        kind = getattr(item, "kind", None) or type(item).__name__
+        value = "N" if kind == "integer" else "'VALUE'"
+        example = f"{item.name}=VALUE" if self.spelling == "cli" else f"{item.name} = {value}"
+        raise InvalidQuery(
+            f"{item.name} alone is not a condition: a bare name is a condition only for a flag "
+            f"(0/1) variable, and {item.name} is {_a(kind)} {kind}; compare it with one of its "
+            f"values ({example}), or write {item.name} IS NOT NULL for the records that have it",
+            variable=item.name,
         )
 
     def _refuse_likely_typos(self, codebook: Codebook) -> None:
@@ -702,6 +736,10 @@ class Query:
         if self.filter is not None:
             text += f".where({self.filter!r})"
         return f"<veil query {text}>"
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _flag_counts_text(flag_set: str, dimensions: list[str], spelling: str) -> str:

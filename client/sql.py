@@ -31,6 +31,7 @@ from client.query import (
     Count,
     Eq,
     Filter,
+    FlagAlone,
     FlagCounts,
     In,
     Mean,
@@ -132,8 +133,11 @@ def parse_condition(text: str) -> Filter:
     if not isinstance(text, str):
         raise TypeError(f"a condition's text must be a str, got {type(text).__name__}")
     if not text.strip():
-        raise UnsupportedSQL("the condition is empty")
+        raise UnsupportedSQL(
+            "the condition is empty; give one, such as isSexualExploit = 1", malformed=True
+        )
     _refuse_glued_comment(text)
+    _refuse_comment(text)
     try:
         statements = sqlglot.parse(_CONDITION_PREFIX + text, read="duckdb")
     except (ParseError, TokenError) as exc:
@@ -170,6 +174,26 @@ def _refuse_glued_comment(text: str) -> None:
             f"{_quoted_text(glued)}",
             malformed=True,
         )
+
+
+def _refuse_comment(text: str) -> None:
+    """Refuse a comment in a condition given alone (--where, --proportion): parsing drops it, and
+    with it whatever it holds ("gender = 'Male' -- AND gender = 'Female'" would release the
+    males). In a whole query, over several lines, a comment keeps its SQL meaning."""
+    try:
+        tokens = sqlglot.Dialect.get_or_raise("duckdb").tokenize(text)
+    except TokenError:
+        return  # parsing reports it
+    for token in tokens:
+        if token.comments:
+            dropped = " ".join(c.strip() for c in token.comments if c.strip())
+            raise UnsupportedSQL(
+                "a condition cannot hold a comment (-- or /* */), which SQL drops"
+                + (f" with what it holds ({_quoted(dropped)})" if dropped else "")
+                + "; take it out, quote a value that holds -- ('0--8'), or give the whole "
+                "query as SQL",
+                malformed=True,
+            )
 
 
 def _word(char: str) -> bool:
@@ -488,7 +512,7 @@ class _Translator:
         if isinstance(node, exp.Column):
             # A flag alone, as DuckDB reads an integer as a boolean: TRUE when 1, FALSE when 0.
             name = self._column(node)
-            return Eq(name, 1 if positive else 0)
+            return FlagAlone(name, 1 if positive else 0)
         if isinstance(node, (exp.Like, exp.ILike, exp.RegexpLike, exp.SimilarTo)):
             raise UnsupportedSQL(f"{_sql(node)}: pattern matching is not supported; use IN")
         if isinstance(node, (exp.Subquery, exp.Select, exp.Exists)):

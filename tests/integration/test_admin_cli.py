@@ -455,3 +455,15 @@ def test_a_token_pasted_into_a_change_that_succeeds_stays_out_of_the_audit_log(
     assert "leaked token veil_<redacted> in a repo" in str(revoked)
     tables = build_tables(live.ledger)
     assert token not in str({name: t.to_pylist() for name, t in tables.tables.items()})
+
+
+@pytest.mark.parametrize("reason", ["", "  "])
+def test_an_empty_revocation_reason_is_refused(
+    reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--reason is required: an empty one (an unset variable expanded) is none at all."""
+    with pytest.raises(SystemExit) as exited:
+        veil_cli.main(["admin", "revoke", "amina", "--reason", reason,
+                       "--server", "127.0.0.1:1", "--token", "veil_x"])
+    assert exited.value.code == 2
+    assert "argument --reason: give a reason" in capsys.readouterr().err

@@ -329,6 +329,54 @@ def test_numbers_the_wire_cannot_carry_get_a_message_naming_the_option_range(
     assert json.loads(out)["spent"] == "0"
 
 
+def test_a_token_file_with_a_byte_order_mark_is_read_and_a_non_ascii_token_refused(
+    live: LiveServer, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, token = add_researcher(live)
+    monkeypatch.delenv("VEIL_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("\ufeff" + token + "\r\n", encoding="utf-8")  # as Notepad saves it
+    code, out, err = veil(capsys, "budget", "--server", address(live), "--token-file",
+                          str(token_file), "-f", "json", "-q")
+    assert code == 0, err
+    token_file.write_text(token + "\u00e9\n", encoding="utf-8")
+    code, out, err = veil(capsys, "budget", "--server", address(live), "--token-file",
+                          str(token_file), "-q")
+    assert code == 4 and out == ""
+    assert "printable ASCII" in _one_line(err) and "Invalid metadata" not in err
+
+
+def test_smaller_bad_options_are_refused_before_anything_is_charged(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = veil(capsys, "query", "--count", "--server", "127.0.0.1:99999",
+                          "--epsilon", "0.1", "-q")
+    assert code == 2 and "a port is a number from 1 to 65535" in _one_line(err)
+    for timeout in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as exited:
+            veil_cli.main(["budget", "--timeout", timeout])
+        assert exited.value.code == 2
+        assert "argument --timeout" in capsys.readouterr().err
+    code, out, err = veil(capsys, "query", "--proportion", "", "--epsilon", "0.1", "-q")
+    assert code == 2 and "--proportion '': the condition is empty" in _one_line(err)
+    code, out, err = veil(capsys, "query", "--count", "--request-id", "", "--epsilon", "0.1",
+                          "-q")
+    assert code == 2 and "request_id is empty" in _one_line(err)
+    for where in (["--where", "gender"], ["--where", "NOT ageBroad"]):
+        code, out, err = veil(capsys, "query", "--count", *where, "--epsilon", "0.1", "-q")
+        line = _one_line(err)
+        assert code == 2 and "a bare name is a condition only for a flag (0/1)" in line, line
+    code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--where",
+                          "gender='Male' -- AND gender='Female'", "--epsilon", "0.1", "-q")
+    assert code == 2 and "cannot hold a comment" in _one_line(err)
+    code, out, err = veil(capsys, "query", "SELECT COUNT(*) FROM t WHERE gender", "--epsilon",
+                          "0.1", "-q")
+    assert code == 2 and "a bare name is a condition only for a flag" in _one_line(err)
+    code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
+    assert json.loads(out)["spent"] == "0"
+
+
 def test_an_output_file_that_cannot_be_written_is_found_before_paying(
     env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

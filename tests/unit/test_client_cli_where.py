@@ -88,3 +88,10 @@ def test_sql_conditions_stay_sql() -> None:
     assert _condition("ageBroad IN ('0--8', '9--17')", codebook=_unused) == In(
         "ageBroad", ["0--8", "9--17"]
     )
+
+
+def test_a_comment_in_a_where_is_refused_naming_the_option() -> None:
+    with pytest.raises(client.UnsupportedSQL) as error:
+        _condition("gender='Male' -- AND gender='Female'", codebook=_unused)
+    assert error.value.reason.startswith("--where \"gender='Male' -- AND gender='Female'\": ")
+    assert "cannot hold a comment" in error.value.reason

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 BLOCKED = ("duckdb", "opendp", "engine", "server")
@@ -96,3 +98,32 @@ def test_the_client_distribution_holds_no_engine_and_requires_no_duckdb(tmp_path
     assert not any(name in r.lower() for r in requires for name in ("duckdb", "opendp"))
     assert {r.split()[1].split(">")[0] for r in core} == {"grpcio", "protobuf", "pyarrow",
                                                           "sqlglot"}
+
+
+def test_a_command_whose_package_is_missing_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a client-only install `veil load` names what is missing, not "invalid choice: 'load'
+    (choose from )"; `veil --help` still offers only the commands that are installed."""
+    import importlib
+
+    import veil_cli
+
+    real = importlib.import_module
+
+    def client_only(name: str, package: str | None = None) -> object:
+        if name.split(".")[0] in ("engine", "server", "audit"):
+            raise ModuleNotFoundError("No module named 'duckdb'", name="duckdb")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", client_only)
+    with pytest.raises(SystemExit) as exited:
+        veil_cli.main(["load", "data.csv"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "veil load: this command needs duckdb" in err and "pip install veil" in err
+    assert "invalid choice" not in err
+    with pytest.raises(SystemExit) as exited:
+        veil_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and "query" in out and "load" not in out

@@ -422,3 +422,20 @@ def test_arguments_the_wire_cannot_carry_are_refused_before_any_call() -> None:
     for call, kind, says in checks:
         with pytest.raises(kind, match=says):
             call()  # type: ignore[operator]
+
+
+def test_a_server_port_a_timeout_or_a_token_that_cannot_work_is_refused_at_once() -> None:
+    from client.connection import check_token
+
+    for address in ("127.0.0.1:99999", "localhost:0", "[::1]:65536"):
+        with pytest.raises(ValueError, match="a port is a number from 1 to 65535"):
+            client.Client(address, token="veil_x")
+    for timeout in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            client.Client("127.0.0.1:1", token="veil_x", timeout=timeout)
+    for token in ("veil_caf\u00e9", "\ufeffveil_x", "veil_a\x00b"):
+        with pytest.raises(client.AuthenticationError, match="printable ASCII") as error:
+            client.Client("127.0.0.1:1", token=token)
+        assert token.strip("\ufeff") not in str(error.value)  # the token is not shown
+    assert check_token(" veil_x\n") == "veil_x"
+    client.Client("[::1]:50051", token="veil_x", timeout=0.5).close()

@@ -441,8 +441,8 @@ def test_comments_and_quoted_age_bands_are_still_read() -> None:
         "SELECT COUNT(*) FROM t WHERE ageBroad = '0--8' /* 0--8 */ -- children, 0--8\n"
         "AND gender = 'it''s 0--8'"
     ) == count().where(Eq("ageBroad", "0--8"), Eq("gender", "it's 0--8"))
-    assert parse_condition("yearOfRegistration >= 2015 -- since 2015") == Range(
-        "yearOfRegistration", 2015, None
+    assert parse_sql("SELECT COUNT(*) FROM t WHERE yearOfRegistration >= 2015 -- since 2015") == (
+        count().where(Range("yearOfRegistration", 2015, None))
     )
 
 
@@ -504,3 +504,40 @@ def test_sql_text_that_is_not_a_str_is_a_type_error_saying_so(text: object) -> N
         parse_sql(text)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be a str, got"):
         parse_condition(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("condition", "dropped"),
+    [
+        ("gender = 'Male' -- AND gender = 'Female'", "AND gender = 'Female'"),
+        ("gender = 'Male' /* OR gender = 'Female' */", "OR gender = 'Female'"),
+        ("yearOfRegistration >= 2015 -- since 2015", "since 2015"),
+        ("gender = 'Male' --", ""),
+    ],
+)
+def test_a_comment_in_a_condition_alone_is_refused_not_dropped(
+    condition: str, dropped: str
+) -> None:
+    """--where "gender='Male' -- AND gender='Female'" would release (and charge for) the males."""
+    with pytest.raises(client.UnsupportedSQL, match="cannot hold a comment") as error:
+        parse_condition(condition)
+    assert error.value.malformed and dropped in error.value.reason
+    assert parse_condition("ageBroad = '0--8'") == Eq("ageBroad", "0--8")  # -- in quotes: a value
+
+
+def test_a_bare_name_that_is_not_a_flag_is_refused_saying_so() -> None:
+    from client.codebook import Codebook
+    from engine.codebook import default_codebook
+    from protos.veil.v1 import veil_pb2 as pb
+    from server.convert import codebook_to_pb
+
+    book = Codebook.from_pb(pb.GetCodebookResponse(codebook=codebook_to_pb(default_codebook())))
+    for text in ("SELECT COUNT(*) FROM t WHERE gender", "SELECT PROPORTION(gender) FROM t",
+                 "SELECT COUNT(*) FROM t WHERE NOT gender"):
+        with pytest.raises(client.InvalidQuery) as error:
+            parse_sql(text).normalized(book)
+        assert "a bare name is a condition only for a flag (0/1) variable" in str(error.value)
+        assert "gender is a category" in str(error.value) and error.value.variable == "gender"
+    # A flag alone is still a condition, and the same one as flag = 1.
+    query = parse_sql("SELECT COUNT(*) FROM t WHERE isSexualExploit").normalized(book)
+    assert query == count().where(isSexualExploit=1)
