@@ -171,7 +171,13 @@ class HeadFile:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.keep()
+        try:
+            self.keep()
+        except Exception as exc:  # a stopped ledger: what was kept last is still behind it
+            log.error(
+                "could not keep the audit head",
+                extra={"event": "head_file_failed", "error_type": type(exc).__name__},
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):

@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from engine.backend import DuckDBBackend
 from engine.codebook import load_codebook
 from engine.engine import Engine
+from engine.errors import VeilError
 from protos.veil.v1 import veil_pb2 as pb
 from server.accounts import Accounts, HeadFile, LedgerAccounts
 from server.auth import AuthInterceptor
@@ -272,7 +273,14 @@ def start(config: ServerConfig, *, engine: Engine, accounts: Accounts) -> Runnin
 
 
 def _head(accounts: Accounts) -> str | None:
-    return accounts.ledger.head() if isinstance(accounts, LedgerAccounts) else None
+    """The ledger's audit head, for the log; None without a ledger, or with one that has
+    stopped or closed (a failed sync stops it: the head is then in the ledger file alone)."""
+    if not isinstance(accounts, LedgerAccounts):
+        return None
+    try:
+        return accounts.ledger.head()
+    except VeilError:
+        return None
 
 
 def _check_free(listen: str) -> None:

@@ -213,6 +213,8 @@ def pinned_noise(monkeypatch: pytest.MonkeyPatch) -> None:
 _BLANKS = [
     (re.compile(r"data:image/[a-z+]+;base64,[A-Za-z0-9+/=]+"), "<image>"),
     (re.compile(r"\b(rel|chg)_[0-9a-f]{32}\b"), "<id>"),
+    # Each data file's load is named at random (the audit entry of each open records it).
+    (re.compile(r'"load_id": ?"[0-9a-f]{32}"'), '"load_id": "<id>"'),
     (re.compile(r"\b[0-9a-f]{64}\b"), "<hash>"),
     (re.compile(r"\b[0-9a-f]{12,}&hellip;"), "<hash>"),  # a hash shortened for the report
     (re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?"), "<time>"),
