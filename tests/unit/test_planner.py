@@ -342,6 +342,14 @@ def test_finding_unreachable_cells_does_not_walk_the_cells_in_python() -> None:
     assert calls < 2_000, calls
 
 
+def _every_record(names: tuple[str, ...]) -> list[dict[str, object]]:
+    """Every combination of the variables' codes and missing: one record of each."""
+    import itertools
+
+    domains = [[*CODEBOOK.variable(n).codes, None] for n in names]
+    return [dict(zip(names, v, strict=True)) for v in itertools.product(*domains)]
+
+
 def _filters_over(names: tuple[str, ...], rng: random.Random) -> Callable[[int], object]:
     """Random filters over `names`, `depth` deep at most: equalities, IN lists, IS NULL, under
     AND, OR and NOT."""
@@ -372,13 +380,10 @@ def test_unreachable_cells_are_those_no_record_reaches() -> None:
     # unreachable is one no record meeting the filter falls into, always; and every such cell
     # is called unreachable when each variable left ungrouped appears in the filter at most once
     # (else two conditions on it may contradict each other, which is not looked for).
-    import itertools
-
     import numpy as np
 
     names = ("gender", "majorityStatus", "isSexualExploit", "ageBroad")
-    domains = {n: [*CODEBOOK.variable(n).codes, None] for n in names}
-    records = [dict(zip(names, v, strict=True)) for v in itertools.product(*domains.values())]
+    records = _every_record(names)
     rng = random.Random(7)
     random_filter = _filters_over(names, rng)
 
@@ -411,13 +416,10 @@ def test_a_flags_rows_the_query_rules_out_are_unreachable() -> None:
     # four variables (two of them flags of the set), against random filters and groupings: a
     # row called unreachable is one no such record falls into, always; and every such row is
     # called unreachable when each variable left ungrouped appears in the filter at most once.
-    import itertools
-
     import numpy as np
 
     names = ("gender", "majorityStatus", "isSexualExploit", "isForcedLabour")
-    domains = {n: [*CODEBOOK.variable(n).codes, None] for n in names}
-    records = [dict(zip(names, v, strict=True)) for v in itertools.product(*domains.values())]
+    records = _every_record(names)
     rng = random.Random(11)
     random_filter = _filters_over(names, rng)
 
