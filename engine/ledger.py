@@ -812,7 +812,7 @@ class Ledger:
         """Refuse a data version served before from another load of the records: releases are
         stored, and replayed, by data version, so a corrected file under the old version's name
         would be answered with the old records' releases."""
-        if load_id is None or self.data_version is None:
+        if self.data_version is None:
             return
         earlier = conn.execute(
             "SELECT DISTINCT json_extract(entry, '$.detail.load_id') FROM audit "
@@ -820,6 +820,8 @@ class Ledger:
             "AND json_extract(entry, '$.data_version') = ?",
             (self.data_version,),
         ).fetchall()
+        # An open recorded without a load (before loads were named) cannot be told apart; a
+        # file without one, on a version served from a named load, is another load.
         if any(row[0] is not None and row[0] != load_id for row in earlier):
             raise VeilError(
                 f"data version {self.data_version!r} was served before from another load of "
@@ -2122,6 +2124,14 @@ class Ledger:
         """The audit log's head, "seq:hash": record it elsewhere to detect a rewritten log."""
         seq, digest = self._read("read the audit head", self._head)
         return f"{seq}:{digest}"
+
+    def durable_head(self) -> str:
+        """The audit head as `head()` gives it, once it is on disk: a hold is committed without
+        a sync of its own, and a power cut may take it back, so a head kept outside the ledger
+        (to catch a restored backup) must never be one the ledger could lose."""
+        head = self.head()
+        self._sync("keep the audit head")  # read first: the sync covers at least that far
+        return head
 
     def holds_head(self, head: str) -> bool:
         """Whether the audit log holds `head` ("seq:hash", from an earlier `head()`): a ledger

@@ -149,8 +149,8 @@ class HeadFile:
             )
 
     def keep(self) -> None:
-        """Write the current head, when it has moved (replacing the file whole)."""
-        head = self.ledger.head()
+        """Write the current head, once durable, when it has moved (replacing the file whole)."""
+        head = self.ledger.durable_head()
         if head == self._kept:
             return
         partial = self.path.with_name(self.path.name + ".partial")

@@ -12,6 +12,7 @@ standard output only, once, and never logged. SIGTERM or SIGINT drains calls in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -76,12 +77,19 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     # Caught from before the server starts: a signal sent as soon as it logs `serving` must
     # drain and stop it, not kill it with calls in flight.
     signals = StopSignals()
-    token_file: Path | None = args.token_file
-    if token_file is not None and (token_file.exists() or not token_file.parent.is_dir()):
-        # Checked before any token is issued: one that cannot be written would be lost.
-        problem = "exists" if token_file.exists() else "is in a directory that does not exist"
-        print(f"error: --token-file {token_file} {problem}; name a new file", file=sys.stderr)
-        return 2
+    token_fd: int | None = None
+    if args.token_file is not None:
+        # Created before any token is issued (new, private, not through a link): a token that
+        # could not be written afterwards would be lost, its client registered all the same.
+        try:
+            token_fd = os.open(
+                args.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+        except OSError as exc:
+            print(f"error: --token-file {args.token_file}: {exc.strerror}; name a new file",
+                  file=sys.stderr)
+            return 2
+    written = False
     try:
         try:
             if args.demo:
@@ -103,8 +111,11 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         try:
             print(f"veil is listening on {_shown_address(config.listen, running.port)}", file=out)
             lines = [f"token for {client}: {token}" for client, token in tokens.items()]
-            if lines and args.token_file is not None:
-                _write_private(args.token_file, lines)
+            if lines and token_fd is not None:
+                with os.fdopen(token_fd, "w", encoding="ascii") as private:
+                    token_fd = None
+                    private.write("\n".join(lines) + "\n")
+                written = True
                 print(f"the token{'s' if len(lines) > 1 else ''} shown only once: in "
                       f"{args.token_file}", file=out)
             elif lines:
@@ -120,6 +131,12 @@ def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         signals.restore()  # whatever ended the start-up; after `serve` it has nothing to do
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        if token_fd is not None:  # no token went into it: leave no empty file behind
+            os.close(token_fd)
+        if args.token_file is not None and not written:
+            with contextlib.suppress(OSError):
+                if args.token_file.stat().st_size == 0:
+                    args.token_file.unlink()
 
 
 def _start(
@@ -183,14 +200,6 @@ def _start(
         running.stop()
         raise
     return running, tokens
-
-
-def _write_private(path: Path, lines: list[str]) -> None:
-    """Write a new file readable by its owner only (refusing one that exists: a token file
-    written twice would keep an old token beside the new one)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as out:
-        out.write("\n".join(lines) + "\n")
 
 
 def _write_demo_data(path: Path, *, rows: int, seed: int) -> None:

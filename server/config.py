@@ -400,8 +400,9 @@ def _head_file(value: Any, base: Path, ledger: Path) -> Path:
     path = _path(value, base, "head_file")
     if not path.parent.is_dir():
         raise ConfigError(f"head_file: the directory {path.parent} does not exist; create it")
-    # A backup of the ledger's directory restored whole would bring the old head back with it.
-    if path.parent.resolve() == ledger.parent.resolve():
+    # A backup of the ledger's directory restored whole would bring the old head back with it
+    # (the ledger's directory is its file's, through any link: the ledger is opened there).
+    if path.resolve().is_relative_to(ledger.resolve().parent):
         raise ConfigError(
             f"head_file must be outside the ledger's directory {ledger.parent}, where restoring "
             "the ledger's directory from a backup does not restore the head with it"

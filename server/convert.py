@@ -89,25 +89,35 @@ def _shown(text: str) -> str:
 
 
 def text(value: str, field: str, *, limit: int = MAX_TEXT_LENGTH, required: bool = False) -> str:
-    """A free-text field: bounded length, no control characters, and anything shaped like a
-    bearer token redacted (a revocation's reason quoting the leaked token is kept in the
-    hash-chained audit log, which cannot be edited afterwards)."""
+    """A free-text field: bounded length, no control characters."""
     if required and not value:
         raise MalformedRequestError(f"{field} is required")
     if len(value) > limit:
         raise MalformedRequestError(f"{field} is longer than {limit} characters")
     if not value.isprintable():
         raise MalformedRequestError(f"{field} contains control characters")
-    return without_tokens(value)
+    return value
+
+
+def note(value: str, field: str, *, limit: int = MAX_TEXT_LENGTH) -> str:
+    """Free text kept in the audit log (a revocation's reason): as `text`, with anything shaped
+    like a bearer token redacted, since the hash-chained log cannot be edited afterwards and a
+    reason quoting a leaked token would keep it there for every auditor."""
+    return without_tokens(text(value, field, limit=limit))
+
+
+# A bearer token as `new_token` makes them: the prefix and 43 URL-safe characters. Shorter names
+# that merely start with the prefix (veil_team) are ordinary ids.
+_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_\-]{32,}")
 
 
 def _not_a_token(value: str, field: str) -> None:
-    """Refuse an id that starts as a token does: ids are shown in every listing and audit table
-    and kept in the audit log for good, so a token pasted into one must not be stored."""
-    if value.startswith(TOKEN_PREFIX):
+    """Refuse an id that is a bearer token: ids are shown in every listing and audit table and
+    kept in the audit log for good, so a token pasted into one must not be stored."""
+    if _TOKEN.fullmatch(value):
         raise MalformedRequestError(
-            f"{field} may not start with {TOKEN_PREFIX!r}, as a bearer token does (was a token "
-            "pasted here?); choose another name"
+            f"{field} is a bearer token (was one pasted here?); a token must never be stored "
+            "where it would be shown, choose another name"
         )
 
 

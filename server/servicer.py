@@ -465,7 +465,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self, request: pb.RevokeClientRequest, context: Any
     ) -> pb.RevokeClientResponse:
         client = convert.client_id(request.client_id)
-        reason = convert.text(request.reason, "reason", limit=512)
+        reason = convert.note(request.reason, "reason", limit=512)
         # Revoking a revoked client changes nothing, and the response says so: the
         # administrator is not told it was revoked now.
         return self.s.accounts.revoke(client, reason=reason, by=current_identity())

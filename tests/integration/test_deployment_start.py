@@ -211,6 +211,13 @@ def test_the_first_administrators_token_can_go_to_a_private_file(deployment: Pat
         cwd=deployment,
     )
     assert "exists" in line
+    dangling = deployment / "dangling"
+    dangling.symlink_to(deployment / "nowhere" / "tokens")
+    line = refused(
+        "serve", "--config", str(config), "--init-admin", "ops3", "--token-file", str(dangling),
+        cwd=deployment,
+    )
+    assert "name a new file" in line
     with Ledger.open_readonly(deployment / "ledger.sqlite") as ledger:
         assert [c.client_id for c in ledger.list_clients()] == ["ops"]
 

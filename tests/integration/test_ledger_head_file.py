@@ -73,5 +73,7 @@ def test_a_ledger_restored_from_an_older_backup_is_refused(tmp_path: Path) -> No
 
 
 def test_the_head_file_must_be_outside_the_ledgers_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="outside the ledger's directory"):
-        load_config(_config(tmp_path, "ledger/veil.head"))
+    for inside in ("ledger/veil.head", "ledger/sub/veil.head"):
+        (tmp_path / "ledger" / "sub").mkdir(parents=True, exist_ok=True)
+        with pytest.raises(ConfigError, match="outside the ledger's directory"):
+            load_config(_config(tmp_path, inside))

@@ -718,8 +718,9 @@ def test_a_data_version_served_from_another_load_is_refused(
     settings = {"k": "10", "beta": "0.05"}
     open_ledger(path=path, data_version="v1", load_id="load-a", settings=settings).close()
     open_ledger(path=path, data_version="v1", load_id="load-a").close()  # the same file again
-    with pytest.raises(VeilError, match="'v1' was served before from another load"):
-        open_ledger(path=path, data_version="v1", load_id="load-b")
+    for other in ("load-b", None):  # a file without a load is another load, too
+        with pytest.raises(VeilError, match="'v1' was served before from another load"):
+            open_ledger(path=path, data_version="v1", load_id=other)
     reopened = open_ledger(path=path, data_version="v2", load_id="load-b")  # a version of its own
     opens = [e.entry for e in reopened.audit_log() if e.entry["event"] == "open"]
     assert [(e["data_version"], e["detail"]["load_id"]) for e in opens] == [
@@ -727,6 +728,16 @@ def test_a_data_version_served_from_another_load_is_refused(
     ]
     assert opens[0]["detail"]["k"] == "10" and opens[0]["detail"]["beta"] == "0.05"
     assert_verified(reopened)
+
+
+def test_the_head_kept_outside_the_ledger_is_one_already_on_disk(
+    engine: Engine, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hold is committed without a sync of its own; a head read while one is in flight, kept
+    # elsewhere, and then lost to a power cut would make the ledger look like a restored backup.
+    events = _trace_commits_and_syncs(ledger, monkeypatch)
+    head = ledger.durable_head()
+    assert head == ledger.head() and events == ["sync"]
 
 
 def test_a_failed_sync_stops_the_ledger_until_it_is_reopened(
