@@ -545,14 +545,23 @@ def emit(text: str, output: Path | None = None) -> None:
 def write_replacing(output: Path, text: str) -> None:
     """Write `text` to `output` whole or not at all: into a temporary file beside it, then
     renamed over it, so that a failed write (a full disk) leaves the file that was there, and no
-    truncated one. A symlink is written through, to the file it points to. Raises OSError."""
+    truncated one. A symlink is written through, to the file it points to; anything but a
+    regular file (a pipe, a device such as /dev/stdout) is written straight into, never
+    replaced. Raises OSError."""
+    import stat
     import tempfile
 
-    target = Path(os.path.realpath(output)) if output.is_symlink() else output
     try:
-        mode: int | None = target.stat().st_mode & 0o7777
-    except OSError:
-        mode = None  # a new file: the permissions a plain write would give it
+        status: os.stat_result | None = os.stat(output)  # through links, /dev/stdout's too
+    except FileNotFoundError:
+        status = None
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        with open(output, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        return
+    target = Path(os.path.realpath(output)) if output.is_symlink() else output
+    # A new file gets the permissions a plain write would give it.
+    mode = None if status is None else status.st_mode & 0o7777
     handle, temporary = tempfile.mkstemp(
         dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
     )

@@ -142,15 +142,19 @@ def share_base_text(query: Query | None) -> str:
     """What a proportion's shares are of, when a variable of its condition may be missing.
 
     A share counts every record of its cell (as SQL's AVG(CASE WHEN c THEN 1 ELSE 0 END) does),
-    so "7% abducted" can be 7% of records most of which never recorded abduction at all; said
-    for each variable of the condition the filter does not mention.
+    so "7% abducted" can be 7% of records most of which never recorded abduction at all. Said
+    for each variable the condition tests for a value (not only for being missing, where
+    leaving the missing out would make every share 0 or 1) and the filter does not require.
     """
     from client.query import Proportion
 
     if query is None or not isinstance(query.measure, Proportion):
         return ""
-    mentioned = set(query.filter.variables()) if query.filter is not None else set()
-    loose = [v for v in dict.fromkeys(query.measure.condition.variables()) if v not in mentioned]
+    condition = query.measure.condition
+    loose = [
+        v for v in dict.fromkeys(condition.variables())
+        if not _tests_only_missing(condition, v) and not _required(query.filter, v)
+    ]
     if not loose:
         return ""
     if query.spelling == "python":
@@ -161,6 +165,46 @@ def share_base_text(query: Query | None) -> str:
         f"each share is of all the cell's records, those whose {' or '.join(loose)} is missing "
         f"included (add {add} for the share among the records that have it)"
     )
+
+
+def _leaves(condition: Any) -> Iterator[Any]:
+    from client.query import And, Not, Or
+
+    if isinstance(condition, (And, Or)):
+        for operand in condition.operands:
+            yield from _leaves(operand)
+    elif isinstance(condition, Not):
+        yield from _leaves(condition.operand)
+    else:
+        yield condition
+
+
+def _tests_only_missing(condition: Any, variable: str) -> bool:
+    """Whether every test of `variable` in `condition` is whether it is missing."""
+    from client.query import Missing
+
+    return all(
+        isinstance(leaf, Missing) for leaf in _leaves(condition) if variable in leaf.variables()
+    )
+
+
+def _required(where: Any, variable: str) -> bool:
+    """Whether `where` keeps only records that have `variable` (a value compared at the top
+    level, or IS NOT NULL): read safely, so that a filter it cannot tell of counts as not."""
+    from client.query import And, Eq, In, Missing, Not, Range
+
+    if where is None:
+        return False
+    for conjunct in where.operands if isinstance(where, And) else (where,):
+        if isinstance(conjunct, (Eq, In, Range)) and conjunct.variable == variable:
+            return True
+        if (
+            isinstance(conjunct, Not)
+            and isinstance(conjunct.operand, Missing)
+            and conjunct.operand.variable == variable
+        ):
+            return True
+    return False
 
 
 def share_text(value: float) -> str:

@@ -680,3 +680,25 @@ def test_commands_piped_into_head_end_quietly(live: LiveServer) -> None:
         "-q", env=env,
     ))
     assert_quiet(*run_into_closed_pipe("releases", env=env))
+
+
+def test_output_into_a_pipe_or_device_is_written_not_replaced(
+    env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Whole-file replacement is for regular files: a FIFO (or /dev/stdout, a device) given as
+    # -o must be written into, and stay what it is.
+    import stat
+    import threading
+
+    fifo = tmp_path / "table.fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    code, _, _ = veil(capsys, "query", "--count", "--by", "gender", "--epsilon", "0.1",
+                      "-f", "csv", "-o", str(fifo), "-q")
+    reader.join(timeout=30)
+    assert code == 0
+    assert received and received[0].startswith("gender,")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["table.fifo"]

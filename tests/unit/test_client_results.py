@@ -523,6 +523,25 @@ def test_a_share_says_the_records_missing_its_condition_are_in_its_base() -> Non
     assert "share is of" not in Release.from_pb(response(count_table()), query=count()).summary()
 
 
+def test_the_share_base_note_is_given_where_it_holds_and_helps() -> None:
+    from client.query import Eq, Missing, Not, Or
+    from client.results import share_base_text
+
+    # A condition about missingness: leaving the missing out would make every share 0 or 1.
+    assert share_base_text(proportion(Missing("ageBroad")).by("gender")) == ""
+    assert share_base_text(proportion(Not(Missing("ageBroad")))) == ""
+    # A filter that names the variable but keeps its missing records: the note still holds.
+    for where in (
+        Or(Missing("ageBroad"), Eq("gender", "Male")),
+        Not(Eq("ageBroad", "9--17")),
+    ):
+        note = share_base_text(proportion(ageBroad="0--8").where(where))
+        assert "those whose ageBroad is missing included" in note, where
+    # One that keeps only records with a value: nothing to say.
+    assert share_base_text(proportion(ageBroad="0--8").where(ageBroad=["0--8", "9--17"])) == ""
+    assert share_base_text(proportion(ageBroad="0--8").where(Present("ageBroad"))) == ""
+
+
 def test_a_share_dry_run_forecasts_suppression_from_the_records_meeting_its_condition() -> None:
     wire = pb.DryRunResponse(
         loss="0.3", accounting=pb.ACCOUNTING_PURE_DP, cells=16, mechanism="discrete_laplace",
