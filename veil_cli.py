@@ -62,10 +62,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# What a command interrupted (Ctrl-C) exits with, as a shell reports a SIGINT: 128 + 2.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     first = args_list[0] if args_list and not args_list[0].startswith("-") else None
-    parser = build_parser(first if first in COMMANDS else None)
+    try:
+        parser = build_parser(first if first in COMMANDS else None)
+    except KeyboardInterrupt:  # while the command's modules load: nothing has been asked yet
+        print("veil: interrupted; nothing was asked of any server", file=sys.stderr)
+        return EXIT_INTERRUPTED
     args = parser.parse_args(args_list)
     try:
         result: int = args.handler(args)

@@ -882,13 +882,8 @@ def budget_race(ctx: Context, *, threads: int = 12, factor: int = 3) -> AttackRe
     others = {o: outcomes.count(o) for o in set(outcomes) - {"released", "replayed", "budget"}}
     detail = (
         f"{len(queries)} concurrent releases of {ctx.unit}={text} ({threads} at a time) against "
-        f"{format_amount(remaining)} remaining, which allows {allowed}: {released} released, "
-        + (
-            f"{outcomes.count('replayed')} stored releases returned free (released before), "
-            if "replayed" in outcomes
-            else ""
-        )
-        + f"{outcomes.count('budget')} refused for budget"
+        f"{format_amount(remaining)} remaining, which allows {allowed}: {released} released "
+        f"(stored ones returned free aside), {outcomes.count('budget')} refused for budget"
         + (f", other refusals {others}" if others else "")
         + f"; the ledger charged {format_amount(spent)}"
     )

@@ -89,6 +89,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count_between(low: int, high: int) -> Callable[[str], int]:
+    """An option's whole number from `low` to `high` (what the wire carries), refused by
+    argparse in the option's own words rather than by the client in the Python argument's."""
+
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text}: give a number from {low} to {high:,}")
+        return value
+
+    return read
+
+
+def _not_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("it is empty; give a value or leave the option out")
+    return text
+
+
 def token_of(args: argparse.Namespace) -> str:
     """The token of `add_server_options`: --token-file's, else --token's, else $VEIL_TOKEN's.
     Raises AuthenticationError, in the shell's words, when there is none; OSError when the token
@@ -169,15 +191,15 @@ def _query_options(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
     loss.add_argument("--epsilon", metavar="X", help="pure-DP loss, as a decimal")
     loss.add_argument("--rho", metavar="X", help="zCDP loss, as a decimal")
     loss.add_argument("--loss", metavar="X", help="the loss in this server's accounting")
-    loss.add_argument("--half-width", type=int, metavar="N",
+    loss.add_argument("--half-width", type=_count_between(1, 2**63 - 1), metavar="N",
                       help="pay what makes count intervals at most N on each side")
     if dry_run:
-        parser.add_argument("--assumed-count", type=int, metavar="N",
+        parser.add_argument("--assumed-count", type=_count_between(0, 2**63 - 1), metavar="N",
                             help="true count assumed for the expected suppressed share")
     else:
         parser.add_argument("--max-loss", metavar="X",
                             help="with --half-width: refuse, charging nothing, if it costs more")
-        parser.add_argument("--request-id", metavar="ID",
+        parser.add_argument("--request-id", type=_not_empty, metavar="ID",
                             help="reuse the id of an interrupted release to get it free")
         parser.add_argument("-o", "--output", type=Path, metavar="FILE",
                             help="write the result to FILE instead of standard output")
@@ -250,7 +272,8 @@ def add_releases_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("release_id", nargs="?", metavar="RELEASE_ID",
                         help="print this release's table again (free)")
-    parser.add_argument("--limit", type=int, default=100, help="the most recent N (default 100)")
+    parser.add_argument("--limit", type=_count_between(0, 2**31 - 1), default=100,
+                        help="the most recent N (default 100)")
     add_format_option(parser, ("table", "csv", "json"))
     parser.set_defaults(handler=run_releases)
     return parser

@@ -167,8 +167,8 @@ def check_token(token: str) -> str:
         # The token itself is not shown: a pasted secret should not reach a terminal or a log.
         odd = next(c for c in token if not (c.isascii() and c.isprintable()))
         raise AuthenticationError(
-            f"the token holds a character a token cannot ({odd.encode('unicode_escape').decode()!r}"
-            f"); tokens are printable ASCII (veil_...): copy it again from what the custodian "
+            f"the token holds a character a token cannot ({odd!a}); tokens are printable "
+            f"ASCII (veil_...): copy it again from what the custodian "
             f"issued"
         )
     return token

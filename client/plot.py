@@ -37,7 +37,8 @@ def plot_release(
     `x` is the key along the axis (default: `flag` for flag counts, else the first dimension),
     `hue` the key that splits each position into coloured bars (default: the next key). Other
     keys, if any, are joined into the axis labels. Suppressed cells are marked with a hatched
-    outline and the word "suppressed". `only` keeps the cells whose keys take the values given
+    band across the whole value axis (no height, which would read as a value) and the word
+    "suppressed". `only` keeps the cells whose keys take the values given
     (a value, or a list of values; None is the missing key): `only={"ageBroad": ["0--8",
     "9--17"]}`. More than `max_bars` bars is refused with a ValueError saying so, rather than
     drawing a chart nobody can read.

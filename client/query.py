@@ -639,13 +639,18 @@ class Query:
     def _refuse_alone(self, codebook: Codebook, name: str) -> None:
         """A name alone is a condition only for a flag (0/1): one that is not a flag's is refused
         saying so (the server would only say 1 is not one of its values)."""
-        from client.codebook import Variable
+        from client.codebook import DerivedDimension, Variable
 
         item = codebook.find(name)
-        if item is None or (isinstance(item, Variable) and item.kind == "flag"):
-            return  # an unknown name is for the server to refuse, naming it
-        kind = getattr(item, "kind", None) or type(item).__name__
-        value = "N" if kind == "integer" else "'VALUE'"
+        if isinstance(item, Variable) and item.kind in ("category", "country", "integer"):
+            kind = f"{item.kind} variable"
+        elif isinstance(item, DerivedDimension):
+            kind = "derived dimension"  # a region beside its countries, say
+        else:
+            # A flag is a condition alone; an unknown name, or one that cannot be queried (a
+            # concatenated label column), is for the server to refuse in its own words.
+            return
+        value = "N" if kind == "integer variable" else "'VALUE'"
         example = f"{item.name}=VALUE" if self.spelling == "cli" else f"{item.name} = {value}"
         raise InvalidQuery(
             f"{item.name} alone is not a condition: a bare name is a condition only for a flag "

@@ -176,9 +176,10 @@ def test_budget_race_does_not_count_stored_releases_returned_free(
     accounts = attacker.running.accounts
     assert isinstance(accounts, LedgerAccounts)
     accounts.ledger.set_cap("alice", "4")
+    replays = attacker.target.replays
     again = attacks.budget_race(attacker.ctx)
     _print(again)
-    assert "returned free" in again.detail
+    assert attacker.target.replays > replays  # the race did meet stored releases
     assert again.verdict == "defended" and again.success_rate == 0
     assert attacker.target.budget().spent == "4"
 

@@ -317,16 +317,20 @@ def test_numbers_the_wire_cannot_carry_get_a_message_naming_the_option_range(
 ) -> None:
     huge = "99999999999999999999"
     for argv, says in (
-        (["releases", "--limit", "99999999999999"], "limit is"),
-        (["dry-run", "--count", "--assumed-count", huge, "--epsilon", "0.1"], "assumed_count is"),
-        (["dry-run", "--count", "--half-width", huge], "half_width is"),
-        (["query", "--count", "--half-width", huge], "half_width is"),
+        (["releases", "--limit", "99999999999999"], "argument --limit"),
+        (["dry-run", "--count", "--assumed-count", huge, "--epsilon", "0.1"],
+         "argument --assumed-count"),
+        (["dry-run", "--count", "--half-width", huge], "argument --half-width"),
+        (["query", "--count", "--half-width", huge], "argument --half-width"),
     ):
-        code, out, err = veil(capsys, *argv, "-q")
-        assert code == 2 and out == "", (argv, err)
-        assert says in err and "out of range" not in err.lower(), (argv, err)
+        with pytest.raises(SystemExit) as exited:  # argparse's refusal, in the option's words
+            veil_cli.main([*argv, "-q"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2, (argv, err)
+        assert says in err and "give a number from" in err, (argv, err)
+        assert "out of range" not in err.lower(), (argv, err)
     code, out, _ = veil(capsys, "budget", "-f", "json", "-q")
-    assert json.loads(out)["spent"] == "0"
+    assert code == 0 and json.loads(out)["spent"] == "0"
 
 
 def test_a_token_file_with_a_byte_order_mark_is_read_and_a_non_ascii_token_refused(
@@ -360,13 +364,22 @@ def test_smaller_bad_options_are_refused_before_anything_is_charged(
         assert "argument --timeout" in capsys.readouterr().err
     code, out, err = veil(capsys, "query", "--proportion", "", "--epsilon", "0.1", "-q")
     assert code == 2 and "--proportion '': the condition is empty" in _one_line(err)
-    code, out, err = veil(capsys, "query", "--count", "--request-id", "", "--epsilon", "0.1",
-                          "-q")
-    assert code == 2 and "request_id is empty" in _one_line(err)
+    with pytest.raises(SystemExit) as exited:
+        veil_cli.main(["query", "--count", "--request-id", "", "--epsilon", "0.1", "-q"])
+    assert exited.value.code == 2
+    assert "argument --request-id: it is empty" in capsys.readouterr().err
     for where in (["--where", "gender"], ["--where", "NOT ageBroad"]):
         code, out, err = veil(capsys, "query", "--count", *where, "--epsilon", "0.1", "-q")
         line = _one_line(err)
         assert code == 2 and "a bare name is a condition only for a flag (0/1)" in line, line
+    code, out, err = veil(capsys, "query", "--count", "--where", "citizenshipRegion",
+                          "--epsilon", "0.1", "-q")
+    assert code == 2 and "citizenshipRegion is a derived dimension" in _one_line(err)
+    # A column that cannot be queried at all is refused as such, not offered a comparison.
+    code, out, err = veil(capsys, "query", "--count", "--where", "meansOfControlConcatenated",
+                          "--epsilon", "0.1", "-q")
+    line = _one_line(err)
+    assert code == 2 and "concatenated label column" in line and "IS NOT NULL" not in line, line
     code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--where",
                           "gender='Male' -- AND gender='Female'", "--epsilon", "0.1", "-q")
     assert code == 2 and "cannot hold a comment" in _one_line(err)
