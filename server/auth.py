@@ -283,6 +283,8 @@ class RequestWait:
                 expire()
             except Exception:  # a call already gone: nothing to cancel
                 log.debug("a late call could not be cancelled", exc_info=True)
+            # Not kept until the next expiry: it holds the call, and through it the server.
+            del expire
 
 
 def _first_request(
