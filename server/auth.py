@@ -107,6 +107,16 @@ def without_tokens(text: str) -> str:
     return _TOKEN_LIKE.sub(TOKEN_PREFIX + "<redacted>", text)
 
 
+# A bearer token as `new_token` makes them: the prefix and 43 URL-safe characters. Shorter names
+# that merely start with the prefix (veil_team) are ordinary ids.
+_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_\-]{32,}")
+
+
+def is_token(text: str) -> bool:
+    """Whether `text` is, whole, a bearer token (not merely a name starting as one does)."""
+    return _TOKEN.fullmatch(text) is not None
+
+
 def hash_token(token: str) -> str:
     """The only form in which a token is stored: SHA-256 of its text, in hex.
 

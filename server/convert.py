@@ -46,7 +46,7 @@ from engine.query import (
 from engine.release import Release
 from engine.settings import Settings
 from protos.veil.v1 import veil_pb2 as pb
-from server.auth import TOKEN_PREFIX, Role, without_tokens
+from server.auth import Role, is_token, without_tokens
 from server.errors import MalformedRequestError
 
 MAX_NAME_LENGTH = 128
@@ -106,15 +106,10 @@ def note(value: str, field: str, *, limit: int = MAX_TEXT_LENGTH) -> str:
     return without_tokens(text(value, field, limit=limit))
 
 
-# A bearer token as `new_token` makes them: the prefix and 43 URL-safe characters. Shorter names
-# that merely start with the prefix (veil_team) are ordinary ids.
-_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_\-]{32,}")
-
-
 def _not_a_token(value: str, field: str) -> None:
     """Refuse an id that is a bearer token: ids are shown in every listing and audit table and
     kept in the audit log for good, so a token pasted into one must not be stored."""
-    if _TOKEN.fullmatch(value):
+    if is_token(value):
         raise MalformedRequestError(
             f"{field} is a bearer token (was one pasted here?); a token must never be stored "
             "where it would be shown, choose another name"
