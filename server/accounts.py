@@ -150,9 +150,9 @@ class HeadFile:
 
     def keep(self) -> None:
         """Write the current head, once durable, when it has moved (replacing the file whole)."""
+        if self.ledger.head() == self._kept:
+            return  # no sync each second for a ledger at rest
         head = self.ledger.durable_head()
-        if head == self._kept:
-            return
         partial = self.path.with_name(self.path.name + ".partial")
         with open(partial, "w", encoding="ascii") as out:
             out.write(head + "\n")
