@@ -164,7 +164,7 @@ class FlagSet:
 class DerivedDimension:
     name: str
     source: str
-    kind: str  # "m49_region", "m49_subregion" or "groups"
+    kind: str  # "m49_region", "m49_subregion", "m49_intermediate_region" or "groups"
     definition: str
     groups: tuple[str, ...]
     group_of: dict[str, str] = field(hash=False)

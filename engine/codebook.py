@@ -146,6 +146,7 @@ class FlagSet:
 class DerivedKind(Enum):
     M49_REGION = "m49_region"
     M49_SUBREGION = "m49_subregion"
+    M49_INTERMEDIATE = "m49_intermediate_region"
     GROUPS = "groups"
 
 
@@ -429,7 +430,12 @@ def _derived_mapping(
             mapping[code] = UNKNOWN_REGION
         else:
             r = regions[str(code)]
-            mapping[code] = r.region if kind is DerivedKind.M49_REGION else r.subregion
+            if kind is DerivedKind.M49_REGION:
+                mapping[code] = r.region
+            elif kind is DerivedKind.M49_SUBREGION:
+                mapping[code] = r.subregion
+            else:
+                mapping[code] = r.intermediate
     groups = (*sorted(set(mapping.values()) - {UNKNOWN_REGION}), UNKNOWN_REGION)
     return groups, mapping
 

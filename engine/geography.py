@@ -1,7 +1,10 @@
 """Country codes and UN M49 regions, from maintained sources.
 
-ISO 3166-1 alpha-2 codes come from pycountry. M49 sub-regions come from country_converter's
-country table. We read that table with the csv module rather than through country_converter's
+ISO 3166-1 alpha-2 codes come from pycountry. M49 regions come from country_converter's country
+table, whose `UNregion` column names each country's M49 intermediate region where M49 defines one
+(within Sub-Saharan Africa, Latin America and the Caribbean) and its sub-region elsewhere: the
+sub-regions those intermediate regions belong to, and the two places the table differs from M49,
+are written below. We read that table with the csv module rather than through country_converter's
 pandas loader because pandas' default NA handling turns Namibia's code "NA" into a missing value
 (the very trap real CTDC files set). The package is found, not imported: importing it imports
 pandas, which would add half a second and tens of megabytes to every engine command and to the
@@ -22,10 +25,32 @@ import pycountry
 UNKNOWN_REGION = "Unknown"
 
 
+# M49's intermediate regions and the sub-region each belongs to. The table has no sub-region
+# column of its own, and no maintained package that does (with no network at run time) is light
+# enough to import into the server, so the eight names are written here, from the M49 overview
+# (unstats.un.org/unsd/methodology/m49).
+SUBREGION_OF_INTERMEDIATE = {
+    "Eastern Africa": "Sub-Saharan Africa",
+    "Middle Africa": "Sub-Saharan Africa",
+    "Southern Africa": "Sub-Saharan Africa",
+    "Western Africa": "Sub-Saharan Africa",
+    "Caribbean": "Latin America and the Caribbean",
+    "Central America": "Latin America and the Caribbean",
+    "South America": "Latin America and the Caribbean",
+    "Channel Islands": "Northern Europe",
+}
+
+# Where the table's UNregion differs from M49: Nauru (M49 520) is in Micronesia (057), not
+# Polynesia; Guernsey and Jersey form the Channel Islands, an intermediate region of Northern
+# Europe the table does not name.
+UNREGION_CORRECTIONS = {"NR": "Micronesia", "GG": "Channel Islands", "JE": "Channel Islands"}
+
+
 @dataclass(frozen=True)
 class CountryRegions:
     region: str
     subregion: str
+    intermediate: str  # M49's intermediate region, or the sub-region where M49 defines none
 
 
 @functools.cache
@@ -61,26 +86,33 @@ def _country_table() -> dict[str, dict[str, str]]:
 
 @functools.cache
 def m49_regions() -> dict[str, CountryRegions]:
-    """M49 region and sub-region of every ISO alpha-2 code.
+    """M49 region, sub-region and intermediate region of every ISO alpha-2 code.
 
-    The table names each country's M49 sub-region; the region of a sub-region is the continent
-    most of its countries carry in the same table ("America" read as M49's "Americas"). A country
-    with no sub-region (Antarctica) is its own region and sub-region.
+    The region of a sub-region is the continent most of its countries carry in the same table
+    ("America" read as M49's "Americas"). A country M49 places in no region (Antarctica) is its
+    own region, sub-region and intermediate region.
     """
     table = _country_table()
+    found = {code: table.get(_alpha3(code)) for code in iso_alpha2_codes()}
+    intermediate = {
+        code: UNREGION_CORRECTIONS.get(code, row["UNregion"] if row else "")
+        for code, row in found.items()
+    }
     votes: dict[str, Counter[str]] = {}
-    for row in table.values():
-        if row["UNregion"]:
+    for code, row in found.items():
+        if row is not None and intermediate[code]:
             continent = "Americas" if row["continent"] == "America" else row["continent"]
-            votes.setdefault(row["UNregion"], Counter())[continent] += 1
+            subregion = SUBREGION_OF_INTERMEDIATE.get(intermediate[code], intermediate[code])
+            votes.setdefault(subregion, Counter())[continent] += 1
     region_of_subregion = {sub: counts.most_common(1)[0][0] for sub, counts in votes.items()}
     result: dict[str, CountryRegions] = {}
     for code in iso_alpha2_codes():
-        found = table.get(_alpha3(code))
-        subregion = found["UNregion"] if found else ""
-        if subregion:
-            result[code] = CountryRegions(region_of_subregion[subregion], subregion)
+        if intermediate[code]:
+            subregion = SUBREGION_OF_INTERMEDIATE.get(intermediate[code], intermediate[code])
+            result[code] = CountryRegions(
+                region_of_subregion[subregion], subregion, intermediate[code]
+            )
         else:
             name = country_name(code)
-            result[code] = CountryRegions(name, name)
+            result[code] = CountryRegions(name, name, name)
     return result

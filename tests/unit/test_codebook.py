@@ -79,6 +79,42 @@ def test_m49_regions_come_from_the_maintained_table() -> None:
     assert max(region.source_to_key) < len(region.keys)
 
 
+def test_regions_are_m49s_three_levels() -> None:
+    """M49's sub-regions, with its intermediate regions as a level of their own (checked
+    against the M49 overview: country_converter's table gives the intermediate region where
+    there is one, and places Nauru in Polynesia)."""
+    codebook = default_codebook()
+    levels = [
+        codebook.dimension(f"citizenship{level}").derived
+        for level in ("Region", "Subregion", "IntermediateRegion")
+    ]
+    region, subregion, intermediate = (d.mapping if d else {} for d in levels)
+    expected = {
+        "MZ": ("Africa", "Sub-Saharan Africa", "Eastern Africa"),
+        "NG": ("Africa", "Sub-Saharan Africa", "Western Africa"),
+        "NA": ("Africa", "Sub-Saharan Africa", "Southern Africa"),
+        "EG": ("Africa", "Northern Africa", "Northern Africa"),
+        "CO": ("Americas", "Latin America and the Caribbean", "South America"),
+        "HT": ("Americas", "Latin America and the Caribbean", "Caribbean"),
+        "MX": ("Americas", "Latin America and the Caribbean", "Central America"),
+        "US": ("Americas", "Northern America", "Northern America"),
+        "NR": ("Oceania", "Micronesia", "Micronesia"),
+        "JE": ("Europe", "Northern Europe", "Channel Islands"),
+        "GB": ("Europe", "Northern Europe", "Northern Europe"),
+        "00": ("Unknown", "Unknown", "Unknown"),
+    }
+    for code, levels_of_code in expected.items():
+        assert (region[code], subregion[code], intermediate[code]) == levels_of_code, code
+    # M49's 17 sub-regions, Antarctica (in none) and the unknown.
+    assert len(set(subregion.values())) == 19
+    # Each intermediate region lies in one sub-region, each sub-region in one region.
+    for finer, coarser in ((intermediate, subregion), (subregion, region)):
+        parents: dict[str, set[str]] = {}
+        for code, key in finer.items():
+            parents.setdefault(key, set()).add(coarser[code])
+        assert all(len(p) == 1 for p in parents.values()), parents
+
+
 def test_majority_from_age_is_a_derived_dimension() -> None:
     derived = default_codebook().dimension("majorityFromAge")
     assert derived.keys == ("Minor", "Adult")

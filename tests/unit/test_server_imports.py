@@ -18,7 +18,7 @@ from engine.geography import m49_regions
 from server.app import build_engine, start
 
 veil_cli.build_parser()  # imports every command's module, as `veil --help` does
-assert m49_regions()["NA"].subregion == "Southern Africa"  # Namibia, not a missing value
+assert m49_regions()["NA"].intermediate == "Southern Africa"  # Namibia, not a missing value
 assert default_codebook().identity
 loaded = sorted(m for m in ("pandas", "country_converter", "polars", "scipy") if m in sys.modules)
 assert not loaded, loaded
