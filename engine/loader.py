@@ -47,7 +47,7 @@ from engine.sql import (
     load_settings,
 )
 
-_SHOWN_VALUES = 10  # out-of-domain values listed per column in an error or a report
+_SHOWN_VALUES = 10  # out-of-domain values a strict refusal lists per column (a report lists all)
 _HEADER_WIDTH = 60  # long headers (a terms-of-use sentence) are shortened in reports
 
 
@@ -136,7 +136,7 @@ class LoadReport:
         if self.out_of_domain:
             lines += ["", "Values outside the codebook domain (stored as missing):"]
             for name, values in self.out_of_domain.items():
-                lines.append(f"  {name}: {_describe_values(values)}")
+                lines.append(f"  {name}: {_describe_values(values, shown=len(values))}")
         width = max((len(name) for name in self.missing), default=0)
         lines += ["", "Missing cells per stored column:"]
         for name, count in self.missing.items():
@@ -647,10 +647,12 @@ def _refuse(report: LoadReport, filled: Mapping[int, int], source: Path) -> None
         problems.append(
             "values outside the codebook domain: "
             + "; ".join(
-                f"{name}: {_describe_values(values)}"
+                f"{name}: {_describe_values(values, shown=_SHOWN_VALUES)}"
                 for name, values in report.out_of_domain.items()
             )
         )
+        if any(len(v) > _SHOWN_VALUES for v in report.out_of_domain.values()):
+            problems.append("a lenient load's report lists every value")
     if problems:
         raise LoadError(
             f"{source.name} refused in strict mode ("
@@ -659,13 +661,11 @@ def _refuse(report: LoadReport, filled: Mapping[int, int], source: Path) -> None
         )
 
 
-def _describe_values(values: Mapping[str, int]) -> str:
-    shown = [
-        f"{value!r} ({_cells(count)})" for value, count in list(values.items())[:_SHOWN_VALUES]
-    ]
-    if len(values) > _SHOWN_VALUES:
-        shown.append(f"and {len(values) - _SHOWN_VALUES:,} more values")
-    return ", ".join(shown)
+def _describe_values(values: Mapping[str, int], *, shown: int) -> str:
+    listed = [f"{value!r} ({_cells(count)})" for value, count in list(values.items())[:shown]]
+    if len(values) > shown:
+        listed.append(f"and {len(values) - shown:,} more values")
+    return ", ".join(listed)
 
 
 def _cells(count: int) -> str:

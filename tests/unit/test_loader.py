@@ -421,6 +421,31 @@ def test_lenient_maps_out_of_domain_values_to_missing_and_counts_them(tmp_path: 
     assert "gender: 'Alien' (2 cells), 'female' (1 cell)" in text and "lenient" in text
 
 
+def test_every_out_of_domain_value_is_in_the_report_and_a_refusal_says_where(
+    tmp_path: Path,
+) -> None:
+    values = [f"Alien{i:02}" for i in range(12)]
+    source = ctdc_file(tmp_path / "many.csv", [{"gender": v} for v in values])
+    with pytest.raises(LoadError) as error:
+        load(source, tmp_path / "strict.duckdb", codebook=CTDC)
+    message = str(error.value)
+    assert "'Alien09'" in message and "'Alien10'" not in message
+    assert "and 2 more values" in message and "lenient load's report lists every value" in message
+    report = load(source, tmp_path / "lenient.duckdb", codebook=CTDC, strict=False)
+    text = report.render()
+    assert all(f"'{v}' (1 cell)" in text for v in values) and "more values" not in text
+
+
+def test_the_codebooks_null_is_missing(tmp_path: Path) -> None:
+    """Codebook v7 lists each variable's missing value as NULL: a file written so loads."""
+    rows = [{"gender": "NULL", "citizenship": "NULL", "isAbduction": "NULL"}, {"gender": "Male"}]
+    database = load_into(ctdc_file(tmp_path / "null.csv", rows, missing="NULL"), tmp_path / "n")
+    assert records(database, "gender", "citizenship", "isAbduction") == [
+        (None, None, None),
+        ("Male", None, None),
+    ]
+
+
 def test_strict_refusal_keeps_an_existing_database(tmp_path: Path) -> None:
     database = tmp_path / "kept.duckdb"
     first = load(quirky_file(tmp_path / "quirks.csv"), database, codebook=CTDC)
