@@ -86,6 +86,17 @@ class Variable:
     def code_index(self) -> Mapping[Code, int]:
         return {code: i for i, code in enumerate(self.codes)}
 
+    @functools.cached_property
+    def spellings(self) -> Mapping[str, Code]:
+        """A category's label and aliases (the codebook's own spellings, which source files
+        may use too) to its code; a spelling that is another category's code means that code."""
+        found: dict[str, Code] = {}
+        for category in self.categories:
+            for spelling in (category.label, *category.aliases):
+                if spelling not in self.code_index:
+                    found.setdefault(spelling, category.code)
+        return found
+
     def label_of(self, code: Code) -> str:
         if self.kind is Kind.CATEGORY:
             return next(c.label for c in self.categories if c.code == code)
@@ -110,6 +121,8 @@ class Variable:
             raise InvalidQueryError(
                 f"{self.name}: value {_shown(value)} is not text", variable=self.name
             )
+        else:
+            value = self.spellings.get(value, value)
         if value not in self.code_index:
             raise InvalidQueryError(
                 f"{self.name}: value {_shown(value)} is not in the codebook domain "

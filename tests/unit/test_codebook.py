@@ -179,3 +179,13 @@ def test_malformed_codebooks_are_refused(overrides: dict[str, object], message: 
 def test_unknown_codebook_name_is_refused() -> None:
     with pytest.raises(CodebookError, match="no codebook"):
         load_codebook("nonexistent_codebook")
+
+
+def test_the_codebooks_own_spellings_name_the_same_code() -> None:
+    """A label or alias the codebook lists (and source files may use) is the category's code."""
+    codebook = default_codebook()
+    assert codebook.dimension("Datasource").parse_value("Case management") == "Case Management"
+    assert codebook.dimension("ageBroad").parse_value("9\u201317") == "9--17"  # the label
+    assert codebook.dimension("ageBroad").parse_value("9-17") == "9--17"
+    with pytest.raises(InvalidQueryError, match="not in the codebook domain"):
+        codebook.dimension("ageBroad").parse_value("9 to 17")
