@@ -290,10 +290,25 @@ class Release:
         return iter(self.cells)
 
     def cell(self, **keys: Any) -> Cell:
-        """The one cell with these keys (None for the missing key)."""
-        found = [c for c in self.cells if all(c.keys.get(k) == v for k, v in keys.items())]
+        """The one cell with these keys, by dimension name (and `flag` for flag counts; names
+        in any case, as everywhere else; None is the missing key): `cell(gender="Male")`.
+
+        KeyError when a name is not one of the release's keys (a dimension it is not grouped
+        by is not "missing" in it), or when not exactly one cell matches."""
+        names = {name.lower(): name for name in self.keys}
+        unknown = [name for name in keys if name.lower() not in names]
+        if unknown:
+            grouped = ", ".join(self.keys) or "nothing"
+            raise KeyError(
+                f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a key of this "
+                f"release; its keys are: {grouped}"
+            )
+        wanted = {names[name.lower()]: value for name, value in keys.items()}
+        if len(wanted) < len(keys):
+            raise KeyError(f"a key is named twice (names are read in any case): {list(keys)}")
+        found = [c for c in self.cells if all(c.keys[k] == v for k, v in wanted.items())]
         if len(found) != 1:
-            raise KeyError(f"{len(found)} cells have keys {keys}")
+            raise KeyError(f"{len(found)} cells have keys {wanted}")
         return found[0]
 
     # -- conversions --

@@ -559,3 +559,22 @@ def test_a_share_dry_run_forecasts_suppression_from_the_records_meeting_its_cond
     assert "a cell of 3000 records is suppressed with probability 0.0%" in repr(
         DryRun.from_pb(wire, count().by("gender"))
     )
+
+
+def test_a_cell_is_named_by_the_release_keys_in_any_case(release: Release) -> None:
+    assert release.cell(GENDER="Female", AgeBroad=None).value == 45
+    with pytest.raises(KeyError, match="citizenship is not a key of this release; its keys are: "
+                                       "gender, ageBroad"):
+        release.cell(gender="Female", ageBroad=None, citizenship=None)
+    by_gender = Release.from_pb(response(pa.table({
+        "gender": pa.array(["Male", "Female", None], pa.string()),
+        "value": pa.array([120, None, 30], pa.int64()),
+        "ci_low": [114.0, None, 24.0], "ci_high": [126.0, None, 36.0],
+        "suppressed": [False, True, False],
+    })), query=count().by("gender"))
+    assert by_gender.cell(gender="Male").value == 120
+    # A dimension the release is not grouped by is not its missing key.
+    with pytest.raises(KeyError, match="ageBroad is not a key"):
+        by_gender.cell(gender="Male", ageBroad=None)
+    with pytest.raises(KeyError, match="named twice"):
+        release.cell(gender="Male", GENDER="Female")
