@@ -158,6 +158,11 @@ def _checked_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
+def _call_timeout(timeout: Any) -> float | None:
+    """A call's own timeout, checked as the client's is (None: the client's)."""
+    return None if timeout is None else _checked_timeout(timeout)
+
+
 def check_token(token: str) -> str:
     """`token` without surrounding whitespace, refused (AuthenticationError) unless it is
     printable ASCII: gRPC cannot send anything else in a header, and would fail the call with
@@ -273,7 +278,8 @@ class Client:
         metadata = (("authorization", f"Bearer {self._token}"),)
         attempt = failures = 0
         # The call's timeout bounds it whole: its tries, and the waits between them.
-        deadline = time.monotonic() + (timeout or self.timeout)
+        seconds = self.timeout if timeout is None else _checked_timeout(timeout)
+        deadline = time.monotonic() + seconds
         while True:
             attempt += 1
             if tries is not None:
@@ -463,6 +469,7 @@ class Client:
         remains (`fits_budget`, `remaining_after`, `limiting_scope`); an already released query
         costs nothing.
         """
+        timeout = _call_timeout(timeout)
         if assumed_count is not None:
             assumed_count = _integer_argument(
                 assumed_count, "assumed_count", "the true count assumed for a cell, in records",
@@ -506,8 +513,11 @@ class Client:
         this one) comes back free, with the same noise.
 
         `request_id` (default: a fresh UUID) identifies this release: retrying with it never
-        charges twice. Transient failures are retried with it automatically.
+        charges twice. Transient failures are retried with it automatically. `timeout`: the
+        seconds the call may take, its retries included (a positive number; default the
+        client's).
         """
+        timeout = _call_timeout(timeout)
         if request_id is not None:
             request_id = _text_argument(request_id, "request_id", "the id of an earlier request")
         query = self._prepare(query)

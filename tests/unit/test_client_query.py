@@ -439,3 +439,31 @@ def test_a_server_port_a_timeout_or_a_token_that_cannot_work_is_refused_at_once(
         assert token.strip("\ufeff") not in str(error.value)  # the token is not shown
     assert check_token(" veil_x\n") == "veil_x"
     client.Client("[::1]:50051", token="veil_x", timeout=0.5).close()
+
+
+def test_a_call_timeout_is_checked_as_the_client_one_is() -> None:
+    # 0 is not "the default", and a negative or nan one is not a 1 ms deadline: each is refused
+    # before anything is sent, as connect(timeout=) refuses it; None is the client's timeout.
+    veil_client = client.Client("127.0.0.1:1", token="veil_x", timeout=7.0)
+    deadlines: list[float] = []
+
+    class Stub:
+        def GetBudget(self, request: object, *, metadata: object, timeout: float) -> pb.Budget:
+            deadlines.append(timeout)
+            return pb.Budget(client_id="x")
+
+    veil_client._stub = Stub()
+    query = count().by("gender")
+    for timeout in (0, -1, float("nan"), float("inf")):
+        for call in (veil_client.release, veil_client.dry_run):
+            with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+                call(query, epsilon="0.3", timeout=timeout)
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            veil_client._call("GetBudget", pb.GetBudgetRequest(), timeout=timeout)
+    with pytest.raises(TypeError, match="timeout is a number of seconds, got str"):
+        veil_client.release(query, epsilon="0.3", timeout="5")  # type: ignore[arg-type]
+    assert deadlines == []
+    veil_client._call("GetBudget", pb.GetBudgetRequest())
+    veil_client._call("GetBudget", pb.GetBudgetRequest(), timeout=2)
+    assert 6.9 < deadlines[0] <= 7.0 and 1.9 < deadlines[1] <= 2.0
+    veil_client.close()
