@@ -41,6 +41,7 @@ from client.errors import (
     CA_CERT_ENV,
     TOKEN_ENV,
     AuthenticationError,
+    ClientClosed,
     InvalidQuery,
     PermissionDenied,
     from_rpc_error,
@@ -158,6 +159,12 @@ def _checked_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
+_CLOSED = (
+    "this client is closed (close(), or the end of its with block), so {method} was not sent; "
+    "connect again to make more calls"
+)
+
+
 def _call_timeout(timeout: Any) -> float | None:
     """A call's own timeout, checked as the client's is (None: the client's)."""
     return None if timeout is None else _checked_timeout(timeout)
@@ -245,9 +252,12 @@ class Client:
         # The request id of the last Release call made (from its first try on): a caller
         # interrupted during or after it can name the id that fetches that release again, free.
         self.last_request_id: str | None = None
+        self._closed = False
 
     # -- lifecycle --
     def close(self) -> None:
+        """Close the connection; a later call raises ClientClosed. Closing again does nothing."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -274,6 +284,8 @@ class Client:
         """One unary call, retried on transient failures; errors become VeilError. `stub` is
         another service's stub on this channel (default: Research); `tries`, when given, gets
         the number of each try appended as it is made."""
+        if self._closed:
+            raise ClientClosed(_CLOSED.format(method=method), request_id=request_id)
         stub_method = getattr(stub if stub is not None else self._stub, method)
         metadata = (("authorization", f"Bearer {self._token}"),)
         attempt = failures = 0
@@ -287,6 +299,13 @@ class Client:
             try:
                 left = max(0.001, deadline - time.monotonic())
                 return stub_method(request, metadata=metadata, timeout=left)
+            except ValueError as exc:
+                # gRPC's own refusal of a channel closed (by another thread) since the check.
+                if "closed channel" not in str(exc):
+                    raise
+                raise ClientClosed(
+                    _CLOSED.format(method=method), request_id=request_id
+                ) from None
             except grpc.RpcError as exc:
                 # A refusal to slow down is not a failure: it leaves a failure's tries alone.
                 slowed = _slow_down_hint(exc) is not None

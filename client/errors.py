@@ -161,6 +161,11 @@ class Cancelled(VeilError):
     """The call was cancelled. Nothing was charged."""
 
 
+class ClientClosed(VeilError):
+    """A call on a client that was closed (`close()`, or the end of its `with` block). Nothing
+    was sent; connect again to make more calls."""
+
+
 class RequestConflict(VeilError):
     """The request id was already used for a different query or privacy loss.
 

@@ -467,3 +467,13 @@ def test_a_call_timeout_is_checked_as_the_client_one_is() -> None:
     veil_client._call("GetBudget", pb.GetBudgetRequest(), timeout=2)
     assert 6.9 < deadlines[0] <= 7.0 and 1.9 < deadlines[1] <= 2.0
     veil_client.close()
+
+
+def test_a_call_on_a_closed_client_raises_a_veil_error() -> None:
+    with client.Client("127.0.0.1:1", token="veil_x") as veil_client:
+        pass
+    for call in (veil_client.budget, veil_client.codebook, lambda: veil_client.releases(5)):
+        with pytest.raises(client.ClientClosed, match="this client is closed") as error:
+            call()
+        assert isinstance(error.value, client.VeilError)
+    veil_client.close()  # closing again does nothing
