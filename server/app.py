@@ -46,6 +46,8 @@ SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values
 # Bytes of a release per cell, at most (keys, value, interval, flag): used to check at start
 # that the largest release a query may ask for fits in one response.
 _BYTES_PER_CELL = 256
+# How long a stopping server keeps its port for answers already made once every call is done.
+_SEND_SECONDS = 2.0
 
 
 # ---- logging -----------------------------------------------------------------------------------
@@ -148,12 +150,18 @@ class Running:
         log.info("stopping", extra={"event": "stopping", "grace_s": grace,
                                     "calls_in_flight": in_flight.calls})
         self.health.enter_graceful_shutdown()
-        done = self.server.stop(grace)
-        # Calls that finish within the grace period finish normally; the rest are interrupted.
+        # New calls are refused from now on. gRPC would abort every call still open when its
+        # grace ends, whatever the call had done: a release charged a moment before would be
+        # lost on its way out. So gRPC's grace outlasts the drain, and the drain decides.
+        self.server.stop(grace + drain_timeout + _SEND_SECONDS)
+        # Calls that finish within the grace period finish normally; the rest are interrupted
+        # (a query not yet charged fails with nothing charged; a release already charged is
+        # sent).
         if not in_flight.wait_idle(grace):
             in_flight.cancel_all()
-        done.wait(grace + 5)
         clean = in_flight.wait_idle(drain_timeout)
+        # Answers already made have a moment to leave; a shorter grace replaces the longer.
+        self.server.stop(_SEND_SECONDS).wait(_SEND_SECONDS + 5)
         if not clean:
             log.error("calls still running after the drain timeout; the ledger is closed anyway",
                       extra={"event": "drain_timeout", "calls_in_flight": in_flight.calls})

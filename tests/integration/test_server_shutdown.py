@@ -277,3 +277,47 @@ def test_a_start_that_fails_any_way_puts_the_signal_handlers_back(
     with pytest.raises(type(failure)):
         cli.run_serve(parser.parse_args(["serve", "--config", str(config)]))
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_release_charged_before_the_grace_ends_is_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call charged just before the grace period ends still has its answer to send; the stop
+    must not cut it off (gRPC aborts every call open at the end of its own grace), or the
+    client is charged for a release it never receives."""
+    from server import servicer
+    from tests.server_harness import start_live
+
+    live = start_live(tmp_path)
+    committed = threading.Event()
+    to_pb = servicer.convert.release_to_pb
+
+    def slow_to_pb(*args: object, **kwargs: object) -> pb.ReleaseResponse:
+        committed.set()
+        time.sleep(1.5)  # the grace (0.5 s) ends while the charged answer is on its way out
+        return to_pb(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(servicer.convert, "release_to_pb", slow_to_pb)
+    outcome: dict[str, object] = {}
+    with stubs(live.port) as s:
+
+        def call() -> None:
+            request = pb.ReleaseRequest(request_id="r1", query=count_query("gender"), loss="0.1")
+            try:
+                outcome["release"] = s.research.Release(
+                    request, metadata=live.auth("alice"), timeout=30
+                )
+            except grpc.RpcError as error:
+                outcome["error"] = (error.code(), error.details())
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert committed.wait(30), "the release was never charged"
+        assert live.stop(0.5)
+        caller.join(30)
+    assert "error" not in outcome, outcome
+    release = outcome["release"]
+    assert isinstance(release, pb.ReleaseResponse)
+    with Ledger.open_readonly(tmp_path / "ledger.sqlite") as ledger:
+        charged = {c.request_id: (c.state, c.release_id) for c in ledger.charges()}
+    assert charged == {"r1": ("committed", release.metadata.release_id)}
