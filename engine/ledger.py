@@ -1744,8 +1744,15 @@ class Ledger:
         )
 
         def work(conn: sqlite3.Connection) -> None:
-            if _client_row(conn, client_id) is None:
+            record = _client_row(conn, client_id)
+            if record is None:
                 raise UnknownClientError(f"client {client_id} is not registered")
+            # Checked in the write, not before it: a revocation racing a rotation would
+            # otherwise leave the revoked client with a new token and its rotation a success.
+            if token_hash is not None and not record.active:
+                raise ClientRegistryError(
+                    f"client {client_id} is revoked; register a new client instead"
+                )
             if (
                 token_hash is not None
                 and conn.execute(

@@ -400,9 +400,6 @@ class LedgerAccounts:
         return [self._info(record) for record in self.ledger.list_clients()]
 
     def rotate(self, client: str, *, token: str, by: Identity) -> pb.ClientInfo:
-        record = self.ledger.client(client)
-        if not record.active:
-            raise ClientRegistryError(f"client {client} is revoked; register a new client instead")
         record = self.ledger.set_token_hash(
             client, hash_token(token), expires_at=self.token_expiry(), actor=by.client_id
         )

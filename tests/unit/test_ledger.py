@@ -1355,3 +1355,14 @@ def test_of_two_revocations_at_once_exactly_one_revoked(ledger: Ledger) -> None:
         thread.join(10)
     assert sorted(answers) == [False, False, False, True]
     assert sum(e.entry["event"] == "revoke" for e in ledger.audit_log()) == 1
+
+
+def test_a_revoked_client_gets_no_new_token_even_racing_its_revocation(ledger: Ledger) -> None:
+    """The check is made in the write itself: a rotation checked before a revocation landed and
+    written after it would give a revoked client a token, and call the rotation a success."""
+    ledger.register_client("erin", role="researcher", cap="1", token_hash="a" * 64)
+    ledger.revoke("erin", reason="left the project", actor="root")
+    head = ledger.head()
+    with pytest.raises(ClientRegistryError, match="erin is revoked"):
+        ledger.set_token_hash("erin", "b" * 64, actor="root")
+    assert ledger.client("erin").token_hash == "a" * 64 and ledger.head() == head
