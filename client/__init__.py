@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from client.amounts import Amount
 from client.codebook import Category, Codebook, Deployment, DerivedDimension, FlagSet, Variable
 from client.connection import DEFAULT_ADDRESS, TLS, Client, Retry, connect
 from client.errors import (
@@ -80,6 +81,7 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "SUPPORTED_SQL",
     "TLS",
+    "Amount",
     "And",
     "AuthenticationError",
     "Budget",

@@ -17,11 +17,10 @@ returned once and never kept by the server, which stores only its hash.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from client.amounts import amount, format_amount
+from client.amounts import Amount, amount, format_amount
 from client.connection import TLS, Client, Retry, decimal_text
 from client.errors import InvalidQuery, RegistryConflict, RequestConflict
 from protos.veil.v1 import veil_pb2 as pb
@@ -37,15 +36,15 @@ _ROLE_NAMES = {value: name for name, value in ROLES.items()}
 
 @dataclass(frozen=True)
 class ClientInfo:
-    """One registered client as the server reports it. Amounts are exact Fractions; `str()` of
-    one, or `to_dict()`, gives its exact decimal text."""
+    """One registered client as the server reports it. Amounts are `Amount`s, exact Fractions;
+    `str()` of one, or `to_dict()`, gives its exact decimal text."""
 
     client_id: str
     role: str  # "researcher", "auditor" or "admin"
     institution: str | None
-    cap: Fraction
-    spent: Fraction
-    remaining: Fraction
+    cap: Amount
+    spent: Amount
+    remaining: Amount
     revoked: bool
     created_at: str
     revoked_at: str | None
@@ -75,7 +74,7 @@ class ClientInfo:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = format_amount(value) if isinstance(value, Fraction) else value
+            out[f.name] = format_amount(value) if isinstance(value, Amount) else value
         return out
 
     def __str__(self) -> str:

@@ -16,11 +16,11 @@ charged twice. Advice in a message names Python's ways (`tls=True`, `token=...`)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import grpc
 
+from client.amounts import Amount, parse_amount
 from protos.veil.v1 import status_pb2
 from protos.veil.v1.trailers import (
     BUDGET_REMAINING_KEY,
@@ -112,9 +112,9 @@ class UnsupportedSQL(InvalidQuery):
 
 class BudgetExhausted(VeilError):
     """The release would exceed a budget. `scope` says which ("client", "institution",
-    "dataset"); `remaining` is what is left in it as the message writes it, an exact Decimal
-    (Decimal("0.2"), which a release takes back as its loss; None when the server did not say),
-    and `remaining_text` the server's text of it ("0.2").
+    "dataset"); `remaining` is what is left in it, an exact `Amount` as every amount the client
+    gives (its `str()` is the server's text, "0.2"; a release takes it back as its loss; None
+    when the server did not say), and `remaining_text` the server's text of it ("0.2").
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class BudgetExhausted(VeilError):
         super().__init__(message, code=code, request_id=request_id)
         self.scope = scope
         self.remaining_text = remaining
-        self.remaining: Decimal | None = _decimal(remaining)
+        self.remaining: Amount | None = parse_amount(remaining)
 
 
 class RateLimited(VeilError):
@@ -189,20 +189,6 @@ class ServerFault(VeilError):
 
 
 # ---- from a gRPC error -------------------------------------------------------------------------
-
-
-def _decimal(text: str | None) -> Decimal | None:
-    """An amount as the server wrote it, as an exact Decimal; None when empty or unreadable.
-
-    Every cap and loss is decimal text, and so is every sum and difference of them; the p/q the
-    wire also allows (a non-terminating rational) has no exact Decimal, so it gives None too."""
-    if not text:
-        return None
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        return None
-    return value if value.is_finite() else None
 
 
 def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str | bytes]]:

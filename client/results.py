@@ -20,13 +20,12 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from client.amounts import amount, format_amount, parse_amount
+from client.amounts import Amount, amount, format_amount, parse_amount
 from client.codebook import ACCOUNTING_NAMES, LOSS_SYMBOL
 from client.display import (
     empty_cells_text,
@@ -59,8 +58,10 @@ def _optional(message: Any, name: str) -> Any:
 
 @dataclass(frozen=True)
 class ReleaseMetadata:
-    """Everything about a release but its cells. `loss` is what the release was made with (a
-    caller served a stored release pays nothing); `measured_loss` what OpenDP's maps state."""
+    """Everything about a release but its cells, as the server states it. `loss` is what the
+    release was made with, an exact `Amount` (a caller served a stored release pays nothing:
+    see `Release.charged`); `measured_loss` is the text of what OpenDP's maps state, a float,
+    not an exact amount."""
 
     release_id: str
     charge_id: str
@@ -72,7 +73,7 @@ class ReleaseMetadata:
     measure: str
     mechanism: str
     accounting: str  # "pure_dp" (epsilon) or "zcdp" (rho)
-    loss: str
+    loss: Amount
     measured_loss: str
     noise_scale: float
     sum_noise_scale: float | None
@@ -104,7 +105,7 @@ class ReleaseMetadata:
             measure=m.measure,
             mechanism=m.mechanism,
             accounting=ACCOUNTING_NAMES.get(m.accounting, "unspecified"),
-            loss=m.loss,
+            loss=amount(m.loss),
             measured_loss=m.measured_loss,
             noise_scale=m.noise_scale,
             sum_noise_scale=_optional(m, "sum_noise_scale"),
@@ -124,7 +125,10 @@ class ReleaseMetadata:
         return LOSS_SYMBOL.get(self.accounting, "loss")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values for JSON: `loss` as its exact decimal text, as the server wrote it."""
+        out = asdict(self)
+        out["loss"] = format_amount(self.loss)
+        return out
 
 
 @dataclass(frozen=True)
@@ -229,15 +233,17 @@ class Release:
         *,
         query: Query | None = None,
         request_id: str | None = None,
-        charged: str | None = None,
+        charged: Amount | str | None = None,
     ) -> None:
         self.table = table
         self.metadata = metadata
         self.query = query
         self.request_id = request_id
-        # What the call that returned this release cost: "0" for a stored release (a retry, or a
+        # What the call that returned this release cost: 0 for a stored release (a retry, or a
         # query already released); None when the server did not say (a release fetched again).
-        self.charged = charged
+        self.charged: Amount | None = (
+            parse_amount(charged) if isinstance(charged, str) else charged
+        )
 
     @classmethod
     def from_pb(
@@ -253,7 +259,7 @@ class Release:
         if response.metadata.measure in ("Count", "FlagCounts"):
             table = _integer_bounds(table)
         return cls(table, ReleaseMetadata.from_pb(response.metadata), query=query,
-                   request_id=request_id, charged=response.charged or None)
+                   request_id=request_id, charged=parse_amount(response.charged))
 
     # -- shape --
     @property
@@ -447,7 +453,7 @@ class Release:
         """A stored release this call returned free of charge (a retry, or a query released
         before by anyone). Its loss is the one it was made at, the highest any release of the
         query was made at, which may differ from the loss asked for."""
-        return self.charged is not None and amount(self.charged) == 0
+        return self.charged is not None and self.charged == 0
 
     def to_text(self, max_rows: int | None = None) -> str:
         headers, rows, _ = self.display_rows()
@@ -517,7 +523,7 @@ def arrange(table: pa.Table, dimensions: tuple[str, ...] | list[str]) -> pa.Tabl
 class DryRun:
     """What a release would cost and how accurate it would be. Charges nothing."""
 
-    loss: str  # exact decimal (or p/q)
+    loss: Amount  # what a release would be made with (exact)
     accounting: str
     cells: int
     mechanism: str
@@ -548,7 +554,7 @@ class DryRun:
         cls, m: pb.DryRunResponse, query: Query | None = None, budget: Budget | None = None
     ) -> DryRun:
         return cls(
-            loss=m.loss, accounting=ACCOUNTING_NAMES.get(m.accounting, "unspecified"),
+            loss=amount(m.loss), accounting=ACCOUNTING_NAMES.get(m.accounting, "unspecified"),
             cells=m.cells, mechanism=m.mechanism, noise_scale=m.noise_scale, tau=m.tau,
             half_width=m.half_width, confidence=m.confidence, assumed_count=m.assumed_count,
             expected_suppressed_share=m.expected_suppressed_share, fingerprint=m.fingerprint,
@@ -565,9 +571,9 @@ class DryRun:
         return LOSS_SYMBOL.get(self.accounting, "loss")
 
     @property
-    def cost(self) -> Fraction:
+    def cost(self) -> Amount:
         """What releasing would charge now: 0 when the query was already released."""
-        return Fraction(0) if self.already_released else amount(self.loss)
+        return Amount(0) if self.already_released else self.loss
 
     @property
     def fits_budget(self) -> bool | None:
@@ -578,13 +584,13 @@ class DryRun:
         return self.cost <= self.budget.remaining
 
     @property
-    def remaining_after(self) -> Fraction | None:
+    def remaining_after(self) -> Amount | None:
         """What the caller could still spend after this release (None: not known or it does
         not fit)."""
         if not self.fits_budget:
             return None
         assert self.budget is not None
-        return self.budget.remaining - self.cost
+        return Amount(self.budget.remaining - self.cost)
 
     @property
     def limiting_scope(self) -> str | None:
@@ -599,6 +605,7 @@ class DryRun:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)
                if f.name not in ("query", "budget")}
+        out["loss"] = format_amount(self.loss)
         out["query"] = None if self.query is None else str(self.query)
         remaining = None if self.budget is None else format_amount(self.budget.remaining)
         after = self.remaining_after
@@ -681,20 +688,20 @@ class DryRun:
 
 @dataclass(frozen=True)
 class Budget:
-    """The caller's privacy budget, exactly. Amounts are Fractions (compare them with numbers;
-    `str()` gives the server's exact text)."""
+    """The caller's privacy budget, exactly. Amounts are `Amount`s, exact Fractions (compare
+    and add them with numbers; `str()` gives the server's exact decimal text)."""
 
     client_id: str
     role: str
     institution: str
     accounting: str
-    cap: Fraction
-    spent: Fraction
-    reserved: Fraction  # held by releases in progress
-    remaining: Fraction
-    institution_cap: Fraction | None
-    institution_remaining: Fraction | None
-    dataset_remaining: Fraction | None
+    cap: Amount
+    spent: Amount
+    reserved: Amount  # held by releases in progress
+    remaining: Amount
+    institution_cap: Amount | None
+    institution_remaining: Amount | None
+    dataset_remaining: Amount | None
 
     @classmethod
     def from_pb(cls, m: pb.Budget) -> Budget:
@@ -718,10 +725,10 @@ class Budget:
     def loss_name(self) -> str:
         return LOSS_SYMBOL.get(self.accounting, "loss")
 
-    def scopes_remaining(self) -> dict[str, Fraction]:
+    def scopes_remaining(self) -> dict[str, Amount]:
         """What is left in each budget that caps the caller: its own, its institution's (when
         capped) and the dataset's. `remaining` is the least of them."""
-        left = {"client": self.cap - self.spent - self.reserved}
+        left = {"client": Amount(self.cap - self.spent - self.reserved)}
         if self.institution_remaining is not None:
             left["institution"] = self.institution_remaining
         if self.dataset_remaining is not None:
@@ -732,7 +739,7 @@ class Budget:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = format_amount(value) if isinstance(value, Fraction) else value
+            out[f.name] = format_amount(value) if isinstance(value, Amount) else value
         out["loss_name"] = self.loss_name
         return out
 
@@ -766,8 +773,8 @@ class ReceivedRelease:
     request_id: str
     fingerprint: str
     canonical_query: str
-    charged: Fraction  # what the caller paid
-    release_loss: Fraction  # the loss the release was made with
+    charged: Amount  # what the caller paid (exact)
+    release_loss: Amount  # the loss the release was made with (exact)
     received_at: str
     reused: bool
     data_version: str
@@ -810,6 +817,12 @@ class ReceivedRelease:
         )
 
 
+_RECEIVED_COLUMNS = (
+    "release_id", "request_id", "fingerprint", "canonical_query", "charged", "release_loss",
+    "received_at", "reused", "data_version", "query",
+)
+
+
 class ReleaseList(list[ReceivedRelease]):
     """The caller's releases, oldest first; prints as a table (with each release's data version
     when they span more than one: after a reload, one query's releases differ only in it)."""
@@ -832,9 +845,14 @@ class ReleaseList(list[ReceivedRelease]):
         ]
 
     def to_pandas(self) -> Any:
+        """The releases as a pandas DataFrame, one row each; `charged` and `release_loss` are
+        numbers (floats: the records themselves keep them exact, as `Amount`s)."""
         import pandas as pd
 
-        return pd.DataFrame([r.to_dict() for r in self])
+        frame = pd.DataFrame([r.to_dict() for r in self], columns=_RECEIVED_COLUMNS)
+        for name in ("charged", "release_loss"):
+            frame[name] = pd.Series([float(getattr(r, name)) for r in self], dtype="float64")
+        return frame
 
     def __repr__(self) -> str:
         if not self:

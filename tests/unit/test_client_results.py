@@ -404,9 +404,9 @@ def test_errors_a_researcher_can_read() -> None:
     ))
     assert isinstance(budget, client.BudgetExhausted)
     assert budget.scope == "institution" and budget.remaining == Decimal("0.1")
-    assert isinstance(budget.remaining, Decimal)
+    assert isinstance(budget.remaining, client.Amount) and str(budget.remaining) == "0.1"
     for text, expected in (("0.300000000000001", Fraction(300000000000001, 10**15)),
-                           ("a lot", None), ("1/3", None)):
+                           ("a lot", None), ("1/3", Fraction(1, 3))):
         other = from_rpc_error(FakeError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "over budget",
             (("grpc-status-details-bin", status.SerializeToString()),
@@ -578,3 +578,45 @@ def test_a_cell_is_named_by_the_release_keys_in_any_case(release: Release) -> No
         by_gender.cell(gender="Male", ageBroad=None)
     with pytest.raises(KeyError, match="named twice"):
         release.cell(gender="Male", GENDER="Female")
+
+
+def test_every_amount_is_an_exact_amount_that_prints_as_the_server_wrote_it() -> None:
+    pd = pytest.importorskip("pandas")
+    from client.results import ReceivedRelease, ReleaseList
+
+    budget = Budget.from_pb(pb.Budget(
+        client_id="alice", role=pb.ROLE_RESEARCHER, accounting=pb.ACCOUNTING_PURE_DP,
+        cap="3", spent="0.4", reserved="0", remaining="2.6", dataset_remaining="4.5",
+    ))
+    sent = response(count_table())
+    sent.charged = "0.5"
+    release = Release.from_pb(sent)
+    listed = ReceivedRelease.from_pb(pb.MyRelease(
+        release_id="rel_1", request_id="r", fingerprint="f" * 64,
+        canonical_query='{"measure": "count", "by": ["gender"], "where": true}',
+        charged="0.5", release_loss="0.5", received_at="2026-11-22T10:00:00Z",
+    ))
+    refused = from_rpc_error(FakeError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "over budget",
+        (("veil-budget-scope", "client"), ("veil-budget-remaining", "2.6")),
+    ))
+    assert isinstance(refused, client.BudgetExhausted)
+    dry = DryRun.from_pb(pb.DryRunResponse(loss="0.5", fingerprint="ab" * 32), budget=budget)
+    amounts = [budget.cap, budget.spent, budget.remaining, budget.dataset_remaining,
+               release.charged, release.metadata.loss, listed.charged, listed.release_loss,
+               refused.remaining, dry.loss, dry.cost, dry.remaining_after,
+               *budget.scopes_remaining().values()]
+    for value in amounts:
+        assert type(value) is client.Amount, value
+    # str() is the server's exact text, not a ratio; arithmetic stays exact and an Amount.
+    assert str(budget.remaining) == "2.6" and repr(budget.remaining) == "Amount('2.6')"
+    assert budget.remaining == refused.remaining == Fraction(13, 5) == Decimal("2.6")
+    left = budget.remaining - release.charged
+    assert type(left) is client.Amount and str(left) == "2.1" and left > 2
+    assert str(dry.remaining_after) == "2.1" and budget.spent + Fraction(1, 10) == Fraction(1, 2)
+    assert json.loads(json.dumps(release.metadata.to_dict()))["loss"] == "0.5"
+    assert json.loads(json.dumps(dry.to_dict()))["loss"] == "0.5"
+    frame = ReleaseList([listed]).to_pandas()
+    for name in ("charged", "release_loss"):
+        assert pd.api.types.is_float_dtype(frame[name]) and frame[name][0] == 0.5
+    assert list(ReleaseList().to_pandas().columns) == list(frame.columns)
