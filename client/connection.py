@@ -599,7 +599,14 @@ class Client:
         return ReleaseList(ReceivedRelease.from_pb(m, self) for m in response.releases)
 
     def get_release(self, release_id: str) -> Release:
-        """A release the caller received before, as first sent; free."""
+        """A release the caller received before, free: its cells and metadata as the server
+        stored them, its query rebuilt from the server's canonical form.
+
+        Its dimensions come in the canonical (alphabetical) order: the order a query named them
+        in is not part of its identity, and is kept neither by the server nor in the caller's
+        list of releases. Its `request_id` and `charged` are None, since the server does not
+        send them with it; `releases()` lists each release with the request id that received it
+        (`ReceivedRelease.fetch()` carries it) and what it cost."""
         release_id = _text_argument(release_id, "release_id", "a release's id, such as rel_...")
         response = self._call("GetRelease", pb.GetReleaseRequest(release_id=release_id))
         # The query as a fresh release names it, rebuilt from the server's canonical form.

@@ -795,10 +795,18 @@ class ReceivedRelease:
         return describe_canonical(self.canonical_query)
 
     def fetch(self) -> Release:
-        """The release's cells, as first sent, at no charge."""
+        """The release again, at no charge: its cells and metadata as the server stored them,
+        with this record's `request_id`.
+
+        Its dimensions come in the server's canonical order (alphabetical), not necessarily
+        the order the query first named them in: neither this record nor the stored release
+        keeps that order, which is not part of a query's identity. Its `charged` is None (this
+        record's `charged` says what was paid)."""
         if self.client is None:
             raise TypeError("this record is not bound to a client")
-        return self.client.get_release(self.release_id)
+        release = self.client.get_release(self.release_id)
+        release.request_id = self.request_id or None
+        return release
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -112,6 +112,12 @@ def test_release_count_with_intervals_and_suppression(
     again = mine.fetch()
     assert again.metadata == release.metadata and again.table.num_rows == table.num_rows
     assert cell_set(again) == cell_set(release)  # keys in the server's order, same cells
+    # Fetched through its record, it carries the record's request id; the order the query named
+    # its dimensions in is kept nowhere, so they come in the server's (as the docstring says).
+    assert again.request_id == release.request_id == mine.request_id
+    assert again.to_dict()["request"]["request_id"] == release.request_id
+    assert again.keys == ["ageBroad", "gender"] and again.charged is None
+    assert veil_client.get_release(release.metadata.release_id).request_id is None
     assert len(charges(live, client_id)) == 1
 
 
