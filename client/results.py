@@ -19,7 +19,7 @@ import io
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,6 +239,7 @@ class Release:
         self.metadata = metadata
         self.query = query
         self.request_id = request_id
+        self._query_text: str | None = None  # the query's text in a saved document read back
         # What the call that returned this release cost: 0 for a stored release (a retry, or a
         # query already released); None when the server did not say (a release fetched again).
         self.charged: Amount | None = (
@@ -346,13 +347,18 @@ class Release:
         return self.to_pandas()
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document: metadata, dimensions and cells (see README, "For researchers")."""
+        """The JSON document: metadata, the request, dimensions and cells (see README, "For
+        researchers"). `request` holds what this call was: its request id, the query as
+        written, what it `charged` (exact decimal text; null when not known, as for a release
+        fetched again) and whether it was `replayed` free. `Release.from_json` reads it back."""
         return {
             "format": JSON_FORMAT,
             "metadata": self.metadata.to_dict(),
             "request": {
                 "request_id": self.request_id,
-                "query": None if self.query is None else str(self.query),
+                "query": self._query_text or (None if self.query is None else str(self.query)),
+                "charged": None if self.charged is None else format_amount(self.charged),
+                "replayed": self.replayed,
             },
             "dimensions": self.dimensions,
             "cells": [
@@ -368,7 +374,48 @@ class Release:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The JSON document of `to_dict()` as text (what `veil query --format json` prints)."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, document: str | bytes | dict[str, Any]) -> Release:
+        """The release a JSON document of `to_json()` (or `veil query --format json`) holds,
+        its text or its parsed dict: cells, metadata, request id and charge as saved. Its query
+        is rebuilt from the metadata's canonical form (None when the client cannot read it)."""
+        data: dict[str, Any] = (
+            json.loads(document) if isinstance(document, (str, bytes)) else document
+        )
+        if data.get("format") != JSON_FORMAT:
+            raise ValueError(f"not a saved veil release (format {data.get('format')!r}, "
+                             f"expected {JSON_FORMAT!r})")
+        known = {f.name for f in fields(ReleaseMetadata)}
+        saved = {k: v for k, v in data["metadata"].items() if k in known}
+        metadata = ReleaseMetadata(**{**saved, "loss": amount(saved["loss"])})
+        counts = metadata.measure in ("Count", "FlagCounts")
+        cells = data["cells"]
+        keys = list(cells[0]["keys"]) if cells else ["flag", *data["dimensions"]] if (
+            metadata.measure == "FlagCounts") else list(data["dimensions"])
+        columns: dict[str, pa.Array] = {
+            name: pa.array([c["keys"][name] for c in cells]) for name in keys
+        }
+        for name in ("value", "ci_low", "ci_high"):
+            kind = pa.int64() if counts and name == "value" else pa.float64()
+            columns[name] = pa.array([c[name] for c in cells], type=kind)
+        columns["suppressed"] = pa.array([bool(c["suppressed"]) for c in cells], pa.bool_())
+        table = pa.table(columns)
+        if counts:
+            table = _integer_bounds(table)
+        request = data.get("request") or {}
+        written = request.get("query")
+        query = None if written is None else query_of_canonical(metadata.canonical_query)
+        if query is not None and sorted(query.dimensions) == sorted(data["dimensions"]):
+            query = replace(query, dimensions=tuple(data["dimensions"]))
+        release = cls(table, metadata, query=query, request_id=request.get("request_id"),
+                      charged=request.get("charged"))
+        # The query as it was written (a canonical form reads back in its own terms: a NOT as
+        # the codes it admits), saved again as it was.
+        release._query_text = written
+        return release
 
     def to_csv(self, path: str | Path | None = None) -> str:
         """The cells as CSV (keys, value, ci_low, ci_high, suppressed); nulls are empty fields.

@@ -620,3 +620,46 @@ def test_every_amount_is_an_exact_amount_that_prints_as_the_server_wrote_it() ->
     for name in ("charged", "release_loss"):
         assert pd.api.types.is_float_dtype(frame[name]) and frame[name][0] == 0.5
     assert list(ReleaseList().to_pandas().columns) == list(frame.columns)
+
+
+def test_a_saved_release_keeps_what_was_paid_and_reads_back_whole() -> None:
+    canonical = json.dumps({
+        "by": ["ageBroad", "gender"], "codebook": "ctdc@7", "measure": "count",
+        "where": {"in": ["Minor"], "missing": False, "var": "majorityStatus"},
+    })
+    query = count().by("gender", "ageBroad").where(majorityStatus="Minor")
+    stored = response(count_table(), canonical_query=canonical)
+    stored.charged = "0"  # a stored release, returned free
+    replayed = Release.from_pb(stored, query=query, request_id="r-2")
+    paid = Release.from_pb(response(count_table(), canonical_query=canonical), query=query,
+                           request_id="req-1")
+    paid.charged = client.Amount("0.5")
+    fetched = Release.from_pb(response(count_table(), canonical_query=canonical))
+    for saved, charged, free in ((paid, "0.5", False), (replayed, "0", True),
+                                 (fetched, None, False)):
+        document = json.loads(saved.to_json())
+        assert document["request"]["charged"] == charged
+        assert document["request"]["replayed"] is free
+        again = Release.from_json(saved.to_json())
+        assert again.to_json() == saved.to_json()
+        assert again.table.equals(saved.table) and again.table.schema == saved.table.schema
+        assert again.cells == saved.cells and again.metadata == saved.metadata
+        assert (again.charged, again.replayed) == (saved.charged, saved.replayed)
+        assert again.request_id == saved.request_id and again.keys == saved.keys
+        assert Release.from_json(document).to_dict() == document  # the parsed dict too
+    share = Release.from_pb(response(pa.table({
+        "gender": ["Male", None], "value": pa.array([0.25, None], pa.float64()),
+        "ci_low": pa.array([0.1, None], pa.float64()),
+        "ci_high": pa.array([0.4, None], pa.float64()), "suppressed": [False, True],
+    }), "Proportion"))
+    flags = Release.from_pb(response(pa.table({
+        "majorityStatus": ["Minor", "Minor"], "flag": ["a", "b"],
+        "value": pa.array([20, None], pa.int64()), "ci_low": [14.0, None],
+        "ci_high": [26.0, None], "suppressed": [False, True],
+    }), "FlagCounts"))
+    for saved in (share, flags):
+        again = Release.from_json(saved.to_json())
+        assert again.to_json() == saved.to_json() and again.table.equals(saved.table)
+        assert again.keys == saved.keys and again.dimensions == saved.dimensions
+    with pytest.raises(ValueError, match="not a saved veil release"):
+        Release.from_json('{"format": "something else"}')
