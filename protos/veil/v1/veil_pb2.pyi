@@ -288,7 +288,7 @@ class DerivedDimension(_message.Message):
     source: _builtins.str
     """the stored variable it is computed from"""
     kind: _builtins.str
-    """"m49_region", "m49_subregion" or "groups" """
+    """"m49_region", "m49_subregion", "m49_intermediate_region" or "groups" """
     definition: _builtins.str
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
