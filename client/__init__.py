@@ -7,7 +7,7 @@
     veil_client.codebook()                                  # browse variables and flag sets
     r = (veil_client.count().by("gender", "ageBroad")
          .where(majorityStatus="Minor").release(epsilon=0.5))
-    r.to_pandas()               # the keys, value, ci_low, ci_high, suppressed
+    r.to_pandas()               # the keys, value, ci_low, ci_high, suppressed, status
     veil_client.sql("SELECT gender, COUNT(*) FROM victims GROUP BY gender", epsilon=0.5)
     veil_client.budget(), veil_client.releases()
 

@@ -141,17 +141,17 @@ def value_accuracy_text(measure: str, half_width: float | None, assumed_count: i
 
 def unreachable_text(count: int | None, measure: str | None = None) -> str:
     """What the cells the query's own terms leave empty are shown as ("" when there are none,
-    or the release predates the count). A share or mean of no record has no value, and reads as
-    suppressed; a count or sum is 0."""
+    or the release predates the count). Their status is "empty"; a share or mean of no record
+    has no value, and is also marked suppressed; a count or sum is 0."""
     if not count:
         return ""
     if measure in ("Proportion", "Mean"):
-        shown = "no value, marked suppressed"
+        shown = "no value, not noised; marked suppressed, though no rule withheld them"
     elif measure is None:
-        shown = "stated"
+        shown = "stated, not noised"
     else:
-        shown = "stated as 0"
-    return f"{count} cells empty by the query's own terms ({shown}, not noised)"
+        shown = "stated as 0, not noised"
+    return f"{count} cells empty by the query's own terms (status empty: {shown})"
 
 
 def empty_cells_text(bound: float | None, probability: float | None) -> str:

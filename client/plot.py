@@ -1,5 +1,6 @@
 """A bar chart of a release: one bar per cell, error bars for its interval, suppressed cells
-marked where their bar would be (never drawn as zero). Needs matplotlib.
+(and a share's or mean's cells empty by the query's terms) marked where their bar would be
+(never drawn as zero). Needs matplotlib.
 
     release.plot()                           # x: the first key, colours: the second
     release.plot(x="flag", hue="majorityStatus", ax=ax, horizontal=True)
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 
 SUPPRESSED_COLOR = "#9a9a9a"
 MAX_BARS = 400  # beyond this a bar chart is unreadable, and slow to draw
+_HATCH = {"suppressed": "///", "empty": "..."}
+_LEGEND = {"suppressed": "suppressed", "empty": "empty by the query's terms"}
 
 
 def plot_release(
@@ -38,10 +41,11 @@ def plot_release(
     `hue` the key that splits each position into coloured bars (default: the next key). Other
     keys, if any, are joined into the axis labels. Suppressed cells are marked with a hatched
     band across the whole value axis (no height, which would read as a value) and the word
-    "suppressed". `only` keeps the cells whose keys take the values given
-    (a value, or a list of values; None is the missing key): `only={"ageBroad": ["0--8",
-    "9--17"]}`. More than `max_bars` bars is refused with a ValueError saying so, rather than
-    drawing a chart nobody can read.
+    "suppressed"; a share's or mean's cell empty by the query's own terms, which has no value
+    either, is marked so with the word "empty" (a count's or sum's is a bar of 0). `only`
+    keeps the cells whose keys take the values given (a value, or a list of values; None is
+    the missing key): `only={"ageBroad": ["0--8", "9--17"]}`. More than `max_bars` bars is
+    refused with a ValueError saying so, rather than drawing a chart nobody can read.
     """
     try:
         import matplotlib.pyplot as plt
@@ -96,7 +100,7 @@ def plot_release(
     width = 0.8 / max(1, len(groups))
     colors = series_colors(len(groups))
     top = 0.0
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, str]] = []  # where a cell has no value, and why
     for g, group in enumerate(groups):
         centres, values, low_err, high_err = [], [], [], []
         for row in rows:
@@ -104,7 +108,7 @@ def plot_release(
                 continue
             centre = position_of[position_label(row)] + (g - (len(groups) - 1) / 2) * width
             if row["suppressed"] or row["value"] is None:
-                marks.append((centre, g))
+                marks.append((centre, "empty" if row.get("status") == "empty" else "suppressed"))
                 continue
             value = float(row["value"])
             centres.append(centre)
@@ -122,16 +126,16 @@ def plot_release(
     if show_suppressed and marks:
         # A hatched band across the whole axis, not a bar: a stub of any height would read as a
         # value, and a suppressed cell's value may be anything below or above its neighbours'.
-        for centre, _ in marks:
+        for centre, why in marks:
             span = ax.axhspan if horizontal else ax.axvspan
-            span(centre - width / 2, centre + width / 2, fill=False, hatch="///",
+            span(centre - width / 2, centre + width / 2, fill=False, hatch=_HATCH[why],
                  edgecolor=SUPPRESSED_COLOR, linewidth=0, alpha=0.5)
             # Placed in axis fractions along the value axis, so that it, too, reads as no value.
             if horizontal:
-                ax.text(0.01, centre, "suppressed", va="center", ha="left", fontsize=7,
+                ax.text(0.01, centre, why, va="center", ha="left", fontsize=7,
                         color=SUPPRESSED_COLOR, transform=ax.get_yaxis_transform())
             else:
-                ax.text(centre, 0.01, "suppressed", rotation=90, va="bottom", ha="center",
+                ax.text(centre, 0.01, why, rotation=90, va="bottom", ha="center",
                         fontsize=7, color=SUPPRESSED_COLOR, transform=ax.get_xaxis_transform())
 
     ticks = list(range(len(positions)))
@@ -158,8 +162,10 @@ def plot_release(
     handles: list[Any] = [Patch(facecolor=c) for c in colors] if hue else []
     labels = list(groups) if hue else []
     if show_suppressed and marks:
-        handles.append(Patch(fill=False, hatch="///", edgecolor=SUPPRESSED_COLOR))
-        labels.append("suppressed")
+        for why in ("suppressed", "empty"):
+            if any(w == why for _, w in marks):
+                handles.append(Patch(fill=False, hatch=_HATCH[why], edgecolor=SUPPRESSED_COLOR))
+                labels.append(_LEGEND[why])
     if hue or (show_suppressed and marks):
         ax.legend(handles, labels, title=hue, fontsize=8)
     heading = title if title is not None else str(release.query or m.measure)

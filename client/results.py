@@ -2,8 +2,11 @@
 
 A `Release` holds its cells as an Arrow table, one row per cell of the public domain: a column
 per group-by dimension (null is the "missing" key), `flag` for flag-set counts, then `value`,
-`ci_low`, `ci_high` and `suppressed`. A suppressed cell's value and interval are null and its
-`suppressed` is true: suppressed is never shown as zero.
+`ci_low`, `ci_high`, `suppressed` and `status`. A suppressed cell's value and interval are null
+and its `suppressed` is true: suppressed is never shown as zero. `status` says why a cell shows
+what it shows: "published", "suppressed" (withheld: its noisy count fell short of tau) or
+"empty" (no record can fall into it by the query's own terms: a count or sum stated as 0
+[0, 0], a share or mean with no value, and so also marked suppressed).
 
     release.table           # pyarrow.Table (also release.arrow(), and any Arrow consumer)
     release.to_pandas()     # pandas.DataFrame (also release.df()), nullable integers
@@ -43,7 +46,8 @@ if TYPE_CHECKING:
     from client.connection import Client
     from client.query import Query
 
-VALUE_COLUMNS = ("value", "ci_low", "ci_high", "suppressed")
+VALUE_COLUMNS = ("value", "ci_low", "ci_high", "suppressed", "status")
+STATUSES = ("published", "suppressed", "empty")
 _META_KEY = b"veil.release"
 JSON_FORMAT = "veil.release/1"
 
@@ -82,14 +86,19 @@ class ReleaseMetadata:
     beta: float
     confidence: float
     cells: int
+    # The cells marked `suppressed`, those without a value: the ones withheld under tau (status
+    # "suppressed") and, for a share or a mean, the ones empty by the query's own terms (status
+    # "empty", no value to show). A count's or sum's empty cells are stated as 0, not counted.
+    # `suppressed_by_rule` counts the withheld ones alone, alike for every measure.
     suppressed_cells: int
     # p0, the chance that a cell whose true count is 0 is published anyway, and cells x p0, a
     # ceiling on how many published cells are expected to be such empty cells. Data-independent.
     # None for a release stored, or a server built, before they were recorded.
     empty_pass_probability: float | None = None
     expected_empty_published_bound: float | None = None
-    # Rows no record can fall into by the query's own terms (its filter rules out their keys):
-    # stated as 0 (a count or sum) or left out (a share or mean), never noised. None as above.
+    # Rows no record can fall into by the query's own terms (its filter rules out their keys),
+    # status "empty" for every measure: stated as 0 [0, 0] (a count or sum) or with no value and
+    # marked suppressed (a share or mean), never noised. None as above.
     unreachable_cells: int | None = None
 
     @classmethod
@@ -122,7 +131,16 @@ class ReleaseMetadata:
 
     @property
     def loss_name(self) -> str:
+        """What the loss is called under this accounting: "epsilon" or "rho"."""
         return LOSS_SYMBOL.get(self.accounting, "loss")
+
+    @property
+    def suppressed_by_rule(self) -> int:
+        """The cells withheld under tau (status "suppressed"), for every measure alike: a
+        share's or mean's cells empty by the query's terms are marked suppressed, but no rule
+        withheld them (the server's audit counts the same)."""
+        empty = self.unreachable_cells or 0
+        return self.suppressed_cells - (empty if self.measure in ("Proportion", "Mean") else 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON: `loss` as its exact decimal text, as the server wrote it."""
@@ -133,13 +151,27 @@ class ReleaseMetadata:
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell: its keys by dimension name (and "flag"), value and interval, suppressed."""
+    """One cell of a release.
+
+    keys: its key by dimension name (and "flag", for flag counts); None is the missing key.
+    value: the count, share (0 to 1), mean or sum published; None when it has none.
+    ci_low, ci_high: its interval at the release's confidence; None when it has no value.
+    suppressed: whether it has no value (withheld, or a share or mean empty by the query).
+    status: why: "published", "suppressed" (its noisy count fell short of tau) or "empty" (no
+        record can fall into it by the query's own terms; a count or sum is then 0 [0, 0]).
+        Derived from `suppressed` when not given.
+    """
 
     keys: dict[str, Any]
     value: float | int | None
     ci_low: float | None
     ci_high: float | None
     suppressed: bool
+    status: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", "suppressed" if self.suppressed else "published")
 
 
 def share_base_text(query: Query | None) -> str:
@@ -224,7 +256,17 @@ def share_text(value: float) -> str:
 
 
 class Release:
-    """A released table. Immutable; everything in it is already paid for."""
+    """A released table. Immutable; everything in it is already paid for.
+
+    table: the cells, as a pyarrow Table (see the module's docstring for its columns).
+    metadata: a `ReleaseMetadata`: ids, loss, mechanism, noise scale, tau, confidence, counts.
+    query: the `Query` released (None when unknown); a fetched release's is rebuilt from the
+        server's canonical form.
+    request_id: the request id that received it (None for one fetched by its id alone).
+    charged: what the call that returned it cost, an exact `Amount`: 0 for a stored release
+        returned free (`replayed`), None when not known.
+    cells, keys, dimensions: the cells as `Cell`s, the key columns, the group-by dimensions.
+    """
 
     def __init__(
         self,
@@ -255,6 +297,7 @@ class Release:
         schema_meta = dict(table.schema.metadata or {})
         schema_meta.pop(_META_KEY, None)
         table = table.replace_schema_metadata(schema_meta or None)
+        table = with_status(table, response.metadata.measure)
         if query is not None:
             table = arrange(table, query.dimensions)
         if response.metadata.measure in ("Count", "FlagCounts"):
@@ -289,6 +332,7 @@ class Release:
                     ci_low=row["ci_low"],
                     ci_high=row["ci_high"],
                     suppressed=bool(row["suppressed"]),
+                    status=row["status"],
                 )
             )
         return out
@@ -368,6 +412,7 @@ class Release:
                     "ci_low": cell.ci_low,
                     "ci_high": cell.ci_high,
                     "suppressed": cell.suppressed,
+                    "status": cell.status,
                 }
                 for cell in self.cells
             ],
@@ -402,7 +447,9 @@ class Release:
             kind = pa.int64() if counts and name == "value" else pa.float64()
             columns[name] = pa.array([c[name] for c in cells], type=kind)
         columns["suppressed"] = pa.array([bool(c["suppressed"]) for c in cells], pa.bool_())
-        table = pa.table(columns)
+        if all("status" in c for c in cells):  # saved before the status: derived below
+            columns["status"] = pa.array([c["status"] for c in cells], pa.string())
+        table = with_status(pa.table(columns), metadata.measure)
         if counts:
             table = _integer_bounds(table)
         request = data.get("request") or {}
@@ -418,8 +465,8 @@ class Release:
         return release
 
     def to_csv(self, path: str | Path | None = None) -> str:
-        """The cells as CSV (keys, value, ci_low, ci_high, suppressed); nulls are empty fields.
-        Written to `path` when given; the text is returned either way."""
+        """The cells as CSV (keys, value, ci_low, ci_high, suppressed, status); nulls are empty
+        fields. Written to `path` when given; the text is returned either way."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         names = [*self.keys, *VALUE_COLUMNS]
@@ -458,23 +505,26 @@ class Release:
         return f"{100 * self.metadata.confidence:g}% CI"
 
     def display_rows(self) -> tuple[list[str], list[list[str]], list[bool]]:
-        """Headers, formatted rows and which rows are suppressed: the readable table."""
+        """Headers, formatted rows and which rows were not published (suppressed, or empty by
+        the query's terms): the readable table. Its last column is the status of a cell that
+        was not published, blank for one that was."""
         keys = self.keys
-        headers = [*keys, "value", self.interval_label, "suppressed"]
+        headers = [*keys, "value", self.interval_label, "status"]
         rows: list[list[str]] = []
-        suppressed: list[bool] = []
+        muted: list[bool] = []
         for row in self.table.to_pylist():
             hidden = bool(row["suppressed"])
+            status = row["status"]
             rows.append(
                 [
                     *(key_text(row[k]) for k in keys),
                     "-" if hidden else self._format_value(row["value"]),
                     "" if hidden else self._interval(row["ci_low"], row["ci_high"]),
-                    "yes" if hidden else "",
+                    "" if status == "published" else status,
                 ]
             )
-            suppressed.append(hidden)
-        return headers, rows, suppressed
+            muted.append(status != "published")
+        return headers, rows, muted
 
     def summary(self) -> str:
         """One line: what was asked, what it cost, how it was protected."""
@@ -487,7 +537,7 @@ class Release:
         ruled_out = unreachable_text(m.unreachable_cells, m.measure)
         return (
             f"{asked}: {m.loss_name} {m.loss}, {m.mechanism} {scale}, tau {m.tau} (k {m.k}); "
-            f"{m.suppressed_cells} of {m.cells} cells suppressed; "
+            f"{m.suppressed_by_rule} of {m.cells} cells suppressed; "
             + (f"{ruled_out}; " if ruled_out else "")
             + (f"{chance}; " if chance else "")
             + (f"{base}; " if (base := share_base_text(self.query)) else "")
@@ -526,6 +576,33 @@ class Release:
         return plot_release(self, **kwargs)
 
 
+def with_status(table: pa.Table, measure: str) -> pa.Table:
+    """`table` with its `status` column: the server's, or, for a release stored before the
+    server wrote one, derived from what the cells show. There a cell marked suppressed reads
+    "suppressed", and a count's or sum's cell stated as exactly 0 [0, 0] reads "empty" (a
+    published count is at least tau, and a published sum's interval has a width, so only a cell
+    empty by the query's terms is shown so); a share's or mean's empty cell had no value and
+    was marked suppressed, which is all such a release says of it: it reads "suppressed"."""
+    if "status" in table.column_names:
+        return table
+    status = [
+        derived_status(measure, hidden, low, high)
+        for hidden, low, high in zip(
+            table.column("suppressed").to_pylist(), table.column("ci_low").to_pylist(),
+            table.column("ci_high").to_pylist(), strict=True,
+        )
+    ]
+    return table.append_column("status", pa.array(status, pa.string()))
+
+
+def derived_status(measure: str, suppressed: bool, low: float | None, high: float | None) -> str:
+    """A cell's status where the release does not state it (see `with_status`)."""
+    if suppressed:
+        return "suppressed"
+    stated = measure in ("Count", "FlagCounts", "Sum")
+    return "empty" if stated and low == 0 and high == 0 else "published"
+
+
 def _integer_bounds(table: pa.Table) -> pa.Table:
     """A count's interval bounds are whole numbers: typed as integers, like its value."""
     for name in ("ci_low", "ci_high"):
@@ -560,7 +637,8 @@ def arrange(table: pa.Table, dimensions: tuple[str, ...] | list[str]) -> pa.Tabl
             first_seen.setdefault(value, len(first_seen))
         ranks.append([first_seen[v] for v in table.column(name).to_pylist()])
     rows = sorted(range(table.num_rows), key=lambda i: tuple(r[i] for r in ranks))
-    return table.select([*order, *VALUE_COLUMNS]).take(pa.array(rows, type=pa.int64()))
+    values = [name for name in VALUE_COLUMNS if name in names]
+    return table.select([*order, *values]).take(pa.array(rows, type=pa.int64()))
 
 
 # ---- dry runs -----------------------------------------------------------------------------------
@@ -927,9 +1005,13 @@ def describe_canonical(canonical: str) -> str:
 
 
 def cells_from_json(document: dict[str, Any]) -> list[Cell]:
-    """The cells of a JSON document written by `Release.to_json` (for reading it back)."""
+    """The cells of a JSON document written by `Release.to_json` (for reading it back); a
+    document saved before cells had a status has it derived as `with_status` does."""
+    measure = document.get("metadata", {}).get("measure", "")
     return [
-        Cell(c["keys"], c["value"], c["ci_low"], c["ci_high"], c["suppressed"])
+        Cell(c["keys"], c["value"], c["ci_low"], c["ci_high"], c["suppressed"],
+             c.get("status") or derived_status(measure, c["suppressed"], c["ci_low"],
+                                               c["ci_high"]))
         for c in document["cells"]
     ]
 

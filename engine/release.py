@@ -28,6 +28,14 @@ _META_KEY = b"veil.release"
 class ReleaseMetadata:
     """Everything about a release except its cells. Contains no true value.
 
+    `suppressed_cells` counts the cells marked `suppressed` in the table, those with no value: the
+    cells the publication rule withheld (status "suppressed") and, for a share or a mean, the
+    cells the query's own terms leave empty (status "empty"), which have no value to show. A
+    count's or sum's empty cells are stated as 0 [0, 0] and not marked, so not counted.
+    `unreachable_cells` counts the cells the query's own terms leave empty, for every measure
+    (status "empty"; None in releases stored before they were counted). `suppressed_by_rule`
+    counts the withheld cells alone, the same way for every measure.
+
     `empty_pass_probability` and `expected_empty_published_bound` depend on the plan only (cells,
     tau, the count's noise): on average at most `expected_empty_published_bound` of the published
     cells are empty ones published by chance, each empty cell with probability at most
@@ -68,8 +76,9 @@ class ReleaseMetadata:
 
     @property
     def suppressed_by_rule(self) -> int:
-        """Cells the publication rule withheld. A share's or mean's cells left empty by the
-        query's terms have no value and are marked suppressed, but no rule withheld them."""
+        """Cells the publication rule withheld (status "suppressed"), for every measure. A
+        share's or mean's cells left empty by the query's terms have no value and are marked
+        suppressed, but no rule withheld them."""
         ruled_out = self.unreachable_cells or 0
         return self.suppressed_cells - (ruled_out if self.measure in ("Proportion", "Mean") else 0)
 
@@ -244,10 +253,16 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
     mask = ~published
     chance = empty_cell_bound_of(plan)
     columns = dict(keys)
+    clash = {d.name.lower() for d in plan.dimensions} & {*_CELL_COLUMNS, "flag"}
+    if clash:
+        # Named so, a dimension's keys would be overwritten, or read as the cells' values.
+        raise ValueError(f"a dimension is named {', '.join(sorted(clash))}, a column of every "
+                         f"release; the codebook must call it something else")
     columns["value"] = value
     columns["ci_low"] = _withheld(np.asarray(low, dtype=float), published, pa.float64())
     columns["ci_high"] = _withheld(np.asarray(high, dtype=float), published, pa.float64())
     columns["suppressed"] = pa.array(mask)
+    columns["status"] = cell_status(published, unreachable)
     table = pa.table(columns)
     metadata = ReleaseMetadata(
         fingerprint=plan.fingerprint,
@@ -272,6 +287,24 @@ def build_answer(plan: Plan, noisy: list[np.ndarray], *, data_version: str) -> A
         expected_empty_published_bound=chance.expected_published,
     )
     return Answer(table, metadata)
+
+
+STATUSES = ("published", "suppressed", "empty")
+_CELL_COLUMNS = ("value", "ci_low", "ci_high", "suppressed", "status")
+
+
+def cell_status(published: np.ndarray, unreachable: np.ndarray) -> pa.Array:
+    """Why each cell shows what it shows: "published" (a value the noisy rule let through),
+    "suppressed" (withheld: its noisy count fell short of tau) or "empty" (no record can fall
+    into it by the query's own terms: a count or sum stated as 0, a share or mean with no value).
+
+    The `suppressed` column marks every cell without a value, a share's or mean's empty cells
+    too; this column says which reason holds. It reads the query's terms and the noisy
+    publication decision only, never a true count: what it adds to the values, which cells the
+    query's terms rule out, is known from the query alone.
+    """
+    reason = np.where(unreachable, 2, np.where(published, 0, 1)).astype(np.int8)
+    return pa.array(np.array(STATUSES, dtype=object)[reason], type=pa.string())
 
 
 def value_half_width(plan: Plan, count: int) -> float:

@@ -41,14 +41,15 @@ PUBLISHED = {
 }
 
 
-def percent(value: float | None) -> str:
-    return "suppressed" if value is None else f"{100 * value:.1f}%"
+def percent(cell: client.Cell) -> str:
+    """A share, or why there is none: "suppressed" (under tau) or "empty" (by the query)."""
+    return cell.status if cell.value is None else f"{100 * cell.value:.1f}%"
 
 
 def interval(cell: client.Cell) -> str:
     if cell.suppressed or cell.ci_low is None or cell.ci_high is None:
         return ""
-    return f"[{percent(cell.ci_low)}, {percent(cell.ci_high)}]"
+    return f"[{100 * cell.ci_low:.1f}%, {100 * cell.ci_high:.1f}%]"
 
 
 def show(title: str, release: Release, charged: str) -> None:
@@ -60,12 +61,12 @@ def show(title: str, release: Release, charged: str) -> None:
 
 def show_children_and_adults(title: str, release: Release, charged: str) -> None:
     """A flag-count release by majority status, one row per flag: children beside adults."""
-    frame = release.to_pandas()  # keys, value, ci_low, ci_high, suppressed
+    frame = release.to_pandas()  # keys, value, ci_low, ci_high, suppressed, status
     frame = frame[frame["majorityStatus"].isin(ADULTS_AND_CHILDREN)]
 
     def shown(row: Any) -> str:
-        if row["suppressed"]:
-            return "suppressed"
+        if row["status"] != "published":
+            return str(row["status"])  # "suppressed", or "empty" by the query's own terms
         return f"{row['value']:,} [{row['ci_low']:,}, {row['ci_high']:,}]"
 
     frame = frame.assign(shown=frame.apply(shown, axis=1))
@@ -113,7 +114,7 @@ def run(veil_client: client.Client, *, plots: Path | None = None) -> int:
     for status in ADULTS_AND_CHILDREN:
         cell = family.cell(majorityStatus=status)
         label = "children" if status == "Minor" else "adults"
-        print(f"   {label:<9} {percent(cell.value):>10}  95% CI {interval(cell):<18} "
+        print(f"   {label:<9} {percent(cell):>10}  95% CI {interval(cell):<18} "
               f"published: {PUBLISHED['family'][status]}")
     print(f"   {family.summary()}\n   charged now: {paid}\n")
 
@@ -131,7 +132,7 @@ def run(veil_client: client.Client, *, plots: Path | None = None) -> int:
           f"(published, all children: {PUBLISHED['sexual']['all children']})")
     for cell in sexual:
         gender = cell.keys["gender"] or "(missing)"
-        print(f"   {gender:<27} {percent(cell.value):>10}  95% CI {interval(cell)}")
+        print(f"   {gender:<27} {percent(cell):>10}  95% CI {interval(cell)}")
     print(f"   {sexual.summary()}\n   charged now: {paid}\n")
 
     # 3. Means of control, children vs adults.

@@ -86,7 +86,7 @@ def test_release_count_with_intervals_and_suppression(
     )
     table = release.table
     assert table.column_names == ["gender", "ageBroad", "value", "ci_low", "ci_high",
-                                  "suppressed"]
+                                  "suppressed", "status"]
     assert table.num_rows == 4 * 10 == release.metadata.cells  # keys and the missing key
     published = [c for c in release.cells if not c.suppressed]
     hidden = [c for c in release.cells if c.suppressed]
@@ -620,22 +620,33 @@ def test_cells_the_query_rules_out_arrive_as_stated_zeros(
         ruled_out = release.cell(majorityStatus=status)
         assert (ruled_out.value, ruled_out.ci_low, ruled_out.ci_high) == (0, 0, 0)
         assert not ruled_out.suppressed
-    assert "3 cells empty by the query's own terms (stated as 0, not noised)" in release.summary()
+    assert all(release.cell(majorityStatus=s).status == "empty" for s in ("Adult", "Unknown", None))
+    assert release.cell(majorityStatus="Minor").status in ("published", "suppressed")
+    words = "3 cells empty by the query's own terms (status empty: stated as 0, not noised)"
+    assert words in release.summary()
     assert veil_client.get_release(release.metadata.release_id).metadata == release.metadata
-    # A share of no record has no value, and reads as suppressed; the dry run says so first.
+    # A share of no record has no value and is marked suppressed, but its status says it is
+    # empty, not withheld, and the summary does not count it as suppressed; the dry run says so
+    # first.
     shares = (veil_client.proportion(isSexualExploit=1).by("majorityStatus")
               .where(majorityStatus="Minor", yearOfRegistration=2007))
     priced = shares.dry_run(epsilon="0.1", assumed_count=400)
     assert priced.unreachable_cells == 3
-    words = "3 cells empty by the query's own terms (no value, marked suppressed, not noised)"
+    words = ("3 cells empty by the query's own terms (status empty: no value, not noised; marked "
+             "suppressed, though no rule withheld them)")
     assert words in repr(priced)  # as the release will say
     # Its accuracy in points, for a cell of the count assumed.
     assert priced.measure == "Proportion" and priced.value_half_width is not None
     points = f"+/- {rounded_up(100 * priced.value_half_width)} points"
     assert f"a share's interval in a cell of 400 records: at most {points}" in repr(priced)
     share = shares.release(epsilon="0.1")
-    assert share.cell(majorityStatus="Adult").suppressed
+    adult = share.cell(majorityStatus="Adult")
+    assert adult.suppressed and adult.status == "empty" and adult.value is None
     assert words in share.summary()
+    withheld = sum(c.status == "suppressed" for c in share)
+    assert share.metadata.suppressed_cells == withheld + 3
+    assert f"{withheld} of 4 cells suppressed" in share.summary()
+    assert share.to_pandas()["status"].tolist()[1:] == ["empty"] * 3
 
 
 def test_a_dry_run_says_whether_the_budget_covers_it(live: LiveServer) -> None:

@@ -54,13 +54,13 @@ def test_query_table_is_aligned_and_timed(env: str, capsys: pytest.CaptureFixtur
     code, out, err = veil(capsys, "query", SQL, "--epsilon", "0.5")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["gender", "ageBroad", "value", "95%", "CI", "suppressed"]
+    assert lines[0].split() == ["gender", "ageBroad", "value", "95%", "CI", "status"]
     assert set(lines[1]) <= {"-", " "}
     value_end = lines[0].index("value") + len("value")
     rows = [line for line in lines[2:] if line and not line.startswith("count by")]
     assert len(rows) == 40
     assert all(line[value_end - 1] in "0123456789-" for line in rows)  # right-aligned values
-    assert any(line.rstrip().endswith("yes") for line in rows)
+    assert any(line.rstrip().endswith("suppressed") for line in rows)
     assert "epsilon 0.5" in out and "release rel_" in out
     assert "veil: release took" in err
 
@@ -81,7 +81,8 @@ def test_query_json_parses_back(env: str, capsys: pytest.CaptureFixture[str]) ->
     assert len(cells) == metadata["cells"] == 40
     assert sum(c["suppressed"] for c in cells) == metadata["suppressed_cells"]
     for cell in cells:
-        assert set(cell) == {"keys", "value", "ci_low", "ci_high", "suppressed"}
+        assert set(cell) == {"keys", "value", "ci_low", "ci_high", "suppressed", "status"}
+        assert cell["status"] == ("suppressed" if cell["suppressed"] else "published")
         assert set(cell["keys"]) == {"gender", "ageBroad"}
         if cell["suppressed"]:
             assert cell["value"] is None and cell["ci_low"] is None and cell["ci_high"] is None
@@ -106,14 +107,20 @@ def test_query_csv_from_options_parses_back(env: str, capsys: pytest.CaptureFixt
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(rows[0]) == ["flag", "majorityStatus", "value", "ci_low", "ci_high",
-                             "suppressed"]
+                             "suppressed", "status"]
     assert len(rows) == 18 * 4
     for row in rows:
         assert row["suppressed"] in ("true", "false")
         if row["suppressed"] == "true":
             assert row["value"] == row["ci_low"] == row["ci_high"] == ""
+            assert row["status"] == "suppressed"
         else:
             assert int(row["ci_low"]) <= int(row["value"]) <= int(row["ci_high"])
+        # The filter keeps minors and adults: Unknown's and missing's rows are empty by it.
+        empty = row["majorityStatus"] in ("Unknown", "")
+        assert (row["status"] == "empty") == empty
+        if empty:
+            assert (row["value"], row["ci_low"], row["ci_high"]) == ("0", "0", "0")
     assert {r["majorityStatus"] for r in rows} == {"Minor", "Adult", "Unknown", ""}
     pandas = pytest.importorskip("pandas")
     frame = pandas.read_csv(io.StringIO(out))

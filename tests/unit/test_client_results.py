@@ -62,7 +62,7 @@ def release() -> Release:
 
 def test_cells_follow_the_requested_dimension_order(release: Release) -> None:
     assert release.table.column_names == [
-        "gender", "ageBroad", "value", "ci_low", "ci_high", "suppressed"
+        "gender", "ageBroad", "value", "ci_low", "ci_high", "suppressed", "status"
     ]
     assert release.table.column("gender").to_pylist() == [
         "Male", "Male", "Female", "Female", None, None
@@ -87,8 +87,8 @@ def test_suppressed_is_null_with_a_flag_never_zero(release: Release) -> None:
 def test_readable_table_and_html(release: Release) -> None:
     text = repr(release)
     header = text.splitlines()[0]
-    assert header.split() == ["gender", "ageBroad", "value", "95%", "CI", "suppressed"]
-    assert "[114, 126]" in text and "(missing)" in text and "yes" in text
+    assert header.split() == ["gender", "ageBroad", "value", "95%", "CI", "status"]
+    assert "[114, 126]" in text and "(missing)" in text and "suppressed" in text.splitlines()[3]
     assert "epsilon 0.5" in text and "3 of 6 cells suppressed" in text
     html = release._repr_html_()
     assert "<table" in html and "font-style:italic" in html and "95% CI" in html
@@ -102,7 +102,7 @@ def test_json_document(release: Release) -> None:
     assert document["request"]["request_id"] == "req-1"
     first, second = document["cells"][:2]
     assert first == {"keys": {"gender": "Male", "ageBroad": "0--8"}, "value": 120,
-                     "ci_low": 114, "ci_high": 126, "suppressed": False}
+                     "ci_low": 114, "ci_high": 126, "suppressed": False, "status": "published"}
     assert second["keys"] == {"gender": "Male", "ageBroad": None}
     assert second["value"] is None and second["suppressed"] is True
     assert client.results.cells_from_json(document) == release.cells
@@ -112,9 +112,12 @@ def test_csv(release: Release, tmp_path: Any) -> None:
     text = release.to_csv(tmp_path / "cells.csv")
     assert (tmp_path / "cells.csv").read_text() == text
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert list(rows[0]) == ["gender", "ageBroad", "value", "ci_low", "ci_high", "suppressed"]
+    assert list(rows[0]) == ["gender", "ageBroad", "value", "ci_low", "ci_high", "suppressed",
+                             "status"]
     assert rows[0]["value"] == "120" and rows[0]["suppressed"] == "false"
+    assert rows[0]["status"] == "published"
     assert rows[1]["value"] == "" and rows[1]["suppressed"] == "true"
+    assert rows[1]["status"] == "suppressed"
     assert rows[4]["gender"] == ""  # the missing key
 
 
@@ -456,13 +459,13 @@ def test_plot_gives_every_series_a_colour_of_its_own(series: int) -> None:
     values = [None if g == groups[1] else 20 + i for i, (f, g) in enumerate(rows)]
     table = pa.table({
         "flag": [f for f, _ in rows],
-        "status": [g for _, g in rows],
+        "caseGroup": [g for _, g in rows],
         "value": pa.array(values, pa.int64()),
         "ci_low": [None if v is None else v - 5.0 for v in values],
         "ci_high": [None if v is None else v + 5.0 for v in values],
         "suppressed": [v is None for v in values],
     })
-    release = Release.from_pb(response(table, "FlagCounts"), query=flag_counts("x").by("status"))
+    release = Release.from_pb(response(table, "FlagCounts"), query=flag_counts("x").by("caseGroup"))
     ax = release.plot(horizontal=True)
     try:
         legend = ax.get_legend()
@@ -663,3 +666,89 @@ def test_a_saved_release_keeps_what_was_paid_and_reads_back_whole() -> None:
         assert again.keys == saved.keys and again.dimensions == saved.dimensions
     with pytest.raises(ValueError, match="not a saved veil release"):
         Release.from_json('{"format": "something else"}')
+
+
+def reasons_table(status: bool = True) -> pa.Table:
+    """A share by majorityFromAge where majorityFromAge = 'Minor': Minor published, Adult and
+    missing empty by the query's terms (no value, marked suppressed), Unknown under tau."""
+    columns: dict[str, Any] = {
+        "majorityFromAge": pa.array(["Minor", "Adult", "Unknown", None], pa.string()),
+        "value": pa.array([0.25, None, None, None], pa.float64()),
+        "ci_low": pa.array([0.2, None, None, None], pa.float64()),
+        "ci_high": pa.array([0.3, None, None, None], pa.float64()),
+        "suppressed": [False, True, True, True],
+    }
+    if status:
+        columns["status"] = ["published", "empty", "suppressed", "empty"]
+    return pa.table(columns)
+
+
+def test_a_cell_empty_by_the_query_is_told_from_one_suppressed_under_tau() -> None:
+    pd = pytest.importorskip("pandas")
+    share = Release.from_pb(response(reasons_table(), "Proportion", unreachable_cells=2),
+                            query=proportion(isAbduction=1).by("majorityFromAge"))
+    assert [c.status for c in share] == ["published", "empty", "suppressed", "empty"]
+    assert [c.suppressed for c in share] == [False, True, True, True]  # kept as it was
+    assert share.cell(majorityFromAge="Adult").status == "empty"
+    frame = share.to_pandas()
+    assert list(frame["status"]) == ["published", "empty", "suppressed", "empty"]
+    assert frame[frame["status"] == "empty"]["value"].isna().all()
+    assert pd.isna(frame["value"][2])
+    rows = list(csv.DictReader(io.StringIO(share.to_csv())))
+    assert [r["status"] for r in rows] == ["published", "empty", "suppressed", "empty"]
+    document = json.loads(share.to_json())
+    assert [c["status"] for c in document["cells"]] == ["published", "empty", "suppressed",
+                                                         "empty"]
+    assert client.results.cells_from_json(document) == share.cells
+    assert Release.from_json(document).cells == share.cells
+    lines = share.to_text().splitlines()
+    assert lines[0].split()[-1] == "status"
+    assert lines[3].split()[-1] == "empty" and lines[4].split()[-1] == "suppressed"
+    # The metadata's suppressed_cells counts the cells marked (3); the summary, those withheld.
+    assert share.metadata.suppressed_cells == 3 and share.metadata.suppressed_by_rule == 1
+    assert "1 of 4 cells suppressed" in share.summary()
+    assert "2 cells empty by the query's own terms (status empty" in share.summary()
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax = share.plot()
+    try:
+        texts = [t.get_text() for t in ax.texts]
+        assert texts.count("empty") == 2 and texts.count("suppressed") == 1
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == ["suppressed", "empty by the query's terms"]
+    finally:
+        plt.close("all")
+
+
+def test_a_release_stored_before_the_status_still_reads_with_one_derived() -> None:
+    from pathlib import Path
+
+    from engine.release import Release as StoredRelease
+    from server.convert import release_to_pb
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "release-before-empty-bound.arrows"
+    stored = StoredRelease.from_bytes(fixture.read_bytes())
+    assert "status" not in stored.table.column_names
+    old = Release.from_pb(release_to_pb(stored), query=count().by("gender"))
+    assert [c.status for c in old] == ["suppressed", "published", "suppressed", "suppressed"]
+    assert old.table.column_names[-2:] == ["suppressed", "status"] and old.keys == ["gender"]
+    assert json.loads(old.to_json())["cells"][1]["status"] == "published"
+    assert "3 of 4 cells suppressed" in old.summary()
+    # A count or sum stated as 0 [0, 0] was empty by the query's terms (a published count is at
+    # least tau); an old share's empty cell was only marked suppressed, and reads so.
+    stated = pa.table({
+        "majorityStatus": ["Minor", "Adult"], "value": pa.array([40, 0], pa.int64()),
+        "ci_low": [34.0, 0.0], "ci_high": [46.0, 0.0], "suppressed": [False, False],
+    })
+    assert [c.status for c in Release.from_pb(response(stated))] == ["published", "empty"]
+    old_share = Release.from_pb(response(reasons_table(status=False), "Proportion"))
+    assert [c.status for c in old_share] == ["published", "suppressed", "suppressed",
+                                             "suppressed"]
+    # A JSON document saved before cells had a status reads back with it derived too.
+    document = json.loads(Release.from_pb(response(stated)).to_json())
+    for c in document["cells"]:
+        del c["status"]
+    assert [c.status for c in Release.from_json(document)] == ["published", "empty"]
+    assert [c.status for c in client.results.cells_from_json(document)] == ["published", "empty"]

@@ -82,7 +82,9 @@ def test_every_cell_of_the_domain_is_answered_zero_cells_included(engine: Engine
     assert set(zip(table["ageBroad"].to_pylist(), table["gender"].to_pylist(), strict=True)) == set(
         itertools.product(ages, genders)
     )
-    assert table.column_names == ["ageBroad", "gender", "value", "ci_low", "ci_high", "suppressed"]
+    assert table.column_names == [
+        "ageBroad", "gender", "value", "ci_low", "ci_high", "suppressed", "status"
+    ]
 
 
 def test_large_cells_publish_near_truth_and_small_ones_are_suppressed(engine: Engine) -> None:
@@ -379,6 +381,67 @@ def test_cells_the_query_rules_out_are_stated_not_noised(engine: Engine) -> None
     assert counts.metadata.expected_empty_published_bound == pytest.approx(
         full.expected_empty_published_bound / 4  # type: ignore[operator]
     )
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [Count(), FlagCounts("meansOfControl"), Proportion(Eq("isSexualExploit", 1)),
+     Mean("yearOfRegistration"), Sum("yearOfRegistration")],
+    ids=lambda m: type(m).__name__,
+)
+def test_each_cell_says_whether_it_was_published_suppressed_or_empty_by_the_query(
+    engine: Engine, measure: Any
+) -> None:
+    # A cell suppressed under tau and a cell the query's terms leave empty both lack a value in
+    # a share or mean: `status` tells them apart, for every measure alike, from the query's
+    # terms and the noisy decision alone; `suppressed` stays as it was.
+    query = Query(measure, by=("majorityStatus", "gender"), where=Eq("majorityStatus", "Minor"))
+    plan = engine.plan(query, loss=SHARP)
+    result = engine.answer(plan)
+    table = result.table
+    status = np.array(table.column("status").to_pylist())
+    suppressed = np.array(table.column("suppressed").to_pylist())
+    unreachable = plan.unreachable_row_mask
+    # (No minor has a means of control recorded: every flag's count is withheld.)
+    expected = {"suppressed", "empty"} | (set() if isinstance(measure, FlagCounts)
+                                          else {"published"})
+    assert set(status) == expected
+    assert (unreachable == (status == "empty")).all()
+    has_value = np.array([v is not None for v in table.column("value").to_pylist()])
+    assert (has_value == ~suppressed).all()
+    assert ((status == "published") == (has_value & ~unreachable)).all()
+    assert ((status == "suppressed") == (~has_value & ~unreachable)).all()
+    if isinstance(measure, (Proportion, Mean)):
+        assert suppressed[unreachable].all()  # no value to show: marked, as before
+    else:
+        assert not suppressed[unreachable].any()  # stated as 0 [0, 0]
+    meta = result.metadata
+    assert meta.unreachable_cells == int((status == "empty").sum())
+    assert meta.suppressed_cells == int(suppressed.sum())
+    assert meta.suppressed_by_rule == int((status == "suppressed").sum())
+    # Stored and sent as it is; a release stored before the column reads back without it.
+    again = Release.from_bytes(
+        Release.from_answer(result, release_id="r", charge_id="c", created_at="t").to_bytes()
+    )
+    assert again.table.column("status").to_pylist() == list(status)
+
+
+def test_the_status_reads_the_noisy_decision_not_the_true_count(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a rule that publishes every noisy count, the 3-record cell reads "published": what
+    # withholds a cell is the rule on noisy counts, and the status follows it alone.
+    query = Query(Count(), by=("gender", "ageBroad"))
+    monkeypatch.setattr(
+        "engine.release.publishable", lambda counts, tau: np.ones_like(counts, dtype=bool)
+    )
+    table = answer(engine, query).table
+    assert set(table.column("status").to_pylist()) == {"published"}
+    monkeypatch.setattr(
+        "engine.release.publishable", lambda counts, tau: np.zeros_like(counts, dtype=bool)
+    )
+    table = answer(engine, query).table
+    assert cell(table, gender="Female", ageBroad="9--17")["status"] == "suppressed"  # 40 records
 
 
 def test_a_flag_the_filter_rules_out_is_stated_not_noised(engine: Engine) -> None:
