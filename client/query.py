@@ -625,8 +625,10 @@ class Query:
             measure = FlagCounts(resolve(measure.flag_set))
         elif isinstance(measure, Sum):
             measure = Sum(resolve(measure.variable))
+            self._refuse_flag_arithmetic(codebook, measure.variable, "sum")
         elif isinstance(measure, Mean):
             measure = Mean(resolve(measure.variable))
+            self._refuse_flag_arithmetic(codebook, measure.variable, "mean")
         elif isinstance(measure, Proportion):
             measure = Proportion(measure.condition.map(fix))
         return replace(
@@ -634,6 +636,29 @@ class Query:
             measure=measure,
             dimensions=tuple(resolve(d) for d in self.dimensions),
             filter=None if self.filter is None else self.filter.map(fix),
+        )
+
+    def _refuse_flag_arithmetic(self, codebook: Codebook, name: str, kind: str) -> None:
+        """A sum or mean of a flag (0/1) is refused here with what asks for it: the server
+        takes sums and means of integer variables only, and would not say that a flag's mean is
+        a share and its sum a count."""
+        from client.codebook import Variable
+
+        item = codebook.find(name)
+        if not (isinstance(item, Variable) and item.kind == "flag"):
+            return
+        if kind == "mean":
+            asked = {"sql": f"PROPORTION({name} = 1)", "cli": f"--proportion {name}=1"}.get(
+                self.spelling, f"proportion({name}=1)")
+            what = f"its mean is the share of records with it set: ask for {asked}"
+        else:
+            asked = {"sql": f"COUNT(*) ... WHERE {name} = 1",
+                     "cli": f"--count --where {name}=1"}.get(
+                self.spelling, f"count().where({name}=1)")
+            what = f"its sum is the count of records with it set: ask for {asked}"
+        raise InvalidQuery(
+            f"{name} is a flag (0/1), and sums and means need an integer variable; {what}",
+            variable=name,
         )
 
     def _refuse_alone(self, codebook: Codebook, name: str) -> None:

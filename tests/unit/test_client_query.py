@@ -477,3 +477,21 @@ def test_a_call_on_a_closed_client_raises_a_veil_error() -> None:
             call()
         assert isinstance(error.value, client.VeilError)
     veil_client.close()  # closing again does nothing
+
+
+def test_a_mean_or_sum_of_a_flag_says_what_asks_for_it(book: Codebook) -> None:
+    from client.query import mean
+    from client.sql import parse_sql
+
+    codebook = book
+    with pytest.raises(client.InvalidQuery, match=r"isAbduction is a flag \(0/1\).*share of "
+                       r"records with it set: ask for PROPORTION\(isAbduction = 1\)") as error:
+        parse_sql("SELECT AVG(isAbduction) FROM victims").normalized(codebook)
+    assert error.value.variable == "isAbduction"
+    with pytest.raises(client.InvalidQuery, match=r"ask for proportion\(isAbduction=1\)"):
+        mean("ISABDUCTION").normalized(codebook)
+    with pytest.raises(client.InvalidQuery, match=r"ask for COUNT\(\*\) ... WHERE isAbduction = 1"):
+        parse_sql("SELECT gender, SUM(isAbduction) FROM victims GROUP BY gender").normalized(
+            codebook)
+    assert mean("yearOfRegistration").normalized(codebook).measure == client.Mean(
+        "yearOfRegistration")
