@@ -62,10 +62,30 @@ def _optional(message: Any, name: str) -> Any:
 
 @dataclass(frozen=True)
 class ReleaseMetadata:
-    """Everything about a release but its cells, as the server states it. `loss` is what the
-    release was made with, an exact `Amount` (a caller served a stored release pays nothing:
-    see `Release.charged`); `measured_loss` is the text of what OpenDP's maps state, a float,
-    not an exact amount."""
+    """Everything about a release but its cells, as the server states it.
+
+    release_id, charge_id, created_at: the release's id, the charge that paid for it, when.
+    fingerprint, canonical_query: the query's identity and the server's canonical form of it.
+    data_version, codebook: the data it was drawn from and the codebook it was asked under.
+    measure: Count, FlagCounts, Proportion, Sum or Mean.
+    mechanism, noise_scale, sum_noise_scale: the noise (a sum's, for sums and means).
+    accounting, loss: "pure_dp" (epsilon) or "zcdp" (rho), and the loss the release was made
+        with, an exact `Amount` (a caller served a stored release pays nothing: see
+        `Release.charged`). measured_loss: the text of what OpenDP's maps state, a float, not
+        an exact amount.
+    tau, k, beta, confidence: the noisy count a cell needs to be published, the smallest cell
+        the rule protects, the chance it fails to, and the level of every interval.
+    cells: how many cells the release has.
+    suppressed_cells: the cells marked `suppressed` (no value): those withheld under tau and,
+        for a share or a mean, those empty by the query's own terms. `suppressed_by_rule`
+        counts the withheld ones alone, alike for every measure.
+    unreachable_cells: the cells empty by the query's own terms (status "empty"), for every
+        measure: a count's or sum's stated as 0 [0, 0], a share's or mean's without a value.
+    empty_pass_probability, expected_empty_published_bound: p0, the chance a cell whose true
+        count is 0 is published anyway, and cells x p0, a ceiling on how many published cells
+        are expected to be such. Data-independent.
+    The last three are None for a release stored, or a server built, before they were recorded.
+    """
 
     release_id: str
     charge_id: str
@@ -322,6 +342,7 @@ class Release:
 
     @property
     def cells(self) -> list[Cell]:
+        """Every cell as a `Cell` (keys, value, interval, suppressed, status), in table order."""
         keys = self.keys
         out = []
         for row in self.table.to_pylist():
@@ -502,6 +523,7 @@ class Release:
 
     @property
     def interval_label(self) -> str:
+        """The intervals' heading, from their confidence: "95% CI"."""
         return f"{100 * self.metadata.confidence:g}% CI"
 
     def display_rows(self) -> tuple[list[str], list[list[str]], list[bool]]:
