@@ -156,6 +156,12 @@ class FlagSet:
     definition: str = ""
 
 
+# The columns a release has beside its dimensions' keys (see engine.release), which no variable
+# may take as its name in any case: a dimension so named would overwrite one, or be read as one.
+CELL_COLUMNS = ("value", "ci_low", "ci_high", "suppressed", "status")
+RESERVED_NAMES = frozenset({"flag", *CELL_COLUMNS})
+
+
 class DerivedKind(Enum):
     M49_REGION = "m49_region"
     M49_SUBREGION = "m49_subregion"
@@ -491,6 +497,12 @@ def _parse_codebook(raw: Mapping[str, Any]) -> Codebook:
     names = [v.name for v in variables] + [f.name for f in flag_sets] + [d.name for d in derived]
     if len(set(names)) != len(names):
         raise CodebookError(f"{name}: names must be unique across variables, flag sets, derived")
+    taken = sorted(n for n in names if n.lower() in RESERVED_NAMES)
+    if taken:
+        raise CodebookError(
+            f"{name}: {', '.join(taken)} is the name of a column every release has beside its "
+            "keys; call it something else"
+        )
     unit = _parse_privacy_unit(name, raw.get("privacy_unit") or {}, by_name)
     k = raw.get("min_cell_size", 10)
     if type(k) is not int or k < 1:

@@ -16,7 +16,7 @@ from typing import Any
 
 from engine import synthetic
 from engine.backend import DuckDBBackend
-from engine.codebook import default_codebook
+from engine.codebook import CELL_COLUMNS, default_codebook
 from engine.engine import Engine
 from engine.ledger import Ledger
 from engine.loss import Accounting, PrivacyLoss, format_amount
@@ -154,7 +154,7 @@ def _print_release(title: str, release: Release, *, charged: Fraction) -> None:
         {
             name: ["(missing)" if k is None else k for k in release.table[name].to_pylist()]
             for name in frame.columns
-            if name not in _VALUE_COLUMNS
+            if name not in CELL_COLUMNS
         }
     )
     shown["value"] = [
@@ -176,9 +176,6 @@ def _print_release(title: str, release: Release, *, charged: Fraction) -> None:
         f"   {meta.mechanism}, scale {meta.noise_scale:.3g}, tau {meta.tau}, "
         f"{meta.suppressed_cells} of {meta.cells} cells suppressed; {cost}\n"
     )
-
-
-_VALUE_COLUMNS = {"value", "ci_low", "ci_high", "suppressed"}
 
 
 def _number(value: float, proportion: bool) -> str:

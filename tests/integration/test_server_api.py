@@ -111,7 +111,7 @@ def test_release_is_charged_and_replayed(live: LiveServer) -> None:
     )
     assert metadata.release_id and metadata.charge_id and metadata.fingerprint
     table = pa.ipc.open_stream(first.arrow_ipc).read_all()
-    assert table.column_names == ["gender", "value", "ci_low", "ci_high", "suppressed"]
+    assert table.column_names == ["gender", "value", "ci_low", "ci_high", "suppressed", "status"]
     assert table.num_rows == 4
     # The bytes are the engine's release, metadata included.
     assert Release.from_bytes(first.arrow_ipc).metadata.release_id == metadata.release_id

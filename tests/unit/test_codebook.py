@@ -169,6 +169,13 @@ def _minimal(**overrides: object) -> dict[str, object]:
         ({"privacy_unit": {"id_column": "nobody"}}, "not a stored variable"),
         ({"privacy_unit": {"max_rows_per_person": 0}}, "max_rows_per_person"),
         ({"privacy_unit": {"max_rows_per_person": "2"}}, "max_rows_per_person"),
+        # A release's own columns: a dimension so named would overwrite one.
+        (
+            {"variables": [{"name": "a", "type": "flag"}, {"name": "Status", "type": "flag"}],
+             "flag_sets": []},
+            "Status is the name of a column every release has",
+        ),
+        ({"flag_sets": [{"name": "value", "flags": ["a", "b"]}]}, "value is the name of a column"),
     ],
 )
 def test_malformed_codebooks_are_refused(overrides: dict[str, object], message: str) -> None:

@@ -1227,8 +1227,9 @@ class ReleaseResponse(_message.Message):
     arrow_ipc: _builtins.bytes
     """The cells as an Arrow IPC stream, one row per cell of the public domain: one column per
     group-by dimension (null is the missing key), `flag` for flag-set measures, `value`, `ci_low`,
-    `ci_high` (null when suppressed) and `suppressed`. The schema metadata key "veil.release"
-    repeats the metadata above as JSON.
+    `ci_high` (null when suppressed), `suppressed` and `status` ("published", "suppressed" under
+    tau, or "empty" by the query's own terms; dictionary-encoded). The schema metadata key
+    "veil.release" repeats the metadata above as JSON.
     """
     charged: _builtins.str
     """What this call cost the caller: the release's loss when it was made for this call, "0" when
