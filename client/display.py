@@ -129,7 +129,9 @@ def value_accuracy_text(measure: str, half_width: float | None, assumed_count: i
     if half_width is None:
         return ""
     if measure == "Proportion":
-        return (f"a share's interval in a cell of {assumed_count} records: at most +/- "
+        # About, not at most: the release divides by the cell's noisy count, which falls below
+        # the true one about half the time.
+        return (f"a share's interval in a cell of {assumed_count} records: about +/- "
                 f"{rounded_up(100 * half_width)} points")
     if measure == "Mean":
         return (f"a mean's interval in a cell of {assumed_count} records: about +/- "

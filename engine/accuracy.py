@@ -17,6 +17,7 @@ from fractions import Fraction
 import numpy as np
 
 from engine.loss import Accounting
+from engine.query import Count, FlagCounts, Measure
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,15 @@ def _gaussian_pmf(scale: float) -> tuple[np.ndarray, np.ndarray]:
 def bonferroni_level(confidence: float, parts: int) -> float:
     """The per-part level whose union bound gives `confidence` jointly."""
     return 1.0 - (1.0 - confidence) / parts
+
+
+def count_interval_level(measure: Measure, confidence: float) -> float:
+    """The level each count's interval in a release of `measure` is taken at. A count's takes
+    the whole confidence; a share's two counts, and a sum's or mean's sum and count, share it
+    by the union bound."""
+    if isinstance(measure, (Count, FlagCounts)):
+        return confidence
+    return bonferroni_level(confidence, 2)
 
 
 def scale_for_share(accounting: Accounting, sensitivity: int, share: Fraction) -> float:

@@ -17,7 +17,12 @@ from fractions import Fraction
 
 import numpy as np
 
-from engine.accuracy import NoiseDistribution, round_up_amount, share_for_scale
+from engine.accuracy import (
+    NoiseDistribution,
+    count_interval_level,
+    round_up_amount,
+    share_for_scale,
+)
 from engine.backend import Backend, Cancellation
 from engine.codebook import Codebook, Dimension, Kind
 from engine.errors import CodebookError, InvalidLossError, QueryCancelledError
@@ -31,6 +36,7 @@ from engine.release import (
     Release,
     build_answer,
     empty_cell_bound_of,
+    interval_quantiles,
     value_half_width,
 )
 from engine.settings import Settings
@@ -103,17 +109,20 @@ class Engine:
         """The smallest accepted loss (to three significant digits) whose count intervals are at
         most `half_width` on each side.
 
-        `confidence` is the intervals' level (default: the deployment's, 0.95). A loss is accepted
-        between `engine.loss.MIN_AMOUNT` and `MAX_AMOUNT`. When even the least accepted loss gives
-        narrower intervals than asked, that least loss is returned: it meets the target and no
-        smaller one can be charged. When even the largest cannot make them this narrow,
-        InvalidLossError says so and gives the narrowest half-width that can be had.
+        `confidence` is the intervals' level (default: the deployment's, 0.95). A share's two
+        counts, and a sum's or mean's sum and count, share it as the release's intervals do
+        (`count_interval_level`): the target is each count's interval in the release. A loss is
+        accepted between `engine.loss.MIN_AMOUNT` and `MAX_AMOUNT`. When even the least accepted
+        loss gives narrower intervals than asked, that least loss is returned: it meets the
+        target and no smaller one can be charged. When even the largest cannot make them this
+        narrow, InvalidLossError says so and gives the narrowest half-width that can be had.
         """
         if half_width < 1:
             raise InvalidLossError("target half-width must be at least 1")
-        level = self.settings.confidence if confidence is None else confidence
-        if not 0.5 <= level < 1:
-            raise InvalidLossError(f"confidence must lie in [0.5, 1), got {level!r}")
+        confidence = self.settings.confidence if confidence is None else confidence
+        if not 0.5 <= confidence < 1:
+            raise InvalidLossError(f"confidence must lie in [0.5, 1), got {confidence!r}")
+        level = count_interval_level(query.measure, confidence)
         probe = self.plan(query, loss=self._loss(Fraction(1)))
         count = next(c for c in probe.components if c.thresholded)
         parts = len(probe.components)
@@ -131,8 +140,8 @@ class Engine:
             if narrowest > half_width:
                 raise InvalidLossError(
                     f"no accepted loss gives this query intervals of +/-{half_width} at "
-                    f"confidence {level}: the largest, {largest}, gives +/-{narrowest}; ask for "
-                    f"a half-width of at least {narrowest}"
+                    f"confidence {confidence}: the largest, {largest}, gives +/-{narrowest}; "
+                    f"ask for a half-width of at least {narrowest}"
                 )
             return largest
         # Into the accepted range: the least accepted loss meets any wider target, and rounding
@@ -164,7 +173,7 @@ class Engine:
             mechanism=distribution.mechanism,
             noise_scale=distribution.scale,
             tau=plan.tau,
-            half_width=distribution.quantile_abs(self.settings.confidence),
+            half_width=int(interval_quantiles(plan)[0]),  # each count's, as the release takes it
             confidence=self.settings.confidence,
             assumed_count=assumed,
             expected_suppressed_share=1.0 - distribution.publish_probability(assumed, plan.tau),

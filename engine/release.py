@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from engine.accuracy import EmptyCellBound, bonferroni_level, empty_cell_bound
+from engine.accuracy import EmptyCellBound, count_interval_level, empty_cell_bound
 from engine.codebook import RESERVED_NAMES, Dimension
 from engine.loss import format_amount
 from engine.planner import Plan
@@ -312,8 +312,9 @@ def value_half_width(plan: Plan, count: int) -> float:
     """About how far a cell's interval reaches either side, in the measure's own units, for a
     cell of `count` records: the accuracy a dry run can state before anything is read.
 
-    A count's is the count noise's quantile. A share N / (N + C) moves by at most q / count
-    either way (q: each count's quantile under the union bound, as `build_answer` takes it). A
+    A count's is the count noise's quantile. A share N / (N + C) moves by about q / count either
+    way (q: each count's quantile under the union bound, as `build_answer` takes it; the noisy
+    count stands in for the true one, so a published share's is wider about half the time). A
     sum's is its interval's spread. A mean's, (q_sum + reach x q_count) / (count - q_count),
     with reach the farthest a clamped value lies from the shift, and never more than the
     variable's range: the noisy count stands in for the true one.
@@ -339,9 +340,9 @@ def interval_quantiles(plan: Plan) -> tuple[float, float]:
     mean's sum and count, share it by the union bound (`bonferroni_level`)."""
     measure = plan.query.measure
     count_dist = plan.count_mechanism.distribution
+    level = count_interval_level(measure, plan.settings.confidence)
     if isinstance(measure, (Count, FlagCounts)):
-        return count_dist.quantile_abs(plan.settings.confidence), 0.0
-    level = bonferroni_level(plan.settings.confidence, 2)
+        return count_dist.quantile_abs(level), 0.0
     q_sum = (
         plan.mechanisms[0].distribution.quantile_abs(level)
         if isinstance(measure, (Sum, Mean))

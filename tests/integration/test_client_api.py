@@ -638,7 +638,7 @@ def test_cells_the_query_rules_out_arrive_as_stated_zeros(
     # Its accuracy in points, for a cell of the count assumed.
     assert priced.measure == "Proportion" and priced.value_half_width is not None
     points = f"+/- {rounded_up(100 * priced.value_half_width)} points"
-    assert f"a share's interval in a cell of 400 records: at most {points}" in repr(priced)
+    assert f"a share's interval in a cell of 400 records: about {points}" in repr(priced)
     share = shares.release(epsilon="0.1")
     adult = share.cell(majorityStatus="Adult")
     assert adult.suppressed and adult.status == "empty" and adult.value is None

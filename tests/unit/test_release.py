@@ -20,7 +20,7 @@ from engine.engine import Engine
 from engine.errors import CodebookError, InvalidLossError, InvalidQueryError
 from engine.loss import MAX_AMOUNT, MIN_AMOUNT, Accounting, PrivacyLoss
 from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
-from engine.release import Answer, Release
+from engine.release import Answer, Release, interval_quantiles
 from engine.settings import Settings
 from tests.conftest import write_database
 
@@ -294,6 +294,26 @@ def test_loss_for_half_width_is_the_smallest_that_reaches_it(
         # Three significant digits: 2% less loss misses the target.
         smaller = engine.plan(query, loss=PrivacyLoss(loss.accounting, loss.amount * 98 / 100))
         assert smaller.count_mechanism.distribution.quantile_abs(confidence) > half_width
+
+
+@pytest.mark.parametrize("accounting", list(Accounting))
+@pytest.mark.parametrize(
+    "measure", [Proportion(Eq("isSexualExploit", 1)), Mean("yearOfRegistration")],
+    ids=["proportion", "mean"],
+)
+def test_a_target_for_a_ratio_is_what_its_counts_get_in_the_release(
+    make_engine: Callable[..., Engine], accounting: str, measure: Proportion | Mean
+) -> None:
+    """A share's two counts (a mean's sum and count) share the confidence by the union bound:
+    the target half-width is what each count's interval in the release is, and the dry run
+    states that, not the whole confidence's quantile, which no interval in the release has."""
+    engine = make_engine(ROWS, settings=Settings(accounting=Accounting(accounting)))
+    query = Query(measure, by=("gender",))
+    dry = engine.dry_run(query, half_width=25)
+    plan = engine.plan(query, loss=dry.loss)
+    assert dry.half_width == interval_quantiles(plan)[0] <= 25
+    smaller = engine.plan(query, loss=PrivacyLoss(dry.loss.accounting, dry.loss.amount * 98 / 100))
+    assert interval_quantiles(smaller)[0] > 25
 
 
 @pytest.mark.parametrize("accounting", list(Accounting))
