@@ -36,6 +36,34 @@ def test_bearer_parsing() -> None:
     assert bearer_token(()) is None and bearer_token(None) is None
 
 
+_EVERY = frozenset({Role.RESEARCHER, Role.AUDITOR, Role.ADMIN})
+_QUERYING = frozenset({Role.RESEARCHER, Role.AUDITOR})
+_AUDITING = frozenset({Role.AUDITOR, Role.ADMIN})
+_ADMIN = frozenset({Role.ADMIN})
+
+# Who may call what, written out by hand rather than read from server.auth, so that widening a
+# method's roles there (a researcher reading every client's releases, say) fails a test. The
+# integration matrix in tests/integration/test_server_auth.py checks a live server against it.
+EXPECTED_ROLES: dict[str, frozenset[Role]] = {
+    "/veil.v1.Research/GetCodebook": _EVERY,
+    "/veil.v1.Research/DescribeVariable": _EVERY,
+    "/veil.v1.Research/DryRun": _EVERY,
+    "/veil.v1.Research/Release": _QUERYING,
+    "/veil.v1.Research/GetBudget": _QUERYING,
+    "/veil.v1.Research/ListMyReleases": _QUERYING,
+    "/veil.v1.Research/GetRelease": _QUERYING,
+    "/veil.v1.Admin/RegisterClient": _ADMIN,
+    "/veil.v1.Admin/SetBudget": _ADMIN,
+    "/veil.v1.Admin/RevokeClient": _ADMIN,
+    "/veil.v1.Admin/ListClients": _ADMIN,
+    "/veil.v1.Admin/RotateToken": _ADMIN,
+    "/veil.v1.Audit/GetLedgerReport": _AUDITING,
+    "/veil.v1.Audit/ListReleases": _AUDITING,
+    "/veil.v1.Audit/VerifyAuditLog": _AUDITING,
+    "/veil.v1.Audit/GetAuditTables": _AUDITING,
+}
+
+
 def test_every_method_has_roles() -> None:
     methods = {
         f"/{service.full_name}/{method.name}"
@@ -43,9 +71,18 @@ def test_every_method_has_roles() -> None:
         for method in service.methods
     }
     assert set(METHOD_ROLES) == methods
-    assert Role.RESEARCHER not in METHOD_ROLES["/veil.v1.Admin/RegisterClient"]
-    assert Role.ADMIN not in METHOD_ROLES["/veil.v1.Research/Release"]
-    assert Role.RESEARCHER not in METHOD_ROLES["/veil.v1.Audit/VerifyAuditLog"]
+    assert set(EXPECTED_ROLES) == methods
+
+
+def test_each_method_is_for_exactly_the_roles_it_should_be() -> None:
+    wrong = {
+        method: (sorted(r.value for r in METHOD_ROLES.get(method, frozenset())),
+                 sorted(r.value for r in expected))
+        for method, expected in EXPECTED_ROLES.items()
+        if METHOD_ROLES.get(method) != expected
+    }
+    assert not wrong, wrong  # method: (roles it has, roles it should have)
+    assert dict(METHOD_ROLES) == EXPECTED_ROLES
 
 
 def test_rate_limiter() -> None:
