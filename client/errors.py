@@ -149,16 +149,19 @@ class PermissionDenied(VeilError):
 
 
 class ServerUnavailable(VeilError):
-    """The server could not be reached, is stopping, or could not record a charge. Nothing was
-    charged; the call may be retried (a release with the same request id)."""
+    """The server could not be reached, is stopping, or could not record a charge. The call may
+    be retried: a release with the same request id is charged at most once (a connection lost
+    after the server charged it gets the stored release back, free)."""
 
 
 class QueryTimeout(VeilError):
-    """The call's deadline passed. Nothing was charged; retry with the same `request_id`."""
+    """The call's deadline passed. Retry with the same `request_id`: a release is charged at
+    most once (one charged just as the deadline passed comes back, free)."""
 
 
 class Cancelled(VeilError):
-    """The call was cancelled. Nothing was charged."""
+    """The call was cancelled. A release cancelled after the server charged it is kept: a retry
+    with the same request id gets it back, free."""
 
 
 class ClientClosed(VeilError):
@@ -324,7 +327,14 @@ def from_rpc_error(
             **kw,
         )
     if code == grpc.StatusCode.CANCELLED:
-        return Cancelled(details, **kw)
+        if not request_id:
+            return Cancelled(details, **kw)
+        return Cancelled(
+            f"{details}; retry with request_id={request_id!r} to be charged at most once",
+            shell_message=f"{details}; retry with --request-id {request_id} to be charged at "
+            "most once",
+            **kw,
+        )
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return RequestConflict(details, **kw)
     if code == grpc.StatusCode.NOT_FOUND:
@@ -414,8 +424,10 @@ def _unavailable_messages(
             f"for a private CA)"
         )
     if request_id:
-        python += f"; nothing was charged, retry with request_id={request_id!r}"
-        shell += f"; nothing was charged, retry with --request-id {request_id}"
+        # Not "nothing was charged": a connection lost after the server charged the release is
+        # also UNAVAILABLE, and a retry under the same id is what gets it back.
+        python += f"; retry with request_id={request_id!r} to be charged at most once"
+        shell += f"; retry with --request-id {request_id} to be charged at most once"
     return python, shell
 
 

@@ -430,6 +430,13 @@ def test_errors_a_researcher_can_read() -> None:
     down = from_rpc_error(FakeError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all "
                                     "addresses"), address="h:1", tls=False)
     assert isinstance(down, client.ServerUnavailable) and "cannot reach" in str(down)
+    # A release lost on its way back (the connection broken, the call cancelled) may have been
+    # charged: the message must not say it was not, and must say how to get it back free.
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        lost = from_rpc_error(FakeError(code, "Socket closed"), request_id="req-7")
+        assert "nothing was charged" not in str(lost)
+        assert "retry with request_id='req-7' to be charged at most once" in str(lost)
+        assert "--request-id req-7" in lost.shell_message
     table = {
         grpc.StatusCode.UNAUTHENTICATED: client.AuthenticationError,
         grpc.StatusCode.PERMISSION_DENIED: client.PermissionDenied,
