@@ -140,6 +140,37 @@ def test_noise_drawn_ahead_is_fresh_additive_noise_of_each_mechanism() -> None:
         assert not np.array_equal(one, two)
 
 
+def test_noise_drawn_ahead_in_chunks_draws_each_chunk_afresh() -> None:
+    # A large answer's noise is drawn AHEAD_CHUNK values at a time; reusing one chunk's draws
+    # for the next would give cells AHEAD_CHUNK apart the same noise, which no privacy map
+    # covers (their difference would be exact). Three whole chunks and a part of one, for a
+    # discrete Laplace and a discrete Gaussian of scale about 10.
+    chunk = noise.AHEAD_CHUNK
+    size = 3 * chunk + 1000
+    mechanisms = [
+        calibrate(Accounting.PURE_DP, sensitivity=1, budget=Fraction(1, 10)),
+        calibrate(Accounting.ZCDP, sensitivity=1, budget=Fraction(1, 200)),
+    ]
+    drawn = NoiseAhead(mechanisms, [size, size]).add_to([np.zeros(size, dtype=np.int64)] * 2)
+    for z in drawn:
+        assert z.shape == (size,)
+        chunks = [z[start : start + chunk] for start in range(0, size, chunk)]
+        # Exact equality: at scale 10 no value has probability above 0.05, so two independent
+        # runs of n values agree with probability below 0.05**n, 0.05**1000 for the shortest
+        # comparison here: it never happens by chance.
+        for i, one in enumerate(chunks):
+            for other in chunks[i + 1 :]:
+                assert not np.array_equal(one[: other.size], other[: one.size])
+        # Correlation between whole chunks: for independent draws it has standard deviation
+        # 1/sqrt(32768) = 0.0055, so 0.1 is 18 of them (a chance of about 1e-70 under the normal
+        # approximation; the sixth-moment bound 15 / (n^3 * 0.1^6), which needs no normality,
+        # is 4e-7 per pair). Reused noise has correlation 1.
+        whole = chunks[:3]
+        for i, one in enumerate(whole):
+            for other in whole[i + 1 :]:
+                assert abs(np.corrcoef(one, other)[0, 1]) < 0.1
+
+
 class _Gated:
     """A stand-in mechanism whose first chunk waits for the test, counting the chunks drawn."""
 
