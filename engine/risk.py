@@ -144,6 +144,7 @@ class Diversity:
     homogeneous_classes: int
     records_in_homogeneous: int
     records_in_homogeneous_k_anonymous: int  # in homogeneous classes of at least k records
+    values_disclosed: tuple[str, ...] = ()  # the values those classes share, as text
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,8 @@ class RiskReport:
             if d.records_in_homogeneous_k_anonymous:
                 lines.append(
                     f"WARNING: {d.records_in_homogeneous_k_anonymous:,} records are in classes of "
-                    f"at least {self.k} whose members all share one value of {d.variable}: "
-                    f"knowing a person's class discloses it."
+                    f"at least {self.k} whose members all share one value of {d.variable} "
+                    f"({_values(d.values_disclosed)}): knowing a person's class discloses it."
                 )
         lines += [
             "",
@@ -443,6 +444,7 @@ def assess(
                 homogeneous_classes=int(d[f"h{j}"][0]),
                 records_in_homogeneous=int(d[f"r{j}"][0]),
                 records_in_homogeneous_k_anonymous=int(d[f"rk{j}"][0]),
+                values_disclosed=tuple(str(v) for v in (d[f"kv{j}"][0] or ())),
             )
             for j, name in enumerate(sensitive_names)
         )
@@ -575,3 +577,11 @@ __all__ = [
     "assess_path",
     "binary_guess_bound",
 ]
+
+
+def _values(values: tuple[str, ...]) -> str:
+    """The values homogeneous classes disclose: a 0 of a flag is a negative disclosure (not
+    sexually exploited), a 1 a positive one; the custodian weighs them differently."""
+    if len(values) == 1:
+        return f"{values[0]} in every such class"
+    return "one of " + ", ".join(values) + ", by class"

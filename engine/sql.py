@@ -561,9 +561,10 @@ def risk_diversity(
 
     Per sensitive variable j: `l{j}` the fewest distinct values in any class (missing counts as
     a value), `h{j}` the classes whose members all hold one value that is not missing (a class
-    all missing discloses nothing), `r{j}` the records in them, and `rk{j}` the records in such
-    classes of at least k records (k-anonymous, yet every member's value is known). Class sizes
-    count people when `person` is given; records are records."""
+    all missing discloses nothing), `r{j}` the records in them, `rk{j}` the records in such
+    classes of at least k records (k-anonymous, yet every member's value is known), and `kv{j}`
+    the values those classes share, as text. Class sizes count people when `person` is given;
+    records are records."""
     if not sensitive:
         raise ValueError("l-diversity needs at least one sensitive variable")
     inner = [f"{_class_size(person)} AS n", "count(*) AS records"]
@@ -576,11 +577,13 @@ def risk_diversity(
         )
         # One value shared by every member, and known: a class all missing discloses nothing.
         inner.append(f"count(DISTINCT {column}) = 1 AND count({column}) = count(*) AS s{j}")
-        at_least = parameters.bind(k)
+        inner.append(f"min({column})::VARCHAR AS v{j}")
+        at_least, again = parameters.bind(k), parameters.bind(k)
         outer.append(
             f"min(d{j}) AS l{j}, count(*) FILTER (WHERE s{j}) AS h{j}, "
             f"coalesce(sum(records) FILTER (WHERE s{j}), 0) AS r{j}, "
-            f"coalesce(sum(records) FILTER (WHERE s{j} AND n >= {at_least}), 0) AS rk{j}"
+            f"coalesce(sum(records) FILTER (WHERE s{j} AND n >= {at_least}), 0) AS rk{j}, "
+            f"list(DISTINCT v{j} ORDER BY v{j}) FILTER (WHERE s{j} AND n >= {again}) AS kv{j}"
         )
     group = (" GROUP BY " + ", ".join(quote(name) for name in qis)) if qis else ""
     text = (

@@ -133,6 +133,8 @@ def test_with_records_of_people_classes_are_counted_in_people(tmp_path: Path) ->
     assert diversity.homogeneous_classes == 2
     assert diversity.records_in_homogeneous == 10 + 10
     assert diversity.records_in_homogeneous_k_anonymous == 10
+    assert diversity.values_disclosed == ("1",)  # positive disclosure: B's members all have f1
+    assert "share one value of f1 (1 in every such class)" in report.render()
     assert any("counted in people (personId" in note for note in report.notes)
     assert "counted in people" in report.render()
 
