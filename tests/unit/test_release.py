@@ -14,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from engine.accuracy import bonferroni_level
 from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.errors import CodebookError, InvalidLossError, InvalidQueryError
 from engine.loss import MAX_AMOUNT, MIN_AMOUNT, Accounting, PrivacyLoss
 from engine.query import Count, Eq, FlagCounts, Mean, Proportion, Query, Sum
-from engine.release import Answer, Release, interval_quantiles
+from engine.release import Answer, Release, build_answer, interval_quantiles
 from engine.settings import Settings
 from tests.conftest import write_database
 
@@ -317,6 +318,37 @@ def test_a_target_for_a_ratio_is_what_its_counts_get_in_the_release(
 
 
 @pytest.mark.parametrize("accounting", list(Accounting))
+@pytest.mark.parametrize(
+    "measure",
+    [Count(), FlagCounts("meansOfControl"), Proportion(Eq("isSexualExploit", 1)),
+     Sum("yearOfRegistration"), Mean("yearOfRegistration")],
+    ids=lambda m: type(m).__name__,
+)
+def test_a_ratio_or_sum_takes_each_noise_at_the_union_bounds_level(
+    make_engine: Callable[..., Engine], accounting: Accounting, measure: Any
+) -> None:
+    # A count's interval is the only quantity its release states, so it takes the whole
+    # confidence; a share's two counts, and a sum's or mean's sum and count, are two noisy
+    # quantities each, so each is taken at 1 - (1 - confidence) / 2 for the pair to hold jointly.
+    engine = make_engine(ROWS, settings=Settings(accounting=accounting))
+    loss = PrivacyLoss.pure("0.5") if accounting is Accounting.PURE_DP else PrivacyLoss.zcdp("0.1")
+    plan = engine.plan(Query(measure, by=("gender",)), loss=loss)
+    confidence = plan.settings.confidence
+    split = not isinstance(measure, (Count, FlagCounts))
+    level = bonferroni_level(confidence, 2) if split else confidence
+    count_dist = plan.count_mechanism.distribution
+    q_count, q_sum = interval_quantiles(plan)
+    assert q_count == count_dist.quantile_abs(level)
+    if split:
+        assert q_count > count_dist.quantile_abs(confidence)  # the two levels differ here
+    if isinstance(measure, (Sum, Mean)):
+        sum_dist = plan.mechanisms[0].distribution
+        assert q_sum == sum_dist.quantile_abs(level) > sum_dist.quantile_abs(confidence)
+    else:
+        assert q_sum == 0
+
+
+@pytest.mark.parametrize("accounting", list(Accounting))
 def test_loss_for_half_width_stays_within_the_accepted_losses(
     make_engine: Callable[..., Engine], accounting: Accounting
 ) -> None:
@@ -401,6 +433,41 @@ def test_cells_the_query_rules_out_are_stated_not_noised(engine: Engine) -> None
     assert counts.metadata.expected_empty_published_bound == pytest.approx(
         full.expected_empty_published_bound / 4  # type: ignore[operator]
     )
+
+
+@pytest.mark.parametrize(
+    ("by", "where"),
+    [
+        (("majorityStatus", "gender"), Eq("majorityStatus", "Minor")),
+        # A derived dimension: a filter on the age band rules out the other majority statuses.
+        (("majorityFromAge",), Eq("ageBroad", "9--17")),
+    ],
+    ids=["grouped-and-filtered", "derived"],
+)
+def test_a_mean_the_query_rules_out_is_never_published_even_when_its_noisy_count_passes(
+    engine: Engine, by: tuple[str, ...], where: Eq
+) -> None:
+    # A mean over no record has no value: its noisy count, however large, is noise around 0 and
+    # its noisy sum pure noise. With every noisy count pinned far above tau, the cells the query
+    # rules out must still be withheld and marked empty, while the others are published.
+    plan = engine.plan(Query(Mean("yearOfRegistration"), by=by, where=where), loss=SHARP)
+    unreachable = plan.unreachable_row_mask
+    assert unreachable.any() and not unreachable.all()
+    n = plan.group_cells
+    present = np.full(n, plan.tau + 100, dtype=np.int64)
+    shifted = present * 3  # a mean of shift + 3, inside the variable's bounds
+    result = build_answer(plan, [shifted, present], data_version="pinned")
+    rows = result.table.to_pylist()
+    assert len(rows) == n
+    for row, ruled_out in zip(rows, unreachable, strict=True):
+        if ruled_out:
+            assert row["status"] == "empty" and row["suppressed"], row
+            assert (row["value"], row["ci_low"], row["ci_high"]) == (None, None, None), row
+        else:
+            assert row["status"] == "published" and not row["suppressed"], row
+            assert row["value"] is not None
+    assert result.metadata.unreachable_cells == int(unreachable.sum())
+    assert result.metadata.suppressed_cells == int(unreachable.sum())
 
 
 @pytest.mark.parametrize(
