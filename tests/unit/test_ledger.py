@@ -341,6 +341,27 @@ def test_reservation_refuses_an_answer_for_another_query(engine: Engine, ledger:
     assert ledger.releases() == [] and ledger.budget("client", "alice").held == 0
 
 
+def test_reservation_refuses_an_answer_made_at_another_loss(engine: Engine, ledger: Ledger) -> None:
+    # The fingerprint names the query, not the loss: an answer computed with more loss (less
+    # noise) than was reserved and charged must not be stored or sent under the smaller charge.
+    plan = engine.plan(distinct_query(0), loss=EPS)
+    louder = engine.answer(engine.plan(distinct_query(0), loss=PrivacyLoss.pure("0.2")))
+    relabelled = engine.answer(plan)
+    relabelled = replace(relabelled, metadata=replace(relabelled.metadata, loss="0.2"))
+    for i, answer in enumerate((louder, relabelled)):
+        assert answer.metadata.fingerprint == plan.fingerprint
+        reservation = ledger.reserve(plan, client="alice", request_id=f"loss-{i}")
+        with pytest.raises(VeilError, match="does not match"):
+            reservation.commit(answer)
+    assert ledger.releases() == []
+    assert ledger.spent("alice") == 0 and ledger.budget("client", "alice").held == 0
+    charges = ledger.charges()
+    assert [(c.state, c.reason, c.release_id) for c in charges] == [
+        ("cancelled", "commit_failed", None)
+    ] * 2
+    assert_verified(ledger)
+
+
 # ---- retries and replays ---------------------------------------------------------------------
 
 
