@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine import noise
+from engine import accuracy, noise
 from engine.accuracy import NoiseDistribution, _gaussian_pmf
 from engine.errors import QueryCancelledError
 from engine.loss import Accounting
@@ -91,6 +92,38 @@ def test_charged_loss_is_at_least_opendps_map() -> None:
     for accounting, sensitivity, budget in CASES:
         mechanism = calibrate(accounting, sensitivity=sensitivity, budget=budget)
         assert Fraction(mechanism.measurement.map(sensitivity)) == mechanism.loss <= budget
+
+
+@pytest.fixture
+def fresh_calibration() -> Iterator[None]:
+    # calibrate is cached: mechanisms calibrated under a patched scale must not outlive the test.
+    calibrate.cache_clear()
+    yield
+    calibrate.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_calibration")
+@pytest.mark.parametrize("accounting", list(Accounting))
+@pytest.mark.parametrize("factor", [0.5, 0.75, 0.9, 1 - 1e-12])
+def test_calibration_never_returns_a_mechanism_costing_more_than_its_budget(
+    monkeypatch: pytest.MonkeyPatch, accounting: Accounting, factor: float
+) -> None:
+    # The analytic scale normally passes at once, so the check of OpenDP's map against the
+    # budget is never seen to refuse: with a starting scale that is too small, calibration
+    # must fail outright rather than hand out a mechanism that costs more than is charged.
+    correct = accuracy.scale_for_share
+
+    def too_small(accounting: Accounting, sensitivity: int, share: Fraction) -> float:
+        return correct(accounting, sensitivity, share) * factor
+
+    monkeypatch.setattr(noise, "scale_for_share", too_small)
+    for sensitivity, budget in ((1, Fraction(1, 2)), (3, Fraction(2)), (1, Fraction(1, 8))):
+        try:
+            mechanism = calibrate(accounting, sensitivity=sensitivity, budget=budget)
+        except ArithmeticError:
+            continue
+        assert mechanism.loss <= budget
+        assert Fraction(mechanism.measurement.map(sensitivity)) <= budget
 
 
 def test_noise_is_integer_valued() -> None:
