@@ -32,6 +32,10 @@ from engine.loss import Accounting
 enable_features("contrib")
 
 _INPUT_DOMAIN = vector_domain(atom_domain(T="i64"))
+# Built once, like the domain: constructing a metric costs about as much as the mechanism itself,
+# and every calibration (one per new loss) needs one. Both are immutable descriptors.
+_L1_DISTANCE = l1_distance(T="i64")
+_L2_DISTANCE = l2_distance(T="i64")
 
 
 @dataclass(frozen=True)
@@ -191,8 +195,8 @@ def _thread_pool() -> ThreadPoolExecutor:
 
 def _measurement(accounting: Accounting, scale: float) -> Any:
     if accounting is Accounting.PURE_DP:
-        return make_laplace(_INPUT_DOMAIN, l1_distance(T="i64"), scale=scale)
-    return make_gaussian(_INPUT_DOMAIN, l2_distance(T="i64"), scale=scale)
+        return make_laplace(_INPUT_DOMAIN, _L1_DISTANCE, scale=scale)
+    return make_gaussian(_INPUT_DOMAIN, _L2_DISTANCE, scale=scale)
 
 
 @functools.lru_cache(maxsize=256)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -89,6 +89,9 @@ class ReleaseMetadata:
         return self.suppressed_by_rule / reachable if reachable else 0.0
 
 
+_META_FIELDS = fields(ReleaseMetadata)
+
+
 @dataclass(frozen=True)
 class Answer:
     """A computed, noisy, suppressed table that has not been charged and must not leave."""
@@ -124,7 +127,11 @@ class Release:
         """An Arrow IPC stream carrying the metadata in its schema; stored and sent as is."""
         if self._data is not None:
             return self._data
-        meta = json.dumps(asdict(self.metadata), sort_keys=True).encode()
+        # Every field is a str, int, float or None, so a shallow dict is what asdict (which
+        # deep-copies each value) would give, at a tenth of the cost.
+        meta = json.dumps(
+            {f.name: getattr(self.metadata, f.name) for f in _META_FIELDS}, sort_keys=True
+        ).encode()
         table = self.table.replace_schema_metadata({_META_KEY: meta})
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
