@@ -88,13 +88,17 @@ class Variable:
 
     @functools.cached_property
     def spellings(self) -> Mapping[str, Code]:
-        """A category's label and aliases (the codebook's own spellings, which source files
-        may use too) to its code; a spelling that is another category's code means that code."""
-        found: dict[str, Code] = {}
+        """Every spelling of a category's code (the code itself, its label and aliases, which
+        source files and queries may use) to the code. One rule for loads and queries: a
+        spelling of two codes is refused when the codebook is read."""
+        found: dict[str, Code] = {c.code: c.code for c in self.categories}
         for category in self.categories:
             for spelling in (category.label, *category.aliases):
-                if spelling not in self.code_index:
-                    found.setdefault(spelling, category.code)
+                known = found.setdefault(spelling, category.code)
+                if known != category.code:
+                    raise CodebookError(
+                        f"{self.name}: {spelling!r} spells both {known!r} and {category.code!r}"
+                    )
         return found
 
     def label_of(self, code: Code) -> str:
@@ -409,7 +413,7 @@ def _parse_variable(raw: Mapping[str, Any]) -> Variable:
         raise CodebookError(f"{name}: a category variable needs categories")
     if len({c.code for c in categories}) != len(categories):
         raise CodebookError(f"{name}: duplicate category codes")
-    return Variable(
+    variable = Variable(
         name=name,
         kind=kind,
         definition=" ".join(str(raw.get("definition", "")).split()),
@@ -422,6 +426,8 @@ def _parse_variable(raw: Mapping[str, Any]) -> Variable:
         unknown_code=str(raw["unknown_code"]) if raw.get("unknown_code") is not None else None,
         flag_set=raw.get("flag_set"),
     )
+    variable.spellings  # noqa: B018  (refuses a spelling of two codes now, not at a query)
+    return variable
 
 
 def _derived_mapping(

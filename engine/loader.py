@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from engine import data_file
 from engine.codebook import Codebook, Kind, Variable
-from engine.errors import CodebookError, LoadError
+from engine.errors import LoadError
 from engine.sql import (
     LoadColumn,
     SourceFile,
@@ -446,15 +446,7 @@ def _spellings(variable: Variable) -> tuple[tuple[str, str], ...]:
     """Every source spelling of a category variable's codes: code, label and aliases."""
     if variable.kind is not Kind.CATEGORY:
         return ()
-    mapping = {c.code: c.code for c in variable.categories}
-    for category in variable.categories:
-        for spelling in (category.label, *category.aliases):
-            known = mapping.setdefault(spelling, category.code)
-            if known != category.code:
-                raise CodebookError(
-                    f"{variable.name}: {spelling!r} spells both {known!r} and {category.code!r}"
-                )
-    return tuple(mapping.items())
+    return tuple((spelling, str(code)) for spelling, code in variable.spellings.items())
 
 
 # ---- running the two scans ----

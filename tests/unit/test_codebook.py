@@ -176,6 +176,20 @@ def _minimal(**overrides: object) -> dict[str, object]:
             "Status is the name of a column every release has",
         ),
         ({"flag_sets": [{"name": "value", "flags": ["a", "b"]}]}, "value is the name of a column"),
+        # One spelling for two codes: a query or a source file could not say which it means.
+        (
+            {"variables": [{"name": "c", "type": "category", "categories": [
+                {"code": "U", "aliases": ["Not recorded"]},
+                {"code": "R", "aliases": ["Not recorded"]},
+            ]}], "flag_sets": []},
+            "'Not recorded' spells both 'U' and 'R'",
+        ),
+        (
+            {"variables": [{"name": "c", "type": "category", "categories": [
+                {"code": "U", "label": "R"}, {"code": "R"},
+            ]}], "flag_sets": []},
+            "'R' spells both 'R' and 'U'",
+        ),
     ],
 )
 def test_malformed_codebooks_are_refused(overrides: dict[str, object], message: str) -> None:
