@@ -307,8 +307,10 @@ class Codebook:
             )
         return (
             f"the data was loaded with codebook {loaded_with}, not {self.identity} (a different "
-            f"name, version or content); read it with the codebook it was loaded with, or load "
-            f"it again"
+            f"name, version or content: an edited codebook, or a veil upgrade that changed a "
+            f"shipped one); read it with the codebook it was loaded with, or load it again (a "
+            f"new load is a new data version: releases of the old one are not replayed on it, "
+            f"and a table asked again is charged again)"
         )
 
     def variable(self, name: str) -> Variable:

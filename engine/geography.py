@@ -25,9 +25,10 @@ import pycountry
 UNKNOWN_REGION = "Unknown"
 
 
-# M49's intermediate regions and the sub-region each belongs to. The table has no sub-region
+# M49's intermediate regions (those of Sub-Saharan Africa and of Latin America and the
+# Caribbean) and the sub-region each belongs to. The table has no sub-region
 # column of its own, and no maintained package that does (with no network at run time) is light
-# enough to import into the server, so the eight names are written here, from the M49 overview
+# enough to import into the server, so the seven names are written here, from the M49 overview
 # (unstats.un.org/unsd/methodology/m49).
 SUBREGION_OF_INTERMEDIATE = {
     "Eastern Africa": "Sub-Saharan Africa",
@@ -37,13 +38,12 @@ SUBREGION_OF_INTERMEDIATE = {
     "Caribbean": "Latin America and the Caribbean",
     "Central America": "Latin America and the Caribbean",
     "South America": "Latin America and the Caribbean",
-    "Channel Islands": "Northern Europe",
 }
 
 # Where the table's UNregion differs from M49: Nauru (M49 520) is in Micronesia (057), not
-# Polynesia; Guernsey and Jersey form the Channel Islands, an intermediate region of Northern
-# Europe the table does not name.
-UNREGION_CORRECTIONS = {"NR": "Micronesia", "GG": "Channel Islands", "JE": "Channel Islands"}
+# Polynesia. (M49 also makes Guernsey and Jersey an intermediate region of Northern Europe, the
+# Channel Islands; left out, so that "Northern Europe" names one set of countries at both levels.)
+UNREGION_CORRECTIONS = {"NR": "Micronesia"}
 
 
 @dataclass(frozen=True)
