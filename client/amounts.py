@@ -32,6 +32,16 @@ class Amount(Fraction):
     def __repr__(self) -> str:
         return f"Amount({format_amount(self)!r})"
 
+    def __format__(self, spec: str) -> str:
+        """`f"{amount}"` and width or alignment alone give the exact text ("0.3", not "3/10":
+        Fraction formats itself so from Python 3.13); a float presentation type ("f", "e", "g",
+        "%") formats the number."""
+        if not spec or spec[-1] not in "eEfFgG%":
+            return format(str(self), spec)
+        if Fraction.__format__ is not object.__format__:
+            return Fraction.__format__(self, spec)  # exact, from Python 3.12
+        return format(float(self), spec)
+
 
 def _exact(name: str) -> Any:
     operation = getattr(Fraction, name)

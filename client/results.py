@@ -317,7 +317,9 @@ class Release:
         schema_meta = dict(table.schema.metadata or {})
         schema_meta.pop(_META_KEY, None)
         table = table.replace_schema_metadata(schema_meta or None)
-        table = with_status(table, response.metadata.measure)
+        unreachable = (response.metadata.unreachable_cells
+                       if response.metadata.HasField("unreachable_cells") else None)
+        table = with_status(table, response.metadata.measure, unreachable)
         if query is not None:
             table = arrange(table, query.dimensions)
         if response.metadata.measure in ("Count", "FlagCounts"):
@@ -415,7 +417,8 @@ class Release:
         """The JSON document: metadata, the request, dimensions and cells (see README, "For
         researchers"). `request` holds what this call was: its request id, the query as
         written, what it `charged` (exact decimal text; null when not known, as for a release
-        fetched again) and whether it was `replayed` free. `Release.from_json` reads it back."""
+        fetched again) and whether it was `replayed` free (null when that is not known
+        either). `Release.from_json` reads it back."""
         return {
             "format": JSON_FORMAT,
             "metadata": self.metadata.to_dict(),
@@ -423,7 +426,7 @@ class Release:
                 "request_id": self.request_id,
                 "query": self._query_text or (None if self.query is None else str(self.query)),
                 "charged": None if self.charged is None else format_amount(self.charged),
-                "replayed": self.replayed,
+                "replayed": None if self.charged is None else self.replayed,
             },
             "dimensions": self.dimensions,
             "cells": [
@@ -470,7 +473,7 @@ class Release:
         columns["suppressed"] = pa.array([bool(c["suppressed"]) for c in cells], pa.bool_())
         if all("status" in c for c in cells):  # saved before the status: derived below
             columns["status"] = pa.array([c["status"] for c in cells], pa.string())
-        table = with_status(pa.table(columns), metadata.measure)
+        table = with_status(pa.table(columns), metadata.measure, metadata.unreachable_cells)
         if counts:
             table = _integer_bounds(table)
         request = data.get("request") or {}
@@ -598,23 +601,45 @@ class Release:
         return plot_release(self, **kwargs)
 
 
-def with_status(table: pa.Table, measure: str) -> pa.Table:
-    """`table` with its `status` column: the server's, or, for a release stored before the
-    server wrote one, derived from what the cells show. There a cell marked suppressed reads
-    "suppressed", and a count's or sum's cell stated as exactly 0 [0, 0] reads "empty" (a
-    published count is at least tau, and a published sum's interval has a width, so only a cell
-    empty by the query's terms is shown so); a share's or mean's empty cell had no value and
-    was marked suppressed, which is all such a release says of it: it reads "suppressed"."""
-    if "status" in table.column_names:
-        return table
+def with_status(table: pa.Table, measure: str, unreachable: int | None = None) -> pa.Table:
+    """`table` with its `status` column, dictionary-encoded over `STATUSES` whatever its source:
+    the server's, or, for a release stored before the server wrote one, derived from what the
+    cells show. There a cell marked suppressed reads "suppressed", and a count's or sum's cell
+    stated as exactly 0 [0, 0] reads "empty" (a published count is at least tau, and a
+    published sum's interval has a width, so only a cell empty by the query's terms is shown
+    so). A share's or mean's empty cell had no value and was marked suppressed like a withheld
+    one: when the release's `unreachable` count is every cell marked so, they are all empty;
+    otherwise which are is not known, and they read "suppressed"."""
+    names = table.column_names
+    if "status" in names:
+        if names.index("status") < names.index("value"):
+            raise ValueError(
+                "this release groups by a variable named 'status', which this client reads as "
+                "each cell's status; rename the variable in the codebook"
+            )
+        status = table.column("status").to_pylist()
+        return table.set_column(names.index("status"), "status", _status_array(status))
+    hidden = table.column("suppressed").to_pylist()
+    all_empty = (
+        measure in ("Proportion", "Mean") and bool(unreachable) and sum(hidden) == unreachable
+    )
     status = [
-        derived_status(measure, hidden, low, high)
-        for hidden, low, high in zip(
-            table.column("suppressed").to_pylist(), table.column("ci_low").to_pylist(),
-            table.column("ci_high").to_pylist(), strict=True,
+        "empty" if all_empty and withheld else derived_status(measure, withheld, low, high)
+        for withheld, low, high in zip(
+            hidden, table.column("ci_low").to_pylist(), table.column("ci_high").to_pylist(),
+            strict=True,
         )
     ]
-    return table.append_column("status", pa.array(status, pa.string()))
+    return table.append_column("status", _status_array(status))
+
+
+def _status_array(status: list[str]) -> pa.Array:
+    """The status column as the server writes it: indices into `STATUSES`."""
+    try:
+        indices = [STATUSES.index(s) for s in status]
+    except ValueError:
+        raise ValueError(f"a cell's status is none of {', '.join(STATUSES)}") from None
+    return pa.DictionaryArray.from_arrays(pa.array(indices, pa.int8()), pa.array(STATUSES))
 
 
 def derived_status(measure: str, suppressed: bool, low: float | None, high: float | None) -> str:

@@ -646,7 +646,7 @@ def test_a_saved_release_keeps_what_was_paid_and_reads_back_whole() -> None:
     paid.charged = client.Amount("0.5")
     fetched = Release.from_pb(response(count_table(), canonical_query=canonical))
     for saved, charged, free in ((paid, "0.5", False), (replayed, "0", True),
-                                 (fetched, None, False)):
+                                 (fetched, None, None)):
         document = json.loads(saved.to_json())
         assert document["request"]["charged"] == charged
         assert document["request"]["replayed"] is free
@@ -753,9 +753,58 @@ def test_a_release_stored_before_the_status_still_reads_with_one_derived() -> No
     old_share = Release.from_pb(response(reasons_table(status=False), "Proportion"))
     assert [c.status for c in old_share] == ["published", "suppressed", "suppressed",
                                              "suppressed"]
+    # When every cell an old share marked suppressed is one its query rules out (its count says
+    # so), they are all empty; with others withheld beside them, which are is not known.
+    two_empty = reasons_table(status=False).slice(0, 2)
+    assert [c.status for c in Release.from_pb(
+        response(two_empty, "Proportion", unreachable_cells=1))] == ["published", "empty"]
+    assert [c.status for c in Release.from_pb(
+        response(reasons_table(status=False), "Proportion", unreachable_cells=2)
+    )] == ["published", "suppressed", "suppressed", "suppressed"]
     # A JSON document saved before cells had a status reads back with it derived too.
     document = json.loads(Release.from_pb(response(stated)).to_json())
     for c in document["cells"]:
         del c["status"]
     assert [c.status for c in Release.from_json(document)] == ["published", "empty"]
     assert [c.status for c in client.results.cells_from_json(document)] == ["published", "empty"]
+
+
+def test_the_status_column_has_one_type_whatever_the_release_came_from() -> None:
+    """Dictionary-encoded over the statuses, as the server writes it: tables from the server,
+    from an older server (derived) and from a saved document concatenate and compare."""
+    sent = Release.from_pb(response(reasons_table(), "Proportion", unreachable_cells=2))
+    derived = Release.from_pb(response(reasons_table(status=False), "Proportion"))
+    saved = Release.from_json(json.loads(sent.to_json()))
+    types = {r.table.column("status").type for r in (sent, derived, saved)}
+    assert len(types) == 1 and pa.types.is_dictionary(types.pop())
+    assert pa.concat_tables([sent.table, saved.table]).num_rows == 8
+    assert saved.table.equals(sent.table)
+
+
+def test_a_dimension_named_status_is_refused_not_read_as_the_cells_status() -> None:
+    """An older server's codebook could name a variable `status`: its keys are not statuses."""
+    table = pa.table({
+        "status": ["open", "closed"], "value": pa.array([40, 50], pa.int64()),
+        "ci_low": [34.0, 44.0], "ci_high": [46.0, 56.0], "suppressed": [False, False],
+    })
+    with pytest.raises(ValueError, match="groups by a variable named 'status'"):
+        Release.from_pb(response(table))
+
+
+def test_a_release_whose_cost_is_unknown_claims_nothing_in_its_document() -> None:
+    fetched = Release.from_pb(response(count_table()))  # no charge sent: fetched again
+    assert fetched.charged is None
+    request = json.loads(fetched.to_json())["request"]
+    assert request["charged"] is None and request["replayed"] is None
+    sent = response(count_table())
+    sent.charged = "0"
+    request = json.loads(Release.from_pb(sent).to_json())["request"]
+    assert request["charged"] == "0" and request["replayed"] is True
+
+
+def test_an_amount_formats_as_its_exact_text() -> None:
+    """f"{amount}" is "0.3", not "3/10" (Fraction formats itself so from Python 3.13); a width
+    aligns the text; a float presentation type formats the number."""
+    value = client.Amount(3, 10)
+    assert f"{value}" == "0.3" and f"[{value:>5}]" == "[  0.3]" and f"{value:<4}|" == "0.3 |"
+    assert f"{value:.2f}" == "0.30" and f"{value:.0%}" == "30%"
