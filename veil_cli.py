@@ -54,7 +54,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             print(
                 f"veil {name}: this command needs {missing}, which is not installed here (a "
                 f"client-only install has query, dry-run, codebook, budget, releases and "
-                f"admin); install the full package: pip install veil",
+                f"admin); install the full package from the veil repository: "
+                f"pip install -e PATH/TO/veil",
                 file=sys.stderr,
             )
             raise SystemExit(EXIT_USAGE) from None

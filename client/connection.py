@@ -253,6 +253,9 @@ class Client:
         # interrupted during or after it can name the id that fetches that release again, free.
         self.last_request_id: str | None = None
         self._closed = False
+        # Whether a call on this channel has been answered: its security is then not in doubt,
+        # and a lost connection needs no hint about TLS.
+        self._answered = False
 
     # -- lifecycle --
     def close(self) -> None:
@@ -298,7 +301,9 @@ class Client:
                 tries.append(attempt)
             try:
                 left = max(0.001, deadline - time.monotonic())
-                return stub_method(request, metadata=metadata, timeout=left)
+                response = stub_method(request, metadata=metadata, timeout=left)
+                self._answered = True
+                return response
             except ValueError as exc:
                 # gRPC's own refusal of a channel closed (by another thread) since the check.
                 if "closed channel" not in str(exc):
@@ -319,6 +324,7 @@ class Client:
                         request_id=request_id,
                         client_certificate=self.tls is not None
                         and self.tls.client_cert is not None,
+                        answered=self._answered,
                     ) from None
                 code, details, _ = status_of(exc)
                 # A caller that reports retries itself (the CLI) gets one line each, not two.

@@ -289,11 +289,13 @@ def from_rpc_error(
     tls: bool = False,
     request_id: str | None = None,
     client_certificate: bool = False,
+    answered: bool = False,
 ) -> VeilError:
     """The client error for a failed call, with a message a researcher can act on.
 
     `tls` and `client_certificate` say how the channel was made (TLS; a client certificate
-    presented), so that a failed connection can be explained."""
+    presented), so that a failed connection can be explained; `answered`, that a call on it
+    was answered before, so its security was not the trouble."""
     code, details, trailers = status_of(error)
     kw: dict[str, Any] = {"code": code.name, "request_id": request_id}
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -341,7 +343,7 @@ def from_rpc_error(
         return NotFound(details, **kw)
     if code == grpc.StatusCode.UNAVAILABLE:
         python, shell = _unavailable_messages(
-            details, address, tls, client_certificate, request_id
+            details, address, tls, client_certificate, request_id, answered
         )
         return ServerUnavailable(python, shell_message=shell if shell != python else None, **kw)
     return ServerFault(details, **kw)
@@ -374,7 +376,8 @@ def _token_advice(details: str) -> tuple[str, str]:
 
 
 def _unavailable_messages(
-    details: str, address: str, tls: bool, client_certificate: bool, request_id: str | None
+    details: str, address: str, tls: bool, client_certificate: bool, request_id: str | None,
+    answered: bool = False,
 ) -> tuple[str, str]:
     """The message for an unavailable server, in Python's words and in the shell's."""
     lowered = details.lower()
@@ -385,7 +388,9 @@ def _unavailable_messages(
         message = f"the veil server{where} is unavailable: {details}"
     python = shell = message
     closed = any(s in lowered for s in _SOCKET_CLOSED)
-    if tls and "wrong_version_number" in lowered:
+    if answered:
+        pass  # the channel's security worked for an earlier call: no hint about TLS
+    elif tls and "wrong_version_number" in lowered:
         python += " (the TLS handshake failed: this server may not use TLS; connect with tls=False)"
         shell += " (the TLS handshake failed: this server may not use TLS; pass --no-tls)"
     elif tls and "hostname verification" in lowered:

@@ -426,7 +426,7 @@ class Release:
                 "request_id": self.request_id,
                 "query": self._query_text or (None if self.query is None else str(self.query)),
                 "charged": None if self.charged is None else format_amount(self.charged),
-                "replayed": None if self.charged is None else self.replayed,
+                "replayed": self.replayed,
             },
             "dimensions": self.dimensions,
             "cells": [
@@ -571,11 +571,12 @@ class Release:
         )
 
     @property
-    def replayed(self) -> bool:
+    def replayed(self) -> bool | None:
         """A stored release this call returned free of charge (a retry, or a query released
-        before by anyone). Its loss is the one it was made at, the highest any release of the
-        query was made at, which may differ from the loss asked for."""
-        return self.charged is not None and self.charged == 0
+        before by anyone); None when what the call cost is not known (a release fetched again,
+        a request id retried or given). Its loss is the one it was made at, the highest any
+        release of the query was made at, which may differ from the loss asked for."""
+        return None if self.charged is None else self.charged == 0
 
     def to_text(self, max_rows: int | None = None) -> str:
         headers, rows, _ = self.display_rows()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.codebook import load_codebook
+from engine.data_file import RESTRICTED_NOTICE
 from engine.errors import DataFileExistsError, VeilError
 from engine.loader import load
 from engine.risk import DEFAULT_QIS, DEFAULT_SENSITIVE, assess_path
@@ -228,6 +229,7 @@ def run_risk(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2))
     elif args.format == "csv":
+        print(RESTRICTED_NOTICE, file=sys.stderr)  # on its own stream: the CSV stays plain
         sys.stdout.write(report.to_csv())
     else:
         sys.stdout.write(report.render())

@@ -164,7 +164,7 @@ def save_plots(releases: dict[str, Release], directory: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="address (default $VEIL_SERVER, else localhost:50051)")
     parser.add_argument("--token", help="token (default $VEIL_TOKEN)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="also save bar charts here")

@@ -121,7 +121,7 @@ def test_a_command_whose_package_is_missing_says_what_to_install(
         veil_cli.main(["load", "data.csv"])
     err = capsys.readouterr().err
     assert exited.value.code == 2
-    assert "veil load: this command needs duckdb" in err and "pip install veil" in err
+    assert "veil load: this command needs duckdb" in err and "pip install -e PATH/TO/veil" in err
     assert "invalid choice" not in err
     with pytest.raises(SystemExit) as exited:
         veil_cli.main(["--help"])

@@ -437,6 +437,12 @@ def test_errors_a_researcher_can_read() -> None:
         assert "nothing was charged" not in str(lost)
         assert "retry with request_id='req-7' to be charged at most once" in str(lost)
         assert "--request-id req-7" in lost.shell_message
+    # A channel that has answered a call before lost its connection, not its security: no
+    # hint about TLS, which before the first answer may be the trouble.
+    first = from_rpc_error(FakeError(grpc.StatusCode.UNAVAILABLE, "Socket closed"), tls=False)
+    later = from_rpc_error(FakeError(grpc.StatusCode.UNAVAILABLE, "Socket closed"), tls=False,
+                           answered=True)
+    assert "tls=True" in str(first) and "TLS" not in str(later)
     table = {
         grpc.StatusCode.UNAUTHENTICATED: client.AuthenticationError,
         grpc.StatusCode.PERMISSION_DENIED: client.PermissionDenied,
@@ -793,7 +799,7 @@ def test_a_dimension_named_status_is_refused_not_read_as_the_cells_status() -> N
 
 def test_a_release_whose_cost_is_unknown_claims_nothing_in_its_document() -> None:
     fetched = Release.from_pb(response(count_table()))  # no charge sent: fetched again
-    assert fetched.charged is None
+    assert fetched.charged is None and fetched.replayed is None
     request = json.loads(fetched.to_json())["request"]
     assert request["charged"] is None and request["replayed"] is None
     sent = response(count_table())

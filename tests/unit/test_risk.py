@@ -240,6 +240,11 @@ def test_cli_exit_status_and_formats(
     assert veil_cli.main(["risk", str(safe), "--qi", "gender", "--k", "3", "--sensitive", ""]) == 0
     assert "VERDICT: 3-anonymous" in capsys.readouterr().out
     assert veil_cli.main(["risk", str(crafted), "--qi", "nope"]) == 2
+    capsys.readouterr()
+    # CSV stays plain CSV; its notice that the counts are restricted goes to standard error.
+    assert veil_cli.main(["risk", str(crafted), "--qi", ",".join(QIS), "--format", "csv"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("quasi_identifiers,") and err.startswith("RESTRICTED")
 
 
 def test_binary_guess_bound() -> None:
