@@ -319,19 +319,12 @@ def from_rpc_error(
         )
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(details, **kw)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        lost = QueryTimeout if code == grpc.StatusCode.DEADLINE_EXCEEDED else Cancelled
         if not request_id:
-            return QueryTimeout(details, **kw)
-        return QueryTimeout(
-            f"{details}; retry with request_id={request_id!r} to be charged at most once",
-            shell_message=f"{details}; retry with --request-id {request_id} to be charged at "
-            "most once",
-            **kw,
-        )
-    if code == grpc.StatusCode.CANCELLED:
-        if not request_id:
-            return Cancelled(details, **kw)
-        return Cancelled(
+            return lost(details, **kw)
+        # The release may have been charged on its way back: the same id gets it, free.
+        return lost(
             f"{details}; retry with request_id={request_id!r} to be charged at most once",
             shell_message=f"{details}; retry with --request-id {request_id} to be charged at "
             "most once",
