@@ -19,7 +19,7 @@ from engine.codebook import load_codebook
 from engine.data_file import RESTRICTED_NOTICE
 from engine.errors import DataFileExistsError, VeilError
 from engine.loader import load
-from engine.risk import DEFAULT_QIS, DEFAULT_SENSITIVE, assess_path
+from engine.risk import assess_path
 from engine.synthetic import generate
 
 EXIT_OK = 0
@@ -188,14 +188,16 @@ def add_risk_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("data", type=Path, help="a veil data file, or a .csv/.csv.gz/.parquet")
     parser.add_argument(
         "--qi",
-        default=",".join(DEFAULT_QIS),
-        help=f"comma-separated quasi-identifiers (default: {','.join(DEFAULT_QIS)})",
+        default=None,
+        help="comma-separated quasi-identifiers (default: the codebook's disclosure_risk list; "
+        "ctdc_v7's is gender,ageBroad,citizenship,CountryOfExploitation,yearOfRegistration,"
+        "Datasource)",
     )
     parser.add_argument(
         "--sensitive",
-        default=",".join(DEFAULT_SENSITIVE),
-        help="comma-separated sensitive variables for l-diversity; empty for none "
-        f"(default: {','.join(DEFAULT_SENSITIVE)})",
+        default=None,
+        help="comma-separated sensitive variables for l-diversity; empty for none (default: the "
+        "codebook's; ctdc_v7's is isForcedLabour,isSexualExploit)",
     )
     parser.add_argument(
         "--k", type=int, default=None, help="minimum class size (default: the codebook's, 10)"
@@ -219,8 +221,8 @@ def run_risk(args: argparse.Namespace) -> int:
         report = assess_path(
             args.data,
             codebook=codebook,
-            qis=_names(args.qi),
-            sensitive=_names(args.sensitive),
+            qis=codebook.quasi_identifiers if args.qi is None else _names(args.qi),
+            sensitive=codebook.sensitive if args.sensitive is None else _names(args.sensitive),
             k=k,
         )
     except VeilError as exc:

@@ -160,6 +160,8 @@ class FlagSet:
     definition: str = ""
 
 
+_NOT_IN_IDENTITY = frozenset({"quasi_identifiers", "sensitive"})
+
 # The columns a release has beside its dimensions' keys (see engine.release), which no variable
 # may take as its name in any case: a dimension so named would overwrite one, or be read as one.
 CELL_COLUMNS = ("value", "ci_low", "ci_high", "suppressed", "status")
@@ -247,6 +249,10 @@ class Codebook:
     variables: tuple[Variable, ...]
     flag_sets: tuple[FlagSet, ...]
     derived: tuple[DerivedDimension, ...]
+    # What `veil risk` assesses when not told: the variables an attacker may know of a person,
+    # and those whose value a class of them could disclose.
+    quasi_identifiers: tuple[str, ...] = ()
+    sensitive: tuple[str, ...] = ()
 
     @functools.cached_property
     def _variables(self) -> Mapping[str, Variable]:
@@ -289,7 +295,9 @@ class Codebook:
         place cells of a file loaded with the old one by the new codes, and the ledger will not
         replay releases made under the old one.
         """
-        content = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        # What `veil risk` checks by default places no cell and releases nothing: left out.
+        placed = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_IDENTITY}
+        content = json.dumps(placed, sort_keys=True, default=str)
         digest = hashlib.sha256(content.encode()).hexdigest()[:16]
         return f"{self.fingerprint_text}#{digest}"
 
@@ -515,6 +523,15 @@ def _parse_codebook(raw: Mapping[str, Any]) -> Codebook:
     k = raw.get("min_cell_size", 10)
     if type(k) is not int or k < 1:
         raise CodebookError(f"{name}: min_cell_size must be a positive integer")
+    risk = raw.get("disclosure_risk") or {}
+    chosen = {}
+    for key in ("quasi_identifiers", "sensitive"):
+        chosen[key] = tuple(str(n) for n in risk.get(key, ()) or ())
+        for n in chosen[key]:
+            if n not in by_name or not by_name[n].stored:
+                raise CodebookError(
+                    f"{name}: disclosure_risk {key}: {n!r} is not a stored variable"
+                )
     return Codebook(
         name=name,
         version=str(_require(raw, "version", name)),
@@ -526,6 +543,8 @@ def _parse_codebook(raw: Mapping[str, Any]) -> Codebook:
         variables=variables,
         flag_sets=tuple(flag_sets),
         derived=tuple(derived),
+        quasi_identifiers=chosen["quasi_identifiers"],
+        sensitive=chosen["sensitive"],
     )
 
 

@@ -6,7 +6,7 @@ records share their combination with fewer than k - 1 others, how many are alone
 variables drive that. DATA is a veil data file, or a CSV or Parquet file about to be published
 (a k-anonymised extract, say), loaded leniently into a temporary data file first.
 
-    report = assess_data_file("ctdc.duckdb", qis=DEFAULT_QIS, sensitive=("isSexualExploit",), k=10)
+    report = assess_data_file("ctdc.duckdb", codebook=ctdc, sensitive=("isSexualExploit",), k=10)
     print(report.render())
 
 Definitions, as used throughout:
@@ -55,15 +55,6 @@ from engine.loader import load
 from engine.loss import Accounting, epsilon_equivalent
 from engine.sql import risk_diversity, risk_profile, risk_sizes, risk_subsets
 
-DEFAULT_QIS = (
-    "gender",
-    "ageBroad",
-    "citizenship",
-    "CountryOfExploitation",
-    "yearOfRegistration",
-    "Datasource",
-)
-DEFAULT_SENSITIVE = ("isForcedLabour", "isSexualExploit")
 MAX_QIS = 12  # GROUPING() in DuckDB and the pair drivers stay small well below this
 
 # Class sizes are shown in these bands (lower bounds).
@@ -382,17 +373,24 @@ def assess(
     backend: DuckDBBackend,
     *,
     codebook: Codebook,
-    qis: Sequence[str] = DEFAULT_QIS,
+    qis: Sequence[str] | None = None,
     sensitive: Sequence[str] = (),
     k: int = 10,
     source: str = "",
     notes: Sequence[str] = (),
 ) -> RiskReport:
-    """The risk report of the records table behind `backend`."""
-    qi_names = _check_variables(codebook, qis, "quasi-identifier")
+    """The risk report of the records table behind `backend`; `qis` left out: the codebook's
+    (`Codebook.quasi_identifiers`)."""
+    qi_names = _check_variables(
+        codebook, codebook.quasi_identifiers if qis is None else qis, "quasi-identifier"
+    )
     sensitive_names = _check_variables(codebook, sensitive, "sensitive variable")
     if not qi_names:
-        raise RiskError("give at least one quasi-identifier")
+        raise RiskError(
+            "give at least one quasi-identifier"
+            + (f" ({codebook.fingerprint_text} names none to assess by default)" if qis is None
+               else "")
+        )
     if len(qi_names) > MAX_QIS:
         raise RiskError(f"at most {MAX_QIS} quasi-identifiers, got {len(qi_names)}")
     if overlap := set(qi_names) & set(sensitive_names):
@@ -497,7 +495,7 @@ def assess_data_file(
     path: str | Path,
     *,
     codebook: Codebook,
-    qis: Sequence[str] = DEFAULT_QIS,
+    qis: Sequence[str] | None = None,
     sensitive: Sequence[str] = (),
     k: int = 10,
     notes: Sequence[str] = (),
@@ -548,7 +546,7 @@ def assess_path(
     path: str | Path,
     *,
     codebook: Codebook,
-    qis: Sequence[str] = DEFAULT_QIS,
+    qis: Sequence[str] | None = None,
     sensitive: Sequence[str] = (),
     k: int = 10,
 ) -> RiskReport:
@@ -566,8 +564,6 @@ def assess_path(
 
 
 __all__ = [
-    "DEFAULT_QIS",
-    "DEFAULT_SENSITIVE",
     "ClassStats",
     "Diversity",
     "RiskError",

@@ -214,3 +214,14 @@ def test_the_codebooks_own_spellings_name_the_same_code() -> None:
     assert codebook.dimension("ageBroad").parse_value("9-17") == "9--17"
     with pytest.raises(InvalidQueryError, match="not in the codebook domain"):
         codebook.dimension("ageBroad").parse_value("9 to 17")
+
+
+def test_what_risk_checks_by_default_is_not_part_of_the_identity() -> None:
+    """It places no cell and releases nothing: changing it must not refuse every data file."""
+    import dataclasses
+
+    codebook = default_codebook()
+    assert codebook.quasi_identifiers[:2] == ("gender", "ageBroad")
+    other = dataclasses.replace(codebook, quasi_identifiers=("gender",), sensitive=())
+    assert other.identity == codebook.identity
+    assert dataclasses.replace(codebook, min_cell_size=11).identity != codebook.identity

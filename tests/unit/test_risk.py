@@ -12,11 +12,9 @@ from typing import Any
 
 import pytest
 
-from engine.codebook import default_codebook
+from engine.codebook import Codebook, default_codebook, load_codebook
 from engine.loss import Accounting
 from engine.risk import (
-    DEFAULT_QIS,
-    DEFAULT_SENSITIVE,
     RiskError,
     assess_data_file,
     assess_path,
@@ -221,12 +219,24 @@ def test_variables_are_checked_against_the_codebook(crafted: Path) -> None:
         assess_data_file(crafted, codebook=CODEBOOK, qis=QIS, k=1)
 
 
-def test_the_default_variables_are_in_the_ctdc_codebook(crafted: Path) -> None:
-    report = assess_data_file(
-        crafted, codebook=CODEBOOK, qis=DEFAULT_QIS, sensitive=DEFAULT_SENSITIVE
-    )
+def test_the_default_variables_are_the_codebooks(crafted: Path, tmp_path: Path) -> None:
+    report = assess_data_file(crafted, codebook=CODEBOOK, sensitive=CODEBOOK.sensitive)
+    assert report.qis == CODEBOOK.quasi_identifiers and len(report.qis) == 6
     assert len(report.drop_one) == 6 and len(report.drop_two) == 15
     assert report.full.rows == 29
+    # Another codebook brings its own: ICS-TIP's records have sex and a numeric age.
+    ics = load_codebook("ics_tip_victims")
+    rows = [{"sex": "Female", "ageYears": 16, "citizenship": "NG", "isForcedLabour": 0}] * 12
+    report = assess_data_file(write_database(tmp_path / "ics.duckdb", rows, codebook=ics),
+                              codebook=ics, sensitive=ics.sensitive)
+    assert report.qis == ics.quasi_identifiers and "sex" in report.qis
+    assert [d.variable for d in report.diversity] == list(ics.sensitive)
+    # A codebook naming none asks for them.
+    bare = Codebook.from_mapping({"name": "b", "version": "1",
+                                  "variables": [{"name": "a", "type": "flag"}]})
+    with pytest.raises(RiskError, match="names none to assess by default"):
+        assess_data_file(write_database(tmp_path / "b.duckdb", [{"a": 1}], codebook=bare),
+                         codebook=bare)
 
 
 def test_cli_exit_status_and_formats(
