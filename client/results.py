@@ -618,7 +618,10 @@ def with_status(table: pa.Table, measure: str, unreachable: int | None = None) -
                 "this release groups by a variable named 'status', which this client reads as "
                 "each cell's status; rename the variable in the codebook"
             )
-        status = table.column("status").to_pylist()
+        column = table.column("status").combine_chunks()
+        if column.type == _STATUS_TYPE and column.dictionary.to_pylist() == list(STATUSES):
+            return table  # as the server writes it: nothing to redo for each response
+        status = column.to_pylist()
         return table.set_column(names.index("status"), "status", _status_array(status))
     hidden = table.column("suppressed").to_pylist()
     all_empty = (
@@ -641,6 +644,9 @@ def _status_array(status: list[str]) -> pa.Array:
     except ValueError:
         raise ValueError(f"a cell's status is none of {', '.join(STATUSES)}") from None
     return pa.DictionaryArray.from_arrays(pa.array(indices, pa.int8()), pa.array(STATUSES))
+
+
+_STATUS_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 
 def derived_status(measure: str, suppressed: bool, low: float | None, high: float | None) -> str:

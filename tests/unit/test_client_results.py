@@ -814,3 +814,22 @@ def test_an_amount_formats_as_its_exact_text() -> None:
     value = client.Amount(3, 10)
     assert f"{value}" == "0.3" and f"[{value:>5}]" == "[  0.3]" and f"{value:<4}|" == "0.3 |"
     assert f"{value:.2f}" == "0.30" and f"{value:.0%}" == "30%"
+
+
+def test_the_clients_copies_of_the_release_columns_and_statuses_are_the_engines() -> None:
+    """The client ships without the engine, so it names the columns and statuses again; they
+    must not drift. A status column as the server writes it is taken as it is."""
+    import numpy as np
+
+    from client.results import STATUSES, VALUE_COLUMNS, with_status
+    from engine.codebook import CELL_COLUMNS
+    from engine.release import STATUSES as ENGINE_STATUSES
+    from engine.release import cell_status
+
+    assert (STATUSES, VALUE_COLUMNS) == (ENGINE_STATUSES, CELL_COLUMNS)
+    table = pa.table({
+        "gender": ["Male", "Female"], "value": pa.array([40, None], pa.int64()),
+        "ci_low": [34.0, None], "ci_high": [46.0, None], "suppressed": [False, True],
+        "status": cell_status(np.array([True, False]), np.array([False, False])),
+    })
+    assert with_status(table, "Count") is table
