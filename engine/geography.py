@@ -98,20 +98,20 @@ def m49_regions() -> dict[str, CountryRegions]:
         code: UNREGION_CORRECTIONS.get(code, row["UNregion"] if row else "")
         for code, row in found.items()
     }
+    subregion = {
+        code: SUBREGION_OF_INTERMEDIATE.get(level, level) for code, level in intermediate.items()
+    }
     votes: dict[str, Counter[str]] = {}
     for code, row in found.items():
-        if row is not None and intermediate[code]:
+        if row is not None and subregion[code]:
             continent = "Americas" if row["continent"] == "America" else row["continent"]
-            subregion = SUBREGION_OF_INTERMEDIATE.get(intermediate[code], intermediate[code])
-            votes.setdefault(subregion, Counter())[continent] += 1
+            votes.setdefault(subregion[code], Counter())[continent] += 1
     region_of_subregion = {sub: counts.most_common(1)[0][0] for sub, counts in votes.items()}
     result: dict[str, CountryRegions] = {}
-    for code in iso_alpha2_codes():
-        if intermediate[code]:
-            subregion = SUBREGION_OF_INTERMEDIATE.get(intermediate[code], intermediate[code])
-            result[code] = CountryRegions(
-                region_of_subregion[subregion], subregion, intermediate[code]
-            )
+    for code in found:
+        if subregion[code]:
+            region = region_of_subregion[subregion[code]]
+            result[code] = CountryRegions(region, subregion[code], intermediate[code])
         else:
             name = country_name(code)
             result[code] = CountryRegions(name, name, name)
