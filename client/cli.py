@@ -118,9 +118,9 @@ def token_of(args: argparse.Namespace) -> str:
     token = args.token
     if args.token_file is not None:
         # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the token.
-        token = args.token_file.expanduser().read_text(encoding="utf-8-sig").strip()
-        if not token:
-            raise errors.AuthenticationError(f"the token file {args.token_file} is empty")
+        token = _token_in_file(
+            args.token_file, args.token_file.expanduser().read_text(encoding="utf-8-sig")
+        )
     # An empty --token (an unset variable expanded) is no token, not a cue to read VEIL_TOKEN.
     if token is None:
         token = os.environ.get(TOKEN_ENV)
@@ -131,6 +131,28 @@ def token_of(args: argparse.Namespace) -> str:
             f"issued"
         )
     return check_token(str(token))
+
+
+def _token_in_file(path: Path, text: str) -> str:
+    """The token a token file holds: the token alone, or the one line `veil serve --token-file`
+    writes (`token for CLIENT: TOKEN`). A file of several such lines (`veil serve --demo`'s)
+    names several clients, and which one is meant is not guessed."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise errors.AuthenticationError(f"the token file {path} is empty")
+    labelled = [line for line in lines if line.startswith(_TOKEN_LABEL)]
+    if len(labelled) > 1:
+        clients = ", ".join(line[len(_TOKEN_LABEL):].split(":", 1)[0] for line in labelled)
+        raise errors.AuthenticationError(
+            f"the token file {path} holds the tokens of several clients ({clients}); copy the "
+            f"one to use into a file of its own"
+        )
+    if labelled and len(lines) == 1:
+        return labelled[0].split(":", 1)[1].strip()
+    return text.strip()
+
+
+_TOKEN_LABEL = "token for "  # how `veil serve --token-file` labels the token it writes
 
 
 def ca_cert_of(args: argparse.Namespace) -> Path | None:

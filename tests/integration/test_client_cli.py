@@ -358,6 +358,25 @@ def test_a_token_file_with_a_byte_order_mark_is_read_and_a_non_ascii_token_refus
     assert "printable ASCII" in _one_line(err) and "Invalid metadata" not in err
 
 
+def test_the_token_file_veil_serve_writes_is_a_token_file_the_client_reads(
+    live: LiveServer, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client_id, token = add_researcher(live)
+    monkeypatch.delenv("VEIL_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(f"token for {client_id}: {token}\n", encoding="ascii")  # --init-admin's
+    code, out, err = veil(capsys, "budget", "--server", address(live), "--token-file",
+                          str(token_file), "-f", "json", "-q")
+    assert code == 0, err
+    # --demo's file names several clients: which token is meant is not guessed.
+    token_file.write_text(f"token for alice: {token}\ntoken for bob: {token}\n", encoding="ascii")
+    code, out, err = veil(capsys, "budget", "--server", address(live), "--token-file",
+                          str(token_file), "-q")
+    assert code == 4 and out == ""
+    assert "several clients (alice, bob)" in _one_line(err) and token not in err
+
+
 def test_smaller_bad_options_are_refused_before_anything_is_charged(
     env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
