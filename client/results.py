@@ -397,7 +397,9 @@ class Release:
     def to_pandas(self) -> Any:
         """The cells as a pandas DataFrame; integer counts stay integers (nullable `Int64`) and
         a suppressed cell's value is <NA>, never 0; shares, means and sums are nullable
-        `Float64`, so theirs is <NA> too, not NaN."""
+        `Float64`, so theirs is <NA> too, not NaN. Text keys are ordered categoricals in the
+        codebook's order (so a pivot or a sort puts '9--17' before '18--20'), the missing key
+        <NA>."""
         try:
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -407,7 +409,14 @@ class Release:
             pa.float64(): pd.Float64Dtype(),
             pa.bool_(): pd.BooleanDtype(),
         }
-        return self.table.to_pandas(types_mapper=mapping.get)
+        frame = self.table.to_pandas(types_mapper=mapping.get)
+        for name in self.keys:
+            if pa.types.is_string(self.table.schema.field(name).type):
+                # The cells come in the codebook's order of each key (the release is dense over
+                # the public domain), so the order keys first appear in is the codebook's.
+                order = list(dict.fromkeys(self.table.column(name).drop_null().to_pylist()))
+                frame[name] = pd.Categorical(frame[name], categories=order, ordered=True)
+        return frame
 
     def df(self) -> Any:
         """The cells as a pandas DataFrame (as DuckDB's `.df()`)."""

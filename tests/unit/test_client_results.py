@@ -84,6 +84,27 @@ def test_suppressed_is_null_with_a_flag_never_zero(release: Release) -> None:
     assert pa.table(release).num_rows == 6  # the Arrow C stream interface
 
 
+def test_text_keys_are_categoricals_in_the_codebooks_order_for_pivots() -> None:
+    ages = ["9--17", "9--17", "18--20", "18--20", "0--8", "0--8", None, None]
+    table = pa.table({
+        "ageBroad": pa.array(ages, pa.string()),  # as the codebook orders them, not as text sorts
+        "yearOfRegistration": pa.array([2020, 2021] * 4, pa.int64()),
+        "value": pa.array([11, 12, 13, 14, 15, 16, 17, 18], pa.int64()),
+        "ci_low": pa.array([1.0] * 8),
+        "ci_high": pa.array([30.0] * 8),
+        "suppressed": pa.array([False] * 8),
+    })
+    frame = Release.from_pb(response(table)).to_pandas()
+    ages_column = frame["ageBroad"]
+    assert list(ages_column.cat.categories) == ["9--17", "18--20", "0--8"]
+    assert ages_column.cat.ordered and ages_column.isna().sum() == 2  # missing stays <NA>
+    assert str(frame["yearOfRegistration"].dtype) == "Int64"  # integer keys stay integers
+    pivot = frame.pivot_table(index="ageBroad", columns="yearOfRegistration", values="value",
+                              observed=True, aggfunc="sum")
+    assert list(pivot.index) == ["9--17", "18--20", "0--8"]
+    assert frame.sort_values("ageBroad")["value"].tolist()[:2] == [11, 12]
+
+
 def test_readable_table_and_html(release: Release) -> None:
     text = repr(release)
     header = text.splitlines()[0]
