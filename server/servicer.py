@@ -52,6 +52,9 @@ log = logging.getLogger("veil.server")
 # grpc reports "no deadline" as a time remaining of about 2**63 ns.
 _NO_DEADLINE = 1e9
 
+# What the caller does, as opposed to the server's own limit ("limit") and stop ("shutdown").
+_CALLER_REASONS = frozenset({"deadline", "cancelled"})
+
 
 # ---- calls in flight ---------------------------------------------------------------------------
 
@@ -59,23 +62,45 @@ _NO_DEADLINE = 1e9
 @dataclass(eq=False)
 class CallWatch:
     """Cancels one call's engine work when its deadline passes, its caller cancels, or the
-    server stops; remembers which, so the caller is told the right status."""
+    server stops; remembers which, so the caller is told the right status.
+
+    Once the call holds a charge (`hold`), its query reads the data, and how long that takes
+    depends on the records: a caller who could stop it free (a deadline, a cancel) would learn
+    whether it finished in time at no cost, and could try again and again. So from then on only
+    the server's own reasons (its query time limit, a stop) interrupt the work; a caller's are
+    noted in `caller_gone`, and the release is charged and stored as any other, so that a retry
+    under the same request id gets it free.
+    """
 
     event: Cancellation = field(default_factory=Cancellation)
     reason: str = ""
     ended: bool = False  # the call has returned; a limit that comes due now is moot
+    holding: bool = False  # a charge is held: only the server's own reasons stop the work
+    caller_gone: str = ""  # the caller's reason, when it came while a charge was held
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fire(self, reason: str) -> None:
         with self._lock:
-            if not self.event.is_set():
-                self.reason = reason
-                self.event.set()
+            if self.event.is_set():
+                return
+            if self.holding and reason in _CALLER_REASONS:
+                self.caller_gone = self.caller_gone or reason
+                return
+            self.reason = reason
+            self.event.set()
+
+    def hold(self) -> bool:
+        """Mark the call as holding a charge; False if the work was stopped before that."""
+        with self._lock:
+            if self.event.is_set():
+                return False
+            self.holding = True
+            return True
 
     def error(self, limit: float) -> ServerError:
         if self.reason == "deadline":
             return CallDeadlineError(
-                "the call's deadline passed before the query finished; nothing was charged"
+                "the call's deadline passed before its charge was held; nothing was charged"
             )
         if self.reason == "limit":
             return CallDeadlineError(
@@ -84,7 +109,9 @@ class CallWatch:
             )
         if self.reason == "shutdown":
             return ServerStoppingError("the server is stopping; nothing was charged, retry later")
-        return CallCancelledError("the call was cancelled; nothing was charged")
+        return CallCancelledError(
+            "the call was cancelled before its charge was held; nothing was charged"
+        )
 
 
 @dataclass(eq=False)
@@ -194,10 +221,10 @@ class InFlight:
         watch = CallWatch()
         remaining = context.time_remaining()
         deadline = remaining if remaining is not None and remaining < _NO_DEADLINE else None
+        # The limit holds even after a deadline that came while a charge was held.
+        timers = [self._watchdog.fire_after(limit, watch, "limit")]
         if deadline is not None and deadline < limit:
-            timer = self._watchdog.fire_after(deadline, watch, "deadline")
-        else:
-            timer = self._watchdog.fire_after(limit, watch, "limit")
+            timers.append(self._watchdog.fire_after(deadline, watch, "deadline"))
         def on_end() -> None:
             watch.fire("deadline" if _expired(context) else "cancelled")
 
@@ -211,7 +238,8 @@ class InFlight:
             yield watch
         finally:
             watch.ended = True
-            self._watchdog.cancel(timer)
+            for timer in timers:
+                self._watchdog.cancel(timer)
             with self._condition:
                 self._watches.discard(watch)
 
@@ -241,11 +269,12 @@ class InFlight:
 
 
 class _WatchedCharger:
-    """The ledger's charger, refusing to commit once the call has ended.
+    """The ledger's charger, tying each hold to the call's watch.
 
-    The engine interrupts DuckDB when the watch fires, but the noise and the commit that follow
-    the statement are not interruptible. A release committed for a call whose caller has gone
-    would be charged and never received; instead the hold is released and nothing is charged.
+    A call that ends before its charge is held has read nothing: it is refused, uncharged. Once
+    the charge is held, only the server's limit or stop interrupts the query (see `CallWatch`),
+    and then the commit is refused and the hold released: the engine interrupts DuckDB when the
+    watch fires, but the noise and the commit that follow the statement are not interruptible.
     """
 
     def __init__(self, inner: Charger, watch: CallWatch) -> None:
@@ -262,6 +291,9 @@ class _WatchedCharger:
             plan, client=client, request_id=request_id, data_version=data_version
         )
         self.served_stored = reservation.stored is not None
+        if not self.served_stored and not self.watch.hold():
+            reservation.cancel()  # ended while the charge was being held: nothing was read
+            raise QueryCancelledError("the call ended before its charge was reserved")
         return _WatchedReservation(reservation, self.watch)
 
 
@@ -386,6 +418,9 @@ class ResearchServicer(pb_grpc.ResearchServicer):
                 raise watch.error(limit) from exc
         _note(request_id=request_id, fingerprint=release.metadata.fingerprint,
               release_id=release.metadata.release_id)
+        if watch.caller_gone:
+            # Charged and stored, but the caller had gone: a retry under the request id gets it.
+            _note(caller_gone=watch.caller_gone)
         charged = "0" if charger.served_stored else release.metadata.loss
         return convert.release_to_pb(release, charged=charged)
 

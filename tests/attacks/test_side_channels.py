@@ -169,11 +169,16 @@ REFUSALS: list[tuple[str, pb.Query, str]] = [
 
 
 class Gate:
-    """Holds a statement, when asked to, until its call's cancellation fires."""
+    """Holds a statement, when asked to, until its call's cancellation fires or `go` is set."""
 
     def __init__(self) -> None:
         self.hold = False
         self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def close(self) -> None:
+        self.entered.clear()
+        self.go.clear()
 
 
 @pytest.fixture
@@ -187,7 +192,8 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
     ) -> dict[str, np.ndarray]:
         if held.hold and cancel is not None:
             held.entered.set()
-            cancel.wait(10)
+            with cancel.calling(held.go.set):
+                held.go.wait(10)
         return original(self, statement, cancel=cancel)
 
     monkeypatch.setattr(backend_module.DuckDBBackend, "run", run)
@@ -332,23 +338,33 @@ def _script(live: LiveServer, world: World, held: Gate) -> None:
             world.call(f"refused dry run {rid}", r.DryRun,
                        pb.DryRunRequest(query=query, loss=loss), alice)
 
-        # Stopped while the statement runs: by the caller, by its deadline, by the server.
+        # Stopped while the statement runs: by the caller and by its deadline, which no longer
+        # stop it (it is charged and stored, so that stopping it is no free probe of how long
+        # it takes), and by the server's time limit, which does (nothing charged).
         held.hold = True
         stopped = pb.ReleaseRequest(request_id="s-1", query=_count("ageBroad"), loss="0.125")
-        held.entered.clear()
+        held.close()
         future: Any = r.Release.future(stopped, metadata=bob)
         assert held.entered.wait(10)
         future.cancel()
         world.record("cancelled", {"code": future.code().name})
+        held.go.set()  # the statement ends after its caller has gone
         _settle(live)
-        held.entered.clear()
+        held.close()
+        late = pb.ReleaseRequest(request_id="s-2", query=_count("majorityStatus"), loss="0.125")
         # The code only: whether the client's gRPC ("Deadline Exceeded") or the server's
         # sentence reports the passed deadline first is a race between them, in either world.
-        world.call("caller's deadline", r.Release, stopped, bob, code_only=True, timeout=0.3)
+        world.call("caller's deadline", r.Release, late, bob, code_only=True, timeout=0.3)
+        held.go.set()
         _settle(live)
-        world.call("server's limit", r.Release, stopped, bob)
+        held.close()
+        world.call("server's limit", r.Release,
+                   pb.ReleaseRequest(request_id="s-3", query=_count("gender"), loss="0.125"), bob)
         _settle(live)
         held.hold = False
+        # What the caller left behind was charged and stored: its retry gets it, free.
+        world.call("retry after cancel", r.Release, stopped, bob, code_only=True)
+        world.call("retry after deadline", r.Release, late, bob, code_only=True)
 
         world.call("budget", r.GetBudget, pb.GetBudgetRequest(), alice)
         world.call("my releases", r.ListMyReleases, pb.ListMyReleasesRequest(), alice)
@@ -426,13 +442,18 @@ def test_with_the_noisy_values_pinned_nothing_tells_the_worlds_apart(
     without, with_target = both(tmp_path, worlds, gate)
     assert len(without.calls) == len(with_target.calls) > 60
     assert differences(without, with_target) == []
-    # The script did what it says: releases charged, the stopped calls not.
+    # The script did what it says: releases charged, the calls the caller stopped too (and
+    # their retries free), the one the server stopped not.
     budget = with_target.responses["budget"]
     assert isinstance(budget, pb.Budget) and budget.spent == SPENT
     assert json.loads(without.seen("cancelled"))["code"] == "CANCELLED"
     assert json.loads(without.seen("caller's deadline"))["code"] == "DEADLINE_EXCEEDED"
     limit = json.loads(without.seen("server's limit"))
     assert limit["code"] == "DEADLINE_EXCEEDED" and "server's limit" in limit["details"]
+    for world in (without, with_target):
+        for retry in ("retry after cancel", "retry after deadline"):
+            response = world.responses[retry]
+            assert isinstance(response, pb.ReleaseResponse) and response.charged == "0"
 
 
 @pytest.mark.usefixtures("pinned_noise", "suppress_on_true_count")
@@ -464,13 +485,14 @@ def test_refusals_dry_runs_and_stops_are_the_same_in_both_worlds(
     assert {r["code"] for r in refusals.values()} == {
         "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"
     }
-    # Nothing refused or stopped was charged: alice paid for her releases only, bob nothing.
+    # Nothing refused was charged: alice paid for her releases only; bob for the two calls he
+    # stopped once their statements had begun, not for the one the server stopped.
     for world in (without, with_target):
         budget = world.responses["budget"]
         assert isinstance(budget, pb.Budget) and budget.spent == SPENT
         clients = world.responses["clients"]
         assert isinstance(clients, pb.ListClientsResponse)
-        assert {c.client_id: c.spent for c in clients.clients}["bob"] == "0"
+        assert {c.client_id: c.spent for c in clients.clients}["bob"] == "0.25"
 
 
 def test_a_replay_is_the_stored_release_byte_for_byte_and_free(

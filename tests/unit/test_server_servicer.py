@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ from engine.engine import Engine
 from engine.errors import QueryCancelledError
 from engine.loss import PrivacyLoss
 from engine.query import Count, Query
+from engine.release import Release
 from protos.veil.v1 import veil_pb2 as pb
 from server.auth import Identity, Role
 from server.errors import MalformedRequestError
@@ -70,7 +73,8 @@ def test_in_flight_waits_for_calls() -> None:
     assert in_flight.wait_idle(0.01)
 
 
-def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
+def _release_stopped_after_the_scan(tmp_path: Path, reason: str) -> tuple[MemoryAccounts, Any]:
+    """Release with `reason` firing once DuckDB has answered, before the commit."""
     data = write_database(tmp_path / "d.duckdb", [{"gender": "Female"}] * 20)
     engine = Engine(DuckDBBackend(data), codebook=default_codebook())
     accounts = MemoryAccounts()
@@ -83,7 +87,7 @@ def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
 
         def run(self, statement, *, cancel=None):  # type: ignore[no-untyped-def]
             result = self.inner.run(statement, cancel=cancel)
-            watch.fire("deadline")  # the deadline passes after DuckDB, before the commit
+            watch.fire(reason)  # after DuckDB, before the commit
             return result
 
         def data_version(self) -> str:
@@ -99,17 +103,80 @@ def test_a_late_commit_is_refused_and_the_hold_released(tmp_path: Path) -> None:
             return self.inner.load_id()
 
     engine.backend = SlowBackend(engine.backend)  # type: ignore[assignment]
-    with pytest.raises(QueryCancelledError):
-        engine.release(
+    try:
+        outcome: Any = engine.release(
             Query(Count(), by=("gender",)),
             loss=PrivacyLoss.pure("0.5"),
             charger=_WatchedCharger(accounts, watch),
             client="alice",
             request_id="r-1",
+            cancel=watch.event,
         )
+    except QueryCancelledError as exc:
+        outcome = exc
+    return accounts, (outcome, watch)
+
+
+@pytest.mark.parametrize("reason", ["limit", "shutdown"])
+def test_the_servers_own_stop_after_the_scan_refuses_the_commit_and_releases_the_hold(
+    tmp_path: Path, reason: str
+) -> None:
+    accounts, (outcome, watch) = _release_stopped_after_the_scan(tmp_path, reason)
+    assert isinstance(outcome, QueryCancelledError) and watch.reason == reason
     assert [e["event"] for e in accounts.log] == ["reserve", "cancel"]
     assert accounts.total_spent() == 0 and accounts.total_reserved() == 0
     assert accounts.releases_by_request == {}
+
+
+@pytest.mark.parametrize("reason", ["deadline", "cancelled"])
+def test_a_caller_who_leaves_once_the_data_is_read_is_charged_and_the_release_kept(
+    tmp_path: Path, reason: str
+) -> None:
+    # Leaving free would tell the caller, at no cost, whether the query ended in time.
+    accounts, (outcome, watch) = _release_stopped_after_the_scan(tmp_path, reason)
+    assert isinstance(outcome, Release), outcome
+    assert watch.caller_gone == reason and not watch.event.is_set()
+    assert [e["event"] for e in accounts.log] == ["reserve", "commit"]
+    assert accounts.total_spent() == Fraction(1, 2) and accounts.total_reserved() == 0
+    assert list(accounts.releases_by_request) == [("alice", "r-1")]
+
+
+def test_a_caller_who_leaves_while_the_charge_is_reserved_reads_nothing_and_pays_nothing(
+    tmp_path: Path,
+) -> None:
+    data = write_database(tmp_path / "d.duckdb", [{"gender": "Female"}] * 20)
+    engine = Engine(DuckDBBackend(data), codebook=default_codebook())
+    accounts = MemoryAccounts()
+    accounts.add("alice", Role.RESEARCHER)
+    watch = CallWatch()
+    reserve = accounts.reserve
+
+    def leaving(*args: Any, **kwargs: Any) -> Any:
+        held = reserve(*args, **kwargs)
+        watch.fire("deadline")  # the deadline passes while the ledger holds the charge
+        return held
+
+    accounts.reserve = leaving  # type: ignore[method-assign]
+    scans: list[object] = []
+    run = engine.backend.run
+    engine.backend.run = lambda *a, **k: scans.append(a) or run(*a, **k)  # type: ignore[method-assign]
+    with pytest.raises(QueryCancelledError):
+        engine.release(
+            Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.5"),
+            charger=_WatchedCharger(accounts, watch), client="alice", request_id="r-1",
+            cancel=watch.event,
+        )
+    assert scans == [] and watch.reason == "deadline"
+    assert [e["event"] for e in accounts.log] == ["reserve", "cancel"]
+    assert accounts.total_spent() == 0 and accounts.total_reserved() == 0
+
+
+def test_the_servers_limit_still_stops_a_call_whose_caller_left_while_it_held_a_charge() -> None:
+    in_flight = InFlight()
+    with in_flight.watch(FakeContext(0.05), limit=0.3) as watch:  # type: ignore[arg-type]
+        assert watch.hold()
+        assert watch.event.wait(5) and watch.reason == "limit"
+        assert watch.caller_gone == "deadline"  # came first, and did not stop it
 
 
 def test_the_watchdog_leaves_ended_calls_alone() -> None:
