@@ -100,7 +100,9 @@ class _Builder:
         if component.aggregate == "count":
             return "count(*)"
         if component.aggregate == "flag":
-            return f"count_if({quote(component.argument)} = 1)"
+            # Not count_if: over a group whose flag is missing in every record it gives NULL,
+            # which reaches numpy as a masked float whose hidden value the engine would read.
+            return f"count(*) FILTER (WHERE {quote(component.argument)} = 1)"
         variable: Variable = component.argument
         column = quote(variable.name)
         if component.aggregate == "count_present":

@@ -301,3 +301,19 @@ def test_the_rows_a_person_keeps_do_not_depend_on_the_order_they_are_stored_in(
     assert kept[0] == kept[1]
     assert sum(kept[0]) == 40 and 0 < kept[0][0] < 40  # one row each, chosen by the hash
 
+
+
+def test_a_flag_missing_in_every_record_of_a_group_counts_zero_not_null() -> None:
+    connection = duckdb.connect()
+    connection.execute(create_table(CODEBOOK))
+    flags = CODEBOOK.flag_set("sexType").flags
+    rows = [("Male", 1), ("Female", None), ("Female", None)]  # Female: the flags all missing
+    for gender, flag in rows:
+        connection.execute(
+            f'INSERT INTO records ("gender", {quote(flags[0])}) VALUES (?, ?)', [gender, flag]
+        )
+    s = statement(Query(FlagCounts("sexType"), by=("gender",)))
+    result = connection.execute(s.text, list(s.parameters)).fetchnumpy()
+    for column in (c for c in result if c.startswith("c")):
+        # A NULL would come as a masked float, its value whatever lies under the mask.
+        assert result[column].dtype.kind == "i" and not hasattr(result[column], "mask"), column
