@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "codebook": ("client.cli", "add_codebook_command"),
     "budget": ("client.cli", "add_budget_command"),
     "releases": ("client.cli", "add_releases_command"),
+    "pack": ("client.pack", "add_pack_command"),
     "admin": ("client.admin_cli", "add_admin_command"),
     "risk": ("engine.cli", "add_risk_command"),
     "audit": ("audit.cli", "add_audit_command"),
@@ -53,8 +54,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             missing = exc.name or str(exc)
             print(
                 f"veil {name}: this command needs {missing}, which is not installed here (a "
-                f"client-only install has query, dry-run, codebook, budget, releases and "
-                f"admin); install the full package from the veil repository: "
+                f"client-only install has query, dry-run, codebook, budget, releases, pack "
+                f"and admin); install the full package from the veil repository: "
                 f"pip install -e PATH/TO/veil",
                 file=sys.stderr,
             )

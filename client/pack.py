@@ -1,0 +1,845 @@
+"""Table packs: a set of standard tables priced as a whole, released in order, and pinned.
+
+A modeler who pulls the same tables every cycle writes them once, in a TOML spec:
+
+    epsilon = 0.1                     # the loss of every table (or rho, or loss)
+    [tables.gender_age]
+    sql = "SELECT gender, ageBroad, COUNT(*) FROM records GROUP BY gender, ageBroad"
+    [tables.sexual_share_minors]
+    sql = "SELECT gender, PROPORTION(isSexualExploit = 1) FROM records WHERE ..."
+    epsilon = 0.2                     # this table's own loss
+
+and then, from Python:
+
+    from client.pack import Pack, dry_run_pack, release_pack
+    pack = Pack.from_toml("standard_tables.toml")
+    dry_run_pack(veil_client, pack)                      # free: each table, the total, the fit
+    releases = release_pack(veil_client, pack, manifest="out/manifest.json")
+
+or from the shell: `veil pack standard_tables.toml --dry-run`, then `veil pack
+standard_tables.toml --out out/`.
+
+A dry run of each table alone checks it against what remains now, so six tables can each fit
+while the six together do not. `dry_run_pack` adds the tables up in order (a table released
+before, pinned by the manifest, or a repeat of an earlier table of the pack costs 0) and says
+whether the total fits and which table is the first that would not. `release_pack` refuses the
+whole pack, charging nothing, when it does not fit.
+
+The manifest (JSON) records, for each table, the request id it is released under, and once it
+is, its release id, data version, query fingerprint and charge. A request id already answered
+returns exactly that release again, free: running the pack again with the same manifest gives
+the same numbers even if someone has since released the same query at a larger loss (which
+would otherwise be served), and a run stopped halfway resumes, the tables already released
+coming back free. Request ids belong to one client on one data version: a manifest written by
+another client, or for releases of a data version the server no longer serves, is refused
+before anything is charged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from client import query as q
+from client.amounts import Amount, format_amount, parse_amount
+from client.connection import Client, decimal_text
+from client.errors import (
+    BudgetExhausted,
+    InvalidQuery,
+    PermissionDenied,
+    RequestConflict,
+    UnsupportedSQL,
+    VeilError,
+)
+from client.results import Budget, DryRun, Release
+
+LOSS_NAMES = ("epsilon", "rho", "loss")
+SPEC_KEYS = ("tables", *LOSS_NAMES)
+TABLE_KEYS = ("sql", *LOSS_NAMES)
+MANIFEST_FORMAT = "veil.pack-manifest/1"
+# A table's name is also its output file's: no path separators, no leading dot.
+_TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+# How many of the caller's latest releases are searched for what a pack's request cost.
+_LISTED = 100
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class PackSpecError(VeilError, ValueError):
+    """A pack spec or manifest that cannot be used as written: not TOML (or JSON), an unknown
+    key, a table without SQL or without a loss. `table` names the table at fault, when one is.
+    Nothing was asked of any server."""
+
+    def __init__(self, message: str, *, table: str | None = None) -> None:
+        super().__init__(message)
+        self.table = table
+
+
+class PackDoesNotFit(BudgetExhausted):
+    """The pack's total cost is more than remains; nothing was charged. `pricing` is the
+    pack's `PackPricing`; `total` its cost, `first_short` the first table that would not fit
+    (with `scope` and `remaining` as in BudgetExhausted)."""
+
+    def __init__(self, pricing: PackPricing) -> None:
+        assert pricing.remaining is not None and pricing.first_short is not None
+        name = pricing.loss_name
+        super().__init__(
+            f"the pack costs {name} {pricing.total} in all and {pricing.remaining} remains "
+            f"({pricing.limiting_scope or 'client'} budget); table {pricing.first_short} is the "
+            f"first that does not fit. Nothing was charged",
+            scope=pricing.limiting_scope, remaining=format_amount(pricing.remaining),
+        )
+        self.pricing = pricing
+        self.total = pricing.total
+        self.first_short = pricing.first_short
+
+
+class ManifestConflict(RequestConflict):
+    """The manifest cannot pin this pack: it was written by another client, pins releases of a
+    data version the server no longer serves, or pins a table whose query or loss has changed
+    since. Nothing was charged. `table` names the table at fault, when one is."""
+
+    def __init__(self, message: str, *, table: str | None = None) -> None:
+        super().__init__(message)
+        self.table = table
+
+
+def _naming(table: str, error: InvalidQuery) -> InvalidQuery:
+    """`error` again, of the same class, its message naming the pack's table."""
+    if isinstance(error, UnsupportedSQL):
+        return UnsupportedSQL(
+            f"table {table}: {error.reason}", variable=error.variable, malformed=error.malformed
+        )
+    return InvalidQuery(
+        f"table {table}: {error.message}", variable=error.variable, code=error.code,
+        request_id=error.request_id,
+    )
+
+
+# ---- the pack -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackTable:
+    """One table of a pack: its name (also its output file's), its query, and the loss it is
+    released at (exact). `sql` is the text it was written as, when it was SQL."""
+
+    name: str
+    query: q.Query
+    loss: Amount
+    sql: str | None = None
+
+
+@dataclass(frozen=True)
+class Pack:
+    """An ordered set of named tables, each a query and the loss to release it at.
+
+    `loss_name` is how the losses are named ("epsilon" under pure DP, "rho" under zCDP, or
+    "loss" for either); the server refuses a name that is not its accounting's. Build one from
+    a TOML spec (`Pack.from_toml`) or from a mapping (`Pack.of`)."""
+
+    tables: tuple[PackTable, ...]
+    loss_name: str = "loss"
+    source: str | None = None  # the spec file it was read from
+
+    def __post_init__(self) -> None:
+        if self.loss_name not in LOSS_NAMES:
+            raise PackSpecError(f"a pack's losses are named {', '.join(LOSS_NAMES)}, "
+                                f"not {self.loss_name!r}")
+        if not self.tables:
+            raise PackSpecError(f"{self._where}the pack has no tables")
+        seen: dict[str, str] = {}
+        for table in self.tables:
+            if not isinstance(table.name, str) or not _TABLE_NAME.fullmatch(table.name):
+                raise PackSpecError(
+                    f"{self._where}table name {table.name!r}: a name is letters, digits, '_' "
+                    f"and '-' (at most 100, not starting with '_' or '-'), since it names the "
+                    f"table's file", table=str(table.name),
+                )
+            # Told apart by case alone, two tables would write one file on some file systems.
+            other = seen.setdefault(table.name.lower(), table.name)
+            if other != table.name or sum(t.name == table.name for t in self.tables) > 1:
+                raise PackSpecError(f"{self._where}table {table.name!r} is named twice "
+                                    f"(names are compared regardless of case)", table=table.name)
+            if not isinstance(table.query, q.Query):
+                raise TypeError(f"table {table.name}: expected a veil query, got "
+                                f"{type(table.query).__name__}")
+
+    @property
+    def _where(self) -> str:
+        return f"{self.source}: " if self.source else ""
+
+    @classmethod
+    def of(
+        cls, tables: Mapping[str, tuple[str | q.Query, Any]], *, loss_name: str = "loss"
+    ) -> Pack:
+        """A pack from `{name: (query, loss)}`, in the mapping's order. A query is SQL text in
+        veil's subset or a query object; a loss is what `release` takes (decimal text, a
+        Decimal, an int, a Fraction). Bad SQL or a bad loss raises InvalidQuery (UnsupportedSQL
+        for SQL) naming the table."""
+        made = []
+        for name, (query, loss) in tables.items():
+            made.append(_table(name, query, loss, loss_name))
+        return cls(tuple(made), loss_name=loss_name)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Pack:
+        """The pack a TOML spec file describes (see the module's docstring). An unreadable file
+        or an unknown key raises PackSpecError; bad SQL or a bad loss, InvalidQuery naming the
+        table. Nothing is asked of any server."""
+        path = Path(path)
+        try:
+            text = path.expanduser().read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise PackSpecError(f"cannot read the pack spec {path}: {why}") from None
+        try:
+            spec = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PackSpecError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_spec(spec, source=str(path))
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], *, source: str | None = None) -> Pack:
+        """The pack a spec describes, as parsed from TOML: `tables` (name -> {sql, and a loss})
+        and a default loss (`epsilon`, `rho` or `loss`)."""
+        where = f"{source}: " if source else ""
+        _refuse_unknown(spec, SPEC_KEYS, where, "the spec")
+        default_name, default = _one_loss(spec, where, "the spec's default")
+        tables = spec.get("tables")
+        if not isinstance(tables, Mapping) or not tables:
+            raise PackSpecError(
+                f"{where}no tables: write each as [tables.NAME] with sql = \"SELECT ...\""
+            )
+        names = {default_name} - {None, "loss"}
+        made = []
+        for name, entry in tables.items():
+            if not isinstance(entry, Mapping):
+                raise PackSpecError(
+                    f"{where}tables.{name} is not a table: write [tables.{name}] with "
+                    f"sql = \"SELECT ...\"", table=name,
+                )
+            _refuse_unknown(entry, TABLE_KEYS, where, f"table {name}", table=name)
+            sql = entry.get("sql")
+            if not isinstance(sql, str) or not sql.strip():
+                raise PackSpecError(f"{where}table {name} has no sql = \"SELECT ...\"",
+                                    table=name)
+            own_name, own = _one_loss(entry, where, f"table {name}", table=name)
+            if own_name is None and default_name is None:
+                raise PackSpecError(
+                    f"{where}table {name} has no loss: give the spec a default (epsilon = ..., "
+                    f"rho = ... or loss = ... before the tables) or the table its own",
+                    table=name,
+                )
+            names |= {own_name} - {None, "loss"}
+            made.append(_table(name, sql, own if own_name is not None else default,
+                               own_name or default_name or "loss"))
+        if len(names) > 1:
+            raise PackSpecError(
+                f"{where}the spec names losses both {' and '.join(sorted(str(n) for n in names))}"
+                f"; a deployment accounts one way: use one of them (or loss) throughout"
+            )
+        loss_name = next(iter(names)) if names else "loss"
+        return cls(tuple(made), loss_name=str(loss_name), source=source)
+
+    # -- reading it --
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def __iter__(self) -> Iterator[PackTable]:
+        return iter(self.tables)
+
+    def __getitem__(self, name: str) -> PackTable:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [table.name for table in self.tables]
+
+
+def _refuse_unknown(
+    spec: Mapping[str, Any], known: tuple[str, ...], where: str, what: str,
+    table: str | None = None,
+) -> None:
+    unknown = sorted(str(key) for key in spec if key not in known)
+    if unknown:
+        raise PackSpecError(
+            f"{where}{what} has unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; the keys it takes are {', '.join(known)}",
+            table=table,
+        )
+
+
+def _one_loss(
+    spec: Mapping[str, Any], where: str, what: str, table: str | None = None
+) -> tuple[str | None, Any]:
+    given = [name for name in LOSS_NAMES if name in spec]
+    if len(given) > 1:
+        raise PackSpecError(f"{where}{what} gives {' and '.join(given)}; give one loss",
+                            table=table)
+    return (given[0], spec[given[0]]) if given else (None, None)
+
+
+def _table(name: str, query: str | q.Query, loss: Any, loss_name: str) -> PackTable:
+    try:
+        exact = Amount(parse_amount(decimal_text(loss, loss_name)) or 0)
+        if isinstance(query, str):
+            from client.sql import parse_sql
+
+            return PackTable(name, parse_sql(query), exact, sql=query)
+    except InvalidQuery as exc:
+        raise _naming(name, exc) from None
+    if not isinstance(query, q.Query):
+        raise TypeError(f"table {name}: a query is SQL text or a veil query, got "
+                        f"{type(query).__name__}")
+    return PackTable(name, query, exact)
+
+
+# ---- the manifest -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One table's line of a manifest: the request id it is released under, what was asked,
+    and, once released, the release it received. `charged` is what the request cost (exact
+    text; None when not known)."""
+
+    request_id: str
+    query: str
+    loss: str
+    fingerprint: str
+    release_id: str | None = None
+    data_version: str | None = None
+    charged: str | None = None
+
+    @property
+    def released(self) -> bool:
+        return self.release_id is not None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a pack was released as, by table name (see the module's docstring)."""
+
+    client_id: str | None = None
+    tables: Mapping[str, ManifestEntry] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Manifest:
+        """The manifest in `path`, or an empty one when there is no such file."""
+        path = Path(path)
+        try:
+            document = json.loads(path.expanduser().read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PackSpecError(f"cannot read the manifest {path}: {exc}") from None
+        if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+            raise PackSpecError(f"{path} is not a pack manifest (format {MANIFEST_FORMAT})")
+        try:
+            entries = {name: ManifestEntry(**entry)
+                       for name, entry in document.get("tables", {}).items()}
+        except (TypeError, AttributeError) as exc:
+            raise PackSpecError(f"the manifest {path} has a malformed table: {exc}") from None
+        return cls(client_id=document.get("client_id"), tables=entries)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format": MANIFEST_FORMAT, "client_id": self.client_id,
+             "tables": {name: vars(entry) for name, entry in self.tables.items()}},
+            indent=2,
+        ) + "\n"
+
+    def write(self, path: str | Path) -> None:
+        """Write it whole or not at all (a stopped write leaves the manifest that was there)."""
+        from client.cli import write_replacing
+
+        write_replacing(Path(path).expanduser(), self.to_json())
+
+
+# ---- pricing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TablePrice:
+    """One table of a pack, priced in order. `cost` is what releasing it as part of the pack
+    would charge: 0 when it is already released, pinned by the manifest, or a repeat of an
+    earlier table of the pack (`free_because` says which). `remaining_after` is what would
+    remain after it and every table before it (None when the budget is not known); it is
+    negative from the first table that does not fit, by how much is missing."""
+
+    name: str
+    dry_run: DryRun
+    cost: Amount
+    free_because: str | None
+    remaining_after: Amount | None
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.remaining_after is None else self.remaining_after >= 0
+
+
+@dataclass(frozen=True)
+class PackPricing:
+    """A pack priced as a whole: each table in order, the total, and whether it fits in what
+    the caller's budgets have left (`remaining`, the least of them, read once after the
+    tables' dry runs). Charges nothing. Spending by anyone sharing those budgets after it was
+    read can change the answer."""
+
+    tables: tuple[TablePrice, ...]
+    total: Amount
+    loss_name: str
+    data_version: str
+    budget: Budget | None = field(default=None, compare=False)
+
+    @property
+    def remaining(self) -> Amount | None:
+        return None if self.budget is None else self.budget.remaining
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the whole pack fits in what remains (None: the budget is not known)."""
+        return None if self.remaining is None else self.total <= self.remaining
+
+    @property
+    def first_short(self) -> str | None:
+        """The first table, in order, that would not fit (None when all fit, or not known)."""
+        return next((t.name for t in self.tables if t.fits is False), None)
+
+    @property
+    def limiting_scope(self) -> str | None:
+        """The budget that would refuse the pack ("client", "institution" or "dataset"), or
+        None when it fits or is not known."""
+        if self.budget is None or self.fits:
+            return None
+        left = self.budget.scopes_remaining()
+        short = {scope: value for scope, value in left.items() if value < self.total}
+        return min(short, key=lambda scope: short[scope]) if short else "client"
+
+    def __getitem__(self, name: str) -> TablePrice:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+    HEADERS: ClassVar[tuple[str, ...]] = (
+        "table", "cost", "free because", "cells", "tau", "+/- count", "remaining after", "query",
+    )
+
+    def rows(self) -> list[list[str]]:
+        """One row per table, as the text and CSV forms show them (see `HEADERS`)."""
+        return [
+            [t.name, format_amount(t.cost), t.free_because or "", str(t.dry_run.cells),
+             str(t.dry_run.tau), str(t.dry_run.half_width),
+             "" if t.remaining_after is None else format_amount(t.remaining_after),
+             "" if t.dry_run.query is None else str(t.dry_run.query)]
+            for t in self.tables
+        ]
+
+    def verdict(self) -> str:
+        """The total and whether it fits, in one sentence."""
+        free = sum(1 for t in self.tables if t.cost == 0)
+        total = (f"total: {self.loss_name} {self.total} for {len(self.tables)} tables"
+                 + (f" ({free} free)" if free else ""))
+        if self.remaining is None:
+            return f"{total}; your remaining budget is not known"
+        if self.fits:
+            return (f"{total}; it fits: {self.remaining} remaining now, "
+                    f"{Amount(self.remaining - self.total)} after")
+        return (f"{total}; it does NOT fit: {self.remaining} remains "
+                f"({self.limiting_scope} budget), and table {self.first_short} is the first "
+                f"that does not fit")
+
+    def to_text(self) -> str:
+        from client.display import shorten, text_table
+
+        rows = [[*row[:-1], shorten(row[-1], 70)] for row in self.rows()]
+        right = [False, True, False, True, True, True, True, False]
+        return f"{text_table(self.HEADERS, rows, right=right)}\n\n{self.verdict()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        def amount_text(value: Amount | None) -> str | None:
+            return None if value is None else format_amount(value)
+
+        return {
+            "loss_name": self.loss_name, "data_version": self.data_version,
+            "total": format_amount(self.total), "remaining": amount_text(self.remaining),
+            "fits": self.fits, "first_short": self.first_short,
+            "limiting_scope": self.limiting_scope,
+            "tables": [
+                {"name": t.name, "cost": format_amount(t.cost), "free_because": t.free_because,
+                 "remaining_after": amount_text(t.remaining_after), "fits": t.fits,
+                 "dry_run": t.dry_run.to_dict()}
+                for t in self.tables
+            ],
+        }
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+
+def dry_run_pack(
+    client: Client, pack: Pack, *, manifest: Manifest | str | Path | None = None,
+    timeout: float | None = None,
+) -> PackPricing:
+    """Price `pack` as a whole, charging nothing: a dry run of each table, their costs added up
+    in order, and whether the total fits in what the caller has left.
+
+    A table costs 0 when it is already released (by anyone, at a loss at least its own), when
+    `manifest` pins it (its request id replays its release free), or when an earlier table of
+    the pack asks the same query at a loss at least its own. A table whose query is invalid
+    raises InvalidQuery naming the table; a manifest that cannot pin this pack (another
+    client's, another data version's, a table changed since) raises ManifestConflict."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest() if manifest is None else Manifest.read(manifest)
+    priced: list[tuple[str, DryRun, Amount, str | None]] = []
+    seen: dict[str, tuple[Amount, str]] = {}  # fingerprint -> the largest loss asked, by whom
+    for table in pack:
+        try:
+            dry = client.dry_run(table.query, timeout=timeout, **_loss_of(pack, table))
+        except InvalidQuery as exc:
+            raise _naming(table.name, exc) from None
+        entry = manifest.tables.get(table.name)
+        if entry is not None:
+            _check_entry(table, entry, dry)
+        earlier = seen.get(dry.fingerprint)
+        why: str | None = None
+        if entry is not None and entry.released:
+            why = f"pinned by the manifest ({entry.release_id})"
+        elif dry.already_released:
+            why = "already released"
+        elif earlier is not None and earlier[0] >= table.loss:
+            why = f"the same query as table {earlier[1]}"
+        cost = Amount(0) if why else dry.loss
+        if earlier is None or table.loss > earlier[0]:
+            seen[dry.fingerprint] = (table.loss, table.name)
+        priced.append((table.name, dry, cost, why))
+    try:
+        budget: Budget | None = client.budget()
+    except PermissionDenied:  # a role without a budget may still price
+        budget = None
+    if (budget is not None and manifest.client_id is not None
+            and manifest.client_id != budget.client_id):
+        raise ManifestConflict(
+            f"the manifest was written by client {manifest.client_id}, and this is "
+            f"{budget.client_id}: its request ids replay only for the client that made them; "
+            f"use a manifest of your own (another file) to release the pack as {budget.client_id}"
+        )
+    tables = []
+    total = Amount(0)
+    for name, dry, cost, why in priced:
+        total = Amount(total + cost)
+        after = None if budget is None else Amount(budget.remaining - total)
+        tables.append(TablePrice(name, dry, cost, why, after))
+    version = priced[0][1].data_version if priced else ""
+    return PackPricing(tuple(tables), total, pack.loss_name, version, budget)
+
+
+def _loss_of(pack: Pack, table: PackTable) -> dict[str, Any]:
+    """The table's loss as `dry_run` and `release` take it, under the spec's name for it (the
+    client refuses epsilon from a zCDP deployment, and rho from a pure-DP one)."""
+    return {pack.loss_name: table.loss}
+
+
+def _check_entry(table: PackTable, entry: ManifestEntry, dry: DryRun) -> None:
+    """Refuse (ManifestConflict) a manifest entry its table no longer matches, or that pins a
+    release of data the server no longer serves: its request id would be refused, or worse,
+    stand for another table."""
+    if entry.fingerprint != dry.fingerprint or entry.loss != format_amount(table.loss):
+        what = (f"the release {entry.release_id}" if entry.released
+                else f"request id {entry.request_id}")
+        raise ManifestConflict(
+            f"table {table.name} has changed since the manifest recorded {what} for it "
+            f"({entry.query} at {entry.loss}): restore it in the spec, or remove its entry from "
+            f"the manifest to release the new one", table=table.name,
+        )
+    if entry.released and dry.data_version and entry.data_version != dry.data_version:
+        raise ManifestConflict(
+            f"the manifest pins table {table.name} to a release of data version "
+            f"{entry.data_version}, and the server now serves {dry.data_version}: pinned "
+            f"releases cannot be replayed on new data; release the pack with a new manifest "
+            f"(another file) for this data version", table=table.name,
+        )
+
+
+# ---- releasing ----------------------------------------------------------------------------------
+
+
+def release_pack(
+    client: Client,
+    pack: Pack,
+    *,
+    manifest: str | Path | None = None,
+    on_release: Callable[[str, Release], None] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Release]:
+    """Release every table of `pack`, in order, once the whole pack is known to fit; returns
+    name -> Release.
+
+    The pack is priced first (`dry_run_pack`); when its total is more than remains, it raises
+    PackDoesNotFit, naming the total, what remains and the first table that breaks it, and
+    nothing is charged. Each table is then released under a request id of its own.
+
+    With `manifest` (a JSON file path, read when it exists), every table's request id is
+    written to it before the first release, and each release's id, data version, fingerprint
+    and charge as it arrives. Running the pack again with the same manifest replays exactly
+    those releases, free; a run stopped halfway resumes (the tables released already come back
+    free, the rest are released; a release the server made just as the run stopped is returned
+    under its request id, not charged again). `on_release(name, release)` is called as each
+    table arrives. Each release's `charged` is what this run paid for it (0 for a table
+    replayed; None when the server's list of the caller's releases does not say).
+
+    Not atomic: the up-front check reads the budget once. Releases made meanwhile by the same
+    client (another process or notebook), its institution or, for the dataset's cap, anyone,
+    draw on the same budgets, and a table can then still be refused (BudgetExhausted); the
+    tables released before it stay released and recorded in the manifest, and running the
+    pack again resumes it.
+    """
+    path = None if manifest is None else Path(manifest)
+    state = Manifest() if path is None else Manifest.read(path)
+    pricing = dry_run_pack(client, pack, manifest=state, timeout=timeout)
+    if pricing.fits is False:
+        raise PackDoesNotFit(pricing)
+    # Every table has its request id on disk before anything is released, so that a run
+    # stopped at any point, even inside a release the server committed, resumes under the same
+    # ids and is never charged twice.
+    entries = dict(state.tables)
+    fresh = set()
+    for table, price in zip(pack, pricing.tables, strict=True):
+        if table.name not in entries:
+            fresh.add(table.name)
+            entries[table.name] = ManifestEntry(
+                request_id=str(uuid.uuid4()), query=str(table.query),
+                loss=format_amount(table.loss), fingerprint=price.dry_run.fingerprint,
+            )
+    client_id = state.client_id or (None if pricing.budget is None else pricing.budget.client_id)
+    state = Manifest(client_id=client_id, tables=entries)
+    if path is not None:
+        state.write(path)
+    releases: dict[str, Release] = {}
+    for table in pack:
+        entry = entries[table.name]
+        # A table resumed may have been released by the run that stopped (the server answered,
+        # the manifest did not hear): then this run's call replays it, free.
+        paid_before = (None if entry.released or table.name in fresh
+                       else _charged(client, entry.request_id))
+        try:
+            release = client.release(table.query, request_id=entry.request_id, timeout=timeout,
+                                     **_loss_of(pack, table))
+        except VeilError as exc:
+            done = ", ".join(releases) or "none"
+            exc.add_note(
+                f"pack: tables released before {table.name}: {done}"
+                + (f"; {path} records them, and running the pack again with it resumes"
+                   if path is not None else "")
+            )
+            raise
+        metadata = release.metadata
+        if entry.released and metadata.release_id != entry.release_id:
+            raise ManifestConflict(
+                f"table {table.name}: request id {entry.request_id} returned release "
+                f"{metadata.release_id}, not {entry.release_id} as the manifest pins",
+                table=table.name,
+            )
+        if entry.released:
+            release.charged = Amount(0)  # a request id answered before is never charged again
+        else:
+            cost = _charged(client, entry.request_id)
+            release.charged = cost if paid_before is None else Amount(0)
+            entry = replace(
+                entry, release_id=metadata.release_id, data_version=metadata.data_version,
+                fingerprint=metadata.fingerprint or entry.fingerprint,
+                charged=None if cost is None else format_amount(cost),
+            )
+            entries[table.name] = entry
+            if path is not None:
+                Manifest(client_id=client_id, tables=entries).write(path)
+        releases[table.name] = release
+        if on_release is not None:
+            on_release(table.name, release)
+    return releases
+
+
+def _charged(client: Client, request_id: str) -> Amount | None:
+    """What the request `request_id` cost, as the caller's list of releases records it (the
+    client does not say when it was given the request id); None when it is not listed."""
+    try:
+        listed = client.releases(limit=_LISTED)
+    except VeilError:
+        return None
+    return next((r.charged for r in reversed(listed) if r.request_id == request_id), None)
+
+
+# ---- `veil pack` --------------------------------------------------------------------------------
+
+_SPEC_EXAMPLE = """\
+a spec (TOML):
+  epsilon = 0.1                   # every table's loss (or rho, or loss)
+  [tables.gender_age]
+  sql = "SELECT gender, ageBroad, COUNT(*) FROM records GROUP BY gender, ageBroad"
+  [tables.means_of_control]
+  sql = "SELECT majorityStatus, FLAG_COUNTS(meansOfControl) FROM records GROUP BY majorityStatus"
+  epsilon = 0.2                   # this table's own
+
+examples/standard_tables.toml has CTDC's standard tables."""
+
+
+def add_pack_command(subparsers: Any) -> argparse.ArgumentParser:
+    from client.cli import connection_options
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "pack", parents=[connection_options()],
+        help="price or release a pack of tables from a TOML spec, pinned by a manifest",
+        description="Price a pack of tables as a whole (--dry-run: free), or release it: "
+        "refused, charging nothing, unless the whole pack fits in what remains; then each "
+        "table is written to DIR/NAME.csv (or .json) and its release pinned in the manifest, "
+        "so that running it again replays the same releases free and a stopped run resumes.",
+        epilog=_SPEC_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("spec", type=Path, metavar="SPEC.toml", help="the pack's spec")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="price each table and the total, and say whether it fits (free)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="where the tables are written (default: a directory named after "
+                        "the spec, in the current one)")
+    parser.add_argument("--manifest", type=Path, metavar="FILE",
+                        help="the manifest pinning each table's release (default "
+                        "DIR/manifest.json; used when it exists)")
+    parser.add_argument("-f", "--format", choices=("csv", "json"), default=None,
+                        help="the tables' files (default csv); with --dry-run, the pricing as "
+                        "CSV or JSON instead of a table")
+    parser.set_defaults(handler=run_pack)
+    return parser
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from client import cli
+
+    try:
+        pack = Pack.from_toml(args.spec)
+    except (PackSpecError, InvalidQuery) as exc:
+        # Refused before any server is asked: the spec is the caller's to fix.
+        if isinstance(exc, UnsupportedSQL):
+            text = exc.reason if exc.malformed else f"unsupported SQL: {exc}"
+        elif isinstance(exc, PackSpecError):
+            text = str(exc)
+        else:
+            text = f"invalid query: {exc}"
+        print(f"veil: {text}", file=sys.stderr)
+        return cli.EXIT_INVALID
+    out: Path = args.out if args.out is not None else Path(args.spec.stem)
+    manifest_path: Path = args.manifest if args.manifest is not None else out / "manifest.json"
+    try:
+        manifest = Manifest.read(manifest_path)
+    except PackSpecError as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return cli.EXIT_INVALID
+
+    if args.dry_run:
+        def price(client: Client) -> int:
+            with cli.progress("pack dry run", quiet=args.quiet):
+                pricing = dry_run_pack(client, pack, manifest=manifest)
+            if args.format == "json":
+                cli.emit(json.dumps(pricing.to_dict(), indent=2))
+            elif args.format == "csv":
+                cli.emit(cli.csv_text([list(PackPricing.HEADERS), *pricing.rows()]))
+            else:
+                cli.emit(pricing.to_text())
+            return cli.EXIT_OK
+
+        return cli.run_with_client(args, price)
+
+    fmt = args.format or "csv"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"veil: cannot write {out}: {exc.strerror or exc}; nothing was released or "
+              f"charged", file=sys.stderr)
+        return cli.EXIT_INVALID
+    for target in [manifest_path, *(out / f"{t.name}.{fmt}" for t in pack)]:
+        if (reason := cli._writable(target)) is not None:
+            print(f"veil: cannot write {target}: {reason}; nothing was released or charged",
+                  file=sys.stderr)
+            return cli.EXIT_INVALID
+
+    written: list[list[str]] = []
+
+    def write(name: str, release: Release) -> None:
+        target = out / f"{name}.{fmt}"
+        cli.write_replacing(target, release.to_json() + "\n" if fmt == "json"
+                            else release.to_csv())
+        charged = "" if release.charged is None else format_amount(release.charged)
+        written.append([name, release.metadata.release_id, charged or "?",
+                        "yes" if release.replayed else "", str(target)])
+        if not args.quiet:
+            print(f"veil: {name}: {release.metadata.release_id} -> {target}", file=sys.stderr)
+
+    def run(client: Client) -> int:
+        try:
+            releases = release_pack(client, pack, manifest=manifest_path, on_release=write)
+        except KeyboardInterrupt:
+            print(f"veil: interrupted; {len(written)} of {len(pack)} tables were released and "
+                  f"written; run the same command again to resume: {manifest_path} records the "
+                  f"request id of every table asked for, so none is charged twice",
+                  file=sys.stderr)
+            return cli.EXIT_INTERRUPTED
+        except OSError as exc:
+            # A table was paid for and pinned, but its file could not be written.
+            print(f"veil: a table was released, but its file could not be written "
+                  f"({exc.strerror or exc}); {manifest_path} pins it: run the same command "
+                  f"again to write it, free", file=sys.stderr)
+            return cli.EXIT_ERROR
+        except PackDoesNotFit as exc:
+            print(f"veil: budget exhausted: {exc}", file=sys.stderr)
+            if not args.quiet:
+                print(exc.pricing.to_text(), file=sys.stderr)
+            return cli.EXIT_BUDGET
+        except VeilError as exc:
+            for note in getattr(exc, "__notes__", []):
+                print(f"veil: {note}", file=sys.stderr)
+            raise  # worded and given its exit status as for `veil query`
+        from client.display import text_table
+
+        total = sum((r.charged for r in releases.values() if r.charged is not None), Amount(0))
+        unknown = sum(1 for r in releases.values() if r.charged is None)
+        cli.emit(
+            text_table(["table", "release", "charged", "replayed", "file"], written)
+            + f"\n\n{len(releases)} tables; charged {pack.loss_name} {total} in this run"
+            + (f", besides {unknown} tables whose charge the server's list did not show"
+               if unknown else "")
+            + f"; manifest {manifest_path}"
+        )
+        return cli.EXIT_OK
+
+    return cli.run_with_client(args, run)
+
+
+__all__ = [
+    "LOSS_NAMES",
+    "Manifest",
+    "ManifestConflict",
+    "ManifestEntry",
+    "Pack",
+    "PackDoesNotFit",
+    "PackPricing",
+    "PackSpecError",
+    "PackTable",
+    "TablePrice",
+    "add_pack_command",
+    "dry_run_pack",
+    "release_pack",
+]
