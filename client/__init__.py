@@ -40,6 +40,14 @@ from client.errors import (
     UnsupportedSQL,
     VeilError,
 )
+from client.pack import (
+    ManifestConflict,
+    Pack,
+    PackDoesNotFit,
+    PackSpecError,
+    dry_run_pack,
+    release_pack,
+)
 from client.query import (
     And,
     Count,
@@ -102,11 +110,15 @@ __all__ = [
     "FlagSet",
     "In",
     "InvalidQuery",
+    "ManifestConflict",
     "Mean",
     "Missing",
     "Not",
     "NotFound",
     "Or",
+    "Pack",
+    "PackDoesNotFit",
+    "PackSpecError",
     "PermissionDenied",
     "Present",
     "Proportion",
@@ -127,6 +139,8 @@ __all__ = [
     "Variable",
     "VeilError",
     "connect",
+    "dry_run_pack",
     "parse_condition",  # provided lazily by __getattr__
     "parse_sql",
+    "release_pack",
 ]
