@@ -220,7 +220,9 @@ def clients_text(clients: list[ClientInfo], fmt: str) -> str:
         return csv_text([list(_COLUMNS)] + [[csv_cell(r[n]) for n in _COLUMNS] for r in rows])
     from client.display import text_table
 
-    headers = ["client_id", "role", "institution", "cap", "spent", "remaining", "status",
+    # What is left of the client's own cap: an institution's or the dataset's cap may leave less
+    # (the auditor's tables give what each client can spend).
+    headers = ["client_id", "role", "institution", "cap", "spent", "left_of_cap", "status",
                "created_at", "token_expires"]
     table = [
         [r["client_id"], r["role"], r["institution"] or "", r["cap"], r["spent"],
@@ -229,8 +231,12 @@ def clients_text(clients: list[ClientInfo], fmt: str) -> str:
          _seconds(r["token_expires_at"]) if r["token_expires_at"] else "never"]
         for r in rows
     ]
-    right = [h in ("cap", "spent", "remaining") for h in headers]
-    return text_table(headers, table, right=right) if table else "no clients"
+    right = [h in ("cap", "spent", "left_of_cap") for h in headers]
+    if not table:
+        return "no clients"
+    note = ("\nleft_of_cap: of the client's own cap; its institution's and the dataset's caps may "
+            "leave less (veil audit tables: can_spend)")
+    return text_table(headers, table, right=right) + note
 
 
 def _seconds(timestamp: str | None) -> str:

@@ -208,8 +208,10 @@ def test_list_shows_the_clients(
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["client_id", "role", "institution", "cap", "spent",
-                                "remaining", "status", "created_at", "token_expires"]
-    by_id = {line.split()[0]: line for line in lines[2:]}
+                                "left_of_cap", "status", "created_at", "token_expires"]
+    # What an institution's cap leaves may be less: the table says so, not "remaining".
+    assert lines[-1].startswith("left_of_cap: of the client's own cap")
+    by_id = {line.split()[0]: line for line in lines[2:-1]}
     assert set(by_id) == set(found)
     assert by_id[active].split()[1:7] == ["researcher", "unodc", "1.5", "0", "1.5", "active"]
     assert "revoked 20" in by_id[revoked]
