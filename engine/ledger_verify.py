@@ -15,7 +15,7 @@ import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.ledger_format import (
     ADMIN_EVENTS,
@@ -67,6 +67,9 @@ class VerifyResult:
 
 
 def verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
+    """Walk the audit log's chain (against `expect_head`, "SEQ:HASH", when given), replay its
+    entries, and reconcile every table with them: each column of a charge or a stored release
+    that an entry, or the release's own bytes, records must be the one recorded."""
     problems: list[str] = []
     first_bad: int | None = None
 
@@ -483,31 +486,172 @@ def _table_amount(text: Any) -> Fraction | str | None:
         return str(text)
 
 
+# What an entry written by an older version does not record: its column is compared with nothing.
+_UNRECORDED: Any = object()
+# The columns of the charges and releases tables that `verify` checks (not `reserved_at`, nor
+# the stored bytes themselves, which are checked against `sha256`).
+_CHARGE_COLUMNS = (
+    "charge_id",
+    "client",
+    "institution",
+    "request_id",
+    "kind",
+    "fingerprint",
+    "canonical_query",
+    "data_version",
+    "requested",
+    "amount",
+    "state",
+    "release_id",
+    "settled_at",
+    "reason",
+)
+_RELEASE_COLUMNS = (
+    "release_id",
+    "charge_id",
+    "client",
+    "fingerprint",
+    "canonical_query",
+    "data_version",
+    "loss",
+    "created_at",
+    "sha256",
+)
+# The columns a stored release's own metadata records, in the order they are reported.
+_RELEASE_META_COLUMNS = (
+    "release_id",
+    "charge_id",
+    "fingerprint",
+    "canonical_query",
+    "data_version",
+    "loss",
+    "created_at",
+)
+
+
+class _Stored(NamedTuple):
+    """What the charges' checks need of a stored release (not its bytes: a ledger can be large)."""
+
+    sha256: str
+    created_at: Any  # as its bytes record it; `_UNRECORDED` when they cannot be read
+
+
+def _carried(value: Any) -> Any:
+    """An entry's field, or `_UNRECORDED` where the entry holds null (older versions did)."""
+    return _UNRECORDED if value is None else value
+
+
+def _differences(
+    label: str,
+    have: dict[str, Any],
+    want: dict[str, Any],
+    source: str,
+    skip: frozenset[str] = frozenset(),
+) -> dict[str, str]:
+    """A problem for each column (not in `skip`) whose value in the ledger is not the one
+    `source` records, by column."""
+    return {
+        column: f"{label}: its {column} is {_shown(have[column])} in the ledger; {source} "
+        f"{_shown(value)}"
+        for column, value in want.items()
+        if value is not _UNRECORDED and column not in skip and have[column] != value
+    }
+
+
+def _logged_institution(entry: dict[str, Any]) -> Any:
+    """The institution whose budget an entry moved (None: the client has none)."""
+    budget = entry.get("budget")
+    if not isinstance(budget, list):
+        return _UNRECORDED
+    names = [
+        str(item.get("scope")).partition(":")[2]
+        for item in budget
+        if isinstance(item, dict) and str(item.get("scope")).startswith("institution:")
+    ]
+    if len(names) > 1:
+        return _UNRECORDED  # `_replay_budget` and the totals speak to a malformed record
+    return names[0] if names else None
+
+
+def _check_releases(
+    conn: sqlite3.Connection, released: dict[str, dict[str, Any]], problems: list[str]
+) -> dict[str, _Stored]:
+    """Check every stored release's row against its `release` entry and its bytes' metadata."""
+    stored: dict[str, _Stored] = {}
+    cursor = conn.execute(f"SELECT {', '.join(_RELEASE_COLUMNS)}, bytes FROM releases")
+    for *row, blob in cursor:
+        have = dict(zip(_RELEASE_COLUMNS, row, strict=True))
+        release_id, data = str(have["release_id"]), bytes(blob)
+        label = f"release {release_id}"
+        entry = released.get(release_id)
+        logged: dict[str, str] = {}
+        if entry is None:
+            problems.append(f"{label}: stored without a release entry in the audit log")
+        else:
+            # The entry is in the chain: what it records of the release is its true value.
+            want = {
+                column: _carried(entry.get(column))
+                for column in ("charge_id", "client", "fingerprint", "canonical_query")
+            }
+            want["data_version"] = _carried(entry.get("data_version"))
+            want["sha256"] = _carried(entry.get("release_sha256"))
+            logged = _differences(label, have, want, "the audit log records")
+            problems.extend(logged.values())
+        created: Any = _UNRECORDED
+        if hashlib.sha256(data).hexdigest() != have["sha256"]:
+            problems.append(f"{label}: its stored bytes do not match their hash")
+        else:
+            try:
+                meta = Release.from_bytes(data).metadata
+            except Exception:
+                problems.append(f"{label}: its stored bytes cannot be read")
+            else:
+                # The bytes are bound to the log by their hash: their metadata is true too. A
+                # column already found to differ from the log is not reported twice.
+                recorded = {column: getattr(meta, column) for column in _RELEASE_META_COLUMNS}
+                if not recorded["created_at"]:
+                    recorded["created_at"] = _UNRECORDED  # stored before releases were dated
+                created = recorded["created_at"]
+                problems.extend(
+                    _differences(
+                        label, have, recorded, "its stored bytes record", frozenset(logged)
+                    ).values()
+                )
+        stored[release_id] = _Stored(str(have["sha256"]), created)
+    return stored
+
+
 def _reconcile(
     conn: sqlite3.Connection,
     running: dict[str, tuple[Fraction, Fraction]],
     by_charge: dict[str, list[dict[str, Any]]],
     problems: list[str],
 ) -> None:
-    """Totals == the log's replay == the sums of the charges; every charge and release logged."""
+    """Totals == the log's replay == the sums of the charges; every charge and release logged,
+    each column of theirs as the entries (or the release's own bytes) record it."""
     (dataset,) = conn.execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
     totals: dict[str, tuple[Fraction, Fraction]] = {}
     for kind, name, spent, held in conn.execute("SELECT kind, name, spent, held FROM totals"):
         totals[f"{kind}:{name}"] = (parse_amount(spent), parse_amount(held))
     sums: dict[str, list[Fraction]] = defaultdict(lambda: [_ZERO, _ZERO])
-    releases = {
-        str(r[0]): r
-        for r in conn.execute(
-            "SELECT release_id, charge_id, client, fingerprint, data_version, loss, sha256, "
-            "bytes FROM releases"
-        )
+    released = {
+        str(e.get("release_id")): e
+        for entries in by_charge.values()
+        for e in entries
+        if e.get("event") == "release"
     }
+    # Reported after the charges', as before; read first, for the times committed charges settled.
+    release_problems: list[str] = []
+    releases = _check_releases(conn, released, release_problems)
     charged_releases: set[str] = set()
     rows = conn.execute(
-        "SELECT charge_id, client, institution, kind, amount, state, release_id "
-        "FROM charges ORDER BY rowid"
+        f"SELECT {', '.join(_CHARGE_COLUMNS)} FROM charges ORDER BY rowid"
     ).fetchall()
-    for charge_id, client, institution, kind, amount_text, state, release_id in rows:
+    for row in rows:
+        have = dict(zip(_CHARGE_COLUMNS, row, strict=True))
+        charge_id, client, institution = have["charge_id"], have["client"], have["institution"]
+        kind, amount_text, state = have["kind"], have["amount"], have["state"]
+        release_id = have["release_id"]
         amount = parse_amount(amount_text)
         for scope in scope_keys(client, institution, str(dataset)):
             if state == "committed":
@@ -515,17 +659,13 @@ def _reconcile(
             elif state == "reserved":
                 sums[scope.label][1] += amount
         events = {str(e["event"]): e for e in by_charge.get(charge_id, [])}
+        problems.extend(_charge_problems(row, events, releases))
         if kind == "replay":
-            if "replay" not in events:
-                problems.append(f"charge {charge_id}: the replay has no audit entry")
             if amount != 0:
                 problems.append(f"charge {charge_id}: a replay was charged")
             if release_id not in releases:
                 problems.append(f"charge {charge_id}: replays a release that is not stored")
             continue
-        reserve = events.get("reserve")
-        if reserve is None or reserve.get("charge") != amount_text:
-            problems.append(f"charge {charge_id}: its reservation has no matching audit entry")
         if state == "committed":
             charged_releases.add(str(release_id))
             entry = events.get("release")
@@ -534,33 +674,17 @@ def _reconcile(
                 problems.append(f"charge {charge_id}: its release has no matching audit entry")
             elif stored is None:
                 problems.append(f"charge {charge_id}: its release {release_id} is not stored")
-            elif entry.get("release_sha256") != stored[6] or entry.get("charge") != amount_text:
+            elif (
+                entry.get("release_sha256") != stored.sha256
+                or entry.get("charge") != amount_text
+            ):
                 problems.append(f"charge {charge_id}: its release differs from the audited one")
-        elif state == "cancelled" and not ({"cancel", "abandon"} & set(events)):
-            problems.append(f"charge {charge_id}: its cancellation has no audit entry")
     known = {str(r[0]) for r in rows}
     for charge_id in sorted(set(by_charge) - known):
         problems.append(f"charge {charge_id}: audited but missing from the ledger")
 
-    for release_id, row in releases.items():
-        _, charge_id, _, fingerprint, version, loss, digest, blob = row
-        data = bytes(blob)
-        if hashlib.sha256(data).hexdigest() != digest:
-            problems.append(f"release {release_id}: its stored bytes do not match their hash")
-            continue
-        try:
-            meta = Release.from_bytes(data).metadata
-        except Exception:
-            problems.append(f"release {release_id}: its stored bytes cannot be read")
-            continue
-        if (meta.release_id, meta.charge_id, meta.fingerprint, meta.data_version, meta.loss) != (
-            release_id,
-            charge_id,
-            fingerprint,
-            version,
-            loss,
-        ):
-            problems.append(f"release {release_id}: its content does not match its ledger row")
+    problems.extend(release_problems)
+    for release_id in releases:
         if release_id not in charged_releases:
             problems.append(f"release {release_id}: stored without a committed charge")
 
@@ -573,3 +697,56 @@ def _reconcile(
             problems.append(f"{label}: the totals differ from what the audit log records")
         if table != from_charges:
             problems.append(f"{label}: the totals differ from the sum of its charges")
+
+
+def _charge_problems(
+    row: tuple[Any, ...], events: dict[str, dict[str, Any]], releases: dict[str, _Stored]
+) -> list[str]:
+    """Where a charge's row differs from the entries that made and settled it.
+
+    A charge is made by its `reserve` entry (or, for a free replay, its `replay` entry), which
+    records who asked, for what, on which data and at what price; a `release`, `cancel` or
+    `abandon` entry settles it. Its `reserved_at`, and the `settled_at` of a cancelled charge or
+    a replay, are recorded nowhere else (the entries' times are taken apart from them).
+    """
+    have = dict(zip(_CHARGE_COLUMNS, row, strict=True))
+    label = f"charge {have['charge_id']}"
+    replay, reserve = events.get("replay"), events.get("reserve")
+    origin = replay if replay is not None else reserve
+    if origin is None:
+        if have["kind"] == "replay":
+            return [f"{label}: the replay has no audit entry"]
+        return [f"{label}: its reservation has no matching audit entry"]
+    release = events.get("release")
+    cancel = events.get("cancel", events.get("abandon"))
+    if release is not None and cancel is not None:
+        return [f"{label}: the audit log both releases and cancels it"]
+    want: dict[str, Any] = {
+        column: _carried(origin.get(column))
+        for column in ("client", "request_id", "fingerprint", "canonical_query", "data_version")
+    }
+    want["institution"] = _logged_institution(origin)
+    want["kind"] = "charge" if replay is None else "replay"
+    want["amount"] = _carried(origin.get("charge"))
+    if replay is None:
+        want["requested"] = want["amount"]  # a charge is for what was asked
+        settled = {"committed": release, "cancelled": cancel}
+        want["state"] = next((s for s, e in settled.items() if e is not None), "reserved")
+    else:
+        detail = replay.get("detail")
+        want["requested"] = _carried(detail.get("requested") if isinstance(detail, dict) else None)
+        want["state"] = "committed"  # a replay is settled as it is made
+    settler = replay if replay is not None else release
+    want["release_id"] = None if settler is None else _carried(settler.get("release_id"))
+    want["reason"] = None if cancel is None else _carried(cancel.get("outcome"))
+    if want["state"] == "reserved":
+        want["settled_at"] = None  # not settled, as far as the log knows
+    problems = list(_differences(label, have, want, "the audit log records").values())
+    if release is not None and "settled_at" not in want:
+        # Settled by its release, and dated with it: by the time the release's bytes record.
+        stored = releases.get(str(have["release_id"]))
+        dated = {"settled_at": _UNRECORDED if stored is None else stored.created_at}
+        problems.extend(
+            _differences(label, have, dated, "its release's stored bytes record").values()
+        )
+    return problems

@@ -236,7 +236,7 @@ def test_tampered_tables_are_found(path: Path) -> None:
             "(SELECT min(rowid) FROM charges WHERE state = 'committed' AND kind = 'charge')"
         )
     problems = restore_triggers_view(verify(path))
-    assert any("reservation has no matching audit entry" in p for p in problems)
+    assert any("its amount is 0.05 in the ledger; the audit log records" in p for p in problems)
     assert any("sum of its charges" in p for p in problems)
 
 
@@ -418,3 +418,121 @@ def test_expect_head_is_refused_with_a_server_or_when_malformed(
         veil_cli.main(["audit", "tables", str(path), "--expect-head", "3:abc", "--out", out])
     assert bad.value.code == 2
     assert "is not an audit head" in capsys.readouterr().err
+
+
+# ---- every column the log or the stored bytes determine is checked ----
+
+# Rows of the `path` ledger, by the request that wrote them.
+_ROW = {
+    "a1": "client = 'alice' AND request_id = 'a1'",  # committed, alice (institution iom)
+    "b1": "client = 'bob' AND request_id = 'b1'",  # a replay of a1's release, free
+    "a2": "client = 'alice' AND request_id = 'a2'",  # cancelled
+    "a3": "client = 'alice' AND request_id = 'a3'",  # committed
+}
+_RELEASE_OF = {r: f"charge_id = (SELECT charge_id FROM charges WHERE {w})" for r, w in _ROW.items()}
+_A1_QUERY = f"SELECT canonical_query FROM charges WHERE {_ROW['a1']}"
+_A3_RELEASE = f"SELECT release_id FROM charges WHERE {_ROW['a3']}"
+
+
+def forge_column(path: Path, table: str, where: str, column: str, value: str) -> tuple[str, str]:
+    """Set one column of one row by hand (guard triggers dropped and put back); `value` is SQL.
+    Returns the row's id and the head pinned before the edit."""
+    recorded = verify(path)
+    key = "charge_id" if table == "charges" else "release_id"
+    with forger(path) as conn:
+        (row_id,) = conn.execute(f"SELECT {key} FROM {table} WHERE {where}").fetchone()
+        before = conn.execute(f"SELECT {column} FROM {table} WHERE {key} = ?", (row_id,))
+        (old,) = before.fetchone()
+        conn.execute(f"UPDATE {table} SET {column} = ({value}) WHERE {key} = ?", (row_id,))
+        (new,) = conn.execute(
+            f"SELECT {column} FROM {table} WHERE {key} = ?", (row_id,)
+        ).fetchone()
+        assert new != old, "the edit must change the column"
+    return row_id, f"{recorded.head_seq}:{recorded.head_hash}"
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "value"),
+    [
+        ("b1", "client", "'alice'"),  # a free replay: no total moves
+        ("a1", "request_id", "'a9'"),
+        ("a1", "fingerprint", "'" + "f" * 64 + "'"),
+        ("a3", "canonical_query", _A1_QUERY),
+        ("a1", "data_version", "'v2'"),
+        ("b1", "institution", "'iom'"),
+        ("b1", "requested", "'0.05'"),
+        ("a1", "requested", "'0.2'"),
+        ("a3", "amount", "'0.2'"),
+        ("a3", "kind", "'replay'"),
+        ("a2", "state", "'reserved'"),
+        ("b1", "release_id", _A3_RELEASE),  # the replay is shown as of another release
+        ("a1", "settled_at", "'2020-01-01T00:00:00.000000Z'"),
+        ("a2", "reason", "'commit_failed'"),
+    ],
+)
+def test_a_hand_edited_charge_column_is_found(
+    path: Path, row: str, column: str, value: str
+) -> None:
+    charge_id, head = forge_column(path, "charges", _ROW[row], column, value)
+    result = verify(path, expect_head=head)
+    assert not result.ok
+    assert any(p.startswith(f"charge {charge_id}: its {column} is ") for p in result.problems), (
+        result.problems
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "value"),
+    [
+        ("a1", "client", "'bob'"),  # moves the release between clients in the auditor's tables
+        ("a1", "canonical_query", "'{\"by\":[],\"measure\":\"count\"}'"),
+        ("a3", "canonical_query", _A1_QUERY),  # shown as another query
+        ("a1", "created_at", "'2020-01-01T00:00:00.000000Z'"),  # back-dated
+        ("a1", "fingerprint", "'" + "f" * 64 + "'"),
+        ("a1", "data_version", "'v2'"),
+        ("a3", "loss", "'0.1'"),
+        ("a3", "charge_id", f"SELECT charge_id FROM charges WHERE {_ROW['a2']}"),
+        ("a3", "sha256", "'" + "0" * 64 + "'"),
+    ],
+)
+def test_a_hand_edited_release_column_is_found(
+    path: Path, row: str, column: str, value: str
+) -> None:
+    release_id, head = forge_column(path, "releases", _RELEASE_OF[row], column, value)
+    result = verify(path, expect_head=head)
+    assert not result.ok
+    assert any(p.startswith(f"release {release_id}: its {column} is ") for p in result.problems), (
+        result.problems
+    )
+
+
+def test_a_release_moved_to_another_client_fails_the_audit_tables(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The auditor's case: a release attributed to another client by hand, triggers put back."""
+    release_id, head = forge_column(path, "releases", _RELEASE_OF["a1"], "client", "'bob'")
+    assert audit_cli(path, tmp_path, "--expect-head", head) == (1, 1)
+    out = capsys.readouterr().out
+    assert f"release {release_id}: its client is bob in the ledger" in out
+
+
+def test_a_field_an_older_entry_did_not_record_is_not_held_against_the_table(
+    path: Path,
+) -> None:
+    """Entries written by older versions may lack a field (null, or no key in `detail`): the
+    table's column is then compared with nothing, and the ledger still verifies."""
+    with forger(path) as conn:
+        rows = conn.execute(
+            "SELECT seq, entry FROM audit WHERE entry LIKE '%\"event\":\"reserve\"%' "
+            "OR entry LIKE '%\"event\":\"replay\"%' ORDER BY seq"
+        ).fetchall()
+        for seq, text in rows:
+            entry = json.loads(text)
+            entry["canonical_query"] = None
+            if entry["event"] == "replay":
+                entry["detail"] = {"release_loss": entry["detail"]["release_loss"]}
+            canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+            conn.execute("UPDATE audit SET entry = ? WHERE seq = ?", (canonical, seq))
+        rewrite_from(conn, rows[0][0])
+    result = verify(path)
+    assert result.ok, result.problems
