@@ -98,17 +98,26 @@ def exact_cap(value: Number, *, what: str = "cap") -> Fraction:
 
 
 def format_amount(amount: Fraction) -> str:
-    """A stable, exact text form: an integer, a terminating decimal, or p/q."""
+    """A stable, exact text form: an integer, a terminating decimal, or p/q.
+
+    The client writes amounts with the same rule (client/amounts.py, which cannot import the
+    engine); a test holds the two to one text.
+    """
     if amount.denominator == 1:
         return str(amount.numerator)
-    denominator = amount.denominator
-    for prime in (2, 5):
-        while denominator % prime == 0:
-            denominator //= prime
-    if denominator == 1:
-        text = format(Decimal(amount.numerator) / Decimal(amount.denominator), "f")
-        return text.rstrip("0").rstrip(".") if "." in text else text
-    return f"{amount.numerator}/{amount.denominator}"
+    rest, twos, fives = amount.denominator, 0, 0
+    while rest % 2 == 0:
+        rest, twos = rest // 2, twos + 1
+    while rest % 5 == 0:
+        rest, fives = rest // 5, fives + 1
+    if rest != 1:
+        return f"{amount.numerator}/{amount.denominator}"
+    # Scaled to whole units of its last place: exact at any length, where a Decimal division
+    # rounds past its context's 28 digits (and a charge so rounded would not match its hold).
+    places = max(twos, fives)
+    digits = str(abs(amount.numerator) * 10**places // amount.denominator).rjust(places + 1, "0")
+    sign = "-" if amount.numerator < 0 else ""
+    return f"{sign}{digits[:-places]}.{digits[-places:]}".rstrip("0").rstrip(".")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -42,3 +42,25 @@ def test_a_cap_is_otherwise_a_valid_amount(value: bool | str) -> None:
     with pytest.raises(InvalidLossError):
         exact_cap(value)
     assert exact_cap("0.5", what="client cap") == Fraction(1, 2)
+
+
+def test_amounts_are_written_exactly_at_any_length_and_as_the_client_writes_them() -> None:
+    import random
+
+    from client.amounts import format_amount as client_format
+    from engine.loss import format_amount, parse_amount
+
+    # 30 decimal places: a Decimal division would round it at 28 significant digits, and the
+    # charge written would not be the hold it settles.
+    long = Fraction("0.123456789012345678901234567891")
+    assert format_amount(long) == "0.123456789012345678901234567891"
+    rng = random.Random(7)
+    amounts = [long, Fraction(-3, 8), Fraction(1, 3), Fraction(7), Fraction(0), Fraction(1, 10**40)]
+    amounts += [
+        Fraction(rng.randrange(-10**40, 10**40), 2 ** rng.randrange(80) * 5 ** rng.randrange(80))
+        for _ in range(300)
+    ]
+    for amount in amounts:
+        text = format_amount(amount)
+        assert parse_amount(text) == amount, text
+        assert text == client_format(amount), amount
