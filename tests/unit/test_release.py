@@ -684,3 +684,18 @@ def test_a_dry_runs_value_half_width_is_what_a_cell_of_that_count_gets() -> None
     assert value_half_width(counts, count) == counts.count_mechanism.distribution.quantile_abs(
         0.95
     )
+
+
+def test_a_share_is_published_only_when_its_noisy_base_passes_tau_too() -> None:
+    from engine.planner import plan_query
+
+    share = plan_query(Query(Proportion(Eq("isSexualExploit", 1)), by=("gender",)),
+                       default_codebook(), Settings(), PrivacyLoss.pure("0.5"))
+    tau, n = share.tau, share.group_cells
+    # Cell 0: N' at tau, C' negative, so N' + C' below tau; cell 1: both pass.
+    meets = np.array([tau, tau] + [0] * (n - 2), dtype=np.int64)
+    rest = np.array([-3, 5] + [0] * (n - 2), dtype=np.int64)
+    rows = build_answer(share, [np.concatenate([meets, rest])], data_version="t").table
+    first, second = rows.to_pylist()[:2]
+    assert first["suppressed"] and first["value"] is None and first["status"] == "suppressed"
+    assert not second["suppressed"] and second["status"] == "published"
