@@ -127,7 +127,39 @@ def test_rate_limit_per_client(tmp_path: Path) -> None:
             assert "rate limit" in (limited.details() or "")
             assert float(dict(limited.trailing_metadata() or ())["retry-after"]) > 0
             # Another client has a bucket of its own.
-            assert s.research.GetBudget(pb.GetBudgetRequest(), metadata=server.auth("bob"))
+            budget = s.research.GetBudget(pb.GetBudgetRequest(), metadata=server.auth("bob"))
+            assert budget.client_id == "bob"
+    finally:
+        server.stop()
+
+
+def test_listings_return_at_most_the_servers_maximum(tmp_path: Path) -> None:
+    server = start_live(tmp_path, limits={"max_list_releases": 2})
+    try:
+        with stubs(server.port) as s:
+            for i, by in enumerate(("gender", "ageBroad", "citizenship")):
+                s.research.Release(
+                    pb.ReleaseRequest(request_id=f"r-{i}", query=count_query(by), loss="0.5"),
+                    metadata=server.auth("alice"),
+                    timeout=30,
+                )
+            assert len(server.ledger.releases()) == 3
+            for limit in (1000, 0, 3):  # 0 asks for the default (100)
+                mine = s.research.ListMyReleases(
+                    pb.ListMyReleasesRequest(limit=limit), metadata=server.auth("alice")
+                )
+                assert len(mine.releases) == 2, limit
+                listed = s.audit.ListReleases(
+                    pb.ListReleasesRequest(limit=limit), metadata=server.auth("audra")
+                )
+                assert len(listed.releases) == 2, limit
+            # Below the maximum, the caller's limit holds.
+            assert len(s.research.ListMyReleases(
+                pb.ListMyReleasesRequest(limit=1), metadata=server.auth("alice")
+            ).releases) == 1
+            assert len(s.audit.ListReleases(
+                pb.ListReleasesRequest(limit=1), metadata=server.auth("audra")
+            ).releases) == 1
     finally:
         server.stop()
 

@@ -1387,3 +1387,38 @@ def test_a_revoked_client_gets_no_new_token_even_racing_its_revocation(ledger: L
     with pytest.raises(ClientRegistryError, match="erin is revoked"):
         ledger.set_token_hash("erin", "b" * 64, actor="root")
     assert ledger.client("erin").token_hash == "a" * 64 and ledger.head() == head
+
+
+def test_a_cap_is_not_lowered_below_what_is_spent_and_held(engine: Engine, ledger: Ledger) -> None:
+    # A reservation in flight holds budget: a cap under spent + held is refused even though it
+    # is above what is spent alone.
+    release(engine, ledger, "alice", "a1")  # spent 0.1
+    reservation = ledger.reserve(
+        engine.plan(distinct_query(1), loss=EPS), client="alice", request_id="a2"
+    )  # held 0.1
+    budget = ledger.budget("client", "alice")
+    assert (budget.spent, budget.held) == (Fraction(1, 10), Fraction(1, 10))
+    with pytest.raises(ClientRegistryError, match="already spent or held"):
+        ledger.set_cap("alice", "0.15")
+    assert ledger.client("alice").cap == 1
+    # The hold is still good, and a cap of exactly spent + held is allowed.
+    reservation.commit(engine.answer(engine.plan(distinct_query(1), loss=EPS)))
+    assert ledger.set_cap("alice", "0.2").cap == Fraction(1, 5)
+    assert_verified(ledger)
+
+
+def test_a_reservation_cancelled_behind_its_holder_cannot_be_committed(
+    engine: Engine, ledger: Ledger
+) -> None:
+    plan = engine.plan(distinct_query(0), loss=EPS)
+    reservation = ledger.reserve(plan, client="alice", request_id="r1")
+    assert reservation.charge_id is not None
+    ledger._cancel(reservation.charge_id, "cancelled")  # as a second handle or an open would
+    with pytest.raises(LedgerUnavailableError, match="is cancelled, not held"):
+        reservation.commit(engine.answer(plan))
+    assert ledger.releases() == []
+    assert ledger.spent("alice") == 0 and ledger.budget("client", "alice").held == 0
+    (charge,) = ledger.charges()
+    assert charge.state == "cancelled" and charge.release_id is None
+    assert [e.entry["event"] for e in ledger.audit_log()][-2:] == ["reserve", "cancel"]
+    assert_verified(ledger)

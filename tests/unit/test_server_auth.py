@@ -96,6 +96,17 @@ def test_rate_limiter() -> None:
     assert limiter.take("a") > 0
 
 
+def test_rate_limiter_banks_no_more_than_burst_over_a_long_idle() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    now[0] = 1000.0  # 2000 tokens' worth of idle: the bucket holds `burst`, no more
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("a") == 0.5
+    # A key first seen after the clock has run a long time starts with `burst` too.
+    assert [limiter.take("b") for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
+
+
 class _Directory:
     """Identifies nobody; records the refusals the interceptor chooses to audit."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,17 @@ from engine.release import Release
 from protos.veil.v1 import veil_pb2 as pb
 from server.auth import Identity, Role
 from server.errors import MalformedRequestError
-from server.servicer import AdminServicer, CallWatch, InFlight, Services, _WatchedCharger, parse
+from server.servicer import (
+    AdminServicer,
+    CallWatch,
+    InFlight,
+    ResearchServicer,
+    Services,
+    _WatchedCharger,
+    parse,
+)
 from tests.conftest import write_database
-from tests.server_harness import MemoryAccounts
+from tests.server_harness import MemoryAccounts, count_query
 
 
 def test_parse_refuses_garbage_and_unknown_fields() -> None:
@@ -64,6 +73,103 @@ def test_watch_fires_on_deadline_limit_cancel_and_stop() -> None:
     with in_flight.watch(FakeContext(5.0), limit=10) as watch:  # type: ignore[arg-type]
         in_flight.cancel_all()
         assert watch.reason == "shutdown"
+
+
+def test_a_watch_begun_after_the_stop_is_cancelled_at_once() -> None:
+    in_flight = InFlight()
+    in_flight.cancel_all()  # no call running: nothing to fire now, but the server is stopping
+    with in_flight.watch(FakeContext(5.0), limit=10) as watch:  # type: ignore[arg-type]
+        assert watch.event.is_set() and watch.reason == "shutdown"
+        assert "stopping" in str(watch.error(10))
+
+
+def test_a_call_whose_watch_has_fired_reserves_nothing(tmp_path: Path) -> None:
+    data = write_database(tmp_path / "d.duckdb", [{"gender": "Female"}] * 20)
+    engine = Engine(DuckDBBackend(data), codebook=default_codebook())
+    accounts = MemoryAccounts()
+    accounts.add("alice", Role.RESEARCHER)
+    watch = CallWatch()
+    watch.fire("deadline")
+    plan = engine.plan(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.5"))
+    with pytest.raises(QueryCancelledError, match="before its charge was reserved"):
+        _WatchedCharger(accounts, watch).reserve(
+            plan, client="alice", request_id="r-1", data_version=engine.data_version
+        )
+    # The ledger was not asked at all: no hold made and then given back.
+    assert accounts.log == []
+    assert accounts.total_spent() == 0 and accounts.total_reserved() == 0
+    assert not watch.holding
+
+
+def _services(engine: Engine, accounts: MemoryAccounts, **limits: Any) -> Services:
+    settings: dict[str, Any] = {
+        "max_query_seconds": 10,
+        "max_request_bytes": 1 << 20,
+        "max_response_bytes": 1 << 20,
+        "max_list_releases": 1000,
+    }
+    settings.update(limits)
+    return Services(engine, accounts, **settings)
+
+
+def test_a_dry_run_of_a_released_query_states_the_stored_releases_empty_cells(
+    tmp_path: Path,
+) -> None:
+    """Released at 0.5 and dry-run at 0.1: the dry run prices the stored release, and states
+    its empty-cell figures as the stored release records them, not as a fresh plan gives them
+    (a release made before they were recorded states none)."""
+    data = write_database(tmp_path / "d.duckdb", [{"gender": "Female"}] * 20)
+    engine = Engine(DuckDBBackend(data), codebook=default_codebook())
+    accounts = MemoryAccounts()
+    accounts.add("alice", Role.RESEARCHER)
+    research = ResearchServicer(_services(engine, accounts))
+    released = engine.release(
+        Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.5"), charger=accounts,
+        client="alice", request_id="r-1",
+    )
+    made = released.metadata
+    assert made.empty_pass_probability is not None and made.unreachable_cells is not None
+    request = pb.DryRunRequest(query=count_query("gender"), loss="0.1")
+    fresh = research.DryRun(pb.DryRunRequest(query=count_query("ageBroad"), loss="0.5"), None)
+    assert not fresh.already_released and fresh.HasField("empty_pass_probability")
+
+    honest = research.DryRun(request, None)
+    assert honest.already_released and honest.loss == "0.5"
+    assert honest.empty_pass_probability == made.empty_pass_probability
+    assert honest.expected_empty_published_bound == made.expected_empty_published_bound
+    assert honest.unreachable_cells == made.unreachable_cells
+
+    # A stored release whose figures differ from what the plan now gives: its own are stated.
+    stored = replace(
+        made,
+        empty_pass_probability=0.0123,
+        expected_empty_published_bound=0.0456,
+        unreachable_cells=1,
+    )
+    assert (stored.empty_pass_probability, stored.expected_empty_published_bound) != (
+        honest.empty_pass_probability,
+        honest.expected_empty_published_bound,
+    ) and stored.unreachable_cells != honest.unreachable_cells
+    accounts.stored_release = lambda fingerprint: stored  # type: ignore[method-assign]
+    dry = research.DryRun(request, None)
+    assert dry.already_released and dry.loss == "0.5"
+    assert dry.empty_pass_probability == 0.0123
+    assert dry.expected_empty_published_bound == 0.0456
+    assert dry.unreachable_cells == 1
+
+    # One made before they were recorded states none.
+    old = replace(
+        made,
+        empty_pass_probability=None,
+        expected_empty_published_bound=None,
+        unreachable_cells=None,
+    )
+    accounts.stored_release = lambda fingerprint: old  # type: ignore[method-assign]
+    dry = research.DryRun(request, None)
+    assert dry.already_released and dry.loss == "0.5"
+    assert not dry.HasField("empty_pass_probability")
+    assert not dry.HasField("expected_empty_published_bound")
+    assert not dry.HasField("unreachable_cells")
 
 
 def test_in_flight_waits_for_calls() -> None:
