@@ -53,6 +53,7 @@ import json
 import os
 import re
 import sqlite3
+import struct
 import threading
 import time
 import uuid
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 from engine import ledger_verify
@@ -380,6 +381,47 @@ def _unavailable(
 
 
 _NOTHING_RELEASED = "; nothing was released"
+_RESTORE = "nothing more is released until the ledger is restored and reopened"
+
+# The write-ahead log's header: magic, version, page size, checkpoint sequence, salts, checksum.
+_LOG_HEADER = 32
+# The bytes of the ledger file SQLite's readers lock (SHARED_FIRST, SHARED_SIZE in os_unix.c).
+_SHARED_FIRST = 0x40000000 + 2
+_SHARED_SIZE = 510
+
+
+@dataclass(frozen=True)
+class _LogMark:
+    """The write-ahead log as the ledger's last write left it: which file, how long, its header."""
+
+    device: int
+    inode: int
+    size: int
+    header: bytes
+
+
+def _log_mark(path: str) -> _LogMark:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        status = os.fstat(fd)
+        header = os.pread(fd, _LOG_HEADER, 0)
+    finally:
+        os.close(fd)
+    return _LogMark(status.st_dev, status.st_ino, status.st_size, header)
+
+
+def _log_damage(mark: _LogMark, now: _LogMark, *, header: bool) -> str | None:
+    """How the log changed from `mark` other than by SQLite's writing (None: it did not).
+
+    `header`: compare the headers too (no write of the ledger's came between the two).
+    """
+    if (now.device, now.inode) != (mark.device, mark.inode):
+        return "was replaced by another file"
+    if now.size < mark.size:
+        return f"was cut short ({now.size} bytes; the ledger had written {mark.size})"
+    if header and now.header != mark.header:
+        return "was overwritten (its header changed)"
+    return None
 
 
 @dataclass
@@ -532,8 +574,12 @@ class Ledger:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
-        # Why the ledger stopped, after a failed sync: see `_sync`.
+        # Why the ledger stopped, after a failed sync or a damaged log: see `_sync`, `_check_log`.
         self._stopped: str | None = None
+        # The write-ahead log as the last write left it (None: not written yet), and a lock that
+        # keeps SQLite from copying a damaged one into the ledger file on close: see `_check_log`.
+        self._log: _LogMark | None = None
+        self._log_hold: int | None = None
         self._cond = threading.Condition()
         self._inflight: set[tuple[str, ...]] = set()
         self._pending: dict[str, str] = {}  # charge id -> reason: cancels not yet written
@@ -687,13 +733,30 @@ class Ledger:
         return ledger
 
     def close(self) -> None:
-        """Close every connection and release the write lock. Unsettled holds stay held."""
+        """Close every connection and release the write lock. Unsettled holds stay held.
+
+        The last connection's close copies the write-ahead log into the ledger file (SQLite's
+        checkpoint): a log found damaged is not copied (see `_check_log`).
+        """
+        if not self._closed and self._stopped is None and self._log is not None:
+            locked = self._write_lock.acquire(timeout=self._busy_timeout)
+            try:
+                # A log deleted under it is copied in whole, from SQLite's own descriptors.
+                self._check_log("close the ledger", locked=True, missing_ok=True)
+            except LedgerUnavailableError:
+                pass  # stopped: the log is set aside and held off
+            finally:
+                if locked:
+                    self._write_lock.release()
         self._closed = True
         with self._connections_lock:
             connections, self._connections = self._connections, []
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        if self._log_hold is not None:
+            hold, self._log_hold = self._log_hold, None
+            os.close(hold)
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             with contextlib.suppress(OSError):
@@ -931,9 +994,12 @@ class Ledger:
         error Linux may drop the dirty pages and report the next fdatasync as a success, so a
         retry could hand out a release whose charge never reached the disk. Nothing more is
         read, written or released by this process; reopening reads what the disk really holds.
+        A log synced that is no longer the file the ledger wrote, or is shorter than it left
+        it, stops it too (see `_check_log`).
         """
         if self._stopped is not None:
             raise LedgerUnavailableError(self._stopped)
+        mark = self._log  # read first: the log only grows after it (see `_check_log`)
         try:
             # SQLite removes the log only when the last connection to the ledger closes, and
             # this one is open: a log missing now was deleted under it, and what SQLite writes
@@ -941,18 +1007,127 @@ class Ledger:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
             try:
                 os.fdatasync(fd)
+                status = os.fstat(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
-            self._stopped = (
-                f"the ledger stopped: a write could not be made durable ({exc.strerror or exc}); "
-                "nothing more is released until the server is restarted and the ledger reopened"
+            self._stop_unsynced(what, exc)
+        if mark is not None:
+            now = _LogMark(status.st_dev, status.st_ino, status.st_size, b"")
+            damage = _log_damage(mark, now, header=False)
+            if damage is not None:
+                self._stop_for_log(what, damage, locked=False)
+
+    def _stop_unsynced(self, what: str, exc: OSError) -> NoReturn:
+        self._stopped = (
+            f"the ledger stopped: a write could not be made durable ({exc.strerror or exc}); "
+            "nothing more is released until the server is restarted and the ledger reopened"
+        )
+        raise LedgerUnavailableError(f"cannot {what}: {self._stopped}") from exc
+
+    def _check_log(
+        self, what: str, *, locked: bool, after_write: bool = False, missing_ok: bool = False
+    ) -> None:
+        """Stop the ledger if its write-ahead log was cut short or replaced under it.
+
+        SQLite trusts its log while a connection is open: it reads the frames its shared index
+        lists from whatever the file now holds, and checkpoints copy them into the ledger file,
+        a cut log's hole as zeros, another file's pages as this ledger's. Only the ledger's own
+        writes change the log while it is open, under the write lock: they append (the file
+        never shrinks: the ledger sets no journal_size_limit and runs no TRUNCATE checkpoint,
+        and SQLite's automatic checkpoints only copy it into the file), and the first write
+        after a checkpoint starts it again from its beginning under a new header. So after
+        each write the log's file, length and header are noted, and before the next one, with
+        the lock held, it must be the same file, no shorter, with the same header (after it,
+        no shorter: that write may have started it again); the sync after a write checks the
+        file and its length, without the lock. One open, fstat and 32-byte read each side.
+
+        `after_write`: note the log as the write just made left it. `locked`: the caller holds
+        (or gave up waiting for) the write lock. `missing_ok`: a deleted log is not checked.
+        """
+        if self._stopped is not None:
+            raise LedgerUnavailableError(self._stopped)
+        mark = self._log
+        if mark is None and not after_write:
+            return
+        try:
+            now = _log_mark(f"{self.path}-wal")
+        except OSError as exc:
+            if missing_ok:
+                return
+            self._stop_unsynced(what, exc)
+        if mark is not None:
+            damage = _log_damage(mark, now, header=not after_write)
+            if damage is not None:
+                self._stop_for_log(what, damage, locked=locked)
+        if after_write:
+            self._log = now
+
+    def _stop_for_log(self, what: str, damage: str, *, locked: bool) -> NoReturn:
+        """Stop the ledger on a damaged log, keep it out of the ledger file, and say so.
+
+        The log is set aside, so that the next open reads the ledger file alone: the state of
+        its last checkpoint, whole (replaying the rest of a cut log over it could mix older
+        pages into newer ones, and another file's pages are not this ledger's). Its close
+        must not copy the log in either: SQLite checkpoints on the last connection's close
+        only if it can lock the ledger file exclusively, and a read lock on the bytes its
+        readers lock, held through a description of its own (an open file description lock,
+        which conflicts with SQLite's locks even in this process), refuses it until `close`
+        has closed every connection.
+        """
+        log = f"{self.path}-wal"
+        # With the write lock no writer of this process is between its check and its commit,
+        # and one that waits for it sees the stop first.
+        locked_here = not locked and self._write_lock.acquire(timeout=self._busy_timeout)
+        try:
+            if self._stopped is not None:  # another thread saw it first
+                raise LedgerUnavailableError(f"cannot {what}: {self._stopped}")
+            said = f"the ledger stopped: its write-ahead log {log} {damage} while it was open"
+            self._stopped = f"{said}; {_RESTORE}"  # at once: no new connection, no release
+            held = self._hold_off_checkpoint()
+            aside = f"{log}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
+            try:
+                os.rename(log, aside)
+                moved = f"it was set aside as {aside}"
+            except OSError as exc:
+                moved = f"it could not be set aside ({exc.strerror or exc}): move it away"
+            kept = (
+                "was not copied into the ledger file, which holds the ledger as of its last "
+                "checkpoint: releases charged since may be missing from it (a head file kept "
+                "outside the ledger's directory tells)"
+                if held
+                else "may be copied into the ledger file when the server stops: stop it at "
+                "once, and check the ledger against a backup"
             )
-            raise LedgerUnavailableError(f"cannot {what}: {self._stopped}") from exc
+            self._stopped = f"{said}; the log {kept}; {moved}; {_RESTORE}"
+        finally:
+            if locked_here:
+                self._write_lock.release()
+        raise LedgerUnavailableError(f"cannot {what}: {self._stopped}")
+
+    def _hold_off_checkpoint(self) -> bool:
+        """Keep the connections' close from copying the log into the ledger file (see above)."""
+        if self._log_hold is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            lock = struct.pack(
+                "hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, _SHARED_FIRST, _SHARED_SIZE, 0
+            )
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+        except (OSError, AttributeError):  # AttributeError: no OFD locks (not Linux)
+            os.close(fd)
+            return False
+        self._log_hold = fd
+        return True
 
     def _write_locked(
         self, conn: sqlite3.Connection, what: str, work: Callable[[sqlite3.Connection], T]
     ) -> T:
+        self._check_log(what, locked=True)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -970,6 +1145,7 @@ class Ledger:
             with self._pending_lock:
                 for charge_id in settled:
                     self._pending.pop(charge_id, None)
+        self._check_log(what, locked=True, after_write=True)
         return result
 
     @contextlib.contextmanager
@@ -1011,6 +1187,9 @@ class Ledger:
                 self._connections.remove(conn)
         with contextlib.suppress(sqlite3.Error):
             conn.close()  # closing rolls back what is left
+        # If it was the last connection, its close copied the log in and removed it: the next
+        # write starts a new one (perhaps on the same inode), and notes it afresh.
+        self._log = None
 
     def _read(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._snapshot(what) as conn:
