@@ -414,15 +414,8 @@ def run_with_client(args: argparse.Namespace, body: Callable[[Client], int]) -> 
         else:
             print("veil: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except errors.UnsupportedSQL as exc:
-        if exc.malformed:  # a typo: the one sentence that names it, not the whole subset
-            print(f"veil: {exc.reason}", file=sys.stderr)
-        else:
-            print(f"veil: unsupported SQL: {exc}", file=sys.stderr)
-        return EXIT_INVALID
     except errors.InvalidQuery as exc:
-        where = f" (variable {exc.variable})" if exc.variable else ""
-        print(f"veil: invalid query{where}: {exc}", file=sys.stderr)
+        print(f"veil: {invalid_query_text(exc)}", file=sys.stderr)
         return EXIT_INVALID
     except errors.BudgetExhausted as exc:
         # The server's message already says how much of which budget remains.
@@ -442,6 +435,15 @@ def run_with_client(args: argparse.Namespace, body: Callable[[Client], int]) -> 
     except (OSError, TypeError, ValueError) as exc:
         print(f"veil: {exc}", file=sys.stderr)
         return EXIT_INVALID if isinstance(exc, (TypeError, ValueError)) else EXIT_ERROR
+
+
+def invalid_query_text(error: errors.InvalidQuery) -> str:
+    """A refused query, as the shell reports it: a SQL typo by its one sentence (not the whole
+    subset), SQL outside the subset with the subset, an invalid query with its variable."""
+    if isinstance(error, errors.UnsupportedSQL):
+        return error.reason if error.malformed else f"unsupported SQL: {error}"
+    where = f" (variable {error.variable})" if error.variable else ""
+    return f"invalid query{where}: {error}"
 
 
 def _shell_words(error: errors.VeilError) -> str:

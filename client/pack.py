@@ -732,12 +732,7 @@ def run_pack(args: argparse.Namespace) -> int:
         pack = Pack.from_toml(args.spec)
     except (PackSpecError, InvalidQuery) as exc:
         # Refused before any server is asked: the spec is the caller's to fix.
-        if isinstance(exc, UnsupportedSQL):
-            text = exc.reason if exc.malformed else f"unsupported SQL: {exc}"
-        elif isinstance(exc, PackSpecError):
-            text = str(exc)
-        else:
-            text = f"invalid query: {exc}"
+        text = str(exc) if isinstance(exc, PackSpecError) else cli.invalid_query_text(exc)
         print(f"veil: {text}", file=sys.stderr)
         return cli.EXIT_INVALID
     out: Path = args.out if args.out is not None else Path(args.spec.stem)
