@@ -591,9 +591,9 @@ def _check_releases(
             # The entry is in the chain: what it records of the release is its true value.
             want = {
                 column: _carried(entry.get(column))
-                for column in ("charge_id", "client", "fingerprint", "canonical_query")
+                for column in ("charge_id", "client", "fingerprint", "canonical_query",
+                               "data_version")
             }
-            want["data_version"] = _carried(entry.get("data_version"))
             want["sha256"] = _carried(entry.get("release_sha256"))
             logged = _differences(label, have, want, "the audit log records")
             problems.extend(logged.values())
@@ -659,7 +659,7 @@ def _reconcile(
             elif state == "reserved":
                 sums[scope.label][1] += amount
         events = {str(e["event"]): e for e in by_charge.get(charge_id, [])}
-        problems.extend(_charge_problems(row, events, releases))
+        problems.extend(_charge_problems(have, events, releases))
         if kind == "replay":
             if amount != 0:
                 problems.append(f"charge {charge_id}: a replay was charged")
@@ -700,7 +700,7 @@ def _reconcile(
 
 
 def _charge_problems(
-    row: tuple[Any, ...], events: dict[str, dict[str, Any]], releases: dict[str, _Stored]
+    have: dict[str, Any], events: dict[str, dict[str, Any]], releases: dict[str, _Stored]
 ) -> list[str]:
     """Where a charge's row differs from the entries that made and settled it.
 
@@ -709,7 +709,6 @@ def _charge_problems(
     `abandon` entry settles it. Its `reserved_at`, and the `settled_at` of a cancelled charge or
     a replay, are recorded nowhere else (the entries' times are taken apart from them).
     """
-    have = dict(zip(_CHARGE_COLUMNS, row, strict=True))
     label = f"charge {have['charge_id']}"
     replay, reserve = events.get("replay"), events.get("reserve")
     origin = replay if replay is not None else reserve
