@@ -13,7 +13,8 @@ Tables (Arrow; `veil audit tables` writes them as CSV, the Audit service sends t
   person's yes/no attribute (`guess_bound`, see `engine.risk.binary_guess_bound`).
 - spending: one row per committed charge and scope it counts against (client, institution, data
   version), in time order, with the scope's cumulative spending, the cap in force at that charge
-  and the budget remaining under it: spending over time.
+  and the budget remaining under it: spending over time. A charge with no release_id was
+  forfeited: the server's time limit stopped its query after the charge was held.
 - releases: every stored release with its query, charge, mechanism, noise scale, tau, cells, the
   cells its query's own terms leave empty, and the share of the other cells suppressed, read from
   the release's stored metadata (never its values); `problem` says why a release whose stored
@@ -174,6 +175,9 @@ def build_tables(
         "clients": str(len(report.clients)),
         "releases": str(len(records)),
         "replays": str(sum(1 for c in charges if c.kind == "replay")),
+        "forfeited": str(
+            sum(1 for c in charges if c.state == "committed" and c.release_id is None)
+        ),
         "dataset": dataset.name,
         "dataset_spent": format_amount(dataset.spent),
         "dataset_cap": "" if dataset.cap is None else format_amount(dataset.cap),
@@ -302,12 +306,12 @@ def _spending(
     delta: float,
 ) -> pa.Table:
     """Cumulative spending of every scope, one row per committed charge and scope."""
-    # The cap in force at each charge, as its release entry records it for every scope it
-    # counts against: today's caps would rewrite history after a cap change.
+    # The cap in force at each charge, as its release (or forfeit) entry records it for every
+    # scope it counts against: today's caps would rewrite history after a cap change.
     caps: dict[tuple[str, str], Fraction | None] = {}
     for entry in log:
         e = entry.entry
-        if e.get("event") == "release" and e.get("charge_id"):
+        if e.get("event") in ("release", "forfeit") and e.get("charge_id"):
             for item in e.get("budget") or []:
                 cap = item.get("cap")
                 key = (str(e["charge_id"]), str(item.get("scope")))
@@ -808,6 +812,8 @@ def render_html(tables: AuditTables, *, max_rows: int = 20) -> str:
         (str(budget_refusals), "refused: budget exceeded"),
         (str(denied), "refused credentials"),
     ]
+    if s.get("forfeited", "0") != "0":
+        figures.insert(5, (s["forfeited"], "charged, stopped by the time limit"))
     if unreadable:
         figures.insert(4, (str(unreadable), "releases altered or unreadable"))
     parts.append("<div class='figures'>")

@@ -515,13 +515,26 @@ class LedgerReservation:
         if self._state == "reserved":
             self._settle("cancelled")
 
-    def _settle(self, reason: str) -> None:
+    def forfeit(self, reason: str) -> None:
+        """Spend the hold with nothing released: the query was stopped after reading data.
+
+        For a stop the caller sees and whose timing depends on the records (the server's time
+        limit): were it free, whether a query runs past the limit could be asked again and
+        again. The charge is committed with no release and synced before this returns, so the
+        stop may be reported; its request id stays taken. If the ledger cannot be written just
+        now, the hold stays counted and is spent by the next transaction that succeeds (a
+        restart before then cancels it, as it cancels every hold it finds).
+        """
+        if self._state == "reserved":
+            self._settle(reason, spent=True)
+
+    def _settle(self, reason: str, *, spent: bool = False) -> None:
         if self._state != "reserved":
             return
-        self._state = "cancelled"
+        self._state = "forfeited" if spent else "cancelled"
         try:
             assert self.charge_id is not None
-            self._ledger._cancel(self.charge_id, reason)
+            self._ledger._settle(self.charge_id, reason, spent=spent)
         finally:
             self._ledger._unclaim(self._keys)
 
@@ -582,7 +595,8 @@ class Ledger:
         self._log_hold: int | None = None
         self._cond = threading.Condition()
         self._inflight: set[tuple[str, ...]] = set()
-        self._pending: dict[str, str] = {}  # charge id -> reason: cancels not yet written
+        # Settlements not yet written: charge id -> (reason, whether the hold is spent).
+        self._pending: dict[str, tuple[str, bool]] = {}
         self._pending_lock = threading.Lock()
         # This process's writers take turns here: a waiter wakes as soon as the ledger is free,
         # where SQLite's busy handler would sleep in growing steps (up to 100 ms). Other
@@ -863,7 +877,7 @@ class Ledger:
             "SELECT charge_id FROM charges WHERE state = 'reserved' ORDER BY rowid"
         ).fetchall()
         for (charge_id,) in abandoned:
-            self._cancel_in(conn, charge_id, "abandoned")
+            self._settle_in(conn, charge_id, "abandoned", spent=False)
         detail = {**settings, "pid": str(os.getpid()), "abandoned": str(len(abandoned))}
         if load_id is not None:
             detail["load_id"] = load_id
@@ -1346,6 +1360,14 @@ class Ledger:
                 )
                 self._refuse(conn, plan, request, "request_conflict", message)
                 return _Outcome(error=RequestConflictError(message))
+            if state == "committed" and release_id is None:
+                message = (
+                    f"request {request_id!r} was stopped by the server's time limit after its "
+                    f"charge was held, and was charged with nothing released; use a new request "
+                    f"id to ask again (a narrower query finishes sooner)"
+                )
+                self._refuse(conn, plan, request, "request_forfeited", message)
+                return _Outcome(error=RequestConflictError(message))
             if first_version != version and state == "committed":
                 # A request id kept from one cycle to the next would otherwise be handed the
                 # earlier data's release, labelled with its version but easily taken for new.
@@ -1578,22 +1600,29 @@ class Ledger:
             ),
         )
 
-    def _cancel(self, charge_id: str, reason: str) -> None:
+    def _settle(self, charge_id: str, reason: str, *, spent: bool) -> None:
+        what = "record the stopped query's charge" if spent else "cancel the reservation"
         try:
-            self._write("cancel the reservation", lambda c: self._cancel_in(c, charge_id, reason))
+            self._write(what, lambda c: self._settle_in(c, charge_id, reason, spent=spent))
         except LedgerUnavailableError:
             # Still held in the file, which is the safe side; written by the next transaction.
             with self._pending_lock:
-                self._pending[charge_id] = reason
+                self._pending[charge_id] = (reason, spent)
+            if spent:
+                raise
 
     def _settle_pending(self, conn: sqlite3.Connection) -> list[str]:
         with self._pending_lock:
             pending = dict(self._pending)
-        for charge_id, reason in pending.items():
-            self._cancel_in(conn, charge_id, reason)
+        for charge_id, (reason, spent) in pending.items():
+            self._settle_in(conn, charge_id, reason, spent=spent)
         return list(pending)
 
-    def _cancel_in(self, conn: sqlite3.Connection, charge_id: str, reason: str) -> None:
+    def _settle_in(
+        self, conn: sqlite3.Connection, charge_id: str, reason: str, *, spent: bool
+    ) -> None:
+        """Settle a hold: give it back (a cancel), or spend it with nothing released (a
+        forfeit)."""
         row = conn.execute(
             "SELECT client, institution, data_version, amount, state, request_id, fingerprint, "
             "canonical_query FROM charges WHERE charge_id = ?",
@@ -1605,13 +1634,17 @@ class Ledger:
         amount = parse_amount(amount_text)
         scopes = scope_keys(client, institution, self._dataset_scope().name)
         conn.execute(
-            "UPDATE charges SET state = 'cancelled', settled_at = ?, reason = ? "
-            "WHERE charge_id = ?",
-            (_now(), reason, charge_id),
+            "UPDATE charges SET state = ?, settled_at = ?, reason = ? WHERE charge_id = ?",
+            ("committed" if spent else "cancelled", _now(), reason, charge_id),
         )
+        if spent:
+            event, charge, detail = "forfeit", amount_text, {"released": "nothing"}
+        else:
+            event = "abandon" if reason == "abandoned" else "cancel"
+            charge, detail = "0", {"released_hold": amount_text}
         self._append(
             conn,
-            "abandon" if reason == "abandoned" else "cancel",
+            event,
             client=client,
             request_id=request_id,
             charge_id=charge_id,
@@ -1619,9 +1652,11 @@ class Ledger:
             fingerprint=fingerprint,
             canonical_query=canonical,
             outcome=reason,
-            charge="0",
-            budget=self._move(conn, self._budgets(conn, scopes), spent=_ZERO, held=-amount),
-            detail={"released_hold": amount_text},
+            charge=charge,
+            budget=self._move(
+                conn, self._budgets(conn, scopes), spent=amount if spent else _ZERO, held=-amount
+            ),
+            detail=detail,
         )
 
     # ---- budgets -------------------------------------------------------------------------

@@ -58,6 +58,7 @@ LEDGER_EVENTS = frozenset(
         "release",
         "cancel",
         "abandon",
+        "forfeit",
         "replay",
         "retry",
         "refused",
@@ -107,6 +108,9 @@ SCHEMA = (
         settled_at TEXT,
         reason TEXT
     ) STRICT""",
+    # A committed charge is spent. Its release_id is NULL when it was forfeited: the server's time
+    # limit stopped its query once the hold was taken, so nothing was released, yet whether the
+    # query ran past the limit was seen (the `forfeit` entry says so, and `reason` why).
     # One live charge per request id; a cancelled attempt leaves the id free for its retry.
     """CREATE UNIQUE INDEX charges_request ON charges (client, request_id)
         WHERE state != 'cancelled'""",

@@ -259,11 +259,11 @@ def _replay_budget(
         event = entry.get("event")
         if event == "reserve" and (charge is None or delta != (_ZERO, parse_amount(charge))):
             problems.append(f"entry {seq}: {scope} does not hold the reserved charge")
-        if event == "release" and (
+        if event in ("release", "forfeit") and (
             charge is None or delta != (parse_amount(charge), -parse_amount(charge))
         ):
             problems.append(f"entry {seq}: {scope} does not turn the hold into the charge")
-        moves = ("reserve", "release", "cancel", "abandon", "upgrade")
+        moves = ("reserve", "release", "forfeit", "cancel", "abandon", "upgrade")
         if event not in moves and delta != (_ZERO, _ZERO):
             problems.append(f"entry {seq}: {scope} changes in an event that spends nothing")
         moved = (moved[0] + delta[0], moved[1] + delta[1])
@@ -666,7 +666,13 @@ def _reconcile(
             if release_id not in releases:
                 problems.append(f"charge {charge_id}: replays a release that is not stored")
             continue
-        if state == "committed":
+        if state == "committed" and release_id is None:
+            entry = events.get("forfeit")
+            if entry is None:
+                problems.append(f"charge {charge_id}: committed with no release and no forfeit")
+            elif entry.get("charge") != amount_text:
+                problems.append(f"charge {charge_id}: its forfeit differs from the audited one")
+        elif state == "committed":
             charged_releases.add(str(release_id))
             entry = events.get("release")
             stored = releases.get(str(release_id))
@@ -705,9 +711,10 @@ def _charge_problems(
     """Where a charge's row differs from the entries that made and settled it.
 
     A charge is made by its `reserve` entry (or, for a free replay, its `replay` entry), which
-    records who asked, for what, on which data and at what price; a `release`, `cancel` or
-    `abandon` entry settles it. Its `reserved_at`, and the `settled_at` of a cancelled charge or
-    a replay, are recorded nowhere else (the entries' times are taken apart from them).
+    records who asked, for what, on which data and at what price; a `release`, `forfeit`,
+    `cancel` or `abandon` entry settles it. Its `reserved_at`, and the `settled_at` of a
+    cancelled or forfeited charge or a replay, are recorded nowhere else (the entries' times are
+    taken apart from them).
     """
     label = f"charge {have['charge_id']}"
     replay, reserve = events.get("replay"), events.get("reserve")
@@ -718,8 +725,9 @@ def _charge_problems(
         return [f"{label}: its reservation has no matching audit entry"]
     release = events.get("release")
     cancel = events.get("cancel", events.get("abandon"))
-    if release is not None and cancel is not None:
-        return [f"{label}: the audit log both releases and cancels it"]
+    forfeit = events.get("forfeit")
+    if sum(e is not None for e in (release, cancel, forfeit)) > 1:
+        return [f"{label}: the audit log settles it more than once"]
     want: dict[str, Any] = {
         column: _carried(origin.get(column))
         for column in ("client", "request_id", "fingerprint", "canonical_query", "data_version")
@@ -729,7 +737,7 @@ def _charge_problems(
     want["amount"] = _carried(origin.get("charge"))
     if replay is None:
         want["requested"] = want["amount"]  # a charge is for what was asked
-        settled = {"committed": release, "cancelled": cancel}
+        settled = {"committed": release or forfeit, "cancelled": cancel}
         want["state"] = next((s for s, e in settled.items() if e is not None), "reserved")
     else:
         detail = replay.get("detail")
@@ -737,7 +745,8 @@ def _charge_problems(
         want["state"] = "committed"  # a replay is settled as it is made
     settler = replay if replay is not None else release
     want["release_id"] = None if settler is None else _carried(settler.get("release_id"))
-    want["reason"] = None if cancel is None else _carried(cancel.get("outcome"))
+    stopper = cancel if cancel is not None else forfeit
+    want["reason"] = None if stopper is None else _carried(stopper.get("outcome"))
     if want["state"] == "reserved":
         want["settled_at"] = None  # not settled, as far as the log knows
     problems = list(_differences(label, have, want, "the audit log records").values())

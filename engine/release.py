@@ -165,6 +165,10 @@ class Reservation(Protocol):
     def cancel(self) -> None:
         """Give the held budget back; nothing was released."""
 
+    def forfeit(self, reason: str) -> None:
+        """Spend the held budget with nothing released: the query was stopped after it read
+        data, in a way its caller sees (the server's time limit)."""
+
 
 class Charger(Protocol):
     """The ledger's side of the seam."""

@@ -59,6 +59,9 @@ class MemoryReservation:
     def cancel(self) -> None:
         self.owner._cancel(self)
 
+    def forfeit(self, reason: str) -> None:
+        self.owner._cancel(self, spent=True)
+
 
 @dataclass
 class MemoryAccounts:
@@ -69,6 +72,7 @@ class MemoryAccounts:
     releases_by_request: dict[tuple[str, str], Release] = field(default_factory=dict)
     releases_by_fingerprint: dict[str, Release] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
+    forfeited: set[tuple[str, str]] = field(default_factory=set)  # (client, request id)
     denied: list[dict[str, Any]] = field(default_factory=list)
     fail_writes: bool = False
     closed: bool = False
@@ -93,6 +97,8 @@ class MemoryAccounts:
         with self.lock:
             if self.fail_writes:
                 raise LedgerUnavailableError("the ledger cannot write: disk full")
+            if (client, request_id) in self.forfeited:
+                raise RequestConflictError(f"request {request_id!r} was charged and stopped")
             prior = self.releases_by_request.get((client, request_id))
             if prior is not None:
                 if prior.metadata.fingerprint != plan.fingerprint:
@@ -140,15 +146,19 @@ class MemoryAccounts:
             )
             return release
 
-    def _cancel(self, reservation: MemoryReservation) -> None:
+    def _cancel(self, reservation: MemoryReservation, *, spent: bool = False) -> None:
         with self.lock:
             if reservation.done:
                 return
             reservation.done = True
-            self.records[reservation.client].reserved -= reservation.plan.loss.amount
+            record = self.records[reservation.client]
+            record.reserved -= reservation.plan.loss.amount
+            if spent:
+                record.spent += reservation.plan.loss.amount
+                self.forfeited.add((reservation.client, reservation.request_id))
             self.log.append(
                 {
-                    "event": "cancel",
+                    "event": "forfeit" if spent else "cancel",
                     "client": reservation.client,
                     "request_id": reservation.request_id,
                 }

@@ -41,7 +41,8 @@ def open_ledger(path: Path) -> Ledger:
 
 @pytest.fixture
 def path(tmp_path: Path, engine: Engine) -> Path:
-    """A closed ledger with every kind of entry: charges, a retry, a replay, refusals, a cancel."""
+    """A closed ledger with every kind of entry: charges, a retry, a replay, refusals, a cancel,
+    a forfeit (a query the server's time limit stopped: charged, nothing released)."""
     path = tmp_path / "ledger.sqlite"
     with open_ledger(path) as ledger:
         ledger.register_client("alice", role="researcher", institution="iom", cap="1")
@@ -69,6 +70,12 @@ def path(tmp_path: Path, engine: Engine) -> Path:
         )
         held.cancel()
         ask("alice", "a3", ("gender", "ageBroad"), "0.3")
+        stopped = ledger.reserve(
+            engine.plan(Query(Count(), by=("Datasource",)), loss=PrivacyLoss.pure("0.2")),
+            client="alice",
+            request_id="a4",
+        )
+        stopped.forfeit("stopped_by_limit")
         assert ledger.verify().ok
     return path
 
@@ -428,6 +435,7 @@ _ROW = {
     "b1": "client = 'bob' AND request_id = 'b1'",  # a replay of a1's release, free
     "a2": "client = 'alice' AND request_id = 'a2'",  # cancelled
     "a3": "client = 'alice' AND request_id = 'a3'",  # committed
+    "a4": "client = 'alice' AND request_id = 'a4'",  # forfeited: committed, no release
 }
 _RELEASE_OF = {r: f"charge_id = (SELECT charge_id FROM charges WHERE {w})" for r, w in _ROW.items()}
 _A1_QUERY = f"SELECT canonical_query FROM charges WHERE {_ROW['a1']}"
@@ -468,6 +476,10 @@ def forge_column(path: Path, table: str, where: str, column: str, value: str) ->
         ("b1", "release_id", _A3_RELEASE),  # the replay is shown as of another release
         ("a1", "settled_at", "'2020-01-01T00:00:00.000000Z'"),
         ("a2", "reason", "'commit_failed'"),
+        ("a4", "state", "'cancelled'"),  # a forfeit given back: the budget it spent returns
+        ("a4", "release_id", _A3_RELEASE),  # shown as if the stopped query had been released
+        ("a4", "reason", "NULL"),
+        ("a4", "amount", "'0.02'"),
     ],
 )
 def test_a_hand_edited_charge_column_is_found(
@@ -536,3 +548,22 @@ def test_a_field_an_older_entry_did_not_record_is_not_held_against_the_table(
         rewrite_from(conn, rows[0][0])
     result = verify(path)
     assert result.ok, result.problems
+
+
+def test_a_forfeit_rewritten_as_a_cancel_is_found(path: Path) -> None:
+    """A careful forger turns the forfeit entry into a cancel that gives the charge back, and
+    recomputes the chain: the budget movement no longer matches the charges or the totals."""
+    with attacker(path) as conn:
+        seq, text = conn.execute(
+            'SELECT seq, entry FROM audit WHERE entry LIKE \'%"event":"forfeit"%\''
+        ).fetchone()
+        entry = json.loads(text)
+        entry["event"], entry["charge"] = "cancel", "0"
+        for item in entry["budget"]:
+            item["after"]["spent"] = item["before"]["spent"]
+        canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        conn.execute("UPDATE audit SET entry = ? WHERE seq = ?", (canonical, seq))
+        rewrite_from(conn, seq)
+    problems = restore_triggers_view(verify(path))
+    assert any("the totals differ" in p for p in problems), problems
+    assert any("its state is committed in the ledger" in p for p in problems), problems

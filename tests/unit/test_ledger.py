@@ -975,6 +975,59 @@ def test_a_full_disk_at_reservation_or_at_cancel(engine: Engine, ledger: Ledger)
     assert_verified(ledger)
 
 
+def test_a_forfeited_charge_is_spent_with_nothing_released(engine: Engine, ledger: Ledger) -> None:
+    """A query stopped after its hold (by the server's time limit) is charged, durably, with no
+    release; its request id stays taken, so whether it ran past the limit is never seen free."""
+    plan = engine.plan(distinct_query(0), loss=EPS)
+    reservation = ledger.reserve(plan, client="alice", request_id="r1")
+    reservation.forfeit("stopped_by_limit")
+    reservation.forfeit("stopped_by_limit")  # settled once
+    reservation.cancel()  # a forfeit is not given back
+    assert reservation.state == "forfeited"
+    assert ledger.spent("alice") == EPS.amount and ledger.budget("client", "alice").held == 0
+    assert ledger.budget("institution", "iom").used == EPS.amount
+    assert ledger.releases() == []
+    (charge,) = ledger.charges()
+    assert (charge.state, charge.release_id, charge.reason) == (
+        "committed",
+        None,
+        "stopped_by_limit",
+    )
+    entry = ledger.audit_log()[-1].entry
+    assert (entry["event"], entry["charge"], entry["outcome"]) == (
+        "forfeit",
+        "0.1",
+        "stopped_by_limit",
+    )
+    assert ledger.received("alice") == []
+    with pytest.raises(RequestConflictError, match="stopped by the server's time limit"):
+        release(engine, ledger, "alice", "r1")
+    refused = ledger.audit_log()[-1].entry
+    assert (refused["event"], refused["outcome"]) == ("refused", "request_forfeited")
+    assert ledger.spent("alice") == EPS.amount
+    release(engine, ledger, "alice", "r2")  # under a new id, it is drawn and charged
+    assert ledger.spent("alice") == 2 * EPS.amount
+    assert_verified(ledger)
+
+
+def test_a_forfeit_the_disk_cannot_take_stays_held_then_is_spent(
+    engine: Engine, ledger: Ledger
+) -> None:
+    conn = ledger._conn()
+    reservation = ledger.reserve(engine.plan(distinct_query(0), loss=EPS), client="alice",
+                                 request_id="r1")
+    fill_ledger(ledger)
+    with pytest.raises(LedgerUnavailableError, match="full"):
+        reservation.forfeit("stopped_by_limit")
+    assert ledger.budget("client", "alice").held == EPS.amount  # still counted
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    release(engine, ledger, "alice", "r2", distinct_query(1))
+    (forfeited,) = [c for c in ledger.charges() if c.request_id == "r1"]
+    assert (forfeited.state, forfeited.release_id) == ("committed", None)
+    assert ledger.spent("alice") == 2 * EPS.amount and ledger.budget("client", "alice").held == 0
+    assert_verified(ledger)
+
+
 def test_a_locked_ledger_is_reported_unavailable(engine: Engine, tmp_path: Path) -> None:
     ledger = Ledger.open(
         tmp_path / "l.sqlite",
@@ -1413,7 +1466,8 @@ def test_a_reservation_cancelled_behind_its_holder_cannot_be_committed(
     plan = engine.plan(distinct_query(0), loss=EPS)
     reservation = ledger.reserve(plan, client="alice", request_id="r1")
     assert reservation.charge_id is not None
-    ledger._cancel(reservation.charge_id, "cancelled")  # as a second handle or an open would
+    # As a second handle or an open would:
+    ledger._settle(reservation.charge_id, "cancelled", spent=False)
     with pytest.raises(LedgerUnavailableError, match="is cancelled, not held"):
         reservation.commit(engine.answer(plan))
     assert ledger.releases() == []
