@@ -26,7 +26,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -604,20 +604,28 @@ class Client:
         response = self._call("ListMyReleases", pb.ListMyReleasesRequest(limit=limit))
         return ReleaseList(ReceivedRelease.from_pb(m, self) for m in response.releases)
 
-    def get_release(self, release_id: str) -> Release:
+    def get_release(self, release_id: str, *, by: str | Sequence[str] | None = None) -> Release:
         """A release the caller received before, free: its cells and metadata as the server
         stored them, its query rebuilt from the server's canonical form.
 
-        Its dimensions come in the canonical (alphabetical) order: the order a query named them
-        in is not part of its identity, and is kept neither by the server nor in the caller's
-        list of releases. Its `request_id` and `charged` are None, since the server does not
-        send them with it; `releases()` lists each release with the request id that received it
+        Its dimensions come in the canonical (alphabetical) order unless `by` names the order
+        wanted (`by=["ageBroad", "gender"]`, as `Release.arrange` takes it: names in any case,
+        those left out after those named): the order a query named them in is not part of its
+        identity, and is kept neither by the server nor in the caller's list of releases. A
+        name the release is not grouped by raises InvalidQuery (nothing is charged either way).
+
+        Its `request_id` and `charged` are None, since the server does not send them with it;
+        `releases()` lists each release with the request id that received it
         (`ReceivedRelease.fetch()` carries it) and what it cost."""
         release_id = _text_argument(release_id, "release_id", "a release's id, such as rel_...")
+        if by is not None and not isinstance(by, (str, Sequence)):
+            raise TypeError(f"by is the dimensions' order (a list of names), got "
+                            f"{type(by).__name__}")
         response = self._call("GetRelease", pb.GetReleaseRequest(release_id=release_id))
         # The query as a fresh release names it, rebuilt from the server's canonical form.
         query = q.query_of_canonical(response.metadata.canonical_query)
-        return Release.from_pb(response, query=query)
+        release = Release.from_pb(response, query=query)
+        return release if by is None else release.arrange(by)
 
 
 # The wire's integers (protos/veil/v1/veil.proto): a larger value fails in protobuf, unexplained.

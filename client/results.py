@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ from client.display import (
     unreachable_text,
     value_accuracy_text,
 )
+from client.errors import InvalidQuery
 from client.query import query_of_canonical
 from protos.veil.v1 import veil_pb2 as pb
 
@@ -338,6 +339,60 @@ class Release:
         """The group-by dimensions (the keys without `flag`)."""
         flagged = self.metadata.measure == "FlagCounts"
         return [name for name in self.keys if not (flagged and name == "flag")]
+
+    def arrange(self, by: str | Sequence[str]) -> Release:
+        """This release with its dimensions in the order `by` names them: the key columns in
+        that order (`flag` still first for flag counts), the rows sorted the same way, each key
+        in its codebook order. A new Release; this one is unchanged.
+
+        Names are read in any case. Dimensions `by` leaves out follow those it names, in the
+        order they had. The release is the same one: its metadata, request id and `charged`
+        (so `replayed`) are kept, and its `query` names its dimensions in the new order.
+
+        InvalidQuery (`.variable` the name at fault) when `by` names a dimension this release
+        is not grouped by, or one twice: arranging cannot add a dimension, and a pipeline that
+        expects one the release lacks should stop here, not further on."""
+        order = self._arrangement([by] if isinstance(by, str) else list(by))
+        release = Release(
+            arrange(self.table, order), self.metadata, query=self._query_in(order),
+            request_id=self.request_id, charged=self.charged,
+        )
+        release._query_text = self._query_text
+        return release
+
+    def _arrangement(self, by: list[str]) -> list[str]:
+        """Every dimension, those `by` names first in its order (see `arrange`)."""
+        dimensions = self.dimensions
+        names = {name.lower(): name for name in dimensions}
+        grouped = ", ".join(dimensions) or "nothing"
+        order: list[str] = []
+        for name in by:
+            if not isinstance(name, str):
+                raise TypeError(f"by names dimensions (text), got {type(name).__name__} "
+                                f"{name!r}")
+            found = names.get(name.lower())
+            if found is None:
+                flag = (" (`flag`, the flag of a flag-set count, always comes first)"
+                        if name.lower() == "flag" and "flag" in self.keys else "")
+                raise InvalidQuery(
+                    f"by names {name!r}, which this release is not grouped by{flag}; it is "
+                    f"grouped by {grouped} (name those, in the order wanted)", variable=name,
+                )
+            if found in order:
+                raise InvalidQuery(f"by names {found!r} twice (names are read in any case)",
+                                   variable=found)
+            order.append(found)
+        return order + [name for name in dimensions if name not in order]
+
+    def _query_in(self, order: list[str]) -> Query | None:
+        """The release's query, naming its dimensions in `order` (the same dimensions)."""
+        query = self.query
+        if query is None:
+            return None
+        by_lower = {name.lower(): name for name in query.dimensions}
+        if sorted(by_lower) != sorted(name.lower() for name in order):
+            return query  # a query that does not name the table's columns: left as it was
+        return replace(query, dimensions=tuple(by_lower[name.lower()] for name in order))
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
@@ -982,17 +1037,18 @@ class ReceivedRelease:
         """The query, as one readable line."""
         return describe_canonical(self.canonical_query)
 
-    def fetch(self) -> Release:
+    def fetch(self, *, by: str | Sequence[str] | None = None) -> Release:
         """The release again, at no charge: its cells and metadata as the server stored them,
         with this record's `request_id`.
 
         Its dimensions come in the server's canonical order (alphabetical), not necessarily
-        the order the query first named them in: neither this record nor the stored release
-        keeps that order, which is not part of a query's identity. Its `charged` is None (this
-        record's `charged` says what was paid)."""
+        the order the query first named them in (neither this record nor the stored release
+        keeps that order, which is not part of a query's identity), unless `by` names the order
+        wanted, as `Client.get_release` takes it. Its `charged` is None (this record's
+        `charged` says what was paid)."""
         if self.client is None:
             raise TypeError("this record is not bound to a client")
-        release = self.client.get_release(self.release_id)
+        release = self.client.get_release(self.release_id, by=by)
         release.request_id = self.request_id or None
         return release
 
