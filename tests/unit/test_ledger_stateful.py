@@ -79,6 +79,7 @@ class Model:
     received: dict[str, set[bytes]] = field(default_factory=dict)  # what each client holds
     loss_of: dict[bytes, Fraction] = field(default_factory=dict)
     payer: dict[bytes, str] = field(default_factory=dict)
+    forfeited: set[tuple[str, str]] = field(default_factory=set)  # charged, nothing released
 
     def scopes(self, client: str) -> list[str]:
         institution = CLIENTS[client]
@@ -100,9 +101,12 @@ class Model:
             self.spent.get(s, Fraction(0)) + loss <= self.cap(s) for s in self.scopes(client)
         )
 
-    def charge(self, client: str, query: int, loss: Fraction, data: bytes) -> None:
+    def spend(self, client: str, loss: Fraction) -> None:
         for scope in self.scopes(client):
             self.spent[scope] = self.spent.get(scope, Fraction(0)) + loss
+
+    def charge(self, client: str, query: int, loss: Fraction, data: bytes) -> None:
+        self.spend(client, loss)
         if query not in self.best or self.best[query][0] < loss:
             self.best[query] = (loss, data)
         self.loss_of[data] = loss
@@ -157,7 +161,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 request_id=request_id,
             )
         except RequestConflictError:
-            assert key in model.rows and model.rows[key] != (query, loss)
+            assert key in model.rows
+            assert model.rows[key] != (query, loss) or key in model.forfeited
             return
         except BudgetExceededError:
             assert key not in model.answered
@@ -165,6 +170,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert not model.fits(client, loss)
             return
         data = release.to_bytes()
+        assert key not in model.forfeited
         assert model.rows.get(key, (query, loss)) == (query, loss)
         if key in model.answered:  # a retry: the stored bytes, free
             assert data == model.answered[key]
@@ -233,6 +239,32 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.model.charge(client, query, amount, data)
                 self.model.answered[key] = data  # stored, never handed out
         self.restart()
+
+    @rule(
+        client=st.sampled_from(sorted(CLIENTS)),
+        query=st.integers(0, len(QUERIES) - 1),
+        loss=st.sampled_from(LOSSES),
+    )
+    def stopped_by_the_limit(self, client: str, query: int, loss: str) -> None:
+        """The server's time limit stops the query after its hold: charged, nothing released."""
+        amount, request_id = Fraction(loss), self.new_request_id()
+        try:
+            reservation = self.ledger.reserve(
+                self.plan(query, amount), client=client, request_id=request_id
+            )
+        except BudgetExceededError:
+            assert not self.model.fits(client, amount)
+            return
+        key = (client, request_id)
+        self.model.rows[key] = (query, amount)
+        if reservation.stored is not None:  # a replay reads nothing: no limit to pass
+            self.model.answered[key] = reservation.stored.to_bytes()
+            self.model.received.setdefault(client, set()).add(self.model.answered[key])
+            return
+        reservation.forfeit("stopped_by_limit")
+        assert self.model.fits(client, amount)
+        self.model.spend(client, amount)
+        self.model.forfeited.add(key)
 
     @rule()
     def restart(self) -> None:
