@@ -582,6 +582,7 @@ class Client:
             tries=tries,
         )
         release = Release.from_pb(response, query=query, request_id=request_id)
+        release._answer = (release.charged, tries[-1])
         if not fresh_id or tries[-1] > 1:
             # The server says what this call cost; an earlier try under the same request id may
             # have paid for the release it returned, so nothing is claimed about the request.

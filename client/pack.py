@@ -67,8 +67,10 @@ TABLE_KEYS = ("sql", *LOSS_NAMES)
 MANIFEST_FORMAT = "veil.pack-manifest/1"
 # A table's name is also its output file's: no path separators, no leading dot.
 _TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
-# How many of the caller's latest releases are searched for what a pack's request cost.
-_LISTED = 100
+# How many of the caller's latest releases are searched for what a pack's request cost, when
+# the release call's own answer leaves it open (see `_costs`): as many as the server lists at
+# once (its max_list_releases, 1000 by default).
+_LISTED = 2**31 - 1
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -599,7 +601,9 @@ def release_pack(
     free, the rest are released; a release the server made just as the run stopped is returned
     under its request id, not charged again). `on_release(name, release)` is called as each
     table arrives. Each release's `charged` is what this run paid for it (0 for a table
-    replayed; None when the server's list of the caller's releases does not say).
+    replayed), as the server stated it in answer to the release call; None only when a try of
+    it was lost after a run that stopped had sent the same request, so either may have paid.
+    The manifest's `charged` is what each table's request cost, once known.
 
     Not atomic: the up-front check reads the budget once. Releases made meanwhile by the same
     client (another process or notebook), its institution or, for the dataset's cap, anyone,
@@ -631,10 +635,6 @@ def release_pack(
     releases: dict[str, Release] = {}
     for table in pack:
         entry = entries[table.name]
-        # A table resumed may have been released by the run that stopped (the server answered,
-        # the manifest did not hear): then this run's call replays it, free.
-        paid_before = (None if entry.released or table.name in fresh
-                       else _charged(client, entry.request_id))
         try:
             release = client.release(table.query, request_id=entry.request_id, timeout=timeout,
                                      **_loss_of(pack, table))
@@ -656,8 +656,8 @@ def release_pack(
         if entry.released:
             release.charged = Amount(0)  # a request id answered before is never charged again
         else:
-            cost = _charged(client, entry.request_id)
-            release.charged = cost if paid_before is None else Amount(0)
+            release.charged, cost = _costs(client, release, entry.request_id,
+                                           sent_before=table.name not in fresh)
             entry = replace(
                 entry, release_id=metadata.release_id, data_version=metadata.data_version,
                 fingerprint=metadata.fingerprint or entry.fingerprint,
@@ -672,9 +672,36 @@ def release_pack(
     return releases
 
 
+def _costs(
+    client: Client, release: Release, request_id: str, *, sent_before: bool
+) -> tuple[Amount | None, Amount | None]:
+    """What this run's call paid for `release`, and what its request `request_id` cost in all
+    (None: not known). `sent_before`: the request id was handed out by an earlier run, which
+    may have sent it (and paid) before it stopped.
+
+    The server states what each try of a Release call cost: the release's loss when it was made
+    for that try, 0 when a stored release came back (the request's own, or anyone's release of
+    the query). So a loss stated is what the request cost, and so is a 0 stated to the first
+    try of an id never sent before. A 0 leaves the request's cost open only when the id may
+    have been answered earlier, by a try of this call that was lost or by the run that stopped:
+    then, and only then, the caller's list of releases is read for it."""
+    stated, tries = release._answer or (None, 0)
+    if stated is not None and stated > 0:
+        return stated, stated  # made and charged for this call
+    if stated is not None and tries == 1:
+        # This call's one try came back free; the request was paid by the run that stopped
+        # (its cost is listed), or never (a release of the query that was already there).
+        return Amount(0), (_charged(client, request_id) if sent_before else Amount(0))
+    cost = _charged(client, request_id)
+    # A try of this call lost after the server charged it: the request's cost was this run's.
+    # With a run stopped before as well, which of the two paid is not known.
+    return (None if sent_before else cost), cost
+
+
 def _charged(client: Client, request_id: str) -> Amount | None:
-    """What the request `request_id` cost, as the caller's list of releases records it (the
-    client does not say when it was given the request id); None when it is not listed."""
+    """What the request `request_id` cost, as the caller's list of releases records it; None
+    when it is not listed (the list holds the caller's latest releases, as many as the server
+    lists at once), which leaves the cost unknown, never wrong."""
     try:
         listed = client.releases(limit=_LISTED)
     except VeilError:
@@ -814,8 +841,8 @@ def run_pack(args: argparse.Namespace) -> int:
         cli.emit(
             text_table(["table", "release", "charged", "replayed", "file"], written)
             + f"\n\n{len(releases)} tables; charged {pack.loss_name} {total} in this run"
-            + (f", besides {unknown} tables whose charge the server's list did not show"
-               if unknown else "")
+            + (f", besides {unknown} tables whose charge is not known (a try lost after an "
+               f"earlier run had sent the same request)" if unknown else "")
             + f"; manifest {manifest_path}"
         )
         return cli.EXIT_OK

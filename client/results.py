@@ -303,6 +303,10 @@ class Release:
         self.query = query
         self.request_id = request_id
         self._query_text: str | None = None  # the query's text in a saved document read back
+        # What the server stated the Release call's last try cost, and how many tries the call
+        # made (set by `Client.release`; None otherwise). `charged` claims nothing once an id was
+        # given, but a pack, which hands out its own request ids, can read what each cost here.
+        self._answer: tuple[Amount | None, int] | None = None
         # What the call that returned this release cost: 0 for a stored release (a retry, or a
         # query already released); None when the server did not say (a release fetched again).
         self.charged: Amount | None = (
@@ -357,7 +361,7 @@ class Release:
             arrange(self.table, order), self.metadata, query=self._query_in(order),
             request_id=self.request_id, charged=self.charged,
         )
-        release._query_text = self._query_text
+        release._query_text, release._answer = self._query_text, self._answer
         return release
 
     def _arrangement(self, by: list[str]) -> list[str]:

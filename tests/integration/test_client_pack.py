@@ -328,6 +328,114 @@ def test_an_interrupted_pack_resumes_and_nothing_is_charged_twice(
     veil_client.close()
 
 
+def listing_calls(veil_client: client.Client, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The limits of the ListMyReleases calls `veil_client` makes from now on."""
+    calls: list[int] = []
+    real = veil_client._stub.ListMyReleases
+
+    def spy(request: Any, **kwargs: Any) -> Any:
+        calls.append(request.limit)
+        return real(request, **kwargs)
+
+    monkeypatch.setattr(veil_client._stub, "ListMyReleases", spy)
+    return calls
+
+
+def test_what_each_table_cost_is_read_from_its_release_call_not_a_listing(
+    live: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, other = researcher(live, cap="1")
+    _, veil_client = researcher(live, cap="1")
+    first, second, third = tables(3)
+    other.sql(first, epsilon="0.3")  # released before: served free
+    pack = Pack.of({"released": (first, "0.1"), "new": (second, "0.1"), "more": (third, "0.2")},
+                   loss_name="epsilon")
+    listed = listing_calls(veil_client, monkeypatch)
+    manifest = tmp_path / "manifest.json"
+    releases = release_pack(veil_client, pack, manifest=manifest)
+    assert [r.charged for r in releases.values()] == [0, Fraction(1, 10), Fraction(1, 5)]
+    assert releases["released"].replayed and not releases["new"].replayed
+    assert [e.charged for e in Manifest.read(manifest).tables.values()] == ["0", "0.1", "0.2"]
+    assert listed == []  # the release calls' own answers said it all
+    assert veil_client.budget().spent == Fraction(3, 10)
+    other.close()
+    veil_client.close()
+
+
+def test_a_try_lost_after_the_server_charged_it_is_read_from_the_list(
+    live: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grpc
+
+    class Lost(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "Connection reset by peer"
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    _, veil_client = researcher(live, cap="1")
+    pack = pack_of(tables(2), ["0.1", "0.2"])
+    real = veil_client._stub.Release
+    sent: list[str] = []
+
+    def first_answer_lost(request: Any, **kwargs: Any) -> Any:
+        sent.append(request.request_id)
+        response = real(request, **kwargs)
+        if len(sent) == 2:  # t1 is charged and stored; its answer is lost, the retry replays
+            raise Lost()
+        return response
+
+    monkeypatch.setattr(veil_client._stub, "Release", first_answer_lost)
+    listed = listing_calls(veil_client, monkeypatch)
+    manifest = tmp_path / "manifest.json"
+    releases = release_pack(veil_client, pack, manifest=manifest)
+    assert sent[1] == sent[2] and len(sent) == 3  # t1 tried twice under one request id
+    # The retry's answer says 0; the request was paid by the try whose answer was lost.
+    assert releases["t1"].charged == Fraction(1, 5) and releases["t0"].charged == Fraction(1, 10)
+    assert Manifest.read(manifest).tables["t1"].charged == "0.2"
+    assert len(listed) == 1 and listed[0] > 100  # only for t1; as many as the server lists
+    assert veil_client.budget().spent == Fraction(3, 10)
+    veil_client.close()
+
+
+def test_a_resumed_table_is_not_charged_twice_however_many_releases_came_since(
+    live: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, veil_client = researcher(live, cap="1")
+    pack = pack_of(tables(2), ["0.1", "0.2"])
+    manifest = tmp_path / "manifest.json"
+    real_release = veil_client.release
+
+    def stopped_after_the_server_answered(query: Any, **kw: Any) -> client.Release:
+        release = real_release(query, **kw)
+        if kw["request_id"] == Manifest.read(manifest).tables["t1"].request_id:
+            raise KeyboardInterrupt  # t1 is charged; the run stops before recording it
+        return release
+
+    monkeypatch.setattr(veil_client, "release", stopped_after_the_server_answered)
+    with pytest.raises(KeyboardInterrupt):
+        release_pack(veil_client, pack, manifest=manifest)
+    monkeypatch.undo()
+    assert veil_client.budget().spent == Fraction(3, 10)
+    # More than 100 releases since (one paid, the rest served free): the stopped request is
+    # not among the caller's latest 100.
+    busy = veil_client.count().by("gender").where(yearOfRegistration=next(_YEARS))
+    for _ in range(101):
+        busy.release(epsilon="0.1")
+    assert veil_client.budget().spent == Fraction(2, 5)
+
+    releases = release_pack(veil_client, pack, manifest=manifest)
+    assert releases["t0"].charged == 0 and releases["t1"].charged == 0  # nothing paid twice
+    assert releases["t1"].replayed
+    assert Manifest.read(manifest).tables["t1"].charged == "0.2"  # what the stopped run paid
+    assert veil_client.budget().spent == Fraction(2, 5)
+    veil_client.close()
+
+
 # ---- `veil pack` ---------------------------------------------------------------------------------
 
 
