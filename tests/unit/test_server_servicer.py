@@ -20,14 +20,12 @@ from engine.query import Count, Query
 from engine.release import Release
 from protos.veil.v1 import veil_pb2 as pb
 from server.auth import Identity, Role
+from server.calls import CallWatch, InFlight, WatchedCharger
 from server.errors import MalformedRequestError
 from server.servicer import (
     AdminServicer,
-    CallWatch,
-    InFlight,
     ResearchServicer,
     Services,
-    _WatchedCharger,
     parse,
 )
 from tests.conftest import write_database
@@ -92,7 +90,7 @@ def test_a_call_whose_watch_has_fired_reserves_nothing(tmp_path: Path) -> None:
     watch.fire("deadline")
     plan = engine.plan(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.5"))
     with pytest.raises(QueryCancelledError, match="before its charge was reserved"):
-        _WatchedCharger(accounts, watch).reserve(
+        WatchedCharger(accounts, watch).reserve(
             plan, client="alice", request_id="r-1", data_version=engine.data_version
         )
     # The ledger was not asked at all: no hold made and then given back.
@@ -213,7 +211,7 @@ def _release_stopped_after_the_scan(tmp_path: Path, reason: str) -> tuple[Memory
         outcome: Any = engine.release(
             Query(Count(), by=("gender",)),
             loss=PrivacyLoss.pure("0.5"),
-            charger=_WatchedCharger(accounts, watch),
+            charger=WatchedCharger(accounts, watch),
             client="alice",
             request_id="r-1",
             cancel=watch.event,
@@ -269,7 +267,7 @@ def test_a_caller_who_leaves_while_the_charge_is_reserved_reads_nothing_and_pays
     with pytest.raises(QueryCancelledError):
         engine.release(
             Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.5"),
-            charger=_WatchedCharger(accounts, watch), client="alice", request_id="r-1",
+            charger=WatchedCharger(accounts, watch), client="alice", request_id="r-1",
             cancel=watch.event,
         )
     assert scans == [] and watch.reason == "deadline"
