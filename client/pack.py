@@ -8,6 +8,9 @@ A modeler who pulls the same tables every cycle writes them once, in a TOML spec
     [tables.sexual_share_minors]
     sql = "SELECT gender, PROPORTION(isSexualExploit = 1) FROM records WHERE ..."
     epsilon = 0.2                     # this table's own loss
+    [tables.citizenship_region]
+    sql = "SELECT citizenshipRegion, COUNT(*) FROM records GROUP BY citizenshipRegion"
+    half_width = 50                   # or a target accuracy: counts within +/- 50 records
 
 and then, from Python:
 
@@ -23,22 +26,29 @@ A dry run of each table alone checks it against what remains now, so six tables 
 while the six together do not. `dry_run_pack` adds the tables up in order (a table released
 before, pinned by the manifest, or a repeat of an earlier table of the pack costs 0) and says
 whether the total fits and which table is the first that would not. `release_pack` refuses the
-whole pack, charging nothing, when it does not fit.
+whole pack, charging nothing, when it does not fit. A table that gives `half_width` (records,
+either side of each count, at the deployment's confidence; `confidence = 0.95` states the level
+it is meant at, refused if the server's differs) in place of a loss is priced by the server's
+dry run for it, and released at the loss that dry run returns.
 
 The manifest (JSON) records, for each table, the request id it is released under, and once it
 is, its release id, data version, query fingerprint and charge. A request id already answered
 returns exactly that release again, free: running the pack again with the same manifest gives
 the same numbers even if someone has since released the same query at a larger loss (which
 would otherwise be served), and a run stopped halfway resumes, the tables already released
-coming back free. Request ids belong to one client on one data version: a manifest written by
-another client, or for releases of a data version the server no longer serves, is refused
-before anything is charged.
+coming back free. The manifest also records the loss each table is released at, a half-width's
+as priced when its request id was handed out: a run resumed or repeated asks that loss again
+rather than pricing the half-width anew (the server's settings may have changed since, and
+another loss would be another request). Request ids belong to one client on one data version:
+a manifest written by another client, or for releases of a data version the server no longer
+serves, is refused before anything is charged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import tomllib
@@ -63,7 +73,9 @@ from client.results import Budget, DryRun, Release
 
 LOSS_NAMES = ("epsilon", "rho", "loss")
 SPEC_KEYS = ("tables", *LOSS_NAMES)
-TABLE_KEYS = ("sql", *LOSS_NAMES)
+TABLE_KEYS = ("sql", *LOSS_NAMES, "half_width", "confidence")
+# The wire's largest integer, the most a half-width may be (protos/veil/v1/veil.proto).
+_INT64_MAX = 2**63 - 1
 MANIFEST_FORMAT = "veil.pack-manifest/1"
 # A table's name is also its output file's: no path separators, no leading dot.
 _TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
@@ -132,18 +144,34 @@ def _naming(table: str, error: InvalidQuery) -> InvalidQuery:
 
 @dataclass(frozen=True)
 class PackTable:
-    """One table of a pack: its name (also its output file's), its query, and the loss it is
-    released at (exact). `sql` is the text it was written as, when it was SQL."""
+    """One table of a pack: its name (also its output file's), its query, and either the loss
+    it is released at (exact) or `half_width`, the target accuracy of its count intervals (in
+    records, either side, at the deployment's confidence; `confidence`, when given, is the
+    level the table expects, refused if the server's differs). A half-width is priced by the
+    server's dry run, and the table released at the loss that dry run returns (see
+    `dry_run_pack`). `sql` is the text it was written as, when it was SQL."""
 
     name: str
     query: q.Query
-    loss: Amount
+    loss: Amount | None = None
     sql: str | None = None
+    half_width: int | None = None
+    confidence: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.loss is None) == (self.half_width is None):
+            given = "both a loss and" if self.loss is not None else "neither a loss nor"
+            raise PackSpecError(f"table {self.name} gives {given} a half_width; give exactly "
+                                f"one", table=str(self.name))
+        if self.confidence is not None and self.half_width is None:
+            raise PackSpecError(f"table {self.name}: confidence is the level of a half_width; "
+                                f"give half_width too", table=str(self.name))
 
 
 @dataclass(frozen=True)
 class Pack:
-    """An ordered set of named tables, each a query and the loss to release it at.
+    """An ordered set of named tables, each a query and the loss to release it at, or a target
+    half-width its loss is priced from (see `PackTable`).
 
     `loss_name` is how the losses are named ("epsilon" under pure DP, "rho" under zCDP, or
     "loss" for either); the server refuses a name that is not its accounting's. Build one from
@@ -212,8 +240,11 @@ class Pack:
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], *, source: str | None = None) -> Pack:
-        """The pack a spec describes, as parsed from TOML: `tables` (name -> {sql, and a loss})
-        and a default loss (`epsilon`, `rho` or `loss`)."""
+        """The pack a spec describes, as parsed from TOML: `tables` (name -> {sql, and a loss,
+        or `half_width` and optionally `confidence` in its place}) and a default loss
+        (`epsilon`, `rho` or `loss`) for the tables that give neither. A table that gives both
+        a loss and a half-width, a half-width that is not a whole number from 1, or a
+        confidence without a half-width, raises PackSpecError naming the table."""
         where = f"{source}: " if source else ""
         _refuse_unknown(spec, SPEC_KEYS, where, "the spec")
         default_name, default = _one_loss(spec, where, "the spec's default")
@@ -236,12 +267,18 @@ class Pack:
                 raise PackSpecError(f"{where}table {name} has no sql = \"SELECT ...\"",
                                     table=name)
             own_name, own = _one_loss(entry, where, f"table {name}", table=name)
-            if own_name is None and default_name is None:
+            half_width, confidence = _accuracy(entry, own_name, where, name)
+            if own_name is None and half_width is None and default_name is None:
                 raise PackSpecError(
                     f"{where}table {name} has no loss: give the spec a default (epsilon = ..., "
-                    f"rho = ... or loss = ... before the tables) or the table its own",
+                    f"rho = ... or loss = ... before the tables) or the table its own, or a "
+                    f"target half_width = N (records, either side of each count)",
                     table=name,
                 )
+            if half_width is not None:
+                made.append(_table(name, sql, None, "loss", half_width=half_width,
+                                   confidence=confidence))
+                continue
             names |= {own_name} - {None, "loss"}
             made.append(_table(name, sql, own if own_name is not None else default,
                                own_name or default_name or "loss"))
@@ -294,19 +331,63 @@ def _one_loss(
     return (given[0], spec[given[0]]) if given else (None, None)
 
 
-def _table(name: str, query: str | q.Query, loss: Any, loss_name: str) -> PackTable:
+def _accuracy(
+    entry: Mapping[str, Any], own_loss: str | None, where: str, name: str
+) -> tuple[int | None, float | None]:
+    """A table's `half_width` and `confidence` (None when not given), checked: a half-width is
+    a whole number of records from 1, given in place of a loss, not with one; a confidence is
+    the level it is meant at, a number from 0.5 to below 1."""
+    if "half_width" not in entry:
+        if "confidence" in entry:
+            raise PackSpecError(
+                f"{where}table {name} gives confidence without half_width: confidence is the "
+                f"level of a target half_width", table=name,
+            )
+        return None, None
+    if own_loss is not None:
+        raise PackSpecError(
+            f"{where}table {name} gives both {own_loss} and half_width; give one: a loss, or "
+            f"the half-width whose least loss the server prices", table=name,
+        )
+    half_width = entry["half_width"]
+    if isinstance(half_width, bool) or not isinstance(half_width, int) or not (
+        1 <= half_width <= _INT64_MAX
+    ):
+        raise PackSpecError(
+            f"{where}table {name}: half_width is how far each count's interval may reach either "
+            f"side, in records: a whole number from 1 (half_width = 50), got {half_width!r}",
+            table=name,
+        )
+    confidence = entry.get("confidence")
+    if confidence is not None and (
+        isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+        or not 0.5 <= confidence < 1
+    ):
+        raise PackSpecError(
+            f"{where}table {name}: confidence is the level of the half-width's intervals, a "
+            f"number from 0.5 to below 1 (confidence = 0.95), got {confidence!r}", table=name,
+        )
+    return half_width, None if confidence is None else float(confidence)
+
+
+def _table(
+    name: str, query: str | q.Query, loss: Any, loss_name: str, *,
+    half_width: int | None = None, confidence: float | None = None,
+) -> PackTable:
     try:
-        exact = Amount(parse_amount(decimal_text(loss, loss_name)) or 0)
+        exact = (None if half_width is not None
+                 else Amount(parse_amount(decimal_text(loss, loss_name)) or 0))
         if isinstance(query, str):
             from client.sql import parse_sql
 
-            return PackTable(name, parse_sql(query), exact, sql=query)
+            return PackTable(name, parse_sql(query), exact, sql=query, half_width=half_width,
+                             confidence=confidence)
     except InvalidQuery as exc:
         raise _naming(name, exc) from None
     if not isinstance(query, q.Query):
         raise TypeError(f"table {name}: a query is SQL text or a veil query, got "
                         f"{type(query).__name__}")
-    return PackTable(name, query, exact)
+    return PackTable(name, query, exact, half_width=half_width, confidence=confidence)
 
 
 # ---- the manifest -------------------------------------------------------------------------------
@@ -315,8 +396,11 @@ def _table(name: str, query: str | q.Query, loss: Any, loss_name: str) -> PackTa
 @dataclass(frozen=True)
 class ManifestEntry:
     """One table's line of a manifest: the request id it is released under, what was asked,
-    and, once released, the release it received. `charged` is what the request cost (exact
-    text; None when not known)."""
+    and, once released, the release it received. `loss` is the loss it is released at (exact
+    text): the table's own, or, for a table that gives `half_width`, the loss the server priced
+    that half-width at when the request id was handed out, which a run resuming or repeating the
+    pack releases at again rather than pricing the half-width anew. `charged` is what the
+    request cost (exact text; None when not known)."""
 
     request_id: str
     query: str
@@ -325,6 +409,7 @@ class ManifestEntry:
     release_id: str | None = None
     data_version: str | None = None
     charged: str | None = None
+    half_width: int | None = None  # the table's target, when it gave one in place of a loss
 
     @property
     def released(self) -> bool:
@@ -360,7 +445,7 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(
             {"format": MANIFEST_FORMAT, "client_id": self.client_id,
-             "tables": {name: vars(entry) for name, entry in self.tables.items()}},
+             "tables": {name: _entry_json(entry) for name, entry in self.tables.items()}},
             indent=2,
         ) + "\n"
 
@@ -369,6 +454,15 @@ class Manifest:
         from client.cli import write_replacing
 
         write_replacing(Path(path).expanduser(), self.to_json())
+
+
+def _entry_json(entry: ManifestEntry) -> dict[str, Any]:
+    """An entry as the manifest writes it: `half_width` only for a table that gives one, so
+    that a manifest of losses alone reads as it did before tables could give one."""
+    document = dict(vars(entry))
+    if entry.half_width is None:
+        del document["half_width"]
+    return document
 
 
 # ---- pricing ------------------------------------------------------------------------------------
@@ -380,13 +474,16 @@ class TablePrice:
     would charge: 0 when it is already released, pinned by the manifest, or a repeat of an
     earlier table of the pack (`free_because` says which). `remaining_after` is what would
     remain after it and every table before it (None when the budget is not known); it is
-    negative from the first table that does not fit, by how much is missing."""
+    negative from the first table that does not fit, by how much is missing. `loss` is the loss
+    it is released at: the table's own, or the one its `half_width` was priced at (by this dry
+    run, or, once the manifest records a request for it, the manifest's)."""
 
     name: str
     dry_run: DryRun
     cost: Amount
     free_because: str | None
     remaining_after: Amount | None
+    loss: Amount | None = None
 
     @property
     def fits(self) -> bool | None:
@@ -482,6 +579,7 @@ class PackPricing:
             "limiting_scope": self.limiting_scope,
             "tables": [
                 {"name": t.name, "cost": format_amount(t.cost), "free_because": t.free_because,
+                 "loss": amount_text(t.loss),
                  "remaining_after": amount_text(t.remaining_after), "fits": t.fits,
                  "dry_run": t.dry_run.to_dict()}
                 for t in self.tables
@@ -501,19 +599,33 @@ def dry_run_pack(
 
     A table costs 0 when it is already released (by anyone, at a loss at least its own), when
     `manifest` pins it (its request id replays its release free), or when an earlier table of
-    the pack asks the same query at a loss at least its own. A table whose query is invalid
+    the pack asks the same query at a loss at least its own. A table that gives `half_width`
+    is priced by the server's dry run for that half-width, and its loss is the one that dry run
+    returns (a query already released comes back at its release's loss, free), unless the
+    manifest records a request for it: then the manifest's loss, so that a run resumed or
+    repeated asks exactly what was asked before, whatever the server's settings now price the
+    half-width at. A table whose query is invalid, or whose `confidence` is not the server's,
     raises InvalidQuery naming the table; a manifest that cannot pin this pack (another
     client's, another data version's, a table changed since) raises ManifestConflict."""
     if not isinstance(manifest, Manifest):
         manifest = Manifest() if manifest is None else Manifest.read(manifest)
-    priced: list[tuple[str, DryRun, Amount, str | None]] = []
+    priced: list[tuple[str, DryRun, Amount, str | None, Amount]] = []
     seen: dict[str, tuple[Amount, str]] = {}  # fingerprint -> the largest loss asked, by whom
     for table in pack:
+        entry = manifest.tables.get(table.name)
+        asked: Any = table.loss
+        if asked is None and entry is not None and entry.half_width == table.half_width:
+            asked = entry.loss  # the loss the manifest recorded for this half-width
         try:
-            dry = client.dry_run(table.query, timeout=timeout, **_loss_of(pack, table))
+            if asked is not None:
+                dry = client.dry_run(table.query, timeout=timeout, **{pack.loss_name: asked})
+                loss = Amount(parse_amount(decimal_text(asked, pack.loss_name)) or 0)
+            else:  # the half-width, priced now
+                dry = client.dry_run(table.query, half_width=table.half_width, timeout=timeout)
+                _check_confidence(table, dry)
+                loss = dry.loss
         except InvalidQuery as exc:
             raise _naming(table.name, exc) from None
-        entry = manifest.tables.get(table.name)
         if entry is not None:
             _check_entry(table, entry, dry)
         earlier = seen.get(dry.fingerprint)
@@ -522,12 +634,12 @@ def dry_run_pack(
             why = f"pinned by the manifest ({entry.release_id})"
         elif dry.already_released:
             why = "already released"
-        elif earlier is not None and earlier[0] >= table.loss:
+        elif earlier is not None and earlier[0] >= loss:
             why = f"the same query as table {earlier[1]}"
         cost = Amount(0) if why else dry.loss
-        if earlier is None or table.loss > earlier[0]:
-            seen[dry.fingerprint] = (table.loss, table.name)
-        priced.append((table.name, dry, cost, why))
+        if earlier is None or loss > earlier[0]:
+            seen[dry.fingerprint] = (loss, table.name)
+        priced.append((table.name, dry, cost, why, loss))
     try:
         budget: Budget | None = client.budget()
     except PermissionDenied:  # a role without a budget may still price
@@ -541,30 +653,43 @@ def dry_run_pack(
         )
     tables = []
     total = Amount(0)
-    for name, dry, cost, why in priced:
+    for name, dry, cost, why, loss in priced:
         total = Amount(total + cost)
         after = None if budget is None else Amount(budget.remaining - total)
-        tables.append(TablePrice(name, dry, cost, why, after))
+        tables.append(TablePrice(name, dry, cost, why, after, loss))
     version = priced[0][1].data_version if priced else ""
-    return PackPricing(tuple(tables), total, pack.loss_name, version, budget)
+    # A pack of half-widths names no loss: the deployment's name for it, as its dry runs say.
+    name = priced[0][1].loss_name if pack.loss_name == "loss" and priced else pack.loss_name
+    return PackPricing(tuple(tables), total, name, version, budget)
 
 
-def _loss_of(pack: Pack, table: PackTable) -> dict[str, Any]:
-    """The table's loss as `dry_run` and `release` take it, under the spec's name for it (the
-    client refuses epsilon from a zCDP deployment, and rho from a pure-DP one)."""
-    return {pack.loss_name: table.loss}
+def _check_confidence(table: PackTable, dry: DryRun) -> None:
+    """Refuse (InvalidQuery) a table whose half-width is meant at another level than the one
+    the server states every interval at: the server prices a half-width at its own."""
+    if table.confidence is not None and not math.isclose(table.confidence, dry.confidence):
+        raise InvalidQuery(
+            f"half_width {table.half_width} is asked at confidence {table.confidence:g}, and "
+            f"this server states every interval at {dry.confidence:g}: give confidence = "
+            f"{dry.confidence:g}, or leave it out, with the half-width wanted at that level"
+        )
 
 
 def _check_entry(table: PackTable, entry: ManifestEntry, dry: DryRun) -> None:
     """Refuse (ManifestConflict) a manifest entry its table no longer matches, or that pins a
     release of data the server no longer serves: its request id would be refused, or worse,
-    stand for another table."""
-    if entry.fingerprint != dry.fingerprint or entry.loss != format_amount(table.loss):
+    stand for another table. A table that gives a half-width matches an entry for the same
+    half-width (at the entry's loss); one that gives a loss, an entry for that loss."""
+    same_ask = (entry.half_width == table.half_width if table.half_width is not None
+                else entry.half_width is None and table.loss is not None
+                and entry.loss == format_amount(table.loss))
+    if entry.fingerprint != dry.fingerprint or not same_ask:
         what = (f"the release {entry.release_id}" if entry.released
                 else f"request id {entry.request_id}")
+        asked = (entry.loss if entry.half_width is None
+                 else f"+/- {entry.half_width}, loss {entry.loss}")
         raise ManifestConflict(
             f"table {table.name} has changed since the manifest recorded {what} for it "
-            f"({entry.query} at {entry.loss}): restore it in the spec, or remove its entry from "
+            f"({entry.query} at {asked}): restore it in the spec, or remove its entry from "
             f"the manifest to release the new one", table=table.name,
         )
     if entry.released and dry.data_version and entry.data_version != dry.data_version:
@@ -624,9 +749,11 @@ def release_pack(
     for table, price in zip(pack, pricing.tables, strict=True):
         if table.name not in entries:
             fresh.add(table.name)
+            assert price.loss is not None
             entries[table.name] = ManifestEntry(
                 request_id=str(uuid.uuid4()), query=str(table.query),
-                loss=format_amount(table.loss), fingerprint=price.dry_run.fingerprint,
+                loss=format_amount(price.loss), fingerprint=price.dry_run.fingerprint,
+                half_width=table.half_width,
             )
     client_id = state.client_id or (None if pricing.budget is None else pricing.budget.client_id)
     state = Manifest(client_id=client_id, tables=entries)
@@ -636,8 +763,11 @@ def release_pack(
     for table in pack:
         entry = entries[table.name]
         try:
+            # At the manifest's loss: the table's own, or what its half-width was priced at
+            # when its request id was handed out (checked against the spec by the pricing).
+            at: dict[str, Any] = {pack.loss_name: entry.loss}
             release = client.release(table.query, request_id=entry.request_id, timeout=timeout,
-                                     **_loss_of(pack, table))
+                                     **at)
         except VeilError as exc:
             done = ", ".join(releases) or "none"
             exc.add_note(
@@ -719,6 +849,9 @@ a spec (TOML):
   [tables.means_of_control]
   sql = "SELECT majorityStatus, FLAG_COUNTS(meansOfControl) FROM records GROUP BY majorityStatus"
   epsilon = 0.2                   # this table's own
+  [tables.citizenship_region]
+  sql = "SELECT citizenshipRegion, COUNT(*) FROM records GROUP BY citizenshipRegion"
+  half_width = 50                 # counts within +/- 50 records: priced by the server
 
 examples/standard_tables.toml has CTDC's standard tables."""
 
@@ -838,9 +971,11 @@ def run_pack(args: argparse.Namespace) -> int:
 
         total = sum((r.charged for r in releases.values() if r.charged is not None), Amount(0))
         unknown = sum(1 for r in releases.values() if r.charged is None)
+        # A pack of half-widths names no loss: the deployment's name for it, as releases say.
+        name = next((r.metadata.loss_name for r in releases.values()), pack.loss_name)
         cli.emit(
             text_table(["table", "release", "charged", "replayed", "file"], written)
-            + f"\n\n{len(releases)} tables; charged {pack.loss_name} {total} in this run"
+            + f"\n\n{len(releases)} tables; charged {name} {total} in this run"
             + (f", besides {unknown} tables whose charge is not known (a try lost after an "
                f"earlier run had sent the same request)" if unknown else "")
             + f"; manifest {manifest_path}"

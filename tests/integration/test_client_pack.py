@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -206,10 +207,160 @@ def test_a_spec_with_an_unknown_key_or_bad_sql_is_refused_before_anything_is_ask
 def test_the_example_spec_prices_against_the_synthetic_data(live: LiveServer) -> None:
     _, veil_client = researcher(live, cap="1")
     pack = Pack.from_toml(ROOT / "examples" / "standard_tables.toml")
-    assert len(pack) == 5
+    assert len(pack) == 6 and pack["gender_by_year"].half_width == 25
     pricing = dry_run_pack(veil_client, pack)
-    assert pricing.total == Fraction(3, 5) and pricing.fits
+    by_year = veil_client.dry_run(pack["gender_by_year"].query, half_width=25).loss
+    assert pricing["gender_by_year"].loss == by_year and 0 < by_year < 1
+    assert pricing.total == Fraction(3, 5) + by_year and pricing.fits
     assert {t.dry_run.measure for t in pricing.tables} == {"Count", "FlagCounts", "Proportion"}
+    veil_client.close()
+
+
+# ---- tables that give a half-width ---------------------------------------------------------------
+
+
+def half_width_spec(path: Path, sqls: list[str], *, half_width: int = 25, extra: str = "") -> Path:
+    """A spec whose first table gives epsilon 0.1 and whose others give `half_width`."""
+    body = ["epsilon = 0.1", f"[tables.t0]\nsql = {json.dumps(sqls[0])}"]
+    body += [f"[tables.t{i}]\nsql = {json.dumps(sql)}\nhalf_width = {half_width}\n{extra}"
+             for i, sql in enumerate(sqls[1:], 1)]
+    path.write_text("\n".join(body) + "\n")
+    return path
+
+
+def test_a_half_width_table_is_released_at_the_loss_the_server_prices_it_at(
+    live: LiveServer, tmp_path: Path
+) -> None:
+    client_id, veil_client = researcher(live, cap="1")
+    sqls = [s.replace("GROUP BY gender", "GROUP BY gender, ageBroad").replace(
+        "SELECT gender", "SELECT gender, ageBroad") for s in tables(2)]
+    pack = Pack.from_toml(half_width_spec(tmp_path / "spec.toml", sqls, half_width=25))
+    assert pack["t1"].loss is None and pack["t1"].half_width == 25
+    priced = veil_client.dry_run(pack["t1"].query, half_width=25)
+    assert not priced.already_released and priced.half_width <= 25
+    resolved = priced.loss
+
+    pricing = dry_run_pack(veil_client, pack)
+    assert pricing["t1"].loss == resolved and pricing["t1"].cost == resolved
+    assert pricing.total == Fraction(1, 10) + resolved and pricing.loss_name == "epsilon"
+    assert pricing.to_dict()["tables"][1]["loss"] == str(resolved)
+
+    manifest = tmp_path / "manifest.json"
+    releases = release_pack(veil_client, pack, manifest=manifest)
+    t1 = releases["t1"]
+    assert t1.metadata.loss == resolved and t1.charged == resolved
+    published = [c for c in t1 if c.status == "published"]
+    assert published and all(c.ci_high - c.value <= 25 for c in published)  # type: ignore[operator]
+    recorded = json.loads(manifest.read_text())["tables"]
+    assert recorded["t1"]["loss"] == str(resolved) and recorded["t1"]["half_width"] == 25
+    assert "half_width" not in recorded["t0"]  # a loss table's entry is written as before
+    assert recorded["t1"]["charged"] == str(resolved)
+    assert veil_client.budget().spent == Fraction(1, 10) + resolved
+    assert len(committed(live, client_id)) == 2
+    veil_client.close()
+
+
+def test_a_half_width_table_is_asked_again_at_the_manifests_loss(
+    live: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, veil_client = researcher(live, cap="2")
+    spec = half_width_spec(tmp_path / "spec.toml", tables(3), half_width=30)
+    pack = Pack.from_toml(spec)
+    manifest = tmp_path / "manifest.json"
+    real_release = veil_client.release
+
+    def stopped_before_t2(query: Any, **kw: Any) -> client.Release:
+        if kw["request_id"] == Manifest.read(manifest).tables["t2"].request_id:
+            raise KeyboardInterrupt  # t2's request id is on disk, and was never sent
+        return real_release(query, **kw)
+
+    monkeypatch.setattr(veil_client, "release", stopped_before_t2)
+    with pytest.raises(KeyboardInterrupt):
+        release_pack(veil_client, pack, manifest=manifest)
+    monkeypatch.undo()
+    halfway = json.loads(manifest.read_text())
+    assert halfway["tables"]["t1"]["release_id"] and not halfway["tables"]["t2"]["release_id"]
+    # Priced again now, the half-width could cost another loss (other settings, a server that
+    # rounds otherwise): here the manifest says 0.5, and a resumed run asks what it says.
+    assert halfway["tables"]["t2"]["loss"] != "0.5"
+    halfway["tables"]["t2"]["loss"] = "0.5"
+    manifest.write_text(json.dumps(halfway))
+
+    def no_half_width(query: Any, **kw: Any) -> client.DryRun:
+        assert "half_width" not in kw, "a half-width the manifest records was priced again"
+        return real_dry_run(query, **kw)
+
+    real_dry_run = veil_client.dry_run
+    monkeypatch.setattr(veil_client, "dry_run", no_half_width)
+    pricing = dry_run_pack(veil_client, pack, manifest=manifest)
+    assert pricing["t1"].cost == 0 and pricing["t2"].cost == Fraction(1, 2)
+    spent = veil_client.budget().spent
+    resumed = release_pack(veil_client, pack, manifest=manifest)
+    assert str(resumed["t2"].metadata.loss) == "0.5" and resumed["t2"].charged == Fraction(1, 2)
+    assert resumed["t1"].charged == 0
+    assert str(resumed["t1"].metadata.loss) == halfway["tables"]["t1"]["loss"]
+    assert veil_client.budget().spent == spent + Fraction(1, 2)
+
+    # Again: every table replayed free, at the losses the manifest records.
+    again = release_pack(veil_client, pack, manifest=manifest)
+    assert [r.charged for r in again.values()] == [0, 0, 0]
+    assert [r.metadata.release_id for r in again.values()] == [
+        r.metadata.release_id for r in resumed.values()]
+    assert veil_client.budget().spent == spent + Fraction(1, 2)
+    monkeypatch.undo()
+
+    # Another half-width, or a loss in its place, is another table: the manifest is refused.
+    text = spec.read_text()
+    for changed in (text.replace("half_width = 30", "half_width = 40", 1),
+                    text.replace("half_width = 30", "epsilon = 0.2", 1)):
+        spec.write_text(changed)
+        with pytest.raises(ManifestConflict, match="table t1 has changed") as error:
+            release_pack(veil_client, Pack.from_toml(spec), manifest=manifest)
+        assert "+/- 30" in str(error.value)
+    assert veil_client.budget().spent == spent + Fraction(1, 2)
+    veil_client.close()
+
+
+def test_a_half_width_is_given_in_place_of_a_loss_or_refused_by_name(
+    live: LiveServer, tmp_path: Path
+) -> None:
+    sqls = tables(2)
+    spec = tmp_path / "spec.toml"
+    refused = {
+        "epsilon = 0.2\nhalf_width = 25": "table t1 gives both epsilon and half_width",
+        "half_width = 0": "half_width is how far .* got 0",
+        "half_width = 2.5": "half_width is how far .* got 2.5",
+        "half_width = '25'": "half_width is how far .* got '25'",
+        "half_width = true": "half_width is how far .* got True",
+        "confidence = 0.9": "confidence without half_width",
+        "half_width = 25\nconfidence = 95": r"confidence is the level .* got 95",
+    }
+    for keys, message in refused.items():
+        spec.write_text(f"epsilon = 0.1\n[tables.t0]\nsql = {json.dumps(sqls[0])}\n"
+                        f"[tables.t1]\nsql = {json.dumps(sqls[1])}\n{keys}\n")
+        with pytest.raises(PackSpecError, match=message) as error:
+            Pack.from_toml(spec)
+        assert error.value.table == "t1", keys
+    spec.write_text(f"half_width = 25\n[tables.t0]\nsql = {json.dumps(sqls[0])}\n")
+    with pytest.raises(PackSpecError, match="unknown key half_width"):
+        Pack.from_toml(spec)  # a table's target, not the spec's default
+
+    # Without any loss, every table giving a half-width: priced under the deployment's name.
+    _, veil_client = researcher(live, cap="1")
+    spec.write_text(f"[tables.t0]\nsql = {json.dumps(sqls[0])}\nhalf_width = 40\n"
+                    f"confidence = 0.95\n")
+    pack = Pack.from_toml(spec)
+    assert pack.loss_name == "loss" and pack["t0"].confidence == 0.95
+    pricing = dry_run_pack(veil_client, pack)
+    assert pricing.loss_name == "epsilon" and pricing["t0"].cost > 0
+    assert "total: epsilon" in pricing.verdict()
+    # The server states every interval at its own level: another one is refused, by name.
+    spec.write_text(spec.read_text().replace("0.95", "0.9"))
+    with pytest.raises(client.InvalidQuery, match=re.escape(
+            "table t0: half_width 40 is asked at confidence 0.9, and this server states every "
+            "interval at 0.95")):
+        dry_run_pack(veil_client, Pack.from_toml(spec))
+    assert veil_client.budget().spent == 0
     veil_client.close()
 
 
@@ -490,3 +641,30 @@ def test_veil_pack_prices_then_writes_each_table_and_the_manifest(
     _, err = capsys.readouterr()
     assert code == 2 and "unknown key extra" in err
     assert len(committed(live, client_id)) == 3
+
+
+def test_veil_pack_releases_a_half_width_table_at_its_priced_loss(
+    live: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, token = add_researcher(live, cap="1")
+    monkeypatch.setenv("VEIL_SERVER", address(live))
+    monkeypatch.setenv("VEIL_TOKEN", token)
+    sql = tables(1)[0]
+    spec = tmp_path / "cycle.toml"
+    spec.write_text(f"[tables.t0]\nsql = {json.dumps(sql)}\nhalf_width = 40\n")
+
+    assert veil_cli.main(["pack", str(spec), "--dry-run", "-q", "-f", "json"]) == 0
+    priced = json.loads(capsys.readouterr().out)
+    loss = priced["tables"][0]["loss"]
+    assert priced["loss_name"] == "epsilon" and priced["total"] == loss and float(loss) > 0
+
+    out_dir = tmp_path / "tables"
+    code = veil_cli.main(["pack", str(spec), "--out", str(out_dir), "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    entry = json.loads((out_dir / "manifest.json").read_text())["tables"]["t0"]
+    assert entry["loss"] == loss and entry["half_width"] == 40 and entry["charged"] == loss
+    assert f"charged epsilon {loss} in this run" in out
+    assert veil_cli.main(["pack", str(spec), "--out", str(out_dir), "-q"]) == 0
+    assert "charged epsilon 0 in this run" in capsys.readouterr().out
