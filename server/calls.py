@@ -4,10 +4,11 @@
 passes, the caller cancels, the server's query time limit comes due, or the server stops, and
 remembers which, so that the caller is told the right status. Once the call holds a charge, only
 the server's own reasons (its limit, a stop) stop the work: a caller who could stop it free would
-learn how long the query takes on the records. `Watchdog` fires every call's limits from one
-thread. `InFlight` counts running calls and keeps their watches, so that a stop can interrupt them
-and wait until none is left. `WatchedCharger` wraps the ledger's charger so that each hold, and
-each commit, is tied to the call's watch.
+learn how long the query takes on the records. For the same reason the limit is not free either:
+a query it stops after the hold is charged with nothing released (forfeited). `Watchdog` fires
+every call's limits from one thread. `InFlight` counts running calls and keeps their watches, so
+that a stop can interrupt them and wait until none is left. `WatchedCharger` wraps the ledger's
+charger so that each hold, and each commit, is tied to the call's watch.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class CallWatch:
     whether it finished in time at no cost, and could try again and again. So from then on only
     the server's own reasons (its query time limit, a stop) interrupt the work; a caller's are
     noted in `caller_gone`, and the release is charged and stored as any other, so that a retry
-    under the same request id gets it free.
+    under the same request id gets it free. The limit, which the caller sees too, forfeits the
+    charge (see `_WatchedReservation.cancel`); a stop, the custodian's doing, gives it back.
     """
 
     event: Cancellation = field(default_factory=Cancellation)
@@ -89,10 +91,16 @@ class CallWatch:
             return CallDeadlineError(
                 "the call's deadline passed before its charge was held; nothing was charged"
             )
+        if self.reason == "limit" and self.holding:
+            return CallDeadlineError(
+                f"the query ran longer than the server's limit of {limit:g} s and was stopped "
+                "after its charge was held: it was charged, and nothing was released; ask again "
+                "under a new request id (a narrower query finishes sooner)"
+            )
         if self.reason == "limit":
             return CallDeadlineError(
-                f"the query ran longer than the server's limit of {limit:g} s and was stopped; "
-                "nothing was charged"
+                f"the query ran longer than the server's limit of {limit:g} s and was stopped "
+                "before its charge was held; nothing was charged"
             )
         if self.reason == "shutdown":
             return ServerStoppingError("the server is stopping; nothing was charged, retry later")
@@ -260,8 +268,9 @@ class WatchedCharger:
 
     A call that ends before its charge is held has read nothing: it is refused, uncharged. Once
     the charge is held, only the server's limit or stop interrupts the query (see `CallWatch`),
-    and then the commit is refused and the hold released: the engine interrupts DuckDB when the
-    watch fires, but the noise and the commit that follow the statement are not interruptible.
+    and then the commit is refused: the limit forfeits the hold, a stop releases it. The engine
+    interrupts DuckDB when the watch fires, but the noise and the commit that follow the
+    statement are not interruptible.
     """
 
     def __init__(self, inner: Charger, watch: CallWatch) -> None:
@@ -295,12 +304,21 @@ class _WatchedReservation:
 
     def commit(self, answer: Answer) -> Release:
         if self.watch.event.is_set():
-            self.inner.cancel()
+            self.cancel()
             raise QueryCancelledError("the call ended before its release was recorded")
         return self.inner.commit(answer)
 
     def cancel(self) -> None:
-        self.inner.cancel()
+        """Settle a hold whose query did not end in a release. Stopped by the server's limit,
+        it read data for long enough to be stopped, which the caller sees: it is forfeited
+        (charged, nothing released). Any other end gives the hold back."""
+        if self.watch.reason == "limit":
+            self.inner.forfeit("stopped_by_limit")
+        else:
+            self.inner.cancel()
+
+    def forfeit(self, reason: str) -> None:
+        self.inner.forfeit(reason)
 
 
 def _expired(context: grpc.ServicerContext) -> bool:

@@ -340,7 +340,8 @@ def _script(live: LiveServer, world: World, held: Gate) -> None:
 
         # Stopped while the statement runs: by the caller and by its deadline, which no longer
         # stop it (it is charged and stored, so that stopping it is no free probe of how long
-        # it takes), and by the server's time limit, which does (nothing charged).
+        # it takes), and by the server's time limit, which does, and is charged (forfeited,
+        # nothing released) for the same reason.
         held.hold = True
         stopped = pb.ReleaseRequest(request_id="s-1", query=_count("ageBroad"), loss="0.125")
         held.close()
@@ -443,13 +444,14 @@ def test_with_the_noisy_values_pinned_nothing_tells_the_worlds_apart(
     assert len(without.calls) == len(with_target.calls) > 60
     assert differences(without, with_target) == []
     # The script did what it says: releases charged, the calls the caller stopped too (and
-    # their retries free), the one the server stopped not.
+    # their retries free), and the one the server's limit stopped.
     budget = with_target.responses["budget"]
     assert isinstance(budget, pb.Budget) and budget.spent == SPENT
     assert json.loads(without.seen("cancelled"))["code"] == "CANCELLED"
     assert json.loads(without.seen("caller's deadline"))["code"] == "DEADLINE_EXCEEDED"
     limit = json.loads(without.seen("server's limit"))
     assert limit["code"] == "DEADLINE_EXCEEDED" and "server's limit" in limit["details"]
+    assert "it was charged, and nothing was released" in limit["details"]
     for world in (without, with_target):
         for retry in ("retry after cancel", "retry after deadline"):
             response = world.responses[retry]
@@ -486,13 +488,13 @@ def test_refusals_dry_runs_and_stops_are_the_same_in_both_worlds(
         "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"
     }
     # Nothing refused was charged: alice paid for her releases only; bob for the two calls he
-    # stopped once their statements had begun, not for the one the server stopped.
+    # stopped once their statements had begun, and for the one the server's limit stopped.
     for world in (without, with_target):
         budget = world.responses["budget"]
         assert isinstance(budget, pb.Budget) and budget.spent == SPENT
         clients = world.responses["clients"]
         assert isinstance(clients, pb.ListClientsResponse)
-        assert {c.client_id: c.spent for c in clients.clients}["bob"] == "0.25"
+        assert {c.client_id: c.spent for c in clients.clients}["bob"] == "0.375"
 
 
 def test_a_replay_is_the_stored_release_byte_for_byte_and_free(

@@ -213,15 +213,30 @@ def test_a_deadline_that_passes_once_the_data_is_read_does_not_stop_the_query(
         server.stop()
 
 
-def test_server_limit_on_query_time(tmp_path: Path, slow_data: Path) -> None:
+def test_server_limit_on_query_time_forfeits_the_charge(tmp_path: Path, slow_data: Path) -> None:
+    """The limit stops a query that read data: charged, nothing released, the id spent."""
     server = start_live(tmp_path, data=slow_data, limits={"max_query_seconds": 0.3})
     try:
         request = pb.ReleaseRequest(request_id="slow-2", query=slow_query(), loss="0.5")
-        with stubs(server.port) as s, pytest.raises(grpc.RpcError) as error:
-            s.research.Release(request, metadata=server.auth("alice"), timeout=30)
-        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "server's limit of 0.3 s" in (error.value.details() or "")
-        assert server.ledger.spent("alice") == 0 and charges_settled(server.ledger)
+        with stubs(server.port) as s:
+            with pytest.raises(grpc.RpcError) as error:
+                s.research.Release(request, metadata=server.auth("alice"), timeout=30)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            details = error.value.details() or ""
+            assert "server's limit of 0.3 s" in details and "it was charged" in details
+            ledger = server.ledger
+            assert ledger.spent("alice") == Fraction(1, 2) and charges_settled(ledger)
+            assert ledger.releases() == []
+            (charge,) = ledger.charges()
+            assert (charge.state, charge.release_id, charge.reason) == (
+                "committed", None, "stopped_by_limit"
+            )
+            # Its retry is refused, saying why, and charges nothing more.
+            with pytest.raises(grpc.RpcError) as retry:
+                s.research.Release(request, metadata=server.auth("alice"), timeout=30)
+            assert "stopped by the server's time limit" in (retry.value.details() or "")
+            assert ledger.spent("alice") == Fraction(1, 2)
+            assert ledger.verify().ok
     finally:
         server.stop()
 
@@ -307,7 +322,12 @@ def test_one_client_cannot_hold_every_worker(tmp_path: Path, slow_data: Path) ->
         assert len(refused) == 4, outcomes
         assert all("already has 2 calls running" in d for d in refused), refused
         assert sum(code == grpc.StatusCode.DEADLINE_EXCEEDED for code, _ in outcomes) == 2, outcomes
-        assert server.ledger.spent("alice") == 0 and charges_settled(server.ledger)
+        # The limit forfeits a held charge: the first call's, and the second's if it was held
+        # before the limit came (it waits for the first, which draws the same query).
+        ledger = server.ledger
+        forfeited = [c for c in ledger.charges() if c.state == "committed"]
+        assert 1 <= len(forfeited) <= 2 and all(c.release_id is None for c in forfeited)
+        assert ledger.spent("alice") == Fraction(len(forfeited), 2) and charges_settled(ledger)
     finally:
         server.stop()
 
