@@ -697,6 +697,7 @@ class Ledger:
             ledger._write(
                 "open the ledger",
                 lambda c: ledger._open_in(c, default_cap, actor, create, load_id, settings or {}),
+                releasing=False,
             )
         except BaseException:
             ledger.close()
@@ -974,7 +975,12 @@ class Ledger:
         return conn
 
     def _write(
-        self, what: str, work: Callable[[sqlite3.Connection], T], *, synced: bool = True
+        self,
+        what: str,
+        work: Callable[[sqlite3.Connection], T],
+        *,
+        synced: bool = True,
+        releasing: bool = True,
     ) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction: all of it is durable, or none of it.
 
@@ -984,17 +990,18 @@ class Ledger:
         after giving the write lock up, so other writers need not wait for the disk. A
         transaction left unsynced (`synced=False`) is made durable by the next sync, since the
         log is written in order: a power cut may take it back, whole, and nothing after it.
+        `releasing`: as for `_unavailable`.
         """
         if self.readonly:
             raise LedgerUnavailableError(f"cannot {what}: the ledger was opened read-only")
-        conn = self._conn()
+        conn = self._conn(what, releasing=releasing)
         if not self._write_lock.acquire(timeout=self._busy_timeout):
             raise LedgerUnavailableError(
                 f"cannot {what}: the ledger stayed locked for more than {self._busy_timeout:g} s "
-                "in this process; nothing was released"
+                f"in this process{_NOTHING_RELEASED if releasing else ''}"
             )
         try:
-            result = self._write_locked(conn, what, work)
+            result = self._write_locked(conn, what, work, releasing=releasing)
         finally:
             self._write_lock.release()
         if synced:
@@ -1139,13 +1146,20 @@ class Ledger:
         return True
 
     def _write_locked(
-        self, conn: sqlite3.Connection, what: str, work: Callable[[sqlite3.Connection], T]
+        self,
+        conn: sqlite3.Connection,
+        what: str,
+        work: Callable[[sqlite3.Connection], T],
+        *,
+        releasing: bool = True,
     ) -> T:
         self._check_log(what, locked=True)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+            raise _unavailable(
+                exc, what, busy_timeout=self._busy_timeout, releasing=releasing
+            ) from exc
         try:
             settled = self._settle_pending(conn)
             result = work(conn)
@@ -1153,7 +1167,9 @@ class Ledger:
         except BaseException as exc:
             self._roll_back(conn)
             if isinstance(exc, sqlite3.Error):
-                raise _unavailable(exc, what, busy_timeout=self._busy_timeout) from exc
+                raise _unavailable(
+                    exc, what, busy_timeout=self._busy_timeout, releasing=releasing
+                ) from exc
             raise
         if settled:
             with self._pending_lock:
@@ -1205,8 +1221,10 @@ class Ledger:
         # write starts a new one (perhaps on the same inode), and notes it afresh.
         self._log = None
 
-    def _read(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
-        with self._snapshot(what) as conn:
+    def _read(
+        self, what: str, work: Callable[[sqlite3.Connection], T], *, releasing: bool = True
+    ) -> T:
+        with self._snapshot(what, releasing=releasing) as conn:
             return work(conn)
 
     def _hook(self, point: str) -> None:
@@ -2373,7 +2391,9 @@ class Ledger:
         `expect_head` ("seq:hash", from an earlier `head()` kept outside the ledger) also
         catches a log rewritten from some point on with its hashes recomputed.
         """
-        return self._read("verify the ledger", lambda c: ledger_verify.verify(c, expect_head))
+        return self._read(
+            "verify the ledger", lambda c: ledger_verify.verify(c, expect_head), releasing=False
+        )
 
 
 # ---- module helpers ------------------------------------------------------------------------------

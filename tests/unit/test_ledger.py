@@ -1051,6 +1051,37 @@ def test_a_locked_ledger_is_reported_unavailable(engine: Engine, tmp_path: Path)
     ledger.close()
 
 
+def test_opening_or_verifying_a_locked_ledger_is_not_worded_as_a_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The custodian opening a ledger, or an auditor verifying one, asked for no release: the
+    refusal says what could not be done, not that nothing was released."""
+    path = tmp_path / "l.sqlite"
+    settings: dict[str, Any] = {"accounting": "pure_dp", "dataset_cap": 1, "dataset": "ctdc",
+                                "data_version": "v1", "busy_timeout": 0.2}
+    Ledger.open(path, **settings).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LedgerUnavailableError, match="cannot open the ledger") as opening:
+            Ledger.open(path, **settings)
+        assert "locked" in str(opening.value) and "released" not in str(opening.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+    def locked(*args: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr("engine.ledger_verify.verify", locked)
+    with (
+        Ledger.open_readonly(path, busy_timeout=0.2) as readonly,
+        pytest.raises(LedgerUnavailableError, match="cannot verify") as verifying,
+    ):
+        readonly.verify()
+    assert "released" not in str(verifying.value)
+
+
 # ---- clients, caps and reports ---------------------------------------------------------------
 
 
