@@ -78,6 +78,7 @@ from engine.errors import (
     VeilError,
 )
 from engine.ledger_format import (
+    CHARGE_TIMES_FROM_ENTRIES,
     ENTRY_FIELDS,
     GENESIS_HASH,
     INDEXES,
@@ -880,6 +881,8 @@ class Ledger:
         for (charge_id,) in abandoned:
             self._settle_in(conn, charge_id, "abandoned", spent=False)
         detail = {**settings, "pid": str(os.getpid()), "abandoned": str(len(abandoned))}
+        # From here on, charges are dated with their entries, and `verify` holds them to it.
+        detail["charge_times"] = CHARGE_TIMES_FROM_ENTRIES
         if load_id is not None:
             detail["load_id"] = load_id
         self._append(
@@ -1456,6 +1459,7 @@ class Ledger:
                 self._append(
                     conn,
                     "replay",
+                    at=now,
                     client=client_id,
                     request_id=request_id,
                     charge_id=charge_id,
@@ -1495,6 +1499,7 @@ class Ledger:
             )
 
         charge_id = _new_id("chg")
+        now = _now()
         conn.execute(
             "INSERT INTO charges (charge_id, client, institution, request_id, kind, fingerprint, "
             "canonical_query, data_version, requested, amount, state, reserved_at) "
@@ -1509,12 +1514,13 @@ class Ledger:
                 version,
                 requested,
                 requested,
-                _now(),
+                now,
             ),
         )
         self._append(
             conn,
             "reserve",
+            at=now,
             client=client_id,
             request_id=request_id,
             charge_id=charge_id,
@@ -1651,9 +1657,10 @@ class Ledger:
         client, institution, version, amount_text, _, request_id, fingerprint, canonical = row
         amount = parse_amount(amount_text)
         scopes = scope_keys(client, institution, self._dataset_scope().name)
+        now = _now()
         conn.execute(
             "UPDATE charges SET state = ?, settled_at = ?, reason = ? WHERE charge_id = ?",
-            ("committed" if spent else "cancelled", _now(), reason, charge_id),
+            ("committed" if spent else "cancelled", now, reason, charge_id),
         )
         if spent:
             event, charge, detail = "forfeit", amount_text, {"released": "nothing"}
@@ -1663,6 +1670,7 @@ class Ledger:
         self._append(
             conn,
             event,
+            at=now,
             client=client,
             request_id=request_id,
             charge_id=charge_id,
@@ -1785,7 +1793,11 @@ class Ledger:
         seq, digest = str(row[0]).split(":")
         return int(seq), digest
 
-    def _append(self, conn: sqlite3.Connection, event: str, **fields: Any) -> int:
+    def _append(
+        self, conn: sqlite3.Connection, event: str, *, at: str | None = None, **fields: Any
+    ) -> int:
+        """Append an entry to the log, dated `at` (now, if not given): a charge's row is dated
+        with the entry that makes or settles it, so that `verify` can hold its times to it."""
         unknown = set(fields) - set(ENTRY_FIELDS)
         if unknown:
             raise ValueError(f"unknown audit fields {sorted(unknown)}")
@@ -1793,7 +1805,7 @@ class Ledger:
         seq = head_seq + 1
         entry: dict[str, Any] = dict.fromkeys(ENTRY_FIELDS)
         entry.update(fields)
-        entry.update(seq=seq, time=_now(), event=event, accounting=self.accounting.value)
+        entry.update(seq=seq, time=at or _now(), event=event, accounting=self.accounting.value)
         text = canonical_json(entry)
         digest = chain_hash(head_hash, text.encode("ascii"))
         conn.execute(

@@ -66,6 +66,11 @@ LEDGER_EVENTS = frozenset(
     }
 )
 
+# What an `open` entry's detail records under "charge_times" once the ledger dates each charge's
+# reserved_at and settled_at with the time of the entry that made or settled it (a release's with
+# its created_at): `verify` holds the charges made after that entry to those times.
+CHARGE_TIMES_FROM_ENTRIES = "entry"
+
 # Indexes made on every open too, so that a ledger made before one was added gets it.
 INDEXES = (
     # Every reservation looks up its request id among all attempts, cancelled ones too; without

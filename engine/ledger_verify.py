@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from engine.ledger_format import (
     ADMIN_EVENTS,
+    CHARGE_TIMES_FROM_ENTRIES,
     ENTRY_FIELDS,
     GENESIS_HASH,
     GUARD_TRIGGERS,
@@ -88,6 +89,8 @@ def verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
     running: dict[str, tuple[Fraction, Fraction]] = {}
     registry = _Registry()
     by_charge: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    # The entry from which charges are dated with their entries (None: none of them is).
+    dated_from: int | None = None
     cursor = conn.execute(
         "SELECT seq, CAST(entry AS BLOB), prev_hash, hash FROM audit ORDER BY seq"
     )
@@ -126,6 +129,8 @@ def verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
                 _replay_registry(seq, entry, registry, problems)
                 if entry.get("charge_id"):
                     by_charge[str(entry["charge_id"])].append(entry)
+                if dated_from is None and _dates_charges(entry):
+                    dated_from = seq
         prev = str(digest)
         expected_seq = seq + 1
 
@@ -160,7 +165,7 @@ def verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
             )
 
     try:
-        _reconcile(conn, running, by_charge, problems)
+        _reconcile(conn, running, by_charge, dated_from, problems)
     except (ArithmeticError, ValueError, TypeError, KeyError) as exc:
         problems.append(f"the ledger's tables cannot be reconciled: {exc}")
     problems.extend(_registry_difference(conn, registry))
@@ -503,6 +508,7 @@ _CHARGE_COLUMNS = (
     "amount",
     "state",
     "release_id",
+    "reserved_at",
     "settled_at",
     "reason",
 )
@@ -621,10 +627,21 @@ def _check_releases(
     return stored
 
 
+def _dates_charges(entry: dict[str, Any]) -> bool:
+    """Whether the entry is the open after which charges are dated with their entries."""
+    detail = entry.get("detail")
+    return (
+        entry.get("event") == "open"
+        and isinstance(detail, dict)
+        and detail.get("charge_times") == CHARGE_TIMES_FROM_ENTRIES
+    )
+
+
 def _reconcile(
     conn: sqlite3.Connection,
     running: dict[str, tuple[Fraction, Fraction]],
     by_charge: dict[str, list[dict[str, Any]]],
+    dated_from: int | None,
     problems: list[str],
 ) -> None:
     """Totals == the log's replay == the sums of the charges; every charge and release logged,
@@ -659,7 +676,7 @@ def _reconcile(
             elif state == "reserved":
                 sums[scope.label][1] += amount
         events = {str(e["event"]): e for e in by_charge.get(charge_id, [])}
-        problems.extend(_charge_problems(have, events, releases))
+        problems.extend(_charge_problems(have, events, releases, dated_from))
         if kind == "replay":
             if amount != 0:
                 problems.append(f"charge {charge_id}: a replay was charged")
@@ -706,15 +723,20 @@ def _reconcile(
 
 
 def _charge_problems(
-    have: dict[str, Any], events: dict[str, dict[str, Any]], releases: dict[str, _Stored]
+    have: dict[str, Any],
+    events: dict[str, dict[str, Any]],
+    releases: dict[str, _Stored],
+    dated_from: int | None = None,
 ) -> list[str]:
     """Where a charge's row differs from the entries that made and settled it.
 
     A charge is made by its `reserve` entry (or, for a free replay, its `replay` entry), which
     records who asked, for what, on which data and at what price; a `release`, `forfeit`,
-    `cancel` or `abandon` entry settles it. Its `reserved_at`, and the `settled_at` of a
-    cancelled or forfeited charge or a replay, are recorded nowhere else (the entries' times are
-    taken apart from them).
+    `cancel` or `abandon` entry settles it. A committed release's `settled_at` is its release's
+    `created_at`. Made after the entry `dated_from` (see `CHARGE_TIMES_FROM_ENTRIES`), its
+    `reserved_at`, and the `settled_at` of a cancelled or forfeited charge or a replay, are the
+    times of the entries that made and settled it; before it the ledger took them from a clock
+    read of their own, recorded nowhere else.
     """
     label = f"charge {have['charge_id']}"
     replay, reserve = events.get("replay"), events.get("reserve")
@@ -747,6 +769,11 @@ def _charge_problems(
     want["release_id"] = None if settler is None else _carried(settler.get("release_id"))
     stopper = cancel if cancel is not None else forfeit
     want["reason"] = None if stopper is None else _carried(stopper.get("outcome"))
+    if dated_from is not None and isinstance(origin.get("seq"), int) and origin["seq"] > dated_from:
+        want["reserved_at"] = _carried(origin.get("time"))
+        settled_by = replay if replay is not None else stopper
+        if settled_by is not None:
+            want["settled_at"] = _carried(settled_by.get("time"))
     if want["state"] == "reserved":
         want["settled_at"] = None  # not settled, as far as the log knows
     problems = list(_differences(label, have, want, "the audit log records").values())

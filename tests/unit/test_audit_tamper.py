@@ -476,6 +476,11 @@ def forge_column(path: Path, table: str, where: str, column: str, value: str) ->
         ("b1", "release_id", _A3_RELEASE),  # the replay is shown as of another release
         ("a1", "settled_at", "'2020-01-01T00:00:00.000000Z'"),
         ("a2", "reason", "'commit_failed'"),
+        ("a1", "reserved_at", "'2020-01-01T00:00:00.000000Z'"),  # charges are dated by entries
+        ("a2", "settled_at", "'2020-01-01T00:00:00.000000Z'"),
+        ("b1", "reserved_at", "'2020-01-01T00:00:00.000000Z'"),
+        ("b1", "settled_at", "'2020-01-01T00:00:00.000000Z'"),
+        ("a4", "settled_at", "'2020-01-01T00:00:00.000000Z'"),
         ("a4", "state", "'cancelled'"),  # a forfeit given back: the budget it spent returns
         ("a4", "release_id", _A3_RELEASE),  # shown as if the stopped query had been released
         ("a4", "reason", "NULL"),
@@ -567,3 +572,32 @@ def test_a_forfeit_rewritten_as_a_cancel_is_found(path: Path) -> None:
     problems = restore_triggers_view(verify(path))
     assert any("the totals differ" in p for p in problems), problems
     assert any("its state is committed in the ledger" in p for p in problems), problems
+
+
+def test_charges_made_before_their_entries_dated_them_are_not_held_to_those_times(
+    tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger written by a build that took charges' times from a clock read of their own:
+    verify holds a charge to its entries' times only from the open that says it dates them."""
+    path = tmp_path / "ledger.sqlite"
+    monkeypatch.setattr("engine.ledger.CHARGE_TIMES_FROM_ENTRIES", "unrecorded")
+    with open_ledger(path) as ledger:
+        ledger.register_client("alice", role="researcher", cap="1")
+        engine.release(Query(Count()), loss=PrivacyLoss.pure("0.1"), charger=ledger,
+                       client="alice", request_id="old")
+    monkeypatch.undo()
+    with forger(path) as conn:
+        conn.execute("UPDATE charges SET reserved_at = '2020-01-01T00:00:00.000000Z'")
+    with open_ledger(path) as ledger:
+        engine.release(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.1"),
+                       charger=ledger, client="alice", request_id="new")
+    assert verify(path).ok
+    with forger(path) as conn:
+        conn.execute(
+            "UPDATE charges SET reserved_at = '2020-01-01T00:00:00.000000Z' "
+            "WHERE request_id = 'new'"
+        )
+        query = "SELECT charge_id FROM charges WHERE request_id = 'new'"
+        (new_id,) = conn.execute(query).fetchone()
+    dated = [p for p in verify(path).problems if "reserved_at" in p]
+    assert len(dated) == 1 and dated[0].startswith(f"charge {new_id}: its reserved_at is ")
