@@ -997,6 +997,7 @@ class DryRunResponse(_message.Message):
     MEASURE_FIELD_NUMBER: _builtins.int
     VALUE_HALF_WIDTH_FIELD_NUMBER: _builtins.int
     DATA_VERSION_FIELD_NUMBER: _builtins.int
+    EARLIER_RELEASE_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """exact decimal or p/q"""
     accounting: Global___Accounting.ValueType
@@ -1035,6 +1036,15 @@ class DryRunResponse(_message.Message):
     """The data version priced: a release now would be drawn from it, and `already_released`
     speaks of releases on it ("" from a server older than this field).
     """
+    @_builtins.property
+    def earlier_release(self) -> Global___EarlierRelease:
+        """The newest release of this same query (same fingerprint) that the caller itself received
+        on another data version, such as last year's table: a release belongs to its data version,
+        so it is not what `already_released` speaks of and asking again draws afresh, but
+        GetRelease sends it again, free. Only the caller's own releases are named, never another
+        client's. Absent when there is none, and from a server older than this field.
+        """
+
     def __init__(
         self,
         *,
@@ -1056,10 +1066,11 @@ class DryRunResponse(_message.Message):
         measure: _builtins.str = ...,
         value_half_width: _builtins.float | None = ...,
         data_version: _builtins.str = ...,
+        earlier_release: Global___EarlierRelease | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "earlier_release", b"earlier_release", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "data_version", b"data_version", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability", "_expected_empty_published_bound", b"_expected_empty_published_bound", "_unreachable_cells", b"_unreachable_cells", "_value_half_width", b"_value_half_width", "accounting", b"accounting", "already_released", b"already_released", "assumed_count", b"assumed_count", "cells", b"cells", "confidence", b"confidence", "data_version", b"data_version", "earlier_release", b"earlier_release", "empty_pass_probability", b"empty_pass_probability", "expected_empty_published_bound", b"expected_empty_published_bound", "expected_suppressed_share", b"expected_suppressed_share", "fingerprint", b"fingerprint", "half_width", b"half_width", "loss", b"loss", "measure", b"measure", "mechanism", b"mechanism", "noise_scale", b"noise_scale", "tau", b"tau", "unreachable_cells", b"unreachable_cells", "value_half_width", b"value_half_width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__empty_pass_probability: _TypeAlias = _typing.Literal["empty_pass_probability"]  # noqa: Y015
     _WhichOneofArgType__empty_pass_probability: _TypeAlias = _typing.Literal["_empty_pass_probability", b"_empty_pass_probability"]  # noqa: Y015
@@ -1079,6 +1090,38 @@ class DryRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__value_half_width) -> _WhichOneofReturnType__value_half_width | None: ...
 
 Global___DryRunResponse: _TypeAlias = DryRunResponse  # noqa: Y015
+
+@_typing.final
+class EarlierRelease(_message.Message):
+    """A release the caller received of the query a dry run prices, on another data version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    DATA_VERSION_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    release_id: _builtins.str
+    data_version: _builtins.str
+    loss: _builtins.str
+    """the loss the release was made with (exact decimal or p/q)"""
+    received_at: _builtins.str
+    """when the caller received it (RFC 3339, UTC)"""
+    def __init__(
+        self,
+        *,
+        release_id: _builtins.str = ...,
+        data_version: _builtins.str = ...,
+        loss: _builtins.str = ...,
+        received_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_version", b"data_version", "loss", b"loss", "received_at", b"received_at", "release_id", b"release_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarlierRelease: _TypeAlias = EarlierRelease  # noqa: Y015
 
 @_typing.final
 class ReleaseRequest(_message.Message):
