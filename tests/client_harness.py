@@ -12,11 +12,27 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from server.auth import hash_token, new_token
 from tests.server_harness import LiveServer, start_live
 
 ROWS = 20_000
 SEED = 3
+
+
+class ResponseLost(grpc.RpcError):
+    """What a client sees when the connection drops after the server answered: a stub patched
+    to raise it after calling the real one shows a lost response."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Connection reset by peer"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
 
 
 @functools.cache

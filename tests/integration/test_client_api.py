@@ -20,7 +20,7 @@ from client.display import rounded_up
 from engine.errors import LedgerUnavailableError
 from server.errors import ServerStoppingError
 from server.servicer import ResearchServicer
-from tests.client_harness import add_researcher, address, start_server
+from tests.client_harness import ResponseLost, add_researcher, address, start_server
 from tests.server_harness import LiveServer
 
 FAST = Retry(attempts=4, initial_backoff=0.01, max_backoff=0.05)
@@ -549,20 +549,8 @@ def test_a_release_whose_first_response_was_lost_claims_nothing_about_its_cost(
     # The server charged and stored the release, the response was lost, and the client's retry
     # under the same request id got it back at no further charge: the request was paid for, so
     # the release must not say it was free.
-    import grpc
-
     _, veil_client = alice
     real = veil_client._stub.Release
-
-    class Lost(grpc.RpcError):
-        def code(self) -> grpc.StatusCode:
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self) -> str:
-            return "Connection reset by peer"
-
-        def trailing_metadata(self) -> tuple[()]:
-            return ()
 
     calls = []
 
@@ -570,7 +558,7 @@ def test_a_release_whose_first_response_was_lost_claims_nothing_about_its_cost(
         calls.append(request.request_id)
         response = real(request, **kwargs)
         if len(calls) == 1:
-            raise Lost()
+            raise ResponseLost()
         return response
 
     spent = veil_client.budget().spent

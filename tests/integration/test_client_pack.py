@@ -25,7 +25,7 @@ from client.pack import (
     dry_run_pack,
     release_pack,
 )
-from tests.client_harness import add_researcher, address, start_server
+from tests.client_harness import ResponseLost, add_researcher, address, start_server
 from tests.server_harness import LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -516,18 +516,6 @@ def test_what_each_table_cost_is_read_from_its_release_call_not_a_listing(
 def test_a_try_lost_after_the_server_charged_it_is_read_from_the_list(
     live: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import grpc
-
-    class Lost(grpc.RpcError):
-        def code(self) -> grpc.StatusCode:
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self) -> str:
-            return "Connection reset by peer"
-
-        def trailing_metadata(self) -> tuple[()]:
-            return ()
-
     _, veil_client = researcher(live, cap="1")
     pack = pack_of(tables(2), ["0.1", "0.2"])
     real = veil_client._stub.Release
@@ -537,7 +525,7 @@ def test_a_try_lost_after_the_server_charged_it_is_read_from_the_list(
         sent.append(request.request_id)
         response = real(request, **kwargs)
         if len(sent) == 2:  # t1 is charged and stored; its answer is lost, the retry replays
-            raise Lost()
+            raise ResponseLost()
         return response
 
     monkeypatch.setattr(veil_client._stub, "Release", first_answer_lost)
