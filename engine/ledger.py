@@ -1355,6 +1355,10 @@ class Ledger:
         request: tuple[str, str, str],
         amount: Fraction,
     ) -> _Outcome:
+        """One reservation's transaction. In order: the client must be active; an earlier
+        attempt under the request id answers it (or refuses it); a stored release of the query
+        at a loss at least this one is replayed free; a cap the charge would pass refuses it;
+        else the charge is held."""
         client_id, request_id, version = request
         client = _client_row(conn, client_id)
         if client is None or not client.active:
@@ -1364,117 +1368,167 @@ class Ledger:
             self._refuse(conn, plan, request, outcome, message)
             error = UnknownClientError if client is None else RevokedClientError
             return _Outcome(error=error(message))
-
         requested = format_amount(amount)
+        earlier = self._earlier_attempt(conn, plan, request, client, requested)
+        if earlier is not None:
+            return earlier
+        scopes = self._scopes(client)
+        budgets = self._budgets(conn, scopes)
+        replay = self._replay(conn, plan, request, client, requested, amount, budgets)
+        if replay is not None:
+            return replay
+        refusal = self._over_cap(conn, plan, request, requested, amount, budgets)
+        if refusal is not None:
+            return refusal
+        now = _now()
+        charge_id = self._insert_charge(
+            conn, plan, request, client, requested, kind="charge", amount=requested,
+            state="reserved", now=now,
+        )
+        self._append(
+            conn,
+            "reserve",
+            at=now,
+            client=client_id,
+            request_id=request_id,
+            charge_id=charge_id,
+            data_version=version,
+            fingerprint=plan.fingerprint,
+            canonical_query=plan.canonical,
+            outcome="reserved",
+            charge=requested,
+            budget=self._move(conn, budgets, spent=_ZERO, held=amount),
+        )
+        return _Outcome(charge_id=charge_id, scopes=scopes)
+
+    def _earlier_attempt(
+        self,
+        conn: sqlite3.Connection,
+        plan: Plan,
+        request: tuple[str, str, str],
+        client: ClientRecord,
+        requested: str,
+    ) -> _Outcome | None:
+        """What the client's latest attempt under this request id says of this one: its stored
+        release, or a refusal; None when there is none, or it was cancelled."""
+        client_id, request_id, version = request
         previous = conn.execute(
             "SELECT charge_id, fingerprint, requested, state, release_id, data_version "
             "FROM charges WHERE client = ? AND request_id = ? ORDER BY rowid DESC LIMIT 1",
             (client_id, request_id),
         ).fetchone()
-        if previous is not None:
-            charge_id, fingerprint, before, state, release_id, first_version = previous
-            if fingerprint != plan.fingerprint or before != requested:
-                message = (
-                    f"request id {request_id!r} was already used by {client_id} for a different "
-                    f"query or loss (or under another suppression rule); use a new request id "
-                    f"for a new request"
+        if previous is None:
+            return None
+        charge_id, fingerprint, before, state, release_id, first_version = previous
+        if fingerprint != plan.fingerprint or before != requested:
+            message = (
+                f"request id {request_id!r} was already used by {client_id} for a different "
+                f"query or loss (or under another suppression rule); use a new request id "
+                f"for a new request"
+            )
+            self._refuse(conn, plan, request, "request_conflict", message)
+            return _Outcome(error=RequestConflictError(message))
+        if state == "committed" and release_id is None:
+            message = (
+                f"request {request_id!r} was stopped by the server's time limit after its "
+                f"charge was held, and was charged with nothing released; use a new request "
+                f"id to ask again (a narrower query finishes sooner)"
+            )
+            self._refuse(conn, plan, request, "request_forfeited", message)
+            return _Outcome(error=RequestConflictError(message))
+        if first_version != version and state == "committed":
+            # A request id kept from one cycle to the next would otherwise be handed the
+            # earlier data's release, labelled with its version but easily taken for new.
+            # (One whose attempt was cancelled, say by a restart onto new data, released
+            # nothing: its retry is served on the data now served.)
+            message = (
+                f"request id {request_id!r} was already used by {client_id} on data version "
+                f"{first_version}, and the server now serves {version}; use a new request id "
+                f"for a release of this data (the earlier one is among your releases, free)"
+            )
+            self._refuse(conn, plan, request, "request_conflict", message)
+            return _Outcome(error=RequestConflictError(message))
+        if state == "committed":
+            data, digest = _release_bytes(conn, release_id)
+            self._append(
+                conn,
+                "retry",
+                client=client_id,
+                request_id=request_id,
+                charge_id=charge_id,
+                data_version=first_version,
+                fingerprint=plan.fingerprint,
+                canonical_query=plan.canonical,
+                outcome="stored",
+                charge="0",
+                release_id=release_id,
+                release_sha256=digest,
+                budget=self._budget_items(conn, self._scopes(client)),
+            )
+            return _Outcome(stored=data)
+        if state == "reserved":
+            # Not in flight in this process (its key is ours), so a cancel is still unwritten.
+            return _Outcome(
+                error=LedgerUnavailableError(
+                    f"request {request_id!r} is still held by a reservation that could not "
+                    f"be settled; try again shortly"
                 )
-                self._refuse(conn, plan, request, "request_conflict", message)
-                return _Outcome(error=RequestConflictError(message))
-            if state == "committed" and release_id is None:
-                message = (
-                    f"request {request_id!r} was stopped by the server's time limit after its "
-                    f"charge was held, and was charged with nothing released; use a new request "
-                    f"id to ask again (a narrower query finishes sooner)"
-                )
-                self._refuse(conn, plan, request, "request_forfeited", message)
-                return _Outcome(error=RequestConflictError(message))
-            if first_version != version and state == "committed":
-                # A request id kept from one cycle to the next would otherwise be handed the
-                # earlier data's release, labelled with its version but easily taken for new.
-                # (One whose attempt was cancelled, say by a restart onto new data, released
-                # nothing: its retry is served on the data now served.)
-                message = (
-                    f"request id {request_id!r} was already used by {client_id} on data version "
-                    f"{first_version}, and the server now serves {version}; use a new request id "
-                    f"for a release of this data (the earlier one is among your releases, free)"
-                )
-                self._refuse(conn, plan, request, "request_conflict", message)
-                return _Outcome(error=RequestConflictError(message))
-            if state == "committed":
-                data, digest = _release_bytes(conn, release_id)
-                self._append(
-                    conn,
-                    "retry",
-                    client=client_id,
-                    request_id=request_id,
-                    charge_id=charge_id,
-                    data_version=first_version,
-                    fingerprint=plan.fingerprint,
-                    canonical_query=plan.canonical,
-                    outcome="stored",
-                    charge="0",
-                    release_id=release_id,
-                    release_sha256=digest,
-                    budget=self._budget_items(conn, self._scopes(client)),
-                )
-                return _Outcome(stored=data)
-            if state == "reserved":
-                # Not in flight in this process (its key is ours), so a cancel is still unwritten.
-                return _Outcome(
-                    error=LedgerUnavailableError(
-                        f"request {request_id!r} is still held by a reservation that could not "
-                        f"be settled; try again shortly"
-                    )
-                )
+            )
+        return None  # cancelled: nothing was released, the id is free
 
-        scopes = self._scopes(client)
-        budgets = self._budgets(conn, scopes)
+    def _replay(
+        self,
+        conn: sqlite3.Connection,
+        plan: Plan,
+        request: tuple[str, str, str],
+        client: ClientRecord,
+        requested: str,
+        amount: Fraction,
+        budgets: tuple[ScopeBudget, ...],
+    ) -> _Outcome | None:
+        """The query's stored release on this data version, free, if its loss is at least the
+        one asked (recorded as a replay charge of 0); else None."""
+        client_id, request_id, version = request
         best = _best_release(conn, plan.fingerprint, version)
-        if best is not None:
-            release_id, loss = best
-            if parse_amount(loss) >= amount:
-                data, digest = _release_bytes(conn, release_id)
-                charge_id = _new_id("chg")
-                now = _now()
-                conn.execute(
-                    "INSERT INTO charges (charge_id, client, institution, request_id, kind, "
-                    "fingerprint, canonical_query, data_version, requested, amount, state, "
-                    "release_id, reserved_at, settled_at) "
-                    "VALUES (?, ?, ?, ?, 'replay', ?, ?, ?, ?, '0', 'committed', ?, ?, ?)",
-                    (
-                        charge_id,
-                        client_id,
-                        client.institution,
-                        request_id,
-                        plan.fingerprint,
-                        plan.canonical,
-                        version,
-                        requested,
-                        release_id,
-                        now,
-                        now,
-                    ),
-                )
-                self._append(
-                    conn,
-                    "replay",
-                    at=now,
-                    client=client_id,
-                    request_id=request_id,
-                    charge_id=charge_id,
-                    data_version=version,
-                    fingerprint=plan.fingerprint,
-                    canonical_query=plan.canonical,
-                    outcome="replayed",
-                    charge="0",
-                    release_id=release_id,
-                    release_sha256=digest,
-                    budget=self._move(conn, budgets, spent=_ZERO, held=_ZERO),
-                    detail={"requested": requested, "release_loss": loss},
-                )
-                return _Outcome(stored=data)
+        if best is None or parse_amount(best[1]) < amount:
+            return None
+        release_id, loss = best
+        data, digest = _release_bytes(conn, release_id)
+        now = _now()
+        charge_id = self._insert_charge(
+            conn, plan, request, client, requested, kind="replay", amount="0",
+            state="committed", now=now, release_id=release_id,
+        )
+        self._append(
+            conn,
+            "replay",
+            at=now,
+            client=client_id,
+            request_id=request_id,
+            charge_id=charge_id,
+            data_version=version,
+            fingerprint=plan.fingerprint,
+            canonical_query=plan.canonical,
+            outcome="replayed",
+            charge="0",
+            release_id=release_id,
+            release_sha256=digest,
+            budget=self._move(conn, budgets, spent=_ZERO, held=_ZERO),
+            detail={"requested": requested, "release_loss": loss},
+        )
+        return _Outcome(stored=data)
 
+    def _over_cap(
+        self,
+        conn: sqlite3.Connection,
+        plan: Plan,
+        request: tuple[str, str, str],
+        requested: str,
+        amount: Fraction,
+        budgets: tuple[ScopeBudget, ...],
+    ) -> _Outcome | None:
+        """The refusal of a charge that would pass a cap (the first such, naming what is left);
+        None when every cap holds it."""
         for budget in budgets:
             if budget.cap is None or budget.used + amount <= budget.cap:
                 continue
@@ -1497,41 +1551,48 @@ class Ledger:
             return _Outcome(
                 error=BudgetExceededError(message, scope=budget.kind, remaining=format_amount(left))
             )
+        return None
 
+    @staticmethod
+    def _insert_charge(
+        conn: sqlite3.Connection,
+        plan: Plan,
+        request: tuple[str, str, str],
+        client: ClientRecord,
+        requested: str,
+        *,
+        kind: str,
+        amount: str,
+        state: str,
+        now: str,
+        release_id: str | None = None,
+    ) -> str:
+        """A new row of `charges`, dated `now` (also settled then when it is made committed, as
+        a replay is); returns its id."""
+        client_id, request_id, version = request
         charge_id = _new_id("chg")
-        now = _now()
         conn.execute(
             "INSERT INTO charges (charge_id, client, institution, request_id, kind, fingerprint, "
-            "canonical_query, data_version, requested, amount, state, reserved_at) "
-            "VALUES (?, ?, ?, ?, 'charge', ?, ?, ?, ?, ?, 'reserved', ?)",
+            "canonical_query, data_version, requested, amount, state, release_id, reserved_at, "
+            "settled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 charge_id,
                 client_id,
                 client.institution,
                 request_id,
+                kind,
                 plan.fingerprint,
                 plan.canonical,
                 version,
                 requested,
-                requested,
+                amount,
+                state,
+                release_id,
                 now,
+                now if state == "committed" else None,
             ),
         )
-        self._append(
-            conn,
-            "reserve",
-            at=now,
-            client=client_id,
-            request_id=request_id,
-            charge_id=charge_id,
-            data_version=version,
-            fingerprint=plan.fingerprint,
-            canonical_query=plan.canonical,
-            outcome="reserved",
-            charge=requested,
-            budget=self._move(conn, budgets, spent=_ZERO, held=amount),
-        )
-        return _Outcome(charge_id=charge_id, scopes=scopes)
+        return charge_id
 
     def _refuse(
         self,
