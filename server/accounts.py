@@ -72,6 +72,12 @@ class Accounts(Protocol):
         none."""
         ...
 
+    def earlier_release(self, identity: Identity, fingerprint: str) -> pb.EarlierRelease | None:
+        """The newest release of this query the caller itself received on a data version other
+        than the one served, or None. Never another client's: it would tell one researcher what
+        another asked."""
+        ...
+
     def budget(self, identity: Identity) -> pb.Budget: ...
 
     def received(self, identity: Identity, *, limit: int) -> list[pb.MyRelease]:
@@ -310,6 +316,20 @@ class LedgerAccounts:
     # -- researchers --
     def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
         return self.ledger.best_release_metadata(fingerprint, self.data_version)
+
+    def earlier_release(self, identity: Identity, fingerprint: str) -> pb.EarlierRelease | None:
+        # Every release the caller received, filtered here: the ledger has no lookup of a
+        # client's receipts by query, and one client's rows (found by the charges' index on the
+        # client) are few. Only its own rows are read, so no other client's release is named.
+        for charge, record in reversed(self.ledger.received(identity.client_id)):
+            if record.fingerprint == fingerprint and record.data_version != self.data_version:
+                return pb.EarlierRelease(
+                    release_id=record.release_id,
+                    data_version=record.data_version,
+                    loss=amount_text(record.loss),
+                    received_at=charge.settled_at or charge.reserved_at,
+                )
+        return None
 
     def budget(self, identity: Identity) -> pb.Budget:
         budget = self.ledger.client_budget(identity.client_id)

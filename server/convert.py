@@ -444,7 +444,11 @@ def deployment_to_pb(
 # ---- dry runs and releases ---------------------------------------------------------------------
 
 
-def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
+def dry_run_to_pb(
+    dry: DryRun, *, already_released: bool, earlier_release: pb.EarlierRelease | None = None
+) -> pb.DryRunResponse:
+    """A dry run on the wire; `earlier_release`, the caller's newest release of the same query
+    on another data version, is left absent when None."""
     return pb.DryRunResponse(
         loss=format_amount(dry.loss.amount),
         accounting=ACCOUNTING_TO_PB[dry.loss.accounting],
@@ -466,6 +470,7 @@ def dry_run_to_pb(dry: DryRun, *, already_released: bool) -> pb.DryRunResponse:
         empty_pass_probability=dry.empty_pass_probability,
         expected_empty_published_bound=dry.expected_empty_published_bound,
         unreachable_cells=dry.unreachable_cells,
+        earlier_release=earlier_release,
     )
 
 

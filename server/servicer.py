@@ -116,7 +116,15 @@ class ResearchServicer(pb_grpc.ResearchServicer):
                 expected_empty_published_bound=stored.expected_empty_published_bound,
                 unreachable_cells=stored.unreachable_cells,
             )
-        return convert.dry_run_to_pb(dry, already_released=already)
+        # A release belongs to its data version, so one the caller received on another is
+        # priced afresh above; it is named so that last year's table can still be found. A
+        # servicer called directly, with no authenticated caller, has no releases to name; an
+        # Accounts without the lookup (the tests' in-memory stand-in, which knows no data
+        # versions) names none.
+        caller = identity_or_none()
+        lookup = getattr(self.s.accounts, "earlier_release", None)
+        earlier = None if caller is None or lookup is None else lookup(caller, dry.fingerprint)
+        return convert.dry_run_to_pb(dry, already_released=already, earlier_release=earlier)
 
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         engine = self.s.engine
