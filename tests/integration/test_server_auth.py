@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
@@ -232,7 +233,12 @@ def test_a_flood_of_bad_tokens_does_not_keep_a_known_clients_refusals_out_of_the
 
 
 def test_health_and_unknown_methods_without_a_token(live: LiveServer) -> None:
+    """A health check needs no credential; a method the server does not have is refused as
+    unimplemented, not as unauthenticated, and reaches no servicer."""
     with stubs(live.port) as s:
+        health = health_pb2_grpc.HealthStub(s.channel)
+        response = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
         call = s.channel.unary_unary("/veil.v1.Research/DropTables")
         with pytest.raises(grpc.RpcError) as error:
             call(b"", timeout=5)
