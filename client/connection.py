@@ -492,7 +492,10 @@ class Client:
 
         It also reads the caller's budget, so that the dry run says whether the cost fits in what
         remains (`fits_budget`, `remaining_after`, `limiting_scope`); an already released query
-        costs nothing.
+        costs nothing. `already_released` speaks of the data version served only: when the
+        caller received this query on another data version (last year's table), the dry run
+        prices a fresh draw and names that release in `earlier_release` (its data version,
+        release id and loss), which `get_release` fetches again, free.
         """
         timeout = _call_timeout(timeout)
         if assumed_count is not None:

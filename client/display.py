@@ -166,3 +166,19 @@ def empty_cells_text(bound: float | None, probability: float | None) -> str:
         f"{rounded_up(bound)} (each empty cell passes with probability "
         f"{rounded_up(100 * probability)}%)"
     )
+
+
+def earlier_release_text(
+    release_id: str, data_version: str, loss: str, *, spelling: str = "python"
+) -> str:
+    """What a dry run says of the caller's own release of the same query on another data
+    version: where it is, and that it is not what a release now returns ("" when none)."""
+    if not release_id:
+        return ""
+    again = (f"veil releases {release_id}" if spelling == "cli"
+             else f"get_release({release_id!r})")
+    return (
+        f"you received this query on data version {data_version}: release {release_id}, at "
+        f"{loss}; {again} shows it again, free. A release now is not that one: releases "
+        f"belong to their data version"
+    )

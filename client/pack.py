@@ -566,7 +566,22 @@ class PackPricing:
 
         rows = [[*row[:-1], shorten(row[-1], 70)] for row in self.rows()]
         right = [False, True, False, True, True, True, True, False]
-        return f"{text_table(self.HEADERS, rows, right=right)}\n\n{self.verdict()}"
+        return f"{text_table(self.HEADERS, rows, right=right)}\n\n{self.verdict()}{self._earlier()}"
+
+    def _earlier(self) -> str:
+        """The tables the caller received on another data version (last year's): priced
+        afresh above, since releases belong to their data version, but still to be had."""
+        lines = [
+            f"  {t.name}: {e.release_id} (data version {e.data_version})"
+            for t in self.tables if (e := t.dry_run.earlier_release) is not None
+        ]
+        if not lines:
+            return ""
+        from client.display import wrap
+
+        head = wrap("you received these tables on another data version; they are priced afresh "
+                    "on this one, and `veil releases RELEASE_ID` shows one again, free:", indent="")
+        return f"\n\n{head}\n" + "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         def amount_text(value: Amount | None) -> str | None:

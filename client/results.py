@@ -31,6 +31,7 @@ import pyarrow as pa
 from client.amounts import Amount, amount, format_amount, parse_amount
 from client.codebook import ACCOUNTING_NAMES, LOSS_SYMBOL
 from client.display import (
+    earlier_release_text,
     empty_cells_text,
     html_table,
     key_text,
@@ -38,6 +39,7 @@ from client.display import (
     text_table,
     unreachable_text,
     value_accuracy_text,
+    wrap,
 )
 from client.errors import InvalidQuery
 from client.query import query_of_canonical
@@ -767,6 +769,28 @@ def arrange(table: pa.Table, dimensions: tuple[str, ...] | list[str]) -> pa.Tabl
 
 
 @dataclass(frozen=True)
+class EarlierRelease:
+    """A release of the same query that the caller itself received on another data version
+    (last year's table, say). A release now is drawn afresh from the data served, since
+    releases belong to their data version; `Client.get_release(release_id)` fetches this one
+    again, free."""
+
+    release_id: str
+    data_version: str
+    loss: Amount  # the loss it was made with (exact)
+    received_at: str
+
+    @classmethod
+    def from_pb(cls, m: pb.EarlierRelease) -> EarlierRelease:
+        return cls(release_id=m.release_id, data_version=m.data_version, loss=amount(m.loss),
+                   received_at=m.received_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"release_id": self.release_id, "data_version": self.data_version,
+                "loss": format_amount(self.loss), "received_at": self.received_at}
+
+
+@dataclass(frozen=True)
 class DryRun:
     """What a release would cost and how accurate it would be. Charges nothing."""
 
@@ -791,6 +815,9 @@ class DryRun:
     # between 0 and 1, a mean, a sum) for a cell of `assumed_count` records.
     value_half_width: float | None = None
     data_version: str = ""  # the data a release would be drawn from ("" from an older server)
+    # The caller's newest release of this query on another data version: not what a release
+    # now returns, but where the earlier table is (None: none, or a server older than this).
+    earlier_release: EarlierRelease | None = None
     query: Query | None = field(default=None, compare=False)
     # The caller's budget read just after the dry run (None when it could not be read): what
     # `fits_budget` and `remaining_after` are computed from, on this machine.
@@ -810,7 +837,10 @@ class DryRun:
             expected_empty_published_bound=_optional(m, "expected_empty_published_bound"),
             unreachable_cells=_optional(m, "unreachable_cells"),
             measure=m.measure, value_half_width=_optional(m, "value_half_width"),
-            data_version=m.data_version, query=query, budget=budget,
+            data_version=m.data_version,
+            earlier_release=(EarlierRelease.from_pb(m.earlier_release)
+                             if m.HasField("earlier_release") else None),
+            query=query, budget=budget,
         )
 
     @property
@@ -853,6 +883,8 @@ class DryRun:
         out = {f.name: getattr(self, f.name) for f in fields(self)
                if f.name not in ("query", "budget")}
         out["loss"] = format_amount(self.loss)
+        earlier = self.earlier_release
+        out["earlier_release"] = None if earlier is None else earlier.to_dict()
         out["query"] = None if self.query is None else str(self.query)
         remaining = None if self.budget is None else format_amount(self.budget.remaining)
         after = self.remaining_after
@@ -927,7 +959,18 @@ class DryRun:
             f"{self._budget_line()}\n"
             f"  fingerprint {self.fingerprint[:16]}"
             + (f"; data version {self.data_version}" if self.data_version else "")
+            + self._earlier_line()
         )
+
+    def _earlier_line(self) -> str:
+        earlier = self.earlier_release
+        if earlier is None:
+            return ""
+        spelling = "python" if self.query is None else self.query.spelling
+        return "\n" + wrap(earlier_release_text(
+            earlier.release_id, earlier.data_version,
+            f"{self.loss_name} {format_amount(earlier.loss)}", spelling=spelling,
+        ))
 
 
 # ---- budgets ------------------------------------------------------------------------------------
@@ -1144,6 +1187,7 @@ __all__ = [
     "Budget",
     "Cell",
     "DryRun",
+    "EarlierRelease",
     "ReceivedRelease",
     "Release",
     "ReleaseList",
