@@ -2355,21 +2355,28 @@ class Ledger:
         return self._read("list the releases", work)
 
     def received(
-        self, client: str, *, last: int | None = None, release_id: str | None = None
+        self,
+        client: str,
+        *,
+        last: int | None = None,
+        release_id: str | None = None,
+        fingerprint: str | None = None,
     ) -> list[tuple[ChargeRecord, ReleaseRecord]]:
         """The releases a client received (paid for or replayed), oldest first, each with the
-        client's charge for it: the `last` ones, or the one with `release_id`."""
+        client's charge for it: the `last` ones, the one with `release_id`, or those of the query
+        with `fingerprint` (on every data version)."""
         sql = (
             f"SELECT {_CHARGE_COLUMNS}, {_RELEASE_COLUMNS} FROM charges c "
             "JOIN releases r ON r.release_id = c.release_id "
             "WHERE c.client = ? AND c.state = 'committed' AND (? IS NULL OR c.release_id = ?) "
-            "ORDER BY c.rowid DESC LIMIT ?"
+            "AND (? IS NULL OR c.fingerprint = ?) ORDER BY c.rowid DESC LIMIT ?"
         )
         width = _CHARGE_COLUMNS.count(",") + 1
 
         def work(conn: sqlite3.Connection) -> list[tuple[ChargeRecord, ReleaseRecord]]:
             limit = -1 if last is None else last  # SQLite: a negative limit is none
-            rows = conn.execute(sql, (client, release_id, release_id, limit)).fetchall()
+            arguments = (client, release_id, release_id, fingerprint, fingerprint, limit)
+            rows = conn.execute(sql, arguments).fetchall()
             return [(_charge_record(r[:width]), _release_record(r[width:])) for r in rows[::-1]]
 
         return self._read("list the client's releases", work)

@@ -318,11 +318,10 @@ class LedgerAccounts:
         return self.ledger.best_release_metadata(fingerprint, self.data_version)
 
     def earlier_release(self, identity: Identity, fingerprint: str) -> pb.EarlierRelease | None:
-        # Every release the caller received, filtered here: the ledger has no lookup of a
-        # client's receipts by query, and one client's rows (found by the charges' index on the
-        # client) are few. Only its own rows are read, so no other client's release is named.
-        for charge, record in reversed(self.ledger.received(identity.client_id)):
-            if record.fingerprint == fingerprint and record.data_version != self.data_version:
+        # Only the caller's own receipts are read, so no other client's release is named.
+        own = self.ledger.received(identity.client_id, fingerprint=fingerprint)
+        for charge, record in reversed(own):
+            if record.data_version != self.data_version:
                 return pb.EarlierRelease(
                     release_id=record.release_id,
                     data_version=record.data_version,

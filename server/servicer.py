@@ -118,12 +118,11 @@ class ResearchServicer(pb_grpc.ResearchServicer):
             )
         # A release belongs to its data version, so one the caller received on another is
         # priced afresh above; it is named so that last year's table can still be found. A
-        # servicer called directly, with no authenticated caller, has no releases to name; an
-        # Accounts without the lookup (the tests' in-memory stand-in, which knows no data
-        # versions) names none.
+        # servicer called directly, with no authenticated caller, has no releases to name.
         caller = identity_or_none()
-        lookup = getattr(self.s.accounts, "earlier_release", None)
-        earlier = None if caller is None or lookup is None else lookup(caller, dry.fingerprint)
+        earlier = (
+            None if caller is None else self.s.accounts.earlier_release(caller, dry.fingerprint)
+        )
         return convert.dry_run_to_pb(dry, already_released=already, earlier_release=earlier)
 
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:

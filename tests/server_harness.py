@@ -187,6 +187,9 @@ class MemoryAccounts:
         stored = self.releases_by_fingerprint.get(fingerprint)
         return None if stored is None else stored.metadata
 
+    def earlier_release(self, identity: Identity, fingerprint: str) -> pb.EarlierRelease | None:
+        return None  # one data version only: nothing was received on another
+
     def budget(self, identity: Identity) -> pb.Budget:
         c = self.records[identity.client_id]
         return pb.Budget(
