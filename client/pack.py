@@ -523,9 +523,7 @@ class PackPricing:
         None when it fits or is not known."""
         if self.budget is None or self.fits:
             return None
-        left = self.budget.scopes_remaining()
-        short = {scope: value for scope, value in left.items() if value < self.total}
-        return min(short, key=lambda scope: short[scope]) if short else "client"
+        return self.budget.limiting_scope(self.total)
 
     def __getitem__(self, name: str) -> TablePrice:
         for table in self.tables:

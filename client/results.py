@@ -875,9 +875,7 @@ class DryRun:
         None when it fits or is not known."""
         if self.budget is None or self.fits_budget:
             return None
-        left = self.budget.scopes_remaining()
-        short = {scope: value for scope, value in left.items() if value < self.cost}
-        return min(short, key=lambda scope: short[scope]) if short else "client"
+        return self.budget.limiting_scope(self.cost)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)
@@ -1024,6 +1022,12 @@ class Budget:
         if self.dataset_remaining is not None:
             left["dataset"] = self.dataset_remaining
         return left
+
+    def limiting_scope(self, cost: Amount) -> str:
+        """The budget that would refuse a charge of `cost`: the one with least left among those
+        short of it ("client" when none is, as when the server's own figures moved meanwhile)."""
+        short = {scope: left for scope, left in self.scopes_remaining().items() if left < cost}
+        return min(short, key=lambda scope: short[scope]) if short else "client"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
