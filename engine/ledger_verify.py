@@ -726,7 +726,7 @@ def _charge_problems(
     have: dict[str, Any],
     events: dict[str, dict[str, Any]],
     releases: dict[str, _Stored],
-    dated_from: int | None = None,
+    dated_from: int | None,
 ) -> list[str]:
     """Where a charge's row differs from the entries that made and settled it.
 
