@@ -103,7 +103,7 @@ from engine.loss import (
     parse_amount,
 )
 from engine.planner import Plan
-from engine.release import Answer, Release, ReleaseMetadata
+from engine.release import Answer, Release, ReleaseMetadata, replays
 
 ROLES = ("researcher", "auditor", "admin")
 SCOPE_KINDS = ("client", "institution", "dataset")
@@ -1490,7 +1490,7 @@ class Ledger:
         one asked (recorded as a replay charge of 0); else None."""
         client_id, request_id, version = request
         best = _best_release(conn, plan.fingerprint, version)
-        if best is None or parse_amount(best[1]) < amount:
+        if best is None or not replays(parse_amount(best[1]), amount):
             return None
         release_id, loss = best
         data, digest = _release_bytes(conn, release_id)
@@ -2381,15 +2381,18 @@ class Ledger:
 
         return self._read("list the client's releases", work)
 
-    def best_release_metadata(
-        self, fingerprint: str, data_version: str
+    def replayed_release(
+        self, fingerprint: str, data_version: str, loss: Fraction
     ) -> ReleaseMetadata | None:
-        """The metadata of the release a request for this query at its loss would replay (the
-        one of largest loss on the data version), or None when there is none."""
+        """The metadata of the stored release a request for this query at `loss` would get back
+        free on the data version (the one of largest loss, if it covers `loss`), or None when
+        the request would be drawn afresh."""
         best = self._read(
             "look up the query's releases", lambda c: _best_release(c, fingerprint, data_version)
         )
-        return None if best is None else self.release_metadata([best[0]])[best[0]]
+        if best is None or not replays(parse_amount(best[1]), loss):
+            return None
+        return self.release_metadata([best[0]])[best[0]]
 
     def release(self, release_id: str) -> Release:
         """A stored release, byte for byte as it was handed out; durable before it is returned.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from typing import Any, Protocol
 
 import numpy as np
@@ -176,6 +177,14 @@ class Charger(Protocol):
     def reserve(
         self, plan: Plan, *, client: str, request_id: str, data_version: str
     ) -> Reservation: ...
+
+
+def replays(stored_loss: Fraction, asked: Fraction) -> bool:
+    """The replay rule: a request for a query gets its stored release on the same data version
+    back, free, when that release was drawn at no less loss than the request asks; a request at
+    a larger loss is drawn afresh and charged. The ledger's reservation and the server's dry
+    run both ask this, so what a dry run promises is what a release does."""
+    return stored_loss >= asked
 
 
 # ---- building the table -------------------------------------------------------------------

@@ -66,10 +66,10 @@ class Accounts(Protocol):
         ...
 
     # -- researchers --
-    def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
-        """The metadata of the stored release of this query with the largest loss on the data
-        served (a request at no more than that loss gets it back free), or None when there is
-        none."""
+    def stored_release(self, fingerprint: str, loss: Fraction) -> ReleaseMetadata | None:
+        """The metadata of the stored release a request for this query at `loss` would get back
+        free on the data served (`engine.release.replays`), or None when it would be drawn
+        afresh."""
         ...
 
     def earlier_release(self, identity: Identity, fingerprint: str) -> pb.EarlierRelease | None:
@@ -314,8 +314,8 @@ class LedgerAccounts:
         self.ledger.audit("admin_refused", by.client_id, outcome="refused", detail=detail)
 
     # -- researchers --
-    def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
-        return self.ledger.best_release_metadata(fingerprint, self.data_version)
+    def stored_release(self, fingerprint: str, loss: Fraction) -> ReleaseMetadata | None:
+        return self.ledger.replayed_release(fingerprint, self.data_version, loss)
 
     def earlier_release(self, identity: Identity, fingerprint: str) -> pb.EarlierRelease | None:
         # Only the caller's own receipts are read, so no other client's release is named.

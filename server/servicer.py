@@ -97,14 +97,12 @@ class ResearchServicer(pb_grpc.ResearchServicer):
             if not 1 <= request.half_width <= 10**9:
                 raise MalformedRequestError("half_width must lie between 1 and 10^9")
             dry = engine.dry_run(query, half_width=request.half_width, assumed_count=assumed)
-        stored = self.s.accounts.stored_release(dry.fingerprint)
-        stored_loss = None if stored is None else parse_amount(stored.loss)
-        already = stored_loss is not None and stored_loss >= dry.loss.amount
-        if already:
+        stored = self.s.accounts.stored_release(dry.fingerprint, dry.loss.amount)
+        if stored is not None:
             # The stored release is what a release would return: price its loss and accuracy,
             # not those of a fresh draw at the loss asked for, and state its empty cells as it
             # was made (a release made before they were recorded states none).
-            assert stored is not None and stored_loss is not None
+            stored_loss = parse_amount(stored.loss)
             if stored_loss != dry.loss.amount:
                 dry = engine.dry_run(
                     query, loss=PrivacyLoss(dry.loss.accounting, stored_loss),
@@ -123,7 +121,9 @@ class ResearchServicer(pb_grpc.ResearchServicer):
         earlier = (
             None if caller is None else self.s.accounts.earlier_release(caller, dry.fingerprint)
         )
-        return convert.dry_run_to_pb(dry, already_released=already, earlier_release=earlier)
+        return convert.dry_run_to_pb(
+            dry, already_released=stored is not None, earlier_release=earlier
+        )
 
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         engine = self.s.engine

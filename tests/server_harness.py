@@ -20,9 +20,9 @@ import grpc
 
 from engine.errors import BudgetExceededError, LedgerUnavailableError, RequestConflictError
 from engine.ledger import Ledger
-from engine.loss import format_amount
+from engine.loss import format_amount, parse_amount
 from engine.planner import Plan
-from engine.release import Answer, Release, ReleaseMetadata
+from engine.release import Answer, Release, ReleaseMetadata, replays
 from protos.veil.v1 import veil_pb2 as pb
 from protos.veil.v1 import veil_pb2_grpc as pb_grpc
 from server.accounts import LedgerAccounts
@@ -104,7 +104,7 @@ class MemoryAccounts:
                 if prior.metadata.fingerprint != plan.fingerprint:
                     raise RequestConflictError(f"request id {request_id!r} was used before")
                 return MemoryReservation(self, client, request_id, plan, stored=prior, done=True)
-            reused = self.releases_by_fingerprint.get(plan.fingerprint)
+            reused = self.stored_release_of(plan.fingerprint, plan.loss.amount)
             if reused is not None:
                 return MemoryReservation(self, client, request_id, plan, stored=reused, done=True)
             record = self.records[client]
@@ -183,8 +183,16 @@ class MemoryAccounts:
             {"method": method, "reason": reason, "client": by.client_id, "unrecorded": 0}
         )
 
-    def stored_release(self, fingerprint: str) -> ReleaseMetadata | None:
+    def stored_release_of(self, fingerprint: str, loss: Fraction) -> Release | None:
+        # The ledger's rule: the latest release of a query is its largest-loss one, replayed
+        # to a request at no more loss than it was drawn at.
         stored = self.releases_by_fingerprint.get(fingerprint)
+        if stored is None or not replays(parse_amount(stored.metadata.loss), loss):
+            return None
+        return stored
+
+    def stored_release(self, fingerprint: str, loss: Fraction) -> ReleaseMetadata | None:
+        stored = self.stored_release_of(fingerprint, loss)
         return None if stored is None else stored.metadata
 
     def earlier_release(self, identity: Identity, fingerprint: str) -> pb.EarlierRelease | None:

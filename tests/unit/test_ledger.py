@@ -426,21 +426,27 @@ def test_replay_is_free_to_any_client_and_recorded(engine: Engine, ledger: Ledge
     assert_verified(ledger)
 
 
-def test_the_best_release_is_the_largest_loss_of_the_query_on_its_version(
+def test_the_replayed_release_is_the_largest_loss_of_the_query_on_its_version(
     engine: Engine, ledger: Ledger
 ) -> None:
     query = distinct_query(3)
     fingerprint = engine.plan(query, loss=EPS).fingerprint
-    assert ledger.best_release_metadata(fingerprint, engine.data_version) is None
+    version = engine.data_version
+    assert ledger.replayed_release(fingerprint, version, Fraction(1, 10)) is None
     # As text "1/7" sorts after "0.15"; as numbers it is the smaller.
     release(engine, ledger, "alice", "a1", query, loss=PrivacyLoss.pure(Fraction(1, 7)))
     release(engine, ledger, "bob", "b1", query, loss=PrivacyLoss.pure("0.15"))
     assert len(ledger.releases()) == 2
     release(engine, ledger, "carol", "c1", distinct_query(4), loss=PrivacyLoss.pure("0.5"))
     release(engine, ledger, "carol", "c2", query, loss=PrivacyLoss.pure("0.12"))  # a replay
-    best = ledger.best_release_metadata(fingerprint, engine.data_version)
-    assert best is not None and parse_amount(best.loss) == Fraction(15, 100)
-    assert ledger.best_release_metadata(fingerprint, "another-version") is None
+    for asked in (Fraction(12, 100), Fraction(15, 100)):
+        best = ledger.replayed_release(fingerprint, version, asked)
+        assert best is not None and parse_amount(best.loss) == Fraction(15, 100)
+    # Above the largest loss a request is drawn afresh, as the reservation does.
+    assert ledger.replayed_release(fingerprint, version, Fraction(16, 100)) is None
+    again = release(engine, ledger, "carol", "c3", query, loss=PrivacyLoss.pure("0.16"))
+    assert parse_amount(again.metadata.loss) == Fraction(16, 100) and len(ledger.releases()) == 4
+    assert ledger.replayed_release(fingerprint, "another-version", Fraction(1, 10)) is None
 
 
 def test_a_release_made_under_another_suppression_rule_is_not_replayed(

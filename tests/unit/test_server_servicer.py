@@ -133,6 +133,9 @@ def test_a_dry_run_of_a_released_query_states_the_stored_releases_empty_cells(
 
     honest = research.DryRun(request, None)
     assert honest.already_released and honest.loss == "0.5"
+    # Above the stored release's loss a release would be drawn afresh, and the dry run says so.
+    above = research.DryRun(pb.DryRunRequest(query=count_query("gender"), loss="0.6"), None)
+    assert not above.already_released and above.loss == "0.6"
     assert honest.empty_pass_probability == made.empty_pass_probability
     assert honest.expected_empty_published_bound == made.expected_empty_published_bound
     assert honest.unreachable_cells == made.unreachable_cells
@@ -148,7 +151,7 @@ def test_a_dry_run_of_a_released_query_states_the_stored_releases_empty_cells(
         honest.empty_pass_probability,
         honest.expected_empty_published_bound,
     ) and stored.unreachable_cells != honest.unreachable_cells
-    accounts.stored_release = lambda fingerprint: stored  # type: ignore[method-assign]
+    accounts.stored_release = lambda fingerprint, loss: stored  # type: ignore[method-assign]
     dry = research.DryRun(request, None)
     assert dry.already_released and dry.loss == "0.5"
     assert dry.empty_pass_probability == 0.0123
@@ -162,7 +165,7 @@ def test_a_dry_run_of_a_released_query_states_the_stored_releases_empty_cells(
         expected_empty_published_bound=None,
         unreachable_cells=None,
     )
-    accounts.stored_release = lambda fingerprint: old  # type: ignore[method-assign]
+    accounts.stored_release = lambda fingerprint, loss: old  # type: ignore[method-assign]
     dry = research.DryRun(request, None)
     assert dry.already_released and dry.loss == "0.5"
     assert not dry.HasField("empty_pass_probability")
