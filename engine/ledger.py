@@ -1993,17 +1993,7 @@ class Ledger:
         detail = self._admin_detail(actor)
         self._write(
             "set the cap",
-            lambda c: self._set_client_cap(c, client_id, lambda _: amount, detail),
-        )
-        return self.client(client_id)
-
-    def raise_cap(self, client_id: str, *, by: Number, actor: str | None = None) -> ClientRecord:
-        """Add `by` to a client's cap (read and written in one transaction)."""
-        increase = exact_amount(by, what="cap increase")
-        detail = self._admin_detail(actor)
-        self._write(
-            "raise the cap",
-            lambda c: self._set_client_cap(c, client_id, lambda old: old + increase, detail),
+            lambda c: self._set_client_cap(c, client_id, amount, detail),
         )
         return self.client(client_id)
 
@@ -2011,13 +2001,11 @@ class Ledger:
         self,
         conn: sqlite3.Connection,
         client_id: str,
-        new: Callable[[Fraction], Fraction],
+        cap: Fraction,
         detail: dict[str, str | None],
     ) -> None:
-        client = _client_row(conn, client_id)
-        if client is None:
+        if _client_row(conn, client_id) is None:
             raise UnknownClientError(f"client {client_id} is not registered")
-        cap = new(client.cap)
         scope = ScopeKey("client", client_id)
         previous = self._set_cap_checked(conn, scope, cap)
         conn.execute(

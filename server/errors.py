@@ -145,10 +145,6 @@ def status_code_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def mapped_errors() -> tuple[tuple[type[BaseException], grpc.StatusCode], ...]:
-    return tuple(_TABLE)
-
-
 @dataclass(frozen=True)
 class Status(grpc.Status):
     """A status with trailing metadata, as `ServicerContext.abort_with_status` takes it."""

@@ -1113,7 +1113,7 @@ def test_client_registry(engine: Engine, ledger: Ledger) -> None:
     release(engine, ledger, "alice", "a1")
     with pytest.raises(ClientRegistryError, match="already spent"):
         ledger.set_cap("alice", "0.05")
-    assert ledger.raise_cap("alice", by="0.5").cap == Fraction(3, 2)
+    assert ledger.set_cap("alice", "1.5").cap == Fraction(3, 2)
     assert ledger.set_cap("alice", "0.1").cap == Fraction(1, 10)
     with pytest.raises(BudgetExceededError):
         release(engine, ledger, "alice", "a2", distinct_query(1))
@@ -1221,7 +1221,7 @@ def test_admin_actions_record_who_acted(engine: Engine, ledger: Ledger) -> None:
     first = int(ledger.head().partition(":")[0])
     ledger.register_client("dan", role="researcher", cap="1", actor="root")
     ledger.set_cap("dan", "2", actor="root")
-    ledger.raise_cap("dan", by="1", actor="root")
+    ledger.set_cap("dan", "3", actor="root")
     ledger.set_token_hash("dan", "b" * 64, actor="root")
     ledger.set_institution_cap("iom", "5", actor="root")
     ledger.set_dataset_cap("20", actor="root")

@@ -81,7 +81,7 @@ def path(tmp_path: Path, engine: Engine) -> Path:
         ledger.set_institution_cap("ilo", "3")
         ledger.set_institution_cap("ilo", None)
         ledger.set_cap("alice", "1.5")
-        ledger.raise_cap("dave", by="0.5")
+        ledger.set_cap("dave", "1.5")
         ledger.set_token_hash(
             "alice", "b" * 64, expires_at=datetime(2031, 1, 1, tzinfo=UTC), actor="root"
         )
