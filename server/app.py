@@ -173,7 +173,9 @@ class Running:
         if isinstance(backend, DuckDBBackend):
             backend.close()
         # The audit head in the log as well: a record outside the ledger to check a restore by.
-        log.info("stopped", extra={"event": "stopped", "clean": clean, "audit_head": head})
+        # The most calls that ran at once, to size max_concurrent_calls and workers by.
+        log.info("stopped", extra={"event": "stopped", "clean": clean, "audit_head": head,
+                                   "most_calls_at_once": in_flight.peak})
         return clean
 
     def wait(self, timeout: float | None = None) -> bool:

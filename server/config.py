@@ -45,7 +45,8 @@ encrypted, is refused before the server starts.
     max_response_bytes = 67108864
     max_concurrent_calls = 16     # gRPC counts a call until its worker is free, a moment after
     workers = 16                  # its answer: a client keeping exactly this many calls open
-                                  # is refused one now and then (RESOURCE_EXHAUSTED)
+                                  # is refused one now and then (RESOURCE_EXHAUSTED);
+                                  # the `stopped` log line says how many ran at once
     rate_per_second = 10.0        # per client, sustained
     rate_burst = 20               # per client, at once
     calls_per_client = 4          # calls one client may have running at once: one researcher

@@ -154,7 +154,10 @@ def test_sigterm_under_load_leaves_nothing_half_charged(tmp_path: Path) -> None:
     reader.join(10)
     events = [json.loads(line).get("event") for line in log]
     assert "signal" in events and "stopped" in events
-    assert json.loads(next(x for x in log if '"stopped"' in x))["clean"] is True
+    stopped = json.loads(next(x for x in log if '"stopped"' in x))
+    assert stopped["clean"] is True
+    # Eight clients called at once (slow queries among them); the server admits at most 16.
+    assert 2 <= stopped["most_calls_at_once"] <= 16, stopped
 
     assert received, "no call finished before the stop"
     assert failed, "the stop interrupted nothing; the test proves nothing"
