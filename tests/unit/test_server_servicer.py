@@ -19,6 +19,7 @@ from engine.loss import PrivacyLoss
 from engine.query import Count, Query
 from engine.release import Release
 from protos.veil.v1 import veil_pb2 as pb
+from server.accounts import Accounts
 from server.auth import Identity, Role
 from server.calls import CallWatch, InFlight, WatchedCharger
 from server.errors import MalformedRequestError
@@ -99,7 +100,7 @@ def test_a_call_whose_watch_has_fired_reserves_nothing(tmp_path: Path) -> None:
     assert not watch.holding
 
 
-def _services(engine: Engine, accounts: MemoryAccounts, **limits: Any) -> Services:
+def _services(engine: Engine, accounts: Accounts, **limits: Any) -> Services:
     settings: dict[str, Any] = {
         "max_query_seconds": 10,
         "max_request_bytes": 1 << 20,
@@ -341,28 +342,29 @@ def test_a_call_that_ended_before_it_was_watched_is_cancelled_at_once() -> None:
         assert watch.event.is_set() and watch.reason == "cancelled"
 
 
-class _SlowRevokes(MemoryAccounts):
-    """Accounts whose revocations take long enough for a second one to arrive meanwhile."""
-
-    def revoke(self, client: str, *, reason: str, by: Identity) -> pb.RevokeClientResponse:
-        time.sleep(0.2)
-        return super().revoke(client, reason=reason, by=by)
-
-
 def test_only_the_revocation_that_revoked_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two administrators revoke one client at once: one revoked it, the other is told it was
-    already revoked; a later revocation too."""
-    data = write_database(tmp_path / "d.duckdb", [{"gender": "Female"}] * 20)
-    accounts = _SlowRevokes()
-    accounts.add("alice", Role.RESEARCHER)
-    services = Services(
-        Engine(DuckDBBackend(data), codebook=default_codebook()), accounts,
-        max_query_seconds=10, max_request_bytes=1 << 20, max_response_bytes=1 << 20,
-        max_list_releases=1000,
-    )
-    admin = AdminServicer(services)
+    already revoked; a later revocation too. The real ledger decides: its read of the client is
+    slowed, so the second revocation arrives while the first is still deciding."""
+    from engine import ledger as ledger_module
+    from server.accounts import LedgerAccounts
+    from server.app import build_engine
+    from tests.server_harness import live_config
+
+    config = live_config(tmp_path, write_database(tmp_path / "d.duckdb", [{"gender": "Female"}]))
+    engine = build_engine(config)
+    accounts = LedgerAccounts.for_config(config, engine)
+    accounts.ledger.register_client("alice", role="researcher", cap="1")
+    read_client = ledger_module._client_row
+
+    def slow_read(conn: Any, client_id: str) -> Any:
+        time.sleep(0.2)
+        return read_client(conn, client_id)
+
+    monkeypatch.setattr(ledger_module, "_client_row", slow_read)
+    admin = AdminServicer(_services(engine, accounts))
     monkeypatch.setattr("server.servicer.current_identity", lambda: Identity("root", Role.ADMIN))
     request = pb.RevokeClientRequest(client_id="alice", reason="left the project")
     start = threading.Barrier(2)
@@ -380,3 +382,6 @@ def test_only_the_revocation_that_revoked_says_so(
     assert sorted(a.already_revoked for a in answers) == [False, True]
     assert all(a.client.revoked for a in answers)
     assert admin.RevokeClient(request, None).already_revoked
+    revocations = [e for e in accounts.ledger.audit_log() if e.entry["event"] == "revoke"]
+    assert len(revocations) == 1  # the one that said so is the one on the record
+    accounts.close()
