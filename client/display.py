@@ -172,9 +172,7 @@ def earlier_release_text(
     release_id: str, data_version: str, loss: str, *, spelling: str = "python"
 ) -> str:
     """What a dry run says of the caller's own release of the same query on another data
-    version: where it is, and that it is not what a release now returns ("" when none)."""
-    if not release_id:
-        return ""
+    version: where it is, and that it is not what a release now returns."""
     again = (f"veil releases {release_id}" if spelling == "cli"
              else f"get_release({release_id!r})")
     return (

@@ -445,6 +445,12 @@ def test_errors_a_researcher_can_read() -> None:
     limited = from_rpc_error(FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down",
                                        (("retry-after", "1.500"),)))
     assert isinstance(limited, client.RateLimited) and limited.retry_after == 1.5
+    assert str(limited) == "slow down; retry in 1.50 s"
+    # The server's own message already says when (veil's rate limiter does): said once.
+    told = from_rpc_error(FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    "rate limit reached; retry in 0.40 s",
+                                    (("retry-after", "0.400"),)))
+    assert str(told) == "rate limit reached; retry in 0.40 s" and told.retry_after == 0.4
     timeout = from_rpc_error(FakeError(grpc.StatusCode.DEADLINE_EXCEEDED, "late"),
                              request_id="req-9")
     assert isinstance(timeout, client.QueryTimeout) and "req-9" in str(timeout)

@@ -303,6 +303,9 @@ def test_failure_inside_commit_releases_nothing(
         release(engine, ledger, "alice", "r1")
     assert ledger.releases() == [] and ledger.spent("alice") == 0
     assert ledger.budget("client", "alice").held == 0
+    # The commit settles its own hold, saying why, before the engine's cancel would.
+    (charge,) = ledger.charges()
+    assert (charge.state, charge.reason) == ("cancelled", "commit_failed")
     failing.clear()
     release(engine, ledger, "alice", "r1")
     assert ledger.spent("alice") == Fraction(1, 10)

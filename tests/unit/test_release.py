@@ -144,10 +144,12 @@ def test_metadata_describes_the_release_without_true_values(engine: Engine) -> N
     assert not meta.charge_id  # an answer is not charged
 
 
-def test_a_release_needs_a_charge_id(engine: Engine) -> None:
+def test_a_release_needs_a_charge_id_and_a_release_id(engine: Engine) -> None:
     result = answer(engine, Query(Count()))
     with pytest.raises(ValueError, match="charge id"):
         Release(result.table, result.metadata)
+    with pytest.raises(ValueError, match="release id"):  # charged, yet never stored
+        Release.from_answer(result, release_id="", charge_id="c1", created_at="t")
     release = Release.from_answer(result, release_id="r1", charge_id="c1", created_at="t")
     again = Release.from_bytes(release.to_bytes())
     assert again.metadata == release.metadata and again.table.equals(release.table)

@@ -165,3 +165,40 @@ def test_refusals_from_many_peers_are_audited_at_a_bounded_total_rate() -> None:
     directory.failing = False
     refuse("ipv4:10.0.1.3:6000")
     assert directory.entries[-1] == ("ipv4:10.0.1.3:6000", 1)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _AbortingContext(_Context):
+    def abort_with_status(self, status: object) -> None:
+        self.status = status
+        raise _Aborted
+
+
+def test_a_streaming_method_outside_the_open_services_is_refused_unread() -> None:
+    """veil's methods are all unary; a streaming one registered beside them (a future method,
+    a service added by mistake) is refused at once, without its handler ever running."""
+    import grpc
+
+    ran: list[object] = []
+
+    def handler(requests: object, context: object) -> object:
+        ran.append(requests)
+        return iter(())
+
+    streaming = grpc.stream_stream_rpc_method_handler(handler)
+    interceptor = AuthInterceptor(_Directory(), rate_per_second=10, rate_burst=10)
+
+    class Details:
+        method = "/veil.v1.Research/Stream"
+
+    served = interceptor.intercept_service(lambda _: streaming, Details())  # type: ignore[arg-type]
+    assert served is not None and served.stream_unary is not None
+    context = _AbortingContext("ipv4:10.0.0.1:5000")
+    with pytest.raises(_Aborted):
+        served.stream_unary(iter(()), context)
+    assert context.status.code == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "not a veil method" in context.status.details  # type: ignore[attr-defined]
+    assert ran == []
