@@ -7,7 +7,7 @@ in the shell.
     veil query --count --by gender,ageBroad --where majorityStatus=Minor --epsilon 0.5 -f csv
     veil dry-run --flag-counts meansOfControl --by majorityStatus --half-width 25
     veil budget
-    veil releases                       # `veil releases REL_ID` prints one again, free
+    veil releases                       # `veil releases REL_ID [--by DIMS]` prints one again, free
 
 Results go to standard output as an aligned table, or as CSV or JSON (`--format`); progress,
 timing and retries go to standard error. Exit status: 0 success, 1 other error, 2 invalid query
@@ -294,6 +294,9 @@ def add_releases_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("release_id", nargs="?", metavar="RELEASE_ID",
                         help="print this release's table again (free)")
+    parser.add_argument("--by", action="append", default=[], metavar="DIM[,DIM...]",
+                        help="with RELEASE_ID: its dimensions in this order (those left out "
+                             "follow), as the query that made it named them")
     parser.add_argument("--limit", type=_count_between(0, 2**31 - 1), default=100,
                         help="the most recent N (default 100)")
     add_format_option(parser, ("table", "csv", "json"))
@@ -775,9 +778,12 @@ def run_budget(args: argparse.Namespace) -> int:
 
 def run_releases(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
+        order = [name.strip() for text in args.by for name in text.split(",")]
+        if order and not args.release_id:
+            raise errors.InvalidQuery("--by orders one release's dimensions: give its RELEASE_ID")
         if args.release_id:
             with progress("fetch release", quiet=args.quiet):
-                release = client.get_release(args.release_id)
+                release = client.get_release(args.release_id, by=order or None)
             if release.query is not None:  # its notes suggest options, as a fresh release's do
                 release = Release(
                     release.table, release.metadata, request_id=release.request_id,

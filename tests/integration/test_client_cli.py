@@ -200,6 +200,29 @@ def test_a_release_fetched_again_names_its_query_as_a_fresh_one_does(
     assert json.loads(out)["request"]["query"] == fresh.split(":")[0]
 
 
+def test_a_release_fetched_again_comes_in_the_order_by_names(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = veil(capsys, "query", "--count", "--by", "majorityStatus,gender",
+                        "--epsilon", "0.1", "-f", "csv", "-q")
+    assert code == 0 and out.startswith("majorityStatus,gender,")
+    code, out, _ = veil(capsys, "releases", "-f", "json", "-q")
+    release_id = json.loads(out)["releases"][-1]["release_id"]
+    code, canonical, _ = veil(capsys, "releases", release_id, "-f", "csv", "-q")
+    assert code == 0 and canonical.startswith("gender,majorityStatus,")  # the server's order
+    code, ordered, _ = veil(capsys, "releases", release_id, "--by", "majorityStatus", "-f", "csv",
+                            "-q")
+    assert code == 0 and ordered.startswith("majorityStatus,gender,")
+    rows = list(csv.DictReader(io.StringIO(ordered)))
+    assert sorted(rows, key=lambda r: (r["gender"], r["majorityStatus"])) == sorted(
+        csv.DictReader(io.StringIO(canonical)), key=lambda r: (r["gender"], r["majorityStatus"])
+    )  # the same cells, arranged
+    code, _, err = veil(capsys, "releases", release_id, "--by", "ageBroad", "-q")
+    assert code == 2 and "ageBroad" in err
+    code, _, err = veil(capsys, "releases", "--by", "gender", "-q")
+    assert code == 2 and "RELEASE_ID" in err
+
+
 def test_codebook(env: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = veil(capsys, "codebook", "-q")
     assert code == 0 and "gender" in out and "meansOfControl" in out and "accounting" in out
