@@ -100,9 +100,13 @@ class _Builder:
         if component.aggregate == "count":
             return "count(*)"
         if component.aggregate == "flag":
-            # Not count_if: over a group whose flag is missing in every record it gives NULL,
-            # which reaches numpy as a masked float whose hidden value the engine would read.
-            return f"count(*) FILTER (WHERE {quote(component.argument)} = 1)"
+            # Not count_if, which gives NULL over a group whose flag is missing in every record
+            # (a masked float in numpy, its hidden value whatever lies there); and not
+            # count(*) FILTER, which DuckDB evaluates as one filtered aggregate per flag (1.5x
+            # slower over the 18 means-of-control flags). A sum of 0/1 never meets a NULL, and
+            # the coalesce covers an ungrouped query over no rows.
+            flag = quote(component.argument)
+            return f"coalesce(sum(CASE WHEN {flag} = 1 THEN 1 ELSE 0 END), 0)::BIGINT"
         variable: Variable = component.argument
         column = quote(variable.name)
         if component.aggregate == "count_present":

@@ -312,8 +312,21 @@ def test_a_flag_missing_in_every_record_of_a_group_counts_zero_not_null() -> Non
         connection.execute(
             f'INSERT INTO records ("gender", {quote(flags[0])}) VALUES (?, ?)', [gender, flag]
         )
-    s = statement(Query(FlagCounts("sexType"), by=("gender",)))
-    result = connection.execute(s.text, list(s.parameters)).fetchnumpy()
-    for column in (c for c in result if c.startswith("c")):
-        # A NULL would come as a masked float, its value whatever lies under the mask.
-        assert result[column].dtype.kind == "i" and not hasattr(result[column], "mask"), column
+    grouped = statement(Query(FlagCounts("sexType"), by=("gender",)))
+    # Ungrouped and over no record at all: one row of aggregates, which must be 0 too.
+    nobody = statement(
+        Query(FlagCounts("sexType"), where=Eq("gender", "Transgender/NonConforming"))
+    )
+    for s in (grouped, nobody):
+        result = connection.execute(s.text, list(s.parameters)).fetchnumpy()
+        counts = [c for c in result if c.startswith("c")]
+        assert len(counts) == len(flags)
+        for column in counts:
+            # A NULL would come as a masked float, its value whatever lies under the mask.
+            assert result[column].dtype.kind == "i" and not hasattr(result[column], "mask")
+        if s is nobody:
+            assert all(result[c].tolist() == [0] for c in counts)
+        else:
+            by_gender = dict(zip(result[next(iter(result))].tolist(), result[counts[0]].tolist(),
+                                 strict=True))
+            assert sorted(by_gender.values()) == [0, 1]  # Male's flag set, Female's missing
