@@ -565,18 +565,26 @@ def build_query(args: argparse.Namespace, client: Client) -> Query:
             "give a query: SQL text, or one of --count, --flag-counts SET, --sum VAR, "
             "--mean VAR, --proportion CONDITION"
         )
-    for text in args.by:
-        if not all(part.strip() for part in text.split(",")):
-            # Dropping it would release a table grouped by less than was written.
+    if args.by:
+        query = query.by(*_by_names(args.by))
+    for text in args.where:
+        query = query.where(_condition(text, "--where", client.codebook, command))
+    return replace(query, spelling="cli")  # so that a message suggests options, not Python
+
+
+def _by_names(texts: list[str]) -> list[str]:
+    """The dimension names the --by options give, in order, each value split at commas."""
+    names = []
+    for text in texts:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            # Dropping it would group a table (or order one) by less than was written.
             raise errors.InvalidQuery(
                 f"--by {text!r}: an empty value in the list; write --by DIM, or --by DIM,DIM "
                 f"for several"
             )
-    if args.by:
-        query = query.by(*args.by)
-    for text in args.where:
-        query = query.where(_condition(text, "--where", client.codebook, command))
-    return replace(query, spelling="cli")  # so that a message suggests options, not Python
+        names.extend(parts)
+    return names
 
 
 def _loss(args: argparse.Namespace) -> dict[str, Any]:
@@ -778,7 +786,7 @@ def run_budget(args: argparse.Namespace) -> int:
 
 def run_releases(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
-        order = [name.strip() for text in args.by for name in text.split(",")]
+        order = _by_names(args.by)
         if order and not args.release_id:
             raise errors.InvalidQuery("--by orders one release's dimensions: give its RELEASE_ID")
         if args.release_id:

@@ -219,6 +219,8 @@ def test_a_release_fetched_again_comes_in_the_order_by_names(
     )  # the same cells, arranged
     code, _, err = veil(capsys, "releases", release_id, "--by", "ageBroad", "-q")
     assert code == 2 and "ageBroad" in err
+    code, _, err = veil(capsys, "releases", release_id, "--by", "majorityStatus,", "-q")
+    assert code == 2 and "an empty value in the list" in err
     code, _, err = veil(capsys, "releases", "--by", "gender", "-q")
     assert code == 2 and "RELEASE_ID" in err
 
