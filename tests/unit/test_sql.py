@@ -330,3 +330,29 @@ def test_a_flag_missing_in_every_record_of_a_group_counts_zero_not_null() -> Non
             by_gender = dict(zip(result[next(iter(result))].tolist(), result[counts[0]].tolist(),
                                  strict=True))
             assert sorted(by_gender.values()) == [0, 1]  # Male's flag set, Female's missing
+
+
+@pytest.mark.parametrize("measure", [Sum, Mean])
+def test_a_sum_over_values_all_missing_is_zero_not_null(measure: type[Sum] | type[Mean]) -> None:
+    connection = duckdb.connect()
+    connection.execute(create_table(CODEBOOK))
+    rows = [("Male", 2010), ("Female", None), ("Female", None)]  # Female: every year missing
+    for gender, year in rows:
+        connection.execute(
+            'INSERT INTO records ("gender", "yearOfRegistration") VALUES (?, ?)', [gender, year]
+        )
+    grouped = statement(Query(measure("yearOfRegistration"), by=("gender",)))
+    nobody = statement(
+        Query(measure("yearOfRegistration"), where=Eq("gender", "Transgender/NonConforming"))
+    )
+    for s in (grouped, nobody):
+        result = connection.execute(s.text, list(s.parameters)).fetchnumpy()
+        sums = [c for c in result if c.startswith("c")]
+        assert sums
+        for column in sums:
+            assert result[column].dtype.kind == "i" and not hasattr(result[column], "mask")
+        if s is nobody:
+            assert all(result[c].tolist() == [0] for c in sums)
+        else:
+            per_group = sorted(any(int(result[c][i]) for c in sums) for i in range(2))
+            assert per_group == [False, True]  # Female's years all missing: they add nothing
