@@ -155,6 +155,12 @@ def _start(
             "CLIENT_ID). If this deployment has a ledger already, correct the path."
         )
     engine = build_engine(config)
+    # What a failed start must take back: the files the new ledger brings into being.
+    new_files = [
+        path
+        for path in (config.ledger, Path(f"{config.ledger}-wal"), Path(f"{config.ledger}-shm"))
+        if creating and not path.exists()
+    ]
     accounts = LedgerAccounts.for_config(config, engine, create=demo or creating)
     tokens: dict[str, str] = {}
     try:
@@ -183,6 +189,8 @@ def _start(
             )
     except BaseException:
         accounts.close()
+        if creating:
+            _undo_creation(config.ledger, new_files)
         raise
     try:
         for client, role, cap in wanted:
@@ -200,6 +208,18 @@ def _start(
         running.stop()
         raise
     return running, tokens
+
+
+def _undo_creation(ledger: Path, new_files: list[Path]) -> None:
+    """Take back a ledger this start created and never served from (its port was in use, say):
+    left behind, it would let the next start, --init-admin or not, open it as the deployment's
+    ledger without the warning that a new ledger was created."""
+    for path in new_files:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    if ledger not in new_files:  # an empty file was there: leave it as empty as it was
+        with contextlib.suppress(OSError):
+            os.truncate(ledger, 0)
 
 
 def _write_demo_data(path: Path, *, rows: int, seed: int) -> None:

@@ -128,11 +128,12 @@ def test_tls_files_grpc_cannot_use_are_refused_naming_the_setting(
     assert tls_config is not None and tls_config.mutual
 
 
-def test_an_address_in_use_is_refused_and_leaves_no_administrator_behind(
+def test_an_address_in_use_is_refused_and_leaves_no_ledger_behind(
     deployment: Path,
 ) -> None:
-    """The failed start must not register the administrator whose token it never showed:
-    the corrected start with the same --init-admin must work."""
+    """The failed start must not register the administrator whose token it never showed, nor
+    leave the ledger it created: the next start would open that one silently (without
+    --init-admin, with no administrator at all). The corrected start creates it, and says so."""
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
@@ -143,8 +144,10 @@ def test_an_address_in_use_is_refused_and_leaves_no_administrator_behind(
             f"error: cannot listen on 127.0.0.1:{port}: 127.0.0.1 port {port} is already in "
             "use (another veil server, or another program)"
         )
-    with Ledger.open_readonly(deployment / "ledger.sqlite") as ledger:
-        assert ledger.list_clients() == []
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        assert not (deployment / name).exists()
+    line = refused("serve", "--config", str(config), cwd=deployment)
+    assert line.startswith("error: there is no ledger at ")
 
     process = veil("serve", "--config", str(config), "--init-admin", "ops", cwd=deployment)
     try:
@@ -155,7 +158,8 @@ def test_an_address_in_use_is_refused_and_leaves_no_administrator_behind(
         assert process.wait(timeout=30) == 0
     finally:
         process.kill()
-        process.communicate()
+        _, err = process.communicate()
+    assert "there was no ledger at" in err and "a new one was created" in err
     with Ledger.open_readonly(deployment / "ledger.sqlite") as ledger:
         assert [c.client_id for c in ledger.list_clients()] == ["ops"]
 
