@@ -26,6 +26,7 @@ from protos.veil.v1.trailers import (
     BUDGET_REMAINING_KEY,
     BUDGET_SCOPE_KEY,
     QUOTA_FAILURE_TYPE_URL,
+    REQUEST_SPENT_KEY,
     RETRY_AFTER_KEY,
     STATUS_DETAILS_KEY,
     VARIABLE_KEY,
@@ -321,6 +322,10 @@ def from_rpc_error(
         return PermissionDenied(details, **kw)
     if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         lost = QueryTimeout if code == grpc.StatusCode.DEADLINE_EXCEEDED else Cancelled
+        if _text(trailers.get(REQUEST_SPENT_KEY)) == "1":
+            # Charged with nothing released: the id is spent, and a retry under it is refused.
+            # No request id to reuse, then; the server's message says to ask under a new one.
+            return lost(details, code=code.name, request_id=None)
         if not request_id:
             return lost(details, **kw)
         # The release may have been charged on its way back: the same id gets it, free.

@@ -95,7 +95,8 @@ class CallWatch:
             return CallDeadlineError(
                 f"the query ran longer than the server's limit of {limit:g} s and was stopped "
                 "after its charge was held: it was charged, and nothing was released; ask again "
-                "under a new request id (a narrower query finishes sooner)"
+                "under a new request id (a narrower query finishes sooner)",
+                spent=True,
             )
         if self.reason == "limit":
             return CallDeadlineError(

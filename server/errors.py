@@ -39,6 +39,7 @@ from protos.veil.v1.trailers import (
     BUDGET_REMAINING_KEY,
     BUDGET_SCOPE_KEY,
     QUOTA_FAILURE_TYPE_URL,
+    REQUEST_SPENT_KEY,
     RETRY_AFTER_KEY,
     STATUS_DETAILS_KEY,
     VARIABLE_KEY,
@@ -75,7 +76,13 @@ class RateLimitedError(ServerError):
 
 
 class CallDeadlineError(ServerError):
-    """The call's deadline (or the server's longest query time) passed; nothing was charged."""
+    """The call's deadline (or the server's longest query time) passed. Nothing was charged,
+    unless `spent`: the limit stopped the query after its charge was held, and its request id
+    is charged with nothing released."""
+
+    def __init__(self, message: str, *, spent: bool = False) -> None:
+        super().__init__(message)
+        self.spent = spent
 
 
 class CallCancelledError(ServerError):
@@ -172,6 +179,8 @@ def status_for(error: BaseException) -> Status:
         trailers.extend(_quota_trailers(code, message, error.scope, error.remaining))
     if isinstance(error, RateLimitedError):
         trailers.append((RETRY_AFTER_KEY, f"{error.retry_after:.3f}"))
+    if isinstance(error, CallDeadlineError) and error.spent:
+        trailers.append((REQUEST_SPENT_KEY, "1"))
     if isinstance(error, InvalidQueryError) and error.variable:
         trailers.append((VARIABLE_KEY, _ascii(error.variable[:128])))
     return Status(code, message, tuple(trailers))

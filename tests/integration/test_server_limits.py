@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client.errors import QueryTimeout, from_rpc_error
 from engine.backend import Cancellation, DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
@@ -198,6 +199,8 @@ def test_a_deadline_that_passes_once_the_data_is_read_does_not_stop_the_query(
             with pytest.raises(grpc.RpcError) as error:
                 s.research.Release(request, metadata=server.auth("alice"), timeout=0.2)
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            lost = from_rpc_error(error.value, request_id="slow-1")
+            assert lost.request_id == "slow-1" and "retry with request_id='slow-1'" in str(lost)
             # The scan takes more than 1.5 s (see the fixture): it ran to its end all the same.
             wait_idle(server, 60)
             assert scans == [False]
@@ -224,6 +227,12 @@ def test_server_limit_on_query_time_forfeits_the_charge(tmp_path: Path, slow_dat
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             details = error.value.details() or ""
             assert "server's limit of 0.3 s" in details and "it was charged" in details
+            assert dict(error.value.trailing_metadata() or ())["veil-request-spent"] == "1"
+            # The client offers no request id to retry under, and no advice to: it is spent.
+            lost = from_rpc_error(error.value, request_id="slow-2")
+            assert isinstance(lost, QueryTimeout) and lost.request_id is None
+            assert "retry with" not in str(lost) and "new request id" in str(lost)
+            assert "--request-id" not in (lost.shell_message or "")
             ledger = server.ledger
             assert ledger.spent("alice") == Fraction(1, 2) and charges_settled(ledger)
             assert ledger.releases() == []

@@ -28,10 +28,15 @@ VARIABLE_KEY: Final = "veil-variable"
 # wait before calling again, as decimal text ("0.250").
 RETRY_AFTER_KEY: Final = "retry-after"
 
+# DEADLINE_EXCEEDED from the server's time limit after the charge was held: "1". The request id
+# is spent (charged, nothing released), so a retry under it is refused; ask under a new one.
+REQUEST_SPENT_KEY: Final = "veil-request-spent"
+
 __all__ = [
     "BUDGET_REMAINING_KEY",
     "BUDGET_SCOPE_KEY",
     "QUOTA_FAILURE_TYPE_URL",
+    "REQUEST_SPENT_KEY",
     "RETRY_AFTER_KEY",
     "STATUS_DETAILS_KEY",
     "VARIABLE_KEY",

@@ -29,8 +29,12 @@ Errors are gRPC status codes with a message that says what was rejected and why:
                       the per-client rate limit, or the server's concurrency cap
   UNAUTHENTICATED     no token, an unknown token, or a revoked client
   PERMISSION_DENIED   the caller's role may not make this call
-  DEADLINE_EXCEEDED   the call's deadline passed; nothing was charged and nothing released
-  CANCELLED           the caller cancelled; nothing was charged and nothing released
+  DEADLINE_EXCEEDED   the call's deadline, or the server's longest query time, passed before
+                      the charge was held: nothing was charged, and the call may be retried
+                      with the same request id; or the server's longest query time stopped
+                      the query after: charged, nothing released, and the trailer
+                      veil-request-spent ("1") says the request id may not be used again
+  CANCELLED           the caller cancelled before the charge was held; nothing was charged
   UNAVAILABLE         the ledger cannot durably record a charge, or the server is stopping;
                       nothing was charged, and the call may be retried with the same request id
   INTERNAL            a fault; the message holds only a reference for the server's log
