@@ -692,6 +692,15 @@ def _check_entry(table: PackTable, entry: ManifestEntry, dry: DryRun) -> None:
     release of data the server no longer serves: its request id would be refused, or worse,
     stand for another table. A table that gives a half-width matches an entry for the same
     half-width (at the entry's loss); one that gives a loss, an entry for that loss."""
+    # New data first: a query's fingerprint names the codebook too, so a table released on
+    # data loaded under another codebook would otherwise be called changed in the spec.
+    if entry.released and dry.data_version and entry.data_version != dry.data_version:
+        raise ManifestConflict(
+            f"the manifest pins table {table.name} to a release of data version "
+            f"{entry.data_version}, and the server now serves {dry.data_version}: pinned "
+            f"releases cannot be replayed on new data; release the pack with a new manifest "
+            f"(another file) for this data version", table=table.name,
+        )
     same_ask = (entry.half_width == table.half_width if table.half_width is not None
                 else entry.half_width is None and table.loss is not None
                 and entry.loss == format_amount(table.loss))
@@ -704,13 +713,6 @@ def _check_entry(table: PackTable, entry: ManifestEntry, dry: DryRun) -> None:
             f"table {table.name} has changed since the manifest recorded {what} for it "
             f"({entry.query} at {asked}): restore it in the spec, or remove its entry from "
             f"the manifest to release the new one", table=table.name,
-        )
-    if entry.released and dry.data_version and entry.data_version != dry.data_version:
-        raise ManifestConflict(
-            f"the manifest pins table {table.name} to a release of data version "
-            f"{entry.data_version}, and the server now serves {dry.data_version}: pinned "
-            f"releases cannot be replayed on new data; release the pack with a new manifest "
-            f"(another file) for this data version", table=table.name,
         )
 
 

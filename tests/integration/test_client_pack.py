@@ -428,6 +428,12 @@ def test_a_manifest_that_cannot_pin_the_pack_is_refused_before_anything_is_charg
     old.write_text(json.dumps(document))
     with pytest.raises(ManifestConflict, match="data version an-earlier-load"):
         release_pack(veil_client, pack_of([*sqls, tables(1)[0]], ["0.1"] * 3), manifest=old)
+    # Data loaded under another codebook changes every fingerprint too (they name the
+    # codebook): the spec is not what changed, and the advice is the new data's.
+    document["tables"]["t1"]["fingerprint"] = "0" * 64
+    old.write_text(json.dumps(document))
+    with pytest.raises(ManifestConflict, match="data version an-earlier-load"):
+        release_pack(veil_client, pack, manifest=old)
 
     stranger_id, stranger = researcher(live, cap="1")
     with pytest.raises(ManifestConflict, match=f"written by client {client_id}"):
