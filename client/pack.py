@@ -903,20 +903,19 @@ def add_pack_command(subparsers: Any) -> argparse.ArgumentParser:
 def run_pack(args: argparse.Namespace) -> int:
     from client import cli
 
+    out: Path = args.out if args.out is not None else Path(args.spec.stem)
+    manifest_path: Path = args.manifest if args.manifest is not None else out / "manifest.json"
     try:
-        pack = Pack.from_toml(args.spec)
+        pack = Pack.from_toml(args.spec)  # its SQL parser loads here: a moment to interrupt
+        manifest = Manifest.read(manifest_path)
     except (PackSpecError, InvalidQuery) as exc:
         # Refused before any server is asked: the spec is the caller's to fix.
         text = str(exc) if isinstance(exc, PackSpecError) else cli.invalid_query_text(exc)
         print(f"veil: {text}", file=sys.stderr)
         return cli.EXIT_INVALID
-    out: Path = args.out if args.out is not None else Path(args.spec.stem)
-    manifest_path: Path = args.manifest if args.manifest is not None else out / "manifest.json"
-    try:
-        manifest = Manifest.read(manifest_path)
-    except PackSpecError as exc:
-        print(f"veil: {exc}", file=sys.stderr)
-        return cli.EXIT_INVALID
+    except KeyboardInterrupt:
+        print("veil: interrupted; nothing was asked of any server", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
 
     if args.dry_run:
         def price(client: Client) -> int:

@@ -507,6 +507,23 @@ def test_a_write_that_fails_keeps_the_old_file_and_names_the_release(
     assert code == 0 and out.startswith("gender,")
 
 
+def test_ctrl_c_while_a_pack_spec_is_read_says_nothing_was_asked(
+    env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import client.pack
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client.pack.Pack, "from_toml", interrupted)
+    for mode in ("--dry-run", "--out"):
+        extra = [str(tmp_path / "tables")] if mode == "--out" else []
+        code, out, err = veil(capsys, "pack", str(tmp_path / "spec.toml"), mode, *extra)
+        assert code == 130 and out == ""
+        assert _one_line(err) == "veil: interrupted; nothing was asked of any server"
+    assert not (tmp_path / "tables").exists()
+
+
 def test_ctrl_c_names_the_request_id_that_fetches_the_release_free(
     env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
