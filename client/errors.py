@@ -355,9 +355,11 @@ def _token_advice(details: str) -> tuple[str, str]:
         # rotate CLIENT`), or the token issued to the client the certificate names.
         return "", ""
     if "not valid" in lowered:  # unknown, rotated or revoked: another way of passing it won't do
+        # The server does not say which (a revoked client's token is refused like any other),
+        # and the two remedies differ: a revoked client cannot be given a token again.
         replaced = (
-            "a rotated, expired or revoked token needs a new one from the administrator "
-            "(veil admin rotate CLIENT)"
+            "a rotated or expired token needs a new one from the administrator (veil admin "
+            "rotate CLIENT); a revoked client needs to be registered anew (veil admin register)"
         )
         return (
             f" (check that token=... or {TOKEN_ENV} holds the latest token issued to you; "

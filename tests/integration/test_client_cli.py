@@ -738,11 +738,15 @@ def test_an_expired_or_revoked_token_is_not_told_to_pass_the_token_again(
     assert "token=... or VEIL_TOKEN holds the latest token issued to you" in str(raised.value)
     assert "needs a new one from the administrator (veil admin rotate CLIENT)" in str(
         raised.value)
+    # Revoked: rotating is refused for it (a revoked client cannot be given a token again).
+    assert "a revoked client needs to be registered anew (veil admin register)" in str(
+        raised.value)
     monkeypatch.setenv("VEIL_TOKEN", revoked)
     code, _, err = veil(capsys, "budget", "-q")
     assert code == 4 and "token=" not in err
     assert "check that VEIL_TOKEN or --token-file holds the latest token" in _one_line(err)
     assert "needs a new one from the administrator (veil admin rotate CLIENT)" in err
+    assert "a revoked client needs to be registered anew (veil admin register)" in err
 
     # No token at all: the shell's ways to give one, not Python's.
     code, _, err = veil(capsys, "budget", "-q", "--token", "")
