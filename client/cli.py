@@ -446,7 +446,7 @@ def invalid_query_text(error: errors.InvalidQuery) -> str:
     if isinstance(error, errors.UnsupportedSQL):
         return error.reason if error.malformed else f"unsupported SQL: {error}"
     where = f" (variable {error.variable})" if error.variable else ""
-    return f"invalid query{where}: {error}"
+    return f"invalid query{where}: {_shell_words(error)}"
 
 
 def _shell_words(error: errors.VeilError) -> str:

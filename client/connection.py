@@ -470,9 +470,11 @@ class Client:
         (name, value), = given.items()
         deployment = self.deployment
         if name != "loss" and name != deployment.loss_name:
+            accounts = (f"this server accounts privacy loss as {deployment.loss_name} "
+                        f"({deployment.accounting})")
             raise InvalidQuery(
-                f"this server accounts privacy loss as {deployment.loss_name} "
-                f"({deployment.accounting}); pass {deployment.loss_name}=... instead of {name}="
+                f"{accounts}; pass {deployment.loss_name}=... instead of {name}=",
+                shell_message=f"{accounts}; pass --{deployment.loss_name} instead of --{name}",
             )
         return decimal_text(value, name)
 

@@ -73,8 +73,9 @@ class InvalidQuery(VeilError, ValueError):
         variable: str | None = None,
         code: str | None = None,
         request_id: str | None = None,
+        shell_message: str | None = None,
     ) -> None:
-        super().__init__(message, code=code, request_id=request_id)
+        super().__init__(message, code=code, request_id=request_id, shell_message=shell_message)
         self.variable = variable
 
 

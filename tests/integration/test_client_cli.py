@@ -507,6 +507,19 @@ def test_a_write_that_fails_keeps_the_old_file_and_names_the_release(
     assert code == 0 and out.startswith("gender,")
 
 
+def test_the_other_accountings_loss_is_refused_in_the_shells_words(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = veil(capsys, "query", "--count", "--by", "gender", "--rho", "0.1", "-q")
+    assert code == 2 and out == ""
+    line = _one_line(err)
+    assert line.endswith("pass --epsilon instead of --rho") and "=" not in line
+    with client.connect(os.environ["VEIL_SERVER"], token=env) as veil_client:
+        with pytest.raises(client.InvalidQuery, match=r"pass epsilon=\.\.\. instead of rho="):
+            veil_client.count().by("gender").release(rho="0.1")
+        assert veil_client.budget().spent == 0
+
+
 def test_ctrl_c_while_a_pack_spec_is_read_says_nothing_was_asked(
     env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
