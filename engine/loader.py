@@ -246,7 +246,7 @@ def load(
                 version=version, dataset=dataset, empty=0 if shape is None else shape.empty,
             )
             if strict:
-                _refuse(report, counts.filled, source)
+                _refuse(report, counts.filled, source, codebook)
             inserted = _run(
                 connection,
                 load_insert(reader, layout.columns, missing_codes),
@@ -626,7 +626,9 @@ def _report(
     )
 
 
-def _refuse(report: LoadReport, filled: Mapping[int, int], source: Path) -> None:
+def _refuse(
+    report: LoadReport, filled: Mapping[int, int], source: Path, codebook: Codebook
+) -> None:
     """Strict mode: refuse a file with data outside the codebook, naming columns and values."""
     problems = []
     holding = [s for s in report.skipped if filled.get(s.position, 0) > 0]
@@ -650,7 +652,25 @@ def _refuse(report: LoadReport, filled: Mapping[int, int], source: Path) -> None
             f"{source.name} refused in strict mode ("
             + "; ".join(problems)
             + "); load lenient to store such values as missing and ignore such columns"
+            + _beyond_range(report, codebook)
         )
+
+
+def _beyond_range(report: LoadReport, codebook: Codebook) -> str:
+    """Advice for whole numbers past an integer variable's range (a year after the codebook's
+    last): stored as missing, they would move all their records into the missing value."""
+    beyond = []
+    for name, values in report.out_of_domain.items():
+        variable = codebook.variable(name)  # only the codebook's variables are checked
+        if variable.kind is Kind.INTEGER and any(v.strip().lstrip("-").isdigit() for v in values):
+            beyond.append(f"{name} ({variable.low} to {variable.high})")
+    if not beyond:
+        return ""
+    return (
+        f"; but a lenient load would store every record outside the range of {', '.join(beyond)} "
+        "as missing: to serve those values, load under a codebook of your own whose range "
+        "admits them (--codebook; the README's loading section says how)"
+    )
 
 
 def _describe_values(values: Mapping[str, int], *, shown: int) -> str:

@@ -385,6 +385,9 @@ def test_strict_refuses_out_of_domain_values_naming_them(tmp_path: Path) -> None
         ("isAbduction", "'2'"),
     ]:
         assert column in message and value in message
+    # A year past the range: a lenient load would empty it into the missing year.
+    assert "outside the range of yearOfRegistration (2002 to 2021)" in message
+    assert "a codebook of your own whose range admits them (--codebook" in message
     assert not database.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dirty.csv"]  # nothing left behind
 
