@@ -110,7 +110,8 @@ def measure(data: Dataset, work: str) -> dict[str, Any]:
     try:
         result["server_idle"] = server.memory()
         (token,) = server.register_researchers(1)
-        queries = workload(default_codebook())
+        codebook = default_codebook()
+        queries = workload(codebook)
         with server.channel() as channel:
             stub = pb_grpc.ResearchStub(channel)
             metadata = (("authorization", f"Bearer {token}"),)
@@ -127,7 +128,7 @@ def measure(data: Dataset, work: str) -> dict[str, Any]:
         result["server"] = server.memory()
     finally:
         server.stop()
-    request = {"path": str(data.path), "sql": [raw_sql(q) for q in queries]}
+    request = {"path": str(data.path), "sql": [raw_sql(q, codebook) for q in queries]}
     for mode in ("duckdb_file", "duckdb_table", "python_baseline", "duckdb_baseline"):
         result[mode] = _child(mode, request)
     return result
