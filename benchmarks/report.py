@@ -162,17 +162,24 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                                    ("smartnoise_sql", 1.0, "SmartNoise SQL")):
         for size in _sizes(results):
             for query in queries:
-                theirs = _runs(results, size, query, library)
+                record = _record(results, size, query, library)
+                if record is None:
+                    continue  # not run at this size (not chosen, or past --polars-max-rows)
+                theirs = record["runs"]
                 ours = _runs(results, size, query, "veil_release")
-                if not theirs or not ours:
-                    continue
                 need = factor
                 if library == "smartnoise_sql" and query in ("means_of_control", "corridor"):
                     need = 10.0
-                ratio = paired_ratio(theirs, ours)
                 faster = "faster" if need == 1.0 else f"{need:.0f}x faster"
+                name = f"veil release {faster} than {label}, {query}, {size:,} rows"
+                if not theirs or not ours:
+                    # Run, and failed: said so, rather than the target left out of the table.
+                    failed = record.get("error") if not theirs else "veil_release has no runs"
+                    line(name, f"not measured ({failed or 'no runs'})", None)
+                    continue
+                ratio = paired_ratio(theirs, ours)
                 line(
-                    f"veil release {faster} than {label}, {query}, {size:,} rows",
+                    name,
                     f"{_ratio(ratio)} ({_ms(median(theirs))} vs {_ms(median(ours))})",
                     None if ratio is None else ratio >= need if need > 1 else ratio > 1,
                 )

@@ -191,11 +191,14 @@ class VeilReplay(_Path):
         assert engine is not None and ledger is not None
         typed = query.veil_query()
         loss = PrivacyLoss.pure(self.shared.epsilon)
+        spent = ledger.spent(CLIENT)
         start = time.perf_counter()
         release = engine.release(
             typed, loss=loss, charger=ledger, client=CLIENT, request_id=uuid.uuid4().hex
         )
         elapsed = time.perf_counter() - start
+        if ledger.spent(CLIENT) != spent:  # outside the timing
+            raise RuntimeError("a replay was expected, the ledger charged a fresh release")
         self._cells = release.table.num_rows
         return elapsed
 

@@ -123,8 +123,9 @@ class LiveServer:
             self._stop()
             self._start()
 
-    def release(self, query: WorkloadQuery, loss: Fraction) -> pa.Table:
-        """One Release call as a client makes it: build, call, decode."""
+    def release(self, query: WorkloadQuery, loss: Fraction) -> tuple[pa.Table, Any]:
+        """One Release call as a client makes it: build, call, decode; the table and the
+        response (for its charge and release id)."""
         assert self.research is not None
         request = pb.ReleaseRequest(
             request_id=uuid.uuid4().hex,
@@ -132,7 +133,7 @@ class LiveServer:
             loss=format_amount(loss),
         )
         response = self.research.Release(request, metadata=self.metadata)
-        return pa.ipc.open_stream(pa.py_buffer(response.arrow_ipc)).read_all()
+        return pa.ipc.open_stream(pa.py_buffer(response.arrow_ipc)).read_all(), response
 
     def _stop(self) -> None:
         if self.channel is not None:
@@ -179,8 +180,10 @@ class VeilGrpc(_Call):
         self.server.fresh += 1
         loss = self.server.epsilon + self.server.fresh * STEP
         start = time.perf_counter()
-        table = self.server.release(query, loss)
+        table, response = self.server.release(query, loss)
         elapsed = time.perf_counter() - start
+        if response.charged != format_amount(loss):
+            raise RuntimeError("a fresh release was expected, the server returned a stored one")
         self.server.spent += loss
         self._cells = table.num_rows
         return elapsed
@@ -197,8 +200,10 @@ class VeilGrpcReplay(_Call):
 
     def run(self, query: WorkloadQuery) -> float:
         start = time.perf_counter()
-        table = self.server.release(query, self.server.epsilon)
+        table, response = self.server.release(query, self.server.epsilon)
         elapsed = time.perf_counter() - start
+        if response.charged != "0":
+            raise RuntimeError("a replay was expected, the server made a fresh release")
         self._cells = table.num_rows
         return elapsed
 
