@@ -113,14 +113,18 @@ def _not_empty(text: str) -> str:
 
 def token_of(args: argparse.Namespace) -> str:
     """The token of `add_server_options`: --token-file's, else --token's, else $VEIL_TOKEN's.
-    Raises AuthenticationError, in the shell's words, when there is none; OSError when the token
-    file cannot be read."""
+    Raises AuthenticationError, in the shell's words, when there is none or the token file
+    cannot be read."""
     token = args.token
     if args.token_file is not None:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the token.
-        token = _token_in_file(
-            args.token_file, args.token_file.expanduser().read_text(encoding="utf-8-sig")
-        )
+        try:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the token.
+            text = args.token_file.expanduser().read_text(encoding="utf-8-sig")
+        except OSError as exc:  # a credential missing, as an empty file is: exit status 4
+            raise errors.AuthenticationError(
+                f"cannot read the token file {args.token_file}: {exc.strerror or exc}"
+            ) from exc
+        token = _token_in_file(args.token_file, text)
     # An empty --token (an unset variable expanded) is no token, not a cue to read VEIL_TOKEN.
     if token is None:
         token = os.environ.get(TOKEN_ENV)
@@ -179,7 +183,7 @@ def connection_options() -> argparse.ArgumentParser:
                      help="use TLS (the default for every host but a loopback one)")
     tls.add_argument("--no-tls", dest="tls", action="store_false",
                      help="plaintext (only loopback servers accept it)")
-    group.add_argument("--retries", type=int, default=5, metavar="N",
+    group.add_argument("--retries", type=_count_between(1, 100), default=5, metavar="N",
                        help="tries in all when the server is unavailable (default 5)")
     group.add_argument("-q", "--quiet", action="store_true",
                        help="no progress or timing on standard error")

@@ -717,6 +717,15 @@ def test_a_missing_token_names_the_shells_ways_to_give_one(
     empty.write_text("\n")
     code, _, err = veil(capsys, "budget", "--token-file", str(empty))
     assert code == 4 and _one_line(err) == f"veil: the token file {empty} is empty"
+    missing = tmp_path / "no-such-token"
+    code, _, err = veil(capsys, "budget", "--token-file", str(missing))
+    assert code == 4 and _one_line(err) == (
+        f"veil: cannot read the token file {missing}: No such file or directory"
+    )
+    for wrong in ("-1", "0", "many"):  # tries in all: at least one
+        with pytest.raises(SystemExit) as exited:
+            veil(capsys, "budget", "--retries", wrong)
+        assert exited.value.code == 2 and "--retries" in capsys.readouterr().err
     code, _, err = veil(capsys, "admin", "list")
     assert code == 4 and "set VEIL_TOKEN or pass --token-file" in _one_line(err)
 
