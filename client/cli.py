@@ -763,7 +763,7 @@ def run_codebook(args: argparse.Namespace) -> int:
                 [[r["name"], r["kind"], shorten(r["domain"], 42), shorten(r["definition"], width)]
                  for r in rows],
             )
-            emit(f"{book.header()}\n{book.deployment!r}\n\n{table}")
+            emit(f"{book.header()}\n{book.deployment.describe()}\n\n{table}")
         return EXIT_OK
 
     return run_with_client(args, body)

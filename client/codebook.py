@@ -232,6 +232,15 @@ class Deployment:
         """What the privacy loss is called here: "epsilon" or "rho"."""
         return LOSS_SYMBOL.get(self.accounting, "loss")
 
+    def describe(self) -> str:
+        """The settings in a sentence, as `veil codebook` prints them."""
+        return (
+            f"privacy loss: {self.loss_name} ({self.accounting}); a cell is suppressed when its "
+            f"noisy count is below k = {self.k} plus a margin (beta {self.beta:g}); intervals at "
+            f"{self.confidence:.0%}; at most {self.max_cells:,} cells and {self.max_dimensions} "
+            f"dimensions a query; data version {self.data_version}"
+        )
+
     def __repr__(self) -> str:
         return (
             f"Deployment(accounting={self.accounting} ({self.loss_name}), k={self.k}, "
