@@ -25,7 +25,7 @@ encrypted, is refused before the server starts.
     [caps]                        # exact decimals
     dataset = "20"                # total loss the dataset may incur, all clients together
     client = "1"                  # default cap of a newly registered researcher
-    institutions = { IOM = "5" }  # per-institution caps
+    institutions = { iom = "5" }  # per-institution caps, by the names given at registration
 
     [server]
     listen = "127.0.0.1:50051"
