@@ -601,3 +601,115 @@ def test_charges_made_before_their_entries_dated_them_are_not_held_to_those_time
         (new_id,) = conn.execute(query).fetchone()
     dated = [p for p in verify(path).problems if "reserved_at" in p]
     assert len(dated) == 1 and dated[0].startswith(f"charge {new_id}: its reserved_at is ")
+
+
+# ---- forgeries that only one check of verify can catch ------------------------------------------
+
+
+def _canonical(entry: dict[str, object]) -> str:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _digest(prev: str, text: str) -> str:
+    return hashlib.sha256(prev.encode() + text.encode()).hexdigest()
+
+
+def _first(conn: sqlite3.Connection, event: str) -> tuple[int, str, str]:
+    seq, prev, text = conn.execute(
+        "SELECT seq, prev_hash, entry FROM audit WHERE entry LIKE ? ORDER BY seq LIMIT 1",
+        (f'%"event":"{event}"%',),
+    ).fetchone()
+    return seq, prev, text
+
+
+def test_an_entry_rehashed_but_not_rechained_is_found(path: Path) -> None:
+    """A middle entry rewritten with its own hash recomputed: the next entry's link breaks."""
+    with forger(path) as conn:
+        seq, prev, text = _first(conn, "refused")
+        entry = json.loads(text)
+        entry["time"] = "2000-01-01T00:00:00Z"
+        rewritten = _canonical(entry)
+        conn.execute(
+            "UPDATE audit SET entry = ?, hash = ? WHERE seq = ?",
+            (rewritten, _digest(prev, rewritten), seq),
+        )
+    result = verify(path)
+    assert not result.ok and result.first_bad_seq == seq + 1, result.problems
+    assert "does not bind the entry before it" in result.problems[0], result.problems
+
+
+def test_the_last_entry_rehashed_beside_the_recorded_head_is_found(path: Path) -> None:
+    """The last entry rewritten with its own hash, the recorded head left as it was."""
+    with forger(path) as conn:
+        seq, prev, text = conn.execute(
+            "SELECT seq, prev_hash, entry FROM audit ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        entry = json.loads(text)
+        entry["time"] = "2000-01-01T00:00:00Z"
+        rewritten = _canonical(entry)
+        conn.execute(
+            "UPDATE audit SET entry = ?, hash = ? WHERE seq = ?",
+            (rewritten, _digest(prev, rewritten), seq),
+        )
+    result = verify(path)
+    assert not result.ok and any("head" in p for p in result.problems), result.problems
+
+
+def test_an_entry_deleted_and_the_rest_renumbered_and_rechained_is_found(path: Path) -> None:
+    """Each entry names its own place in the log: renumbering the rows around a deleted refusal
+    and recomputing the chain and the head leaves the later entries' own numbers out of place."""
+    with forger(path) as conn:
+        seq, _, _ = _first(conn, "refused")
+        conn.execute("DELETE FROM audit WHERE seq = ?", (seq,))
+        later = conn.execute("SELECT seq FROM audit WHERE seq > ? ORDER BY seq", (seq,))
+        for (old,) in list(later):
+            conn.execute("UPDATE audit SET seq = ? WHERE seq = ?", (old - 1, old))
+        rewrite_from(conn, seq)
+    result = verify(path)
+    assert not result.ok and result.first_bad_seq == seq, result.problems
+    assert "out of place" in result.problems[0], result.problems
+
+
+@pytest.mark.parametrize("where", ["state = 'cancelled'", "kind = 'replay'"])
+def test_a_charge_the_log_records_deleted_from_the_table_is_found(path: Path, where: str) -> None:
+    """A cancelled hold and a free replay move no budget: only the comparison of the log with
+    the charges table notices that their rows are gone."""
+    with forger(path) as conn:
+        assert conn.execute(f"DELETE FROM charges WHERE {where}").rowcount == 1
+    result = verify(path)
+    assert not result.ok
+    assert any("missing from the ledger" in p for p in result.problems), result.problems
+
+
+def test_a_revoked_client_brought_back_by_a_forged_registration_is_found(path: Path) -> None:
+    """A revoked client re-registered by an appended, chained entry (its budget shown as it
+    stands) and set active again in the table: verify names the second registration, and the
+    ledger will not open to serve the client."""
+    with open_ledger(path) as ledger:
+        ledger.revoke("bob")
+    with forger(path) as conn:
+        (last,) = conn.execute("SELECT max(seq) FROM audit").fetchone()
+        (text,) = conn.execute(
+            "SELECT entry FROM audit WHERE entry LIKE '%\"event\":\"register_client\"%' "
+            "AND entry LIKE '%\"client\":\"bob\"%'"
+        ).fetchone()
+        entry = json.loads(text)
+        entry["seq"], entry["time"] = last + 1, "2099-01-01T00:00:00Z"
+        spent, held = conn.execute(
+            "SELECT spent, held FROM totals WHERE kind = 'client' AND name = 'bob'"
+        ).fetchone()
+        for item in entry["budget"]:
+            item["before"] = item["after"] = {"spent": spent, "held": held}
+        conn.execute(
+            "INSERT INTO audit (seq, entry, prev_hash, hash) VALUES (?, ?, '', '')",
+            (last + 1, _canonical(entry)),
+        )
+        rewrite_from(conn, last + 1)
+        conn.execute(
+            "UPDATE clients SET status = 'active', revoked_at = NULL WHERE client_id = 'bob'"
+        )
+    result = verify(path)
+    assert not result.ok
+    assert any("client bob is registered a second time" in p for p in result.problems)
+    with pytest.raises(LedgerIntegrityError):
+        open_ledger(path).close()
