@@ -18,6 +18,7 @@ The larger runs (--run-slow) repeat the guessing attacks on more targets and fre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,30 @@ def test_differencing_fails_within_its_bound(attack: Callable[..., Attacker]) ->
     assert result.trials == 60
     assert result.verdict == "defended"
     assert result.success_rate < 1.0
+
+
+def test_differencing_is_judged_by_what_it_holds_about_each_target_not_all_it_spent(
+    attack: Callable[..., Attacker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches: four releases charged, but each target is in only two of them, so the
+    bound its guesses are held to is the one at epsilon 1 (0.731), not at 2 (0.881), which
+    would let a breach pass as within the bound."""
+    whole = attacks._batches
+    monkeypatch.setattr(  # a half of a batch is a batch: its targets are still apart
+        attacks, "_batches",
+        lambda people, know: [b[i::2] for b in whole(people, know) for i in (0, 1)],
+    )
+    result = attacks.differencing(attack().ctx)
+    assert result.trials == 60
+    assert result.charged == "epsilon=2" and result.dp_loss == "epsilon=1"
+    assert result.bound == pytest.approx(math.e / (1 + math.e))
+
+
+def test_a_single_success_of_an_attack_privacy_does_not_cover_is_a_breach() -> None:
+    """One injection accepted, or one release past the cap, is a breach: not a rate to test."""
+    assert attacks._count_result("injection", 1, 40, "0", "").verdict == "BREACH"
+    assert attacks._count_result("injection", 0, 40, "0", "").verdict == "defended"
+    assert attacks._count_result("injection", 0, 0, "0", "").verdict == "not run"
 
 
 # ---- averaging -----------------------------------------------------------------------------------
