@@ -13,8 +13,9 @@ from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.ledger import Ledger
-from engine.loss import PrivacyLoss
+from engine.loss import Accounting, PrivacyLoss
 from engine.query import Count, Query
+from engine.risk import binary_guess_bound
 from tests.conftest import write_database
 
 ROWS = [{"gender": "Male", "ageBroad": "18--20"}] * 40 + [{"gender": "Female"}] * 25
@@ -152,3 +153,41 @@ def test_shares_are_shown_to_a_tenth_of_a_percent(tmp_path: Path) -> None:
                        charger=ledger, client="amina", request_id="a1")
         page = render_html(build_tables(ledger, names=["budgets"]))
     assert "50.2%" in page and ">50%<" not in page
+
+
+def test_a_forfeit_counts_in_spending_the_summary_and_the_headline(tmp_path: Path) -> None:
+    """A query the server's time limit stopped is charged with nothing released: the spending
+    table, the summary's forfeit count and the report's guess bound must all count it."""
+    engine = Engine(
+        DuckDBBackend(write_database(tmp_path / "d.duckdb", ROWS, data_version="v1")),
+        codebook=default_codebook(),
+    )
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
+        ledger.register_client("alice", role="researcher", cap="1")
+        engine.release(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure("0.1"),
+                       charger=ledger, client="alice", request_id="a1")
+        stopped = ledger.reserve(
+            engine.plan(Query(Count(), by=("ageBroad",)), loss=PrivacyLoss.pure("0.4")),
+            client="alice", request_id="a2", data_version="v1",
+        )
+        stopped.forfeit("stopped_by_limit")
+        for request_id in ("a3", "a4"):  # two holds given back: neither is a forfeit
+            cancelled = ledger.reserve(
+                engine.plan(Query(Count()), loss=PrivacyLoss.pure("0.2")),
+                client="alice", request_id=request_id, data_version="v1",
+            )
+            cancelled.cancel()
+        tables = build_tables(ledger)
+    backend = engine.backend
+    assert isinstance(backend, DuckDBBackend)
+    backend.close()
+    alice = [r for r in tables["spending"].to_pylist() if r["kind"] == "client"]
+    assert [(r["amount"], r["cumulative"], r["cap_value"]) for r in alice] == [
+        ("0.1", "0.1", 1.0), ("0.4", "0.5", 1.0)
+    ]
+    assert tables.summary["forfeited"] == "1" and tables.summary["dataset_spent"] == "0.5"
+    assert tables.summary["dataset_guess_bound"] == repr(
+        binary_guess_bound(Accounting.PURE_DP, 0.5)
+    )
+    assert f"{binary_guess_bound(Accounting.PURE_DP, 0.5):.3f}" in render_html(tables)
