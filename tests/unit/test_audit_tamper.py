@@ -367,6 +367,12 @@ def test_a_corrupted_release_is_reported_failed_not_a_crash(
     assert f"release {release_id}: its stored bytes" in page
     assert "<b>1</b>releases altered or unreadable" in page
     assert "<tr class='flag'>" in page
+    # Asked for the releases alone (no verification table): still found, still exit 1.
+    import veil_cli
+
+    alone = ["audit", "tables", str(path), "--out", str(tmp_path / "alone"), "--table", "releases"]
+    assert veil_cli.main(alone) == 1
+    assert "1 stored release(s) altered or unreadable" in capsys.readouterr().out
 
 
 def test_a_log_rewritten_end_to_end_fails_against_a_pinned_head(
