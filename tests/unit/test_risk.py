@@ -208,6 +208,20 @@ def test_a_published_csv_is_loaded_leniently_and_the_load_is_noted(tmp_path: Pat
     assert report.source == str(source)
 
 
+def test_a_quasi_identifier_absent_from_the_file_is_noted(tmp_path: Path) -> None:
+    source = tmp_path / "no-citizenship.csv"
+    source.write_text("gender,ageBroad\n" + "Female,18--20\n" * 12 + "Male,9--17\n" * 3)
+    report = assess_path(source, codebook=CODEBOOK, qis=QIS, sensitive=(), k=10)
+    assert report.rows == 15 and report.full.records_at_risk == 3
+    assert "citizenship: absent from the file, counted as missing throughout" in report.notes
+
+
+def test_two_quasi_identifiers_have_a_driver_each(crafted: Path) -> None:
+    report = assess_data_file(crafted, codebook=CODEBOOK, qis=("gender", "ageBroad"), k=10)
+    assert {c.dropped for c in report.drop_one} == {("gender",), ("ageBroad",)}
+    assert not report.drop_two
+
+
 def test_variables_are_checked_against_the_codebook(crafted: Path) -> None:
     with pytest.raises(RiskError, match="not a stored codebook variable"):
         assess_data_file(crafted, codebook=CODEBOOK, qis=("gender", "nope"))
