@@ -4,6 +4,7 @@ charges, a query drawn again on a new data version, clients with a single charge
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,36 @@ def test_a_forfeit_counts_in_spending_the_summary_and_the_headline(tmp_path: Pat
         binary_guess_bound(Accounting.PURE_DP, 0.5)
     )
     assert f"{binary_guess_bound(Accounting.PURE_DP, 0.5):.3f}" in render_html(tables)
+
+
+def test_an_altered_release_older_than_the_rows_shown_is_still_in_the_report(
+    tmp_path: Path,
+) -> None:
+    """The report shows the last releases only; an altered one before them gets its own table,
+    or an early forgery would be out of sight."""
+    engine = Engine(
+        DuckDBBackend(write_database(tmp_path / "d.duckdb", ROWS, data_version="v1")),
+        codebook=default_codebook(),
+    )
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
+        ledger.register_client("alice", role="researcher", cap="1")
+        for i in range(4):  # each a fresh release: a larger loss than the one before
+            engine.release(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure(f"0.0{i + 1}"),
+                           charger=ledger, client="alice", request_id=f"a{i}")
+    backend = engine.backend
+    assert isinstance(backend, DuckDBBackend)
+    backend.close()
+    with sqlite3.connect(path) as conn:  # someone with write access: the guards dropped
+        guards = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        for (name,) in list(guards):
+            conn.execute(f"DROP TRIGGER {name}")
+        first, data = conn.execute(
+            "SELECT release_id, bytes FROM releases ORDER BY rowid LIMIT 1"
+        ).fetchone()
+        conn.execute("UPDATE releases SET bytes = ? WHERE release_id = ?",
+                     (bytes(data[:-1]) + bytes([data[-1] ^ 1]), first))
+    with Ledger.open_readonly(path) as ledger:
+        page = render_html(build_tables(ledger), max_rows=2)
+    earlier = page.split("Earlier releases altered or unreadable", 1)
+    assert len(earlier) == 2 and first in earlier[1]
