@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,28 @@ def test_budget_race_never_passes_the_cap(attack: Callable[..., Attacker]) -> No
     assert result.verdict == "defended" and result.success_rate == 0
     budget = attacker.target.budget()
     assert budget.remaining == "0" and budget.spent == "1"
+
+
+def test_budget_race_finds_a_ledger_that_books_more_than_was_left(
+    attack: Callable[..., Attacker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No more releases than the budget allows, but the ledger booked more than remained (each
+    charge recorded at twice its loss, say): a breach all the same."""
+    attacker = attack(cap="1")
+    budget = attacker.target.budget
+    calls: list[int] = []
+
+    def booked_twice() -> Any:
+        answer = budget()
+        calls.append(1)
+        if len(calls) > 1:  # after the race: the spent figure as a ledger booking double
+            answer.spent = str(2 * Fraction(answer.spent or "0"))
+        return answer
+
+    monkeypatch.setattr(attacker.target, "budget", booked_twice)
+    result = attacks.budget_race(attacker.ctx)
+    assert result.verdict == "BREACH", result.detail
+    assert "the ledger charged 2" in result.detail
 
 
 def test_budget_race_does_not_count_stored_releases_returned_free(
