@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,47 @@ def test_injection_gets_through_an_open_door(
     assert result.verdict == "BREACH"
     assert "crosstab" in result.detail and "filter 40 deep: accepted" in result.detail
     assert "INTERNAL" in result.detail  # unchecked values reach the planner and fault
+
+
+@pytest.mark.parametrize(
+    ("fault", "found"),
+    [
+        ("sql_text", "the message carries SQL engine text"),
+        ("slow", "took 9.0 s"),
+        ("charged", "the hostile requests were charged 0.1"),
+        ("stopped", "the server stopped serving"),
+    ],
+)
+def test_injection_calls_each_way_of_failing_a_breach(
+    attack: Callable[..., Attacker], monkeypatch: pytest.MonkeyPatch, fault: str, found: str
+) -> None:
+    """A refusal that quotes the SQL engine, a probe that takes too long, hostile requests that
+    were charged, a server that stops serving: each alone is a breach, named in the detail."""
+    attacker = attack()
+    target = attacker.ctx.target
+    raw, budget, probes = target.raw, target.budget, [0]
+
+    def faulty_raw(method: str, payload: bytes, *, timeout: float) -> Any:
+        call = raw(method, payload, timeout=timeout)
+        probes[0] += 1
+        if probes[0] == 1 and fault == "sql_text":
+            call = replace(call, message="Binder Error: Referenced column not found")
+        if probes[0] == 1 and fault == "slow":
+            call = replace(call, seconds=9.0)
+        return call
+
+    def charged_budget() -> Any:
+        answer = budget()
+        if probes[0] and fault == "charged":  # after the probes
+            answer.spent = str(Fraction(answer.spent or "0") + Fraction(1, 10))
+        return answer
+
+    monkeypatch.setattr(target, "raw", faulty_raw)
+    monkeypatch.setattr(target, "budget", charged_budget)
+    if fault == "stopped":
+        monkeypatch.setattr(target, "healthy", lambda: False)
+    result = attacks.injection(attacker.ctx)
+    assert result.verdict == "BREACH" and found in result.detail, result.detail
 
 
 def test_injection_and_oversized_requests_are_refused_cleanly(
