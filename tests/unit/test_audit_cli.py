@@ -377,3 +377,52 @@ def test_target_calls_wait_out_the_rate_limit_and_nothing_else(
         assert len(tries) == 1
     finally:
         target.close()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("--key", "gender", "--cells", "gender,ageBroad"),
+        ("--flag", "isSexualExploit", "--cells", "isSexualExploit,gender"),
+        ("--key", "isAbduction", "--flag", "isAbduction"),
+    ],
+)
+def test_attack_variables_must_differ(
+    names: tuple[str, ...],
+    connection_env: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flag that is also a cell (or the key) would make every tracker trivial or empty."""
+    import audit.wire
+
+    monkeypatch.setattr(audit.wire, "Target", _fake_fetch)
+    argv = ["attack", "--attack", "differencing", "--token-file", str(connection_env), *names]
+    assert veil_cli.main(argv) == 2
+    assert "--key, --cells and --flag must name different variables" in capsys.readouterr().err
+
+
+def test_a_charge_the_server_does_not_report_is_taken_as_the_whole_loss() -> None:
+    """The attacker's tally may overstate its spending, never understate it."""
+    from fractions import Fraction
+
+    from audit.wire import Answer
+
+    silent = Answer("r", "0.5", 10, {}, ("gender",))
+    assert silent.charge == Fraction(1, 2) and not silent.replayed
+    assert Answer("r", "0.5", 10, {}, ("gender",), charged="0").replayed
+
+
+def test_two_targets_are_apart_only_if_neither_code_has_a_record_in_the_others_cell() -> None:
+    from audit.truth import Knowledge, Person
+
+    a, b = Person("UA", ("2010",), 1), Person("PH", ("2011",), 0)
+
+    def know(cell_counts: dict[tuple[str, tuple[str, ...]], int]) -> Knowledge:
+        return Knowledge("citizenship", ("yearOfRegistration",), "isSexualExploit", {},
+                         cell_counts, (a, b), (), ())
+
+    assert know({}).apart(a, b)
+    assert not know({("UA", ("2011",)): 2}).apart(a, b)  # a's code in b's cell
+    assert not know({("PH", ("2010",)): 1}).apart(a, b)  # b's code in a's cell
+    assert not know({}).apart(a, Person("PH", ("2010",), 0))  # the same cell
