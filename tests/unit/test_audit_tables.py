@@ -141,12 +141,15 @@ def test_budgets_say_what_each_client_can_still_spend(tmp_path: Path) -> None:
     assert "can still spend" in render_html(tables)
 
 
+def _engine(tmp_path: Path) -> Engine:
+    """An engine over ROWS, data version v1."""
+    path = write_database(tmp_path / "d.duckdb", ROWS, data_version="v1")
+    return Engine(DuckDBBackend(path), codebook=default_codebook())
+
+
 def test_shares_are_shown_to_a_tenth_of_a_percent(tmp_path: Path) -> None:
     # A share just over a half (flagged as such) must not read "50%".
-    engine = Engine(
-        DuckDBBackend(write_database(tmp_path / "d.duckdb", ROWS, data_version="v1")),
-        codebook=default_codebook(),
-    )
+    engine = _engine(tmp_path)
     path = tmp_path / "ledger.sqlite"
     with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
         ledger.register_client("amina", role="researcher", cap="1")
@@ -159,10 +162,7 @@ def test_shares_are_shown_to_a_tenth_of_a_percent(tmp_path: Path) -> None:
 def test_a_forfeit_counts_in_spending_the_summary_and_the_headline(tmp_path: Path) -> None:
     """A query the server's time limit stopped is charged with nothing released: the spending
     table, the summary's forfeit count and the report's guess bound must all count it."""
-    engine = Engine(
-        DuckDBBackend(write_database(tmp_path / "d.duckdb", ROWS, data_version="v1")),
-        codebook=default_codebook(),
-    )
+    engine = _engine(tmp_path)
     path = tmp_path / "ledger.sqlite"
     with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
         ledger.register_client("alice", role="researcher", cap="1")
@@ -199,10 +199,7 @@ def test_an_altered_release_older_than_the_rows_shown_is_still_in_the_report(
 ) -> None:
     """The report shows the last releases only; an altered one before them gets its own table,
     or an early forgery would be out of sight."""
-    engine = Engine(
-        DuckDBBackend(write_database(tmp_path / "d.duckdb", ROWS, data_version="v1")),
-        codebook=default_codebook(),
-    )
+    engine = _engine(tmp_path)
     path = tmp_path / "ledger.sqlite"
     with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
         ledger.register_client("alice", role="researcher", cap="1")

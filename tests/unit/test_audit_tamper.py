@@ -628,17 +628,22 @@ def _first(conn: sqlite3.Connection, event: str) -> tuple[int, str, str]:
     return seq, prev, text
 
 
+def _redate_with_its_own_hash(conn: sqlite3.Connection, seq: int, prev: str, text: str) -> None:
+    """Entry `seq` redated, its hash recomputed over its link, nothing after it rechained."""
+    entry = json.loads(text)
+    entry["time"] = "2000-01-01T00:00:00Z"
+    rewritten = _canonical(entry)
+    conn.execute(
+        "UPDATE audit SET entry = ?, hash = ? WHERE seq = ?",
+        (rewritten, _digest(prev, rewritten), seq),
+    )
+
+
 def test_an_entry_rehashed_but_not_rechained_is_found(path: Path) -> None:
     """A middle entry rewritten with its own hash recomputed: the next entry's link breaks."""
     with forger(path) as conn:
         seq, prev, text = _first(conn, "refused")
-        entry = json.loads(text)
-        entry["time"] = "2000-01-01T00:00:00Z"
-        rewritten = _canonical(entry)
-        conn.execute(
-            "UPDATE audit SET entry = ?, hash = ? WHERE seq = ?",
-            (rewritten, _digest(prev, rewritten), seq),
-        )
+        _redate_with_its_own_hash(conn, seq, prev, text)
     result = verify(path)
     assert not result.ok and result.first_bad_seq == seq + 1, result.problems
     assert "does not bind the entry before it" in result.problems[0], result.problems
@@ -650,13 +655,7 @@ def test_the_last_entry_rehashed_beside_the_recorded_head_is_found(path: Path) -
         seq, prev, text = conn.execute(
             "SELECT seq, prev_hash, entry FROM audit ORDER BY seq DESC LIMIT 1"
         ).fetchone()
-        entry = json.loads(text)
-        entry["time"] = "2000-01-01T00:00:00Z"
-        rewritten = _canonical(entry)
-        conn.execute(
-            "UPDATE audit SET entry = ?, hash = ? WHERE seq = ?",
-            (rewritten, _digest(prev, rewritten), seq),
-        )
+        _redate_with_its_own_hash(conn, seq, prev, text)
     result = verify(path)
     assert not result.ok and any("head" in p for p in result.problems), result.problems
 
