@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from engine.errors import VeilError
 from server.accounts import LOCAL_ACTOR, LedgerAccounts
@@ -67,8 +68,24 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
         help=f"--demo: synthetic records (default {DEMO_ROWS})",
     )
     parser.add_argument("--seed", type=int, default=0, help="--demo: synthetic seed (default 0)")
-    parser.set_defaults(handler=run_serve)
+    parser.set_defaults(handler=serve_process)
     return parser
+
+
+def serve_process(args: argparse.Namespace) -> NoReturn:
+    """`veil serve` as its own process: serve, then end it without the interpreter's teardown.
+
+    Once the server has stopped, the ledger and the data are closed and the log is written: the
+    teardown would only free memory. DuckDB's bindings may print a leak report to standard error
+    during it (nanobind's, at random), the one line of the JSON log that would not be JSON; and
+    a call still running past the drain timeout would hold the process open on its thread.
+    """
+    status = run_serve(args)
+    logging.shutdown()  # flushes and closes the log's handlers
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, a stream closed
+            stream.flush()
+    os._exit(status)
 
 
 def run_serve(args: argparse.Namespace, *, out: TextIO | None = None) -> int:

@@ -47,6 +47,12 @@ SERVE_STOPPED_AT_ONCE = (
     "        return True\n"
     "logging.getLogger('veil.server').addFilter(StopWhenServing())\n"
 ) + SERVE
+# SERVE, holding a DuckDB connection nothing ever frees: DuckDB's bindings report it at the
+# interpreter's teardown, as they at times do for their own objects.
+SERVE_LEAKING = (
+    "import ctypes, duckdb\n"
+    "ctypes.pythonapi.Py_IncRef(ctypes.py_object(duckdb.connect()))\n"
+) + SERVE
 
 
 def start_process(
@@ -193,6 +199,27 @@ def test_a_stop_signal_as_soon_as_serving_is_logged_drains_and_stops(tmp_path: P
     assert process.wait(timeout=30) == 0, "".join(log)
     reader.join(10)
     assert json.loads(next(x for x in log if '"stopped"' in x))["clean"] is True
+
+
+def test_the_log_stays_json_to_its_end_whatever_a_library_prints_at_teardown(
+    tmp_path: Path,
+) -> None:
+    data = write_database(tmp_path / "data.duckdb", [{"gender": "Female"}] * 20)
+    ledger_path = tmp_path / "ledger.sqlite"
+    with Ledger.open(ledger_path, accounting=Accounting.PURE_DP, dataset_cap="1",
+                     dataset="ctdc", data_version="v1") as ledger:
+        ledger.register_client("alice", role="researcher", cap="1", token_hash=hash_token("x"))
+    config = tmp_path / "veil.toml"
+    config.write_text(
+        f'data = "{data}"\nledger = "{ledger_path}"\n[caps]\ndataset = "1"\n'
+        '[server]\nlisten = "127.0.0.1:0"\ngrace_seconds = 0.5\n'
+    )
+    process, _, log, reader = start_process(config, SERVE_LEAKING)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0, "".join(log)
+    reader.join(10)
+    # A log shipper parses every line; the server's last words are its `stopped` entry.
+    assert [json.loads(line)["event"] for line in log][-1] == "stopped", "".join(log)
 
 
 @pytest.mark.parametrize("problem", ["missing data", "bad config"])
