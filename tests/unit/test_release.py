@@ -13,7 +13,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from engine import release as release_module
 from engine.accuracy import bonferroni_level
 from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
@@ -701,3 +704,30 @@ def test_a_share_is_published_only_when_its_noisy_base_passes_tau_too() -> None:
     first, second = rows.to_pylist()[:2]
     assert first["suppressed"] and first["value"] is None and first["status"] == "suppressed"
     assert not second["suppressed"] and second["status"] == "published"
+
+
+@settings(deadline=None)  # the first pa.array() call imports pandas
+@given(
+    values=st.lists(st.integers(-(2**62), 2**62), max_size=70),
+    data=st.data(),
+)
+def test_arrays_built_from_buffers_are_the_arrays_arrow_would_build(
+    values: list[int], data: st.DataObject
+) -> None:
+    # Bitmaps pack eight cells to a byte: lengths across byte boundaries, every null pattern.
+    null = np.array(data.draw(st.lists(st.booleans(), min_size=len(values),
+                                       max_size=len(values))), dtype=bool)
+    numbers = np.array(values, dtype=np.int64)
+    mask = null if null.size else None
+    for kind in (pa.int64(), pa.float64()):
+        expected = pa.array(numbers.astype(kind.to_pandas_dtype()), type=kind, mask=mask)
+        built = release_module._numbers(numbers, kind, null=null)
+        built.validate(full=True)
+        assert built.equals(expected) and built.null_count == expected.null_count
+    small = (numbers % 3).astype(np.int8)
+    assert release_module._numbers(small, pa.int8()).equals(pa.array(small))
+    assert release_module._booleans(null).equals(pa.array(null, type=pa.bool_()))
+    labels = [None if n else f"k{v % 5}é" for v, n in zip(values, null, strict=True)]
+    strings = release_module._strings(labels)
+    strings.validate(full=True)
+    assert strings.equals(pa.array(labels, type=pa.string()))
