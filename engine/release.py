@@ -443,8 +443,7 @@ _NUMPY_TYPES = {pa.int8(): np.int8, pa.int64(): np.int64, pa.float64(): np.float
 def _numbers(values: np.ndarray, kind: pa.DataType, *, null: np.ndarray | None = None) -> pa.Array:
     """A numeric Arrow array of `values`, null where `null` is true."""
     data = np.ascontiguousarray(values, dtype=_NUMPY_TYPES[kind])
-    nulls = 0 if null is None else int(np.count_nonzero(null))
-    validity = _bits(~null) if null is not None and nulls else None
+    validity, nulls = _validity(null)
     return pa.Array.from_buffers(kind, len(data), [validity, pa.py_buffer(data)], null_count=nulls)
 
 
@@ -452,18 +451,23 @@ def _booleans(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.bool_(), len(values), [None, _bits(values)], null_count=0)
 
 
-def _bits(values: np.ndarray) -> pa.Buffer:
-    # Arrow's bitmaps are least significant bit first.
-    return pa.py_buffer(np.packbits(np.asarray(values, dtype=bool), bitorder="little"))
-
-
 def _strings(values: Sequence[str | None]) -> pa.Array:
     """A string Arrow array of `values`, null where a value is None."""
     encoded = [b"" if v is None else v.encode() for v in values]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    null = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
-    nulls = int(np.count_nonzero(null))
-    validity = _bits(~null) if nulls else None
+    validity, nulls = _validity(np.array([v is None for v in values], dtype=bool))
     buffers = [validity, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
     return pa.Array.from_buffers(pa.string(), len(encoded), buffers, null_count=nulls)
+
+
+def _validity(null: np.ndarray | None) -> tuple[pa.Buffer | None, int]:
+    """The validity bitmap for cells null where `null` is true (none when no cell is), and
+    how many are null."""
+    nulls = 0 if null is None else int(np.count_nonzero(null))
+    return (_bits(~null) if null is not None and nulls else None), nulls
+
+
+def _bits(values: np.ndarray) -> pa.Buffer:
+    # Arrow's bitmaps are least significant bit first.
+    return pa.py_buffer(np.packbits(np.asarray(values, dtype=bool), bitorder="little"))
