@@ -31,7 +31,7 @@ from typing import Any
 from benchmarks import report
 from benchmarks.data import Dataset, dataset
 from benchmarks.stats import median
-from benchmarks.systems import MODULES, Options, System, load
+from benchmarks.systems import MODULES, Options, Phased, System, load
 from benchmarks.workload import EPSILON, WorkloadQuery, workload
 from engine.codebook import default_codebook
 
@@ -237,17 +237,18 @@ def run_size(
                     cells = system.cells(query)
                 except Exception:
                     cells = None
-            records.append(
-                {
-                    "rows": data.rows,
-                    "query": query.key,
-                    "system": name,
-                    "warmup": warm.get(name),
-                    "runs": runs.get(name, []),
-                    "cells": cells,
-                    "error": errors.get(name),
-                }
-            )
+            record: dict[str, Any] = {
+                "rows": data.rows,
+                "query": query.key,
+                "system": name,
+                "warmup": warm.get(name),
+                "runs": runs.get(name, []),
+                "cells": cells,
+                "error": errors.get(name),
+            }
+            if isinstance(system, Phased) and name not in errors:
+                record["phases"] = system.phases()[1:]  # the timed runs, after the warm-up
+            records.append(record)
         summary = ", ".join(
             f"{name} {median(times) * 1000:.1f}"
             for name, times in runs.items()

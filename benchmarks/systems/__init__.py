@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from benchmarks.data import Dataset
 from benchmarks.workload import WorkloadQuery
@@ -36,6 +36,16 @@ class System(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Phased(Protocol):
+    """A system that also says where each run's time went."""
+
+    def phases(self) -> list[dict[str, float]]:
+        """Seconds by phase ("total" and its parts) of every run since `prepare`, the warm-up
+        run first."""
+        ...
 
 
 @dataclass

@@ -5,7 +5,10 @@
 - veil_release: `Engine.release` through a real `Ledger` (SQLite, WAL, full sync) in a scratch
                 directory: reserve, answer, commit. Every run is a fresh release: a new request
                 id and a slightly larger loss than any earlier release of the query, so the
-                ledger never finds a stored release to return.
+                ledger never finds a stored release to return. Each run also says where its
+                time went, timed at the engine's two seams (its backend and its charger): the
+                scan, the ledger's reservation and its commit; the rest is the plan, the noise
+                not yet drawn when the scan ends, suppression and the answer's table.
 - veil_replay:  `Engine.release` of a query already released, under a new request id: the
                 ledger returns the stored release at no charge.
 - opendp_sampler (reference): OpenDP's vector measurement alone, called on a numpy vector as
@@ -27,16 +30,90 @@ import numpy as np
 from benchmarks.data import Dataset
 from benchmarks.systems import Options, System
 from benchmarks.workload import WorkloadQuery
-from engine.backend import DuckDBBackend
+from engine.backend import Cancellation, DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
 from engine.ledger import Ledger
 from engine.loss import Accounting, PrivacyLoss, format_amount
 from engine.planner import Plan
+from engine.release import Answer, Release, Reservation
+from engine.sql import Statement
 
 CLIENT = "bench"
 LEDGER_CAP = Fraction(100)  # the largest cap a ledger accepts
 STEP = Fraction(1, 10_000)  # each fresh release asks for a little more than the last
+
+
+class TimedBackend:
+    """DuckDB behind the engine's backend seam, noting how long its last statement took."""
+
+    def __init__(self, inner: DuckDBBackend) -> None:
+        self.inner = inner
+        self.last_seconds = 0.0
+
+    def run(
+        self, statement: Statement, *, cancel: Cancellation | None = None
+    ) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return self.inner.run(statement, cancel=cancel)
+        finally:
+            self.last_seconds = time.perf_counter() - start
+
+    def data_version(self) -> str:
+        return self.inner.data_version()
+
+    def codebook(self) -> str | None:
+        return self.inner.codebook()
+
+    def dataset(self) -> str | None:
+        return self.inner.dataset()
+
+    def load_id(self) -> str | None:
+        return self.inner.load_id()
+
+
+class TimedCharger:
+    """The ledger behind the engine's charger seam, timing one release's reservation and its
+    commit (which stores the release, turns the hold into a charge and syncs the ledger)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.reserve_seconds = 0.0
+        self.commit_seconds = 0.0
+
+    def reserve(
+        self, plan: Plan, *, client: str, request_id: str, data_version: str
+    ) -> Reservation:
+        start = time.perf_counter()
+        held = self.ledger.reserve(
+            plan, client=client, request_id=request_id, data_version=data_version
+        )
+        self.reserve_seconds = time.perf_counter() - start
+        return _TimedReservation(held, self)
+
+
+class _TimedReservation:
+    def __init__(self, held: Reservation, charger: TimedCharger) -> None:
+        self._held = held
+        self._charger = charger
+
+    @property
+    def stored(self) -> Release | None:
+        return self._held.stored
+
+    def commit(self, answer: Answer) -> Release:
+        start = time.perf_counter()
+        try:
+            return self._held.commit(answer)
+        finally:
+            self._charger.commit_seconds = time.perf_counter() - start
+
+    def cancel(self) -> None:
+        self._held.cancel()
+
+    def forfeit(self, reason: str) -> None:
+        self._held.forfeit(reason)
 
 
 class Shared:
@@ -46,6 +123,7 @@ class Shared:
         self.options = options
         self.epsilon = Fraction(str(options.epsilon))
         self.engine: Engine | None = None
+        self.backend: TimedBackend | None = None
         self.data: Dataset | None = None
         self.ledger: Ledger | None = None
         self.spent = Fraction(0)
@@ -55,7 +133,8 @@ class Shared:
     def open(self, data: Dataset) -> Engine:
         if self.data != data:
             self.close()
-            self.engine = Engine(DuckDBBackend(data.path), codebook=default_codebook())
+            self.backend = TimedBackend(DuckDBBackend(data.path))
+            self.engine = Engine(self.backend, codebook=default_codebook())
             self.data = data
         assert self.engine is not None
         return self.engine
@@ -99,12 +178,11 @@ class Shared:
 
     def close(self) -> None:
         self._close_ledger()
-        if self.engine is not None:
-            backend = self.engine.backend
-            if isinstance(backend, DuckDBBackend):
-                backend.close()
-            self.engine = None
-            self.data = None
+        if self.backend is not None:
+            self.backend.inner.close()
+        self.engine = None
+        self.backend = None
+        self.data = None
 
 
 class _Path:
@@ -148,26 +226,41 @@ class VeilRelease(_Path):
     name = "veil_release"
     label = "veil engine: charged release (ledger, fresh noise)"
 
+    def __init__(self, shared: Shared) -> None:
+        super().__init__(shared)
+        self._phases: list[dict[str, float]] = []
+
     def prepare(self, query: WorkloadQuery) -> None:
         self.shared.ensure_budget(self.shared.options.repeats + 3)
+        self._phases = []
 
     def run(self, query: WorkloadQuery) -> float:
-        engine = self.shared.engine
+        engine, backend = self.shared.engine, self.shared.backend
         ledger = self.shared.ledger
-        assert engine is not None and ledger is not None
+        assert engine is not None and backend is not None and ledger is not None
         typed = query.veil_query()
         loss = self.shared.next_fresh_loss()
         request = uuid.uuid4().hex
+        charger = TimedCharger(ledger)
         start = time.perf_counter()
         release = engine.release(
-            typed, loss=loss, charger=ledger, client=CLIENT, request_id=request
+            typed, loss=loss, charger=charger, client=CLIENT, request_id=request
         )
         elapsed = time.perf_counter() - start
         if release.metadata.loss != format_amount(loss.amount):
             raise RuntimeError("a fresh release was expected, the ledger returned a stored one")
         self.shared.spent += loss.amount
         self._cells = release.table.num_rows
+        self._phases.append({
+            "total": elapsed,
+            "scan": backend.last_seconds,
+            "reserve": charger.reserve_seconds,
+            "commit": charger.commit_seconds,
+        })
         return elapsed
+
+    def phases(self) -> list[dict[str, float]]:
+        return list(self._phases)
 
 
 class VeilReplay(_Path):

@@ -56,8 +56,18 @@ def test_the_benchmark_runs_end_to_end_and_reports_every_query(tmp_path: Path) -
             ]
             assert record["error"] is None, record
             assert len(record["runs"]) == 1 and record["runs"][0] > 0
-    for section in ("## Targets", "## Latency at 2,000 rows", "## Transport floor and throughput",
-                    "## Memory"):
+        # Each fresh release says where its time went; its timed parts fit inside its total.
+        (release,) = [
+            r for r in results["timings"]
+            if r["query"] == query.key and r["system"] == "veil_release"
+        ]
+        (phases,) = release["phases"]
+        assert phases["total"] == release["runs"][0]
+        assert all(phases[part] > 0 for part in ("scan", "reserve", "commit")), phases
+        assert phases["scan"] + phases["reserve"] + phases["commit"] < phases["total"], phases
+    for section in ("## Targets", "## Latency at 2,000 rows",
+                    "## Where a fresh release's time goes (2,000 rows, in-process)",
+                    "## Transport floor and throughput", "## Memory"):
         assert section in markdown
     # Every target this run can measure is measured: one engine and one gRPC line per small
     # table, the corridor's two and three of memory (the throughput target is at 8 clients).
