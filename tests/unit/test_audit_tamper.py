@@ -283,6 +283,83 @@ def test_removed_guard_triggers_are_reported(path: Path) -> None:
     assert all("guard trigger" in p for p in result.problems)
 
 
+def test_each_guard_trigger_dropped_on_its_own_is_reported(path: Path) -> None:
+    """Every trigger the ledger makes, dropped alone with the others left in place, is named."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        triggers = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+        assert triggers
+        for name, sql in triggers.items():
+            conn.execute(f"DROP TRIGGER {name}")
+            assert verify(path).problems == (f"the guard trigger {name} has been removed",)
+            conn.execute(sql)
+    finally:
+        conn.close()
+    assert verify(path).ok
+
+
+@pytest.mark.parametrize(
+    ("statement", "refusal"),
+    [
+        ("UPDATE audit SET entry = entry WHERE seq = 1", "the audit log is append-only"),
+        ("DELETE FROM audit WHERE seq = 1", "the audit log is append-only"),
+        ("UPDATE releases SET loss = '0.01'", "stored releases are immutable"),
+        ("DELETE FROM releases", "stored releases are immutable"),
+        ("DELETE FROM charges WHERE state = 'cancelled'", "charges are never deleted"),
+        ("UPDATE charges SET state = 'reserved' WHERE state = 'cancelled'", "settled once"),
+        ("UPDATE charges SET amount = '0.01' WHERE state = 'committed'", "settled once"),
+    ],
+)
+def test_the_guard_triggers_refuse_to_rewrite_the_log_a_release_or_a_settled_charge(
+    path: Path, statement: str, refusal: str
+) -> None:
+    """Someone who writes to the file with SQLite, not through the ledger, meets the triggers
+    first (dropping them is what `verify` reports)."""
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match=refusal):
+            conn.execute(statement)
+    finally:
+        conn.close()
+    assert verify(path).ok
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("amount", "'0.01'"),
+        ("client", "'bob'"),
+        ("institution", "NULL"),
+        ("data_version", "'v2'"),
+        ("fingerprint", "'" + "f" * 64 + "'"),
+        ("request_id", "'a9'"),
+        ("kind", "'replay'"),
+    ],
+)
+def test_a_held_charge_settles_only_as_it_was_reserved(
+    path: Path, engine: Engine, column: str, value: str
+) -> None:
+    """A hold taken for a running query may be settled, but not settled as another charge: what
+    it charges, to whom, on which data, for which query and request stay as reserved."""
+    with open_ledger(path) as ledger:
+        held = ledger.reserve(
+            engine.plan(Query(Count()), loss=PrivacyLoss.pure("0.1")),
+            client="alice",
+            request_id="a5",
+        )
+        conn = sqlite3.connect(path)
+        try:
+            with pytest.raises(sqlite3.IntegrityError, match="settled once"):
+                conn.execute(
+                    f"UPDATE charges SET state = 'committed', {column} = {value} "
+                    "WHERE state = 'reserved'"
+                )
+        finally:
+            conn.close()
+        held.cancel()
+    assert verify(path).ok
+
+
 def test_the_verify_command_names_the_first_broken_entry(
     path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
