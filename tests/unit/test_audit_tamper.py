@@ -8,6 +8,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from engine.errors import BudgetExceededError, LedgerIntegrityError
 from engine.ledger import Ledger
 from engine.ledger_cli import main as ledger_cli
 from engine.ledger_verify import VerifyResult
-from engine.loss import Accounting, PrivacyLoss
+from engine.loss import Accounting, PrivacyLoss, format_amount, parse_amount
 from engine.query import Count, Query
 from tests.conftest import write_database
 
@@ -568,6 +569,7 @@ def forge_column(path: Path, table: str, where: str, column: str, value: str) ->
         ("a4", "release_id", _A3_RELEASE),  # shown as if the stopped query had been released
         ("a4", "reason", "NULL"),
         ("a4", "amount", "'0.02'"),
+        ("a2", "institution", "'ilo'"),  # a cancelled hold: no total moves
     ],
 )
 def test_a_hand_edited_charge_column_is_found(
@@ -795,3 +797,170 @@ def test_a_revoked_client_brought_back_by_a_forged_registration_is_found(path: P
     assert any("client bob is registered a second time" in p for p in result.problems)
     with pytest.raises(LedgerIntegrityError):
         open_ledger(path).close()
+
+
+def test_a_charge_made_before_the_ledger_was_last_opened_is_held_to_its_entries_times(
+    path: Path,
+) -> None:
+    """Every open says again that charges are dated with their entries: a charge made in an
+    earlier session of the server is held to its entries' times all the same."""
+    open_ledger(path).close()  # the server started again
+    charge_id, head = forge_column(
+        path, "charges", _ROW["a1"], "reserved_at", "'2020-01-01T00:00:00.000000Z'"
+    )
+    result = verify(path, expect_head=head)
+    assert any(p.startswith(f"charge {charge_id}: its reserved_at is ") for p in result.problems), (
+        result.problems
+    )
+
+
+def test_an_entry_past_the_recorded_head_is_found(path: Path) -> None:
+    """An entry at the end of the log, chained to the one before it, with the ledger's recorded
+    head left where it was before: the log runs past the head the ledger wrote."""
+    with open_ledger(path) as ledger:
+        recorded = ledger.verify()
+        ledger.audit("auth_denied", None, outcome="refused", detail={"reason": "unknown token"})
+    with forger(path) as conn:
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'audit_head'",
+            (f"{recorded.head_seq}:{recorded.head_hash}",),
+        )
+    result = verify(path)
+    assert not result.ok and result.first_bad_seq == recorded.head_seq + 1, result.problems
+    assert any("entries were added" in p for p in result.problems), result.problems
+
+
+def test_a_charge_amount_that_is_not_a_number_fails_verification(path: Path) -> None:
+    """An amount the tables cannot be summed with stops the reconciliation: that is a failure
+    in itself, not a ledger with nothing left to reconcile."""
+    _, head = forge_column(path, "charges", _ROW["a3"], "amount", "'lots'")
+    result = verify(path, expect_head=head)
+    assert not result.ok
+    assert any(
+        p.startswith("the ledger's tables cannot be reconciled") for p in result.problems
+    ), result.problems
+
+
+def test_a_budget_movement_that_does_not_start_where_the_last_one_ended_is_found(
+    path: Path,
+) -> None:
+    """A reservation's amounts lowered (what it holds kept) and every hash after it recomputed:
+    the log still ends at the tables' totals, but it no longer runs on from one movement of
+    alice's budget to the next, at the rewritten entry and at the one after it."""
+    with forger(path) as conn:
+        seq, text = conn.execute(
+            "SELECT seq, entry FROM audit WHERE entry LIKE '%\"event\":\"reserve\"%' "
+            "AND entry LIKE '%\"request_id\":\"a3\"%'"
+        ).fetchone()
+        entry = json.loads(text)
+        (item,) = [i for i in entry["budget"] if i["scope"] == "client:alice"]
+        for side in ("before", "after"):
+            spent = parse_amount(item[side]["spent"]) - Fraction(1, 10)
+            item[side]["spent"] = format_amount(spent)
+        conn.execute("UPDATE audit SET entry = ? WHERE seq = ?", (_canonical(entry), seq))
+        rewrite_from(conn, seq)
+    problems = verify(path).problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"entry {seq}: client:alice starts from a budget")
+    assert "client:alice starts from a budget the entries before it do not end at" in problems[1]
+
+
+def test_a_refund_forged_as_a_stopped_query_at_a_negative_charge_is_found(path: Path) -> None:
+    """A forger appends a query stopped at a charge of -0.2 (its reservation and forfeit entries
+    chained, its charge row and the totals made to agree): every sum reconciles, and the
+    spending it gives back shows only as the negative hold between the two entries."""
+    refund = Fraction(-2, 10)
+    with forger(path) as conn:
+        (last,) = conn.execute("SELECT max(seq) FROM audit").fetchone()
+        totals = {
+            f"{kind}:{name}": (parse_amount(spent), parse_amount(held))
+            for kind, name, spent, held in conn.execute(
+                "SELECT kind, name, spent, held FROM totals"
+            )
+        }
+        forged = []
+        for number, event in enumerate(("reserve", "forfeit"), start=last + 1):
+            (text,) = conn.execute(
+                "SELECT entry FROM audit WHERE entry LIKE ? AND entry LIKE ?",
+                (f'%"event":"{event}"%', '%"request_id":"a4"%'),
+            ).fetchone()
+            entry = json.loads(text)
+            entry.update(
+                seq=number, charge_id="chg_refund", request_id="a9", charge=format_amount(refund)
+            )
+            for item in entry["budget"]:
+                spent, held = totals[item["scope"]]
+                if event == "reserve":
+                    after = (spent, held + refund)
+                else:
+                    after = (spent + refund, Fraction(0))
+                item["before"] = {"spent": format_amount(spent), "held": format_amount(held)}
+                item["after"] = {"spent": format_amount(after[0]), "held": format_amount(after[1])}
+                totals[item["scope"]] = after
+            conn.execute(
+                "INSERT INTO audit (seq, entry, prev_hash, hash) VALUES (?, ?, '', '')",
+                (number, _canonical(entry)),
+            )
+            forged.append(entry)
+        rewrite_from(conn, last + 1)
+        conn.execute(
+            "INSERT INTO charges SELECT 'chg_refund', client, institution, 'a9', kind, "
+            "fingerprint, canonical_query, data_version, ?, ?, state, release_id, ?, ?, reason "
+            f"FROM charges WHERE {_ROW['a4']}",
+            (format_amount(refund), format_amount(refund), forged[0]["time"], forged[1]["time"]),
+        )
+        for label, (spent, held) in totals.items():
+            kind, _, name = label.partition(":")
+            conn.execute(
+                "UPDATE totals SET spent = ?, held = ? WHERE kind = ? AND name = ?",
+                (format_amount(spent), format_amount(held), kind, name),
+            )
+    problems = verify(path).problems
+    assert problems, "the forged refund verifies"
+    assert all("records a negative amount" in p for p in problems), problems
+    assert f"entry {last + 1}: client:alice records a negative amount" in problems
+
+
+def test_a_ledger_verified_while_a_query_holds_its_charge_verifies(
+    path: Path, engine: Engine
+) -> None:
+    """An auditor may verify the file while the server runs: a charge held for a query still
+    running is in the totals' holds as it is in the charges table."""
+    with open_ledger(path) as ledger:
+        held = ledger.reserve(
+            engine.plan(Query(Count()), loss=PrivacyLoss.pure("0.1")),
+            client="alice",
+            request_id="a5",
+        )
+        try:
+            result = verify(path)
+        finally:
+            held.cancel()
+    assert result.ok, result.problems
+
+
+def test_a_release_copied_in_from_another_ledger_is_found(
+    path: Path, tmp_path: Path, engine: Engine
+) -> None:
+    """A release made elsewhere and inserted whole, its row agreeing with its bytes: a replay
+    would serve it free, though nothing in this ledger's log made it or charged for it."""
+    other = tmp_path / "other.sqlite"
+    with open_ledger(other) as ledger:
+        ledger.register_client("alice", role="researcher", institution="iom", cap="1")
+        engine.release(
+            Query(Count(), by=("citizenship",)),
+            loss=PrivacyLoss.pure("0.1"),
+            charger=ledger,
+            client="alice",
+            request_id="x1",
+        )
+    source = sqlite3.connect(other)
+    try:
+        row = source.execute("SELECT * FROM releases").fetchone()
+    finally:
+        source.close()
+    with forger(path) as conn:
+        conn.execute(f"INSERT INTO releases VALUES ({', '.join('?' * len(row))})", row)
+    problems = verify(path).problems
+    assert f"release {row[0]}: stored without a release entry in the audit log" in problems
+    assert f"release {row[0]}: stored without a committed charge" in problems

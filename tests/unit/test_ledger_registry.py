@@ -225,6 +225,27 @@ def test_an_edited_registry_fails_verification_and_is_not_served(
     assert problem.split(":")[0] in str(e.value)  # the client, institution or meta row
 
 
+def test_a_ledger_switched_to_another_accounting_fails_verification_and_is_not_served(
+    path: Path,
+) -> None:
+    """Every amount in the ledger is read in its accounting: its meta row switched from pure DP
+    to zCDP would have each epsilon read as a rho. The log's create entry records which it is,
+    and a server configured for zCDP does not serve from the edited file."""
+    with edited(path) as conn:
+        conn.execute("UPDATE meta SET value = 'zcdp' WHERE key = 'accounting'")
+    problem = "meta accounting: zcdp in the ledger; the audit log records pure_dp"
+    assert problem in verify(path).problems
+    with pytest.raises(LedgerIntegrityError, match="meta accounting"):
+        Ledger.open(
+            path,
+            accounting=Accounting.ZCDP,
+            dataset_cap="4.5",
+            delta=1e-7,
+            dataset="ctdc",
+            data_version="v1",
+        )
+
+
 def test_a_revived_client_is_refused_by_the_server_ledger(path: Path) -> None:
     """The auditor's case: dave, revoked, revived with a raised cap; a server would serve him."""
     with edited(path) as conn:
