@@ -3,6 +3,7 @@ charges, a query drawn again on a new data version, clients with a single charge
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -159,6 +160,22 @@ def test_shares_are_shown_to_a_tenth_of_a_percent(tmp_path: Path) -> None:
     assert "50.2%" in page and ">50%<" not in page
 
 
+def test_a_budget_nine_tenths_used_is_flagged_in_the_report(tmp_path: Path) -> None:
+    """A client close to its cap is marked in the budgets table; one at half of it is not."""
+    engine = _engine(tmp_path)
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, accounting="pure_dp", dataset_cap="5", dataset="ctdc") as ledger:
+        for client, eps in (("amina", "0.95"), ("bob", "0.5")):
+            ledger.register_client(client, role="researcher", cap="1")
+            engine.release(Query(Count(), by=("gender",)), loss=PrivacyLoss.pure(eps),
+                           charger=ledger, client=client, request_id="r1")
+        page = render_html(build_tables(ledger, names=["budgets"]))
+    rows = re.findall(r"<tr( class='flag')?><td>(client|dataset)</td><td>([^<]*)</td>", page)
+    assert {name: bool(flag) for flag, _, name in rows} == {
+        "amina": True, "bob": False, "ctdc": False
+    }
+
+
 def test_a_forfeit_counts_in_spending_the_summary_and_the_headline(tmp_path: Path) -> None:
     """A query the server's time limit stopped is charged with nothing released: the spending
     table, the summary's forfeit count and the report's guess bound must all count it."""
@@ -194,8 +211,9 @@ def test_a_forfeit_counts_in_spending_the_summary_and_the_headline(tmp_path: Pat
     assert f"{binary_guess_bound(Accounting.PURE_DP, 0.5):.3f}" in render_html(tables)
 
 
+@pytest.mark.parametrize("position", [0, 1])  # the oldest, and the last before those shown
 def test_an_altered_release_older_than_the_rows_shown_is_still_in_the_report(
-    tmp_path: Path,
+    tmp_path: Path, position: int
 ) -> None:
     """The report shows the last releases only; an altered one before them gets its own table,
     or an early forgery would be out of sight."""
@@ -213,12 +231,12 @@ def test_an_altered_release_older_than_the_rows_shown_is_still_in_the_report(
         guards = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
         for (name,) in list(guards):
             conn.execute(f"DROP TRIGGER {name}")
-        first, data = conn.execute(
-            "SELECT release_id, bytes FROM releases ORDER BY rowid LIMIT 1"
+        altered, data = conn.execute(
+            "SELECT release_id, bytes FROM releases ORDER BY rowid LIMIT 1 OFFSET ?", (position,)
         ).fetchone()
         conn.execute("UPDATE releases SET bytes = ? WHERE release_id = ?",
-                     (bytes(data[:-1]) + bytes([data[-1] ^ 1]), first))
+                     (bytes(data[:-1]) + bytes([data[-1] ^ 1]), altered))
     with Ledger.open_readonly(path) as ledger:
         page = render_html(build_tables(ledger), max_rows=2)
     earlier = page.split("Earlier releases altered or unreadable", 1)
-    assert len(earlier) == 2 and first in earlier[1]
+    assert len(earlier) == 2 and altered in earlier[1]

@@ -4,6 +4,7 @@ and a rewrite that is inconsistent with the ledger's own tables."""
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -484,6 +485,17 @@ def test_a_log_rewritten_end_to_end_fails_against_a_pinned_head(
     argv = ["audit", "tables", str(path), "--table", "budgets", "--expect-head", head]
     assert veil_cli.main([*argv, "--out", str(tmp_path / "budgets")]) == 1
     assert not (tmp_path / "budgets" / "verification.csv").exists()
+
+
+def test_every_problem_verification_finds_is_in_the_report(path: Path, tmp_path: Path) -> None:
+    """The banner states the first problem; every other one is listed under it."""
+    _, head = forge_column(path, "charges", _ROW["a3"], "amount", "'0.2'")
+    problems = verify(path, expect_head=head).problems
+    assert len(problems) > 2, problems
+    assert audit_cli(path, tmp_path, "--expect-head", head) == (1, 1)
+    page = (tmp_path / "r.html").read_text()
+    for problem in problems:
+        assert html.escape(problem) in page, problem
 
 
 def test_a_pinned_head_that_holds_verifies(path: Path, tmp_path: Path) -> None:
