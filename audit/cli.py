@@ -146,9 +146,23 @@ def run_audit(args: argparse.Namespace) -> int:
                 print("veil audit: give a ledger file or --server, not both", file=sys.stderr)
                 return EXIT_ERROR
             with Ledger.open_readonly(args.ledger) as ledger:
-                tables = build_tables(
-                    ledger, names=names or TABLE_NAMES, expect_head=args.expect_head
-                )
+                try:
+                    tables = build_tables(
+                        ledger, names=names or TABLE_NAMES, expect_head=args.expect_head
+                    )
+                except (ArithmeticError, ValueError):
+                    # A value the ledger never writes (an amount that is not a number) leaves
+                    # no table to build; verification names what is wrong with the file.
+                    verification = ledger.verify(expect_head=args.expect_head)
+                    if verification.ok:
+                        raise
+                    print(
+                        f"veil audit: no table can be built from {args.ledger}: "
+                        f"{verification.message}; run `veil ledger verify {args.ledger}` for "
+                        "every problem",
+                        file=sys.stderr,
+                    )
+                    return EXIT_FOUND
         elif server is None:
             print(
                 f"veil audit: give a ledger file or --server HOST:PORT (or set {ADDRESS_ENV}): "

@@ -454,6 +454,18 @@ def test_a_corrupted_release_is_reported_failed_not_a_crash(
     assert "1 stored release(s) altered or unreadable" in capsys.readouterr().out
 
 
+def test_an_amount_the_ledger_never_writes_is_reported_failed_not_a_crash(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No table can be built from a charge whose amount is not a number: the auditor is told
+    that the ledger fails verification, and where, rather than shown a traceback."""
+    _, head = forge_column(path, "charges", _ROW["a3"], "amount", "'lots'")
+    assert audit_cli(path, tmp_path, "--expect-head", head) == (1, 1)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "ledger verification FAILED" in err and "veil ledger verify" in err
+
+
 def test_a_log_rewritten_end_to_end_fails_against_a_pinned_head(
     path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
