@@ -137,6 +137,30 @@ def test_with_records_of_people_classes_are_counted_in_people(tmp_path: Path) ->
     assert "counted in people" in report.render()
 
 
+def test_records_without_a_person_id_are_each_a_person_of_their_own(tmp_path: Path) -> None:
+    # Class A: three identified people and seven records with no id, ten people in all; class
+    # B: ten identified people. Merging the records with no id would make A a class of three.
+    from engine.codebook import Codebook
+
+    people = Codebook.from_mapping({
+        "name": "people", "version": "1",
+        "privacy_unit": {"id_column": "personId", "max_rows_per_person": 10},
+        "variables": [
+            {"name": "personId", "type": "integer", "range": [1, 1000]},
+            {"name": "g", "type": "category", "categories": [{"code": c} for c in "AB"]},
+        ],
+    })
+    rows = (
+        [{"personId": p, "g": "A"} for p in (1, 2, 3)]
+        + [{"personId": None, "g": "A"}] * 7
+        + [{"personId": p, "g": "B"} for p in range(4, 14)]
+    )
+    path = write_database(tmp_path / "people.duckdb", rows, codebook=people)
+    report = assess_data_file(path, codebook=people, qis=("g",), k=10)
+    assert report.class_sizes == ((10, 2),)
+    assert report.k_anonymous and report.full.records_at_risk == 0
+
+
 def test_drivers_leave_out_each_variable_and_each_pair(crafted: Path) -> None:
     report = assess_data_file(crafted, codebook=CODEBOOK, qis=QIS, k=10)
     single = {c.dropped: (c.records_at_risk, c.sample_uniques, c.k_anonymity) for c in
@@ -173,6 +197,35 @@ def test_a_file_that_is_k_anonymous_says_so(tmp_path: Path) -> None:
     assert report.diversity[0].records_in_homogeneous_k_anonymous == 11
     assert "VERDICT: 10-anonymous" in report.render()
     assert "WARNING: 11 records are in classes of at least 10" in report.render()
+
+
+def test_a_class_one_record_short_of_k_is_at_risk(tmp_path: Path) -> None:
+    rows = _rows(9, "Female", "18--20", "PH", [1] * 9) + _rows(10, "Male", "9--17", "US", [0] * 10)
+    report = assess_data_file(write_database(tmp_path / "short.duckdb", rows), codebook=CODEBOOK,
+                              qis=QIS, k=10)
+    assert not report.k_anonymous and report.full.k_anonymity == 9
+    assert (report.full.small_classes, report.full.records_at_risk) == (1, 9)
+
+
+def test_a_class_sharing_one_known_value_has_l_diversity_one(tmp_path: Path) -> None:
+    # No value is missing here, so none adds to any class's distinct values.
+    rows = _rows(10, "Female", "18--20", "PH", [1] * 10) + _rows(
+        10, "Male", "9--17", "US", [1] * 5 + [0] * 5
+    )
+    report = assess_data_file(write_database(tmp_path / "l.duckdb", rows), codebook=CODEBOOK,
+                              qis=QIS, sensitive=("isSexualExploit",), k=10)
+    (diversity,) = report.diversity
+    assert (diversity.l_diversity, diversity.homogeneous_classes) == (1, 1)
+
+
+def test_a_file_of_one_record_is_unique_and_discloses_its_class(tmp_path: Path) -> None:
+    rows = _rows(1, "Male", "9--17", "US", [1])
+    report = assess_data_file(write_database(tmp_path / "one.duckdb", rows), codebook=CODEBOOK,
+                              qis=QIS, sensitive=("isSexualExploit",), k=10)
+    assert not report.k_anonymous and report.full.sample_uniques == 1
+    (diversity,) = report.diversity
+    assert (diversity.l_diversity, diversity.records_in_homogeneous) == (1, 1)
+    assert "VERDICT: NOT 10-anonymous" in report.render()
 
 
 def test_outputs_are_json_and_csv(crafted: Path) -> None:
