@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from audit import attacks
-from audit.cli import EXIT_INCOMPLETE
+from audit.cli import EXIT_FOUND, EXIT_INCOMPLETE
 from audit.wire import Refused
 from tests.attacks.conftest import ALPHA, Attacker
 
@@ -301,6 +301,32 @@ def test_a_refusal_that_ends_an_attack_is_not_a_defence(
     assert row.endswith("NOT RUN") and detail.startswith("the server refused it for budget")
     assert status == EXIT_INCOMPLETE
     assert "1 of 2 attacks ran" in out
+
+
+@pytest.mark.usefixtures("noise_off")
+def test_a_breach_exits_1_even_when_another_attack_did_not_run(
+    attack: Callable[..., Attacker],
+    population_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exit status says a breach before anything else: an attack beside it that could not
+    run does not turn a run that found one into a run that merely tested less."""
+
+    def refused(ctx: attacks.Context, **kwargs: object) -> attacks.AttackResult:
+        import grpc
+
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the cap", budget=True)
+
+    monkeypatch.setitem(attacks.ATTACKS, "suppression", refused)
+    status = _veil_attack(
+        attack(), monkeypatch, "--attack", "suppression", "--attack", "differencing",
+        truth=population_file,
+    )
+    rows = _rows(capsys.readouterr().out)
+    assert rows["suppression"][0].endswith("NOT RUN")
+    assert rows["differencing"][0].endswith("BREACH")
+    assert status == EXIT_FOUND
 
 
 def test_a_missing_token_is_an_error_not_a_breach(

@@ -80,6 +80,19 @@ def test_a_single_success_of_an_attack_privacy_does_not_cover_is_a_breach() -> N
     assert attacks._count_result("injection", 0, 0, "0", "").verdict == "not run"
 
 
+def test_a_breach_is_tested_on_the_chance_of_at_least_as_many_right_guesses() -> None:
+    """The p-value counts the observed successes themselves: twelve right guesses of twelve,
+    where the bound is a coin toss, happen by chance once in 4096 times, a breach at 1e-3."""
+    assert attacks.binomial_p_value(12, 12, 0.5) == pytest.approx(0.5**12)
+    assert attacks.binomial_p_value(2, 3, 0.5) == pytest.approx(0.5)  # 3 of 8, and 1 of 8
+    assert attacks.binomial_p_value(1, 1, 0.7) == pytest.approx(0.7)
+    assert attacks.binomial_p_value(0, 10, 0.9) == 1.0
+    result = attacks._guess_result(
+        "differencing", 12, 12, 0.5, "epsilon=0", "", alpha=1e-3, dp_loss="epsilon=0"
+    )
+    assert result.verdict == "BREACH"
+
+
 # ---- averaging -----------------------------------------------------------------------------------
 
 
@@ -212,6 +225,30 @@ def test_budget_race_finds_a_ledger_that_books_more_than_was_left(
     result = attacks.budget_race(attacker.ctx)
     assert result.verdict == "BREACH", result.detail
     assert "the ledger charged 2" in result.detail
+
+
+def test_budget_race_finds_a_release_past_the_cap_that_the_ledger_did_not_book(
+    attack: Callable[..., Attacker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger that lets one release more through than was left, and loses its booking: the
+    spending it reports stays within what was left, and only the count of releases shows it."""
+    attacker = attack(cap="1")
+    budget = attacker.target.budget
+    calls: list[int] = []
+
+    def one_lost() -> Any:
+        answer = budget()
+        calls.append(1)
+        if len(calls) == 1:  # before the race: 0.875 left, so 8 releases of 0.109 fit
+            answer.remaining = "0.875"
+        else:  # after it: the 9th release, past 0.875, booked nowhere
+            answer.spent = str(Fraction(answer.spent or "0") - Fraction("0.109"))
+        return answer
+
+    monkeypatch.setattr(attacker.target, "budget", one_lost)
+    result = attacks.budget_race(attacker.ctx)
+    assert "which allows 8: 9 released" in result.detail, result.detail
+    assert result.verdict == "BREACH" and result.successes == 1
 
 
 def test_budget_race_does_not_count_stored_releases_returned_free(

@@ -182,6 +182,34 @@ def test_a_limit_below_two_chooses_no_targets_and_run_refuses_it() -> None:
         attacks.run(None, ["differencing"], trials=-5)  # type: ignore[arg-type]
 
 
+def test_targets_are_balanced_whichever_secret_is_more_common() -> None:
+    """The bound assumes a prior of one half: as many targets with the flag as without it, even
+    when the data has three times as many of one."""
+    import random
+
+    from audit import attacks
+    from audit.attacks import Person
+
+    for common in (0, 1):
+        people = [Person(str(i), (str(i),), common if i % 4 else 1 - common) for i in range(20)]
+        chosen = attacks._balanced(people, 60, random.Random(0))
+        assert sorted(p.secret for p in chosen) == [0] * 5 + [1] * 5
+
+
+def test_a_tracker_batch_holds_only_targets_apart_from_every_other_in_it() -> None:
+    """c is apart from a but not from b: it cannot join the batch holding both, where its own
+    code would count in b's cell, and goes to a batch of its own."""
+    from audit.attacks import _batches
+    from audit.truth import Knowledge, Person
+
+    a, b, c = (Person(code, (year,), 1) for code, year in (("UA", "2010"), ("PH", "2011"),
+                                                          ("MD", "2012")))
+    know = Knowledge("citizenship", ("yearOfRegistration",), "isSexualExploit", {},
+                     {("MD", ("2011",)): 3}, (a, b, c), (), ())
+    assert know.apart(a, b) and know.apart(a, c) and not know.apart(b, c)
+    assert _batches([a, b, c], know) == [[a, b], [c]]
+
+
 def test_audit_budgets_mark_revoked_clients(tmp_path: Path) -> None:
     import csv
 
