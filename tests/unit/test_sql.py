@@ -103,6 +103,11 @@ def test_an_integer_range_is_one_between() -> None:
     s = statement(Query(Count(), where=Not(Range("yearOfRegistration", 2005, 2010))))
     assert '"yearOfRegistration" IS NULL OR "yearOfRegistration" NOT BETWEEN ? AND ?' in s.text
     assert s.parameters == (2005, 2010)
+    # A list of one code is an equality (its complement of one, an inequality).
+    s = statement(Query(Count(), where=Not(In("yearOfRegistration", [2010]))))
+    assert '("yearOfRegistration" IS NULL OR "yearOfRegistration" <> ?)' in s.text
+    s = statement(Query(Count(), where=Range("yearOfRegistration", 2010, 2010)))
+    assert '("yearOfRegistration" = ?)' in s.text and s.parameters == (2010,)
 
 
 YEARS = range(2002, 2022)  # the codebook's domain of yearOfRegistration
@@ -120,6 +125,12 @@ YEARS = range(2002, 2022)  # the codebook's domain of yearOfRegistration
         ),
         (Not(Range("yearOfRegistration", low=2003)), lambda y: y is None or y < 2003),
         (In("yearOfRegistration", [2002, 2004, 2021]), lambda y: y in (2002, 2004, 2021)),
+        # All but one year: an inequality, with the missing year or without it.
+        (Not(In("yearOfRegistration", [2010])), lambda y: y is None or y != 2010),
+        (
+            In("yearOfRegistration", [y for y in YEARS if y != 2010]),
+            lambda y: y is not None and y != 2010,
+        ),
         (
             Or(Range("yearOfRegistration", high=2004), Range("yearOfRegistration", low=2019)),
             lambda y: y is not None and (y <= 2004 or y >= 2019),
