@@ -26,7 +26,7 @@ from client.cli import add_server_options, tls_of, token_of, write_replacing
 from client.connection import ADDRESS_ENV, TLS
 from client.errors import AuthenticationError
 from engine.audit_report import TABLE_NAMES, AuditTables, build_tables, render_html
-from engine.errors import VeilError
+from engine.errors import LedgerIntegrityError, VeilError
 from engine.ledger import Ledger
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def run_audit(args: argparse.Namespace) -> int:
                     tables = build_tables(
                         ledger, names=names or TABLE_NAMES, expect_head=args.expect_head
                     )
-                except (ArithmeticError, ValueError):
+                except LedgerIntegrityError:
                     # A value the ledger never writes (an amount that is not a number) leaves
                     # no table to build; verification names what is wrong with the file.
                     verification = ledger.verify(expect_head=args.expect_head)

@@ -344,6 +344,25 @@ def _loss_amount(value: Fraction) -> Fraction:
     return exact_amount(value, what="privacy loss")
 
 
+_RELEASE_LOSS = "a stored release's loss"
+
+
+def _stored_amount(text: str, what: str) -> Fraction:
+    """An amount read back from the ledger file.
+
+    The ledger writes amounts only through `format_amount`; one that does not parse was
+    edited by hand, so the file is refused as altered (LedgerIntegrityError) rather than
+    failing as an arithmetic error. The value is not quoted: the message may reach a caller.
+    """
+    try:
+        return parse_amount(text)
+    except ValueError as exc:
+        raise LedgerIntegrityError(
+            f"{what} in the ledger file is not a number: the file was altered since the ledger "
+            "wrote it (`veil ledger verify` lists what changed)"
+        ) from exc
+
+
 _SQLITE_REASONS = {
     sqlite3.SQLITE_FULL: "the disk holding the ledger is full",
     sqlite3.SQLITE_IOERR: "the disk holding the ledger reported an I/O error",
@@ -872,7 +891,7 @@ class Ledger:
                 detail=self._admin_detail(actor, before=meta["delta"], after=repr(self.delta)),
             )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'delta'", (repr(self.delta),))
-        if parse_amount(meta["dataset_cap"]) != default_cap:
+        if _stored_amount(meta["dataset_cap"], "the dataset cap") != default_cap:
             self._set_dataset_cap_in(conn, default_cap, actor)
         self._check_load(conn, load_id)
         abandoned = conn.execute(
@@ -1490,7 +1509,7 @@ class Ledger:
         one asked (recorded as a replay charge of 0); else None."""
         client_id, request_id, version = request
         best = _best_release(conn, plan.fingerprint, version)
-        if best is None or not replays(parse_amount(best[1]), amount):
+        if best is None or not replays(_stored_amount(best[1], _RELEASE_LOSS), amount):
             return None
         release_id, loss = best
         data, digest = _release_bytes(conn, release_id)
@@ -1716,7 +1735,7 @@ class Ledger:
         if row is None or row[4] != "reserved":
             return  # already settled (a commit whose outcome was uncertain did land)
         client, institution, version, amount_text, _, request_id, fingerprint, canonical = row
-        amount = parse_amount(amount_text)
+        amount = _stored_amount(amount_text, "a held charge's amount")
         scopes = scope_keys(client, institution, self._dataset_scope().name)
         now = _now()
         conn.execute(
@@ -1768,9 +1787,9 @@ class Ledger:
             ScopeBudget(
                 scope.kind,
                 scope.name,
-                None if cap is None else parse_amount(cap),
-                _ZERO if spent is None else parse_amount(spent),
-                _ZERO if held is None else parse_amount(held),
+                None if cap is None else _stored_amount(cap, f"the {scope.kind} cap"),
+                _ZERO if spent is None else _stored_amount(spent, f"the {scope.kind} total"),
+                _ZERO if held is None else _stored_amount(held, f"the {scope.kind} total"),
             )
             for scope, (cap, spent, held) in zip(scopes, rows, strict=True)
         )
@@ -2169,8 +2188,8 @@ class Ledger:
         rows = conn.execute(
             "SELECT name, spent, held FROM totals WHERE kind = 'dataset' ORDER BY name"
         ).fetchall()
-        spent = sum((parse_amount(r[1]) for r in rows), _ZERO)
-        held = sum((parse_amount(r[2]) for r in rows), _ZERO)
+        spent = sum((_stored_amount(r[1], "a dataset total") for r in rows), _ZERO)
+        held = sum((_stored_amount(r[2], "a dataset total") for r in rows), _ZERO)
         if spent + held > cap:
             raise ClientRegistryError(
                 f"cannot upgrade the ledger: its data versions have together used "
@@ -2378,7 +2397,7 @@ class Ledger:
         best = self._read(
             "look up the query's releases", lambda c: _best_release(c, fingerprint, data_version)
         )
-        if best is None or not replays(parse_amount(best[1]), loss):
+        if best is None or not replays(_stored_amount(best[1], _RELEASE_LOSS), loss):
             return None
         return self.release_metadata([best[0]])[best[0]]
 
@@ -2509,7 +2528,7 @@ def _client_row(conn: sqlite3.Connection, client_id: str) -> ClientRecord | None
         client_id=row[0],
         role=row[1],
         institution=row[2],
-        cap=parse_amount(row[3]),
+        cap=_stored_amount(row[3], "a client's cap"),
         status=row[4],
         token_hash=row[5],
         created_at=row[6],
@@ -2555,8 +2574,8 @@ def _charge_record(r: Any) -> ChargeRecord:
         kind=r[4],
         fingerprint=r[5],
         data_version=r[6],
-        requested=parse_amount(r[7]),
-        amount=parse_amount(r[8]),
+        requested=_stored_amount(r[7], "a charge's requested loss"),
+        amount=_stored_amount(r[8], "a charge's amount"),
         state=r[9],
         release_id=r[10],
         reserved_at=r[11],
@@ -2573,7 +2592,7 @@ def _release_record(r: Any) -> ReleaseRecord:
         fingerprint=r[3],
         canonical_query=r[4],
         data_version=r[5],
-        loss=parse_amount(r[6]),
+        loss=_stored_amount(r[6], _RELEASE_LOSS),
         created_at=r[7],
         sha256=r[8],
         replays=int(r[9]),

@@ -125,12 +125,16 @@ def parse_amount(text: str) -> Fraction:
     """Inverse of format_amount, without range checks (for stored values).
 
     Cached: the ledger reads the same few amounts (caps, totals, losses) again and again, and
-    a Fraction is immutable.
+    a Fraction is immutable. Raises ValueError, quoting the value's start, for one that is not
+    a number (edited by hand), rather than the bare arithmetic error it would cause.
     """
-    if "/" in text:
-        numerator, denominator = text.split("/")
-        return Fraction(int(numerator), int(denominator))
-    return Fraction(Decimal(text))
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            return Fraction(int(numerator), int(denominator))
+        return Fraction(Decimal(text))
+    except (ArithmeticError, ValueError, TypeError) as exc:
+        raise ValueError(f"{text!r:.40} is not an amount") from exc
 
 
 def epsilon_equivalent(accounting: Accounting, amount: float | Fraction, delta: float) -> float:

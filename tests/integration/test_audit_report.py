@@ -346,3 +346,52 @@ def test_cells_a_query_leaves_empty_are_not_counted_as_suppressed(tmp_path: Path
         # The Audit service says the same as the tables, and the report shows the count.
         assert (summary.suppressed_share, summary.unreachable_cells) == (0.0, 3)
     assert "<th>empty by its terms</th>" in html and "are stated, not withheld" in html
+
+
+def test_an_amount_edited_to_a_non_number_is_named_to_the_auditor_over_the_service(
+    tmp_path: Path,
+) -> None:
+    """A charge's amount edited by hand to a word, with the server stopped: the server opens the
+    file (its totals still agree with the log), and the auditor's tables are refused as from an
+    altered ledger, naming the column but not quoting it, while verification names the value.
+    Before, the same call failed as an internal error, which tells the auditor nothing."""
+    from server.accounts import LedgerAccounts
+    from server.app import build_engine, start
+    from tests.server_harness import live_config
+
+    first = start_live(tmp_path)
+    with stubs(first.port) as s:
+        s.research.Release(
+            pb.ReleaseRequest(request_id="a1", query=count_query("gender"), loss="0.5"),
+            metadata=first.auth("alice"),
+        )
+    first.stop()
+    with sqlite3.connect(first.config.ledger) as conn:
+        triggers = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+        kept = triggers.fetchall()
+        for name, _ in kept:
+            conn.execute(f"DROP TRIGGER {name}")
+        edited = conn.execute("UPDATE charges SET amount = 'lots' WHERE request_id = 'a1'")
+        assert edited.rowcount == 1
+        for _, sql in kept:
+            conn.execute(sql)
+
+    config = live_config(tmp_path, first.config.data)
+    engine = build_engine(config)
+    accounts = LedgerAccounts.for_config(config, engine, create=False)
+    again = LiveServer(start(config, engine=engine, accounts=accounts), config, first.tokens,
+                       tmp_path)
+    try:
+        with stubs(again.port) as s:
+            with pytest.raises(grpc.RpcError) as refused:
+                s.audit.GetAuditTables(pb.GetAuditTablesRequest(), metadata=again.auth("audra"))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = refused.value.details() or ""
+            assert "a charge's amount in the ledger file is not a number" in details
+            assert "veil ledger verify" in details and "lots" not in details
+            verified = s.audit.VerifyAuditLog(
+                pb.VerifyAuditLogRequest(), metadata=again.auth("audra")
+            )
+            assert not verified.ok and "'lots' is not an amount" in verified.problem
+    finally:
+        again.stop()

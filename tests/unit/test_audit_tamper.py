@@ -464,6 +464,7 @@ def test_an_amount_the_ledger_never_writes_is_reported_failed_not_a_crash(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "ledger verification FAILED" in err and "veil ledger verify" in err
+    assert "'lots' is not an amount" in err  # the value named, not a decimal module's class
 
 
 def test_a_log_rewritten_end_to_end_fails_against_a_pinned_head(

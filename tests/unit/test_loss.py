@@ -64,3 +64,15 @@ def test_amounts_are_written_exactly_at_any_length_and_as_the_client_writes_them
         text = format_amount(amount)
         assert parse_amount(text) == amount, text
         assert text == client_format(amount), amount
+
+
+@pytest.mark.parametrize("stored", ["lots", "1/0", "1/2/3", "a/b", "NaN", "Infinity", "", None, 5])
+def test_a_stored_value_that_is_not_an_amount_is_named_as_such(stored: object) -> None:
+    """The ledger reads amounts back with parse_amount; one edited by hand must fail as a value
+    error that names it (the ledger turns that into an integrity error), never as a bare
+    decimal or zero-division error, nor be read as some number."""
+    from engine.loss import parse_amount
+
+    with pytest.raises(ValueError, match="is not an amount") as raised:
+        parse_amount(stored)  # type: ignore[arg-type]
+    assert repr(stored)[:10] in str(raised.value)
