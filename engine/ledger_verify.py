@@ -169,9 +169,16 @@ def verify(conn: sqlite3.Connection, expect_head: str | None) -> VerifyResult:
     except (ArithmeticError, ValueError, TypeError, KeyError) as exc:
         problems.append(f"the ledger's tables cannot be reconciled: {exc}")
     problems.extend(_registry_difference(conn, registry))
-    for trigger in GUARD_TRIGGERS:
-        if trigger not in tables:
+    triggers = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+    for trigger, statement in GUARD_TRIGGERS.items():
+        if trigger not in triggers:
             problems.append(f"the guard trigger {trigger} has been removed")
+        elif triggers[trigger] != statement:
+            problems.append(
+                f"the guard trigger {trigger} has been replaced by one that reads otherwise"
+            )
+    for trigger in sorted(set(triggers) - set(GUARD_TRIGGERS)):
+        problems.append(f"a trigger the ledger never makes has been added: {trigger!r}")
     return VerifyResult(
         ok=not problems,
         entries=count,

@@ -300,6 +300,35 @@ def test_each_guard_trigger_dropped_on_its_own_is_reported(path: Path) -> None:
     assert verify(path).ok
 
 
+def test_a_guard_trigger_replaced_by_a_no_op_of_its_name_is_reported(path: Path) -> None:
+    """Each guard trigger swapped for one of the same name that guards nothing: the log can then
+    be rewritten with no trigger missing, so the name alone proves nothing. Each is named, and
+    a trigger the ledger never makes is reported too."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        triggers = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+        assert len(triggers) == 6
+        for name, sql in triggers.items():
+            table = sql.split(" ON ")[1].split()[0]
+            conn.execute(f"DROP TRIGGER {name}")
+            conn.execute(f"CREATE TRIGGER {name} BEFORE UPDATE ON {table} BEGIN SELECT 1; END")
+            assert verify(path).problems == (
+                f"the guard trigger {name} has been replaced by one that reads otherwise",
+            )
+            conn.execute(f"DROP TRIGGER {name}")
+            conn.execute(sql)
+        assert verify(path).ok
+        conn.execute(
+            "CREATE TRIGGER audit_rewrite AFTER INSERT ON charges BEGIN "
+            "UPDATE charges SET amount = '0' WHERE charge_id = NEW.charge_id; END"
+        )
+        assert verify(path).problems == (
+            "a trigger the ledger never makes has been added: 'audit_rewrite'",
+        )
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize(
     ("statement", "refusal"),
     [
