@@ -92,7 +92,12 @@ from engine.ledger_format import (
     scope_keys,
     token_digest,
 )
-from engine.ledger_verify import VerifyResult, registry_problems, totals_problems
+from engine.ledger_verify import (
+    VerifyResult,
+    registry_problems,
+    releases_problems,
+    totals_problems,
+)
 from engine.loss import (
     Accounting,
     Number,
@@ -947,9 +952,11 @@ class Ledger:
     def _check_against_log(self, conn: sqlite3.Connection) -> None:
         """A check on open that what the server acts on is what the audit log set: the
         clients, institution caps and meta rows (`registry_problems`: a revived client, a raised
-        cap) and the running totals every cap is enforced against (`totals_problems`: a total
-        written down lets a scope spend past its cap). Edited outside the ledger, they refuse."""
-        problems = registry_problems(conn) or totals_problems(conn)
+        cap), the running totals every cap is enforced against (`totals_problems`: a total
+        written down lets a scope spend past its cap) and the stored releases a replay hands
+        out (`releases_problems`: a row copied in, or moved to another query, would be served
+        free). Edited outside the ledger, they refuse."""
+        problems = registry_problems(conn) or totals_problems(conn) or releases_problems(conn)
         if problems:
             raise LedgerIntegrityError(
                 f"the ledger's tables differ from its audit log ({problems[0]}); run "

@@ -241,6 +241,30 @@ def totals_problems(conn: sqlite3.Connection) -> list[str]:
     return problems
 
 
+def releases_problems(conn: sqlite3.Connection) -> list[str]:
+    """Stored releases that no `release` entry of the audit log records as they are: a row
+    copied in from another ledger, or one whose query, data version, loss or hash was changed,
+    would be handed out as a free replay. What decides a replay is compared (not the bytes,
+    which are checked against the hash whenever they are served); the chain is
+    `registry_problems`' to walk."""
+    logged = set(
+        conn.execute(
+            "SELECT json_extract(entry, '$.release_id'), json_extract(entry, '$.release_sha256'), "
+            "json_extract(entry, '$.fingerprint'), json_extract(entry, '$.data_version'), "
+            "json_extract(entry, '$.charge') "
+            "FROM audit WHERE json_valid(entry) AND json_extract(entry, '$.event') = 'release'"
+        )
+    )
+    stored = conn.execute(
+        "SELECT release_id, sha256, fingerprint, data_version, loss FROM releases ORDER BY rowid"
+    )
+    return [
+        f"release {row[0]}: stored otherwise than the audit log records it, or not recorded"
+        for row in stored
+        if tuple(row) not in logged
+    ]
+
+
 def _replay_budget(
     seq: int,
     entry: dict[str, Any],

@@ -1018,3 +1018,26 @@ def test_a_release_copied_in_from_another_ledger_is_found(
     problems = verify(path).problems
     assert f"release {row[0]}: stored without a release entry in the audit log" in problems
     assert f"release {row[0]}: stored without a committed charge" in problems
+    # Nor is it served until someone runs verify: the ledger refuses to open for writing.
+    with pytest.raises(LedgerIntegrityError, match=rf"release {row[0]}: stored otherwise"):
+        open_ledger(path)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("fingerprint", "(SELECT fingerprint FROM charges WHERE " + _ROW["a3"] + ")"),
+        ("loss", "'5'"),  # a larger loss: every request for the query at any loss replays it
+        ("data_version", "'v2'"),
+    ],
+)
+def test_a_stored_release_moved_to_be_replayed_otherwise_is_refused_on_open(
+    path: Path, engine: Engine, column: str, value: str
+) -> None:
+    """A stored release's row edited so that it answers another query, more losses or another
+    data version as a free replay: the ledger opens only if its releases are as the log
+    recorded them, and refuses before anything is served."""
+    forge_column(path, "releases", _RELEASE_OF["a1"], column, value)
+    with pytest.raises(LedgerIntegrityError, match="stored otherwise than the audit log records"):
+        open_ledger(path)
+    assert not verify(path).ok
