@@ -1794,9 +1794,10 @@ class Ledger:
             ScopeBudget(
                 scope.kind,
                 scope.name,
-                None if cap is None else _stored_amount(cap, f"the {scope.kind} cap"),
-                _ZERO if spent is None else _stored_amount(spent, f"the {scope.kind} total"),
-                _ZERO if held is None else _stored_amount(held, f"the {scope.kind} total"),
+                # Constant descriptions: this runs twice for every release.
+                None if cap is None else _stored_amount(cap, "a budget cap"),
+                _ZERO if spent is None else _stored_amount(spent, "a running total"),
+                _ZERO if held is None else _stored_amount(held, "a running total"),
             )
             for scope, (cap, spent, held) in zip(scopes, rows, strict=True)
         )
