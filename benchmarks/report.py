@@ -423,6 +423,15 @@ def _throughput_table(throughput: dict[str, Any]) -> list[str]:
             f"| DuckDB alone (the statements, no privacy, no server) | {run['clients']} | "
             f"{run['statements']} | {run['per_second']:.0f} | - | - | - |"
         )
+    for key, label in (
+        ("engine_alone", "veil's engine alone (answers, no ledger, no server)"),
+        ("engine_ledger", "veil's engine and ledger (fresh charged releases, no server)"),
+    ):
+        for run in throughput.get(key, []):
+            lines.append(
+                f"| {label} | {run['clients']} | {run['releases']} | "
+                f"{run['per_second']:.0f} | - | - | - |"
+            )
     memory = throughput.get("server_memory")
     if memory:
         lines += [

@@ -15,6 +15,10 @@ a fixed time. Two loads:
 
 And, as the bound the machine sets, DuckDB alone in this process: as many threads, each running
 the statement veil runs for its client's query, back to back. No release rate can pass it.
+Between the two, to say where a fresh release's rate goes, veil's engine in this process with
+the same threads and queries: without a ledger (plan, scan, noise and the answer's table), then
+each a fresh release charged to a real ledger of its own (as the server's, WAL and synced), so
+that what the ledger takes and what the server and its transport take can be read apart.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,7 +41,8 @@ from benchmarks.stats import median
 from engine.backend import DuckDBBackend
 from engine.codebook import default_codebook
 from engine.engine import Engine
-from engine.loss import PrivacyLoss, format_amount
+from engine.ledger import Ledger
+from engine.loss import Accounting, PrivacyLoss, format_amount
 from engine.query import Count, Query, Range
 from engine.sql import build
 from protos.veil.v1 import veil_pb2 as pb
@@ -184,15 +190,75 @@ def raw_load(data: Dataset, clients: int, seconds: float) -> dict[str, Any]:
             "per_second": sum(done) / elapsed}
 
 
+def engine_load(
+    data: Dataset, clients: int, seconds: float, *, ledger: Path | None
+) -> dict[str, Any]:
+    """veil's engine in this process: `clients` threads, each making fresh releases of its
+    client's query for `seconds`. With `ledger` (a path for a new ledger file), each is charged
+    to it and stored, as the server's are; without, each is the engine's answer alone."""
+    backend = DuckDBBackend(data.path)
+    charger: Ledger | None = None
+    try:
+        engine = Engine(backend, codebook=default_codebook())
+        if ledger is not None:
+            for leftover in (ledger, Path(f"{ledger}-wal"), Path(f"{ledger}-shm")):
+                leftover.unlink(missing_ok=True)  # an earlier run's, whose clients exist
+            charger = Ledger.open(
+                ledger,
+                accounting=Accounting.PURE_DP,
+                dataset_cap=Fraction(100),
+                dataset=engine.dataset,
+                data_version=engine.data_version,
+            )
+            for index in range(clients):
+                charger.register_client(f"researcher-{index}", role="researcher",
+                                        cap=Fraction(100))
+        done = [0] * clients
+        stop_at = time.perf_counter() + seconds
+
+        def client(index: int) -> None:
+            query = client_query(index)
+            while time.perf_counter() < stop_at:
+                loss = PrivacyLoss.pure(BASE_LOSS + (done[index] + 1) * STEP)
+                if charger is None:
+                    engine.answer(engine.plan(query, loss=loss))
+                else:
+                    engine.release(query, loss=loss, charger=charger,
+                                   client=f"researcher-{index}", request_id=uuid.uuid4().hex)
+                done[index] += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        begin = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - begin
+        # What the ledger recorded as spent: each fresh release's loss, so a run that did not
+        # go through it shows (0 with no ledger).
+        charged = sum(
+            (charger.spent(f"researcher-{index}") for index in range(clients)), Fraction(0)
+        ) if charger is not None else Fraction(0)
+    finally:
+        if charger is not None:
+            charger.close()
+        backend.close()
+    return {"clients": clients, "seconds": elapsed, "releases": sum(done),
+            "per_second": sum(done) / elapsed, "charged": format_amount(charged)}
+
+
 def measure(
     data: Dataset, work: str, *, concurrency: Sequence[int], seconds: float, floor_calls: int
 ) -> dict[str, Any]:
-    from pathlib import Path
-
     duckdb_alone = [raw_load(data, clients, seconds) for clients in concurrency]
-    server = ServerProcess(
-        data=data.path, work=Path(work) / f"throughput-{data.rows}", name="throughput"
-    )
+    scratch = Path(work) / f"throughput-{data.rows}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    engine_alone = [engine_load(data, clients, seconds, ledger=None) for clients in concurrency]
+    engine_ledger = [
+        engine_load(data, clients, seconds, ledger=scratch / f"engine-{clients}-ledger.sqlite")
+        for clients in concurrency
+    ]
+    server = ServerProcess(data=data.path, work=scratch, name="throughput")
     try:
         tokens = server.register_researchers(max(concurrency))
         load = _Load(server, tokens, [0] * len(tokens))
@@ -203,6 +269,8 @@ def measure(
             "fresh": [],
             "replay": [],
             "duckdb_alone": duckdb_alone,
+            "engine_alone": engine_alone,
+            "engine_ledger": engine_ledger,
         }
         for clients in concurrency:
             result["fresh"].append(load.run(clients, seconds, replay=False))

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import targets
+from benchmarks.throughput import BASE_LOSS, STEP
 from benchmarks.workload import workload
 from engine.codebook import default_codebook
+from engine.loss import parse_amount
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +84,18 @@ def test_the_benchmark_runs_end_to_end_and_reports_every_query(tmp_path: Path) -
     assert [r["clients"] for r in throughput["duckdb_alone"]] == [1, 2]
     assert all(r["statements"] > 0 for r in throughput["duckdb_alone"])
     assert "| DuckDB alone (the statements, no privacy, no server) | 2 |" in markdown
+    for key in ("engine_alone", "engine_ledger"):
+        assert [r["clients"] for r in throughput[key]] == [1, 2]
+        assert all(r["releases"] > 0 for r in throughput[key])
+    # Each of the engine's charged releases is recorded at its own loss, and nothing without one.
+    assert all(r["charged"] == "0" for r in throughput["engine_alone"])
+    for run in throughput["engine_ledger"]:
+        releases = run["releases"]
+        # client i's n-th release costs BASE_LOSS + n * STEP (see benchmarks.throughput)
+        charged = parse_amount(run["charged"])
+        assert releases * BASE_LOSS < charged, run
+        assert charged <= releases * BASE_LOSS + releases * (releases + 1) // 2 * STEP, run
+    assert "| veil's engine and ledger (fresh charged releases, no server) | 2 |" in markdown
     assert results["memory"]["server"]["VmHWM"] > 0
     # The report can be written again from the saved results alone.
     again = subprocess.run(
