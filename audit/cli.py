@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from client.cli import add_server_options, tls_of, token_of, write_replacing
 from client.connection import ADDRESS_ENV, TLS
-from client.errors import AuthenticationError
+from client.errors import CA_CERT_ENV, AuthenticationError, unavailable_message
 from engine.audit_report import TABLE_NAMES, AuditTables, build_tables, render_html
 from engine.errors import LedgerIntegrityError, VeilError
 from engine.ledger import Ledger
 
 if TYPE_CHECKING:
     from audit.attacks import Summary
+    from audit.wire import Refused
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 # `veil attack`: no breach found, but some selected attack did not run or could not have shown one.
@@ -52,6 +53,32 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_options(group, server_help=f"a live veil server (default ${ADDRESS_ENV})")
     # The earlier name of --ca-cert, kept for the scripts that use it.
     group.add_argument("--tls-ca", dest="ca_cert", type=Path, help=argparse.SUPPRESS)
+
+
+def _refusal(exc: Refused, server: str, args: argparse.Namespace) -> str:
+    """What a call to `server` that failed with `exc` means, in the shell's words: a server
+    that cannot be reached (down, a wrong port, TLS on one side only) or that did not answer in
+    time is not a server that refused."""
+    import grpc
+
+    from audit.wire import uses_tls
+
+    if exc.code == grpc.StatusCode.UNAVAILABLE:
+        return unavailable_message(
+            exc.message,
+            server,
+            tls=uses_tls(server, tls_of(args)),
+            client_certificate=args.client_cert is not None,
+            # No --tls here: to a loopback address, naming the CA is what turns TLS on.
+            turn_on_tls=f"pass --ca-cert PEM or set {CA_CERT_ENV}, naming the CA that signed "
+            "its certificate",
+        )
+    if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"the veil server at {server} did not answer within {args.timeout:g} s "
+            f"(--timeout): {exc.message}"
+        )
+    return f"the server refused: {exc}"
 
 
 def _server(args: argparse.Namespace) -> str | None:
@@ -187,7 +214,10 @@ def run_audit(args: argparse.Namespace) -> int:
                     server, _token(args), names=names, tls=tls_of(args), timeout=args.timeout
                 )
             except Refused as exc:
-                print(f"veil audit: the server refused: {exc}", file=sys.stderr)
+                print(f"veil audit: {_refusal(exc, server, args)}", file=sys.stderr)
+                return EXIT_ERROR
+            except OSError as exc:  # a TLS file (--ca-cert, --client-cert, --client-key)
+                print(f"veil audit: {exc}", file=sys.stderr)
                 return EXIT_ERROR
     except VeilError as exc:
         print(f"veil audit: {exc}", file=sys.stderr)
@@ -383,7 +413,12 @@ def run_attack(args: argparse.Namespace) -> int:
         print(f"veil attack: give --server HOST:PORT or set {ADDRESS_ENV}", file=sys.stderr)
         return EXIT_ERROR
     results: list[AttackResult] = []
-    with Target(server, _token(args), tls=tls_of(args), timeout=args.timeout) as target:
+    try:
+        target = Target(server, _token(args), tls=tls_of(args), timeout=args.timeout)
+    except OSError as exc:  # a TLS file (--ca-cert, --client-cert, --client-key)
+        print(f"veil attack: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    with target:
         try:
             # Guesses scored against other data than the server's prove nothing: refuse before
             # anything is spent.
@@ -391,8 +426,11 @@ def run_attack(args: argparse.Namespace) -> int:
                 try:
                     served = target.codebook().deployment.data_version
                 except Refused as exc:
-                    print(f"veil attack: cannot read the server's data version: {exc}",
-                          file=sys.stderr)
+                    print(
+                        "veil attack: cannot read the server's data version: "
+                        f"{_refusal(exc, server, args)}",
+                        file=sys.stderr,
+                    )
                     return EXIT_ERROR
                 if served != truth.data_version:
                     print(

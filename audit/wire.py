@@ -134,8 +134,15 @@ class Call:
     seconds: float
 
 
+def uses_tls(address: str, tls: TLS | None) -> bool:
+    """Whether a `Target` of `address` with `tls` calls over TLS: always but to a loopback
+    address with no TLS files named."""
+    return tls is not None or not is_loopback(address)
+
+
 class Target:
-    """A live veil server, as one client (its bearer token) sees it."""
+    """A live veil server, as one client (its bearer token) sees it. Reading a TLS file it is
+    given (`tls`) can raise OSError."""
 
     def __init__(
         self,
@@ -147,7 +154,8 @@ class Target:
         max_receive: int = 256 << 20,
     ) -> None:
         options = [("grpc.max_receive_message_length", max_receive)]
-        if tls is not None or not is_loopback(address):
+        self.secure = uses_tls(address, tls)
+        if self.secure:
             # As the researcher's client does: the token leaves this machine only over TLS (the
             # system's CAs unless one is named), whatever the server would accept.
             credentials = (tls or TLS()).credentials()

@@ -95,9 +95,9 @@ class TLS:
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
-            root_certificates=_pem(self.ca_cert),
-            private_key=_pem(self.client_key),
-            certificate_chain=_pem(self.client_cert),
+            root_certificates=_pem(self.ca_cert, "CA certificate"),
+            certificate_chain=_pem(self.client_cert, "client certificate"),
+            private_key=_pem(self.client_key, "client key"),
         )
 
 
@@ -110,10 +110,17 @@ def _slow_down_hint(error: grpc.RpcError) -> float | None:
     return retry_after(trailers)
 
 
-def _pem(value: str | Path | bytes | None) -> bytes | None:
+def _pem(value: str | Path | bytes | None, what: str) -> bytes | None:
+    """The PEM bytes of `value` (a path or the bytes themselves). A file that cannot be read
+    raises the OSError it raised, worded to say which of the TLS files it is: Python's own
+    "[Errno 2] No such file or directory: 'ca.pem'" names neither the option nor the role."""
     if value is None or isinstance(value, bytes):
         return value
-    return Path(value).expanduser().read_bytes()
+    path = Path(value).expanduser()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise type(exc)(f"cannot read the {what} {value}: {exc.strerror or exc}") from None
 
 
 def is_loopback(address: str) -> bool:

@@ -376,11 +376,27 @@ def _token_advice(details: str) -> tuple[str, str]:
 
 
 
+def unavailable_message(
+    details: str, address: str, *, tls: bool, client_certificate: bool, turn_on_tls: str
+) -> str:
+    """The shell's words for a call to `address` that failed UNAVAILABLE (`details`, gRPC's),
+    with the hints about TLS a researcher's command gives: for the commands that make their own
+    calls (`veil audit`, `veil attack`), so that a server that is down, or that speaks TLS to a
+    plaintext call, is not reported as a server that refused. `turn_on_tls` says how the
+    command is told to use TLS, for a plaintext call the server closed."""
+    return _unavailable_messages(
+        details, address, tls, client_certificate, None, turn_on_tls=turn_on_tls
+    )[1]
+
+
 def _unavailable_messages(
     details: str, address: str, tls: bool, client_certificate: bool, request_id: str | None,
     answered: bool = False,
+    *,
+    turn_on_tls: str = f"pass --tls, with --ca-cert PEM or {CA_CERT_ENV} for a private CA",
 ) -> tuple[str, str]:
-    """The message for an unavailable server, in Python's words and in the shell's."""
+    """The message for an unavailable server, in Python's words and in the shell's
+    (`turn_on_tls`: how the command is told to use TLS)."""
     lowered = details.lower()
     where = f" at {address}" if address else ""
     if any(s in lowered for s in ("failed to connect", "connection refused", "dns resolution")):
@@ -425,10 +441,7 @@ def _unavailable_messages(
         shell += f"{note}; check --client-cert and --client-key)"
     elif not tls and closed:
         python += " (if this server uses TLS, connect with tls=True)"
-        shell += (
-            f" (if this server uses TLS, pass --tls, with --ca-cert PEM or {CA_CERT_ENV} "
-            f"for a private CA)"
-        )
+        shell += f" (if this server uses TLS, {turn_on_tls})"
     if request_id:
         # Not "nothing was charged": a connection lost after the server charged the release is
         # also UNAVAILABLE, and a retry under the same id is what gets it back.
@@ -455,4 +468,5 @@ __all__ = [
     "VeilError",
     "from_rpc_error",
     "is_handshake_failure",
+    "unavailable_message",
 ]

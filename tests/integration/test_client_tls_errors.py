@@ -210,6 +210,25 @@ def test_a_missing_client_certificate_is_named(
     assert code == 0, err
 
 
+def test_a_tls_file_that_cannot_be_read_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A misspelt --ca-cert, --client-cert or --client-key (or tls=, TLS(...)) says which file
+    it could not read and what it was to be: it read "[Errno 2] No such file or directory:
+    'ca.pem'", which names neither. It stays an OSError of the same kind for Python."""
+    monkeypatch.delenv("VEIL_CA_CERT", raising=False)
+    missing = tmp_path / "no-such.pem"
+    with pytest.raises(FileNotFoundError, match=r"cannot read the CA certificate .*no-such\.pem"):
+        client.connect("localhost:50051", token="veil_x", tls=str(missing))
+    with pytest.raises(FileNotFoundError, match=r"cannot read the client key .*no-such\.pem"):
+        TLS(client_cert=b"pem", client_key=missing).credentials()
+    code, _, err = veil(capsys, "budget", "--server", "localhost:50051", "--token", "veil_x",
+                        "--client-cert", str(missing), "--client-key", str(missing), "-q")
+    assert code == 1
+    assert f"cannot read the client certificate {missing}: No such file or directory" in err
+    assert "[Errno" not in err
+
+
 def test_a_refused_handshake_is_not_retried(
     tls_server: tuple[LiveServer, str], pki: PKI, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

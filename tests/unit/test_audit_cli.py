@@ -143,6 +143,81 @@ def test_attack_with_no_server_says_how_to_name_one(
     assert "--server" in err and "VEIL_SERVER" in err
 
 
+@pytest.mark.parametrize("command", [["audit", "report", "--out", "x.html"], ["attack"]])
+@pytest.mark.parametrize("option", ["--ca-cert", "--client-cert"])
+def test_a_tls_file_that_does_not_exist_is_named_not_a_traceback(
+    command: list[str],
+    option: str,
+    tmp_path: Path,
+    connection_env: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A misspelt --ca-cert (or client certificate) is a message naming the file and what it
+    was to be, exit 2: it was a FileNotFoundError's traceback."""
+    missing = tmp_path / "no-such.pem"
+    argv = [*command, "--token-file", str(connection_env), option, str(missing)]
+    if option == "--client-cert":
+        argv += ["--client-key", str(connection_env)]
+    assert veil_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    role = "CA certificate" if option == "--ca-cert" else "client certificate"
+    assert f"cannot read the {role} {missing}: No such file or directory" in err
+    assert "Traceback" not in err and "[Errno" not in err
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", [["audit", "report", "--out", "x.html"], ["attack"]])
+def test_a_server_that_cannot_be_reached_is_not_said_to_have_refused(
+    command: list[str],
+    tmp_path: Path,
+    connection_env: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No server on the port: `veil audit` said "the server refused: UNAVAILABLE", blaming a
+    server that is not there. It now says, as `veil query` does, that it cannot reach it."""
+    address = f"127.0.0.1:{_closed_port()}"
+    argv = [*command, "--server", address, "--token-file", str(connection_env), "--timeout", "5"]
+    if command[0] == "attack":
+        truth = tmp_path / "truth.duckdb"
+        assert veil_cli.main(["synth", str(truth), "--rows", "200"]) == 0
+        capsys.readouterr()
+        argv += ["--truth", str(truth)]
+    assert veil_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the veil server at {address}" in err
+    assert "refused:" not in err
+
+
+def test_a_plaintext_call_the_server_closes_says_how_these_commands_turn_tls_on() -> None:
+    """`veil audit` and `veil attack` have no --tls: to a loopback server, naming a CA turns
+    TLS on, and the hint says so rather than naming an option they do not take."""
+    import argparse
+
+    import grpc
+
+    from audit.cli import _refusal
+    from audit.wire import Refused
+
+    args = argparse.Namespace(ca_cert=None, client_cert=None, client_key=None, timeout=120.0)
+    closed = Refused(grpc.StatusCode.UNAVAILABLE, "failed to connect: Socket closed")
+    text = _refusal(closed, "127.0.0.1:50051", args)
+    assert text.startswith("cannot reach the veil server at 127.0.0.1:50051")
+    assert "--ca-cert PEM or set VEIL_CA_CERT" in text and "--tls" not in text
+    late = Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    assert "did not answer within 120 s (--timeout)" in _refusal(late, "h:1", args)
+    denied = Refused(grpc.StatusCode.PERMISSION_DENIED, "for admin, auditor")
+    assert _refusal(denied, "h:1", args) == (
+        "the server refused: PERMISSION_DENIED: for admin, auditor"
+    )
+
+
 @pytest.mark.parametrize(
     "option",
     [
