@@ -567,8 +567,10 @@ class PackPricing:
         return f"{text_table(self.HEADERS, rows, right=right)}\n\n{self.verdict()}{self._earlier()}"
 
     def _earlier(self) -> str:
-        """The tables the caller received on another data version (last year's): priced
-        afresh above, since releases belong to their data version, but still to be had."""
+        """The tables the caller received on another data version (last year's): not this
+        version's tables, since releases belong to their data version, but still to be had.
+        Not said to be priced afresh: a table already released on this version, or pinned by
+        the manifest, costs nothing above, and is listed here all the same."""
         lines = [
             f"  {t.name}: {e.release_id} (data version {e.data_version})"
             for t in self.tables if (e := t.dry_run.earlier_release) is not None
@@ -577,8 +579,9 @@ class PackPricing:
             return ""
         from client.display import wrap
 
-        head = wrap("you received these tables on another data version; they are priced afresh "
-                    "on this one, and `veil releases RELEASE_ID` shows one again, free:", indent="")
+        head = wrap("you also received these tables on another data version; releases belong "
+                    "to their data version, so those are not this one's tables, and `veil "
+                    "releases RELEASE_ID` shows one again, free:", indent="")
         return f"\n\n{head}\n" + "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 import client
 import veil_cli
 from client import Retry
-from client.pack import Pack, dry_run_pack
+from client.pack import Pack, dry_run_pack, release_pack
 from server.accounts import LedgerAccounts
 from server.app import build_engine, start
 from tests.conftest import write_database
@@ -161,3 +161,14 @@ def test_a_packs_dry_run_names_the_tables_received_on_another_data_version(
     assert "by_age:" not in text
     tables = pricing.to_dict()["tables"]
     assert tables[0]["dry_run"]["earlier_release"]["release_id"] == ids["large"]
+
+    # Once this year's tables are released, the pack's dry run costs nothing, and still names
+    # last year's table: it must not say the tables are priced afresh (they are free now).
+    with _connect(live, "alice") as alice:
+        release_pack(alice, pack)
+        again = dry_run_pack(alice, pack)
+    assert again.total == 0 and again["by_gender"].free_because is not None
+    text = " ".join(again.to_text().split())
+    assert f"by_gender: {ids['large']} (data version 2023)" in text
+    assert "you also received these tables on another data version" in text
+    assert "priced afresh" not in text
