@@ -9,6 +9,7 @@ It ends with the budget report and a verification of the audit log.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +19,7 @@ from engine import synthetic
 from engine.backend import DuckDBBackend
 from engine.codebook import CELL_COLUMNS, default_codebook
 from engine.engine import Engine
+from engine.errors import BudgetExceededError
 from engine.ledger import Ledger
 from engine.loss import Accounting, PrivacyLoss, format_amount
 from engine.query import Count, Eq, FlagCounts, Proportion, Query
@@ -112,16 +114,16 @@ def run_demo(args: argparse.Namespace) -> int:
         for title, query, epsilon in TABLES:
             loss = PrivacyLoss.pure(epsilon)
             spent = ledger.spent(RESEARCHER)
-            release = engine.release(
-                query,
-                loss=loss,
-                charger=ledger,
-                client=RESEARCHER,
-                # Named by what is asked (the fingerprint carries the codebook and the
-                # suppression rule), so that a rerun replays and a ledger left by another
-                # build never holds the id for another question.
-                request_id=f"demo:{engine.plan(query, loss=loss).fingerprint}:{epsilon}",
-            )
+            try:
+                release = _release(engine, ledger, query, loss, epsilon)
+            except BudgetExceededError as exc:
+                print(
+                    f"veil demo: {exc}. The ledger in {workdir} keeps the demo's budget over "
+                    "every --rows and --seed run there (each is a new data version, paid for "
+                    "afresh); give a new --workdir to start with a fresh budget",
+                    file=sys.stderr,
+                )
+                return 1
             _print_release(title, release, charged=ledger.spent(RESEARCHER) - spent)
         # Asking again is free: the stored release comes back, with the same noise.
         title, query, epsilon = TABLES[0]
@@ -142,6 +144,26 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0 if verdict.ok else 1
     finally:
         ledger.close()
+
+
+def _release(
+    engine: Engine, ledger: Ledger, query: Query, loss: PrivacyLoss, epsilon: str
+) -> Release:
+    """`query` released to the demo's researcher at `loss`, charged to `ledger`."""
+    return engine.release(
+        query,
+        loss=loss,
+        charger=ledger,
+        client=RESEARCHER,
+        # Named by what is asked (the fingerprint carries the codebook and the suppression
+        # rule) and of which data, so that a rerun replays, a ledger left by another build never
+        # holds the id for another question, and a run at another --rows or --seed in the same
+        # directory (another data version: a request id names one release on one data version)
+        # is not refused as a conflict.
+        request_id=(
+            f"demo:{engine.data_version}:{engine.plan(query, loss=loss).fingerprint}:{epsilon}"
+        ),
+    )
 
 
 def _print_release(title: str, release: Release, *, charged: Fraction) -> None:

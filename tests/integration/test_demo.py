@@ -54,3 +54,28 @@ def test_demo_reruns_on_a_ledger_another_build_wrote(
             )
     assert veil_cli.main(["demo", "--rows", "3000", "--workdir", str(tmp_path)]) == 0
     assert "chain intact" in capsys.readouterr().out
+
+
+def test_demo_at_another_size_in_the_same_workdir_is_a_new_data_version_not_a_conflict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`veil demo` then `veil demo --rows N` in the same directory: the second run is another
+    data version of the one synthetic dataset. Its request ids named the question only, so
+    the first table was refused as a request id used on another data version, a traceback.
+    It is released and charged afresh; once the budget is spent, a run says so and which
+    ledger holds it, with exit status 1."""
+    workdir = ["--workdir", str(tmp_path)]
+    assert veil_cli.main(["demo", "--rows", "3000", *workdir]) == 0
+    capsys.readouterr()
+    assert veil_cli.main(["demo", "--rows", "2000", *workdir]) == 0
+    second = capsys.readouterr().out
+    assert second.count("charged epsilon") == 6 and "released before" not in second
+    assert "spent 9, cap 20" in second and "chain intact" in second
+    # Each run spends 4.5 of the researcher's 20: the fifth version does not fit.
+    for seed in ("1", "2"):
+        assert veil_cli.main(["demo", "--rows", "2000", "--seed", seed, *workdir]) == 0
+    capsys.readouterr()
+    assert veil_cli.main(["demo", "--rows", "2000", "--seed", "3", *workdir]) == 1
+    err = capsys.readouterr().err
+    assert "would exceed the client budget of demo-researcher" in err
+    assert f"The ledger in {tmp_path} keeps the demo's budget" in err and "--workdir" in err
