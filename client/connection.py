@@ -138,13 +138,25 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+_URL_SCHEMES = ("http", "https", "grpc", "grpcs")
+
+
 def _checked_address(address: str) -> str:
     """`address`, refused (ValueError) when its port is not one from 1 to 65535: gRPC would
-    otherwise dial some other port (99999 wraps around) without a word."""
+    otherwise dial some other port (99999 wraps around) without a word; or when it is written
+    as a URL (http://HOST:PORT), which gRPC would look up as a host name."""
     if not isinstance(address, str):
         raise TypeError(f"address must be text (HOST:PORT), got {type(address).__name__}")
     if address.startswith(("unix:", "unix-abstract:")):
         return address
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme.lower() in _URL_SCHEMES:
+        # gRPC reads "http://host:port" as a host name, and reports a failed DNS lookup of it
+        # as a server that is unavailable, after retrying.
+        raise ValueError(
+            f"the server address {address} is a URL; give HOST:PORT ({rest.rstrip('/')}), "
+            f"without {scheme}:// (TLS is used for every host but a loopback one)"
+        )
     host_port = address.split("///", 1)[-1]  # dns:///host:port, ipv4:///...
     if host_port.count(":") == 1 or host_port.startswith("["):
         port = host_port.rsplit(":", 1)[-1] if "]:" in host_port or "[" not in host_port else ""

@@ -411,6 +411,17 @@ def test_smaller_bad_options_are_refused_before_anything_is_charged(
     code, out, err = veil(capsys, "query", "--count", "--server", "127.0.0.1:99999",
                           "--epsilon", "0.1", "-q")
     assert code == 2 and "a port is a number from 1 to 65535" in _one_line(err)
+    # An address written as a URL: gRPC looked "http://127.0.0.1:50051" up as a host name, and
+    # the command said, after its retries, that the server was unavailable.
+    for url in ("http://127.0.0.1:50051", "https://veil.example.org:443/"):
+        code, out, err = veil(capsys, "query", "--count", "--server", url, "--epsilon", "0.1",
+                              "-q")
+        host_port = url.split("://")[1].rstrip("/")
+        assert code == 2 and out == ""
+        assert f"is a URL; give HOST:PORT ({host_port})" in _one_line(err)
+        assert "unavailable" not in err
+    with pytest.raises(ValueError, match="is a URL"):
+        client.connect("grpc://localhost:50051", token="veil_x")
     for timeout in ("0", "-1", "nan"):
         with pytest.raises(SystemExit) as exited:
             veil_cli.main(["budget", "--timeout", timeout])
