@@ -548,7 +548,7 @@ class PackPricing:
     def verdict(self) -> str:
         """The total and whether it fits, in one sentence."""
         free = sum(1 for t in self.tables if t.cost == 0)
-        total = (f"total: {self.loss_name} {self.total} for {len(self.tables)} tables"
+        total = (f"total: {self.loss_name} {self.total} for {_tables(len(self.tables))}"
                  + (f" ({free} free)" if free else ""))
         if self.remaining is None:
             return f"{total}; your remaining budget is not known"
@@ -992,14 +992,19 @@ def run_pack(args: argparse.Namespace) -> int:
         name = next((r.metadata.loss_name for r in releases.values()), pack.loss_name)
         cli.emit(
             text_table(["table", "release", "charged", "replayed", "file"], written)
-            + f"\n\n{len(releases)} tables; charged {name} {total} in this run"
-            + (f", besides {unknown} tables whose charge is not known (a try lost after an "
+            + f"\n\n{_tables(len(releases))}; charged {name} {total} in this run"
+            + (f", besides {_tables(unknown)} whose charge is not known (a try lost after an "
                f"earlier run had sent the same request)" if unknown else "")
             + f"; manifest {manifest_path}"
         )
         return cli.EXIT_OK
 
     return cli.run_with_client(args, run)
+
+
+def _tables(count: int) -> str:
+    """'1 table', '2 tables'."""
+    return f"{count} table" if count == 1 else f"{count} tables"
 
 
 __all__ = [

@@ -87,13 +87,15 @@ def exact_cap(value: Number, *, what: str = "cap") -> Fraction:
     Zero may be written any way that means zero ("0", "0.00", 0, 0.0); anything else must pass
     `exact_amount`, whose errors name `what`.
     """
+    negative = False
     if not isinstance(value, bool):
         with contextlib.suppress(ArithmeticError, ValueError, TypeError):
-            if isinstance(value, str):
-                if Decimal(value.strip()) == 0:
-                    return Fraction(0)
-            elif value == 0:
+            number = Decimal(value.strip()) if isinstance(value, str) else value
+            if number == 0:
                 return Fraction(0)
+            negative = number < 0
+    if negative:  # not "must be positive", which would rule out the zero a cap may be
+        raise InvalidLossError(f"{what} must be zero or positive, got {value!r}")
     return exact_amount(value, what=what)
 
 

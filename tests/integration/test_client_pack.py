@@ -353,7 +353,7 @@ def test_a_half_width_is_given_in_place_of_a_loss_or_refused_by_name(
     assert pack.loss_name == "loss" and pack["t0"].confidence == 0.95
     pricing = dry_run_pack(veil_client, pack)
     assert pricing.loss_name == "epsilon" and pricing["t0"].cost > 0
-    assert "total: epsilon" in pricing.verdict()
+    assert "total: epsilon" in pricing.verdict() and " for 1 table;" in pricing.verdict()
     # The server states every interval at its own level: another one is refused, by name.
     spec.write_text(spec.read_text().replace("0.95", "0.9"))
     with pytest.raises(client.InvalidQuery, match=re.escape(

@@ -44,6 +44,15 @@ def test_a_cap_is_otherwise_a_valid_amount(value: bool | str) -> None:
     assert exact_cap("0.5", what="client cap") == Fraction(1, 2)
 
 
+@pytest.mark.parametrize("negative", ["-1", " -0.5 ", -2, -0.25, Fraction(-1, 3)])
+def test_a_negative_cap_is_refused_as_below_zero_not_as_short_of_positive(
+    negative: str | int | float | Fraction,
+) -> None:
+    # "must be positive" would tell an administrator that 0 is refused too, which it is not.
+    with pytest.raises(InvalidLossError, match="client cap must be zero or positive"):
+        exact_cap(negative, what="client cap")
+
+
 def test_amounts_are_written_exactly_at_any_length_and_as_the_client_writes_them() -> None:
     import random
 
