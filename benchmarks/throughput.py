@@ -158,6 +158,17 @@ class _Load:
         }
 
 
+def _on_threads(clients: int, client: Callable[[int], None]) -> float:
+    """Run `client(i)` on a thread of its own for each of `clients`; the seconds all took."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    begin = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - begin
+
+
 def raw_load(data: Dataset, clients: int, seconds: float) -> dict[str, Any]:
     """DuckDB alone, in this process: `clients` threads, each running the statement veil runs
     for its client's query, for `seconds`. The most releases per second the scans would allow
@@ -177,13 +188,7 @@ def raw_load(data: Dataset, clients: int, seconds: float) -> dict[str, Any]:
                 backend.run(statements[index])
                 done[index] += 1
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        begin = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - begin
+        elapsed = _on_threads(clients, client)
     finally:
         backend.close()
     return {"clients": clients, "seconds": elapsed, "statements": sum(done),
@@ -227,13 +232,7 @@ def engine_load(
                                    client=f"researcher-{index}", request_id=uuid.uuid4().hex)
                 done[index] += 1
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        begin = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - begin
+        elapsed = _on_threads(clients, client)
         # What the ledger recorded as spent: each fresh release's loss, so a run that did not
         # go through it shows (0 with no ledger).
         charged = sum(
