@@ -154,8 +154,7 @@ class Target:
         max_receive: int = 256 << 20,
     ) -> None:
         options = [("grpc.max_receive_message_length", max_receive)]
-        self.secure = uses_tls(address, tls)
-        if self.secure:
+        if uses_tls(address, tls):
             # As the researcher's client does: the token leaves this machine only over TLS (the
             # system's CAs unless one is named), whatever the server would accept.
             credentials = (tls or TLS()).credentials()
