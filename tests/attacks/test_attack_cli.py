@@ -39,6 +39,12 @@ def _rows(out: str) -> dict[str, tuple[str, str]]:
     }
 
 
+def _refused_for_budget(ctx: attacks.Context, **kwargs: object) -> attacks.AttackResult:
+    """An attack the server stops by refusing it for budget."""
+    import grpc
+
+    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the cap", budget=True)
+
 def test_veil_attack_prints_rates_next_to_bounds(
     attack: Callable[..., Attacker],
     population_file: Path,
@@ -286,12 +292,7 @@ def test_a_refusal_that_ends_an_attack_is_not_a_defence(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def refused(ctx: attacks.Context, **kwargs: object) -> attacks.AttackResult:
-        import grpc
-
-        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the cap", budget=True)
-
-    monkeypatch.setitem(attacks.ATTACKS, "suppression", refused)
+    monkeypatch.setitem(attacks.ATTACKS, "suppression", _refused_for_budget)
     status = _veil_attack(
         attack(), monkeypatch, "--attack", "suppression", "--attack", "injection",
         truth=population_file,
@@ -313,12 +314,7 @@ def test_a_breach_exits_1_even_when_another_attack_did_not_run(
     """The exit status says a breach before anything else: an attack beside it that could not
     run does not turn a run that found one into a run that merely tested less."""
 
-    def refused(ctx: attacks.Context, **kwargs: object) -> attacks.AttackResult:
-        import grpc
-
-        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the cap", budget=True)
-
-    monkeypatch.setitem(attacks.ATTACKS, "suppression", refused)
+    monkeypatch.setitem(attacks.ATTACKS, "suppression", _refused_for_budget)
     status = _veil_attack(
         attack(), monkeypatch, "--attack", "suppression", "--attack", "differencing",
         truth=population_file,

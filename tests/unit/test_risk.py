@@ -97,21 +97,24 @@ def test_a_data_file_of_another_codebook_is_refused_in_one_line(
     assert "--codebook" in str(refused.value)
 
 
-def test_with_records_of_people_classes_are_counted_in_people(tmp_path: Path) -> None:
-    # Ten records of one person are one person: unique, however many rows hold them. Person 1
-    # has ten identical records (class A); persons 2-11 one record each in class B; person 12
-    # two records in class C, one of whose values of f1 differs.
-    from engine.codebook import Codebook
-
-    people = Codebook.from_mapping({
+def _people_codebook(classes: str, *, flags: tuple[str, ...] = ()) -> Codebook:
+    """A codebook whose privacy unit is the person (personId, up to 10 rows each), with a
+    category g of one code per letter of `classes`, and the given flags."""
+    return Codebook.from_mapping({
         "name": "people", "version": "1",
         "privacy_unit": {"id_column": "personId", "max_rows_per_person": 10},
         "variables": [
             {"name": "personId", "type": "integer", "range": [1, 1000]},
-            {"name": "g", "type": "category", "categories": [{"code": c} for c in "ABC"]},
-            {"name": "f1", "type": "flag"},
+            {"name": "g", "type": "category", "categories": [{"code": c} for c in classes]},
+            *({"name": flag, "type": "flag"} for flag in flags),
         ],
     })
+
+def test_with_records_of_people_classes_are_counted_in_people(tmp_path: Path) -> None:
+    # Ten records of one person are one person: unique, however many rows hold them. Person 1
+    # has ten identical records (class A); persons 2-11 one record each in class B; person 12
+    # two records in class C, one of whose values of f1 differs.
+    people = _people_codebook("ABC", flags=("f1",))
     rows = (
         [{"personId": 1, "g": "A", "f1": 1}] * 10
         + [{"personId": p, "g": "B", "f1": 1} for p in range(2, 12)]
@@ -140,16 +143,7 @@ def test_with_records_of_people_classes_are_counted_in_people(tmp_path: Path) ->
 def test_records_without_a_person_id_are_each_a_person_of_their_own(tmp_path: Path) -> None:
     # Class A: three identified people and seven records with no id, ten people in all; class
     # B: ten identified people. Merging the records with no id would make A a class of three.
-    from engine.codebook import Codebook
-
-    people = Codebook.from_mapping({
-        "name": "people", "version": "1",
-        "privacy_unit": {"id_column": "personId", "max_rows_per_person": 10},
-        "variables": [
-            {"name": "personId", "type": "integer", "range": [1, 1000]},
-            {"name": "g", "type": "category", "categories": [{"code": c} for c in "AB"]},
-        ],
-    })
+    people = _people_codebook("AB")
     rows = (
         [{"personId": p, "g": "A"} for p in (1, 2, 3)]
         + [{"personId": None, "g": "A"}] * 7
