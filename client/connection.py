@@ -128,8 +128,20 @@ def is_loopback(address: str) -> bool:
     travel without TLS."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
-    host = host.strip("[]")
+    # gRPC's ipv4: and ipv6: targets may list several addresses: all of them must be this machine.
+    return all(_is_loopback_host(one) for one in _host_port(address).split(","))
+
+
+def _host_port(address: str) -> str:
+    """The HOST:PORT of a gRPC target: `address` itself, or what follows the scheme of a
+    dns:///, ipv4:/// or ipv6:/// one."""
+    scheme, sep, rest = address.partition(":///")
+    return rest if sep and scheme.isalnum() else address
+
+
+def _is_loopback_host(host_port: str) -> bool:
+    with_port = host_port.count(":") == 1 or "]" in host_port
+    host = (host_port.rsplit(":", 1)[0] if with_port else host_port).strip("[]")
     if host == "localhost":
         return True
     try:
@@ -142,9 +154,9 @@ _URL_SCHEMES = ("http", "https", "grpc", "grpcs")
 
 
 def _checked_address(address: str) -> str:
-    """`address`, refused (ValueError) when its port is not one from 1 to 65535: gRPC would
-    otherwise dial some other port (99999 wraps around) without a word; or when it is written
-    as a URL (http://HOST:PORT), which gRPC would look up as a host name."""
+    """`address`, refused (ValueError) when its port is missing or not one from 1 to 65535: gRPC
+    would otherwise dial some other port (443, or 99999 wrapped around) without a word; or when
+    it is written as a URL (http://HOST:PORT), which gRPC would look up as a host name."""
     if not isinstance(address, str):
         raise TypeError(f"address must be text (HOST:PORT), got {type(address).__name__}")
     if address.startswith(("unix:", "unix-abstract:")):
@@ -157,13 +169,20 @@ def _checked_address(address: str) -> str:
             f"the server address {address} is a URL; give HOST:PORT ({rest.rstrip('/')}), "
             f"without {scheme}:// (TLS is used for every host but a loopback one)"
         )
-    host_port = address.split("///", 1)[-1]  # dns:///host:port, ipv4:///...
-    if host_port.count(":") == 1 or host_port.startswith("["):
-        port = host_port.rsplit(":", 1)[-1] if "]:" in host_port or "[" not in host_port else ""
-        if port.isdigit() and not 1 <= int(port) <= 65535:
+    for host_port in _host_port(address).split(","):
+        if host_port.count(":") == 1 or host_port.startswith("["):
+            port = host_port.rsplit(":", 1)[-1] if "]:" in host_port or "[" not in host_port else ""
+            if port.isdigit() and not 1 <= int(port) <= 65535:
+                raise ValueError(
+                    f"the server address {address} has port {port}; a port is a number from 1 "
+                    f"to 65535"
+                )
+        if ":" not in host_port or (host_port.startswith("[") and "]:" not in host_port):
+            # gRPC would dial its own default, 443, without a word.
             raise ValueError(
-                f"the server address {address} has port {port}; a port is a number from 1 to "
-                f"65535"
+                f"the server address {address} has no port; give HOST:PORT (a veil server "
+                f"listens on port {DEFAULT_ADDRESS.rsplit(':', 1)[1]} unless it is configured "
+                f"otherwise)"
             )
     return address
 

@@ -273,9 +273,12 @@ def test_numpy_numbers_are_read_as_the_numbers_they_are() -> None:
 
 
 def test_loopback_detection_decides_the_default_tls() -> None:
-    for address in ("localhost:50051", "127.0.0.1:1", "[::1]:50051", "unix:/tmp/veil.sock"):
+    for address in ("localhost:50051", "127.0.0.1:1", "[::1]:50051", "unix:/tmp/veil.sock",
+                    "dns:///localhost:50051", "ipv4:///127.0.0.1:1,127.0.0.2:2",
+                    "ipv6:///[::1]:50051"):
         assert is_loopback(address), address
-    for address in ("veil.example.org:443", "10.0.0.1:50051", "[2001:db8::1]:50051"):
+    for address in ("veil.example.org:443", "10.0.0.1:50051", "[2001:db8::1]:50051",
+                    "dns:///veil.example.org:443", "ipv4:///127.0.0.1:1,10.0.0.1:2"):
         assert not is_loopback(address), address
 
 
@@ -427,8 +430,13 @@ def test_arguments_the_wire_cannot_carry_are_refused_before_any_call() -> None:
 def test_a_server_port_a_timeout_or_a_token_that_cannot_work_is_refused_at_once() -> None:
     from client.connection import check_token
 
-    for address in ("127.0.0.1:99999", "localhost:0", "[::1]:65536"):
+    for address in ("127.0.0.1:99999", "localhost:0", "[::1]:65536", "ipv4:///127.0.0.1:0"):
         with pytest.raises(ValueError, match="a port is a number from 1 to 65535"):
+            client.Client(address, token="veil_x")
+    # With no port, gRPC dialled 443 without a word.
+    for address in ("veil.example.org", "localhost", "[::1]", "dns:///veil.example.org",
+                    "ipv4:///127.0.0.1:50051,127.0.0.2"):
+        with pytest.raises(ValueError, match=r"has no port; give HOST:PORT \(.* on port 50051"):
             client.Client(address, token="veil_x")
     for timeout in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
