@@ -47,6 +47,7 @@ serves, is refused before anything is charged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -935,6 +936,7 @@ def run_pack(args: argparse.Namespace) -> int:
         return cli.run_with_client(args, price)
 
     fmt = args.format or "csv"
+    made = _missing_directories(out, manifest_path.parent)
     try:
         out.mkdir(parents=True, exist_ok=True)
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
@@ -999,7 +1001,24 @@ def run_pack(args: argparse.Namespace) -> int:
         )
         return cli.EXIT_OK
 
-    return cli.run_with_client(args, run)
+    try:
+        return cli.run_with_client(args, run)
+    finally:
+        # A run refused before anything was written (over budget, server down) leaves no empty
+        # directory behind; rmdir removes only what is still empty.
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _missing_directories(*paths: Path) -> list[Path]:
+    """The directories that making `paths` would create, deepest first."""
+    missing = set()
+    for path in paths:
+        while not path.exists() and path != path.parent:
+            missing.add(path)
+            path = path.parent
+    return sorted(missing, key=lambda directory: len(directory.absolute().parts), reverse=True)
 
 
 def _tables(count: int) -> str:

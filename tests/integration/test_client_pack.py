@@ -627,7 +627,13 @@ def test_veil_pack_prices_then_writes_each_table_and_the_manifest(
     code = veil_cli.main(["pack", str(big), "--out", str(tmp_path / "big"), "-q"])
     _, err = capsys.readouterr()
     assert code == 3 and "table t1 is the first that does not fit" in err
-    assert not (tmp_path / "big" / "manifest.json").exists()
+    assert not (tmp_path / "big").exists()  # not even an empty directory
+    # Nor does a refusal with the manifest in a directory of its own within --out.
+    code = veil_cli.main(["pack", str(big), "--out", str(tmp_path / "big" / "tables"),
+                          "--manifest", str(tmp_path / "big" / "state" / "manifest.json"), "-q"])
+    capsys.readouterr()
+    assert code == 3 and not (tmp_path / "big").exists()
+    assert out_dir.is_dir()  # directories with tables in them stay
     # A spec that cannot be read is refused before any server is asked (exit 2).
     bad = tmp_path / "bad.toml"
     bad.write_text(spec.read_text() + "\nextra = 1\n")
