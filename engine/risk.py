@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import io
 import itertools
 import math
@@ -362,7 +363,15 @@ def _check_variables(codebook: Codebook, names: Sequence[str], what: str) -> tup
             known = "a stored codebook variable"
             if name in {v.name for v in codebook.variables}:
                 known = "a stored variable (concatenated label columns are derived from flags)"
-            raise RiskError(f"{what} {name!r} is not {known} of {codebook.fingerprint_text}")
+                hint = ""
+            else:
+                # Case folded, as a custodian types names from the codebook's prose.
+                by_folded = {stored_name.lower(): stored_name for stored_name in stored}
+                close = difflib.get_close_matches(name.lower(), list(by_folded), n=3)
+                hint = f"; did you mean {', '.join(by_folded[c] for c in close)}?" if close else ""
+            raise RiskError(
+                f"{what} {name!r} is not {known} of {codebook.fingerprint_text}{hint}"
+            )
         if name in out:
             raise RiskError(f"{what} {name!r} is listed twice")
         out.append(name)

@@ -270,8 +270,11 @@ def test_two_quasi_identifiers_have_a_driver_each(crafted: Path) -> None:
 
 
 def test_variables_are_checked_against_the_codebook(crafted: Path) -> None:
-    with pytest.raises(RiskError, match="not a stored codebook variable"):
+    with pytest.raises(RiskError, match="not a stored codebook variable") as refused:
         assess_data_file(crafted, codebook=CODEBOOK, qis=("gender", "nope"))
+    assert "did you mean" not in str(refused.value)  # nothing is close to "nope"
+    with pytest.raises(RiskError, match=r"'agebraod' is not a stored .*did you mean ageBroad\?"):
+        assess_data_file(crafted, codebook=CODEBOOK, qis=("gender", "agebraod"))
     with pytest.raises(RiskError, match="either QI or sensitive"):
         assess_data_file(crafted, codebook=CODEBOOK, qis=QIS, sensitive=("gender",))
     with pytest.raises(RiskError, match="listed twice"):
