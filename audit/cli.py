@@ -57,8 +57,8 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _refusal(exc: Refused, server: str, args: argparse.Namespace) -> str:
     """What a call to `server` that failed with `exc` means, in the shell's words: a server
-    that cannot be reached (down, a wrong port, TLS on one side only) or that did not answer in
-    time is not a server that refused."""
+    that cannot be reached (down, a wrong port, TLS on one side only), that did not answer in
+    time or whose ledger fails verification is not a server that refused."""
     import grpc
 
     from audit.wire import uses_tls
@@ -73,6 +73,8 @@ def _refusal(exc: Refused, server: str, args: argparse.Namespace) -> str:
             turn_on_tls=f"pass --ca-cert PEM or set {CA_CERT_ENV}, naming the CA that signed "
             "its certificate",
         )
+    if exc.code == grpc.StatusCode.DATA_LOSS:
+        return f"the veil server's ledger fails verification: {exc.message}"
     if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return (
             f"the veil server at {server} did not answer within {args.timeout:g} s "
@@ -214,8 +216,11 @@ def run_audit(args: argparse.Namespace) -> int:
                     server, _token(args), names=names, tls=tls_of(args), timeout=args.timeout
                 )
             except Refused as exc:
+                import grpc
+
                 print(f"veil audit: {_refusal(exc, server, args)}", file=sys.stderr)
-                return EXIT_ERROR
+                # As from a ledger file that fails verification: found, not an error.
+                return EXIT_FOUND if exc.code == grpc.StatusCode.DATA_LOSS else EXIT_ERROR
             except OSError as exc:  # a TLS file (--ca-cert, --client-cert, --client-key)
                 print(f"veil audit: {exc}", file=sys.stderr)
                 return EXIT_ERROR

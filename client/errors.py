@@ -190,7 +190,8 @@ class NotFound(VeilError, LookupError):
 
 
 class ServerFault(VeilError):
-    """The server failed; its message holds a reference for the custodian's log."""
+    """The server failed: its message holds a reference for the custodian's log, or says that
+    its ledger fails verification (DATA_LOSS), which retrying does not mend."""
 
 
 # ---- from a gRPC error -------------------------------------------------------------------------

@@ -124,7 +124,8 @@ _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (RevokedClientError, grpc.StatusCode.UNAUTHENTICATED),
     (UnknownClientError, grpc.StatusCode.NOT_FOUND),
     (ClientRegistryError, grpc.StatusCode.FAILED_PRECONDITION),
-    (LedgerIntegrityError, grpc.StatusCode.UNAVAILABLE),
+    # Not UNAVAILABLE: an altered or damaged ledger does not heal if the caller retries.
+    (LedgerIntegrityError, grpc.StatusCode.DATA_LOSS),
     (LedgerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (QueryCancelledError, grpc.StatusCode.CANCELLED),
     (CodebookError, grpc.StatusCode.INTERNAL),

@@ -349,12 +349,13 @@ def test_cells_a_query_leaves_empty_are_not_counted_as_suppressed(tmp_path: Path
 
 
 def test_an_amount_edited_to_a_non_number_is_named_to_the_auditor_over_the_service(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A charge's amount edited by hand to a word, with the server stopped: the server opens the
     file (its totals still agree with the log), and the auditor's tables are refused as from an
     altered ledger, naming the column but not quoting it, while verification names the value.
     Before, the same call failed as an internal error, which tells the auditor nothing."""
+    import veil_cli
     from server.accounts import LedgerAccounts
     from server.app import build_engine, start
     from tests.server_harness import live_config
@@ -385,7 +386,7 @@ def test_an_amount_edited_to_a_non_number_is_named_to_the_auditor_over_the_servi
         with stubs(again.port) as s:
             with pytest.raises(grpc.RpcError) as refused:
                 s.audit.GetAuditTables(pb.GetAuditTablesRequest(), metadata=again.auth("audra"))
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert refused.value.code() == grpc.StatusCode.DATA_LOSS  # not to be retried
             details = refused.value.details() or ""
             assert "a charge's amount in the ledger file is not a number" in details
             assert "veil ledger verify" in details and "lots" not in details
@@ -393,5 +394,15 @@ def test_an_amount_edited_to_a_non_number_is_named_to_the_auditor_over_the_servi
                 pb.VerifyAuditLogRequest(), metadata=again.auth("audra")
             )
             assert not verified.ok and "'lots' is not an amount" in verified.problem
+        # The auditor's command says the ledger fails verification; it said the server could
+        # not be reached, as it does of a server that is down.
+        monkeypatch.setenv("VEIL_TOKEN", again.tokens["audra"])
+        report = tmp_path / "report.html"
+        code = veil_cli.main(["audit", "report", "--server", f"127.0.0.1:{again.port}",
+                              "--out", str(report)])
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 1 and not report.exists(), err
+        assert "the veil server's ledger fails verification" in err and "veil ledger verify" in err
+        assert "cannot reach" not in err and "lots" not in err
     finally:
         again.stop()

@@ -37,6 +37,9 @@ Errors are gRPC status codes with a message that says what was rejected and why:
   CANCELLED           the caller cancelled before the charge was held; nothing was charged
   UNAVAILABLE         the ledger cannot durably record a charge, or the server is stopping;
                       nothing was charged, and the call may be retried with the same request id
+  DATA_LOSS           the ledger fails verification (altered or damaged); the server answers
+                      nothing that needs it until the custodian has checked it (`veil ledger
+                      verify`), so retrying does not help
   INTERNAL            a fault; the message holds only a reference for the server's log
 """
 
