@@ -563,7 +563,8 @@ class PackPricing:
     def to_text(self) -> str:
         from client.display import shorten, text_table
 
-        rows = [[*row[:-1], shorten(row[-1], 70)] for row in self.rows()]
+        rows = [[*row[:-2], _shortfall(t.remaining_after) or row[-2], shorten(row[-1], 70)]
+                for t, row in zip(self.tables, self.rows(), strict=True)]
         right = [False, True, False, True, True, True, True, False]
         return f"{text_table(self.HEADERS, rows, right=right)}\n\n{self.verdict()}{self._earlier()}"
 
@@ -1019,6 +1020,14 @@ def _missing_directories(*paths: Path) -> list[Path]:
             missing.add(path)
             path = path.parent
     return sorted(missing, key=lambda directory: len(directory.absolute().parts), reverse=True)
+
+
+def _shortfall(remaining_after: Amount | None) -> str | None:
+    """'short 0.1' for a table the budget cannot cover (-0.1 remaining after it): a negative
+    budget reads as a debt the caller could run up. CSV and JSON keep the number."""
+    if remaining_after is None or remaining_after >= 0:
+        return None
+    return f"short {format_amount(-remaining_after)}"
 
 
 def _tables(count: int) -> str:

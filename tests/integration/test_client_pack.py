@@ -110,6 +110,10 @@ def test_a_pack_that_does_not_fit_is_refused_whole_and_charges_nothing(
     assert pricing.total == Fraction(3, 5) and pricing.fits is False
     assert pricing.first_short == "t5" and pricing.limiting_scope == "client"
     assert pricing["t4"].remaining_after == 0 and pricing["t5"].remaining_after == Fraction(-1, 10)
+    # The text says what is missing; it showed -0.1 remaining, a budget that cannot go below 0.
+    last = pricing.to_text().splitlines()[7]
+    assert last.startswith("t5") and "short 0.1" in last and "-0.1" not in last
+    assert pricing.rows()[5][6] == "-0.1"  # CSV keeps the number
 
     manifest = tmp_path / "manifest.json"
     with pytest.raises(PackDoesNotFit) as error:
