@@ -47,6 +47,7 @@ from client.errors import (
     from_rpc_error,
     is_budget_error,
     is_handshake_failure,
+    is_unknown_host,
     retry_after,
     status_of,
 )
@@ -397,9 +398,10 @@ class Client:
         if attempt >= self.retry.attempts:
             return None
         if code == grpc.StatusCode.UNAVAILABLE:
-            # A handshake this client refused (unknown CA, wrong host, no TLS on the server) fails
-            # the same way every time; a server that is down or restarting is retried.
-            if is_handshake_failure(details):
+            # A handshake this client refused (unknown CA, wrong host, no TLS on the server), or a
+            # host name that does not exist, fails the same way every time; a server that is
+            # down or restarting is retried.
+            if is_handshake_failure(details) or is_unknown_host(details):
                 return None
             return self.retry.delay(attempt)
         if code == grpc.StatusCode.INTERNAL and any(

@@ -275,6 +275,10 @@ _HANDSHAKE_FAILED = (
     "certificate_verify_failed",
 )
 _SOCKET_CLOSED = ("socket closed", "connection reset", "eof")
+# The resolver's answer that the name does not exist (NXDOMAIN), in the words of gRPC's resolvers
+# and of getaddrinfo; a lookup that timed out or failed for a while says otherwise.
+_NO_SUCH_HOST = ("domain name not found", "name or service not known",
+                 "nodename nor servname provided")
 
 
 def is_handshake_failure(details: str) -> bool:
@@ -283,6 +287,13 @@ def is_handshake_failure(details: str) -> bool:
     help."""
     lowered = details.lower()
     return any(s in lowered for s in _HANDSHAKE_FAILED)
+
+
+def is_unknown_host(details: str) -> bool:
+    """Whether a call's status details say the server's host name does not exist (a misspelt
+    --server, most often): retrying cannot help."""
+    lowered = details.lower()
+    return any(s in lowered for s in _NO_SUCH_HOST)
 
 
 def from_rpc_error(
@@ -400,7 +411,10 @@ def _unavailable_messages(
     (`turn_on_tls`: how the command is told to use TLS)."""
     lowered = details.lower()
     where = f" at {address}" if address else ""
-    if any(s in lowered for s in ("failed to connect", "connection refused", "dns resolution")):
+    if is_unknown_host(details):
+        message = f"cannot reach the veil server{where}: no host has that name ({details})"
+    elif any(s in lowered for s in ("failed to connect", "connection refused", "dns resolution",
+                                    "errors resolving")):
         message = f"cannot reach the veil server{where}: {details}"
     else:
         message = f"the veil server{where} is unavailable: {details}"

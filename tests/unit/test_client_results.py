@@ -376,6 +376,28 @@ def test_a_refusal_to_slow_down_is_retried_with_growing_waits() -> None:
     down = FakeError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
     assert veil_client._transient(down, 5, patience=120) is not None
     assert veil_client._transient(down, 6, patience=120) is None
+    # A host name that does not exist is not retried (it took 4 s to say so), and is named as
+    # such; a lookup that failed for a while is retried.
+    for details in (
+        "errors resolving nohost.invalid:50051: [field:hostname lookup error:address lookup "
+        "failed for nohost.invalid:50051: Domain name not found]",
+        "DNS resolution failed for nohost.invalid:50051: C-ares status is not ARES_SUCCESS "
+        "qtype=A name=nohost.invalid is_balancer=0: Domain name not found",
+    ):
+        unknown = FakeError(grpc.StatusCode.UNAVAILABLE, details)
+        assert veil_client._transient(unknown, 1, patience=120) is None
+        error = from_rpc_error(unknown, address="nohost.invalid:50051")
+        assert isinstance(error, client.ServerUnavailable)
+        assert str(error).startswith(
+            "cannot reach the veil server at nohost.invalid:50051: no host has that name ("
+        )
+    for details in ("errors resolving veil.example.org:50051: Timeout while contacting DNS "
+                    "servers", "DNS resolution failed for veil.example.org:50051"):
+        flaky = FakeError(grpc.StatusCode.UNAVAILABLE, details)
+        assert veil_client._transient(flaky, 1, patience=120) is not None
+        error = from_rpc_error(flaky, address="veil.example.org:50051")
+        assert str(error).startswith("cannot reach the veil server at veil.example.org:50051: ")
+        assert "no host has that name" not in str(error)
     # With retries off, a refusal to slow down is reported at once.
     hasty = Client("127.0.0.1:1", token="veil_x", retry=client.Retry(attempts=1))
     assert hasty._transient(slow_down, 1, patience=120) is None
