@@ -328,7 +328,9 @@ def _guarded(
         finally:
             fields = dict(_call_notes.fields)
             _call_notes.fields = None
-            log.info(
+            log.log(
+                # A ledger that fails verification needs the custodian, as no refusal does.
+                logging.ERROR if code == grpc.StatusCode.DATA_LOSS else logging.INFO,
                 "call",
                 extra={
                     "event": "call",

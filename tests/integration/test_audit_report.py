@@ -349,7 +349,8 @@ def test_cells_a_query_leaves_empty_are_not_counted_as_suppressed(tmp_path: Path
 
 
 def test_an_amount_edited_to_a_non_number_is_named_to_the_auditor_over_the_service(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A charge's amount edited by hand to a word, with the server stopped: the server opens the
     file (its totals still agree with the log), and the auditor's tables are refused as from an
@@ -404,5 +405,9 @@ def test_an_amount_edited_to_a_non_number_is_named_to_the_auditor_over_the_servi
         assert code == 1 and not report.exists(), err
         assert "the veil server's ledger fails verification" in err and "veil ledger verify" in err
         assert "cannot reach" not in err and "lots" not in err
+        # The server's log says it at the level a custodian is alerted by.
+        refused_calls = [r for r in caplog.records if getattr(r, "event", None) == "call"
+                         and getattr(r, "code", None) == "DATA_LOSS"]
+        assert refused_calls and all(r.levelname == "ERROR" for r in refused_calls)
     finally:
         again.stop()
