@@ -939,6 +939,22 @@ def run_pack(args: argparse.Namespace) -> int:
     fmt = args.format or "csv"
     made = _missing_directories(out, manifest_path.parent)
     try:
+        return _release_into(args, pack, out, manifest_path, fmt)
+    finally:
+        # A run refused before anything was written (over budget, server down, a file that
+        # cannot be written) leaves no empty directory behind; rmdir removes only what is empty.
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _release_into(
+    args: argparse.Namespace, pack: Pack, out: Path, manifest_path: Path, fmt: str
+) -> int:
+    """`veil pack` past its dry run: release every table into `out`, in format `fmt`."""
+    from client import cli
+
+    try:
         out.mkdir(parents=True, exist_ok=True)
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1002,14 +1018,7 @@ def run_pack(args: argparse.Namespace) -> int:
         )
         return cli.EXIT_OK
 
-    try:
-        return cli.run_with_client(args, run)
-    finally:
-        # A run refused before anything was written (over budget, server down) leaves no empty
-        # directory behind; rmdir removes only what is still empty.
-        for directory in made:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+    return cli.run_with_client(args, run)
 
 
 def _missing_directories(*paths: Path) -> list[Path]:
