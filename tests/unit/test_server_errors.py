@@ -54,7 +54,7 @@ CASES = [
     (ServerStoppingError("stopping"), grpc.StatusCode.UNAVAILABLE),
     (QueryCancelledError("gone"), grpc.StatusCode.CANCELLED),
     (LedgerUnavailableError("disk full"), grpc.StatusCode.UNAVAILABLE),
-    (LedgerIntegrityError("chain broken"), grpc.StatusCode.UNAVAILABLE),
+    (LedgerIntegrityError("chain broken"), grpc.StatusCode.DATA_LOSS),  # not retried
     (RequestConflictError("reused"), grpc.StatusCode.FAILED_PRECONDITION),
     (ClientRegistryError("exists"), grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownClientError("nobody"), grpc.StatusCode.NOT_FOUND),
