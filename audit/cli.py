@@ -221,7 +221,7 @@ def run_audit(args: argparse.Namespace) -> int:
                 print(f"veil audit: {_refusal(exc, server, args)}", file=sys.stderr)
                 # As from a ledger file that fails verification: found, not an error.
                 return EXIT_FOUND if exc.code == grpc.StatusCode.DATA_LOSS else EXIT_ERROR
-            except OSError as exc:  # a TLS file (--ca-cert, --client-cert, --client-key)
+            except (OSError, ValueError) as exc:  # a TLS file, or an address without a port
                 print(f"veil audit: {exc}", file=sys.stderr)
                 return EXIT_ERROR
     except VeilError as exc:
@@ -420,7 +420,7 @@ def run_attack(args: argparse.Namespace) -> int:
     results: list[AttackResult] = []
     try:
         target = Target(server, _token(args), tls=tls_of(args), timeout=args.timeout)
-    except OSError as exc:  # a TLS file (--ca-cert, --client-cert, --client-key)
+    except (OSError, ValueError) as exc:  # a TLS file, or an address without a port
         print(f"veil attack: {exc}", file=sys.stderr)
         return EXIT_ERROR
     with target:

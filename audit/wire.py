@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import pyarrow as pa
 
-from client.connection import TLS, is_loopback
+from client.connection import TLS, checked_address, is_loopback
 from client.errors import is_budget_error, retry_after, status_of
 from engine.loss import parse_amount
 from engine.query import Query
@@ -141,8 +141,9 @@ def uses_tls(address: str, tls: TLS | None) -> bool:
 
 
 class Target:
-    """A live veil server, as one client (its bearer token) sees it. Reading a TLS file it is
-    given (`tls`) can raise OSError."""
+    """A live veil server, as one client (its bearer token) sees it. An address gRPC would dial
+    otherwise than written (no port, a URL) raises ValueError, as the client's does; reading a
+    TLS file it is given (`tls`) can raise OSError."""
 
     def __init__(
         self,
@@ -153,6 +154,7 @@ class Target:
         timeout: float = 60.0,
         max_receive: int = 256 << 20,
     ) -> None:
+        address = checked_address(address)
         options = [("grpc.max_receive_message_length", max_receive)]
         if uses_tls(address, tls):
             # As the researcher's client does: the token leaves this machine only over TLS (the

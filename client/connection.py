@@ -154,7 +154,7 @@ def _is_loopback_host(host_port: str) -> bool:
 _URL_SCHEMES = ("http", "https", "grpc", "grpcs")
 
 
-def _checked_address(address: str) -> str:
+def checked_address(address: str) -> str:
     """`address`, refused (ValueError) when its port is missing or not one from 1 to 65535: gRPC
     would otherwise dial some other port (443, or 99999 wrapped around) without a word; or when
     it is written as a URL (http://HOST:PORT), which gRPC would look up as a host name."""
@@ -251,7 +251,7 @@ class Client:
         timeout: float = 120.0,
         retry: Retry | None = None,
     ) -> None:
-        self.address = _checked_address(address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
+        self.address = checked_address(address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
         self.timeout = _checked_timeout(timeout)
         if token is not None and not isinstance(token, str):
             raise TypeError(

@@ -195,6 +195,20 @@ def test_a_server_that_cannot_be_reached_is_not_said_to_have_refused(
     assert "refused:" not in err
 
 
+@pytest.mark.parametrize("command", [["audit", "report", "--out", "x.html"], ["attack"]])
+def test_an_address_grpc_would_dial_otherwise_is_refused_as_by_veil_query(
+    command: list[str], connection_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No port (gRPC dialled 443) or a URL (looked up as a host name): refused at once, naming
+    what to give, where these commands tried and then said the server could not be reached."""
+    for address, says in (("localhost", "has no port; give HOST:PORT"),
+                          ("http://127.0.0.1:50051", "is a URL; give HOST:PORT (127.0.0.1:50051)")):
+        argv = [*command, "--server", address, "--token-file", str(connection_env)]
+        assert veil_cli.main(argv) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"the server address {address} {says}" in err and "cannot reach" not in err
+
+
 def test_a_plaintext_call_the_server_closes_says_how_these_commands_turn_tls_on() -> None:
     """`veil audit` and `veil attack` have no --tls: to a loopback server, naming a CA turns
     TLS on, and the hint says so rather than naming an option they do not take."""
