@@ -130,14 +130,27 @@ def is_loopback(address: str) -> bool:
     if address.startswith(("unix:", "unix-abstract:")):
         return True
     # gRPC's ipv4: and ipv6: targets may list several addresses: all of them must be this machine.
-    return all(_is_loopback_host(one) for one in _host_port(address).split(","))
+    host_ports = _host_ports(address)
+    return host_ports is not None and all(_is_loopback_host(one) for one in host_ports)
 
 
-def _host_port(address: str) -> str:
-    """The HOST:PORT of a gRPC target: `address` itself, or what follows the scheme of a
-    dns:///, ipv4:/// or ipv6:/// one."""
-    scheme, sep, rest = address.partition(":///")
-    return rest if sep and scheme.isalnum() else address
+# The gRPC name resolvers whose targets name HOST:PORT addresses (dns:[//authority/]HOST:PORT,
+# ipv4:ADDR:PORT[,ADDR:PORT...], ipv6:[ADDR]:PORT[,...]).
+_ADDRESS_SCHEMES = ("dns", "ipv4", "ipv6")
+
+
+def _host_ports(address: str) -> list[str] | None:
+    """The HOST:PORT addresses a gRPC target names: `address` itself, or those after the scheme
+    of a dns:, ipv4: or ipv6: one; None for a target of another resolver (xds:///NAME), which
+    gRPC is left to read."""
+    scheme, sep, rest = address.partition(":")
+    if sep and scheme.lower() in _ADDRESS_SCHEMES:
+        if rest.startswith("//"):
+            rest = rest[2:].partition("/")[2]  # dns://AUTHORITY/HOST:PORT, dns:///HOST:PORT
+        return rest.split(",")
+    if sep and rest.startswith("//"):
+        return None
+    return [address]
 
 
 def _is_loopback_host(host_port: str) -> bool:
@@ -155,9 +168,10 @@ _URL_SCHEMES = ("http", "https", "grpc", "grpcs")
 
 
 def checked_address(address: str) -> str:
-    """`address`, refused (ValueError) when its port is missing or not one from 1 to 65535: gRPC
-    would otherwise dial some other port (443, or 99999 wrapped around) without a word; or when
-    it is written as a URL (http://HOST:PORT), which gRPC would look up as a host name."""
+    """`address`, refused (ValueError) when gRPC would dial it otherwise than written: with no
+    port (443), a port beyond 1 to 65535 (99999 wraps around), an IPv6 address without brackets
+    (read whole as the host, or as a malformed name), or a URL (http://HOST:PORT, looked up as
+    a host name)."""
     if not isinstance(address, str):
         raise TypeError(f"address must be text (HOST:PORT), got {type(address).__name__}")
     if address.startswith(("unix:", "unix-abstract:")):
@@ -170,20 +184,24 @@ def checked_address(address: str) -> str:
             f"the server address {address} is a URL; give HOST:PORT ({rest.rstrip('/')}), "
             f"without {scheme}:// (TLS is used for every host but a loopback one)"
         )
-    for host_port in _host_port(address).split(","):
-        if host_port.count(":") == 1 or host_port.startswith("["):
-            port = host_port.rsplit(":", 1)[-1] if "]:" in host_port or "[" not in host_port else ""
-            if port.isdigit() and not 1 <= int(port) <= 65535:
-                raise ValueError(
-                    f"the server address {address} has port {port}; a port is a number from 1 "
-                    f"to 65535"
-                )
+    default_port = DEFAULT_ADDRESS.rsplit(":", 1)[1]
+    for host_port in _host_ports(address) or []:
+        if host_port.count(":") > 1 and not host_port.startswith("["):
+            raise ValueError(
+                f"the server address {address} is an IPv6 address without brackets; give "
+                f"[ADDRESS]:PORT, such as [::1]:{default_port}"
+            )
         if ":" not in host_port or (host_port.startswith("[") and "]:" not in host_port):
             # gRPC would dial its own default, 443, without a word.
             raise ValueError(
                 f"the server address {address} has no port; give HOST:PORT (a veil server "
-                f"listens on port {DEFAULT_ADDRESS.rsplit(':', 1)[1]} unless it is configured "
-                f"otherwise)"
+                f"listens on port {default_port} unless it is configured otherwise)"
+            )
+        port = host_port.rsplit(":", 1)[1]
+        if port.isdigit() and not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f"the server address {address} has port {port}; a port is a number from 1 to "
+                f"65535"
             )
     return address
 

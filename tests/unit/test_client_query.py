@@ -275,10 +275,11 @@ def test_numpy_numbers_are_read_as_the_numbers_they_are() -> None:
 def test_loopback_detection_decides_the_default_tls() -> None:
     for address in ("localhost:50051", "127.0.0.1:1", "[::1]:50051", "unix:/tmp/veil.sock",
                     "dns:///localhost:50051", "ipv4:///127.0.0.1:1,127.0.0.2:2",
-                    "ipv6:///[::1]:50051"):
+                    "ipv6:///[::1]:50051", "dns:localhost:50051", "ipv4:127.0.0.1:1"):
         assert is_loopback(address), address
     for address in ("veil.example.org:443", "10.0.0.1:50051", "[2001:db8::1]:50051",
-                    "dns:///veil.example.org:443", "ipv4:///127.0.0.1:1,10.0.0.1:2"):
+                    "dns:///veil.example.org:443", "ipv4:///127.0.0.1:1,10.0.0.1:2",
+                    "dns://127.0.0.1/veil.example.org:443", "xds:///veil-service"):
         assert not is_loopback(address), address
 
 
@@ -435,9 +436,17 @@ def test_a_server_port_a_timeout_or_a_token_that_cannot_work_is_refused_at_once(
             client.Client(address, token="veil_x")
     # With no port, gRPC dialled 443 without a word.
     for address in ("veil.example.org", "localhost", "[::1]", "dns:///veil.example.org",
-                    "ipv4:///127.0.0.1:50051,127.0.0.2"):
+                    "ipv4:///127.0.0.1:50051,127.0.0.2", "dns://8.8.8.8/veil.example.org"):
         with pytest.raises(ValueError, match=r"has no port; give HOST:PORT \(.* on port 50051"):
             client.Client(address, token="veil_x")
+    # A bare IPv6 address: gRPC dialled ::1 on 443, and read ::1:50051 as a malformed name.
+    for address in ("::1", "::1:50051", "2001:db8::1:50051"):
+        with pytest.raises(ValueError, match=r"without brackets; give \[ADDRESS\]:PORT"):
+            client.Client(address, token="veil_x")
+    # What the client does not read is left to gRPC; the forms it reads are taken.
+    for address in ("xds:///veil-service", "dns:localhost:50051", "ipv4:127.0.0.1:1",
+                    "dns://8.8.8.8/veil.example.org:443", "[::1]:50051"):
+        client.Client(address, token="veil_x").close()
     for timeout in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
             client.Client("127.0.0.1:1", token="veil_x", timeout=timeout)
