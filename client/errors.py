@@ -275,10 +275,11 @@ _HANDSHAKE_FAILED = (
     "certificate_verify_failed",
 )
 _SOCKET_CLOSED = ("socket closed", "connection reset", "eof")
-# The resolver's answer that the name does not exist (NXDOMAIN), in the words of gRPC's resolvers
-# and of getaddrinfo; a lookup that timed out or failed for a while says otherwise.
-_NO_SUCH_HOST = ("domain name not found", "name or service not known",
-                 "nodename nor servname provided")
+# The resolver's answer that the name does not exist (NXDOMAIN) or cannot be a host name, in the
+# words of gRPC's resolvers and of getaddrinfo; a lookup that timed out or failed for a while
+# says otherwise.
+_NO_SUCH_HOST = ("domain name not found", "misformatted domain name",
+                 "name or service not known", "nodename nor servname provided")
 
 
 def is_handshake_failure(details: str) -> bool:

@@ -383,6 +383,8 @@ def test_a_refusal_to_slow_down_is_retried_with_growing_waits() -> None:
         "failed for nohost.invalid:50051: Domain name not found]",
         "DNS resolution failed for nohost.invalid:50051: C-ares status is not ARES_SUCCESS "
         "qtype=A name=nohost.invalid is_balancer=0: Domain name not found",
+        "errors resolving nohost.invalid:50051: [field:hostname lookup error:address lookup "
+        "failed for nohost.invalid:50051: Misformatted domain name]",
     ):
         unknown = FakeError(grpc.StatusCode.UNAVAILABLE, details)
         assert veil_client._transient(unknown, 1, patience=120) is None
