@@ -129,6 +129,9 @@ def is_loopback(address: str) -> bool:
     travel without TLS."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
+    scheme, _, rest = address.partition(":")
+    if scheme.lower() == "dns" and rest.startswith("//") and not rest.startswith("///"):
+        return False  # a DNS server of the caller's choosing says where "localhost" is
     # gRPC's ipv4: and ipv6: targets may list several addresses: all of them must be this machine.
     host_ports = _host_ports(address)
     return host_ports is not None and all(_is_loopback_host(one) for one in host_ports)

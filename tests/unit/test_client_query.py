@@ -279,7 +279,8 @@ def test_loopback_detection_decides_the_default_tls() -> None:
         assert is_loopback(address), address
     for address in ("veil.example.org:443", "10.0.0.1:50051", "[2001:db8::1]:50051",
                     "dns:///veil.example.org:443", "ipv4:///127.0.0.1:1,10.0.0.1:2",
-                    "dns://127.0.0.1/veil.example.org:443", "xds:///veil-service"):
+                    "dns://127.0.0.1/veil.example.org:443", "xds:///veil-service",
+                    "dns://8.8.8.8/localhost:50051"):
         assert not is_loopback(address), address
 
 
