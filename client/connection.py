@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
@@ -129,12 +129,11 @@ def is_loopback(address: str) -> bool:
     travel without TLS."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
-    scheme, _, rest = address.partition(":")
-    if scheme.lower() == "dns" and rest.startswith("//") and not rest.startswith("///"):
-        return False  # a DNS server of the caller's choosing says where "localhost" is
-    # gRPC's ipv4: and ipv6: targets may list several addresses: all of them must be this machine.
-    host_ports = _host_ports(address)
-    return host_ports is not None and all(_is_loopback_host(one) for one in host_ports)
+    target = _target(address)
+    # A DNS server of the caller's choosing, not this machine, says where "localhost" is; gRPC's
+    # ipv4: and ipv6: targets may list several addresses: all of them must be this machine.
+    return (target is not None and not target.authority
+            and all(_is_loopback_host(one) for one in target.host_ports))
 
 
 # The gRPC name resolvers whose targets name HOST:PORT addresses (dns:[//authority/]HOST:PORT,
@@ -142,18 +141,26 @@ def is_loopback(address: str) -> bool:
 _ADDRESS_SCHEMES = ("dns", "ipv4", "ipv6")
 
 
-def _host_ports(address: str) -> list[str] | None:
-    """The HOST:PORT addresses a gRPC target names: `address` itself, or those after the scheme
-    of a dns:, ipv4: or ipv6: one; None for a target of another resolver (xds:///NAME), which
-    gRPC is left to read."""
+class _Target(NamedTuple):
+    """A gRPC target as veil reads it: the DNS server it names ("" for the system's), and the
+    HOST:PORT addresses it names."""
+
+    authority: str
+    host_ports: list[str]
+
+
+def _target(address: str) -> _Target | None:
+    """`address` read as a gRPC target: itself a HOST:PORT, or a dns:, ipv4: or ipv6: target;
+    None for a target of another resolver (xds:///NAME), which gRPC is left to read."""
     scheme, sep, rest = address.partition(":")
     if sep and scheme.lower() in _ADDRESS_SCHEMES:
-        if rest.startswith("//"):
-            rest = rest[2:].partition("/")[2]  # dns://AUTHORITY/HOST:PORT, dns:///HOST:PORT
-        return rest.split(",")
+        authority = ""
+        if rest.startswith("//"):  # dns://AUTHORITY/HOST:PORT, dns:///HOST:PORT
+            authority, _, rest = rest[2:].partition("/")
+        return _Target(authority, rest.split(","))
     if sep and rest.startswith("//"):
         return None
-    return [address]
+    return _Target("", [address])
 
 
 def _is_loopback_host(host_port: str) -> bool:
@@ -188,7 +195,8 @@ def checked_address(address: str) -> str:
             f"without {scheme}:// (TLS is used for every host but a loopback one)"
         )
     default_port = DEFAULT_ADDRESS.rsplit(":", 1)[1]
-    for host_port in _host_ports(address) or []:
+    target = _target(address)
+    for host_port in [] if target is None else target.host_ports:
         if host_port.count(":") > 1 and not host_port.startswith("["):
             raise ValueError(
                 f"the server address {address} is an IPv6 address without brackets; give "
