@@ -43,7 +43,7 @@ import itertools
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,15 +360,11 @@ def _check_variables(codebook: Codebook, names: Sequence[str], what: str) -> tup
     out: list[str] = []
     for name in names:
         if name not in stored:
-            known = "a stored codebook variable"
             if name in {v.name for v in codebook.variables}:
                 known = "a stored variable (concatenated label columns are derived from flags)"
                 hint = ""
             else:
-                # Case folded, as a custodian types names from the codebook's prose.
-                by_folded = {stored_name.lower(): stored_name for stored_name in stored}
-                close = difflib.get_close_matches(name.lower(), list(by_folded), n=3)
-                hint = f"; did you mean {', '.join(by_folded[c] for c in close)}?" if close else ""
+                known, hint = "a stored codebook variable", _closest(name, stored)
             raise RiskError(
                 f"{what} {name!r} is not {known} of {codebook.fingerprint_text}{hint}"
             )
@@ -376,6 +372,14 @@ def _check_variables(codebook: Codebook, names: Sequence[str], what: str) -> tup
             raise RiskError(f"{what} {name!r} is listed twice")
         out.append(name)
     return tuple(out)
+
+
+def _closest(name: str, names: Iterable[str]) -> str:
+    """"; did you mean X?" naming the closest of `names` to `name`, case folded (as a custodian
+    types names from the codebook's prose), or "" when none is close."""
+    by_folded = {known.lower(): known for known in names}
+    close = difflib.get_close_matches(name.lower(), list(by_folded), n=3)
+    return f"; did you mean {', '.join(by_folded[c] for c in close)}?" if close else ""
 
 
 def assess(
